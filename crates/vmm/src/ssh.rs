@@ -1,0 +1,259 @@
+//! SSH keys and command lines: the daemon's client key, each machine's pinned host key and
+//! `known_hosts`, and the exact `ssh` argv used by exec, readiness checks and interactive shells.
+
+use crate::VmmError;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::Command;
+
+/// The daemon's SSH client key pair.
+#[derive(Debug, Clone)]
+pub struct ClientKey {
+    /// Private key file (`data_dir/ssh/id_ed25519`).
+    pub private: PathBuf,
+    /// Public key line (`ssh-ed25519 AAAA... comment`).
+    pub public: String,
+}
+
+/// A machine's SSH host key, generated on the host and handed to the guest at boot.
+#[derive(Debug, Clone)]
+pub struct HostKey {
+    /// Private key file in the machine folder.
+    pub private: PathBuf,
+    /// Public key line.
+    pub public: String,
+    /// The `known_hosts` file pinning this key under the machine's alias.
+    pub known_hosts: PathBuf,
+}
+
+async fn keygen(path: &Path, comment: &str) -> Result<(), VmmError> {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| missing_or_io(e, "ssh-keygen", "apt-get install openssh-client"))?;
+    if !out.status.success() {
+        return Err(VmmError::Io {
+            context: format!("ssh-keygen {}", path.display()),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
+/// Map a spawn error to [`VmmError::Missing`] when the program does not exist.
+pub(crate) fn missing_or_io(e: std::io::Error, program: &str, hint: &str) -> VmmError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        VmmError::Missing {
+            program: program.into(),
+            hint: hint.into(),
+        }
+    } else {
+        VmmError::Io {
+            context: format!("running {program}"),
+            source: e,
+        }
+    }
+}
+
+async fn read_pub(private: &Path) -> Result<String, VmmError> {
+    let pubfile = private.with_extension("pub");
+    let s = tokio::fs::read_to_string(&pubfile)
+        .await
+        .map_err(VmmError::io(format!("reading {}", pubfile.display())))?;
+    Ok(s.trim().to_string())
+}
+
+/// The daemon's client key in `data_dir/ssh/id_ed25519`, created on first use.
+pub async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
+    let dir = data_dir.join("ssh");
+    create_private_dir(&dir)?;
+    let private = dir.join("id_ed25519");
+    if !private.exists() || !private.with_extension("pub").exists() {
+        let _ = std::fs::remove_file(&private);
+        keygen(&private, "sistemo-daemon").await?;
+    }
+    let public = read_pub(&private).await?;
+    Ok(ClientKey { private, public })
+}
+
+/// The SSH alias under which a machine's host key is pinned (independent of its IP).
+pub fn host_alias(id: &uuid::Uuid) -> String {
+    format!("sistemo-{}", id.simple())
+}
+
+/// One `known_hosts` line pinning `pubkey` (`ssh-ed25519 AAAA... [comment]`) for `alias`.
+pub fn known_hosts_line(alias: &str, pubkey: &str) -> String {
+    let mut parts = pubkey.split_whitespace();
+    let kind = parts.next().unwrap_or_default();
+    let blob = parts.next().unwrap_or_default();
+    format!("{alias} {kind} {blob}\n")
+}
+
+/// The machine's host key in `dir/ssh_host_ed25519_key` (created on first start) and its
+/// `known_hosts` file `dir/known_hosts`, rewritten every time so it always matches the key.
+pub async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmError> {
+    let private = dir.join("ssh_host_ed25519_key");
+    if !private.exists() || !private.with_extension("pub").exists() {
+        let _ = std::fs::remove_file(&private);
+        keygen(&private, alias).await?;
+    }
+    let public = read_pub(&private).await?;
+    let known_hosts = dir.join("known_hosts");
+    std::fs::write(&known_hosts, known_hosts_line(alias, &public))
+        .map_err(VmmError::io(format!("writing {}", known_hosts.display())))?;
+    Ok(HostKey {
+        private,
+        public,
+        known_hosts,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(VmmError::io(format!("creating {}", dir.display())))
+}
+
+/// Where and how to reach one guest over SSH.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    /// Guest address.
+    pub ip: std::net::Ipv4Addr,
+    /// Alias its host key is pinned under (see [`host_alias`]).
+    pub alias: String,
+    /// The daemon's private key.
+    pub identity: PathBuf,
+    /// The machine's `known_hosts`.
+    pub known_hosts: PathBuf,
+    /// Network namespace to run `ssh` in (`ip netns exec`), for tests.
+    pub netns: Option<String>,
+}
+
+impl SshTarget {
+    /// The full argv: `[ip netns exec NS] ssh <options> [-t] root@IP [remote...]`.
+    /// Host keys are pinned: `StrictHostKeyChecking=yes` with the machine's own file.
+    pub fn argv(&self, tty: bool, connect_timeout_s: u32, remote: &[String]) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            a.extend(["ip", "netns", "exec", ns.as_str()].map(String::from));
+        }
+        a.push("ssh".into());
+        let opts = [
+            "-F".to_string(),
+            "/dev/null".to_string(),
+            "-i".to_string(),
+            self.identity.display().to_string(),
+            "-o".to_string(),
+            "IdentitiesOnly=yes".to_string(),
+            "-o".to_string(),
+            "StrictHostKeyChecking=yes".to_string(),
+            "-o".to_string(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o".to_string(),
+            "GlobalKnownHostsFile=/dev/null".to_string(),
+            "-o".to_string(),
+            format!("HostKeyAlias={}", self.alias),
+            "-o".to_string(),
+            "UpdateHostKeys=no".to_string(),
+            "-o".to_string(),
+            format!("ConnectTimeout={connect_timeout_s}"),
+            "-o".to_string(),
+            "ServerAliveInterval=15".to_string(),
+            "-o".to_string(),
+            "LogLevel=ERROR".to_string(),
+        ];
+        a.extend(opts);
+        if tty {
+            a.push("-t".into());
+        } else {
+            a.extend(["-T", "-o", "BatchMode=yes"].map(String::from));
+        }
+        a.push(format!("root@{}", self.ip));
+        a.extend(remote.iter().cloned());
+        a
+    }
+}
+
+/// Quote `s` for a POSIX shell (single quotes).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The remote command line for exec: `sh -c '<cmd>'`, with a trailing `&` detached from the
+/// session's pipes so exec returns at once.
+pub fn remote_command(cmd: &str) -> String {
+    format!("sh -c {}", shell_quote(&crate::netns::detach_background(cmd)))
+}
+
+/// True when `ssh` exited 255 because of the connection, not because the command did.
+pub fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
+    if code != 255 {
+        return false;
+    }
+    let e = String::from_utf8_lossy(stderr);
+    [
+        "ssh: connect to host",
+        "Connection refused",
+        "Connection timed out",
+        "Connection closed by",
+        "Connection reset",
+        "No route to host",
+        "Host key verification failed",
+        "Permission denied (",
+        "kex_exchange_identification",
+        "Could not resolve",
+        "Network is unreachable",
+    ]
+    .iter()
+    .any(|m| e.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_hosts_line_drops_the_comment() {
+        assert_eq!(
+            known_hosts_line("sistemo-ab", "ssh-ed25519 AAAAC3Nz host@x\n"),
+            "sistemo-ab ssh-ed25519 AAAAC3Nz\n"
+        );
+    }
+
+    #[test]
+    fn remote_command_is_quoted() {
+        assert_eq!(remote_command("echo 'a b'"), r"sh -c 'echo '\''a b'\'''");
+        assert!(remote_command("sleep 100 &").contains("</dev/null >/dev/null 2>&1"));
+    }
+
+    #[test]
+    fn argv_pins_the_host_key() {
+        let t = SshTarget {
+            ip: "10.0.0.2".parse().unwrap(),
+            alias: "sistemo-x".into(),
+            identity: "/k".into(),
+            known_hosts: "/kh".into(),
+            netns: Some("ns1".into()),
+        };
+        let a = t.argv(false, 2, &["true".into()]);
+        assert_eq!(&a[..4], &["ip", "netns", "exec", "ns1"]);
+        assert!(a.contains(&"StrictHostKeyChecking=yes".to_string()));
+        assert!(a.contains(&"UserKnownHostsFile=/kh".to_string()));
+        assert!(!a.iter().any(|x| x.contains("StrictHostKeyChecking=no")));
+        assert_eq!(a.last().unwrap(), "true");
+        assert_eq!(a[a.len() - 2], "root@10.0.0.2");
+    }
+
+    #[test]
+    fn ssh_failures_are_told_apart() {
+        assert!(is_ssh_failure(255, b"ssh: connect to host 1.2.3.4 port 22: Connection refused"));
+        assert!(!is_ssh_failure(255, b"my program failed"));
+        assert!(!is_ssh_failure(3, b"Connection refused"));
+    }
+}

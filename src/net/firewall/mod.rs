@@ -1,0 +1,102 @@
+//! The firewall: the desired port-forwarding state as data, and the driver trait that makes
+//! the kernel hold it. One backend today, [`nftables`]; the manager only sees [`FirewallDriver`].
+
+pub mod nftables;
+
+use crate::spec::Protocol;
+use crate::store::ActiveExpose;
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+
+/// Errors of a firewall driver.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// The `nft` program is missing.
+    #[error("nft is not installed (apt-get install nftables)")]
+    NftMissing,
+    /// `nft` rejected a batch; nothing of it was applied.
+    #[error("nftables rejected the change: {0}")]
+    Rejected(String),
+    /// Running `nft` failed.
+    #[error("running nft: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One host port forwarded to one machine port (ranges are expanded into these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortMapping {
+    /// Bound host address, or every local address.
+    pub bind: Option<Ipv4Addr>,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Host port.
+    pub host_port: u16,
+    /// Machine address.
+    pub ip: Ipv4Addr,
+    /// Machine port.
+    pub machine_port: u16,
+}
+
+impl PortMapping {
+    /// Expand stored exposes of running machines into per-port mappings.
+    pub fn expand(exposes: &[ActiveExpose]) -> Vec<PortMapping> {
+        exposes
+            .iter()
+            .flat_map(|e| {
+                e.spec.host.ports.ports().map(move |p| PortMapping {
+                    bind: e.spec.host.bind,
+                    proto: e.spec.host.proto,
+                    host_port: p,
+                    ip: e.ip,
+                    machine_port: e.spec.machine_port_for(p),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A bridge sistemo owns, with its subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeNet {
+    /// Interface name.
+    pub bridge: String,
+    /// Subnet.
+    pub subnet: Ipv4Net,
+}
+
+/// Everything the firewall must hold: sistemo's bridges and the active port mappings.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    /// Bridges (one per network).
+    pub bridges: Vec<BridgeNet>,
+    /// Active mappings (exposes of running machines).
+    pub mappings: Vec<PortMapping>,
+}
+
+/// What a health check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The kernel holds sistemo's table as built.
+    InSync,
+    /// The table or part of it is gone (a flush, a firewall reload); the reason says what.
+    Drifted(String),
+}
+
+/// A firewall backend. Each call is one atomic transaction in the kernel.
+pub trait FirewallDriver: Send + Sync {
+    /// Replace sistemo's whole table with `desired`, atomically.
+    fn rebuild(&self, desired: &Desired) -> Result<(), FirewallError>;
+    /// Add mappings (one element change each, in one transaction).
+    fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError>;
+    /// Remove mappings (one transaction).
+    fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError>;
+    /// Whether the kernel still holds the table (cheap; called on a short timer).
+    fn check(&self) -> Result<Health, FirewallError>;
+    /// Keep exposed ports reachable when another table's forward chain drops by policy.
+    /// Returns the chains it had to (re)patch, for the log.
+    fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;
+    /// Remove whatever `ensure_forward_compat` added (daemon shutdown).
+    fn remove_forward_compat(&self) -> Result<(), FirewallError>;
+    /// The table as text (for `doctor` and the README).
+    fn render(&self, desired: &Desired) -> String;
+}

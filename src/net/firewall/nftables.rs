@@ -1,0 +1,359 @@
+//! nftables backend: one table owned by sistemo, exposes held in verdict-free DNAT maps so a
+//! packet lookup is O(1) and expose/unexpose is one element change. Loads on nft 1.0.6.
+//!
+//! Layout (family `ip`), by numeric priority so old nft versions accept it:
+//! - `guard` (prerouting, [`PRIO_RAW`]): drops 127.0.0.0/8 arriving on sistemo's bridges, so
+//!   `route_localnet` on a bridge never exposes host services bound to loopback (CVE-2020-8558).
+//! - `prerouting` (prerouting, [`PRIO_DSTNAT`]) and `output` (output, [`PRIO_DSTNAT`]): DNAT only
+//!   when the destination is an address of this host (`fib daddr type local`), first through the
+//!   bound map (address, protocol, port), then the wildcard map (protocol, port).
+//! - `postrouting` ([`PRIO_SRCNAT`]): masquerade loopback-sourced DNAT traffic, hairpin traffic
+//!   (machine → host port → machine), and machines' egress. External clients keep their source.
+//! - `forward` ([`PRIO_FILTER`]): isolation between sistemo networks; DNATed traffic passes.
+//!
+//! A foreign forward chain with `policy drop` (Docker's iptables-nft `filter FORWARD`) would
+//! still drop exposed traffic: a drop in any base chain is final. For that case only,
+//! [`FirewallDriver::ensure_forward_compat`] inserts three accept rules, tagged with a comment
+//! naming this table, at the top of that chain (Docker documents its DOCKER-USER/FORWARD chains
+//! for exactly this) and removes only its own rules later. Nothing else outside the table is touched.
+
+use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+/// Priority of the guard chain (raw: before conntrack).
+pub const PRIO_RAW: i32 = -300;
+/// Priority of the DNAT chains (`dstnat`).
+pub const PRIO_DSTNAT: i32 = -100;
+/// Priority of the SNAT chain (`srcnat`).
+pub const PRIO_SRCNAT: i32 = 100;
+/// Priority of the forward filter chain (`filter`).
+pub const PRIO_FILTER: i32 = 0;
+/// Map of wildcard exposes: `proto . port : machine_ip . machine_port`.
+pub const MAP_ANY: &str = "expose_any";
+/// Map of bound exposes: `host_ip . proto . port : machine_ip . machine_port`.
+pub const MAP_BOUND: &str = "expose_bound";
+/// Set of sistemo's bridges.
+pub const SET_BRIDGES: &str = "bridges";
+/// The nftables family of the table.
+pub const FAMILY: &str = "ip";
+
+/// The nftables driver for one table name.
+#[derive(Debug, Clone)]
+pub struct Nftables {
+    table: String,
+    nft: String,
+}
+
+impl Nftables {
+    /// A driver for table `table`, running the `nft` found on PATH.
+    pub fn new(table: impl Into<String>) -> Self {
+        Nftables {
+            table: table.into(),
+            nft: "nft".into(),
+        }
+    }
+
+    /// The comment tagging rules this daemon puts in foreign chains.
+    fn tag(&self) -> String {
+        format!("sistemo:{}", self.table)
+    }
+
+    /// Run one nft script as a single transaction.
+    fn apply(&self, script: &str) -> Result<(), FirewallError> {
+        let mut child = Command::new(&self.nft)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => FirewallError::NftMissing,
+                _ => FirewallError::Io(e),
+            })?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let first = err.lines().find(|l| l.contains("Error")).unwrap_or(err.trim());
+            return Err(FirewallError::Rejected(first.trim().to_string()));
+        }
+        Ok(())
+    }
+
+    fn query(&self, args: &[&str]) -> Result<Option<String>, FirewallError> {
+        let out = Command::new(&self.nft)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => FirewallError::NftMissing,
+                _ => FirewallError::Io(e),
+            })?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
+    fn elements(&self, out: &mut String, verb: &str, mappings: &[PortMapping]) {
+        let (bound, any): (Vec<&PortMapping>, Vec<&PortMapping>) = mappings.iter().partition(|m| m.bind.is_some());
+        let t = &self.table;
+        let with_value = verb == "add";
+        for (map, list) in [(MAP_ANY, any), (MAP_BOUND, bound)] {
+            for chunk in list.chunks(4096) {
+                let _ = write!(out, "{verb} element {FAMILY} {t} {map} {{ ");
+                for (i, m) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    if let Some(b) = m.bind {
+                        let _ = write!(out, "{b} . ");
+                    }
+                    let _ = write!(out, "{} . {}", m.proto, m.host_port);
+                    if with_value {
+                        let _ = write!(out, " : {} . {}", m.ip, m.machine_port);
+                    }
+                }
+                out.push_str(" }\n");
+            }
+        }
+    }
+
+    fn bridge_list(bridges: &[BridgeNet]) -> String {
+        bridges
+            .iter()
+            .map(|b| format!("\"{}\"", b.bridge))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The whole table definition (without elements of the maps).
+    fn table_text(&self, desired: &Desired) -> String {
+        let t = &self.table;
+        let mut s = String::new();
+        let _ = writeln!(s, "table {FAMILY} {t} {{");
+        let _ = writeln!(s, "\tset {SET_BRIDGES} {{\n\t\ttype ifname");
+        if !desired.bridges.is_empty() {
+            let _ = writeln!(s, "\t\telements = {{ {} }}", Self::bridge_list(&desired.bridges));
+        }
+        s.push_str("\t}\n");
+        let _ = writeln!(
+            s,
+            "\tmap {MAP_ANY} {{\n\t\ttype inet_proto . inet_service : ipv4_addr . inet_service\n\t}}"
+        );
+        let _ = writeln!(
+            s,
+            "\tmap {MAP_BOUND} {{\n\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n\t}}"
+        );
+        let dnat = format!(
+            "\t\tfib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @{MAP_BOUND}\n\
+             \t\tfib daddr type local dnat ip to meta l4proto . th dport map @{MAP_ANY}\n"
+        );
+        let _ = writeln!(
+            s,
+            "\tchain guard {{\n\t\ttype filter hook prerouting priority {PRIO_RAW}; policy accept;\n\
+             \t\tiifname @{SET_BRIDGES} ip daddr 127.0.0.0/8 drop\n\t}}"
+        );
+        let _ = writeln!(
+            s,
+            "\tchain prerouting {{\n\t\ttype nat hook prerouting priority {PRIO_DSTNAT}; policy accept;\n{dnat}\t}}"
+        );
+        let _ = writeln!(
+            s,
+            "\tchain output {{\n\t\ttype nat hook output priority {PRIO_DSTNAT}; policy accept;\n{dnat}\t}}"
+        );
+        let _ = writeln!(
+            s,
+            "\tchain postrouting {{\n\t\ttype nat hook postrouting priority {PRIO_SRCNAT}; policy accept;\n\
+             \t\toifname @{SET_BRIDGES} ip saddr 127.0.0.0/8 masquerade\n\
+             \t\tiifname @{SET_BRIDGES} oifname @{SET_BRIDGES} ct status dnat masquerade\n\
+             \t\tiifname @{SET_BRIDGES} oifname != @{SET_BRIDGES} masquerade\n\t}}"
+        );
+        let _ = writeln!(
+            s,
+            "\tchain forward {{\n\t\ttype filter hook forward priority {PRIO_FILTER}; policy accept;\n\
+             \t\tct status dnat accept"
+        );
+        for b in &desired.bridges {
+            let _ = writeln!(
+                s,
+                "\t\tiifname \"{}\" oifname @{SET_BRIDGES} oifname != \"{}\" drop",
+                b.bridge, b.bridge
+            );
+        }
+        s.push_str("\t}\n}\n");
+        s
+    }
+
+    /// The atomic rebuild script: ensure, delete, define, fill.
+    pub fn rebuild_script(&self, desired: &Desired) -> String {
+        let t = &self.table;
+        let mut s = format!("table {FAMILY} {t}\ndelete table {FAMILY} {t}\n");
+        s.push_str(&self.table_text(desired));
+        self.elements(&mut s, "add", &desired.mappings);
+        s
+    }
+
+    /// Forward base chains of other tables whose policy is drop: (family, table, chain).
+    fn foreign_drop_forward_chains(&self) -> Result<Vec<(String, String, String)>, FirewallError> {
+        let Some(out) = self.query(&["-j", "list", "chains"])? else {
+            return Ok(vec![]);
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let mut found = vec![];
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let c = &item["chain"];
+            if c["hook"] == "forward"
+                && c["policy"] == "drop"
+                && !(c["family"] == FAMILY && c["table"] == self.table.as_str())
+                && let (Some(f), Some(t), Some(n)) = (c["family"].as_str(), c["table"].as_str(), c["name"].as_str())
+            {
+                found.push((f.to_string(), t.to_string(), n.to_string()));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Handles and comments of our tagged rules in a foreign chain.
+    fn tagged_rules(&self, fam: &str, table: &str, chain: &str) -> Result<Vec<(u64, String)>, FirewallError> {
+        let Some(out) = self.query(&["-j", "-a", "list", "chain", fam, table, chain])? else {
+            return Ok(vec![]);
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let prefix = format!("{} ", self.tag());
+        Ok(v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| {
+                let r = &i["rule"];
+                let c = r["comment"].as_str()?;
+                (c == self.tag() || c.starts_with(&prefix)).then(|| (r["handle"].as_u64().unwrap_or(0), c.to_string()))
+            })
+            .collect())
+    }
+}
+
+impl FirewallDriver for Nftables {
+    fn rebuild(&self, desired: &Desired) -> Result<(), FirewallError> {
+        self.apply(&self.rebuild_script(desired))
+    }
+
+    fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
+        if mappings.is_empty() {
+            return Ok(());
+        }
+        let mut s = String::new();
+        self.elements(&mut s, "add", mappings);
+        self.apply(&s)
+    }
+
+    fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
+        if mappings.is_empty() {
+            return Ok(());
+        }
+        let mut s = String::new();
+        self.elements(&mut s, "delete", mappings);
+        self.apply(&s)
+    }
+
+    fn check(&self) -> Result<Health, FirewallError> {
+        match self.query(&["list", "chain", FAMILY, &self.table, "prerouting"])? {
+            None => Ok(Health::Drifted(format!("table {FAMILY} {} is missing", self.table))),
+            Some(text) if text.matches("dnat").count() < 2 => {
+                Ok(Health::Drifted(format!("rules of table {FAMILY} {} were flushed", self.table)))
+            }
+            Some(_) => Ok(Health::InSync),
+        }
+    }
+
+    fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
+        let list = Self::bridge_list(bridges);
+        let tag = format!("{} {}", self.tag(), bridges.iter().map(|b| b.bridge.as_str()).collect::<Vec<_>>().join(","));
+        let mut patched = vec![];
+        for (fam, table, chain) in self.foreign_drop_forward_chains()? {
+            let ours = self.tagged_rules(&fam, &table, &chain)?;
+            if ours.len() == 3 && ours.iter().all(|(_, c)| *c == tag) {
+                continue;
+            }
+            let mut s = String::new();
+            for (h, _) in &ours {
+                let _ = writeln!(s, "delete rule {fam} {table} {chain} handle {h}");
+            }
+            if !bridges.is_empty() {
+                for rule in [
+                    format!("oifname {{ {list} }} ct status dnat accept"),
+                    format!("oifname {{ {list} }} ct state established,related accept"),
+                    format!("iifname {{ {list} }} accept"),
+                ] {
+                    let _ = writeln!(s, "insert rule {fam} {table} {chain} {rule} comment \"{tag}\"");
+                }
+            }
+            self.apply(&s)?;
+            patched.push(format!("{fam} {table} {chain}"));
+        }
+        Ok(patched)
+    }
+
+    fn remove_forward_compat(&self) -> Result<(), FirewallError> {
+        for (fam, table, chain) in self.foreign_drop_forward_chains()? {
+            let mut s = String::new();
+            for (h, _) in self.tagged_rules(&fam, &table, &chain)? {
+                let _ = writeln!(s, "delete rule {fam} {table} {chain} handle {h}");
+            }
+            if !s.is_empty() {
+                self.apply(&s)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn render(&self, desired: &Desired) -> String {
+        self.table_text(desired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Protocol;
+
+    #[test]
+    fn script_is_one_batch_with_numeric_priorities() {
+        let nft = Nftables::new("t");
+        let d = Desired {
+            bridges: vec![BridgeNet {
+                bridge: "sistemo0".into(),
+                subnet: "10.200.0.0/16".parse().unwrap(),
+            }],
+            mappings: vec![
+                PortMapping {
+                    bind: None,
+                    proto: Protocol::Tcp,
+                    host_port: 80,
+                    ip: "10.200.0.2".parse().unwrap(),
+                    machine_port: 8080,
+                },
+                PortMapping {
+                    bind: Some("127.0.0.1".parse().unwrap()),
+                    proto: Protocol::Udp,
+                    host_port: 53,
+                    ip: "10.200.0.3".parse().unwrap(),
+                    machine_port: 53,
+                },
+            ],
+        };
+        let s = nft.rebuild_script(&d);
+        assert!(s.starts_with("table ip t\ndelete table ip t\n"));
+        assert!(s.contains("priority -100;") && !s.contains("priority dstnat"));
+        assert!(s.contains("add element ip t expose_any { tcp . 80 : 10.200.0.2 . 8080 }"));
+        assert!(s.contains("add element ip t expose_bound { 127.0.0.1 . udp . 53 : 10.200.0.3 . 53 }"));
+        assert!(s.contains("fib daddr type local dnat"));
+    }
+}

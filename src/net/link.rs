@@ -1,0 +1,268 @@
+//! Host links over netlink (rtnetlink): bridges, TAPs, veth enslaving, addresses, neighbours,
+//! and the per-interface sysctls the expose path needs. Never touches a link it did not name.
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Errors of link management.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Netlink refused a request.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: rtnetlink::Error,
+    },
+    /// A link exists with the name but is not what sistemo needs.
+    #[error("{0}")]
+    Foreign(String),
+    /// An I/O error (sysctl, TAP ioctl).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, LinkError>;
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let what = what.into();
+    move |source| LinkError::Netlink { what, source }
+}
+
+/// A netlink connection to the current network namespace.
+#[derive(Clone)]
+pub struct Links {
+    handle: Handle,
+}
+
+/// Write a sysctl under `/proc/sys/net/ipv4/`.
+pub fn sysctl_ipv4(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/{key}");
+    std::fs::write(&path, value).map_err(|source| LinkError::Io {
+        what: format!("writing {path}"),
+        source,
+    })
+}
+
+impl Links {
+    /// Open a netlink connection (spawns its driver task on the current runtime).
+    pub fn new() -> Result<Links> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| LinkError::Io {
+            what: "opening a netlink socket".into(),
+            source,
+        })?;
+        tokio::spawn(conn);
+        Ok(Links { handle })
+    }
+
+    /// Index and kind of a link, if it exists.
+    pub async fn lookup(&self, name: &str) -> Result<Option<(u32, Option<InfoKind>)>> {
+        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(Some(msg)) => {
+                let kind = msg.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                        LinkInfo::Kind(k) => Some(k.clone()),
+                        _ => None,
+                    }),
+                    _ => None,
+                });
+                Ok(Some((msg.header.index, kind)))
+            }
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+        }
+    }
+
+    /// Names of all links (for `doctor` and tests).
+    pub async fn names(&self) -> Result<Vec<String>> {
+        let msgs: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing links"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Create the bridge, or adopt it if it already exists as a bridge; give it the gateway
+    /// address of `subnet`, bring it up, and enable forwarding and `route_localnet` on it.
+    pub async fn ensure_bridge(&self, name: &str, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<u32> {
+        let index = match self.lookup(name).await? {
+            Some((i, Some(InfoKind::Bridge))) => i,
+            Some(_) => {
+                return Err(LinkError::Foreign(format!(
+                    "a link named {name} exists and is not a bridge; choose another bridge name"
+                )));
+            }
+            None => {
+                self.handle
+                    .link()
+                    .add(LinkBridge::new(name).build())
+                    .execute()
+                    .await
+                    .map_err(nl(format!("creating bridge {name}")))?;
+                self.lookup(name)
+                    .await?
+                    .ok_or_else(|| LinkError::Foreign(format!("bridge {name} vanished after creation")))?
+                    .0
+            }
+        };
+        let addrs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl(format!("listing addresses of {name}")))?;
+        let has = addrs.iter().any(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(ip)) if *ip == gateway))
+        });
+        if !has {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(gateway), subnet.prefix_len())
+                .execute()
+                .await
+                .map_err(nl(format!("adding {gateway}/{} to {name}", subnet.prefix_len())))?;
+        }
+        self.up(index, name).await?;
+        sysctl_ipv4("ip_forward", "1")?;
+        // Needed so that 127.0.0.1 → machine DNAT can be routed out of the bridge; the
+        // firewall's guard chain drops 127/8 arriving on the bridge (CVE-2020-8558).
+        sysctl_ipv4(&format!("conf/{name}/route_localnet"), "1")?;
+        Ok(index)
+    }
+
+    async fn up(&self, index: u32, name: &str) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("bringing {name} up")))
+    }
+
+    /// Enslave an existing link to a bridge and bring it up.
+    pub async fn attach(&self, name: &str, bridge: &str) -> Result<()> {
+        let (br, _) = self
+            .lookup(bridge)
+            .await?
+            .ok_or_else(|| LinkError::Foreign(format!("bridge {bridge} does not exist")))?;
+        let (idx, _) = self
+            .lookup(name)
+            .await?
+            .ok_or_else(|| LinkError::Foreign(format!("link {name} does not exist")))?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("attaching {name} to {bridge}")))
+    }
+
+    /// Create a persistent TAP owned by root, enslaved to `bridge` and up.
+    pub async fn create_tap(&self, name: &str, bridge: &str) -> Result<()> {
+        if self.lookup(name).await?.is_none() {
+            crate::sys::create_persistent_tap(name).map_err(|source| LinkError::Io {
+                what: format!("creating TAP {name}"),
+                source,
+            })?;
+        }
+        if let Err(e) = self.attach(name, bridge).await {
+            let _ = self.delete(name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Delete a link by name; absent is fine.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        if let Some((idx, _)) = self.lookup(name).await? {
+            match self.handle.link().del(idx).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
+                Err(e) => return Err(nl(format!("deleting link {name}"))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget any neighbour (ARP) entry for `ip`, so a reused address is not sent to a stale MAC.
+    pub async fn flush_neighbour(&self, ip: Ipv4Addr) -> Result<()> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing neighbours"))?;
+        for m in msgs {
+            let hit = m.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
+            });
+            if hit {
+                let _ = self.handle.neighbours().del(m).execute().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// IPv4 networks routed by the host (to refuse overlapping subnets for new networks).
+    pub async fn routed_v4(&self) -> Result<Vec<(Ipv4Net, String)>> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
+        let mut out = vec![];
+        for r in routes {
+            if r.header.destination_prefix_length == 0 {
+                continue;
+            }
+            for a in &r.attributes {
+                if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a
+                    && let Ok(n) = Ipv4Net::new(*d, r.header.destination_prefix_length)
+                {
+                    let oif = r.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Oif(i) => Some(*i),
+                        _ => None,
+                    });
+                    out.push((n, oif.map(|i| format!("ifindex {i}")).unwrap_or_default()));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
