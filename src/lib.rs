@@ -14,3 +14,6 @@ pub mod spec;
 pub mod store;
 pub mod net;
 pub mod sys;
+pub mod config;
+pub mod api;
+pub mod machine;

@@ -1,0 +1,183 @@
+//! Request and response types of the HTTP/JSON API, shared by the CLI, the server and tests,
+//! so client and server cannot drift apart. This is also the documented `-o json` schema.
+
+use serde::{Deserialize, Serialize};
+
+/// API version prefix of every route.
+pub const PREFIX: &str = "/v1";
+
+/// An error response body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One line naming the bad value and what is allowed.
+    pub error: String,
+}
+
+/// One exposed port as shown by `machine status` and `ports`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Bound host address, `null` for every address.
+    pub bind: Option<String>,
+    /// Host port or range, e.g. `8080` or `8000-8010`.
+    pub host_port: String,
+    /// Machine port or range.
+    pub machine_port: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The canonical spec, usable with `expose`/`unexpose`.
+    pub spec: String,
+    /// The page's status line, e.g. `host:8080 → machine:3000 (tcp)`.
+    pub display: String,
+}
+
+/// A machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineInfo {
+    /// UUID.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// `creating`, `running`, `stopped`, `error`.
+    pub status: String,
+    /// IPv4 address on its network.
+    pub ip: String,
+    /// Network name.
+    pub network: String,
+    /// Image it was deployed from.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disk size in bytes.
+    pub storage_bytes: u64,
+    /// Exposed ports.
+    pub ports: Vec<PortInfo>,
+    /// Creation time (UTC).
+    pub created_at: String,
+}
+
+/// `POST /v1/machines`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DeployRequest {
+    /// Image: a tag (`debian`), a `*.ext4` path or an http(s) URL.
+    pub image: String,
+    /// Name (generated when absent).
+    pub name: Option<String>,
+    /// vCPUs (default 1).
+    pub vcpus: Option<u32>,
+    /// Memory, e.g. `512M`, `2G` (default 512M).
+    pub memory: Option<String>,
+    /// Disk size, e.g. `4G` (default: the image's size, at least 2G).
+    pub storage: Option<String>,
+    /// Expose specs.
+    pub expose: Vec<String>,
+    /// Network name (default `default`).
+    pub network: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/expose`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExposeRequest {
+    /// Specs to add, all or none.
+    pub ports: Vec<String>,
+}
+
+/// `POST /v1/machines/{name}/unexpose`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnexposeRequest {
+    /// Host side to remove: `8080`, `8080/udp`, `127.0.0.1:8080`.
+    pub port: String,
+}
+
+/// `POST /v1/machines/{name}/exec`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Command line, run by the guest's shell.
+    pub cmd: String,
+    /// Seconds before giving up (default 600).
+    pub timeout_s: Option<u64>,
+}
+
+/// Result of exec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResponse {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8).
+    pub stderr: String,
+}
+
+/// `machine ssh`: what the CLI runs on the terminal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShellResponse {
+    /// Argument vector.
+    pub argv: Vec<String>,
+}
+
+/// A network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// Name.
+    pub name: String,
+    /// Bridge interface.
+    pub bridge: String,
+    /// Subnet.
+    pub subnet: String,
+    /// Gateway (bridge address).
+    pub gateway: String,
+    /// Machines on it.
+    pub machines: usize,
+}
+
+/// `POST /v1/networks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkCreateRequest {
+    /// Name: 1-15 characters of `[a-z0-9-]`.
+    pub name: String,
+    /// Subnet (default: the next free 10.201+.0.0/24).
+    pub subnet: Option<String>,
+}
+
+/// One row of `sistemo ports`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortRow {
+    /// Machine name.
+    pub machine: String,
+    /// `active` when the machine runs (rules in nftables), else `inactive`.
+    pub state: String,
+    /// The port.
+    #[serde(flatten)]
+    pub port: PortInfo,
+}
+
+/// One streamed line of a long operation (NDJSON): progress, then a result or an error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Event<T> {
+    /// A progress line.
+    Progress(String),
+    /// The final result.
+    Result(T),
+    /// The final error.
+    Error(String),
+}
+
+/// Daemon facts for `doctor` and `config`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InfoResponse {
+    /// sistemo version.
+    pub version: String,
+    /// Hypervisor backend in use, e.g. `qemu-tcg`.
+    pub hypervisor: String,
+    /// The effective configuration (token redacted).
+    pub config: serde_json::Value,
+    /// Firewall health: `in sync` or what drifted.
+    pub firewall: String,
+    /// Database integrity check result.
+    pub database: String,
+    /// Number of machines.
+    pub machines: usize,
+}
