@@ -110,7 +110,11 @@ mod tests {
     #[test]
     fn cpio_tool_accepts_the_archive() {
         // Cross-check with GNU cpio when it is installed.
-        if std::process::Command::new("cpio").arg("--version").output().is_err() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             return;
         }
         let mut w = CpioWriter::new();

@@ -33,7 +33,7 @@ async fn keygen(path: &Path, comment: &str) -> Result<(), VmmError> {
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| missing_or_io(e, "ssh-keygen", "apt-get install openssh-client"))?;
+        .map_err(|e| crate::proc::spawn_error(e, "ssh-keygen"))?;
     if !out.status.success() {
         return Err(VmmError::Io {
             context: format!("ssh-keygen {}", path.display()),
@@ -41,21 +41,6 @@ async fn keygen(path: &Path, comment: &str) -> Result<(), VmmError> {
         });
     }
     Ok(())
-}
-
-/// Map a spawn error to [`VmmError::Missing`] when the program does not exist.
-pub(crate) fn missing_or_io(e: std::io::Error, program: &str, hint: &str) -> VmmError {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        VmmError::Missing {
-            program: program.into(),
-            hint: hint.into(),
-        }
-    } else {
-        VmmError::Io {
-            context: format!("running {program}"),
-            source: e,
-        }
-    }
 }
 
 async fn read_pub(private: &Path) -> Result<String, VmmError> {
@@ -188,7 +173,10 @@ pub fn shell_quote(s: &str) -> String {
 /// The remote command line for exec: `sh -c '<cmd>'`, with a trailing `&` detached from the
 /// session's pipes so exec returns at once.
 pub fn remote_command(cmd: &str) -> String {
-    format!("sh -c {}", shell_quote(&crate::netns::detach_background(cmd)))
+    format!(
+        "sh -c {}",
+        shell_quote(&crate::netns::detach_background(cmd))
+    )
 }
 
 /// True when `ssh` exited 255 because of the connection, not because the command did.
@@ -252,7 +240,10 @@ mod tests {
 
     #[test]
     fn ssh_failures_are_told_apart() {
-        assert!(is_ssh_failure(255, b"ssh: connect to host 1.2.3.4 port 22: Connection refused"));
+        assert!(is_ssh_failure(
+            255,
+            b"ssh: connect to host 1.2.3.4 port 22: Connection refused"
+        ));
         assert!(!is_ssh_failure(255, b"my program failed"));
         assert!(!is_ssh_failure(3, b"Connection refused"));
     }

@@ -1,9 +1,9 @@
 //! Guest boot artefacts: the Debian cloud kernel as an ELF `vmlinux`, the base busybox initramfs
 //! that loads the virtio modules and switches to the image's systemd, and each machine's config cpio.
 
+use crate::VmmError;
 use crate::cpio::CpioWriter;
 use crate::proc::{run, spawn_error};
-use crate::VmmError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -74,11 +74,18 @@ pub async fn ensure_boot_assets(
         Some(c) => c,
         None => {
             let c = fetch_kernel(&kdir, progress).await?;
-            write_atomic(&cache_file, &serde_json::to_vec_pretty(&c).expect("json"), 0o644)?;
+            write_atomic(
+                &cache_file,
+                &serde_json::to_vec_pretty(&c).expect("json"),
+                0o644,
+            )?;
             c
         }
     };
-    let initramfs = kdir.join(format!("initramfs-{}-v{INITRAMFS_VERSION}.img", kernel.version));
+    let initramfs = kdir.join(format!(
+        "initramfs-{}-v{INITRAMFS_VERSION}.img",
+        kernel.version
+    ));
     if !initramfs.exists() {
         progress("building the base initramfs");
         let busybox = find_static_busybox()?;
@@ -115,9 +122,11 @@ async fn kernel_package() -> Result<String, VmmError> {
         "apt-cache depends",
     )
     .await?;
-    parse_kernel_dependency(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| VmmError::Command {
-        what: format!("apt-cache depends {KERNEL_META}"),
-        reason: "no linux-image-* dependency found (run apt-get update?)".into(),
+    parse_kernel_dependency(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
+        VmmError::Command {
+            what: format!("apt-cache depends {KERNEL_META}"),
+            reason: "no linux-image-* dependency found (run apt-get update?)".into(),
+        }
     })
 }
 
@@ -143,7 +152,9 @@ async fn fetch_kernel(
             let package = kernel_package().await?;
             progress(&format!("downloading {package}"));
             run(
-                Command::new("apt-get").args(["download", &package]).current_dir(&work),
+                Command::new("apt-get")
+                    .args(["download", &package])
+                    .current_dir(&work),
                 &format!("apt-get download {package}"),
             )
             .await?;
@@ -177,11 +188,13 @@ async fn fetch_kernel(
         })?;
     let vmlinuz = tree.join(format!("boot/vmlinuz-{version}"));
     progress("extracting vmlinux");
-    let bz = std::fs::read(&vmlinuz).map_err(VmmError::io(format!("reading {}", vmlinuz.display())))?;
+    let bz =
+        std::fs::read(&vmlinuz).map_err(VmmError::io(format!("reading {}", vmlinuz.display())))?;
     let elf = extract_vmlinux(&bz).await?;
     let outdir = kdir.join(&version);
     let _ = std::fs::remove_dir_all(&outdir);
-    std::fs::create_dir_all(outdir.join("modules")).map_err(VmmError::io("creating the kernel folder"))?;
+    std::fs::create_dir_all(outdir.join("modules"))
+        .map_err(VmmError::io("creating the kernel folder"))?;
     let vmlinux = outdir.join("vmlinux");
     write_atomic(&vmlinux, &elf, 0o644)?;
 
@@ -202,7 +215,15 @@ async fn fetch_kernel(
             progress(&format!("kernel has no module {m}; skipping it"));
             continue;
         }
-        resolve_module(m, &index, &builtin, &mut loaded, &mut order, &mut Vec::new()).await?;
+        resolve_module(
+            m,
+            &index,
+            &builtin,
+            &mut loaded,
+            &mut order,
+            &mut Vec::new(),
+        )
+        .await?;
     }
     let mut modules = Vec::new();
     for (i, name) in order.iter().enumerate() {
@@ -211,7 +232,10 @@ async fn fetch_kernel(
         modules.push(p);
     }
     let _ = std::fs::remove_dir_all(&work);
-    progress(&format!("kernel {version} ready ({} modules)", modules.len()));
+    progress(&format!(
+        "kernel {version} ready ({} modules)",
+        modules.len()
+    ));
     Ok(KernelCache {
         package,
         version,
@@ -280,7 +304,11 @@ async fn read_module(path: &Path) -> Result<Vec<u8>, VmmError> {
     } else {
         return std::fs::read(path).map_err(VmmError::io(format!("reading {}", path.display())));
     };
-    let out = run(Command::new(tool).arg("-dc").arg(path), &format!("{tool} -dc {f}")).await?;
+    let out = run(
+        Command::new(tool).arg("-dc").arg(path),
+        &format!("{tool} -dc {f}"),
+    )
+    .await?;
     Ok(out.stdout)
 }
 
@@ -404,7 +432,11 @@ pub fn is_static_elf(elf: &[u8]) -> bool {
 }
 
 fn find_static_busybox() -> Result<PathBuf, VmmError> {
-    for p in ["/bin/busybox", "/usr/bin/busybox", "/usr/lib/initramfs-tools/bin/busybox"] {
+    for p in [
+        "/bin/busybox",
+        "/usr/bin/busybox",
+        "/usr/lib/initramfs-tools/bin/busybox",
+    ] {
         if let Ok(b) = std::fs::read(p)
             && is_static_elf(&b)
         {
@@ -477,11 +509,22 @@ exec switch_root $R /sbin/init
 /// file-name order).
 pub fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Result<Vec<u8>, VmmError> {
     let mut w = CpioWriter::new();
-    for d in ["bin", "dev", "lib", "lib/modules", "proc", "sys", "newroot", "sistemo", "tmp"] {
+    for d in [
+        "bin",
+        "dev",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "newroot",
+        "sistemo",
+        "tmp",
+    ] {
         w.dir(d, 0o755);
     }
     w.char_dev("dev/console", 0o600, 5, 1);
-    let bb = std::fs::read(busybox).map_err(VmmError::io(format!("reading {}", busybox.display())))?;
+    let bb =
+        std::fs::read(busybox).map_err(VmmError::io(format!("reading {}", busybox.display())))?;
     w.file("bin/busybox", 0o755, &bb);
     w.symlink("bin/sh", "busybox");
     w.file("init", 0o755, INIT_SCRIPT.as_bytes());
@@ -492,8 +535,10 @@ pub fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Result<Vec<u
     }
     let raw = w.finish();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw).map_err(VmmError::io("compressing the initramfs"))?;
-    gz.finish().map_err(VmmError::io("compressing the initramfs"))
+    gz.write_all(&raw)
+        .map_err(VmmError::io("compressing the initramfs"))?;
+    gz.finish()
+        .map_err(VmmError::io("compressing the initramfs"))
 }
 
 /// What one machine's guest is told at boot.
@@ -523,13 +568,21 @@ pub struct GuestConfig {
 
 /// Format a MAC as `52:54:00:..`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The per-machine cpio (uncompressed newc) holding `/sistemo/config.env` and the keys.
 pub fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
     use crate::ssh::shell_quote;
-    let dns = cfg.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" ");
+    let dns = cfg
+        .dns
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     let env = format!(
         "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\n",
         shell_quote(&cfg.hostname),
@@ -557,7 +610,8 @@ pub fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
 /// Write `out` = base initramfs followed by the machine's config cpio (the kernel unpacks
 /// concatenated archives in order). Mode 0600: it holds the guest's host key.
 pub fn write_machine_initrd(base: &Path, cfg: &GuestConfig, out: &Path) -> Result<(), VmmError> {
-    let mut data = std::fs::read(base).map_err(VmmError::io(format!("reading {}", base.display())))?;
+    let mut data =
+        std::fs::read(base).map_err(VmmError::io(format!("reading {}", base.display())))?;
     while data.len() % 4 != 0 {
         data.push(0);
     }
@@ -577,7 +631,11 @@ mod tests {
         img[70..73].copy_from_slice(&[0x1f, 0x8b, 0x08]);
         assert_eq!(
             find_compressed_payloads(&img),
-            vec![(10, Compression::Zstd), (50, Compression::Lz4), (70, Compression::Gzip)]
+            vec![
+                (10, Compression::Zstd),
+                (50, Compression::Lz4),
+                (70, Compression::Gzip)
+            ]
         );
     }
 
@@ -614,7 +672,9 @@ mod tests {
         if let Ok(b) = std::fs::read("/bin/busybox") {
             assert!(is_static_elf(&b));
         }
-        assert!(!is_static_elf(&std::fs::read("/bin/sh").unwrap_or_default()));
+        assert!(!is_static_elf(
+            &std::fs::read("/bin/sh").unwrap_or_default()
+        ));
     }
 
     #[test]
