@@ -3,12 +3,19 @@
 //! Modules:
 //! - [`netns`]: a "machine" that is a network namespace with a veth on the bridge. No kernel of
 //!   its own; used to test the network engine quickly and on hosts without any hypervisor.
-//! - `qemu`: real VMs with QEMU `-M microvm`, KVM when it can run the guest, else TCG.
+//! - [`qemu`]: real VMs with QEMU `-M microvm`, KVM when it can run the guest, else TCG.
+//! - [`image`]: kernel + initramfs for guests, the ext4 image store, disk clones.
+//! - [`ssh`]: keys and pinned `ssh` command lines used to reach guests.
 //!
 //! The machine manager only sees this trait: no QEMU flag leaks out of this crate.
 #![deny(missing_docs)]
 
+pub mod cpio;
+pub mod image;
 pub mod netns;
+mod proc;
+pub mod qemu;
+pub mod ssh;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -43,6 +50,22 @@ pub enum VmmError {
         name: String,
         /// Why.
         reason: String,
+    },
+    /// A host command (debootstrap, mkfs, apt, ...) failed.
+    #[error("{what} failed: {reason}")]
+    Command {
+        /// What was being done.
+        what: String,
+        /// Exit status and the end of its error output.
+        reason: String,
+    },
+    /// No image matches a reference.
+    #[error(
+        "image {reference:?} not found (build it with `sistemo image build`, or give a *.ext4 path or URL)"
+    )]
+    ImageNotFound {
+        /// The tag, hash, path or URL asked for.
+        reference: String,
     },
     /// An I/O error with context.
     #[error("{context}: {source}")]
@@ -178,18 +201,28 @@ pub trait Hypervisor: Send + Sync {
         spec: &MachineSpec,
         inst: &Instance,
         timeout: Duration,
-        progress: &(dyn Fn(&str) + Send + Sync),
+        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
     ) -> Result<(), VmmError>;
 
     /// Stop gracefully (guest power-down), killing the VMM after `timeout`.
-    async fn stop(&self, spec: &MachineSpec, inst: &Instance, timeout: Duration) -> Result<(), VmmError>;
+    async fn stop(
+        &self,
+        spec: &MachineSpec,
+        inst: &Instance,
+        timeout: Duration,
+    ) -> Result<(), VmmError>;
 
     /// Remove what `start` left on the host after the VMM is gone (sockets, namespaces).
     async fn cleanup(&self, spec: &MachineSpec) -> Result<(), VmmError>;
 
     /// Run `cmd` through the guest's shell (`sh -c`) and collect its output and exit code.
     /// A trailing `&` leaves the process running without hanging.
-    async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError>;
+    async fn exec(
+        &self,
+        spec: &MachineSpec,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutput, VmmError>;
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String>;
