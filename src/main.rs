@@ -1,1 +1,35 @@
-fn main() {}
+//! The `sistemo` binary: parses the command line and maps errors to one line and exit codes.
+
+use clap::Parser;
+
+fn main() {
+    let cli = sistemo::cli::Cli::parse();
+    let daemon = matches!(cli.cmd, sistemo::cli::Cmd::Up(_));
+    if daemon {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let rt = if daemon {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    }
+    .expect("tokio runtime");
+    let code = match rt.block_on(sistemo::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!("\x1b[31merror:\x1b[0m {msg}");
+            } else {
+                eprintln!("error: {msg}");
+            }
+            1
+        }
+    };
+    std::process::exit(code);
+}

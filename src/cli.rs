@@ -1,0 +1,534 @@
+//! The command line: flags defined once (clap derive), help with examples, table or JSON
+//! output, one-line errors, exit codes 0 (ok), 1 (error), 2 (usage). Only an API client.
+
+use crate::api::*;
+use crate::client::Client;
+use crate::config::{Config, DEFAULT_SOCKET};
+use anyhow::{Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON on stdout (stable schema, see README).
+    Json,
+}
+
+/// sistemo: real microVMs on one Linux host, with their ports exposed on the host.
+#[derive(Debug, Parser)]
+#[command(name = "sistemo", version, about, propagate_version = true, after_help = "\
+Examples:
+  sudo sistemo up
+  sistemo machine deploy debian --name web --expose 80
+  sistemo machine exec web \"systemctl start nginx\"
+  curl http://localhost:80
+  sistemo machine status web")]
+pub struct Cli {
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Assume yes for confirmations.
+    #[arg(short = 'y', long, global = true)]
+    pub yes: bool,
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "SISTEMO_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The command.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the daemon in the foreground (root).
+    Up(UpArgs),
+    /// Manage machines.
+    #[command(visible_alias = "vm")]
+    Machine {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: MachineCmd,
+    },
+    /// Manage isolated networks.
+    Network {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
+    /// List every exposed port on the host.
+    Ports,
+    /// Show the audit log.
+    History {
+        /// Most entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only this action (e.g. `machine.expose`, or `machine`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Check the host and the daemon; say how to fix what fails.
+    Doctor,
+    /// Print the effective configuration.
+    Config {
+        /// Config file to read (default /etc/sistemo/config.yml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `sistemo up` flags; each overrides the same key of the config file.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Config file (default /etc/sistemo/config.yml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// State directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Bridge of the default network.
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// Subnet of the default network (`bridge_subnet`).
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// Name of sistemo's nftables table.
+    #[arg(long)]
+    pub nft_table: Option<String>,
+    /// Hypervisor backend: qemu, or netns (machines are network namespaces).
+    #[arg(long)]
+    pub hypervisor: Option<String>,
+}
+
+/// `machine` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MachineCmd {
+    /// Create and boot a machine.
+    #[command(after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G")]
+    Deploy {
+        /// Image: a name (debian), a *.ext4 file or an http(s) URL.
+        image: String,
+        /// Machine name (a-z, 0-9, '-').
+        #[arg(long)]
+        name: Option<String>,
+        /// Virtual CPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, e.g. 512M or 2G.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Disk size, e.g. 4G.
+        #[arg(long)]
+        storage: Option<String>,
+        /// Expose a port: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.
+        #[arg(long)]
+        expose: Vec<String>,
+        /// Network (default: default).
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// List machines.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a machine: ID, name, status, IP and ports.
+    #[command(visible_alias = "show")]
+    Status {
+        /// Name or UUID.
+        name: String,
+    },
+    /// Start a stopped machine (its port rules come back).
+    Start {
+        /// Name or UUID.
+        name: String,
+    },
+    /// Stop a machine gracefully (port rules leave nftables, stay stored).
+    Stop {
+        /// Name or UUID.
+        name: String,
+    },
+    /// Restart a machine (keeps IP and ports).
+    Restart {
+        /// Name or UUID.
+        name: String,
+    },
+    /// Delete a machine with its rules, IP and files.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Name or UUID.
+        name: String,
+    },
+    /// Run a command in a machine; exits with its exit code.
+    #[command(after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\"")]
+    Exec {
+        /// Name or UUID.
+        name: String,
+        /// Command; a single quoted string runs through the guest's shell.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Interactive shell in a machine.
+    Ssh {
+        /// Name or UUID.
+        name: String,
+    },
+    /// The machine's console output.
+    Logs {
+        /// Name or UUID.
+        name: String,
+    },
+    /// Expose ports of a machine (running or stopped).
+    #[command(after_help = "Examples:\n  sistemo machine expose web --port 80\n  sistemo machine expose web --port 8080:80 --port 127.0.0.1:9000:9000/udp")]
+    Expose {
+        /// Name or UUID.
+        name: String,
+        /// [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.
+        #[arg(long, required = true)]
+        port: Vec<String>,
+    },
+    /// Remove an exposed port: `--port 8080` (tcp) or `--port 8080/udp`.
+    Unexpose {
+        /// Name or UUID.
+        name: String,
+        /// [HOST_IP:]HOST_PORT[-END][/tcp|/udp].
+        #[arg(long)]
+        port: String,
+    },
+}
+
+/// `network` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// Create an isolated network with its own bridge.
+    Create {
+        /// Name (a-z, 0-9, '-'; at most 12).
+        name: String,
+        /// Subnet, e.g. 10.201.0.0/24 (default: a free 10.x.0.0/24).
+        #[arg(long)]
+        subnet: Option<String>,
+    },
+    /// List networks.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete a network (refused while machines use it).
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn progress_printer() -> impl FnMut(&str) {
+    move |p: &str| eprintln!("… {p}")
+}
+
+/// The page's status block.
+pub fn format_status(m: &MachineInfo) -> String {
+    let mut s = format!(
+        "ID:       {}\nName:     {}\nStatus:   {}\nIP:       {}\n",
+        m.id, m.name, m.status, m.ip
+    );
+    if m.ports.is_empty() {
+        s.push_str("Ports:    none\n");
+    } else {
+        s.push_str("Ports:\n");
+        for p in &m.ports {
+            s.push_str(&format!("  {}\n", p.display));
+        }
+    }
+    s
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+/// Quote one word for a POSIX shell when it needs it.
+pub fn shell_quote(w: &str) -> String {
+    if !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b)) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+fn confirm(yes: bool, what: &str) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to {what} without confirmation: no terminal to ask on; pass -y to confirm");
+    }
+    eprint!("{what}? [y/N] ");
+    let mut a = String::new();
+    std::io::stdin().read_line(&mut a)?;
+    if matches!(a.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        bail!("not confirmed; nothing was changed")
+    }
+}
+
+/// Run a parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let c = Client::new(&cli.socket);
+    let json = cli.output == Output::Json;
+    match cli.cmd {
+        Cmd::Up(a) => {
+            let mut cfg = Config::load(a.config.as_deref())?;
+            cfg.socket = cli.socket.clone();
+            if let Some(v) = a.data_dir {
+                cfg.data_dir = v;
+            }
+            if let Some(v) = a.bridge {
+                cfg.bridge = v;
+            }
+            if let Some(v) = a.subnet {
+                cfg.bridge_subnet = v
+                    .parse()
+                    .map_err(|_| anyhow!("--subnet {v:?} is not a CIDR (allowed: like 10.200.0.0/16)"))?;
+            }
+            if let Some(v) = a.nft_table {
+                cfg.nft_table = v;
+            }
+            if let Some(v) = a.hypervisor {
+                cfg.hypervisor = v;
+            }
+            crate::daemon::run(cfg).await?;
+        }
+        Cmd::Machine { cmd } => return machine(&c, cmd, json, cli.yes),
+        Cmd::Network { cmd } => match cmd {
+            NetworkCmd::Create { name, subnet } => {
+                let n: NetworkInfo = c.call("POST", "/v1/networks", Some(&NetworkCreateRequest { name, subnet }))?;
+                if json {
+                    print_json(&n)?;
+                } else {
+                    println!("network {} created: {} on bridge {}", n.name, n.subnet, n.bridge);
+                }
+            }
+            NetworkCmd::List => {
+                let ns: Vec<NetworkInfo> = c.get("/v1/networks")?;
+                if json {
+                    print_json(&ns)?;
+                } else {
+                    table(
+                        &["NAME", "SUBNET", "GATEWAY", "BRIDGE", "MACHINES"],
+                        ns.into_iter()
+                            .map(|n| vec![n.name, n.subnet, n.gateway, n.bridge, n.machines.to_string()])
+                            .collect(),
+                    );
+                }
+            }
+            NetworkCmd::Delete { name } => {
+                confirm(cli.yes, &format!("delete network {name}"))?;
+                let v: serde_json::Value = c.call("DELETE", &format!("/v1/networks/{name}"), None::<&()>)?;
+                if json {
+                    print_json(&v)?;
+                } else {
+                    println!("network {name} deleted");
+                }
+            }
+        },
+        Cmd::Ports => {
+            let rows: Vec<PortRow> = c.get("/v1/ports")?;
+            if json {
+                print_json(&rows)?;
+            } else {
+                table(
+                    &["MACHINE", "BIND", "HOST PORT", "MACHINE PORT", "PROTO", "STATE"],
+                    rows.into_iter()
+                        .map(|r| {
+                            vec![
+                                r.machine,
+                                r.port.bind.unwrap_or_else(|| "*".into()),
+                                r.port.host_port,
+                                r.port.machine_port,
+                                r.port.protocol,
+                                r.state,
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::History { limit, action, target } => {
+            let mut q = format!("/v1/history?limit={limit}");
+            if let Some(a) = action {
+                q.push_str(&format!("&action={}", urlencode(&a)));
+            }
+            if let Some(t) = target {
+                q.push_str(&format!("&target={}", urlencode(&t)));
+            }
+            let h: Vec<crate::store::HistoryEntry> = c.get(&q)?;
+            if json {
+                print_json(&h)?;
+            } else {
+                table(
+                    &["TIME", "UID", "ACTION", "TARGET", "RESULT"],
+                    h.into_iter()
+                        .map(|e| {
+                            vec![e.at, e.uid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()), e.action, e.target, e.result]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Doctor => return crate::doctor::run(&c, json),
+        Cmd::Config { config } => {
+            // The daemon's effective configuration when it runs, else what `up` would use.
+            let v = match c.get::<InfoResponse>("/v1/info") {
+                Ok(i) => i.config,
+                Err(_) => {
+                    let mut cfg = Config::load(config.as_deref())?;
+                    cfg.socket = cli.socket.clone();
+                    if cfg.token.is_some() {
+                        cfg.token = Some("<redacted>".into());
+                    }
+                    serde_json::to_value(cfg)?
+                }
+            };
+            if json {
+                print_json(&v)?;
+            } else {
+                print!("{}", serde_yaml::to_string(&v)?);
+            }
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "sistemo", &mut std::io::stdout());
+        }
+    }
+    Ok(0)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
+    let show = |m: &MachineInfo| -> Result<()> {
+        if json {
+            print_json(m)
+        } else {
+            print!("{}", format_status(m));
+            Ok(())
+        }
+    };
+    let path = |n: &str| format!("/v1/machines/{}", urlencode(n));
+    match cmd {
+        MachineCmd::Deploy { image, name, vcpus, memory, storage, expose, network } => {
+            // Parse at the edge: a bad spec fails here with the same message the daemon gives.
+            let specs = expose
+                .iter()
+                .map(|s| s.parse::<crate::spec::ExposeSpec>())
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::spec::check_no_duplicates(&specs)?;
+            let req = DeployRequest { image, name, vcpus, memory, storage, expose, network };
+            let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
+            show(&m)?;
+        }
+        MachineCmd::List => {
+            let ms: Vec<MachineInfo> = c.get("/v1/machines")?;
+            if json {
+                print_json(&ms)?;
+            } else {
+                table(
+                    &["ID", "NAME", "STATUS", "IP", "PORTS"],
+                    ms.into_iter()
+                        .map(|m| {
+                            let ports = m.ports.iter().map(|p| p.spec.clone()).collect::<Vec<_>>().join(",");
+                            vec![m.id[..8].to_string(), m.name, m.status, m.ip, ports]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        MachineCmd::Status { name } => show(&c.get(&path(&name))?)?,
+        MachineCmd::Start { name } => show(&c.stream("POST", &format!("{}/start", path(&name)), None::<&()>, progress_printer())?)?,
+        MachineCmd::Stop { name } => show(&c.stream("POST", &format!("{}/stop", path(&name)), None::<&()>, progress_printer())?)?,
+        MachineCmd::Restart { name } => {
+            show(&c.stream("POST", &format!("{}/restart", path(&name)), None::<&()>, progress_printer())?)?
+        }
+        MachineCmd::Delete { name } => {
+            // Fail on an unknown machine before asking.
+            let _: MachineInfo = c.get(&path(&name))?;
+            confirm(yes, &format!("delete machine {name} with its disk, IP and port rules"))?;
+            let v: serde_json::Value = c.stream("DELETE", &path(&name), None::<&()>, progress_printer())?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("machine {name} deleted");
+            }
+        }
+        MachineCmd::Exec { name, cmd } => {
+            let line = if cmd.len() == 1 {
+                cmd[0].clone()
+            } else {
+                cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+            };
+            let r: ExecResponse = c.call("POST", &format!("{}/exec", path(&name)), Some(&ExecRequest { cmd: line, timeout_s: None }))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                use std::io::Write;
+                std::io::stdout().write_all(r.stdout.as_bytes())?;
+                std::io::stderr().write_all(r.stderr.as_bytes())?;
+            }
+            return Ok(r.code);
+        }
+        MachineCmd::Ssh { name } => {
+            let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;
+            let st = std::process::Command::new(&s.argv[0]).args(&s.argv[1..]).status()?;
+            return Ok(st.code().unwrap_or(1));
+        }
+        MachineCmd::Logs { name } => print!("{}", c.text(&format!("{}/logs", path(&name)))?),
+        MachineCmd::Expose { name, port } => {
+            let specs = port.iter().map(|s| s.parse::<crate::spec::ExposeSpec>()).collect::<Result<Vec<_>, _>>()?;
+            crate::spec::check_no_duplicates(&specs)?;
+            show(&c.call("POST", &format!("{}/expose", path(&name)), Some(&ExposeRequest { ports: port }))?)?
+        }
+        MachineCmd::Unexpose { name, port } => {
+            port.parse::<crate::spec::HostPortSpec>()?;
+            show(&c.call("POST", &format!("{}/unexpose", path(&name)), Some(&UnexposeRequest { port }))?)?
+        }
+    }
+    Ok(0)
+}

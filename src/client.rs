@@ -1,0 +1,208 @@
+//! The API client used by the CLI: blocking HTTP/1.1 over the daemon's Unix socket, small and
+//! fast (no runtime), with NDJSON streaming for long operations.
+
+use crate::api::{ErrorBody, Event};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon is not reachable.
+    #[error("cannot reach the sistemo daemon at {socket}: {reason} (start it with `sudo sistemo up`, or pass --socket / SISTEMO_SOCKET)")]
+    Unreachable {
+        /// Socket path.
+        socket: String,
+        /// Why.
+        reason: String,
+    },
+    /// The daemon answered with an error.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The daemon's one-line message.
+        message: String,
+    },
+    /// The answer could not be read.
+    #[error("bad answer from the daemon: {0}")]
+    Protocol(String),
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// A client of one daemon socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+struct Resp {
+    status: u16,
+    reader: BufReader<UnixStream>,
+    chunked: bool,
+    length: Option<usize>,
+}
+
+impl Resp {
+    /// Read the body, calling `on_line` for each complete line as it arrives.
+    fn read_lines(&mut self, mut on_line: impl FnMut(&str)) -> Result<String> {
+        let proto = |e: std::io::Error| ClientError::Protocol(e.to_string());
+        let mut all = Vec::new();
+        let mut pending = Vec::new();
+        let mut feed = |bytes: &[u8], all: &mut Vec<u8>, pending: &mut Vec<u8>| {
+            all.extend_from_slice(bytes);
+            pending.extend_from_slice(bytes);
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                on_line(String::from_utf8_lossy(&line).trim_end());
+            }
+        };
+        if self.chunked {
+            loop {
+                let mut size = String::new();
+                self.reader.read_line(&mut size).map_err(proto)?;
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                    .map_err(|_| ClientError::Protocol(format!("bad chunk size {size:?}")))?;
+                if n == 0 {
+                    break;
+                }
+                let mut buf = vec![0; n + 2];
+                self.reader.read_exact(&mut buf).map_err(proto)?;
+                feed(&buf[..n], &mut all, &mut pending);
+            }
+        } else if let Some(n) = self.length {
+            let mut buf = vec![0; n];
+            self.reader.read_exact(&mut buf).map_err(proto)?;
+            feed(&buf, &mut all, &mut pending);
+        } else {
+            let mut buf = Vec::new();
+            self.reader.read_to_end(&mut buf).map_err(proto)?;
+            feed(&buf, &mut all, &mut pending);
+        }
+        if !pending.is_empty() {
+            on_line(String::from_utf8_lossy(&pending).trim_end());
+        }
+        Ok(String::from_utf8_lossy(&all).into_owned())
+    }
+}
+
+fn api_error(status: u16, body: &str) -> ClientError {
+    let message = serde_json::from_str::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| format!("daemon answered {status}: {}", body.trim()));
+    ClientError::Api { status, message }
+}
+
+impl Client {
+    /// A client for `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client { socket: socket.into() }
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<String>) -> Result<Resp> {
+        let unreachable = |e: std::io::Error| ClientError::Unreachable {
+            socket: self.socket.display().to_string(),
+            reason: e.to_string(),
+        };
+        let mut s = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        let body = body.unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: sistemo\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(unreachable)?;
+        let mut reader = BufReader::new(s);
+        let proto = |e: std::io::Error| ClientError::Protocol(e.to_string());
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(proto)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+        let (mut chunked, mut length) = (false, None);
+        loop {
+            line.clear();
+            reader.read_line(&mut line).map_err(proto)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                    chunked = true;
+                } else if k == "content-length" {
+                    length = v.parse().ok();
+                }
+            }
+        }
+        Ok(Resp {
+            status,
+            reader,
+            chunked,
+            length,
+        })
+    }
+
+    /// A plain request: JSON in, JSON out.
+    pub fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+        let body = body.map(|b| serde_json::to_string(b).expect("serialisable"));
+        let mut r = self.send(method, path, body)?;
+        let text = r.read_lines(|_| {})?;
+        if r.status >= 400 {
+            return Err(api_error(r.status, &text));
+        }
+        serde_json::from_str(&text).map_err(|e| ClientError::Protocol(format!("{e}: {text}")))
+    }
+
+    /// A plain-text GET.
+    pub fn text(&self, path: &str) -> Result<String> {
+        let mut r = self.send("GET", path, None)?;
+        let text = r.read_lines(|_| {})?;
+        if r.status >= 400 {
+            return Err(api_error(r.status, &text));
+        }
+        Ok(text)
+    }
+
+    /// GET JSON.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call("GET", path, None::<&()>)
+    }
+
+    /// A streamed operation: progress lines go to `progress`, the result is returned.
+    pub fn stream<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+        mut progress: impl FnMut(&str),
+    ) -> Result<T> {
+        let body = body.map(|b| serde_json::to_string(b).expect("serialisable"));
+        let mut r = self.send(method, path, body)?;
+        let status = r.status;
+        let mut result: Option<Result<T>> = None;
+        let text = r.read_lines(|line| {
+            if status >= 400 || line.is_empty() {
+                return;
+            }
+            match serde_json::from_str::<Event<serde_json::Value>>(line) {
+                Ok(Event::Progress(p)) => progress(&p),
+                Ok(Event::Result(v)) => {
+                    result = Some(serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string())))
+                }
+                Ok(Event::Error(e)) => result = Some(Err(ClientError::Api { status: 400, message: e })),
+                Err(e) => result = Some(Err(ClientError::Protocol(format!("{e}: {line}")))),
+            }
+        })?;
+        if status >= 400 {
+            return Err(api_error(status, &text));
+        }
+        result.unwrap_or_else(|| Err(ClientError::Protocol("the daemon closed the stream without a result".into())))
+    }
+}

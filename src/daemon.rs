@@ -1,0 +1,95 @@
+//! `sistemo up`: builds the manager from the configuration, restores state, runs the
+//! self-repair loop and serves the API until SIGINT/SIGTERM.
+
+use crate::config::Config;
+use crate::machine::{DiskProvider, Manager};
+use crate::net::firewall::nftables::Nftables;
+use crate::net::link::Links;
+use crate::store::Store;
+use anyhow::{Context, Result, bail};
+use sistemo_vmm::Hypervisor;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Build the hypervisor backend (and the disk provider when it needs disks).
+fn backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
+    match cfg.hypervisor.as_str() {
+        "netns" => Ok((Arc::new(sistemo_vmm::netns::NetnsBackend::new(cfg.netns_prefix.clone())), None)),
+        "qemu" => crate::vm::qemu_backend(cfg),
+        other => bail!("hypervisor {other:?} is not supported (allowed: qemu, netns)"),
+    }
+}
+
+/// Refuse to start over a live daemon; remove a stale socket file.
+fn claim_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another sistemo daemon is listening on {}; stop it or pass --socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Run the daemon in the foreground.
+pub async fn run(cfg: Config) -> Result<()> {
+    cfg.validate()?;
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("sistemo up must run as root (it manages bridges, nftables and VMs); try: sudo sistemo up");
+    }
+    let t0 = Instant::now();
+    std::fs::create_dir_all(cfg.data_dir.join("machines"))
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let listener = claim_socket(&cfg.socket)?;
+    let store = Store::open(&cfg.data_dir.join("sistemo.db")).context("opening the database")?;
+    let links = Links::new()?;
+    let fw = Box::new(Nftables::new(cfg.nft_table.clone()));
+    let (vmm, disks) = backend(&cfg)?;
+    let m = Arc::new(Manager::new(store, links, fw, vmm, disks, cfg.clone()));
+    if let Err(e) = m.startup().await {
+        let _ = std::fs::remove_file(&cfg.socket);
+        bail!("{e}");
+    }
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        table = %cfg.nft_table,
+        bridge = %cfg.bridge,
+        hypervisor = %m.hypervisor(),
+        ms = t0.elapsed().as_millis() as u64,
+        "sistemo daemon ready"
+    );
+
+    // Self-repair: if anyone flushes the ruleset or deletes the table, restore it from the store.
+    let rm = m.clone();
+    let every = Duration::from_millis(cfg.repair_interval_ms.max(50));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let rm = rm.clone();
+            match tokio::task::spawn_blocking(move || rm.repair_once()).await {
+                Ok(Err(e)) => tracing::error!(error = %e, "self-repair failed"),
+                Err(e) => tracing::error!(error = %e, "self-repair task failed"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
+
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("signal handler");
+        let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("shutting down; machines and their port rules stay up");
+    };
+    crate::server::serve(listener, m, shutdown).await?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}

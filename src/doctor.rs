@@ -1,0 +1,117 @@
+//! `sistemo doctor`: checks the host and the daemon, each failure with a one-line fix.
+//! Exits non-zero when any check fails.
+
+use crate::api::InfoResponse;
+use crate::client::Client;
+use anyhow::Result;
+use serde::Serialize;
+
+/// One check's outcome.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Passed?
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it (empty when ok).
+    pub fix: String,
+}
+
+fn which(p: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(p))
+        .find(|p| p.is_file())
+}
+
+fn check(name: &str, ok: bool, detail: impl Into<String>, fix: &str) -> Check {
+    Check {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+        fix: if ok { String::new() } else { fix.into() },
+    }
+}
+
+/// Run all checks, print them, return the exit code.
+pub fn run(c: &Client, json: bool) -> Result<i32> {
+    let mut checks = vec![];
+    let nft = which("nft");
+    let nft_version = nft.as_ref().and_then(|p| {
+        std::process::Command::new(p)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
+    checks.push(check(
+        "nftables",
+        nft_version.is_some(),
+        nft_version.clone().unwrap_or_else(|| "nft not found on PATH".into()),
+        "apt-get install nftables",
+    ));
+    let qemu = which("qemu-system-x86_64");
+    checks.push(check(
+        "qemu",
+        qemu.is_some(),
+        qemu.map(|p| p.display().to_string()).unwrap_or_else(|| "qemu-system-x86_64 not found".into()),
+        "apt-get install qemu-system-x86",
+    ));
+    let kvm = std::path::Path::new("/dev/kvm").exists();
+    let info = c.get::<InfoResponse>("/v1/info");
+    let hv = info.as_ref().map(|i| i.hypervisor.clone()).unwrap_or_default();
+    checks.push(check(
+        "kvm",
+        true,
+        match (kvm, hv.as_str()) {
+            (_, "qemu-kvm") => "KVM runs the guest kernel".to_string(),
+            (true, "qemu-tcg") => "/dev/kvm present but cannot run the guest kernel: TCG fallback, slow".into(),
+            (false, _) => "/dev/kvm missing: TCG fallback, slow".into(),
+            (true, _) => "/dev/kvm present".into(),
+        },
+        "",
+    ));
+    match &info {
+        Ok(i) => {
+            checks.push(check("daemon", true, format!("reachable, version {}, hypervisor {}", i.version, i.hypervisor), ""));
+            checks.push(check(
+                "firewall",
+                i.firewall == "in sync",
+                format!("table {}: {}", i.config["nft_table"].as_str().unwrap_or("?"), i.firewall),
+                "the daemon restores it within a second; if it persists, check `journalctl -u sistemo`",
+            ));
+            checks.push(check("database", i.database == "ok", format!("integrity: {}", i.database), "restore the data dir from a backup"));
+            let bridge = i.config["bridge"].as_str().unwrap_or("");
+            let up = std::path::Path::new("/sys/class/net").join(bridge).exists();
+            checks.push(check("bridge", up, format!("{bridge} {}", if up { "present" } else { "missing" }), "restart the daemon: sistemo up creates it"));
+            if let Some(dir) = i.config["data_dir"].as_str() {
+                let free = nix::sys::statvfs::statvfs(dir)
+                    .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                    .unwrap_or(0);
+                checks.push(check(
+                    "disk",
+                    free > 2 << 30,
+                    format!("{} GiB free in {dir}", free >> 30),
+                    "free space in the data dir (at least 2 GiB)",
+                ));
+            }
+        }
+        Err(e) => checks.push(check("daemon", false, e.to_string(), "start it: sudo sistemo up")),
+    }
+    let failed = checks.iter().any(|c| !c.ok);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": !failed, "checks": checks}))?);
+    } else {
+        for c in &checks {
+            let mark = if c.ok { "ok  " } else { "FAIL" };
+            println!("{mark}  {:<10} {}", c.name, c.detail);
+            if !c.ok {
+                println!("      fix: {}", c.fix);
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
