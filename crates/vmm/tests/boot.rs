@@ -1,0 +1,145 @@
+//! Real-VM test of the QEMU backend: boots the `debian` image in a network namespace the test
+//! creates (bridge 10.250.0.1/24 + TAP), runs exec through SSH, and stops the VM.
+//!
+//! Runs only with `SISTEMO_VM_TESTS=1` as root, once the assets exist:
+//! ```text
+//! cargo run -p sistemo-vmm --example prepare_assets -- /var/tmp/sistemo-vmtest
+//! SISTEMO_VM_TESTS=1 cargo test -p sistemo-vmm --test boot -- --ignored --nocapture
+//! ```
+//! (`SISTEMO_VM_TEST_DIR` overrides the data folder.) No traffic leaves the namespace.
+
+use sistemo_vmm::image::{ImageStore, clone_disk, ensure_boot_assets};
+use sistemo_vmm::qemu::Qemu;
+use sistemo_vmm::{Hypervisor, Instance, MachineSpec, NetAttachment};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Deletes the namespace, kills a leftover VMM and removes the machine folder, even on panic.
+struct Guard {
+    ns: String,
+    dir: PathBuf,
+    inst: Option<Instance>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(i) = &self.inst
+            && i.is_alive()
+        {
+            let _ = Command::new("kill").args(["-KILL", &i.pid.to_string()]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) {
+    let st = Command::new("ip").args(["-n", ns]).args(args).status().unwrap();
+    assert!(st.success(), "ip -n {ns} {args:?}");
+}
+
+fn enabled() -> bool {
+    std::env::var("SISTEMO_VM_TESTS").as_deref() == Ok("1")
+}
+
+#[tokio::test]
+#[ignore = "boots a real VM: SISTEMO_VM_TESTS=1 and prepared assets (see the module docs)"]
+async fn boots_debian_and_execs() {
+    if !enabled() {
+        eprintln!("SISTEMO_VM_TESTS is not 1: skipped");
+        return;
+    }
+    let data = PathBuf::from(std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()));
+    let say = |s: &str| eprintln!("  {s}");
+    let assets = ensure_boot_assets(&data, &say).await.expect("boot assets");
+    let image = ImageStore::new(&data)
+        .resolve("debian", 0, &say)
+        .await
+        .expect("the debian image: run the prepare_assets example first");
+
+    let ns = format!("sistemo-vmt-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&ns);
+    let mut guard = Guard {
+        ns: ns.clone(),
+        dir: dir.clone(),
+        inst: None,
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    ip(&ns, &["link", "set", "lo", "up"]);
+    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
+    ip(&ns, &["addr", "add", "10.250.0.1/24", "dev", "br0"]);
+    ip(&ns, &["link", "set", "br0", "up"]);
+    ip(&ns, &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ip(&ns, &["link", "set", "tap0", "master", "br0"]);
+    ip(&ns, &["link", "set", "tap0", "up"]);
+
+    let disk = dir.join("disk.img");
+    let t = Instant::now();
+    clone_disk(&image, &disk, 2 << 30).await.expect("clone");
+    eprintln!("disk cloned in {:.2}s", t.elapsed().as_secs_f64());
+
+    let spec = MachineSpec {
+        id: uuid::Uuid::new_v4(),
+        name: "vmtest".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        dir: dir.clone(),
+        disk: Some(disk),
+        net: NetAttachment {
+            host_ifname: "tap0".into(),
+            bridge: "br0".into(),
+            mac: [0x52, 0x54, 0x00, 0x0a, 0xfa, 0x02],
+            ip: "10.250.0.2".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.250.0.1".parse().unwrap(),
+            dns: vec!["10.250.0.1".parse().unwrap()],
+        },
+        ssh_pubkey: None,
+    };
+    let vm = Qemu::new(&data, assets).await.expect("qemu").with_netns(&ns);
+    eprintln!("backend {}", vm.name());
+
+    let t0 = Instant::now();
+    let inst = vm.start(&spec).await.expect("start");
+    guard.inst = Some(inst.clone());
+    eprintln!("VMM pid {} after {:.2}s", inst.pid, t0.elapsed().as_secs_f64());
+    vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say).await.expect("ready");
+    let out = vm.exec(&spec, "echo hi", Duration::from_secs(30)).await.expect("exec");
+    eprintln!("deploy → first exec: {:.2}s", t0.elapsed().as_secs_f64());
+    assert_eq!(out.code, 0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    let out = vm.exec(&spec, "echo err >&2; exit 3", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(out.code, 3);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    let out = vm.exec(&spec, "hostname; cat /etc/machine-id", Duration::from_secs(30)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("vmtest\n"), "{text}");
+    assert!(text.contains(&spec.id.simple().to_string()), "{text}");
+
+    let t = Instant::now();
+    let out = vm.exec(&spec, "sleep 100 &", Duration::from_secs(20)).await.unwrap();
+    assert_eq!(out.code, 0);
+    assert!(t.elapsed() < Duration::from_secs(10), "background exec hung");
+    let out = vm.exec(&spec, "pgrep -x sleep >/dev/null && echo running", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "running\n");
+
+    if std::env::var_os("SISTEMO_VM_TEST_ANALYZE").is_some() {
+        let out = vm
+            .exec(&spec, "systemd-analyze; systemd-analyze blame | head -25; systemd-analyze critical-chain", Duration::from_secs(60))
+            .await
+            .unwrap();
+        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+
+    let t = Instant::now();
+    vm.stop(&spec, &inst, Duration::from_secs(30)).await.expect("stop");
+    eprintln!("stopped in {:.2}s", t.elapsed().as_secs_f64());
+    assert!(!inst.is_alive());
+    vm.cleanup(&spec).await.unwrap();
+    assert!(!dir.join("qmp.sock").exists());
+    eprintln!("console tail:\n{}", sistemo_vmm::qemu::console_tail(&spec, 5));
+}
