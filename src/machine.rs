@@ -336,7 +336,13 @@ impl Manager {
                 _ => {}
             }
         }
-        self.rebuild_firewall()
+        let t = std::time::Instant::now();
+        self.rebuild_firewall()?;
+        tracing::info!(
+            restore_ms = t.elapsed().as_secs_f64() * 1000.0,
+            "firewall rebuilt from the database in one transaction"
+        );
+        Ok(())
     }
 
     /// Stop the VMM if given, and remove the machine's link and backend leftovers.
