@@ -8,7 +8,8 @@
 //!   when the destination is an address of this host (`fib daddr type local`), first through the
 //!   bound map (address, protocol, port), then the wildcard map (protocol, port).
 //! - `postrouting` ([`PRIO_SRCNAT`]): masquerade loopback-sourced DNAT traffic, hairpin traffic
-//!   (machine → host port → machine), and machines' egress. External clients keep their source.
+//!   (machine → host port → machine), and machines' egress (by source subnet: postrouting has no
+//!   input interface). External clients keep their source.
 //! - `forward` ([`PRIO_FILTER`]): isolation between sistemo networks; DNATed traffic passes.
 //!
 //! A foreign forward chain with `policy drop` (Docker's iptables-nft `filter FORWARD`) would
@@ -36,6 +37,8 @@ pub const MAP_ANY: &str = "expose_any";
 pub const MAP_BOUND: &str = "expose_bound";
 /// Set of sistemo's bridges.
 pub const SET_BRIDGES: &str = "bridges";
+/// Set of sistemo's subnets (postrouting has no input interface, so sources are matched by subnet).
+pub const SET_SUBNETS: &str = "subnets";
 /// The nftables family of the table.
 pub const FAMILY: &str = "ip";
 
@@ -143,6 +146,12 @@ impl Nftables {
             let _ = writeln!(s, "\t\telements = {{ {} }}", Self::bridge_list(&desired.bridges));
         }
         s.push_str("\t}\n");
+        let _ = writeln!(s, "\tset {SET_SUBNETS} {{\n\t\ttype ipv4_addr\n\t\tflags interval");
+        if !desired.bridges.is_empty() {
+            let subnets: Vec<String> = desired.bridges.iter().map(|b| b.subnet.to_string()).collect();
+            let _ = writeln!(s, "\t\telements = {{ {} }}", subnets.join(", "));
+        }
+        s.push_str("\t}\n");
         let _ = writeln!(
             s,
             "\tmap {MAP_ANY} {{\n\t\ttype inet_proto . inet_service : ipv4_addr . inet_service\n\t}}"
@@ -172,8 +181,8 @@ impl Nftables {
             s,
             "\tchain postrouting {{\n\t\ttype nat hook postrouting priority {PRIO_SRCNAT}; policy accept;\n\
              \t\toifname @{SET_BRIDGES} ip saddr 127.0.0.0/8 masquerade\n\
-             \t\tiifname @{SET_BRIDGES} oifname @{SET_BRIDGES} ct status dnat masquerade\n\
-             \t\tiifname @{SET_BRIDGES} oifname != @{SET_BRIDGES} masquerade\n\t}}"
+             \t\tip saddr @{SET_SUBNETS} oifname @{SET_BRIDGES} ct status dnat masquerade\n\
+             \t\tip saddr @{SET_SUBNETS} oifname != @{SET_BRIDGES} masquerade\n\t}}"
         );
         let _ = writeln!(
             s,
