@@ -80,8 +80,19 @@ impl Hypervisor for NetnsBackend {
             let addr = format!("{}/{}", n.ip, n.prefix);
             let gw = n.gateway.to_string();
             run(&[
-                "ip", "link", "add", &n.host_ifname, "type", "veth", "peer", "name", "eth0",
-                "address", &mac, "netns", &ns,
+                "ip",
+                "link",
+                "add",
+                &n.host_ifname,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "address",
+                &mac,
+                "netns",
+                &ns,
             ])
             .await?;
             for args in [
@@ -126,12 +137,14 @@ impl Hypervisor for NetnsBackend {
         spec: &MachineSpec,
         inst: &Instance,
         timeout: Duration,
-        progress: &(dyn Fn(&str) + Send + Sync),
+        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
     ) -> Result<(), VmmError> {
         let deadline = Instant::now() + timeout;
         progress("waiting for the namespace");
         while Instant::now() < deadline {
-            if inst.is_alive() && std::path::Path::new(&format!("/proc/{}/ns/net", inst.pid)).exists() {
+            if inst.is_alive()
+                && std::path::Path::new(&format!("/proc/{}/ns/net", inst.pid)).exists()
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -142,7 +155,12 @@ impl Hypervisor for NetnsBackend {
         })
     }
 
-    async fn stop(&self, spec: &MachineSpec, inst: &Instance, _timeout: Duration) -> Result<(), VmmError> {
+    async fn stop(
+        &self,
+        spec: &MachineSpec,
+        inst: &Instance,
+        _timeout: Duration,
+    ) -> Result<(), VmmError> {
         if inst.is_alive() {
             // The holder runs in its own process group: signal the group.
             unsafe_free_kill(-inst.pid);
@@ -157,14 +175,22 @@ impl Hypervisor for NetnsBackend {
         }
         // Everything a user started in the machine goes with it.
         if let Ok(pids) = run(&["ip", "netns", "pids", &ns]).await {
-            for p in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for p in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 unsafe_free_kill(p);
             }
         }
         run(&["ip", "netns", "del", &ns]).await.map(|_| ())
     }
 
-    async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError> {
+    async fn exec(
+        &self,
+        spec: &MachineSpec,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutput, VmmError> {
         let ns = self.ns_name(spec);
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "sh", "-c", &detach_background(cmd)])
