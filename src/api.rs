@@ -181,3 +181,27 @@ pub struct InfoResponse {
     /// Number of machines.
     pub machines: usize,
 }
+
+/// An image in the local store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRow {
+    /// sha256 of the ext4 file.
+    pub sha256: String,
+    /// Tags naming it.
+    pub tags: Vec<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where it came from.
+    pub source: String,
+}
+
+/// `POST /v1/images/build`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageBuildRequest {
+    /// Base to build (only `debian`).
+    pub base: String,
+    /// Tag of the result (default: the base's name).
+    pub name: Option<String>,
+    /// Extra Debian packages baked in.
+    pub include: Vec<String>,
+}

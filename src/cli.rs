@@ -61,6 +61,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: NetworkCmd,
     },
+    /// Manage images.
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// List every exposed port on the host.
     Ports,
     /// Show the audit log.
@@ -205,6 +211,32 @@ pub enum MachineCmd {
         /// [HOST_IP:]HOST_PORT[-END][/tcp|/udp].
         #[arg(long)]
         port: String,
+    },
+}
+
+/// `image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// List local images.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Build an image from Debian's archive with debootstrap.
+    #[command(after_help = "Examples:\n  sistemo image build debian\n  sistemo image build debian --name web-image --include nginx,nodejs")]
+    Build {
+        /// Base (debian).
+        base: String,
+        /// Tag of the new image (default: the base's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Extra packages, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+    },
+    /// Remove an image tag (refused while a machine uses it).
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// Tag.
+        tag: String,
     },
 }
 
@@ -356,6 +388,38 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     print_json(&v)?;
                 } else {
                     println!("network {name} deleted");
+                }
+            }
+        },
+        Cmd::Image { cmd } => match cmd {
+            ImageCmd::List => {
+                let is: Vec<ImageRow> = c.get("/v1/images")?;
+                if json {
+                    print_json(&is)?;
+                } else {
+                    table(
+                        &["TAGS", "SHA256", "SIZE", "SOURCE"],
+                        is.into_iter()
+                            .map(|i| vec![i.tags.join(","), i.sha256[..12.min(i.sha256.len())].to_string(), format!("{}M", i.size >> 20), i.source])
+                            .collect(),
+                    );
+                }
+            }
+            ImageCmd::Build { base, name, include } => {
+                let r: ImageRow = c.stream("POST", "/v1/images/build", Some(&ImageBuildRequest { base, name, include }), progress_printer())?;
+                if json {
+                    print_json(&r)?;
+                } else {
+                    println!("image {} built: sha256 {}, {}M", r.tags.join(","), r.sha256, r.size >> 20);
+                }
+            }
+            ImageCmd::Remove { tag } => {
+                confirm(cli.yes, &format!("remove image {tag}"))?;
+                let v: serde_json::Value = c.call("DELETE", &format!("/v1/images/{}", urlencode(&tag)), None::<&()>)?;
+                if json {
+                    print_json(&v)?;
+                } else {
+                    println!("image {tag} removed");
                 }
             }
         },

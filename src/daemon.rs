@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Build the hypervisor backend (and the disk provider when it needs disks).
-fn backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
+async fn backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
     match cfg.hypervisor.as_str() {
         "netns" => Ok((Arc::new(sistemo_vmm::netns::NetnsBackend::new(cfg.netns_prefix.clone())), None)),
-        "qemu" => crate::vm::qemu_backend(cfg),
+        "qemu" => crate::vm::qemu_backend(cfg).await,
         other => bail!("hypervisor {other:?} is not supported (allowed: qemu, netns)"),
     }
 }
@@ -50,7 +50,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let store = Store::open(&cfg.data_dir.join("sistemo.db")).context("opening the database")?;
     let links = Links::new()?;
     let fw = Box::new(Nftables::new(cfg.nft_table.clone()));
-    let (vmm, disks) = backend(&cfg)?;
+    let (vmm, disks) = backend(&cfg).await?;
     let m = Arc::new(Manager::new(store, links, fw, vmm, disks, cfg.clone()));
     if let Err(e) = m.startup().await {
         let _ = std::fs::remove_file(&cfg.socket);

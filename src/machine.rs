@@ -70,6 +70,20 @@ pub trait DiskProvider: Send + Sync {
         storage: Option<u64>,
         progress: Progress<'_>,
     ) -> std::result::Result<(PathBuf, u64), String>;
+
+    /// Images in the store.
+    fn images(&self) -> Vec<crate::api::ImageRow>;
+
+    /// Build the `debian` base image (with extra packages) under `tag`.
+    async fn build(
+        &self,
+        tag: &str,
+        include: &[String],
+        progress: Progress<'_>,
+    ) -> std::result::Result<crate::api::ImageRow, String>;
+
+    /// Remove a tag (and the image when no tag is left); false when unknown.
+    fn remove(&self, tag: &str) -> std::result::Result<bool, String>;
 }
 
 /// The manager; shared as `Arc<Manager>` by the API server and the reconciler.
@@ -709,6 +723,47 @@ impl Manager {
         let m = self.store().machine(name)?;
         let p = self.machine_dir(&m.id).join("console.log");
         Ok(std::fs::read_to_string(p).unwrap_or_default())
+    }
+
+    // ---- images ----
+
+    fn disks(&self) -> Result<&Arc<dyn DiskProvider>> {
+        self.disks
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("the {} backend has no images (use --hypervisor qemu)", self.vmm.name())))
+    }
+
+    /// Images in the store.
+    pub fn images(&self) -> Result<Vec<crate::api::ImageRow>> {
+        Ok(self.disks()?.images())
+    }
+
+    /// Build an image from Debian with extra packages.
+    pub async fn image_build(&self, req: &crate::api::ImageBuildRequest, progress: Progress<'_>) -> Result<crate::api::ImageRow> {
+        if req.base != "debian" {
+            return Err(Error::Invalid(format!("base image {:?} cannot be built (allowed: debian)", req.base)));
+        }
+        let tag = req.name.clone().unwrap_or_else(|| req.base.clone());
+        check_name("image name", &tag)?;
+        for p in &req.include {
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.:".contains(&b)) {
+                return Err(Error::Invalid(format!("package name {p:?} is not valid (allowed: Debian package names)")));
+            }
+        }
+        self.disks()?.build(&tag, &req.include, progress).await.map_err(Error::Internal)
+    }
+
+    /// Remove an image tag; refused while a machine uses it.
+    pub fn image_remove(&self, tag: &str) -> Result<()> {
+        let users: Vec<String> = self.store().machines()?.into_iter().filter(|m| m.image == tag).map(|m| m.name).collect();
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!("image {tag:?} is used by machine(s) {}; delete them first", users.join(", "))));
+        }
+        match self.disks()?.remove(tag) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::NotFound(format!("image {tag:?} does not exist (see `sistemo image list`)"))),
+            Err(e) => Err(Error::Internal(e)),
+        }
     }
 
     // ---- networks ----

@@ -245,6 +245,25 @@ async fn firewall(State(m): State<AppState>) -> Result<String, Error> {
     m.firewall_render()
 }
 
+async fn images(State(m): State<AppState>) -> Result<Json<Vec<ImageRow>>, Error> {
+    m.images().map(Json)
+}
+
+async fn image_build(State(m): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Json(req): Json<ImageBuildRequest>) -> Response {
+    let target = req.name.clone().unwrap_or_else(|| req.base.clone());
+    streamed(m, p, "image.build", target, move |m, pr| async move { m.image_build(&req, &*pr).await })
+}
+
+async fn image_remove(
+    State(m): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(tag): Path<String>,
+) -> Result<Json<serde_json::Value>, Error> {
+    let r = m.image_remove(&tag);
+    audit(&m, &p, "image.rm", &tag, &r);
+    r.map(|_| Json(serde_json::json!({"deleted": tag})))
+}
+
 /// The router.
 pub fn router(m: AppState) -> Router {
     Router::new()
@@ -262,6 +281,9 @@ pub fn router(m: AppState) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/info", get(info))
         .route("/v1/firewall", get(firewall))
+        .route("/v1/images", get(images))
+        .route("/v1/images/build", post(image_build))
+        .route("/v1/images/{tag}", axum::routing::delete(image_remove))
         .with_state(m)
 }
 

@@ -1,13 +1,97 @@
-//! Glue between the daemon and the QEMU backend of `sistemo_vmm`: builds the hypervisor and
-//! the disk provider that resolves images and clones machine disks.
+//! Glue between the daemon and the QEMU backend of `sistemo_vmm`: prepares boot assets, builds
+//! the hypervisor, and provides images and machine disks to the manager.
 
+use crate::api::ImageRow;
 use crate::config::Config;
-use crate::machine::DiskProvider;
-use anyhow::Result;
+use crate::machine::{DiskProvider, Progress};
+use anyhow::{Context, Result};
 use sistemo_vmm::Hypervisor;
+use sistemo_vmm::image::{ImageInfo, ImageStore, clone_disk, ensure_boot_assets};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The QEMU hypervisor and its disk provider.
-pub fn qemu_backend(_cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
-    anyhow::bail!("the qemu backend is not wired yet (use --hypervisor netns)")
+/// Largest image a URL may download (bytes).
+pub const MAX_DOWNLOAD: u64 = 16 << 30;
+/// Default disk size when `--storage` is not given.
+pub const DEFAULT_STORAGE: u64 = 2 << 30;
+
+/// Images and disks from the content-addressed image store.
+pub struct Disks {
+    images: ImageStore,
+}
+
+fn row(i: &ImageInfo) -> ImageRow {
+    ImageRow {
+        sha256: i.sha256.clone(),
+        tags: i.tags.clone(),
+        size: i.size,
+        source: i.source.clone(),
+    }
+}
+
+#[async_trait::async_trait]
+impl DiskProvider for Disks {
+    async fn create_disk(
+        &self,
+        image: &str,
+        dir: &Path,
+        storage: Option<u64>,
+        progress: Progress<'_>,
+    ) -> std::result::Result<(PathBuf, u64), String> {
+        let src = self
+            .images
+            .resolve(image, MAX_DOWNLOAD, progress)
+            .await
+            .map_err(|e| e.to_string())?;
+        let len = std::fs::metadata(&src).map_err(|e| e.to_string())?.len();
+        let size = match storage {
+            Some(s) if s < len => {
+                return Err(format!(
+                    "storage {}M is smaller than image {image} ({}M); allowed: at least {}M",
+                    s >> 20,
+                    len.div_ceil(1 << 20),
+                    len.div_ceil(1 << 20)
+                ));
+            }
+            Some(s) => s,
+            None => len.max(DEFAULT_STORAGE),
+        };
+        let dest = dir.join("disk.raw");
+        progress("cloning the image into the machine's disk");
+        clone_disk(&src, &dest, size).await.map_err(|e| e.to_string())?;
+        Ok((dest, size))
+    }
+
+    fn images(&self) -> Vec<ImageRow> {
+        self.images.list().iter().map(row).collect()
+    }
+
+    async fn build(&self, tag: &str, include: &[String], progress: Progress<'_>) -> std::result::Result<ImageRow, String> {
+        self.images
+            .build_debian(tag, include, progress)
+            .await
+            .map(|i| row(&i))
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove(&self, tag: &str) -> std::result::Result<bool, String> {
+        self.images.remove(tag).map_err(|e| e.to_string())
+    }
+}
+
+/// The QEMU hypervisor and its disk provider; fetches the kernel and builds the initramfs on
+/// first use (cached in the data dir).
+pub async fn qemu_backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
+    let progress = |s: &str| tracing::info!("{s}");
+    let assets = ensure_boot_assets(&cfg.data_dir, &progress)
+        .await
+        .context("preparing the guest kernel and initramfs")?;
+    let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets).await?;
+    tracing::info!(accel = ?q.accel(), "QEMU backend ready");
+    Ok((
+        Arc::new(q),
+        Some(Arc::new(Disks {
+            images: ImageStore::new(&cfg.data_dir),
+        })),
+    ))
 }
