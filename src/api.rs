@@ -180,6 +180,8 @@ pub struct InfoResponse {
     pub database: String,
     /// Number of machines.
     pub machines: usize,
+    /// sistemo's bridges and whether each exists in the daemon's network namespace.
+    pub bridges: Vec<(String, bool)>,
 }
 
 /// An image in the local store.

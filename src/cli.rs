@@ -21,13 +21,19 @@ pub enum Output {
 
 /// sistemo: real microVMs on one Linux host, with their ports exposed on the host.
 #[derive(Debug, Parser)]
-#[command(name = "sistemo", version, about, propagate_version = true, after_help = "\
+#[command(
+    name = "sistemo",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "\
 Examples:
   sudo sistemo up
   sistemo machine deploy debian --name web --expose 80
   sistemo machine exec web \"systemctl start nginx\"
   curl http://localhost:80
-  sistemo machine status web")]
+  sistemo machine status web"
+)]
 pub struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
@@ -123,7 +129,9 @@ pub struct UpArgs {
 #[derive(Debug, Subcommand)]
 pub enum MachineCmd {
     /// Create and boot a machine.
-    #[command(after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G")]
+    #[command(
+        after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G"
+    )]
     Deploy {
         /// Image: a name (debian), a *.ext4 file or an http(s) URL.
         image: String,
@@ -177,7 +185,9 @@ pub enum MachineCmd {
         name: String,
     },
     /// Run a command in a machine; exits with its exit code.
-    #[command(after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\"")]
+    #[command(
+        after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\""
+    )]
     Exec {
         /// Name or UUID.
         name: String,
@@ -196,7 +206,9 @@ pub enum MachineCmd {
         name: String,
     },
     /// Expose ports of a machine (running or stopped).
-    #[command(after_help = "Examples:\n  sistemo machine expose web --port 80\n  sistemo machine expose web --port 8080:80 --port 127.0.0.1:9000:9000/udp")]
+    #[command(
+        after_help = "Examples:\n  sistemo machine expose web --port 80\n  sistemo machine expose web --port 8080:80 --port 127.0.0.1:9000:9000/udp"
+    )]
     Expose {
         /// Name or UUID.
         name: String,
@@ -221,7 +233,9 @@ pub enum ImageCmd {
     #[command(visible_alias = "ls")]
     List,
     /// Build an image from Debian's archive with debootstrap.
-    #[command(after_help = "Examples:\n  sistemo image build debian\n  sistemo image build debian --name web-image --include nginx,nodejs")]
+    #[command(
+        after_help = "Examples:\n  sistemo image build debian\n  sistemo image build debian --name web-image --include nginx,nodejs"
+    )]
     Build {
         /// Base (debian).
         base: String,
@@ -296,7 +310,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -307,7 +325,10 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 /// Quote one word for a POSIX shell when it needs it.
 pub fn shell_quote(w: &str) -> String {
-    if !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b)) {
+    if !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+    {
         w.to_string()
     } else {
         format!("'{}'", w.replace('\'', "'\\''"))
@@ -361,7 +382,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Cmd::Machine { cmd } => return machine(&c, cmd, json, cli.yes),
         Cmd::Network { cmd } => match cmd {
             NetworkCmd::Create { name, subnet } => {
-                let n: NetworkInfo = c.call("POST", "/v1/networks", Some(&NetworkCreateRequest { name, subnet }))?;
+                let n: NetworkInfo = c.call(
+                    "POST",
+                    "/v1/networks",
+                    Some(&NetworkCreateRequest { name, subnet }),
+                )?;
                 if json {
                     print_json(&n)?;
                 } else {
@@ -400,22 +425,40 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     table(
                         &["TAGS", "SHA256", "SIZE", "SOURCE"],
                         is.into_iter()
-                            .map(|i| vec![i.tags.join(","), i.sha256[..12.min(i.sha256.len())].to_string(), format!("{}M", i.size >> 20), i.source])
+                            .map(|i| {
+                                vec![
+                                    i.tags.join(","),
+                                    i.sha256[..12.min(i.sha256.len())].to_string(),
+                                    format!("{}M", i.size >> 20),
+                                    i.source,
+                                ]
+                            })
                             .collect(),
                     );
                 }
             }
             ImageCmd::Build { base, name, include } => {
-                let r: ImageRow = c.stream("POST", "/v1/images/build", Some(&ImageBuildRequest { base, name, include }), progress_printer())?;
+                let r: ImageRow = c.stream(
+                    "POST",
+                    "/v1/images/build",
+                    Some(&ImageBuildRequest { base, name, include }),
+                    progress_printer(),
+                )?;
                 if json {
                     print_json(&r)?;
                 } else {
-                    println!("image {} built: sha256 {}, {}M", r.tags.join(","), r.sha256, r.size >> 20);
+                    println!(
+                        "image {} built: sha256 {}, {}M",
+                        r.tags.join(","),
+                        r.sha256,
+                        r.size >> 20
+                    );
                 }
             }
             ImageCmd::Remove { tag } => {
                 confirm(cli.yes, &format!("remove image {tag}"))?;
-                let v: serde_json::Value = c.call("DELETE", &format!("/v1/images/{}", urlencode(&tag)), None::<&()>)?;
+                let v: serde_json::Value =
+                    c.call("DELETE", &format!("/v1/images/{}", urlencode(&tag)), None::<&()>)?;
                 if json {
                     print_json(&v)?;
                 } else {
@@ -445,7 +488,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 );
             }
         }
-        Cmd::History { limit, action, target } => {
+        Cmd::History {
+            limit,
+            action,
+            target,
+        } => {
             let mut q = format!("/v1/history?limit={limit}");
             if let Some(a) = action {
                 q.push_str(&format!("&action={}", urlencode(&a)));
@@ -461,7 +508,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     &["TIME", "UID", "ACTION", "TARGET", "RESULT"],
                     h.into_iter()
                         .map(|e| {
-                            vec![e.at, e.uid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()), e.action, e.target, e.result]
+                            vec![
+                                e.at,
+                                e.uid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+                                e.action,
+                                e.target,
+                                e.result,
+                            ]
                         })
                         .collect(),
                 );
@@ -518,14 +571,30 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
     };
     let path = |n: &str| format!("/v1/machines/{}", urlencode(n));
     match cmd {
-        MachineCmd::Deploy { image, name, vcpus, memory, storage, expose, network } => {
+        MachineCmd::Deploy {
+            image,
+            name,
+            vcpus,
+            memory,
+            storage,
+            expose,
+            network,
+        } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             let specs = expose
                 .iter()
                 .map(|s| s.parse::<crate::spec::ExposeSpec>())
                 .collect::<Result<Vec<_>, _>>()?;
             crate::spec::check_no_duplicates(&specs)?;
-            let req = DeployRequest { image, name, vcpus, memory, storage, expose, network };
+            let req = DeployRequest {
+                image,
+                name,
+                vcpus,
+                memory,
+                storage,
+                expose,
+                network,
+            };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;
         }
@@ -538,7 +607,12 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                     &["ID", "NAME", "STATUS", "IP", "PORTS"],
                     ms.into_iter()
                         .map(|m| {
-                            let ports = m.ports.iter().map(|p| p.spec.clone()).collect::<Vec<_>>().join(",");
+                            let ports = m
+                                .ports
+                                .iter()
+                                .map(|p| p.spec.clone())
+                                .collect::<Vec<_>>()
+                                .join(",");
                             vec![m.id[..8].to_string(), m.name, m.status, m.ip, ports]
                         })
                         .collect(),
@@ -546,15 +620,31 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             }
         }
         MachineCmd::Status { name } => show(&c.get(&path(&name))?)?,
-        MachineCmd::Start { name } => show(&c.stream("POST", &format!("{}/start", path(&name)), None::<&()>, progress_printer())?)?,
-        MachineCmd::Stop { name } => show(&c.stream("POST", &format!("{}/stop", path(&name)), None::<&()>, progress_printer())?)?,
-        MachineCmd::Restart { name } => {
-            show(&c.stream("POST", &format!("{}/restart", path(&name)), None::<&()>, progress_printer())?)?
-        }
+        MachineCmd::Start { name } => show(&c.stream(
+            "POST",
+            &format!("{}/start", path(&name)),
+            None::<&()>,
+            progress_printer(),
+        )?)?,
+        MachineCmd::Stop { name } => show(&c.stream(
+            "POST",
+            &format!("{}/stop", path(&name)),
+            None::<&()>,
+            progress_printer(),
+        )?)?,
+        MachineCmd::Restart { name } => show(&c.stream(
+            "POST",
+            &format!("{}/restart", path(&name)),
+            None::<&()>,
+            progress_printer(),
+        )?)?,
         MachineCmd::Delete { name } => {
             // Fail on an unknown machine before asking.
             let _: MachineInfo = c.get(&path(&name))?;
-            confirm(yes, &format!("delete machine {name} with its disk, IP and port rules"))?;
+            confirm(
+                yes,
+                &format!("delete machine {name} with its disk, IP and port rules"),
+            )?;
             let v: serde_json::Value = c.stream("DELETE", &path(&name), None::<&()>, progress_printer())?;
             if json {
                 print_json(&v)?;
@@ -568,7 +658,14 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             } else {
                 cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
             };
-            let r: ExecResponse = c.call("POST", &format!("{}/exec", path(&name)), Some(&ExecRequest { cmd: line, timeout_s: None }))?;
+            let r: ExecResponse = c.call(
+                "POST",
+                &format!("{}/exec", path(&name)),
+                Some(&ExecRequest {
+                    cmd: line,
+                    timeout_s: None,
+                }),
+            )?;
             if json {
                 print_json(&r)?;
             } else {
@@ -580,18 +677,31 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
         }
         MachineCmd::Ssh { name } => {
             let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;
-            let st = std::process::Command::new(&s.argv[0]).args(&s.argv[1..]).status()?;
+            let st = std::process::Command::new(&s.argv[0])
+                .args(&s.argv[1..])
+                .status()?;
             return Ok(st.code().unwrap_or(1));
         }
         MachineCmd::Logs { name } => print!("{}", c.text(&format!("{}/logs", path(&name)))?),
         MachineCmd::Expose { name, port } => {
-            let specs = port.iter().map(|s| s.parse::<crate::spec::ExposeSpec>()).collect::<Result<Vec<_>, _>>()?;
+            let specs = port
+                .iter()
+                .map(|s| s.parse::<crate::spec::ExposeSpec>())
+                .collect::<Result<Vec<_>, _>>()?;
             crate::spec::check_no_duplicates(&specs)?;
-            show(&c.call("POST", &format!("{}/expose", path(&name)), Some(&ExposeRequest { ports: port }))?)?
+            show(&c.call(
+                "POST",
+                &format!("{}/expose", path(&name)),
+                Some(&ExposeRequest { ports: port }),
+            )?)?
         }
         MachineCmd::Unexpose { name, port } => {
             port.parse::<crate::spec::HostPortSpec>()?;
-            show(&c.call("POST", &format!("{}/unexpose", path(&name)), Some(&UnexposeRequest { port }))?)?
+            show(&c.call(
+                "POST",
+                &format!("{}/unexpose", path(&name)),
+                Some(&UnexposeRequest { port }),
+            )?)?
         }
     }
     Ok(0)

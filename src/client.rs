@@ -12,7 +12,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The daemon is not reachable.
-    #[error("cannot reach the sistemo daemon at {socket}: {reason} (start it with `sudo sistemo up`, or pass --socket / SISTEMO_SOCKET)")]
+    #[error(
+        "cannot reach the sistemo daemon at {socket}: {reason} (start it with `sudo sistemo up`, or pass --socket / SISTEMO_SOCKET)"
+    )]
     Unreachable {
         /// Socket path.
         socket: String,
@@ -100,7 +102,9 @@ fn api_error(status: u16, body: &str) -> ClientError {
 impl Client {
     /// A client for `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Client {
-        Client { socket: socket.into() }
+        Client {
+            socket: socket.into(),
+        }
     }
 
     fn send(&self, method: &str, path: &str, body: Option<String>) -> Result<Resp> {
@@ -150,7 +154,12 @@ impl Client {
     }
 
     /// A plain request: JSON in, JSON out.
-    pub fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
         let body = body.map(|b| serde_json::to_string(b).expect("serialisable"));
         let mut r = self.send(method, path, body)?;
         let text = r.read_lines(|_| {})?;
@@ -196,13 +205,22 @@ impl Client {
                 Ok(Event::Result(v)) => {
                     result = Some(serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string())))
                 }
-                Ok(Event::Error(e)) => result = Some(Err(ClientError::Api { status: 400, message: e })),
+                Ok(Event::Error(e)) => {
+                    result = Some(Err(ClientError::Api {
+                        status: 400,
+                        message: e,
+                    }))
+                }
                 Err(e) => result = Some(Err(ClientError::Protocol(format!("{e}: {line}")))),
             }
         })?;
         if status >= 400 {
             return Err(api_error(status, &text));
         }
-        result.unwrap_or_else(|| Err(ClientError::Protocol("the daemon closed the stream without a result".into())))
+        result.unwrap_or_else(|| {
+            Err(ClientError::Protocol(
+                "the daemon closed the stream without a result".into(),
+            ))
+        })
     }
 }

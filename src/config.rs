@@ -73,7 +73,12 @@ pub struct ConfigError(pub String);
 
 /// Interface names: 1-15 characters of `[a-zA-Z0-9_-]` (what the kernel and nft accept safely).
 pub fn check_ifname(key: &str, v: &str) -> Result<(), ConfigError> {
-    if v.is_empty() || v.len() > 15 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if v.is_empty()
+        || v.len() > 15
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err(ConfigError(format!(
             "{key} {v:?} is not a valid interface name (allowed: 1-15 characters of a-z, A-Z, 0-9, '-', '_')"
         )));
@@ -104,9 +109,11 @@ impl Config {
             cfg.data_dir = v.into();
         }
         if let Ok(v) = std::env::var("SISTEMO_BRIDGE_SUBNET") {
-            cfg.bridge_subnet = v
-                .parse()
-                .map_err(|_| ConfigError(format!("SISTEMO_BRIDGE_SUBNET {v:?} is not a CIDR like 10.200.0.0/16")))?;
+            cfg.bridge_subnet = v.parse().map_err(|_| {
+                ConfigError(format!(
+                    "SISTEMO_BRIDGE_SUBNET {v:?} is not a CIDR like 10.200.0.0/16"
+                ))
+            })?;
         }
         if let Ok(v) = std::env::var("SISTEMO_HYPERVISOR") {
             cfg.hypervisor = v;
@@ -119,7 +126,10 @@ impl Config {
         check_ifname("bridge", &self.bridge)?;
         if self.nft_table.is_empty()
             || self.nft_table.len() > 64
-            || !self.nft_table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || !self
+                .nft_table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
             return Err(ConfigError(format!(
                 "nft_table {:?} is not a valid table name (allowed: letters, digits, '_', '-')",
@@ -146,7 +156,9 @@ impl Config {
             )));
         }
         if self.port.is_some() && self.token.as_deref().unwrap_or("").is_empty() {
-            return Err(ConfigError("port is set but token is empty: the TCP API needs a token".into()));
+            return Err(ConfigError(
+                "port is set but token is empty: the TCP API needs a token".into(),
+            ));
         }
         Ok(())
     }
@@ -158,7 +170,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = serde_yaml::from_str::<Config>("bridge_subnett: 10.0.0.0/8").unwrap_err().to_string();
+        let e = serde_yaml::from_str::<Config>("bridge_subnett: 10.0.0.0/8")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bridge_subnett"), "{e}");
     }
 

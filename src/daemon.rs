@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 /// Build the hypervisor backend (and the disk provider when it needs disks).
 async fn backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
     match cfg.hypervisor.as_str() {
-        "netns" => Ok((Arc::new(sistemo_vmm::netns::NetnsBackend::new(cfg.netns_prefix.clone())), None)),
+        "netns" => Ok((
+            Arc::new(sistemo_vmm::netns::NetnsBackend::new(cfg.netns_prefix.clone())),
+            None,
+        )),
         "qemu" => crate::vm::qemu_backend(cfg).await,
         other => bail!("hypervisor {other:?} is not supported (allowed: qemu, netns)"),
     }
@@ -25,7 +28,10 @@ async fn backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn Di
 fn claim_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another sistemo daemon is listening on {}; stop it or pass --socket", path.display());
+            bail!(
+                "another sistemo daemon is listening on {}; stop it or pass --socket",
+                path.display()
+            );
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }

@@ -50,14 +50,17 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
     checks.push(check(
         "nftables",
         nft_version.is_some(),
-        nft_version.clone().unwrap_or_else(|| "nft not found on PATH".into()),
+        nft_version
+            .clone()
+            .unwrap_or_else(|| "nft not found on PATH".into()),
         "apt-get install nftables",
     ));
     let qemu = which("qemu-system-x86_64");
     checks.push(check(
         "qemu",
         qemu.is_some(),
-        qemu.map(|p| p.display().to_string()).unwrap_or_else(|| "qemu-system-x86_64 not found".into()),
+        qemu.map(|p| p.display().to_string())
+            .unwrap_or_else(|| "qemu-system-x86_64 not found".into()),
         "apt-get install qemu-system-x86",
     ));
     let kvm = std::path::Path::new("/dev/kvm").exists();
@@ -68,7 +71,9 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
         true,
         match (kvm, hv.as_str()) {
             (_, "qemu-kvm") => "KVM runs the guest kernel".to_string(),
-            (true, "qemu-tcg") => "/dev/kvm present but cannot run the guest kernel: TCG fallback, slow".into(),
+            (true, "qemu-tcg") => {
+                "/dev/kvm present but cannot run the guest kernel: TCG fallback, slow".into()
+            }
             (false, _) => "/dev/kvm missing: TCG fallback, slow".into(),
             (true, _) => "/dev/kvm present".into(),
         },
@@ -76,17 +81,36 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
     ));
     match &info {
         Ok(i) => {
-            checks.push(check("daemon", true, format!("reachable, version {}, hypervisor {}", i.version, i.hypervisor), ""));
+            checks.push(check(
+                "daemon",
+                true,
+                format!("reachable, version {}, hypervisor {}", i.version, i.hypervisor),
+                "",
+            ));
             checks.push(check(
                 "firewall",
                 i.firewall == "in sync",
-                format!("table {}: {}", i.config["nft_table"].as_str().unwrap_or("?"), i.firewall),
+                format!(
+                    "table {}: {}",
+                    i.config["nft_table"].as_str().unwrap_or("?"),
+                    i.firewall
+                ),
                 "the daemon restores it within a second; if it persists, check `journalctl -u sistemo`",
             ));
-            checks.push(check("database", i.database == "ok", format!("integrity: {}", i.database), "restore the data dir from a backup"));
-            let bridge = i.config["bridge"].as_str().unwrap_or("");
-            let up = std::path::Path::new("/sys/class/net").join(bridge).exists();
-            checks.push(check("bridge", up, format!("{bridge} {}", if up { "present" } else { "missing" }), "restart the daemon: sistemo up creates it"));
+            checks.push(check(
+                "database",
+                i.database == "ok",
+                format!("integrity: {}", i.database),
+                "restore the data dir from a backup",
+            ));
+            for (bridge, up) in &i.bridges {
+                checks.push(check(
+                    "bridge",
+                    *up,
+                    format!("{bridge} {}", if *up { "present" } else { "missing" }),
+                    "restart the daemon: sistemo up creates it",
+                ));
+            }
             if let Some(dir) = i.config["data_dir"].as_str() {
                 let free = nix::sys::statvfs::statvfs(dir)
                     .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
@@ -103,7 +127,10 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
     }
     let failed = checks.iter().any(|c| !c.ok);
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": !failed, "checks": checks}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": !failed, "checks": checks}))?
+        );
     } else {
         for c in &checks {
             let mark = if c.ok { "ok  " } else { "FAIL" };

@@ -10,16 +10,16 @@
 //! - [`config`]: daemon configuration (file, flags, environment).
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod machine;
+pub mod net;
+pub mod server;
 pub mod spec;
 pub mod store;
-pub mod net;
 pub mod sys;
-pub mod config;
-pub mod api;
-pub mod machine;
-pub mod server;
-pub mod daemon;
 pub mod vm;
-pub mod client;
-pub mod cli;
-pub mod doctor;

@@ -101,7 +101,11 @@ pub struct Manager {
 /// Parse a size like `512M`, `2G`, `1024K` or bytes; names the value when bad.
 pub fn parse_size(what: &str, s: &str) -> Result<u64> {
     let t = s.trim();
-    let bad = || Error::Invalid(format!("{what} {s:?} is not a size (allowed: a positive number with K, M, G or T, like 512M or 2G)"));
+    let bad = || {
+        Error::Invalid(format!(
+            "{what} {s:?} is not a size (allowed: a positive number with K, M, G or T, like 512M or 2G)"
+        ))
+    };
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_uppercase() {
@@ -125,9 +129,16 @@ pub fn parse_size(what: &str, s: &str) -> Result<u64> {
 /// Machine names: 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn check_name(what: &str, n: &str) -> Result<()> {
     if n.is_empty() || n.len() > 63 {
-        return Err(Error::Invalid(format!("{what} {n:?} must be 1-63 characters long (allowed: a-z, 0-9, '-')")));
+        return Err(Error::Invalid(format!(
+            "{what} {n:?} must be 1-63 characters long (allowed: a-z, 0-9, '-')"
+        )));
     }
-    if !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') || n.starts_with('-') || n.ends_with('-') {
+    if !n
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || n.starts_with('-')
+        || n.ends_with('-')
+    {
         return Err(Error::Invalid(format!(
             "{what} {n:?} has characters outside [a-z0-9-] (allowed: lower-case letters, digits and '-', not at either end)"
         )));
@@ -386,7 +397,12 @@ impl Manager {
     }
 
     fn info(&self, m: &Machine) -> Result<MachineInfo> {
-        let ports = self.store().exposes_of(&m.id)?.iter().map(|e| port_info(&e.spec)).collect();
+        let ports = self
+            .store()
+            .exposes_of(&m.id)?
+            .iter()
+            .map(|e| port_info(&e.spec))
+            .collect();
         Ok(MachineInfo {
             id: m.id.clone(),
             name: m.name.clone(),
@@ -415,9 +431,16 @@ impl Manager {
     }
 
     /// Deploy: validate everything first, then create and boot, undoing on failure.
-    pub async fn deploy(&self, req: &crate::api::DeployRequest, progress: Progress<'_>) -> Result<MachineInfo> {
+    pub async fn deploy(
+        &self,
+        req: &crate::api::DeployRequest,
+        progress: Progress<'_>,
+    ) -> Result<MachineInfo> {
         if req.image.trim().is_empty() {
-            return Err(Error::Invalid("image is empty (allowed: an image name like debian, a *.ext4 file, or an http(s) URL)".into()));
+            return Err(Error::Invalid(
+                "image is empty (allowed: an image name like debian, a *.ext4 file, or an http(s) URL)"
+                    .into(),
+            ));
         }
         let name = match &req.name {
             Some(n) => n.clone(),
@@ -425,12 +448,15 @@ impl Manager {
         };
         check_name("name", &name)?;
         let vcpus = req.vcpus.unwrap_or(1);
-        let max = self
-            .cfg
-            .max_vcpus
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+        let max = self.cfg.max_vcpus.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        });
         if vcpus == 0 || vcpus > max {
-            return Err(Error::Invalid(format!("vcpus {vcpus} is out of range (allowed: 1-{max})")));
+            return Err(Error::Invalid(format!(
+                "vcpus {vcpus} is out of range (allowed: 1-{max})"
+            )));
         }
         let mem = parse_size("memory", req.memory.as_deref().unwrap_or("512M"))?;
         let host_mem = host_memory_bytes();
@@ -441,7 +467,11 @@ impl Manager {
                 host_mem >> 20
             )));
         }
-        let storage = req.storage.as_deref().map(|s| parse_size("storage", s)).transpose()?;
+        let storage = req
+            .storage
+            .as_deref()
+            .map(|s| parse_size("storage", s))
+            .transpose()?;
         let specs = req
             .expose
             .iter()
@@ -463,7 +493,11 @@ impl Manager {
             instance: None,
             created_at: String::new(),
         };
-        let m = self.store.lock().unwrap_or_else(|p| p.into_inner()).create_machine(&row, &specs)?;
+        let m = self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .create_machine(&row, &specs)?;
         let lock = self.lock_for(&m.id);
         let _g = lock.lock().await;
         let dir = self.machine_dir(&m.id);
@@ -496,10 +530,18 @@ impl Manager {
             // A reused address may have a stale neighbour entry pointing at the old MAC.
             internal!(self.links.flush_neighbour(m.ip).await)?;
             if self.vmm.link_kind() == LinkKind::Tap {
-                internal!(self.links.create_tap(&spec.net.host_ifname, &spec.net.bridge).await)?;
+                internal!(
+                    self.links
+                        .create_tap(&spec.net.host_ifname, &spec.net.bridge)
+                        .await
+                )?;
             }
             progress(&format!("starting {} on {}", m.name, self.vmm.name()));
-            let inst = self.vmm.start(&spec).await.map_err(|e| Error::Internal(e.to_string()))?;
+            let inst = self
+                .vmm
+                .start(&spec)
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
             {
                 let st = self.store();
                 st.set_instance(&m.id, Some(&internal!(serde_json::to_string(&inst))?))?;
@@ -517,7 +559,12 @@ impl Manager {
         let inst = match res {
             Ok(i) => i,
             Err(e) => {
-                let inst = self.store().machine(&m.id).ok().and_then(|m| m.instance).and_then(|s| serde_json::from_str(&s).ok());
+                let inst = self
+                    .store()
+                    .machine(&m.id)
+                    .ok()
+                    .and_then(|m| m.instance)
+                    .and_then(|s| serde_json::from_str(&s).ok());
                 self.teardown(m, inst.as_ref()).await;
                 let _ = self.store().set_instance(&m.id, None);
                 return Err(e);
@@ -545,7 +592,10 @@ impl Manager {
         let active: Vec<ActiveExpose> = st
             .exposes_of(id)?
             .into_iter()
-            .map(|e| ActiveExpose { spec: e.spec, ip: m.ip })
+            .map(|e| ActiveExpose {
+                spec: e.spec,
+                ip: m.ip,
+            })
             .collect();
         Ok(PortMapping::expand(&active))
     }
@@ -555,10 +605,14 @@ impl Manager {
         let m = self.store().machine(name)?;
         let lock = self.lock_for(&m.id);
         let _g = lock.lock().await;
-        self.store().transition(&m.id, &["stopped", "error"], "starting").map_err(|e| match e {
-            StoreError::WrongState { name, actual, .. } => Error::Conflict(format!("machine {name} is already {actual}")),
-            e => e.into(),
-        })?;
+        self.store()
+            .transition(&m.id, &["stopped", "error"], "starting")
+            .map_err(|e| match e {
+                StoreError::WrongState { name, actual, .. } => {
+                    Error::Conflict(format!("machine {name} is already {actual}"))
+                }
+                e => e.into(),
+            })?;
         if let Err(e) = self.boot(&m, progress).await {
             let _ = self.store().set_state(&m.id, "stopped");
             return Err(e);
@@ -571,10 +625,14 @@ impl Manager {
         let m = self.store().machine(name)?;
         let lock = self.lock_for(&m.id);
         let _g = lock.lock().await;
-        self.store().transition(&m.id, &["running"], "stopping").map_err(|e| match e {
-            StoreError::WrongState { name, actual, .. } => Error::Conflict(format!("machine {name} is {actual}, not running")),
-            e => e.into(),
-        })?;
+        self.store()
+            .transition(&m.id, &["running"], "stopping")
+            .map_err(|e| match e {
+                StoreError::WrongState { name, actual, .. } => {
+                    Error::Conflict(format!("machine {name} is {actual}, not running"))
+                }
+                e => e.into(),
+            })?;
         self.shutdown(&m, progress).await?;
         self.status(&m.id)
     }
@@ -632,16 +690,24 @@ impl Manager {
             .map(|s| s.parse::<ExposeSpec>().map_err(|e| Error::Invalid(e.to_string())))
             .collect::<Result<Vec<_>>>()?;
         if specs.is_empty() {
-            return Err(Error::Invalid("no --port given (allowed: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp])".into()));
+            return Err(Error::Invalid(
+                "no --port given (allowed: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp])".into(),
+            ));
         }
         let m = self.store().machine(name)?;
         self.precheck_exposes(&specs)?;
         let lock = self.lock_for(&m.id);
         let _g = lock.lock().await;
-        self.store.lock().unwrap_or_else(|p| p.into_inner()).add_exposes(&m.id, &specs)?;
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_exposes(&m.id, &specs)?;
         let m = self.store().machine(&m.id)?;
         if m.state == "running" {
-            let active: Vec<ActiveExpose> = specs.iter().map(|s| ActiveExpose { spec: *s, ip: m.ip }).collect();
+            let active: Vec<ActiveExpose> = specs
+                .iter()
+                .map(|s| ActiveExpose { spec: *s, ip: m.ip })
+                .collect();
             let r = {
                 let _g = self.fw_lock.lock().unwrap_or_else(|p| p.into_inner());
                 self.fw.add(&PortMapping::expand(&active))
@@ -659,22 +725,40 @@ impl Manager {
 
     /// Remove an expose by its host side (`8080` = tcp 8080; `8080/udp`; `127.0.0.1:8080`).
     pub async fn unexpose(&self, name: &str, port: &str) -> Result<MachineInfo> {
-        let h: HostPortSpec = port.parse().map_err(|e: crate::spec::SpecError| Error::Invalid(e.to_string()))?;
+        let h: HostPortSpec = port
+            .parse()
+            .map_err(|e: crate::spec::SpecError| Error::Invalid(e.to_string()))?;
         let m = self.store().machine(name)?;
         let lock = self.lock_for(&m.id);
         let _g = lock.lock().await;
-        let removed = self.store.lock().unwrap_or_else(|p| p.into_inner()).remove_exposes(&m.id, &h)?;
+        let removed = self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove_exposes(&m.id, &h)?;
         if removed.is_empty() {
-            let have: Vec<String> = self.store().exposes_of(&m.id)?.iter().map(|e| e.spec.host.to_string()).collect();
+            let have: Vec<String> = self
+                .store()
+                .exposes_of(&m.id)?
+                .iter()
+                .map(|e| e.spec.host.to_string())
+                .collect();
             return Err(Error::NotFound(format!(
                 "port {h} is not exposed on machine {} (exposed: {})",
                 m.name,
-                if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
             )));
         }
         let m = self.store().machine(&m.id)?;
         if m.state == "running" {
-            let active: Vec<ActiveExpose> = removed.iter().map(|s| ActiveExpose { spec: *s, ip: m.ip }).collect();
+            let active: Vec<ActiveExpose> = removed
+                .iter()
+                .map(|s| ActiveExpose { spec: *s, ip: m.ip })
+                .collect();
             let _g = self.fw_lock.lock().unwrap_or_else(|p| p.into_inner());
             internal!(self.fw.remove(&PortMapping::expand(&active)))?;
         }
@@ -709,7 +793,10 @@ impl Manager {
     /// Run a command in a running machine.
     pub async fn exec(&self, name: &str, cmd: &str, timeout: Duration) -> Result<sistemo_vmm::ExecOutput> {
         let spec = self.running_spec(name).await?;
-        self.vmm.exec(&spec, cmd, timeout).await.map_err(|e| Error::Internal(e.to_string()))
+        self.vmm
+            .exec(&spec, cmd, timeout)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// The argv of an interactive shell.
@@ -728,9 +815,12 @@ impl Manager {
     // ---- images ----
 
     fn disks(&self) -> Result<&Arc<dyn DiskProvider>> {
-        self.disks
-            .as_ref()
-            .ok_or_else(|| Error::Invalid(format!("the {} backend has no images (use --hypervisor qemu)", self.vmm.name())))
+        self.disks.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "the {} backend has no images (use --hypervisor qemu)",
+                self.vmm.name()
+            ))
+        })
     }
 
     /// Images in the store.
@@ -739,29 +829,56 @@ impl Manager {
     }
 
     /// Build an image from Debian with extra packages.
-    pub async fn image_build(&self, req: &crate::api::ImageBuildRequest, progress: Progress<'_>) -> Result<crate::api::ImageRow> {
+    pub async fn image_build(
+        &self,
+        req: &crate::api::ImageBuildRequest,
+        progress: Progress<'_>,
+    ) -> Result<crate::api::ImageRow> {
         if req.base != "debian" {
-            return Err(Error::Invalid(format!("base image {:?} cannot be built (allowed: debian)", req.base)));
+            return Err(Error::Invalid(format!(
+                "base image {:?} cannot be built (allowed: debian)",
+                req.base
+            )));
         }
         let tag = req.name.clone().unwrap_or_else(|| req.base.clone());
         check_name("image name", &tag)?;
         for p in &req.include {
-            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.:".contains(&b)) {
-                return Err(Error::Invalid(format!("package name {p:?} is not valid (allowed: Debian package names)")));
+            if p.is_empty()
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.:".contains(&b))
+            {
+                return Err(Error::Invalid(format!(
+                    "package name {p:?} is not valid (allowed: Debian package names)"
+                )));
             }
         }
-        self.disks()?.build(&tag, &req.include, progress).await.map_err(Error::Internal)
+        self.disks()?
+            .build(&tag, &req.include, progress)
+            .await
+            .map_err(Error::Internal)
     }
 
     /// Remove an image tag; refused while a machine uses it.
     pub fn image_remove(&self, tag: &str) -> Result<()> {
-        let users: Vec<String> = self.store().machines()?.into_iter().filter(|m| m.image == tag).map(|m| m.name).collect();
+        let users: Vec<String> = self
+            .store()
+            .machines()?
+            .into_iter()
+            .filter(|m| m.image == tag)
+            .map(|m| m.name)
+            .collect();
         if !users.is_empty() {
-            return Err(Error::Conflict(format!("image {tag:?} is used by machine(s) {}; delete them first", users.join(", "))));
+            return Err(Error::Conflict(format!(
+                "image {tag:?} is used by machine(s) {}; delete them first",
+                users.join(", ")
+            )));
         }
         match self.disks()?.remove(tag) {
             Ok(true) => Ok(()),
-            Ok(false) => Err(Error::NotFound(format!("image {tag:?} does not exist (see `sistemo image list`)"))),
+            Ok(false) => Err(Error::NotFound(format!(
+                "image {tag:?} does not exist (see `sistemo image list`)"
+            ))),
             Err(e) => Err(Error::Internal(e)),
         }
     }
@@ -787,7 +904,12 @@ impl Manager {
 
     /// Create a network with its own bridge; its subnet must overlap no other network or host route.
     pub async fn network_create(&self, name: &str, subnet: Option<&str>) -> Result<NetworkInfo> {
-        if name.is_empty() || name.len() > 12 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        if name.is_empty()
+            || name.len() > 12
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
             return Err(Error::Invalid(format!(
                 "network name {name:?} is not allowed (allowed: 1-12 characters of a-z, 0-9, '-')"
             )));
@@ -812,21 +934,27 @@ impl Manager {
         };
         let subnet: ipnet::Ipv4Net = match subnet {
             Some(s) => {
-                let n: ipnet::Ipv4Net = s
-                    .parse()
-                    .map_err(|_| Error::Invalid(format!("subnet {s:?} is not a CIDR (allowed: like 10.201.0.0/24)")))?;
+                let n: ipnet::Ipv4Net = s.parse().map_err(|_| {
+                    Error::Invalid(format!(
+                        "subnet {s:?} is not a CIDR (allowed: like 10.201.0.0/24)"
+                    ))
+                })?;
                 if n.trunc() != n || n.prefix_len() > 29 || n.prefix_len() < 8 {
                     return Err(Error::Invalid(format!(
                         "subnet {s:?} is not allowed (allowed: a network address with prefix /8 to /29, like 10.201.0.0/24)"
                     )));
                 }
                 if let Some(o) = overlaps(&n) {
-                    return Err(Error::Conflict(format!("subnet {n} overlaps {o}; choose a subnet that does not")));
+                    return Err(Error::Conflict(format!(
+                        "subnet {n} overlaps {o}; choose a subnet that does not"
+                    )));
                 }
                 n
             }
             None => (1..=254u8)
-                .map(|i| ipnet::Ipv4Net::new(Ipv4Addr::new(10, 200u8.wrapping_add(i), 0, 0), 24).expect("valid"))
+                .map(|i| {
+                    ipnet::Ipv4Net::new(Ipv4Addr::new(10, 200u8.wrapping_add(i), 0, 0), 24).expect("valid")
+                })
                 .find(|n| overlaps(n).is_none())
                 .ok_or_else(|| Error::Conflict("no free 10.x.0.0/24 subnet left; pass --subnet".into()))?,
         };
@@ -843,7 +971,11 @@ impl Manager {
         }
         self.store().create_network(&net)?;
         let r = async {
-            internal!(self.links.ensure_bridge(&net.bridge, net.subnet, net.gateway()).await)?;
+            internal!(
+                self.links
+                    .ensure_bridge(&net.bridge, net.subnet, net.gateway())
+                    .await
+            )?;
             self.rebuild_firewall()
         }
         .await;
@@ -853,7 +985,11 @@ impl Manager {
             let _ = self.rebuild_firewall();
             return Err(e);
         }
-        Ok(self.networks()?.into_iter().find(|n| n.name == name).expect("just created"))
+        Ok(self
+            .networks()?
+            .into_iter()
+            .find(|n| n.name == name)
+            .expect("just created"))
     }
 
     /// Delete a network; refused while machines use it, and for the default network.
@@ -872,6 +1008,17 @@ impl Manager {
     pub fn shutdown_firewall_compat(&self) {
         let _g = self.fw_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self.fw.remove_forward_compat();
+    }
+
+    /// sistemo's bridges and whether each exists.
+    pub async fn bridges(&self) -> Result<Vec<(String, bool)>> {
+        let nets = self.store().networks()?;
+        let mut out = vec![];
+        for n in nets {
+            let ok = matches!(self.links.lookup(&n.bridge).await, Ok(Some(_)));
+            out.push((n.bridge, ok));
+        }
+        Ok(out)
     }
 
     /// Firewall health as text.
@@ -910,8 +1057,18 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("memory", "512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("memory", "2G").unwrap(), 2 << 30);
-        assert!(parse_size("memory", "12X").unwrap_err().to_string().contains("\"12X\""));
-        assert!(parse_size("memory", "0").unwrap_err().to_string().contains("greater than zero"));
+        assert!(
+            parse_size("memory", "12X")
+                .unwrap_err()
+                .to_string()
+                .contains("\"12X\"")
+        );
+        assert!(
+            parse_size("memory", "0")
+                .unwrap_err()
+                .to_string()
+                .contains("greater than zero")
+        );
     }
 
     #[test]

@@ -23,7 +23,8 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             let msg = e.to_string().replace('\n', " ");
-            if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
+            {
                 eprintln!("\x1b[31merror:\x1b[0m {msg}");
             } else {
                 eprintln!("error: {msg}");

@@ -39,7 +39,13 @@ impl IntoResponse for Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (code, Json(ErrorBody { error: self.to_string() })).into_response()
+        (
+            code,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -92,9 +98,15 @@ async fn status(State(m): State<AppState>, Path(name): Path<String>) -> Result<J
     m.status(&name).map(Json)
 }
 
-async fn deploy(State(m): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Json(req): Json<DeployRequest>) -> Response {
+async fn deploy(
+    State(m): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<DeployRequest>,
+) -> Response {
     let target = req.name.clone().unwrap_or_default();
-    streamed(m, p, "machine.deploy", target, move |m, pr| async move { m.deploy(&req, &*pr).await })
+    streamed(m, p, "machine.deploy", target, move |m, pr| async move {
+        m.deploy(&req, &*pr).await
+    })
 }
 
 async fn lifecycle(
@@ -106,7 +118,10 @@ async fn lifecycle(
         "start" => "machine.start",
         "stop" => "machine.stop",
         "restart" => "machine.restart",
-        _ => return Error::NotFound(format!("no operation {op:?} (allowed: start, stop, restart)")).into_response(),
+        _ => {
+            return Error::NotFound(format!("no operation {op:?} (allowed: start, stop, restart)"))
+                .into_response();
+        }
     };
     let n = name.clone();
     streamed(m, p, action, name, move |m, pr| async move {
@@ -118,10 +133,16 @@ async fn lifecycle(
     })
 }
 
-async fn delete(State(m): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(name): Path<String>) -> Response {
+async fn delete(
+    State(m): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Response {
     let n = name.clone();
     streamed(m, p, "machine.delete", name, move |m, pr| async move {
-        m.delete(&n, &*pr).await.map(|_| serde_json::json!({"deleted": n}))
+        m.delete(&n, &*pr)
+            .await
+            .map(|_| serde_json::json!({"deleted": n}))
     })
 }
 
@@ -132,7 +153,13 @@ async fn expose(
     Json(req): Json<ExposeRequest>,
 ) -> Result<Json<MachineInfo>, Error> {
     let r = m.expose(&name, &req.ports).await;
-    audit(&m, &p, "machine.expose", &format!("{name} {}", req.ports.join(" ")), &r);
+    audit(
+        &m,
+        &p,
+        "machine.expose",
+        &format!("{name} {}", req.ports.join(" ")),
+        &r,
+    );
     r.map(Json)
 }
 
@@ -166,7 +193,9 @@ async fn exec(
 }
 
 async fn shell(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<ShellResponse>, Error> {
-    Ok(Json(ShellResponse { argv: m.shell(&name).await? }))
+    Ok(Json(ShellResponse {
+        argv: m.shell(&name).await?,
+    }))
 }
 
 async fn logs(State(m): State<AppState>, Path(name): Path<String>) -> Result<String, Error> {
@@ -238,6 +267,7 @@ async fn info(State(m): State<AppState>) -> Result<Json<InfoResponse>, Error> {
         firewall: m.firewall_health(),
         database,
         machines,
+        bridges: m.bridges().await?,
     }))
 }
 
@@ -249,9 +279,15 @@ async fn images(State(m): State<AppState>) -> Result<Json<Vec<ImageRow>>, Error>
     m.images().map(Json)
 }
 
-async fn image_build(State(m): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Json(req): Json<ImageBuildRequest>) -> Response {
+async fn image_build(
+    State(m): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<ImageBuildRequest>,
+) -> Response {
     let target = req.name.clone().unwrap_or_else(|| req.base.clone());
-    streamed(m, p, "image.build", target, move |m, pr| async move { m.image_build(&req, &*pr).await })
+    streamed(m, p, "image.build", target, move |m, pr| async move {
+        m.image_build(&req, &*pr).await
+    })
 }
 
 async fn image_remove(

@@ -247,7 +247,9 @@ impl FromStr for ExposeSpec {
             _ => {
                 return Err(SpecError {
                     spec: spec.to_string(),
-                    reason: "too many ':' (allowed: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp])".into(),
+                    reason:
+                        "too many ':' (allowed: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp])"
+                            .into(),
                 });
             }
         };
@@ -319,7 +321,9 @@ pub fn check_no_duplicates(specs: &[ExposeSpec]) -> Result<(), SpecError> {
             {
                 return Err(SpecError {
                     spec: a.to_string(),
-                    reason: format!("host port overlaps --expose {b} given in the same command (each host port may be exposed once)"),
+                    reason: format!(
+                        "host port overlaps --expose {b} given in the same command (each host port may be exposed once)"
+                    ),
                 });
             }
         }
@@ -376,7 +380,10 @@ mod tests {
     #[test]
     fn host_spec_for_unexpose() {
         let h: HostPortSpec = "8080".parse().unwrap();
-        assert_eq!((h.proto, h.ports.start().get(), h.bind), (Protocol::Tcp, 8080, None));
+        assert_eq!(
+            (h.proto, h.ports.start().get(), h.bind),
+            (Protocol::Tcp, 8080, None)
+        );
         let h: HostPortSpec = "8080/udp".parse().unwrap();
         assert_eq!(h.proto, Protocol::Udp);
         let h: HostPortSpec = "127.0.0.1:8080".parse().unwrap();

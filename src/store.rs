@@ -269,9 +269,9 @@ impl Store {
             Ok(Network {
                 name: r.get(0)?,
                 bridge: r.get(1)?,
-                subnet: s.parse().map_err(|e: ipnet::AddrParseError| {
-                    rusqlite::Error::ToSqlConversionFailure(e.into())
-                })?,
+                subnet: s
+                    .parse()
+                    .map_err(|e: ipnet::AddrParseError| rusqlite::Error::ToSqlConversionFailure(e.into()))?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -282,14 +282,21 @@ impl Store {
         self.networks()?
             .into_iter()
             .find(|n| n.name == name)
-            .ok_or_else(|| StoreError::NotFound(format!("network {name:?} does not exist (see `sistemo network list`)")))
+            .ok_or_else(|| {
+                StoreError::NotFound(format!(
+                    "network {name:?} does not exist (see `sistemo network list`)"
+                ))
+            })
     }
 
     /// Create a network; the caller has checked the name and overlaps with host routes.
     pub fn create_network(&self, n: &Network) -> Result<()> {
         for o in self.networks()? {
             if o.name == n.name {
-                return Err(StoreError::Conflict(format!("network {:?} already exists", n.name)));
+                return Err(StoreError::Conflict(format!(
+                    "network {:?} already exists",
+                    n.name
+                )));
             }
             if o.subnet.contains(&n.subnet.network()) || n.subnet.contains(&o.subnet.network()) {
                 return Err(StoreError::Conflict(format!(
@@ -298,7 +305,10 @@ impl Store {
                 )));
             }
             if o.bridge == n.bridge {
-                return Err(StoreError::Conflict(format!("bridge {} is used by network {}", n.bridge, o.name)));
+                return Err(StoreError::Conflict(format!(
+                    "bridge {} is used by network {}",
+                    n.bridge, o.name
+                )));
             }
         }
         self.conn.execute(
@@ -343,7 +353,11 @@ impl Store {
                 users.join(", ")
             )));
         }
-        if self.conn.execute("DELETE FROM networks WHERE name = ?1", [name])? == 0 {
+        if self
+            .conn
+            .execute("DELETE FROM networks WHERE name = ?1", [name])?
+            == 0
+        {
             return Err(StoreError::NotFound(format!("network {name:?} does not exist")));
         }
         Ok(())
@@ -353,9 +367,9 @@ impl Store {
 
     /// All machines, oldest first.
     pub fn machines(&self) -> Result<Vec<Machine>> {
-        let mut st = self
-            .conn
-            .prepare_cached(&format!("SELECT {MACHINE_COLS} FROM machines ORDER BY created_at, name"))?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {MACHINE_COLS} FROM machines ORDER BY created_at, name"
+        ))?;
         let rows = st.query_map([], row_to_machine)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -363,35 +377,57 @@ impl Store {
     /// A machine by name or UUID.
     pub fn machine(&self, name_or_id: &str) -> Result<Machine> {
         self.conn
-            .prepare_cached(&format!("SELECT {MACHINE_COLS} FROM machines WHERE name = ?1 OR id = ?1"))?
+            .prepare_cached(&format!(
+                "SELECT {MACHINE_COLS} FROM machines WHERE name = ?1 OR id = ?1"
+            ))?
             .query_row([name_or_id], row_to_machine)
             .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("machine {name_or_id:?} does not exist (see `sistemo machine list`)")))
+            .ok_or_else(|| {
+                StoreError::NotFound(format!(
+                    "machine {name_or_id:?} does not exist (see `sistemo machine list`)"
+                ))
+            })
     }
 
     /// Insert a machine in state `creating`, leasing the lowest free address of its network
     /// (from .2) and claiming its exposes, all in one transaction.
     pub fn create_machine(&mut self, m: &Machine, exposes: &[ExposeSpec]) -> Result<Machine> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if tx
             .query_row("SELECT 1 FROM machines WHERE name = ?1", [&m.name], |_| Ok(()))
             .optional()?
             .is_some()
         {
-            return Err(StoreError::Conflict(format!("machine name {:?} is already taken", m.name)));
+            return Err(StoreError::Conflict(format!(
+                "machine name {:?} is already taken",
+                m.name
+            )));
         }
         let subnet: String = tx
-            .query_row("SELECT subnet FROM networks WHERE name = ?1", [&m.network], |r| r.get(0))
+            .query_row("SELECT subnet FROM networks WHERE name = ?1", [&m.network], |r| {
+                r.get(0)
+            })
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("network {:?} does not exist", m.network)))?;
-        let subnet: Ipv4Net = subnet.parse().map_err(|e: ipnet::AddrParseError| {
-            rusqlite::Error::ToSqlConversionFailure(e.into())
-        })?;
+        let subnet: Ipv4Net = subnet
+            .parse()
+            .map_err(|e: ipnet::AddrParseError| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
         let ip = allocate_ip(&tx, &m.network, subnet)?;
         tx.execute(
             "INSERT INTO machines(id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes)
              VALUES (?1, ?2, ?3, 'creating', ?4, ?5, ?6, ?7, ?8)",
-            params![m.id, m.name, m.image, m.network, u32::from(ip), m.vcpus, m.memory_mib, m.storage_bytes],
+            params![
+                m.id,
+                m.name,
+                m.image,
+                m.network,
+                u32::from(ip),
+                m.vcpus,
+                m.memory_mib,
+                m.storage_bytes
+            ],
         )?;
         for e in exposes {
             claim(&tx, &m.id, e)?;
@@ -407,7 +443,10 @@ impl Store {
 
     /// Compare-and-set a machine's state; fails with [`StoreError::WrongState`] when it is not `from`.
     pub fn transition(&self, id: &str, from: &[&str], to: &str) -> Result<()> {
-        let placeholders = (0..from.len()).map(|i| format!("?{}", i + 3)).collect::<Vec<_>>().join(",");
+        let placeholders = (0..from.len())
+            .map(|i| format!("?{}", i + 3))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut p: Vec<&dyn rusqlite::ToSql> = vec![&id, &to];
         for f in from {
             p.push(f);
@@ -436,8 +475,10 @@ impl Store {
 
     /// Record (or clear) the running VMM instance.
     pub fn set_instance(&self, id: &str, instance: Option<&str>) -> Result<()> {
-        self.conn
-            .execute("UPDATE machines SET instance = ?2 WHERE id = ?1", params![id, instance])?;
+        self.conn.execute(
+            "UPDATE machines SET instance = ?2 WHERE id = ?1",
+            params![id, instance],
+        )?;
         Ok(())
     }
 
@@ -456,8 +497,11 @@ impl Store {
              FROM exposes WHERE machine_id = ?1 ORDER BY id",
         )?;
         let rows = st.query_map([machine_id], row_to_expose)?;
-        rows.map(|r| r.map(|(id, machine_id, spec)| Expose { id, machine_id, spec }).map_err(Into::into))
-            .collect()
+        rows.map(|r| {
+            r.map(|(id, machine_id, spec)| Expose { id, machine_id, spec })
+                .map_err(Into::into)
+        })
+        .collect()
     }
 
     /// Every expose with its machine's name and state, for `sistemo ports`.
@@ -491,7 +535,9 @@ impl Store {
 
     /// Add exposes to a machine; all or none (a conflict names the machine holding the port).
     pub fn add_exposes(&mut self, machine_id: &str, specs: &[ExposeSpec]) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for s in specs {
             claim(&tx, machine_id, s)?;
         }
@@ -502,14 +548,21 @@ impl Store {
     /// Remove the machine's exposes whose host side matches `h` exactly or lies inside it;
     /// returns the removed specs (empty means nothing matched).
     pub fn remove_exposes(&mut self, machine_id: &str, h: &HostPortSpec) -> Result<Vec<ExposeSpec>> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let found: Vec<(i64, String, ExposeSpec)> = {
             let mut st = tx.prepare_cached(
                 "SELECT id, machine_id, bind, proto, host_start, host_end, machine_start
                  FROM exposes WHERE machine_id = ?1 AND proto = ?2 AND host_start >= ?3 AND host_end <= ?4",
             )?;
             st.query_map(
-                params![machine_id, h.proto.as_str(), h.ports.start().get(), h.ports.end().get()],
+                params![
+                    machine_id,
+                    h.proto.as_str(),
+                    h.ports.start().get(),
+                    h.ports.end().get()
+                ],
                 row_to_expose,
             )?
             .collect::<rusqlite::Result<_>>()?
@@ -537,7 +590,12 @@ impl Store {
     }
 
     /// The newest entries first, filtered.
-    pub fn history(&self, limit: u32, action: Option<&str>, target: Option<&str>) -> Result<Vec<HistoryEntry>> {
+    pub fn history(
+        &self,
+        limit: u32,
+        action: Option<&str>,
+        target: Option<&str>,
+    ) -> Result<Vec<HistoryEntry>> {
         let mut st = self.conn.prepare_cached(
             "SELECT at, uid, action, target, result FROM history
              WHERE (?1 IS NULL OR action = ?1 OR action LIKE ?1 || '.%') AND (?2 IS NULL OR target = ?2)
@@ -602,7 +660,11 @@ fn claim(tx: &Transaction<'_>, machine_id: &str, s: &ExposeSpec) -> Result<()> {
         )
         .optional()?;
     if let Some((name, port, b)) = holder {
-        let at = if b.is_empty() { String::new() } else { format!("{b}:") };
+        let at = if b.is_empty() {
+            String::new()
+        } else {
+            format!("{b}:")
+        };
         return Err(StoreError::Conflict(format!(
             "host port {at}{port}/{proto} is already exposed by machine {name:?} (one machine per host port; unexpose it there first)"
         )));
@@ -612,7 +674,8 @@ fn claim(tx: &Transaction<'_>, machine_id: &str, s: &ExposeSpec) -> Result<()> {
         params![machine_id, bind, proto, s.host.ports.start().get(), s.host.ports.end().get(), s.machine.start().get()],
     )?;
     let id = tx.last_insert_rowid();
-    let mut ins = tx.prepare_cached("INSERT INTO port_claims(proto, port, bind, expose_id) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut ins =
+        tx.prepare_cached("INSERT INTO port_claims(proto, port, bind, expose_id) VALUES (?1, ?2, ?3, ?4)")?;
     for p in s.host.ports.ports() {
         ins.execute(params![proto, p, bind, id])?;
     }
@@ -661,7 +724,14 @@ mod tests {
         let a = s.create_machine(&machine("a"), &[]).unwrap();
         let b = s.create_machine(&machine("b"), &[]).unwrap();
         let c = s.create_machine(&machine("c"), &[]).unwrap();
-        assert_eq!((a.ip, b.ip, c.ip), ("10.200.0.2".parse().unwrap(), "10.200.0.3".parse().unwrap(), "10.200.0.4".parse().unwrap()));
+        assert_eq!(
+            (a.ip, b.ip, c.ip),
+            (
+                "10.200.0.2".parse().unwrap(),
+                "10.200.0.3".parse().unwrap(),
+                "10.200.0.4".parse().unwrap()
+            )
+        );
         s.delete_machine(&b.id).unwrap();
         let d = s.create_machine(&machine("d"), &[]).unwrap();
         assert_eq!(d.ip, b.ip, "freed address is reused");
@@ -672,35 +742,62 @@ mod tests {
     #[test]
     fn exhausted_subnet() {
         let mut s = Store::in_memory().unwrap();
-        s.create_network(&Network { name: "tiny".into(), bridge: "t0".into(), subnet: "10.9.0.0/30".parse().unwrap() }).unwrap();
+        s.create_network(&Network {
+            name: "tiny".into(),
+            bridge: "t0".into(),
+            subnet: "10.9.0.0/30".parse().unwrap(),
+        })
+        .unwrap();
         let mut m = machine("x");
         m.network = "tiny".into();
         assert_eq!(s.create_machine(&m, &[]).unwrap().ip.to_string(), "10.9.0.2");
         let mut m = machine("y");
         m.network = "tiny".into();
-        assert!(matches!(s.create_machine(&m, &[]), Err(StoreError::Exhausted { .. })));
+        assert!(matches!(
+            s.create_machine(&m, &[]),
+            Err(StoreError::Exhausted { .. })
+        ));
     }
 
     #[test]
     fn conflicts_name_the_holder() {
         let mut s = store();
-        let a = s.create_machine(&machine("web"), &["8000-8010".parse().unwrap()]).unwrap();
+        let a = s
+            .create_machine(&machine("web"), &["8000-8010".parse().unwrap()])
+            .unwrap();
         let b = s.create_machine(&machine("api"), &[]).unwrap();
-        let e = s.add_exposes(&b.id, &["8005:80".parse().unwrap()]).unwrap_err().to_string();
+        let e = s
+            .add_exposes(&b.id, &["8005:80".parse().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("8005/tcp") && e.contains("\"web\""), "{e}");
         // udp is a different port space
         s.add_exposes(&b.id, &["8005/udp".parse().unwrap()]).unwrap();
         // wildcard vs bound
-        s.add_exposes(&b.id, &["127.0.0.1:9000:80".parse().unwrap()]).unwrap();
+        s.add_exposes(&b.id, &["127.0.0.1:9000:80".parse().unwrap()])
+            .unwrap();
         assert!(s.add_exposes(&a.id, &["9000".parse().unwrap()]).is_err());
-        s.add_exposes(&a.id, &["127.0.0.2:9000:80".parse().unwrap()]).unwrap();
+        s.add_exposes(&a.id, &["127.0.0.2:9000:80".parse().unwrap()])
+            .unwrap();
         // all or nothing
-        assert!(s.add_exposes(&a.id, &["7000".parse().unwrap(), "8005/udp".parse().unwrap()]).is_err());
-        assert!(s.exposes_of(&a.id).unwrap().iter().all(|e| e.spec.host.ports.start().get() != 7000));
+        assert!(
+            s.add_exposes(&a.id, &["7000".parse().unwrap(), "8005/udp".parse().unwrap()])
+                .is_err()
+        );
+        assert!(
+            s.exposes_of(&a.id)
+                .unwrap()
+                .iter()
+                .all(|e| e.spec.host.ports.start().get() != 7000)
+        );
         // unexpose
         let removed = s.remove_exposes(&b.id, &"8005/udp".parse().unwrap()).unwrap();
         assert_eq!(removed.len(), 1);
-        assert!(s.remove_exposes(&b.id, &"8005/udp".parse().unwrap()).unwrap().is_empty());
+        assert!(
+            s.remove_exposes(&b.id, &"8005/udp".parse().unwrap())
+                .unwrap()
+                .is_empty()
+        );
         // delete releases claims
         s.delete_machine(&a.id).unwrap();
         s.add_exposes(&b.id, &["8000".parse().unwrap()]).unwrap();
@@ -710,9 +807,13 @@ mod tests {
     fn subnet_change_names_misfits() {
         let mut s = store();
         s.create_machine(&machine("web"), &[]).unwrap();
-        let e = s.set_network_subnet("default", "sistemo0", "10.201.0.0/24".parse().unwrap()).unwrap_err().to_string();
+        let e = s
+            .set_network_subnet("default", "sistemo0", "10.201.0.0/24".parse().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("web (10.200.0.2)"), "{e}");
-        s.set_network_subnet("default", "sistemo0", "10.200.0.0/24".parse().unwrap()).unwrap();
+        s.set_network_subnet("default", "sistemo0", "10.200.0.0/24".parse().unwrap())
+            .unwrap();
     }
 
     #[test]
@@ -720,7 +821,10 @@ mod tests {
         let mut s = store();
         let a = s.create_machine(&machine("a"), &[]).unwrap();
         s.transition(&a.id, &["creating"], "running").unwrap();
-        let e = s.transition(&a.id, &["stopped"], "running").unwrap_err().to_string();
+        let e = s
+            .transition(&a.id, &["stopped"], "running")
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "machine a is running, not stopped");
     }
 }

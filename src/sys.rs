@@ -20,7 +20,10 @@ struct IfReq {
 /// Create a persistent TAP device `name` (kernel TAPs cannot be created over rtnetlink).
 pub fn create_persistent_tap(name: &str) -> std::io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     let f = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
     let mut req = IfReq {

@@ -66,7 +66,12 @@ impl DiskProvider for Disks {
         self.images.list().iter().map(row).collect()
     }
 
-    async fn build(&self, tag: &str, include: &[String], progress: Progress<'_>) -> std::result::Result<ImageRow, String> {
+    async fn build(
+        &self,
+        tag: &str,
+        include: &[String],
+        progress: Progress<'_>,
+    ) -> std::result::Result<ImageRow, String> {
         self.images
             .build_debian(tag, include, progress)
             .await

@@ -225,9 +225,10 @@ impl Links {
             .await
             .map_err(nl("listing neighbours"))?;
         for m in msgs {
-            let hit = m.attributes.iter().any(|a| {
-                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
-            });
+            let hit = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip));
             if hit {
                 let _ = self.handle.neighbours().del(m).execute().await;
             }

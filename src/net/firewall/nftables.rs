@@ -105,7 +105,8 @@ impl Nftables {
     }
 
     fn elements(&self, out: &mut String, verb: &str, mappings: &[PortMapping]) {
-        let (bound, any): (Vec<&PortMapping>, Vec<&PortMapping>) = mappings.iter().partition(|m| m.bind.is_some());
+        let (bound, any): (Vec<&PortMapping>, Vec<&PortMapping>) =
+            mappings.iter().partition(|m| m.bind.is_some());
         let t = &self.table;
         let with_value = verb == "add";
         for (map, list) in [(MAP_ANY, any), (MAP_BOUND, bound)] {
@@ -146,7 +147,10 @@ impl Nftables {
             let _ = writeln!(s, "\t\telements = {{ {} }}", Self::bridge_list(&desired.bridges));
         }
         s.push_str("\t}\n");
-        let _ = writeln!(s, "\tset {SET_SUBNETS} {{\n\t\ttype ipv4_addr\n\t\tflags interval");
+        let _ = writeln!(
+            s,
+            "\tset {SET_SUBNETS} {{\n\t\ttype ipv4_addr\n\t\tflags interval"
+        );
         if !desired.bridges.is_empty() {
             let subnets: Vec<String> = desired.bridges.iter().map(|b| b.subnet.to_string()).collect();
             let _ = writeln!(s, "\t\telements = {{ {} }}", subnets.join(", "));
@@ -221,7 +225,8 @@ impl Nftables {
             if c["hook"] == "forward"
                 && c["policy"] == "drop"
                 && !(c["family"] == FAMILY && c["table"] == self.table.as_str())
-                && let (Some(f), Some(t), Some(n)) = (c["family"].as_str(), c["table"].as_str(), c["name"].as_str())
+                && let (Some(f), Some(t), Some(n)) =
+                    (c["family"].as_str(), c["table"].as_str(), c["name"].as_str())
             {
                 found.push((f.to_string(), t.to_string(), n.to_string()));
             }
@@ -243,7 +248,8 @@ impl Nftables {
             .filter_map(|i| {
                 let r = &i["rule"];
                 let c = r["comment"].as_str()?;
-                (c == self.tag() || c.starts_with(&prefix)).then(|| (r["handle"].as_u64().unwrap_or(0), c.to_string()))
+                (c == self.tag() || c.starts_with(&prefix))
+                    .then(|| (r["handle"].as_u64().unwrap_or(0), c.to_string()))
             })
             .collect())
     }
@@ -274,17 +280,29 @@ impl FirewallDriver for Nftables {
 
     fn check(&self) -> Result<Health, FirewallError> {
         match self.query(&["list", "chain", FAMILY, &self.table, "prerouting"])? {
-            None => Ok(Health::Drifted(format!("table {FAMILY} {} is missing", self.table))),
-            Some(text) if text.matches("dnat").count() < 2 => {
-                Ok(Health::Drifted(format!("rules of table {FAMILY} {} were flushed", self.table)))
-            }
+            None => Ok(Health::Drifted(format!(
+                "table {FAMILY} {} is missing",
+                self.table
+            ))),
+            Some(text) if text.matches("dnat").count() < 2 => Ok(Health::Drifted(format!(
+                "rules of table {FAMILY} {} were flushed",
+                self.table
+            ))),
             Some(_) => Ok(Health::InSync),
         }
     }
 
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
         let list = Self::bridge_list(bridges);
-        let tag = format!("{} {}", self.tag(), bridges.iter().map(|b| b.bridge.as_str()).collect::<Vec<_>>().join(","));
+        let tag = format!(
+            "{} {}",
+            self.tag(),
+            bridges
+                .iter()
+                .map(|b| b.bridge.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         let mut patched = vec![];
         for (fam, table, chain) in self.foreign_drop_forward_chains()? {
             let ours = self.tagged_rules(&fam, &table, &chain)?;
