@@ -10,7 +10,16 @@ fn expose_paths_localhost_lan_external_hairpin_udp_range_bound() {
     let env = Env::new("paths");
     let web = env.machine(
         "web",
-        &["--expose", "8080:80", "--expose", "5353:53/udp", "--expose", "9000-9002:7000-7002", "--expose", "127.0.0.1:8081:81"],
+        &[
+            "--expose",
+            "8080:80",
+            "--expose",
+            "5353:53/udp",
+            "--expose",
+            "9000-9002:7000-7002",
+            "--expose",
+            "127.0.0.1:8081:81",
+        ],
     );
     assert_eq!(web, "10.200.0.2", "first machine gets .2");
     env.serve_tcp("web", 80, "web");
@@ -20,33 +29,56 @@ fn expose_paths_localhost_lan_external_hairpin_udp_range_bound() {
 
     // localhost, the host's LAN address and the bridge address, from the host itself
     let r = expect_tcp(&env.ns, "127.0.0.1", 8080, "web");
-    assert!(r.starts_with("web 10.200.0.1"), "localhost traffic is masqueraded to the bridge: {r}");
+    assert!(
+        r.starts_with("web 10.200.0.1"),
+        "localhost traffic is masqueraded to the bridge: {r}"
+    );
     expect_tcp(&env.ns, HOST_LAN, 8080, "web");
     expect_tcp(&env.ns, "10.200.0.1", 8080, "web");
     // external client keeps its source address
     let r = expect_tcp(&env.client, HOST_LAN, 8080, "web");
     assert_eq!(r, format!("web {CLIENT_IP}"), "external source IP preserved");
     // UDP, host and external
-    let r = poll("udp reply", Duration::from_secs(10), || udp_from(&env.client, HOST_LAN, 5353));
+    let r = poll("udp reply", Duration::from_secs(10), || {
+        udp_from(&env.client, HOST_LAN, 5353)
+    });
     assert_eq!(r, format!("webudp {CLIENT_IP}"));
-    poll("udp from host", Duration::from_secs(10), || udp_from(&env.ns, "127.0.0.1", 5353));
+    poll("udp from host", Duration::from_secs(10), || {
+        udp_from(&env.ns, "127.0.0.1", 5353)
+    });
     // a range maps port by port
     expect_tcp(&env.client, HOST_LAN, 9001, "web7001");
     // bound to 127.0.0.1: reachable there, not on the LAN address
     expect_tcp(&env.ns, "127.0.0.1", 8081, "web81");
-    assert_eq!(tcp_from(&env.client, HOST_LAN, 8081), None, "bound expose must not answer on other addresses");
+    assert_eq!(
+        tcp_from(&env.client, HOST_LAN, 8081),
+        None,
+        "bound expose must not answer on other addresses"
+    );
 
     // hairpin: another machine reaches web through the host's addresses
     let web_ns = env.machine_namespaces().into_iter().next().unwrap();
     env.machine("api", &[]);
-    let api_ns = env.machine_namespaces().into_iter().find(|n| *n != web_ns).unwrap();
+    let api_ns = env
+        .machine_namespaces()
+        .into_iter()
+        .find(|n| *n != web_ns)
+        .unwrap();
     let r = expect_tcp(&api_ns, HOST_LAN, 8080, "web");
-    assert_eq!(r, "web 10.200.0.1", "hairpin traffic is masqueraded so replies return through the host");
+    assert_eq!(
+        r, "web 10.200.0.1",
+        "hairpin traffic is masqueraded so replies return through the host"
+    );
     expect_tcp(&api_ns, "10.200.0.1", 8080, "web");
 
     // no hijack: a machine connecting to an outside server on the exposed port number reaches it
     ok(&[
-        "ip", "netns", "exec", &env.client, "sh", "-c",
+        "ip",
+        "netns",
+        "exec",
+        &env.client,
+        "sh",
+        "-c",
         "socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo outside' >/dev/null 2>&1 &",
     ]);
     for ns in [&web_ns, &api_ns] {
@@ -68,8 +100,15 @@ fn expose_paths_localhost_lan_external_hairpin_udp_range_bound() {
     }
     // exposes live in maps: the chains hold a constant number of rules
     let t = env.nft_table();
-    assert!(t.contains("map expose_any") && t.contains("tcp . 9001 : 10.200.0.2 . 7001"), "{t}");
-    assert_eq!(t.matches("dnat ip to").count(), 4, "two map lookups per DNAT chain, not one rule per port: {t}");
+    assert!(
+        t.contains("map expose_any") && t.contains("tcp . 9001 : 10.200.0.2 . 7001"),
+        "{t}"
+    );
+    assert_eq!(
+        t.matches("dnat ip to").count(),
+        4,
+        "two map lookups per DNAT chain, not one rule per port: {t}"
+    );
 }
 
 #[test]
@@ -84,14 +123,27 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
     // the attacker machine routes 127.0.0.1 to the host's bridge (CVE-2020-8558)
     let ns = env.machine_namespaces().pop().unwrap();
     ok(&[
-        "ip", "netns", "exec", &ns, "sh", "-c",
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "sh",
+        "-c",
         "sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 && \
          ip addr del 127.0.0.1/8 dev lo && ip route add 127.0.0.1/32 via 10.200.0.1 dev eth0 src 10.200.0.2 onlink",
     ]);
-    assert_eq!(tcp_from(&ns, "127.0.0.1", 7777), None, "machine reached a host loopback service");
+    assert_eq!(
+        tcp_from(&ns, "127.0.0.1", 7777),
+        None,
+        "machine reached a host loopback service"
+    );
     // control: without sistemo's guard the same packets do reach it, so the test is real
     env.sh(&format!("nft flush chain ip {} guard", env.table));
-    assert_eq!(tcp_from(&ns, "127.0.0.1", 7777).as_deref(), Some("secret"), "control: attack path works without the guard");
+    assert_eq!(
+        tcp_from(&ns, "127.0.0.1", 7777).as_deref(),
+        Some("secret"),
+        "control: attack path works without the guard"
+    );
 }
 
 #[test]
@@ -107,7 +159,10 @@ fn foreign_forward_policy_drop_table_is_handled() {
         let t = String::from_utf8_lossy(&env.sh("nft list chain ip filter FORWARD").stdout).into_owned();
         (t.matches(&format!("sistemo:{}", env.table)).count() == 3).then_some(t)
     });
-    assert!(t.contains("iifname \"docker0\" accept"), "foreign rules kept: {t}");
+    assert!(
+        t.contains("iifname \"docker0\" accept"),
+        "foreign rules kept: {t}"
+    );
     let r = expect_tcp(&env.client, HOST_LAN, 8080, "web");
     assert_eq!(r, format!("web {CLIENT_IP}"));
     // only exposed traffic is let through: direct access from outside to a machine is still dropped
@@ -121,20 +176,28 @@ fn conflicts_host_listener_and_concurrent_claims() {
     env.machine("a", &["--expose", "8080:80"]);
     env.machine("b", &[]);
     let e = env.cli_err(&["machine", "expose", "b", "--port", "8080"]);
-    assert!(e.contains("8080/tcp") && e.contains("\"a\""), "names the holder: {e}");
+    assert!(
+        e.contains("8080/tcp") && e.contains("\"a\""),
+        "names the holder: {e}"
+    );
     // a wildcard conflicts with a specific binding and vice versa
     let e = env.cli_err(&["machine", "expose", "b", "--port", "127.0.0.1:8080:80"]);
     assert!(e.contains("\"a\""), "{e}");
     env.cli_ok(&["machine", "expose", "b", "--port", "127.0.0.1:9090:80"]);
-    assert!(env.cli_err(&["machine", "expose", "a", "--port", "9090"]).contains("\"b\""));
+    assert!(
+        env.cli_err(&["machine", "expose", "a", "--port", "9090"])
+            .contains("\"b\"")
+    );
     // a range overlapping a held port is refused as a whole
     let e = env.cli_err(&["machine", "expose", "b", "--port", "8075-8085"]);
     assert!(e.contains("8080"), "{e}");
     // host process listening
     env.sh("socat TCP-LISTEN:7070,fork,reuseaddr SYSTEM:true >/dev/null 2>&1 &");
-    poll("host listener", Duration::from_secs(5), || tcp_from(&env.ns, "127.0.0.1", 7070).or(Some(String::new())).filter(|_| {
-        env.sh("ss -ltn | grep -q ':7070 '").status.success()
-    }));
+    poll("host listener", Duration::from_secs(5), || {
+        tcp_from(&env.ns, "127.0.0.1", 7070)
+            .or(Some(String::new()))
+            .filter(|_| env.sh("ss -ltn | grep -q ':7070 '").status.success())
+    });
     let e = env.cli_err(&["machine", "expose", "b", "--port", "7070:80"]);
     assert!(e.contains("7070") && e.contains("in use by a process"), "{e}");
     // 50 concurrent claims of one port from 5 machines: exactly one wins
@@ -148,7 +211,15 @@ fn conflicts_host_listener_and_concurrent_claims() {
             let name = names[i % names.len()].to_string();
             std::thread::spawn(move || {
                 std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
-                    .args(["--socket", sock.to_str().unwrap(), "machine", "expose", &name, "--port", "6000:80"])
+                    .args([
+                        "--socket",
+                        sock.to_str().unwrap(),
+                        "machine",
+                        "expose",
+                        &name,
+                        "--port",
+                        "6000:80",
+                    ])
                     .output()
                     .unwrap()
                     .status
@@ -156,10 +227,19 @@ fn conflicts_host_listener_and_concurrent_claims() {
             })
         })
         .collect();
-    let wins = handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count();
+    let wins = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|w| *w)
+        .count();
     assert_eq!(wins, 1, "exactly one concurrent claim wins");
     let ports: serde_json::Value = serde_json::from_str(&env.cli_ok(&["ports", "-o", "json"])).unwrap();
-    let n6000 = ports.as_array().unwrap().iter().filter(|p| p["host_port"] == "6000").count();
+    let n6000 = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["host_port"] == "6000")
+        .count();
     assert_eq!(n6000, 1);
     let t = env.nft_table();
     assert_eq!(t.matches("tcp . 6000 :").count(), 1, "{t}");
@@ -170,7 +250,11 @@ fn bad_input_is_one_line_and_changes_nothing() {
     let env = Env::new("bad");
     env.machine("web", &["--expose", "8080:80"]);
     env.cli_ok(&["network", "create", "blue", "--subnet", "10.210.0.0/24"]);
-    let before = (env.cli_ok(&["ports", "-o", "json"]), env.nft_table(), env.cli_ok(&["network", "ls", "-o", "json"]));
+    let before = (
+        env.cli_ok(&["ports", "-o", "json"]),
+        env.nft_table(),
+        env.cli_ok(&["network", "ls", "-o", "json"]),
+    );
     for (args, needle) in [
         (vec!["machine", "expose", "web", "--port", "0"], "\"0\""),
         (vec!["machine", "expose", "web", "--port", "65536"], "65536"),
@@ -178,19 +262,46 @@ fn bad_input_is_one_line_and_changes_nothing() {
         (vec!["machine", "expose", "web", "--port", "80:"], "\"80:\""),
         (vec!["machine", "expose", "web", "--port", ":80"], "\":80\""),
         (vec!["machine", "expose", "web", "--port", "80-70"], "\"80-70\""),
-        (vec!["machine", "expose", "web", "--port", "80-82:90-91"], "same length"),
+        (
+            vec!["machine", "expose", "web", "--port", "80-82:90-91"],
+            "same length",
+        ),
         (vec!["machine", "expose", "web", "--port", "80/sctp"], "sctp"),
-        (vec!["machine", "expose", "web", "--port", "999.1.1.1:80:80"], "999.1.1.1"),
-        (vec!["machine", "expose", "web", "--port", "90", "--port", "90:91"], "same command"),
+        (
+            vec!["machine", "expose", "web", "--port", "999.1.1.1:80:80"],
+            "999.1.1.1",
+        ),
+        (
+            vec!["machine", "expose", "web", "--port", "90", "--port", "90:91"],
+            "same command",
+        ),
         (vec!["machine", "expose", "web", "--port", "8070-8090"], "8080"),
-        (vec!["machine", "unexpose", "web", "--port", "9999"], "9999/tcp is not exposed"),
-        (vec!["machine", "unexpose", "web", "--port", "8080/udp"], "8080/udp is not exposed"),
+        (
+            vec!["machine", "unexpose", "web", "--port", "9999"],
+            "9999/tcp is not exposed",
+        ),
+        (
+            vec!["machine", "unexpose", "web", "--port", "8080/udp"],
+            "8080/udp is not exposed",
+        ),
         (vec!["network", "create", "my net"], "\"my net\""),
         (vec!["network", "create", "x;rm"], "\"x;rm\""),
-        (vec!["network", "create", "red", "--subnet", "10.210.0.128/25"], "overlaps network blue"),
-        (vec!["network", "create", "red", "--subnet", "10.201.0.0/24"], "overlaps host route"),
-        (vec!["machine", "deploy", "debian", "--name", "x", "--expose", "8080"], "\"web\""),
-        (vec!["machine", "deploy", "debian", "--name", "Bad_Name"], "\"Bad_Name\""),
+        (
+            vec!["network", "create", "red", "--subnet", "10.210.0.128/25"],
+            "overlaps network blue",
+        ),
+        (
+            vec!["network", "create", "red", "--subnet", "10.201.0.0/24"],
+            "overlaps host route",
+        ),
+        (
+            vec!["machine", "deploy", "debian", "--name", "x", "--expose", "8080"],
+            "\"web\"",
+        ),
+        (
+            vec!["machine", "deploy", "debian", "--name", "Bad_Name"],
+            "\"Bad_Name\"",
+        ),
         (vec!["machine", "expose", "nope", "--port", "80"], "\"nope\""),
     ] {
         let e = env.cli_err(&args);
@@ -198,9 +309,16 @@ fn bad_input_is_one_line_and_changes_nothing() {
     }
     // usage errors exit 2
     assert_eq!(env.cli(&["machine", "expose", "web"]).status.code(), Some(2));
-    let after = (env.cli_ok(&["ports", "-o", "json"]), env.nft_table(), env.cli_ok(&["network", "ls", "-o", "json"]));
+    let after = (
+        env.cli_ok(&["ports", "-o", "json"]),
+        env.nft_table(),
+        env.cli_ok(&["network", "ls", "-o", "json"]),
+    );
     assert_eq!(before, after, "bad input changed state");
-    assert!(env.cli_ok(&["machine", "ls"]).lines().count() == 2, "failed deploys left no machine");
+    assert!(
+        env.cli_ok(&["machine", "ls"]).lines().count() == 2,
+        "failed deploys left no machine"
+    );
 }
 
 #[test]
@@ -218,12 +336,18 @@ fn daemon_restart_and_ruleset_flush_restore_rules() {
     assert_eq!(tcp_from(&env.client, HOST_LAN, 8080), None);
     env.start_daemon();
     expect_tcp(&env.client, HOST_LAN, 8080, "web");
-    assert_eq!(env.cli_ok(&["machine", "status", "web"]), status, "status intact after restart");
+    assert_eq!(
+        env.cli_ok(&["machine", "status", "web"]),
+        status,
+        "status intact after restart"
+    );
     assert!(env.log().contains("re-adopted running machine"));
     // flush while the daemon runs: back within 2 seconds, and logged
     env.sh("nft flush ruleset");
     let t0 = Instant::now();
-    poll("self-repair", Duration::from_secs(2), || tcp_from(&env.client, HOST_LAN, 8080).filter(|r| r.starts_with("web")));
+    poll("self-repair", Duration::from_secs(2), || {
+        tcp_from(&env.client, HOST_LAN, 8080).filter(|r| r.starts_with("web"))
+    });
     eprintln!("restored after {:?}", t0.elapsed());
     assert!(env.log().contains("nftables drifted"), "repair is logged");
     // deleting only the table is repaired too
@@ -245,13 +369,26 @@ fn stop_start_delete_semantics_and_no_leaks() {
     env.serve_tcp("web", 80, "web");
     expect_tcp(&env.client, HOST_LAN, 8080, "web");
     env.cli_ok(&["machine", "stop", "web"]);
-    assert_eq!(tcp_from(&env.client, HOST_LAN, 8080), None, "stopped machine's port is closed");
-    assert!(!env.nft_table().contains("tcp . 8080"), "rules leave nftables on stop");
+    assert_eq!(
+        tcp_from(&env.client, HOST_LAN, 8080),
+        None,
+        "stopped machine's port is closed"
+    );
+    assert!(
+        !env.nft_table().contains("tcp . 8080"),
+        "rules leave nftables on stop"
+    );
     let st = env.cli_ok(&["machine", "status", "web"]);
-    assert!(st.contains("Status:   stopped") && st.contains("host:8080 → machine:80 (tcp)"), "{st}");
+    assert!(
+        st.contains("Status:   stopped") && st.contains("host:8080 → machine:80 (tcp)"),
+        "{st}"
+    );
     // ports stay reserved while stopped
     env.machine("other", &[]);
-    assert!(env.cli_err(&["machine", "expose", "other", "--port", "8080"]).contains("\"web\""));
+    assert!(
+        env.cli_err(&["machine", "expose", "other", "--port", "8080"])
+            .contains("\"web\"")
+    );
     // expose/unexpose on a stopped machine: rows only, effective at start
     env.cli_ok(&["machine", "expose", "web", "--port", "9090:90"]);
     assert!(!env.nft_table().contains("tcp . 9090"));
@@ -262,9 +399,17 @@ fn stop_start_delete_semantics_and_no_leaks() {
     env.serve_tcp("web", 90, "web90");
     expect_tcp(&env.client, HOST_LAN, 8080, "web");
     expect_tcp(&env.client, HOST_LAN, 9090, "web90");
-    assert!(env.cli_ok(&["machine", "status", "web"]).contains("IP:       10.200.0.2"), "IP kept");
+    assert!(
+        env.cli_ok(&["machine", "status", "web"])
+            .contains("IP:       10.200.0.2"),
+        "IP kept"
+    );
     env.cli_ok(&["machine", "restart", "web"]);
-    assert!(env.cli_ok(&["machine", "status", "web"]).contains("IP:       10.200.0.2"), "IP kept across restart");
+    assert!(
+        env.cli_ok(&["machine", "status", "web"])
+            .contains("IP:       10.200.0.2"),
+        "IP kept across restart"
+    );
     env.cli_ok(&["machine", "unexpose", "web", "--port", "9090"]);
     assert!(!env.nft_table().contains("tcp . 9090"));
     // delete without -y and without a terminal is refused
@@ -274,7 +419,11 @@ fn stop_start_delete_semantics_and_no_leaks() {
     assert!(!env.nft_table().contains("10.200.0.2"), "no rule left");
     assert_eq!(env.machine_namespaces().len(), 1, "only `other` remains");
     let links = String::from_utf8_lossy(&env.sh("ip -o link").stdout).into_owned();
-    assert_eq!(links.matches("master sistemo0").count(), 1, "one port left on the bridge: {links}");
+    assert_eq!(
+        links.matches("master sistemo0").count(),
+        1,
+        "one port left on the bridge: {links}"
+    );
     assert!(env.cli_ok(&["ports", "-o", "json"]).trim() == "[]");
     assert!(!env.dir.join("data/machines").read_dir().unwrap().any(|e| {
         let d = e.unwrap().path();
@@ -296,7 +445,10 @@ fn named_networks_isolation_and_foreign_objects_left_alone() {
 
     env.cli_ok(&["network", "create", "blue", "--subnet", "10.210.0.0/24"]);
     let nets = env.cli_ok(&["network", "ls"]);
-    assert!(nets.contains("blue") && nets.contains("10.210.0.0/24") && nets.contains("sis-blue"), "{nets}");
+    assert!(
+        nets.contains("blue") && nets.contains("10.210.0.0/24") && nets.contains("sis-blue"),
+        "{nets}"
+    );
     let a = env.machine("a", &["--expose", "8080:80"]);
     let b = env.machine("b", &["--network", "blue"]);
     assert_eq!(b, "10.210.0.2");
@@ -320,10 +472,16 @@ fn named_networks_isolation_and_foreign_objects_left_alone() {
     assert!(env.cli_err(&["network", "delete", "blue", "-y"]).contains("b"));
     env.cli_ok(&["machine", "delete", "b", "-y"]);
     env.cli_ok(&["network", "delete", "blue", "-y"]);
-    assert!(!env.sh("ip link show sis-blue").status.success(), "bridge removed");
+    assert!(
+        !env.sh("ip link show sis-blue").status.success(),
+        "bridge removed"
+    );
     // foreign objects untouched through all of it, and after the daemon stops
     env.kill_daemon("-TERM");
-    assert!(env.sh("ip link show br-0123abcd").status.success(), "docker-like bridge left alone");
+    assert!(
+        env.sh("ip link show br-0123abcd").status.success(),
+        "docker-like bridge left alone"
+    );
     let fw_after = String::from_utf8_lossy(&env.sh("nft list table inet firewalld").stdout).into_owned();
     assert_eq!(fw_before, fw_after, "foreign table untouched");
 }
@@ -335,7 +493,10 @@ fn subnet_change_that_strands_machines_is_a_clear_error() {
     env.kill_daemon("-TERM");
     env.extra_args_set(&["--subnet", "10.220.0.0/24"]);
     let out = env.try_start_daemon();
-    assert!(out.contains("10.220.0.0/24") && out.contains("web (10.200.0.2)"), "{out}");
+    assert!(
+        out.contains("10.220.0.0/24") && out.contains("web (10.200.0.2)"),
+        "{out}"
+    );
     env.extra_args_set(&[]);
     env.start_daemon();
     assert!(env.cli_ok(&["machine", "status", "web"]).contains("10.200.0.2"));

@@ -23,7 +23,11 @@ pub fn run(args: &[&str]) -> Output {
 /// Run a command and require success; return stdout.
 pub fn ok(args: &[&str]) -> String {
     let o = run(args);
-    assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -58,6 +62,8 @@ pub struct Env {
     pub table: String,
     daemon: Option<Child>,
     extra_args: Vec<String>,
+    /// Hypervisor backend of the daemon.
+    pub hypervisor: String,
 }
 
 pub const HOST_LAN: &str = "10.201.0.1";
@@ -71,6 +77,16 @@ impl Env {
 
     /// A fresh environment; `setup` runs in the host namespace before the daemon starts.
     pub fn with_args(tag: &str, args: &[&str]) -> Env {
+        Self::build(tag, args, "netns", None)
+    }
+
+    /// An environment whose daemon runs real VMs (QEMU), its data dir seeded (hard links) from
+    /// `seed` (kernel, initramfs and images prepared by `scripts/prepare-vm-assets`).
+    pub fn qemu(tag: &str, seed: &std::path::Path) -> Env {
+        Self::build(tag, &[], "qemu", Some(seed))
+    }
+
+    fn build(tag: &str, args: &[&str], hypervisor: &str, seed: Option<&std::path::Path>) -> Env {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}{}", tag, std::process::id() % 100000, n);
         let dir = std::env::temp_dir().join(format!("sistemo-test-{id}"));
@@ -85,14 +101,42 @@ impl Env {
             dir,
             daemon: None,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            hypervisor: hypervisor.to_string(),
         };
+        if let Some(seed) = seed {
+            std::fs::create_dir_all(env.dir.join("data")).unwrap();
+            for sub in ["kernel", "images", "ssh"] {
+                if seed.join(sub).exists() {
+                    ok(&["cp", "-al", seed.join(sub).to_str().unwrap(), env.dir.join("data").to_str().unwrap()]);
+                }
+            }
+        }
         ok(&["ip", "netns", "add", &env.ns]);
         ok(&["ip", "netns", "add", &env.client]);
         env.sh("ip link set lo up");
         env.csh("ip link set lo up");
-        let (h, c) = (format!("vh{n}{}", std::process::id() % 10000), format!("vc{n}{}", std::process::id() % 10000));
-        ok(&["ip", "link", "add", &h, "netns", &env.ns, "type", "veth", "peer", "name", &c, "netns", &env.client]);
-        env.sh(&format!("ip addr add {HOST_LAN}/24 dev {h} && ip link set {h} up"));
+        let (h, c) = (
+            format!("vh{n}{}", std::process::id() % 10000),
+            format!("vc{n}{}", std::process::id() % 10000),
+        );
+        ok(&[
+            "ip",
+            "link",
+            "add",
+            &h,
+            "netns",
+            &env.ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &c,
+            "netns",
+            &env.client,
+        ]);
+        env.sh(&format!(
+            "ip addr add {HOST_LAN}/24 dev {h} && ip link set {h} up"
+        ));
         env.csh(&format!(
             "ip addr add {CLIENT_IP}/24 dev {c} && ip link set {c} up && ip route add default via {HOST_LAN}"
         ));
@@ -128,7 +172,7 @@ impl Env {
             "--nft-table".into(),
             self.table.clone(),
             "--hypervisor".into(),
-            "netns".into(),
+            self.hypervisor.clone(),
         ];
         args.extend(self.extra_args.iter().cloned());
         let child = Command::new("nsenter")
@@ -141,11 +185,14 @@ impl Env {
         self.daemon = Some(child);
         let sock = self.socket.clone();
         let logp = self.dir.join("daemon.log");
-        poll("the daemon socket", Duration::from_secs(20), || {
+        poll("the daemon socket", Duration::from_secs(120), || {
             if let Some(d) = self.daemon.as_mut()
                 && let Ok(Some(st)) = d.try_wait()
             {
-                panic!("daemon exited with {st}: {}", std::fs::read_to_string(&logp).unwrap_or_default());
+                panic!(
+                    "daemon exited with {st}: {}",
+                    std::fs::read_to_string(&logp).unwrap_or_default()
+                );
             }
             std::os::unix::net::UnixStream::connect(&sock).ok().map(|_| ())
         });
@@ -258,7 +305,14 @@ impl Env {
 /// the reply line, or None when it fails within 2 s.
 pub fn tcp_from(ns: &str, addr: &str, port: u16) -> Option<String> {
     let o = run(&[
-        "ip", "netns", "exec", ns, "socat", "-T2", "-", &format!("TCP:{addr}:{port},connect-timeout=2"),
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "socat",
+        "-T2",
+        "-",
+        &format!("TCP:{addr}:{port},connect-timeout=2"),
     ]);
     let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
     (o.status.success() && !s.is_empty()).then_some(s)
@@ -267,7 +321,15 @@ pub fn tcp_from(ns: &str, addr: &str, port: u16) -> Option<String> {
 /// Send a UDP datagram from a namespace and return the reply, or None within 2 s.
 pub fn udp_from(ns: &str, addr: &str, port: u16) -> Option<String> {
     let o = Command::new("ip")
-        .args(["netns", "exec", ns, "socat", "-T2", "-", &format!("UDP:{addr}:{port}")])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "socat",
+            "-T2",
+            "-",
+            &format!("UDP:{addr}:{port}"),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -284,9 +346,11 @@ pub fn udp_from(ns: &str, addr: &str, port: u16) -> Option<String> {
 
 /// Poll until a TCP connection from `ns` gets a reply starting with `want`.
 pub fn expect_tcp(ns: &str, addr: &str, port: u16, want: &str) -> String {
-    poll(&format!("{want} at {addr}:{port} from {ns}"), Duration::from_secs(10), || {
-        tcp_from(ns, addr, port).filter(|r| r.starts_with(want))
-    })
+    poll(
+        &format!("{want} at {addr}:{port} from {ns}"),
+        Duration::from_secs(10),
+        || tcp_from(ns, addr, port).filter(|r| r.starts_with(want)),
+    )
 }
 
 impl Drop for Env {
@@ -324,14 +388,27 @@ impl Env {
     /// Start the daemon expecting it to fail; return its output.
     pub fn try_start_daemon(&mut self) -> String {
         let mut args: Vec<String> = vec![
-            format!("--net=/run/netns/{}", self.ns), "--".into(), env!("CARGO_BIN_EXE_sistemo").into(),
-            "--socket".into(), self.socket.display().to_string(), "up".into(),
-            "--config".into(), self.dir.join("config.yml").display().to_string(),
-            "--data-dir".into(), self.dir.join("data").display().to_string(),
-            "--nft-table".into(), self.table.clone(), "--hypervisor".into(), "netns".into(),
+            format!("--net=/run/netns/{}", self.ns),
+            "--".into(),
+            env!("CARGO_BIN_EXE_sistemo").into(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "up".into(),
+            "--config".into(),
+            self.dir.join("config.yml").display().to_string(),
+            "--data-dir".into(),
+            self.dir.join("data").display().to_string(),
+            "--nft-table".into(),
+            self.table.clone(),
+            "--hypervisor".into(),
+            self.hypervisor.clone(),
         ];
         args.extend(self.extra_args.iter().cloned());
-        let o = Command::new("nsenter").args(&args).stdin(Stdio::null()).output().unwrap();
+        let o = Command::new("nsenter")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "daemon should have refused to start");
         String::from_utf8_lossy(&o.stderr).into_owned()
     }
