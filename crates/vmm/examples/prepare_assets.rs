@@ -14,10 +14,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let progress = |s: &str| eprintln!("  {s}");
     let t = Instant::now();
     let assets = sistemo_vmm::image::ensure_boot_assets(&data_dir, &progress).await?;
-    eprintln!(
-        "boot assets in {:.1}s: {assets:?}",
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("boot assets in {:.1}s: {assets:?}", t.elapsed().as_secs_f64());
     let store = sistemo_vmm::image::ImageStore::new(&data_dir);
     let force = std::env::var_os("SISTEMO_REBUILD_IMAGE").is_some();
     if force || store.resolve("debian", 0, &progress).await.is_err() {

@@ -4,8 +4,7 @@
 use crate::image::{BootAssets, GuestConfig, format_mac, write_machine_initrd};
 use crate::proc::{failed, spawn_error};
 use crate::ssh::{
-    ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias, is_ssh_failure,
-    remote_command,
+    ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias, is_ssh_failure, remote_command,
 };
 use crate::{ExecOutput, Hypervisor, Instance, LinkKind, MachineSpec, VmmError};
 use async_trait::async_trait;
@@ -79,6 +78,9 @@ fn pid_path(spec: &MachineSpec) -> PathBuf {
 fn console_path(spec: &MachineSpec) -> PathBuf {
     spec.dir.join("console.log")
 }
+fn ctl_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("ssh.ctl")
+}
 fn initrd_path(spec: &MachineSpec) -> PathBuf {
     spec.dir.join("initrd.img")
 }
@@ -94,11 +96,7 @@ impl Qemu {
             .await
             .map_err(|e| spawn_error(e, QEMU))?;
         if !out.status.success() {
-            return Err(failed(
-                &format!("{QEMU} --version"),
-                &out.status,
-                &out.stderr,
-            ));
+            return Err(failed(&format!("{QEMU} --version"), &out.status, &out.stderr));
         }
         let client = ensure_client_key(data_dir).await?;
         Ok(Qemu {
@@ -135,6 +133,7 @@ impl Qemu {
             identity: self.client.private.clone(),
             known_hosts: spec.dir.join("known_hosts"),
             netns: self.netns.clone(),
+            control_path: Some(ctl_path(spec)),
         }
     }
 
@@ -193,10 +192,7 @@ impl Qemu {
                 spec.net.host_ifname
             ),
             "-device".into(),
-            format!(
-                "virtio-net-device,netdev=n0,mac={}",
-                format_mac(&spec.net.mac)
-            ),
+            format!("virtio-net-device,netdev=n0,mac={}", format_mac(&spec.net.mac)),
             "-chardev".into(),
             format!("file,id=con0,path={}", escape_opt(&p(console_path(spec)))),
             "-serial".into(),
@@ -223,8 +219,7 @@ impl Qemu {
 
     async fn guest_config(&self, spec: &MachineSpec) -> Result<GuestConfig, VmmError> {
         let hk = ensure_host_key(&spec.dir, &host_alias(&spec.id)).await?;
-        let private =
-            std::fs::read(&hk.private).map_err(VmmError::io("reading the machine's host key"))?;
+        let private = std::fs::read(&hk.private).map_err(VmmError::io("reading the machine's host key"))?;
         let mut keys = vec![self.client.public.clone()];
         if let Some(k) = &spec.ssh_pubkey
             && k.trim() != self.client.public.trim()
@@ -243,6 +238,29 @@ impl Qemu {
             host_key_private: private,
             host_key_public: hk.public,
         })
+    }
+
+    /// End a connection-sharing master left from an earlier boot (its TCP session is dead).
+    async fn close_master(&self, spec: &MachineSpec) {
+        let ctl = ctl_path(spec);
+        if !ctl.exists() {
+            return;
+        }
+        let mut argv = self.ssh_target(spec).argv(false, 1, &[]);
+        let host = argv.pop().expect("destination");
+        argv.extend(["-O".to_string(), "exit".to_string(), host]);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status(),
+        )
+        .await;
+        let _ = std::fs::remove_file(&ctl);
     }
 
     fn boot_error(&self, spec: &MachineSpec, reason: &str) -> VmmError {
@@ -317,23 +335,22 @@ pub async fn qmp_command(socket: &Path, command: &str) -> Result<serde_json::Val
             .map_err(VmmError::io(ctx()))?;
         let (r, mut w) = stream.into_split();
         let mut lines = BufReader::new(r).lines();
-        let reply =
-            async |lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>| {
-                loop {
-                    let line = lines
-                        .next_line()
-                        .await
-                        .map_err(VmmError::io(ctx()))?
-                        .ok_or_else(|| VmmError::io(ctx())(std::io::Error::other("QMP closed")))?;
-                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                    if v.get("return").is_some() || v.get("QMP").is_some() {
-                        return Ok(v);
-                    }
-                    if let Some(e) = v.get("error") {
-                        return Err(VmmError::io(ctx())(std::io::Error::other(e.to_string())));
-                    }
+        let reply = async |lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>| {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .map_err(VmmError::io(ctx()))?
+                    .ok_or_else(|| VmmError::io(ctx())(std::io::Error::other("QMP closed")))?;
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v.get("return").is_some() || v.get("QMP").is_some() {
+                    return Ok(v);
                 }
-            };
+                if let Some(e) = v.get("error") {
+                    return Err(VmmError::io(ctx())(std::io::Error::other(e.to_string())));
+                }
+            }
+        };
         reply(&mut lines).await?; // greeting
         w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
             .await
@@ -392,15 +409,20 @@ impl Hypervisor for Qemu {
         if let Ok(pid) = std::fs::read_to_string(pid_path(spec))
             && let Ok(pid) = pid.trim().parse::<i32>()
             && let Some(inst) = Instance::of_pid(pid)
-            && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c).contains(&pid_path(spec).display().to_string())
-            })
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&pid_path(spec).display().to_string()))
         {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),
                 reason: format!("already running as pid {}", inst.pid),
             });
         }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Keys and the SSH control socket live here.
+            let _ = std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o700));
+        }
+        self.close_master(spec).await;
         let cfg = self.guest_config(spec).await?;
         write_machine_initrd(&self.assets.initramfs, &cfg, &initrd_path(spec))?;
         let console = console_path(spec);
@@ -430,8 +452,7 @@ impl Hypervisor for Qemu {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| self.boot_error(spec, "QEMU wrote no pidfile"))?;
-        Instance::of_pid(pid)
-            .ok_or_else(|| self.boot_error(spec, "QEMU exited right after starting"))
+        Instance::of_pid(pid).ok_or_else(|| self.boot_error(spec, "QEMU exited right after starting"))
     }
 
     async fn wait_ready(
@@ -445,6 +466,7 @@ impl Hypervisor for Qemu {
         let deadline = t0 + timeout;
         progress(&format!("booting ({})", self.name()));
         let mut switched = false;
+        let mut last_why = String::new();
         loop {
             if !inst.is_alive() {
                 return Err(self.boot_error(spec, "the VM stopped while booting"));
@@ -467,7 +489,7 @@ impl Hypervisor for Qemu {
                 ));
             }
             let attempt = self
-                .ssh_run(spec, "true", 2, left.min(Duration::from_secs(10)))
+                .ssh_run(spec, "true", 5, left.min(Duration::from_secs(15)))
                 .await;
             if let Ok(o) = &attempt
                 && o.code == 0
@@ -478,38 +500,36 @@ impl Hypervisor for Qemu {
             if let Ok(o) = &attempt
                 && String::from_utf8_lossy(&o.stderr).contains("Host key verification failed")
             {
-                return Err(self.boot_error(
-                    spec,
-                    "the guest's SSH host key does not match the pinned key",
-                ));
+                return Err(self.boot_error(spec, "the guest's SSH host key does not match the pinned key"));
+            }
+            let why = match &attempt {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            };
+            if why != last_why {
+                tracing::debug!(machine = %spec.name, "ssh not ready: {why}");
+                if std::env::var_os("SISTEMO_DEBUG_BOOT").is_some() {
+                    progress(&format!("{:.1}s ssh: {why}", t0.elapsed().as_secs_f64()));
+                }
+                last_why = why;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn stop(
-        &self,
-        spec: &MachineSpec,
-        inst: &Instance,
-        timeout: Duration,
-    ) -> Result<(), VmmError> {
+    async fn stop(&self, spec: &MachineSpec, inst: &Instance, timeout: Duration) -> Result<(), VmmError> {
         if !inst.is_alive() {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
-        // ACPI power button; if QMP is unreachable, ask systemd directly.
-        if qmp_command(&qmp_path(spec), "system_powerdown")
+        // Ask systemd over SSH (the images have no logind/acpid to act on the power button);
+        // the ACPI power button is the fallback for guests SSH cannot reach.
+        let asked = self
+            .ssh_run(spec, "systemctl poweroff --no-block", 2, Duration::from_secs(5))
             .await
-            .is_err()
-        {
-            let _ = self
-                .ssh_run(
-                    spec,
-                    "systemctl poweroff --no-block",
-                    2,
-                    Duration::from_secs(5),
-                )
-                .await;
+            .is_ok_and(|o| o.code == 0);
+        if !asked {
+            let _ = qmp_command(&qmp_path(spec), "system_powerdown").await;
         }
         if wait_exit(inst, deadline).await {
             return Ok(());
@@ -532,7 +552,8 @@ impl Hypervisor for Qemu {
     }
 
     async fn cleanup(&self, spec: &MachineSpec) -> Result<(), VmmError> {
-        for p in [qmp_path(spec), pid_path(spec), initrd_path(spec)] {
+        self.close_master(spec).await;
+        for p in [qmp_path(spec), pid_path(spec), initrd_path(spec), ctl_path(spec)] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -542,12 +563,7 @@ impl Hypervisor for Qemu {
         Ok(())
     }
 
-    async fn exec(
-        &self,
-        spec: &MachineSpec,
-        cmd: &str,
-        timeout: Duration,
-    ) -> Result<ExecOutput, VmmError> {
+    async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError> {
         let out = self.ssh_run(spec, &remote_command(cmd), 5, timeout).await?;
         if is_ssh_failure(out.code, &out.stderr) {
             return Err(VmmError::Exec {

@@ -50,7 +50,9 @@ async fn boots_debian_and_execs() {
         eprintln!("SISTEMO_VM_TESTS is not 1: skipped");
         return;
     }
-    let data = PathBuf::from(std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()));
+    let data = PathBuf::from(
+        std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()),
+    );
     let say = |s: &str| eprintln!("  {s}");
     let assets = ensure_boot_assets(&data, &say).await.expect("boot assets");
     let image = ImageStore::new(&data)
@@ -66,7 +68,13 @@ async fn boots_debian_and_execs() {
         inst: None,
     };
     std::fs::create_dir_all(&dir).unwrap();
-    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success()
+    );
     ip(&ns, &["link", "set", "lo", "up"]);
     ip(&ns, &["link", "add", "br0", "type", "bridge"]);
     ip(&ns, &["addr", "add", "10.250.0.1/24", "dev", "br0"]);
@@ -105,38 +113,65 @@ async fn boots_debian_and_execs() {
     let inst = vm.start(&spec).await.expect("start");
     guard.inst = Some(inst.clone());
     eprintln!("VMM pid {} after {:.2}s", inst.pid, t0.elapsed().as_secs_f64());
-    vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say).await.expect("ready");
-    let out = vm.exec(&spec, "echo hi", Duration::from_secs(30)).await.expect("exec");
+    vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say)
+        .await
+        .expect("ready");
+    let out = vm
+        .exec(&spec, "echo hi", Duration::from_secs(30))
+        .await
+        .expect("exec");
     eprintln!("deploy → first exec: {:.2}s", t0.elapsed().as_secs_f64());
     assert_eq!(out.code, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 
-    let out = vm.exec(&spec, "echo err >&2; exit 3", Duration::from_secs(30)).await.unwrap();
+    let out = vm
+        .exec(&spec, "echo err >&2; exit 3", Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(out.code, 3);
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
 
-    let out = vm.exec(&spec, "hostname; cat /etc/machine-id", Duration::from_secs(30)).await.unwrap();
+    let out = vm
+        .exec(&spec, "hostname; cat /etc/machine-id", Duration::from_secs(30))
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.starts_with("vmtest\n"), "{text}");
     assert!(text.contains(&spec.id.simple().to_string()), "{text}");
 
     let t = Instant::now();
-    let out = vm.exec(&spec, "sleep 100 &", Duration::from_secs(20)).await.unwrap();
+    let out = vm
+        .exec(&spec, "sleep 100 &", Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(out.code, 0);
     assert!(t.elapsed() < Duration::from_secs(10), "background exec hung");
-    let out = vm.exec(&spec, "pgrep -x sleep >/dev/null && echo running", Duration::from_secs(30)).await.unwrap();
+    let out = vm
+        .exec(
+            &spec,
+            "pgrep -x sleep >/dev/null && echo running",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "running\n");
 
     if std::env::var_os("SISTEMO_VM_TEST_ANALYZE").is_some() {
         let out = vm
-            .exec(&spec, "systemd-analyze; systemd-analyze blame | head -25; systemd-analyze critical-chain", Duration::from_secs(60))
+            .exec(&spec, "systemd-analyze; systemd-analyze blame | head -12; journalctl -o short-monotonic --no-pager | grep -iE 'sshd|sistemo|Listening|Reached' | head -40", Duration::from_secs(60))
             .await
             .unwrap();
-        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     let t = Instant::now();
-    vm.stop(&spec, &inst, Duration::from_secs(30)).await.expect("stop");
+    vm.stop(&spec, &inst, Duration::from_secs(30))
+        .await
+        .expect("stop");
     eprintln!("stopped in {:.2}s", t.elapsed().as_secs_f64());
     assert!(!inst.is_alive());
     vm.cleanup(&spec).await.unwrap();

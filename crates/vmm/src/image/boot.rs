@@ -13,7 +13,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 /// Bumped whenever the base initramfs layout or `/init` changes, so caches are rebuilt.
-const INITRAMFS_VERSION: u32 = 1;
+const INITRAMFS_VERSION: u32 = 2;
 
 /// The Debian metapackage whose dependency is the kernel we boot.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -74,18 +74,11 @@ pub async fn ensure_boot_assets(
         Some(c) => c,
         None => {
             let c = fetch_kernel(&kdir, progress).await?;
-            write_atomic(
-                &cache_file,
-                &serde_json::to_vec_pretty(&c).expect("json"),
-                0o644,
-            )?;
+            write_atomic(&cache_file, &serde_json::to_vec_pretty(&c).expect("json"), 0o644)?;
             c
         }
     };
-    let initramfs = kdir.join(format!(
-        "initramfs-{}-v{INITRAMFS_VERSION}.img",
-        kernel.version
-    ));
+    let initramfs = kdir.join(format!("initramfs-{}-v{INITRAMFS_VERSION}.img", kernel.version));
     if !initramfs.exists() {
         progress("building the base initramfs");
         let busybox = find_static_busybox()?;
@@ -122,11 +115,9 @@ async fn kernel_package() -> Result<String, VmmError> {
         "apt-cache depends",
     )
     .await?;
-    parse_kernel_dependency(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
-        VmmError::Command {
-            what: format!("apt-cache depends {KERNEL_META}"),
-            reason: "no linux-image-* dependency found (run apt-get update?)".into(),
-        }
+    parse_kernel_dependency(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| VmmError::Command {
+        what: format!("apt-cache depends {KERNEL_META}"),
+        reason: "no linux-image-* dependency found (run apt-get update?)".into(),
     })
 }
 
@@ -139,10 +130,7 @@ pub fn parse_kernel_dependency(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn fetch_kernel(
-    kdir: &Path,
-    progress: &(dyn Fn(&str) + Send + Sync),
-) -> Result<KernelCache, VmmError> {
+async fn fetch_kernel(kdir: &Path, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<KernelCache, VmmError> {
     let work = kdir.join("download");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(VmmError::io("creating the kernel download folder"))?;
@@ -188,13 +176,11 @@ async fn fetch_kernel(
         })?;
     let vmlinuz = tree.join(format!("boot/vmlinuz-{version}"));
     progress("extracting vmlinux");
-    let bz =
-        std::fs::read(&vmlinuz).map_err(VmmError::io(format!("reading {}", vmlinuz.display())))?;
+    let bz = std::fs::read(&vmlinuz).map_err(VmmError::io(format!("reading {}", vmlinuz.display())))?;
     let elf = extract_vmlinux(&bz).await?;
     let outdir = kdir.join(&version);
     let _ = std::fs::remove_dir_all(&outdir);
-    std::fs::create_dir_all(outdir.join("modules"))
-        .map_err(VmmError::io("creating the kernel folder"))?;
+    std::fs::create_dir_all(outdir.join("modules")).map_err(VmmError::io("creating the kernel folder"))?;
     let vmlinux = outdir.join("vmlinux");
     write_atomic(&vmlinux, &elf, 0o644)?;
 
@@ -204,7 +190,7 @@ async fn fetch_kernel(
     let builtin: HashSet<String> = builtin
         .lines()
         .filter_map(|l| l.rsplit('/').next())
-        .map(|f| module_name(f))
+        .map(module_name)
         .collect();
     let mut index = BTreeMap::new();
     index_modules(&root.join("kernel"), &mut index)?;
@@ -215,15 +201,7 @@ async fn fetch_kernel(
             progress(&format!("kernel has no module {m}; skipping it"));
             continue;
         }
-        resolve_module(
-            m,
-            &index,
-            &builtin,
-            &mut loaded,
-            &mut order,
-            &mut Vec::new(),
-        )
-        .await?;
+        resolve_module(m, &index, &builtin, &mut loaded, &mut order, &mut Vec::new()).await?;
     }
     let mut modules = Vec::new();
     for (i, name) in order.iter().enumerate() {
@@ -232,10 +210,7 @@ async fn fetch_kernel(
         modules.push(p);
     }
     let _ = std::fs::remove_dir_all(&work);
-    progress(&format!(
-        "kernel {version} ready ({} modules)",
-        modules.len()
-    ));
+    progress(&format!("kernel {version} ready ({} modules)", modules.len()));
     Ok(KernelCache {
         package,
         version,
@@ -483,6 +458,7 @@ echo "$SISTEMO_MACHINE_ID" > $R/etc/machine-id
   for d in $SISTEMO_DNS; do echo "DNS=$d"; done
   echo "LinkLocalAddressing=no"
   echo "IPv6AcceptRA=no"
+  echo "KeepConfiguration=static"
 } > $R/etc/systemd/network/10-sistemo.network
 rm -f $R/etc/resolv.conf
 for d in $SISTEMO_DNS; do echo "nameserver $d"; done > $R/etc/resolv.conf
@@ -493,12 +469,22 @@ rm -f $R/etc/ssh/ssh_host_*
 cp /sistemo/ssh_host_ed25519_key /sistemo/ssh_host_ed25519_key.pub $R/etc/ssh/
 chmod 600 $R/etc/ssh/ssh_host_ed25519_key
 chmod 644 $R/etc/ssh/ssh_host_ed25519_key.pub
-# Guests without systemd-networkd still get their address from a tiny hook.
-if [ ! -e $R/lib/systemd/systemd-networkd ] && [ ! -e $R/usr/lib/systemd/systemd-networkd ]; then
-  ip link set dev eth0 up
-  ip addr add "$SISTEMO_ADDRESS" dev eth0
-  ip route add default via "$SISTEMO_GATEWAY"
-fi
+# The network is up before the image's init runs: nothing in the guest has to wait for it.
+IF=""
+i=0
+while [ -z "$IF" ] && [ $i -lt 500 ]; do
+  for d in /sys/class/net/*; do
+    [ "$(cat $d/address 2>/dev/null)" = "$SISTEMO_MAC" ] && IF=${d##*/}
+  done
+  [ -n "$IF" ] || { usleep 10000; i=$((i+1)); }
+done
+[ -n "$IF" ] || fail "no network interface with MAC $SISTEMO_MAC"
+ip link set lo up
+ip link set dev "$IF" up
+ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_ADDRESS"
+ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
+# Tell the bridge about our MAC at once (a previous machine may have had this address).
+arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
 log "switching to the root filesystem"
 umount /proc /sys
 mount --move /dev $R/dev
@@ -523,8 +509,7 @@ pub fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Result<Vec<u
         w.dir(d, 0o755);
     }
     w.char_dev("dev/console", 0o600, 5, 1);
-    let bb =
-        std::fs::read(busybox).map_err(VmmError::io(format!("reading {}", busybox.display())))?;
+    let bb = std::fs::read(busybox).map_err(VmmError::io(format!("reading {}", busybox.display())))?;
     w.file("bin/busybox", 0o755, &bb);
     w.symlink("bin/sh", "busybox");
     w.file("init", 0o755, INIT_SCRIPT.as_bytes());
@@ -537,8 +522,7 @@ pub fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Result<Vec<u
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&raw)
         .map_err(VmmError::io("compressing the initramfs"))?;
-    gz.finish()
-        .map_err(VmmError::io("compressing the initramfs"))
+    gz.finish().map_err(VmmError::io("compressing the initramfs"))
 }
 
 /// What one machine's guest is told at boot.
@@ -610,9 +594,8 @@ pub fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
 /// Write `out` = base initramfs followed by the machine's config cpio (the kernel unpacks
 /// concatenated archives in order). Mode 0600: it holds the guest's host key.
 pub fn write_machine_initrd(base: &Path, cfg: &GuestConfig, out: &Path) -> Result<(), VmmError> {
-    let mut data =
-        std::fs::read(base).map_err(VmmError::io(format!("reading {}", base.display())))?;
-    while data.len() % 4 != 0 {
+    let mut data = std::fs::read(base).map_err(VmmError::io(format!("reading {}", base.display())))?;
+    while !data.len().is_multiple_of(4) {
         data.push(0);
     }
     data.extend_from_slice(&machine_config_cpio(cfg));
@@ -672,9 +655,7 @@ mod tests {
         if let Ok(b) = std::fs::read("/bin/busybox") {
             assert!(is_static_elf(&b));
         }
-        assert!(!is_static_elf(
-            &std::fs::read("/bin/sh").unwrap_or_default()
-        ));
+        assert!(!is_static_elf(&std::fs::read("/bin/sh").unwrap_or_default()));
     }
 
     #[test]

@@ -38,6 +38,30 @@ pub const MASKED_UNITS: &[&str] = &[
     "systemd-pstore.service",
     "remote-fs.target",
     "systemd-networkd-wait-online.service",
+    // The initramfs configures the network before systemd starts (see `INIT_SCRIPT`).
+    "systemd-networkd.service",
+    "systemd-networkd.socket",
+    "systemd-network-generator.service",
+    // sshd runs per connection from `sistemo-sshd.socket`, listening from the first second.
+    "ssh.service",
+    "ssh.socket",
+    // No dbus: this would start gettys on tty2-6.
+    "getty-static.service",
+    // The guest has no modules for its kernel.
+    "systemd-modules-load.service",
+    "modprobe@loop.service",
+    "modprobe@fuse.service",
+    "modprobe@dm_mod.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@configfs.service",
+    // No udev: /dev is the kernel's devtmpfs, nothing waits for device units, and udev's
+    // coldplug costs several seconds of emulated CPU at boot.
+    "systemd-udevd.service",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
     "systemd-journal-flush.service",
     "systemd-update-utmp.service",
     "systemd-update-utmp-runlevel.service",
@@ -54,6 +78,37 @@ pub const MASKED_UNITS: &[&str] = &[
     "dev-hugepages.mount",
     "dev-mqueue.mount",
 ];
+
+/// sshd on demand, listening before `sysinit.target` so exec works as soon as the network does.
+const SSHD_SOCKET: &str = "[Unit]
+Description=sistemo: SSH on demand
+DefaultDependencies=no
+Before=sockets.target shutdown.target
+Conflicts=shutdown.target
+
+[Socket]
+ListenStream=22
+Accept=yes
+MaxConnections=64
+
+[Install]
+WantedBy=sockets.target
+";
+
+/// One sshd per connection. `KillMode=process` keeps what a session started in the background.
+const SSHD_SERVICE: &str = "[Unit]
+Description=sistemo: SSH session
+DefaultDependencies=no
+Before=shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+ExecStartPre=/bin/mkdir -p -m 0755 /run/sshd
+ExecStart=-/usr/sbin/sshd -i
+StandardInput=socket
+StandardError=journal
+KillMode=process
+";
 
 /// One stored image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -113,8 +168,7 @@ impl ImageStore {
     }
 
     fn mkdir(&self) -> Result<(), VmmError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(VmmError::io(format!("creating {}", self.dir.display())))
+        std::fs::create_dir_all(&self.dir).map_err(VmmError::io(format!("creating {}", self.dir.display())))
     }
 
     fn path_of(&self, sha: &str) -> PathBuf {
@@ -180,8 +234,7 @@ impl ImageStore {
         if reference.contains('/') || reference.ends_with(".ext4") {
             let p = PathBuf::from(reference);
             if p.is_file() {
-                return std::fs::canonicalize(&p)
-                    .map_err(VmmError::io(format!("resolving {reference}")));
+                return std::fs::canonicalize(&p).map_err(VmmError::io(format!("resolving {reference}")));
             }
             return Err(not_found());
         }
@@ -214,8 +267,7 @@ impl ImageStore {
             idx.sources.remove(&sha);
             let p = self.path_of(&sha);
             if p.exists() {
-                std::fs::remove_file(&p)
-                    .map_err(VmmError::io(format!("removing {}", p.display())))?;
+                std::fs::remove_file(&p).map_err(VmmError::io(format!("removing {}", p.display())))?;
             }
         }
         self.save(&idx)?;
@@ -228,13 +280,18 @@ impl ImageStore {
         let sha = sha256_file(file)?;
         let dest = self.path_of(&sha);
         if std::fs::rename(file, &dest).is_err() {
-            std::fs::copy(file, &dest)
-                .map_err(VmmError::io(format!("storing {}", dest.display())))?;
+            std::fs::copy(file, &dest).map_err(VmmError::io(format!("storing {}", dest.display())))?;
             let _ = std::fs::remove_file(file);
         }
         let mut idx = self.load();
-        idx.tags.insert(tag.to_string(), sha.clone());
+        let previous = idx.tags.insert(tag.to_string(), sha.clone());
         idx.sources.insert(sha.clone(), source.to_string());
+        // The image the tag pointed at before goes when nothing else names it. Disks cloned
+        // from it are independent copies, so running machines are unaffected.
+        if let Some(old) = previous.filter(|o| *o != sha && !idx.tags.values().any(|s| s == o)) {
+            idx.sources.remove(&old);
+            let _ = std::fs::remove_file(self.path_of(&old));
+        }
         self.save(&idx)?;
         let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
         Ok(ImageInfo {
@@ -265,10 +322,9 @@ impl ImageStore {
         include: &[String],
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ImageInfo, VmmError> {
-        let mirror = std::env::var("SISTEMO_DEBIAN_MIRROR")
-            .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
-        self.build_debian_from(tag, include, &mirror, progress)
-            .await
+        let mirror =
+            std::env::var("SISTEMO_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+        self.build_debian_from(tag, include, &mirror, progress).await
     }
 
     async fn build_debian_from(
@@ -279,11 +335,7 @@ impl ImageStore {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ImageInfo, VmmError> {
         for p in include {
-            if p.is_empty()
-                || !p
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c))
-            {
+            if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) {
                 return Err(VmmError::Command {
                     what: "building an image".into(),
                     reason: format!("not a package name: {p:?}"),
@@ -303,26 +355,62 @@ impl ImageStore {
             let mut pkgs: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
             pkgs.extend(include.iter().cloned());
             let t0 = Instant::now();
-            progress(&format!("debootstrap bookworm (+{})", pkgs.join(",")));
-            run_with_progress(
-                Command::new("debootstrap")
-                    .arg("--variant=minbase")
-                    .arg(format!("--keyring={}", keyring.display()))
-                    .arg(format!("--include={}", pkgs.join(",")))
-                    .arg("bookworm")
-                    .arg(&root)
-                    .arg(mirror),
-                "debootstrap",
-                |l| {
-                    l.starts_with("I: Retrieving Release")
-                        || l.starts_with("I: Valid Release")
-                        || l.starts_with("I: Base system")
-                        || l.starts_with("I: Installing core")
-                        || l.starts_with("I: Configuring") && l.contains("systemd")
-                },
-                progress,
-            )
-            .await?;
+            // Optional cache of the raw debootstrap tree (CI, repeated builds): a tar keyed by
+            // suite, mirror and package list in $SISTEMO_DEBOOTSTRAP_CACHE.
+            let cache = std::env::var_os("SISTEMO_DEBOOTSTRAP_CACHE").map(|d| {
+                let mut key = pkgs.clone();
+                key.sort();
+                let h = Sha256::digest(format!("bookworm {mirror} {}", key.join(",")).as_bytes());
+                let h: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                PathBuf::from(d).join(format!("debootstrap-bookworm-{h}.tar"))
+            });
+            if let Some(tar) = cache.as_ref().filter(|t| t.exists()) {
+                progress(&format!("using the cached debootstrap tree {}", tar.display()));
+                std::fs::create_dir_all(&root).map_err(VmmError::io("creating the build root"))?;
+                run(
+                    Command::new("tar").arg("-xpf").arg(tar).arg("-C").arg(&root),
+                    "unpacking the debootstrap cache",
+                )
+                .await?;
+            } else {
+                progress(&format!("debootstrap bookworm (+{})", pkgs.join(",")));
+                run_with_progress(
+                    Command::new("debootstrap")
+                        .arg("--variant=minbase")
+                        .arg(format!("--keyring={}", keyring.display()))
+                        .arg(format!("--include={}", pkgs.join(",")))
+                        .arg("bookworm")
+                        .arg(&root)
+                        .arg(mirror),
+                    "debootstrap",
+                    |l| {
+                        l.starts_with("I: Retrieving Release")
+                            || l.starts_with("I: Valid Release")
+                            || l.starts_with("I: Base system")
+                            || l.starts_with("I: Installing core")
+                            || l.starts_with("I: Configuring") && l.contains("systemd")
+                    },
+                    progress,
+                )
+                .await?;
+                if let Some(tar) = &cache {
+                    if let Some(d) = tar.parent() {
+                        let _ = std::fs::create_dir_all(d);
+                    }
+                    let tmp = tar.with_extension("tar.tmp");
+                    run(
+                        Command::new("tar")
+                            .arg("-cpf")
+                            .arg(&tmp)
+                            .arg("-C")
+                            .arg(&root)
+                            .arg("."),
+                        "caching the debootstrap tree",
+                    )
+                    .await?;
+                    std::fs::rename(&tmp, tar).map_err(VmmError::io("caching the debootstrap tree"))?;
+                }
+            }
             progress(&format!(
                 "debootstrap done in {:.0}s; configuring",
                 t0.elapsed().as_secs_f64()
@@ -332,11 +420,7 @@ impl ImageStore {
             progress("mkfs.ext4 -d (no mount)");
             make_ext4(&root, &img, "sistemo-root").await?;
             progress("hashing and storing the image");
-            self.add(
-                &img,
-                tag,
-                &format!("debootstrap bookworm +{}", pkgs.join(",")),
-            )
+            self.add(&img, tag, &format!("debootstrap bookworm +{}", pkgs.join(",")))
         }
         .await;
         let _ = std::fs::remove_dir_all(&scratch);
@@ -423,16 +507,11 @@ fn write(root: &Path, rel: &str, content: &str) -> Result<(), VmmError> {
 /// Turn a fresh debootstrap tree into a sistemo image: networkd + sshd on, key-only root login,
 /// no shared host keys, slow or useless units masked, caches dropped.
 async fn configure_tree(root: &Path) -> Result<(), VmmError> {
-    chroot(
-        root,
-        &[
-            "systemctl",
-            "enable",
-            "systemd-networkd.service",
-            "ssh.service",
-        ],
-    )
-    .await?;
+    write(root, "etc/systemd/system/sistemo-sshd.socket", SSHD_SOCKET)?;
+    write(root, "etc/systemd/system/sistemo-sshd@.service", SSHD_SERVICE)?;
+    // networkd stays installed with the machine's .network file, masked: `systemctl unmask`
+    // brings it back with the same configuration.
+    chroot(root, &["systemctl", "enable", "sistemo-sshd.socket"]).await?;
     let mut mask = vec!["systemctl", "mask"];
     mask.extend(MASKED_UNITS);
     chroot(root, &mask).await?;
@@ -446,9 +525,14 @@ async fn configure_tree(root: &Path) -> Result<(), VmmError> {
     write(
         root,
         "etc/ssh/sshd_config.d/10-sistemo.conf",
-        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\n",
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nUsePAM no\nPrintMotd no\nPrintLastLog no\n",
     )?;
-    write(root, "etc/fstab", "/dev/vda / ext4 rw,noatime 0 1\n")?;
+    // The root is mounted read-write by the initramfs: nothing to wait for or remount.
+    write(
+        root,
+        "etc/fstab",
+        "# / is /dev/vda, mounted by sistemo's initramfs\n",
+    )?;
     write(root, "etc/hostname", "sistemo\n")?;
     write(root, "etc/machine-id", "")?;
     write(
@@ -497,8 +581,7 @@ fn dir_size(p: &Path) -> u64 {
 pub async fn make_ext4(tree: &Path, image: &Path, label: &str) -> Result<(), VmmError> {
     let used = dir_size(tree);
     let size = ((used as f64 * 1.3) as u64 + (128 << 20)).div_ceil(1 << 20) << 20;
-    let f = std::fs::File::create(image)
-        .map_err(VmmError::io(format!("creating {}", image.display())))?;
+    let f = std::fs::File::create(image).map_err(VmmError::io(format!("creating {}", image.display())))?;
     f.set_len(size).map_err(VmmError::io("sizing the image"))?;
     drop(f);
     run(
@@ -585,9 +668,7 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
     if size_bytes < img_len {
         return Err(VmmError::Command {
             what: ctx("cloning"),
-            reason: format!(
-                "requested size {size_bytes} is smaller than the image ({img_len} bytes)"
-            ),
+            reason: format!("requested size {size_bytes} is smaller than the image ({img_len} bytes)"),
         });
     }
     let tmp = dest.with_extension("cloning");
@@ -597,8 +678,7 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
         if reflink(&src, &out).is_err() {
             sparse_copy(&mut src, &mut out).map_err(VmmError::io(ctx("copying")))?;
         }
-        out.set_len(size_bytes)
-            .map_err(VmmError::io(ctx("growing")))?;
+        out.set_len(size_bytes).map_err(VmmError::io(ctx("growing")))?;
         out.sync_all().map_err(VmmError::io(ctx("syncing")))?;
     }
     if size_bytes > img_len {
@@ -621,10 +701,7 @@ mod tests {
     use super::*;
 
     fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "sistemo-vmm-{name}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
+        let d = std::env::temp_dir().join(format!("sistemo-vmm-{name}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -643,10 +720,7 @@ mod tests {
         let mut dst = std::fs::File::create(d.join("b")).unwrap();
         sparse_copy(&mut src, &mut dst).unwrap();
         drop(dst);
-        assert_eq!(
-            std::fs::read(&a).unwrap(),
-            std::fs::read(d.join("b")).unwrap()
-        );
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(d.join("b")).unwrap());
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(d.join("b")).unwrap().blocks() * 512 < 1 << 20);
         std::fs::remove_dir_all(&d).unwrap();
@@ -681,11 +755,7 @@ mod tests {
             .output()
             .await
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
         assert!(store.remove("t1").unwrap());
         assert!(!info.path.exists());
         std::fs::remove_dir_all(&d).unwrap();
