@@ -246,6 +246,16 @@ pub enum ImageCmd {
         #[arg(long, value_delimiter = ',')]
         include: Vec<String>,
     },
+    /// Prepare kernel, initramfs and the `debian` image in a data dir without a daemon (root;
+    /// fetches from Debian's archive, changes nothing in the host's network).
+    Prepare {
+        /// Data dir to fill (the daemon's `data_dir`).
+        #[arg(long, default_value = "/var/lib/sistemo")]
+        data_dir: PathBuf,
+        /// Extra packages baked into the `debian` image, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+    },
     /// Remove an image tag (refused while a machine uses it).
     #[command(visible_alias = "rm")]
     Remove {
@@ -455,6 +465,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     );
                 }
             }
+            ImageCmd::Prepare { data_dir, include } => crate::vm::prepare(&data_dir, &include).await?,
             ImageCmd::Remove { tag } => {
                 confirm(cli.yes, &format!("remove image {tag}"))?;
                 let v: serde_json::Value =

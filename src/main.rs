@@ -22,7 +22,7 @@ fn main() {
     let code = match rt.block_on(sistemo::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let msg = e.to_string().replace('\n', " ");
+            let msg = format!("{e:#}").replace('\n', " ");
             if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
             {
                 eprintln!("\x1b[31merror:\x1b[0m {msg}");

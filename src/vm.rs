@@ -100,3 +100,22 @@ pub async fn qemu_backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<A
         })),
     ))
 }
+
+/// Fill `data_dir` with the kernel, the base initramfs and the `debian` image (with `include`),
+/// reusing what is already there. Runs without a daemon and touches no network configuration.
+pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
+    let progress = |s: &str| eprintln!("… {s}");
+    let t = std::time::Instant::now();
+    let assets = ensure_boot_assets(data_dir, &progress).await?;
+    eprintln!("kernel {} and initramfs ready in {:.1}s", assets.kernel_version, t.elapsed().as_secs_f64());
+    let store = ImageStore::new(data_dir);
+    if store.resolve("debian", 0, &progress).await.is_err() {
+        let t = std::time::Instant::now();
+        let info = store.build_debian("debian", include, &progress).await?;
+        eprintln!("image debian built in {:.1}s: sha256 {}", t.elapsed().as_secs_f64(), info.sha256);
+    }
+    for i in store.list() {
+        println!("{} {} {}M {}", i.tags.join(","), &i.sha256[..12], i.size >> 20, i.source);
+    }
+    Ok(())
+}
