@@ -205,24 +205,14 @@ pub trait Hypervisor: Send + Sync {
     ) -> Result<(), VmmError>;
 
     /// Stop gracefully (guest power-down), killing the VMM after `timeout`.
-    async fn stop(
-        &self,
-        spec: &MachineSpec,
-        inst: &Instance,
-        timeout: Duration,
-    ) -> Result<(), VmmError>;
+    async fn stop(&self, spec: &MachineSpec, inst: &Instance, timeout: Duration) -> Result<(), VmmError>;
 
     /// Remove what `start` left on the host after the VMM is gone (sockets, namespaces).
     async fn cleanup(&self, spec: &MachineSpec) -> Result<(), VmmError>;
 
     /// Run `cmd` through the guest's shell (`sh -c`) and collect its output and exit code.
     /// A trailing `&` leaves the process running without hanging.
-    async fn exec(
-        &self,
-        spec: &MachineSpec,
-        cmd: &str,
-        timeout: Duration,
-    ) -> Result<ExecOutput, VmmError>;
+    async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError>;
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String>;

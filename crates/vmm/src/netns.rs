@@ -142,9 +142,7 @@ impl Hypervisor for NetnsBackend {
         let deadline = Instant::now() + timeout;
         progress("waiting for the namespace");
         while Instant::now() < deadline {
-            if inst.is_alive()
-                && std::path::Path::new(&format!("/proc/{}/ns/net", inst.pid)).exists()
-            {
+            if inst.is_alive() && std::path::Path::new(&format!("/proc/{}/ns/net", inst.pid)).exists() {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -155,12 +153,7 @@ impl Hypervisor for NetnsBackend {
         })
     }
 
-    async fn stop(
-        &self,
-        spec: &MachineSpec,
-        inst: &Instance,
-        _timeout: Duration,
-    ) -> Result<(), VmmError> {
+    async fn stop(&self, spec: &MachineSpec, inst: &Instance, _timeout: Duration) -> Result<(), VmmError> {
         if inst.is_alive() {
             // The holder runs in its own process group: signal the group.
             unsafe_free_kill(-inst.pid);
@@ -175,22 +168,14 @@ impl Hypervisor for NetnsBackend {
         }
         // Everything a user started in the machine goes with it.
         if let Ok(pids) = run(&["ip", "netns", "pids", &ns]).await {
-            for p in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
+            for p in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
                 unsafe_free_kill(p);
             }
         }
         run(&["ip", "netns", "del", &ns]).await.map(|_| ())
     }
 
-    async fn exec(
-        &self,
-        spec: &MachineSpec,
-        cmd: &str,
-        timeout: Duration,
-    ) -> Result<ExecOutput, VmmError> {
+    async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError> {
         let ns = self.ns_name(spec);
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "sh", "-c", &detach_background(cmd)])

@@ -16,9 +16,7 @@ pub(crate) fn hint(program: &str) -> &'static str {
         "lz4" => "apt-get install lz4",
         "zstd" => "apt-get install zstd",
         "xz" => "apt-get install xz-utils",
-        "apt-get" | "apt-cache" => {
-            "run on Debian/Ubuntu, or set SISTEMO_KERNEL_DEB to a kernel .deb"
-        }
+        "apt-get" | "apt-cache" => "run on Debian/Ubuntu, or set SISTEMO_KERNEL_DEB to a kernel .deb",
         "dpkg-deb" => "apt-get install dpkg",
         "busybox" => "apt-get install busybox-static",
         "curl" => "apt-get install curl",

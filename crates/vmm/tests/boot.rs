@@ -158,7 +158,7 @@ async fn boots_debian_and_execs() {
 
     if std::env::var_os("SISTEMO_VM_TEST_ANALYZE").is_some() {
         let out = vm
-            .exec(&spec, "systemd-analyze; systemd-analyze blame | head -12; journalctl -o short-monotonic --no-pager | grep -iE 'sshd|sistemo|Listening|Reached' | head -40", Duration::from_secs(60))
+            .exec(&spec, "systemd-analyze; systemd-analyze blame | head -12; systemd-analyze critical-chain sistemo-sshd.socket; journalctl -o short-monotonic --no-pager | grep -iE 'sshd|sistemo|Listening|Reached' | head -40", Duration::from_secs(60))
             .await
             .unwrap();
         eprintln!(

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 /// Bumped whenever the base initramfs layout or `/init` changes, so caches are rebuilt.
-const INITRAMFS_VERSION: u32 = 2;
+const INITRAMFS_VERSION: u32 = 3;
 
 /// The Debian metapackage whose dependency is the kernel we boot.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -22,7 +22,6 @@ const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// `.ko` files' own `depends=` and loaded first.
 const WANTED_MODULES: &[&str] = &[
     "virtio_mmio",
-    "virtio_pci",
     "virtio_net",
     "virtio_blk",
     // ACPI power button + input events: lets `system_powerdown` reach systemd-logind.
