@@ -70,6 +70,14 @@ fn expose_paths_localhost_lan_external_hairpin_udp_range_bound() {
         "hairpin traffic is masqueraded so replies return through the host"
     );
     expect_tcp(&api_ns, "10.200.0.1", 8080, "web");
+    // ...and the machine reaches itself through the host's address
+    expect_tcp(&web_ns, HOST_LAN, 8080, "web");
+    expect_tcp(&web_ns, "10.200.0.1", 8080, "web");
+    // the same with bridge netfilter off (plain routed path)
+    env.sh("sysctl -qw net.bridge.bridge-nf-call-iptables=0 || true");
+    expect_tcp(&web_ns, HOST_LAN, 8080, "web");
+    expect_tcp(&api_ns, HOST_LAN, 8080, "web");
+    env.sh("sysctl -qw net.bridge.bridge-nf-call-iptables=1 || true");
 
     // no hijack: a machine connecting to an outside server on the exposed port number reaches it
     ok(&[

@@ -6,7 +6,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec};
 use std::net::{IpAddr, Ipv4Addr};
 
 /// Errors of link management.
@@ -184,7 +184,16 @@ impl Links {
             .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
             .execute()
             .await
-            .map_err(nl(format!("attaching {name} to {bridge}")))
+            .map_err(nl(format!("attaching {name} to {bridge}")))?;
+        // Hairpin mode: with bridge netfilter active (Docker and Kubernetes hosts load
+        // br_netfilter), a machine reaching its own exposed port is DNATed at the bridge and
+        // sent back out of the port it came in on, which the bridge drops without it.
+        self.handle
+            .link()
+            .set_port(LinkBridgePort::new(idx).hairpin(true).build())
+            .execute()
+            .await
+            .map_err(nl(format!("enabling hairpin on {name}")))
     }
 
     /// Create a persistent TAP owned by root, enslaved to `bridge` and up.
