@@ -30,7 +30,13 @@ impl Drop for Guard {
             let _ = Command::new("kill").args(["-KILL", &i.pid.to_string()]).status();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // Keep the console log and keys for the post-mortem.
+            eprintln!("machine folder kept: {}", self.dir.display());
+            let _ = std::fs::remove_file(self.dir.join("disk.img"));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -176,5 +182,17 @@ async fn boots_debian_and_execs() {
     assert!(!inst.is_alive());
     vm.cleanup(&spec).await.unwrap();
     assert!(!dir.join("qmp.sock").exists());
+
+    // A second boot of the same machine: same pinned host key, files written by the first boot
+    // are still on the disk, a stale SSH master does not get in the way.
+    let t0 = Instant::now();
+    let inst = vm.start(&spec).await.expect("restart");
+    guard.inst = Some(inst.clone());
+    vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say).await.expect("ready again");
+    eprintln!("restart → ready: {:.2}s", t0.elapsed().as_secs_f64());
+    let out = vm.exec(&spec, "echo again", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");
+    vm.stop(&spec, &inst, Duration::from_secs(30)).await.expect("stop again");
+    vm.cleanup(&spec).await.unwrap();
     eprintln!("console tail:\n{}", sistemo_vmm::qemu::console_tail(&spec, 5));
 }
