@@ -9,4 +9,6 @@ pub use boot::{
     extract_vmlinux, find_compressed_payloads, format_mac, is_static_elf, machine_config_cpio,
     module_depends, module_name, parse_kernel_dependency, write_machine_initrd,
 };
-pub use store::{BASE_PACKAGES, ImageInfo, ImageStore, MASKED_GENERATORS, MASKED_UNITS, clone_disk, make_ext4, sha256_file};
+pub use store::{
+    BASE_PACKAGES, ImageInfo, ImageStore, MASKED_GENERATORS, MASKED_UNITS, clone_disk, make_ext4, sha256_file,
+};

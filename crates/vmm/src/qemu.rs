@@ -45,6 +45,26 @@ pub fn detect_accel() -> Accel {
     }
 }
 
+/// Why [`detect_accel`] chooses what it chooses, in one line for `doctor`.
+pub fn accel_reason() -> String {
+    if let Ok(v) = std::env::var("SISTEMO_ACCEL")
+        && (v == "kvm" || v == "tcg")
+    {
+        return format!("forced by SISTEMO_ACCEL={v}");
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Err(e) => format!("TCG (software emulation): /dev/kvm unusable: {e}"),
+        Ok(_) if Path::new("/sys/module/kvm_pvm").exists() => {
+            "TCG (software emulation): the host's KVM is kvm_pvm, which runs only PVM guest kernels".into()
+        }
+        Ok(_) => "KVM (hardware virtualisation)".into(),
+    }
+}
+
 /// The host TSC frequency in kHz, from `/proc/cpuinfo` (`cpu MHz`).
 pub fn host_tsc_khz() -> Option<u64> {
     parse_cpu_mhz_khz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
@@ -98,6 +118,12 @@ impl Qemu {
         if !out.status.success() {
             return Err(failed(&format!("{QEMU} --version"), &out.status, &out.stderr));
         }
+        Command::new("ssh")
+            .arg("-V")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| spawn_error(e, "ssh"))?;
         let client = ensure_client_key(data_dir).await?;
         Ok(Qemu {
             binary: PathBuf::from(QEMU),
@@ -135,6 +161,13 @@ impl Qemu {
             netns: self.netns.clone(),
             control_path: Some(ctl_path(spec)),
         }
+    }
+
+    /// The non-interactive `ssh` argv running `cmd` like [`Hypervisor::exec`] does, for callers
+    /// that stream the output themselves. Exit status 255 with an `ssh:` message on stderr is a
+    /// connection failure, not the command's.
+    pub fn exec_argv(&self, spec: &MachineSpec, cmd: &str) -> Vec<String> {
+        self.ssh_target(spec).argv(false, 5, &[remote_command(cmd)])
     }
 
     /// The kernel command line.

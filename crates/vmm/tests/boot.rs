@@ -188,11 +188,18 @@ async fn boots_debian_and_execs() {
     let t0 = Instant::now();
     let inst = vm.start(&spec).await.expect("restart");
     guard.inst = Some(inst.clone());
-    vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say).await.expect("ready again");
+    vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say)
+        .await
+        .expect("ready again");
     eprintln!("restart → ready: {:.2}s", t0.elapsed().as_secs_f64());
-    let out = vm.exec(&spec, "echo again", Duration::from_secs(30)).await.unwrap();
+    let out = vm
+        .exec(&spec, "echo again", Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");
-    vm.stop(&spec, &inst, Duration::from_secs(30)).await.expect("stop again");
+    vm.stop(&spec, &inst, Duration::from_secs(30))
+        .await
+        .expect("stop again");
     vm.cleanup(&spec).await.unwrap();
     eprintln!("console tail:\n{}", sistemo_vmm::qemu::console_tail(&spec, 5));
 }
