@@ -112,7 +112,7 @@ fn page_examples_on_real_vms() {
     assert!(qemu_pids(&env).is_empty());
     let links = String::from_utf8_lossy(&env.sh("ip -o link").stdout).into_owned();
     assert!(!links.contains("master sistemo0"), "{links}");
-    assert!(!env.nft_table().contains("10.200.0."), "no rule left");
+    assert!(!env.nft_table().contains(": 10.200.0."), "no rule left");
     assert_eq!(env.cli_ok(&["ports", "-o", "json"]).trim(), "[]");
     assert_eq!(std::fs::read_dir(env.dir.join("data/machines")).unwrap().count(), 0);
 }
