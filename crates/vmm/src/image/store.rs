@@ -188,6 +188,20 @@ impl ImageStore {
         std::fs::create_dir_all(&self.dir).map_err(VmmError::io(format!("creating {}", self.dir.display())))
     }
 
+    /// Exclusive lock over index changes (several builds or processes may finish at once).
+    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, VmmError> {
+        self.mkdir()?;
+        let p = self.dir.join(".index.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(VmmError::io(format!("opening {}", p.display())))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| VmmError::io(format!("locking {}", p.display()))(e.into()))
+    }
+
     fn path_of(&self, sha: &str) -> PathBuf {
         self.dir.join(format!("{sha}.ext4"))
     }
@@ -276,6 +290,7 @@ impl ImageStore {
     /// Remove a tag; the file goes when no tag points at it any more. Returns whether the
     /// tag existed.
     pub fn remove(&self, tag: &str) -> Result<bool, VmmError> {
+        let _lock = self.lock()?;
         let mut idx = self.load();
         let Some(sha) = idx.tags.remove(tag) else {
             return Ok(false);
@@ -300,6 +315,7 @@ impl ImageStore {
             std::fs::copy(file, &dest).map_err(VmmError::io(format!("storing {}", dest.display())))?;
             let _ = std::fs::remove_file(file);
         }
+        let _lock = self.lock()?;
         let mut idx = self.load();
         let previous = idx.tags.insert(tag.to_string(), sha.clone());
         idx.sources.insert(sha.clone(), source.to_string());
