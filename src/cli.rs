@@ -6,6 +6,7 @@ use crate::client::Client;
 use crate::config::{Config, DEFAULT_SOCKET};
 use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -95,9 +96,15 @@ pub enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Manage the systemd unit that runs the daemon.
+    Service {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
     /// Print a shell completion script.
     Completion {
-        /// Shell.
+        /// Shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
 }
@@ -161,27 +168,32 @@ pub enum MachineCmd {
     #[command(visible_alias = "show")]
     Status {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// Start a stopped machine (its port rules come back).
     Start {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// Stop a machine gracefully (port rules leave nftables, stay stored).
     Stop {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// Restart a machine (keeps IP and ports).
     Restart {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// Delete a machine with its rules, IP and files.
     #[command(visible_alias = "rm")]
     Delete {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// Run a command in a machine; exits with its exit code.
@@ -190,6 +202,7 @@ pub enum MachineCmd {
     )]
     Exec {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
         /// Command; a single quoted string runs through the guest's shell.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -198,11 +211,13 @@ pub enum MachineCmd {
     /// Interactive shell in a machine.
     Ssh {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// The machine's console output.
     Logs {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
     },
     /// Expose ports of a machine (running or stopped).
@@ -211,6 +226,7 @@ pub enum MachineCmd {
     )]
     Expose {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
         /// [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.
         #[arg(long, required = true)]
@@ -219,11 +235,23 @@ pub enum MachineCmd {
     /// Remove an exposed port: `--port 8080` (tcp) or `--port 8080/udp`.
     Unexpose {
         /// Name or UUID.
+        #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
         /// [HOST_IP:]HOST_PORT[-END][/tcp|/udp].
         #[arg(long)]
         port: String,
     },
+}
+
+/// `service` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Write /etc/systemd/system/sistemo.service, enable and start it.
+    Install,
+    /// Stop, disable and remove the unit (machines keep running).
+    Uninstall,
+    /// Show the unit's status.
+    Status,
 }
 
 /// `image` subcommands.
@@ -284,6 +312,19 @@ pub enum NetworkCmd {
         /// Name.
         name: String,
     },
+}
+
+/// Machine names for shell completion, asked from the daemon (nothing when it is not running).
+fn machine_names() -> Vec<CompletionCandidate> {
+    let socket = std::env::var_os("SISTEMO_SOCKET").unwrap_or_else(|| DEFAULT_SOCKET.into());
+    Client::new(PathBuf::from(socket))
+        .get::<Vec<MachineInfo>>("/v1/machines")
+        .map(|ms| {
+            ms.into_iter()
+                .map(|m| CompletionCandidate::new(m.name).help(Some(m.status.into())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -551,9 +592,19 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 print!("{}", serde_yaml::to_string(&v)?);
             }
         }
+        Cmd::Service { cmd } => match cmd {
+            ServiceCmd::Install => crate::service::install()?,
+            ServiceCmd::Uninstall => crate::service::uninstall()?,
+            ServiceCmd::Status => return crate::service::status(),
+        },
         Cmd::Completion { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "sistemo", &mut std::io::stdout());
+            // Dynamic completion: the shell calls back into sistemo (machine names come from
+            // the daemon), so print the registration script clap_complete generates for it.
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .env("COMPLETE", shell.to_string())
+                .output()?;
+            use std::io::Write;
+            std::io::stdout().write_all(&out.stdout)?;
         }
     }
     Ok(0)

@@ -77,10 +77,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
+            n += 1;
             let rm = rm.clone();
-            match tokio::task::spawn_blocking(move || rm.repair_once()).await {
+            // Every 20th pass also verifies the rules (a flush of only sistemo's chains).
+            let deep = n.is_multiple_of(20);
+            match tokio::task::spawn_blocking(move || rm.repair_once(deep)).await {
                 Ok(Err(e)) => tracing::error!(error = %e, "self-repair failed"),
                 Err(e) => tracing::error!(error = %e, "self-repair task failed"),
                 Ok(Ok(_)) => {}

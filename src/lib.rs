@@ -23,3 +23,4 @@ pub mod spec;
 pub mod store;
 pub mod sys;
 pub mod vm;
+pub mod service;

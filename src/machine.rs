@@ -288,11 +288,10 @@ impl Manager {
     }
 
     /// One self-repair pass: if the table drifted (flush, firewall reload), rebuild it.
-    pub fn repair_once(&self) -> Result<bool> {
-        let health = {
-            let _g = self.fw_lock.lock().unwrap_or_else(|p| p.into_inner());
-            internal!(self.fw.check())?
-        };
+    /// `deep` also verifies the rules (slower with many exposes).
+    pub fn repair_once(&self, deep: bool) -> Result<bool> {
+        // Checked without the lock: exposes are never delayed by a check; a rebuild takes it.
+        let health = internal!(self.fw.check(deep))?;
         let repaired = match health {
             Health::InSync => false,
             Health::Drifted(why) => {
@@ -1023,8 +1022,7 @@ impl Manager {
 
     /// Firewall health as text.
     pub fn firewall_health(&self) -> String {
-        let _g = self.fw_lock.lock().unwrap_or_else(|p| p.into_inner());
-        match self.fw.check() {
+        match self.fw.check(true) {
             Ok(Health::InSync) => "in sync".into(),
             Ok(Health::Drifted(w)) => w,
             Err(e) => e.to_string(),

@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    clap_complete::CompleteEnv::with_factory(<sistemo::cli::Cli as clap::CommandFactory>::command).complete();
     let cli = sistemo::cli::Cli::parse();
     let daemon = matches!(cli.cmd, sistemo::cli::Cmd::Up(_));
     if daemon {

@@ -363,6 +363,11 @@ fn daemon_restart_and_ruleset_flush_restore_rules() {
     poll("self-repair after delete table", Duration::from_secs(2), || {
         tcp_from(&env.client, HOST_LAN, 8080).filter(|r| r.starts_with("web"))
     });
+    // flushing only sistemo's rules is caught by the deep check (every 20 passes)
+    env.sh(&format!("nft flush chain ip {} prerouting", env.table));
+    poll("deep self-repair", Duration::from_secs(8), || {
+        tcp_from(&env.client, HOST_LAN, 8080).filter(|r| r.starts_with("web"))
+    });
     // graceful restart: nothing lost
     env.kill_daemon("-TERM");
     env.start_daemon();

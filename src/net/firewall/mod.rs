@@ -90,8 +90,9 @@ pub trait FirewallDriver: Send + Sync {
     fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError>;
     /// Remove mappings (one transaction).
     fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError>;
-    /// Whether the kernel still holds the table (cheap; called on a short timer).
-    fn check(&self) -> Result<Health, FirewallError>;
+    /// Whether the kernel still holds the table. The shallow check (table and chains present)
+    /// is cheap and runs on a short timer; `deep` also verifies the rules.
+    fn check(&self, deep: bool) -> Result<Health, FirewallError>;
     /// Keep exposed ports reachable when another table's forward chain drops by policy.
     /// Returns the chains it had to (re)patch, for the log.
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;

@@ -1,0 +1,80 @@
+//! `sistemo service install|uninstall|status`: a systemd unit that runs `sistemo up`, restarts
+//! on failure, starts after the network and nftables, and re-applies rules on nftables reloads.
+
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// Where the unit is written.
+pub const UNIT_PATH: &str = "/etc/systemd/system/sistemo.service";
+
+/// The unit text for the binary at `exe`.
+pub fn unit(exe: &Path) -> String {
+    format!(
+        "[Unit]
+Description=sistemo microVM host daemon
+Documentation=https://github.com/sistemo
+After=network-online.target nftables.service
+Wants=network-online.target
+# A reload of nftables (or firewalld) flushes the ruleset: restart with it so the rules are
+# re-applied at once (the daemon also repairs its table within a second on its own).
+PartOf=nftables.service
+
+[Service]
+Type=simple
+ExecStart={} up
+Restart=on-failure
+RestartSec=2
+# Machines are separate processes in their own sessions: stopping the daemon leaves them running.
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+",
+        exe.display()
+    )
+}
+
+fn systemctl(args: &[&str]) -> Result<()> {
+    let st = std::process::Command::new("systemctl")
+        .args(args)
+        .status()
+        .context("running systemctl (is systemd installed?)")?;
+    if !st.success() {
+        bail!("systemctl {} failed with {st}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Install and start the unit.
+pub fn install() -> Result<()> {
+    let exe = std::env::current_exe()?;
+    std::fs::write(UNIT_PATH, unit(&exe)).with_context(|| format!("writing {UNIT_PATH} (run as root)"))?;
+    systemctl(&["daemon-reload"])?;
+    systemctl(&["enable", "--now", "sistemo.service"])?;
+    println!("installed {UNIT_PATH} and started sistemo.service");
+    Ok(())
+}
+
+/// Stop and remove the unit (machines keep running).
+pub fn uninstall() -> Result<()> {
+    if !Path::new(UNIT_PATH).exists() {
+        bail!("{UNIT_PATH} does not exist: the service is not installed");
+    }
+    let _ = systemctl(&["disable", "--now", "sistemo.service"]);
+    std::fs::remove_file(UNIT_PATH)?;
+    systemctl(&["daemon-reload"])?;
+    println!("removed {UNIT_PATH}");
+    Ok(())
+}
+
+/// Print the unit's status; exit code as `systemctl status`.
+pub fn status() -> Result<i32> {
+    if !Path::new(UNIT_PATH).exists() {
+        println!("sistemo.service is not installed (sistemo service install)");
+        return Ok(3);
+    }
+    let st = std::process::Command::new("systemctl")
+        .args(["status", "--no-pager", "sistemo.service"])
+        .status()?;
+    Ok(st.code().unwrap_or(1))
+}
