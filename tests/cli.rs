@@ -1,0 +1,120 @@
+//! CLI contract: the real binary against a real daemon. JSON schemas, exit codes, prompts,
+//! aliases, doctor, history.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn json(env: &Env, args: &[&str]) -> Value {
+    let out = env.cli_ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {out:?}"))
+}
+
+fn has(v: &Value, fields: &[&str]) {
+    for f in fields {
+        assert!(v.get(f).is_some(), "missing field {f} in {v}");
+    }
+}
+
+#[test]
+fn json_outputs_parse_and_have_documented_fields() {
+    let env = Env::new("json");
+    env.machine("web", &["--expose", "8080:80", "--expose", "127.0.0.1:5353:53/udp"]);
+    let ms = json(&env, &["machine", "list", "-o", "json"]);
+    assert_eq!(ms.as_array().unwrap().len(), 1);
+    let m = &ms[0];
+    has(m, &["id", "name", "status", "ip", "network", "image", "vcpus", "memory_mib", "storage_bytes", "ports", "created_at"]);
+    has(&m["ports"][0], &["bind", "host_port", "machine_port", "protocol", "spec", "display"]);
+    assert_eq!(m["ports"][1]["bind"], "127.0.0.1");
+    assert_eq!(m["ports"][0]["display"], "host:8080 → machine:80 (tcp)");
+    let st = json(&env, &["machine", "status", "web", "-o", "json"]);
+    assert_eq!(st["name"], "web");
+    let ports = json(&env, &["ports", "-o", "json"]);
+    has(&ports[0], &["machine", "state", "bind", "host_port", "machine_port", "protocol"]);
+    let nets = json(&env, &["network", "list", "-o", "json"]);
+    has(&nets[0], &["name", "bridge", "subnet", "gateway", "machines"]);
+    let h = json(&env, &["history", "-o", "json"]);
+    has(&h[0], &["at", "uid", "action", "target", "result"]);
+    let d = json(&env, &["doctor", "-o", "json"]);
+    has(&d, &["ok", "checks"]);
+    has(&d["checks"][0], &["name", "ok", "detail", "fix"]);
+    let c = json(&env, &["config", "-o", "json"]);
+    assert_eq!(c["nft_table"], env.table.as_str());
+    // deploy's JSON result is the machine
+    let o = env.cli(&["machine", "deploy", "debian", "--name", "api", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("deploy -o json");
+    assert_eq!(v["ip"], "10.200.0.3");
+}
+
+#[test]
+fn exit_codes_prompts_and_aliases() {
+    let env = Env::new("exit");
+    env.machine("web", &["--expose", "8080:80"]);
+    // 0, 1, 2
+    assert_eq!(env.cli(&["machine", "list"]).status.code(), Some(0));
+    assert_eq!(env.cli(&["machine", "status", "nope"]).status.code(), Some(1));
+    assert_eq!(env.cli(&["machine", "frobnicate"]).status.code(), Some(2));
+    assert_eq!(env.cli(&["machine", "deploy"]).status.code(), Some(2));
+    // errors are one line naming the value
+    assert!(env.cli_err(&["machine", "status", "nope"]).contains("\"nope\""));
+    // destructive commands refuse without a terminal and without -y, and change nothing
+    let e = env.cli_err(&["machine", "delete", "web"]);
+    assert!(e.contains("-y"), "{e}");
+    assert!(env.cli_ok(&["machine", "list"]).contains("web"));
+    // aliases
+    assert_eq!(env.cli_ok(&["vm", "ls"]), env.cli_ok(&["machine", "list"]));
+    assert_eq!(env.cli_ok(&["vm", "show", "web"]), env.cli_ok(&["machine", "status", "web"]));
+    let id = json(&env, &["machine", "status", "web", "-o", "json"])["id"].as_str().unwrap().to_string();
+    assert_eq!(env.cli_ok(&["machine", "status", &id]), env.cli_ok(&["machine", "status", "web"]), "UUID names a machine too");
+    env.cli_ok(&["vm", "rm", &id, "-y"]);
+    assert_eq!(env.cli_ok(&["machine", "ls", "-o", "json"]).trim(), "[]");
+    // the audit log recorded who did what
+    let h = json(&env, &["history", "--action", "machine.delete", "-o", "json"]);
+    assert_eq!(h[0]["uid"], 0);
+    assert_eq!(h[0]["result"], "ok");
+    // the daemon not running: say how to start it
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .args(["--socket", "/nonexistent/sistemo.sock", "machine", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sudo sistemo up"));
+}
+
+#[test]
+fn doctor_fails_with_a_fix_without_nftables_and_passes_on_a_good_setup() {
+    let env = Env::new("doc");
+    let o = env.cli(&["doctor"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "doctor failed on a good setup:\n{out}");
+    assert!(out.contains("in sync"), "{out}");
+    // nftables missing: simulate with a PATH that has no nft
+    let dir = env.dir.join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .args(["--socket", env.socket.to_str().unwrap(), "doctor", "-o", "json"])
+        .env("PATH", &dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nft = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "nftables").unwrap();
+    assert_eq!(nft["ok"], false);
+    assert_eq!(nft["fix"], "apt-get install nftables");
+}
+
+#[test]
+fn completion_offers_machine_names_from_the_daemon() {
+    let env = Env::new("comp");
+    env.machine("web", &[]);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .args(["--", "sistemo", "machine", "status", ""])
+        .env("COMPLETE", "fish")
+        .env("SISTEMO_SOCKET", &env.socket)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("web")));
+    for sh in ["bash", "zsh", "fish"] {
+        assert!(!env.cli_ok(&["completion", sh]).is_empty());
+    }
+}
