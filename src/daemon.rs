@@ -92,14 +92,35 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let shutdown = async {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("signal handler");
         let mut int = signal(SignalKind::interrupt()).expect("signal handler");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("shutting down; machines and their port rules stay up");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     };
-    crate::server::serve(listener, m, shutdown).await?;
+    if let Some(port) = cfg.port {
+        let token = cfg.token.clone().unwrap_or_default();
+        let tcp = tokio::net::TcpListener::bind((cfg.listen_addr, port))
+            .await
+            .with_context(|| format!("binding the TCP API on {}:{port}", cfg.listen_addr))?;
+        tracing::info!(addr = %cfg.listen_addr, port, "TCP API listening (bearer token required)");
+        let (m2, s2) = (m.clone(), stopped());
+        tokio::spawn(async move {
+            if let Err(e) = crate::server::serve_tcp(tcp, m2, token, s2).await {
+                tracing::error!(error = %e, "TCP API failed");
+            }
+        });
+    }
+    crate::server::serve(listener, m, stopped()).await?;
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -29,6 +29,12 @@ impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(_: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer { uid: None }
+    }
+}
+
 type AppState = Arc<Manager>;
 
 impl IntoResponse for Error {
@@ -332,4 +338,43 @@ pub async fn serve(
     axum::serve(listener, router(m).into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Serve the API on an opt-in TCP listener; every request needs `Authorization: Bearer <token>`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    m: AppState,
+    token: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let expected = Arc::new(format!("Bearer {token}"));
+    let auth = axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let expected = expected.clone();
+        async move {
+            let ok = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
+            if ok {
+                next.run(req).await
+            } else {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    Json(ErrorBody {
+                        error: "missing or wrong bearer token (allowed: Authorization: Bearer <token from the config>)"
+                            .into(),
+                    }),
+                )
+                    .into_response()
+            }
+        }
+    });
+    axum::serve(listener, router(m).layer(auth).into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

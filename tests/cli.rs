@@ -118,3 +118,27 @@ fn completion_offers_machine_names_from_the_daemon() {
         assert!(!env.cli_ok(&["completion", sh]).is_empty());
     }
 }
+
+#[test]
+fn tcp_api_is_opt_in_and_needs_the_token() {
+    let mut env = Env::new("tcp");
+    env.machine("web", &[]);
+    let cfg = env.dir.join("config.yml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("port: 7443\ntoken: s3cret\n");
+    std::fs::write(&cfg, text).unwrap();
+    env.kill_daemon("-TERM");
+    env.start_daemon();
+    let code = |auth: &str| {
+        let o = env.sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' {auth} http://127.0.0.1:7443/v1/machines"
+        ));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(code(""), "401");
+    assert_eq!(code("-H 'Authorization: Bearer wrong'"), "401");
+    assert_eq!(code("-H 'Authorization: Bearer s3cret'"), "200");
+    // the daemon's own port cannot be exposed
+    let e = env.cli_err(&["machine", "expose", "web", "--port", "7443:80"]);
+    assert!(e.contains("7443") && e.contains("API"), "{e}");
+}
