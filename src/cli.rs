@@ -332,8 +332,48 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// Progress of a long operation on stderr: a spinner with elapsed time on a terminal, plain
+/// lines otherwise. The spinner is cleared when dropped.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b
+        });
+        Progress { bar }
+    }
+
+    fn line(&self, p: &str) {
+        match &self.bar {
+            Some(b) => {
+                b.println(format!("… {p}"));
+                b.set_message(p.to_string());
+            }
+            None => eprintln!("… {p}"),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 fn progress_printer() -> impl FnMut(&str) {
-    move |p: &str| eprintln!("… {p}")
+    let p = Progress::new();
+    move |line: &str| p.line(line)
 }
 
 /// The page's status block.
