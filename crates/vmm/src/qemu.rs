@@ -180,6 +180,10 @@ impl Qemu {
             // and the boot hangs; give the kernel the frequency.
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
+        if let Ok(extra) = std::env::var("SISTEMO_GUEST_CMDLINE_EXTRA") {
+            c.push(' ');
+            c.push_str(extra.trim());
+        }
         c
     }
 

@@ -55,6 +55,8 @@ pub const MASKED_UNITS: &[&str] = &[
     "modprobe@drm.service",
     "modprobe@efi_pstore.service",
     "modprobe@configfs.service",
+    // The root is mounted rw by the initramfs and fstab is empty: nothing to remount.
+    "systemd-remount-fs.service",
     // No udev: /dev is the kernel's devtmpfs, nothing waits for device units, and udev's
     // coldplug costs several seconds of emulated CPU at boot.
     "systemd-udevd.service",
