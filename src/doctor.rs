@@ -113,7 +113,7 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
             }
             if let Some(dir) = i.config["data_dir"].as_str() {
                 let free = nix::sys::statvfs::statvfs(dir)
-                    .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                    .map(|s| s.blocks_available() * s.fragment_size())
                     .unwrap_or(0);
                 checks.push(check(
                     "disk",

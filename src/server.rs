@@ -370,9 +370,14 @@ pub async fn serve_tcp(
             }
         }
     });
-    axum::serve(listener, router(m).layer(auth).into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(m)
+            .layer(auth)
+            .into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -107,15 +107,29 @@ pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
     let progress = |s: &str| eprintln!("… {s}");
     let t = std::time::Instant::now();
     let assets = ensure_boot_assets(data_dir, &progress).await?;
-    eprintln!("kernel {} and initramfs ready in {:.1}s", assets.kernel_version, t.elapsed().as_secs_f64());
+    eprintln!(
+        "kernel {} and initramfs ready in {:.1}s",
+        assets.kernel_version,
+        t.elapsed().as_secs_f64()
+    );
     let store = ImageStore::new(data_dir);
     if store.resolve("debian", 0, &progress).await.is_err() {
         let t = std::time::Instant::now();
         let info = store.build_debian("debian", include, &progress).await?;
-        eprintln!("image debian built in {:.1}s: sha256 {}", t.elapsed().as_secs_f64(), info.sha256);
+        eprintln!(
+            "image debian built in {:.1}s: sha256 {}",
+            t.elapsed().as_secs_f64(),
+            info.sha256
+        );
     }
     for i in store.list() {
-        println!("{} {} {}M {}", i.tags.join(","), &i.sha256[..12], i.size >> 20, i.source);
+        println!(
+            "{} {} {}M {}",
+            i.tags.join(","),
+            &i.sha256[..12],
+            i.size >> 20,
+            i.source
+        );
     }
     Ok(())
 }

@@ -19,18 +19,49 @@ fn has(v: &Value, fields: &[&str]) {
 #[test]
 fn json_outputs_parse_and_have_documented_fields() {
     let env = Env::new("json");
-    env.machine("web", &["--expose", "8080:80", "--expose", "127.0.0.1:5353:53/udp"]);
+    env.machine(
+        "web",
+        &["--expose", "8080:80", "--expose", "127.0.0.1:5353:53/udp"],
+    );
     let ms = json(&env, &["machine", "list", "-o", "json"]);
     assert_eq!(ms.as_array().unwrap().len(), 1);
     let m = &ms[0];
-    has(m, &["id", "name", "status", "ip", "network", "image", "vcpus", "memory_mib", "storage_bytes", "ports", "created_at"]);
-    has(&m["ports"][0], &["bind", "host_port", "machine_port", "protocol", "spec", "display"]);
+    has(
+        m,
+        &[
+            "id",
+            "name",
+            "status",
+            "ip",
+            "network",
+            "image",
+            "vcpus",
+            "memory_mib",
+            "storage_bytes",
+            "ports",
+            "created_at",
+        ],
+    );
+    has(
+        &m["ports"][0],
+        &["bind", "host_port", "machine_port", "protocol", "spec", "display"],
+    );
     assert_eq!(m["ports"][1]["bind"], "127.0.0.1");
     assert_eq!(m["ports"][0]["display"], "host:8080 → machine:80 (tcp)");
     let st = json(&env, &["machine", "status", "web", "-o", "json"]);
     assert_eq!(st["name"], "web");
     let ports = json(&env, &["ports", "-o", "json"]);
-    has(&ports[0], &["machine", "state", "bind", "host_port", "machine_port", "protocol"]);
+    has(
+        &ports[0],
+        &[
+            "machine",
+            "state",
+            "bind",
+            "host_port",
+            "machine_port",
+            "protocol",
+        ],
+    );
     let nets = json(&env, &["network", "list", "-o", "json"]);
     has(&nets[0], &["name", "bridge", "subnet", "gateway", "machines"]);
     let h = json(&env, &["history", "-o", "json"]);
@@ -63,9 +94,19 @@ fn exit_codes_prompts_and_aliases() {
     assert!(env.cli_ok(&["machine", "list"]).contains("web"));
     // aliases
     assert_eq!(env.cli_ok(&["vm", "ls"]), env.cli_ok(&["machine", "list"]));
-    assert_eq!(env.cli_ok(&["vm", "show", "web"]), env.cli_ok(&["machine", "status", "web"]));
-    let id = json(&env, &["machine", "status", "web", "-o", "json"])["id"].as_str().unwrap().to_string();
-    assert_eq!(env.cli_ok(&["machine", "status", &id]), env.cli_ok(&["machine", "status", "web"]), "UUID names a machine too");
+    assert_eq!(
+        env.cli_ok(&["vm", "show", "web"]),
+        env.cli_ok(&["machine", "status", "web"])
+    );
+    let id = json(&env, &["machine", "status", "web", "-o", "json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        env.cli_ok(&["machine", "status", &id]),
+        env.cli_ok(&["machine", "status", "web"]),
+        "UUID names a machine too"
+    );
     env.cli_ok(&["vm", "rm", &id, "-y"]);
     assert_eq!(env.cli_ok(&["machine", "ls", "-o", "json"]).trim(), "[]");
     // the audit log recorded who did what
@@ -98,7 +139,12 @@ fn doctor_fails_with_a_fix_without_nftables_and_passes_on_a_good_setup() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let nft = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "nftables").unwrap();
+    let nft = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "nftables")
+        .unwrap();
     assert_eq!(nft["ok"], false);
     assert_eq!(nft["fix"], "apt-get install nftables");
 }
@@ -113,7 +159,11 @@ fn completion_offers_machine_names_from_the_daemon() {
         .env("SISTEMO_SOCKET", &env.socket)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("web")));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.starts_with("web"))
+    );
     for sh in ["bash", "zsh", "fish"] {
         assert!(!env.cli_ok(&["completion", sh]).is_empty());
     }

@@ -13,20 +13,35 @@ fn seed() -> Option<PathBuf> {
         eprintln!("SISTEMO_VM_TESTS is not 1: real-VM test skipped");
         return None;
     }
-    let dir = PathBuf::from(std::env::var("SISTEMO_TEST_CACHE").unwrap_or_else(|_| "/var/cache/sistemo-test".into()))
-        .join("data");
-    assert!(dir.join("images").exists(), "VM assets missing in {}: run scripts/prepare-vm-assets", dir.display());
+    let dir = PathBuf::from(
+        std::env::var("SISTEMO_TEST_CACHE").unwrap_or_else(|_| "/var/cache/sistemo-test".into()),
+    )
+    .join("data");
+    assert!(
+        dir.join("images").exists(),
+        "VM assets missing in {}: run scripts/prepare-vm-assets",
+        dir.display()
+    );
     Some(dir)
 }
 
 fn curl(env: &Env, port: u16) -> Option<String> {
     let o = env.sh(&format!("curl -s -m 3 http://localhost:{port}/"));
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn qemu_pids(env: &Env) -> Vec<String> {
-    let o = run(&["pgrep", "-f", &format!("qemu-system-x86_64.*{}", env.dir.display())]);
-    String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from).collect()
+    let o = run(&[
+        "pgrep",
+        "-f",
+        &format!("qemu-system-x86_64.*{}", env.dir.display()),
+    ]);
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
 }
 
 #[test]
@@ -41,11 +56,27 @@ fn page_examples_on_real_vms() {
 
     // sistemo machine deploy debian --name web --expose 80 (+ the Node.js port)
     let t0 = Instant::now();
-    env.cli_ok(&["machine", "deploy", "debian", "--name", "web", "--expose", "80", "--expose", "8080:3000"]);
+    env.cli_ok(&[
+        "machine",
+        "deploy",
+        "debian",
+        "--name",
+        "web",
+        "--expose",
+        "80",
+        "--expose",
+        "8080:3000",
+    ]);
     eprintln!("deploy until exec-ready: {:.1}s", t0.elapsed().as_secs_f64());
     let st = env.cli_ok(&["machine", "status", "web"]);
-    assert!(st.contains("Status:   running") && st.contains("IP:       10.200.0.2"), "{st}");
-    assert!(st.contains("  host:80 → machine:80 (tcp)\n  host:8080 → machine:3000 (tcp)"), "{st}");
+    assert!(
+        st.contains("Status:   running") && st.contains("IP:       10.200.0.2"),
+        "{st}"
+    );
+    assert!(
+        st.contains("  host:80 → machine:80 (tcp)\n  host:8080 → machine:3000 (tcp)"),
+        "{st}"
+    );
 
     // exec: output, exit code, shell operators
     let o = env.cli(&["machine", "exec", "web", "echo hi && exit 3"]);
@@ -53,8 +84,15 @@ fn page_examples_on_real_vms() {
     assert_eq!(o.status.code(), Some(3));
 
     // The nginx example (nginx is baked into the test image: test namespaces have no internet).
-    env.cli_ok(&["machine", "exec", "web", "rm -f /usr/sbin/policy-rc.d && systemctl start nginx"]);
-    let page = poll("nginx on localhost:80", Duration::from_secs(30), || curl(&env, 80));
+    env.cli_ok(&[
+        "machine",
+        "exec",
+        "web",
+        "rm -f /usr/sbin/policy-rc.d && systemctl start nginx",
+    ]);
+    let page = poll("nginx on localhost:80", Duration::from_secs(30), || {
+        curl(&env, 80)
+    });
     assert!(page.contains("nginx"), "{page}");
 
     // The Node.js example: a trailing & leaves it running without hanging exec.
@@ -65,8 +103,14 @@ fn page_examples_on_real_vms() {
         "web",
         "node -e 'require(\"http\").createServer((q,s)=>{s.end(\"hello\\n\")}).listen(3000)' &",
     ]);
-    assert!(t.elapsed() < Duration::from_secs(20), "exec with & returned promptly");
-    assert_eq!(poll("node on 8080", Duration::from_secs(30), || curl(&env, 8080)), "hello\n");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "exec with & returned promptly"
+    );
+    assert_eq!(
+        poll("node on 8080", Duration::from_secs(30), || curl(&env, 8080)),
+        "hello\n"
+    );
 
     // expose / unexpose on a running machine
     env.cli_ok(&["machine", "expose", "web", "--port", "8081:80"]);
@@ -80,8 +124,14 @@ fn page_examples_on_real_vms() {
     assert_eq!(curl(&env, 80), None);
     assert!(qemu_pids(&env).is_empty(), "VMM gone after stop");
     let st = env.cli_ok(&["machine", "status", "web"]);
-    assert!(st.contains("Status:   stopped") && st.contains("host:80 → machine:80 (tcp)"), "{st}");
-    assert!(env.cli_err(&["machine", "exec", "web", "true"]).contains("stopped"));
+    assert!(
+        st.contains("Status:   stopped") && st.contains("host:80 → machine:80 (tcp)"),
+        "{st}"
+    );
+    assert!(
+        env.cli_err(&["machine", "exec", "web", "true"])
+            .contains("stopped")
+    );
     // start: open again, same IP
     env.cli_ok(&["machine", "start", "web"]);
     assert!(poll("nginx after start", Duration::from_secs(30), || curl(&env, 80)).contains("nginx"));
@@ -90,11 +140,17 @@ fn page_examples_on_real_vms() {
     env.cli_ok(&["machine", "restart", "web"]);
     assert!(poll("nginx after restart", Duration::from_secs(30), || curl(&env, 80)).contains("nginx"));
     let st = env.cli_ok(&["machine", "status", "web"]);
-    assert!(st.contains("IP:       10.200.0.2") && st.contains("host:80 → machine:80 (tcp)"), "{st}");
+    assert!(
+        st.contains("IP:       10.200.0.2") && st.contains("host:80 → machine:80 (tcp)"),
+        "{st}"
+    );
 
     // daemon kill -9 and restart: machine still running, port answers, status intact
     env.kill_daemon("-KILL");
-    assert!(curl(&env, 80).is_some_and(|p| p.contains("nginx")), "port answers while the daemon is down");
+    assert!(
+        curl(&env, 80).is_some_and(|p| p.contains("nginx")),
+        "port answers while the daemon is down"
+    );
     env.start_daemon();
     assert_eq!(env.cli_ok(&["machine", "status", "web"]), st);
     env.cli_ok(&["machine", "exec", "web", "true"]);
@@ -114,5 +170,8 @@ fn page_examples_on_real_vms() {
     assert!(!links.contains("master sistemo0"), "{links}");
     assert!(!env.nft_table().contains(": 10.200.0."), "no rule left");
     assert_eq!(env.cli_ok(&["ports", "-o", "json"]).trim(), "[]");
-    assert_eq!(std::fs::read_dir(env.dir.join("data/machines")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(env.dir.join("data/machines")).unwrap().count(),
+        0
+    );
 }

@@ -107,7 +107,12 @@ impl Env {
             std::fs::create_dir_all(env.dir.join("data")).unwrap();
             for sub in ["kernel", "images", "ssh"] {
                 if seed.join(sub).exists() {
-                    ok(&["cp", "-al", seed.join(sub).to_str().unwrap(), env.dir.join("data").to_str().unwrap()]);
+                    ok(&[
+                        "cp",
+                        "-al",
+                        seed.join(sub).to_str().unwrap(),
+                        env.dir.join("data").to_str().unwrap(),
+                    ]);
                 }
             }
         }

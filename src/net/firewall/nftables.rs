@@ -294,18 +294,32 @@ impl FirewallDriver for Nftables {
             .filter_map(|i| i["chain"]["name"].as_str())
             .collect();
         if ours.is_empty() {
-            return Ok(Health::Drifted(format!("table {FAMILY} {} is missing", self.table)));
+            return Ok(Health::Drifted(format!(
+                "table {FAMILY} {} is missing",
+                self.table
+            )));
         }
         if let Some(c) = CHAINS.iter().find(|c| !ours.contains(c)) {
-            return Ok(Health::Drifted(format!("chain {c} of table {FAMILY} {} is missing", self.table)));
+            return Ok(Health::Drifted(format!(
+                "chain {c} of table {FAMILY} {} is missing",
+                self.table
+            )));
         }
         if deep {
             // Listing rules makes nft fetch every map element (tens of ms at 10,000 exposes),
             // so rule flushes are checked on the slower deep cadence.
             match self.query(&["list", "chain", FAMILY, &self.table, "prerouting"])? {
-                None => return Ok(Health::Drifted(format!("table {FAMILY} {} is missing", self.table))),
+                None => {
+                    return Ok(Health::Drifted(format!(
+                        "table {FAMILY} {} is missing",
+                        self.table
+                    )));
+                }
                 Some(text) if text.matches("dnat").count() < 2 => {
-                    return Ok(Health::Drifted(format!("rules of table {FAMILY} {} were flushed", self.table)));
+                    return Ok(Health::Drifted(format!(
+                        "rules of table {FAMILY} {} were flushed",
+                        self.table
+                    )));
                 }
                 Some(_) => {}
             }
