@@ -8,7 +8,13 @@
 //! - [`net`]: bridges, TAPs and addresses over netlink; the nftables firewall.
 //! - [`machine`]: the machine state machine, each host-touching step with its undo.
 //! - [`config`]: daemon configuration (file, flags, environment).
+//! - [`daemon`]: `sistemo up`: start-up restore, self-repair timer, API listeners.
+//! - [`server`] / [`client`] / [`api`]: the HTTP/JSON API, its client, and their shared types.
+//! - [`cli`]: the command line; [`doctor`] and [`service`] are two of its commands.
+//! - [`vm`]: glue to the QEMU backend and the image store of `sistemo_vmm`.
+//! - [`sys`]: the only `unsafe` (TAP ioctls), each block justified.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
 pub mod cli;
