@@ -277,6 +277,11 @@ impl Qemu {
         })
     }
 
+    /// Close the shared SSH connection to a machine (the next exec opens a new one).
+    pub async fn disconnect(&self, spec: &MachineSpec) {
+        self.close_master(spec).await
+    }
+
     /// End a connection-sharing master left from an earlier boot (its TCP session is dead).
     async fn close_master(&self, spec: &MachineSpec) {
         let ctl = ctl_path(spec);

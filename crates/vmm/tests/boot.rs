@@ -152,6 +152,8 @@ async fn boots_debian_and_execs() {
         .unwrap();
     assert_eq!(out.code, 0);
     assert!(t.elapsed() < Duration::from_secs(10), "background exec hung");
+    // The background process outlives the SSH session that started it.
+    vm.disconnect(&spec).await;
     let out = vm
         .exec(
             &spec,
