@@ -355,6 +355,18 @@ impl Qemu {
     }
 }
 
+/// True when `ifname` exists in this process's network namespace (`/proc/self/net/dev` follows
+/// the namespace even where `/sys` was not remounted).
+pub fn interface_exists(ifname: &str) -> bool {
+    std::fs::read_to_string("/proc/self/net/dev")
+        .map(|t| {
+            t.lines()
+                .skip(2)
+                .any(|l| l.split(':').next().map(str::trim) == Some(ifname))
+        })
+        .unwrap_or(true)
+}
+
 /// Escape a value for a QEMU option list (commas are doubled).
 fn escape_opt(s: &str) -> String {
     s.replace(',', ",,")
@@ -443,6 +455,17 @@ impl Hypervisor for Qemu {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),
                 reason: format!("root disk {} does not exist", disk.display()),
+            });
+        }
+        // Without the network layer's TAP, QEMU would create a fresh one off the bridge and the
+        // guest would boot unreachable.
+        if self.netns.is_none() && !interface_exists(&spec.net.host_ifname) {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!(
+                    "TAP device {} does not exist (the network layer creates it)",
+                    spec.net.host_ifname
+                ),
             });
         }
         std::fs::create_dir_all(&spec.dir)
@@ -632,6 +655,12 @@ mod tests {
             Some(2_100_000)
         );
         assert_eq!(parse_cpu_mhz_khz("nothing"), None);
+    }
+
+    #[test]
+    fn loopback_exists() {
+        assert!(interface_exists("lo"));
+        assert!(!interface_exists("sistemo-no-such-if"));
     }
 
     #[test]

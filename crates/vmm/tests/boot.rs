@@ -152,6 +152,18 @@ async fn boots_debian_and_execs() {
         .unwrap();
     assert_eq!(out.code, 0);
     assert!(t.elapsed() < Duration::from_secs(10), "background exec hung");
+    // The guest clock is the host's (apt refuses a Release file from the future).
+    let out = vm.exec(&spec, "date +%s", Duration::from_secs(30)).await.unwrap();
+    let guest: i64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("date +%s");
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((guest - host).abs() < 120, "guest clock {guest} vs host {host}");
+
     // The background process outlives the SSH session that started it.
     vm.disconnect(&spec).await;
     let out = vm

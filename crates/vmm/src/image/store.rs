@@ -450,7 +450,7 @@ impl ImageStore {
                 "debootstrap done in {:.0}s; configuring",
                 t0.elapsed().as_secs_f64()
             ));
-            configure_tree(&root).await?;
+            configure_tree(&root, mirror).await?;
             let img = scratch.join("root.ext4");
             progress("mkfs.ext4 -d (no mount)");
             make_ext4(&root, &img, "sistemo-root").await?;
@@ -541,7 +541,15 @@ fn write(root: &Path, rel: &str, content: &str) -> Result<(), VmmError> {
 
 /// Turn a fresh debootstrap tree into a sistemo image: networkd + sshd on, key-only root login,
 /// no shared host keys, slow or useless units masked, caches dropped.
-async fn configure_tree(root: &Path) -> Result<(), VmmError> {
+async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmError> {
+    write(
+        root,
+        "etc/apt/sources.list",
+        &format!(
+            "deb {mirror} bookworm main\ndeb {mirror} bookworm-updates main\n\
+             deb http://deb.debian.org/debian-security bookworm-security main\n"
+        ),
+    )?;
     write(root, "etc/systemd/system/sistemo-sshd.socket", SSHD_SOCKET)?;
     write(root, "etc/systemd/system/sistemo-sshd@.service", SSHD_SERVICE)?;
     // networkd stays installed with the machine's .network file, masked: `systemctl unmask`
