@@ -43,8 +43,8 @@ pub struct Cli {
     #[arg(short = 'y', long, global = true)]
     pub yes: bool,
     /// The daemon's API socket.
-    #[arg(long, global = true, env = "SISTEMO_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    #[arg(long, global = true, env = "SISTEMO_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -216,6 +216,9 @@ pub enum MachineCmd {
     },
     /// The machine's console output.
     Logs {
+        /// Keep printing new output as it arrives.
+        #[arg(short, long)]
+        follow: bool,
         /// Name or UUID.
         #[arg(add = ArgValueCandidates::new(machine_names))]
         name: String,
@@ -445,12 +448,15 @@ fn confirm(yes: bool, what: &str) -> Result<()> {
 
 /// Run a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
-    let c = Client::new(&cli.socket);
+    let socket = cli.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
+    let c = Client::new(&socket);
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(a) => {
             let mut cfg = Config::load(a.config.as_deref())?;
-            cfg.socket = cli.socket.clone();
+            if let Some(s) = &cli.socket {
+                cfg.socket = s.clone();
+            }
             if let Some(v) = a.data_dir {
                 cfg.data_dir = v;
             }
@@ -619,7 +625,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 Ok(i) => i.config,
                 Err(_) => {
                     let mut cfg = Config::load(config.as_deref())?;
-                    cfg.socket = cli.socket.clone();
+                    if let Some(s) = &cli.socket {
+                        cfg.socket = s.clone();
+                    }
                     if cfg.token.is_some() {
                         cfg.token = Some("<redacted>".into());
                     }
@@ -784,7 +792,20 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 .status()?;
             return Ok(st.code().unwrap_or(1));
         }
-        MachineCmd::Logs { name } => print!("{}", c.text(&format!("{}/logs", path(&name)))?),
+        MachineCmd::Logs { name, follow } => {
+            use std::io::Write;
+            let mut offset = 0usize;
+            loop {
+                let chunk = c.text(&format!("{}/logs?offset={offset}", path(&name)))?;
+                offset += chunk.len();
+                std::io::stdout().write_all(chunk.as_bytes())?;
+                std::io::stdout().flush()?;
+                if !follow {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
         MachineCmd::Expose { name, port } => {
             let specs = port
                 .iter()

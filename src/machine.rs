@@ -805,10 +805,16 @@ impl Manager {
     }
 
     /// The machine's console log.
-    pub fn logs(&self, name: &str) -> Result<String> {
+    /// The machine's console log from byte `offset` on (for `logs -f`).
+    pub fn logs(&self, name: &str, offset: u64) -> Result<String> {
+        use std::io::{Read, Seek};
         let m = self.store().machine(name)?;
         let p = self.machine_dir(&m.id).join("console.log");
-        Ok(std::fs::read_to_string(p).unwrap_or_default())
+        let Ok(mut f) = std::fs::File::open(p) else { return Ok(String::new()) };
+        let mut buf = Vec::new();
+        internal!(f.seek(std::io::SeekFrom::Start(offset)))?;
+        internal!(f.take(4 << 20).read_to_end(&mut buf))?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
     // ---- images ----

@@ -204,8 +204,17 @@ async fn shell(State(m): State<AppState>, Path(name): Path<String>) -> Result<Js
     }))
 }
 
-async fn logs(State(m): State<AppState>, Path(name): Path<String>) -> Result<String, Error> {
-    m.logs(&name)
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    offset: Option<u64>,
+}
+
+async fn logs(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<String, Error> {
+    m.logs(&name, q.offset.unwrap_or(0))
 }
 
 async fn networks(State(m): State<AppState>) -> Result<Json<Vec<NetworkInfo>>, Error> {

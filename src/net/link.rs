@@ -46,6 +46,15 @@ pub struct Links {
     handle: Handle,
 }
 
+/// A stable, locally administered unicast MAC for a bridge, derived from its name (FNV-1a).
+pub fn bridge_mac(name: &str) -> [u8; 6] {
+    let h = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let b = h.to_be_bytes();
+    [0x02, 0x5e, b[0], b[1], b[2], b[3]]
+}
+
 /// Write a sysctl under `/proc/sys/net/ipv4/`.
 pub fn sysctl_ipv4(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv4/{key}");
@@ -152,6 +161,15 @@ impl Links {
                 .await
                 .map_err(nl(format!("adding {gateway}/{} to {name}", subnet.prefix_len())))?;
         }
+        // A bridge without an explicit address takes the lowest MAC of its ports and changes it
+        // as machines come and go, flushing neighbours and breaking machines' ARP caches for
+        // the gateway. Pin a stable, locally administered address derived from the name.
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).address(bridge_mac(name).to_vec()).build())
+            .execute()
+            .await
+            .map_err(nl(format!("setting the address of {name}")))?;
         self.up(index, name).await?;
         sysctl_ipv4("ip_forward", "1")?;
         // Needed so that 127.0.0.1 → machine DNAT can be routed out of the bridge; the
