@@ -670,6 +670,16 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// `start`, `stop` or `restart`, with progress.
+fn lifecycle(c: &Client, machine_path: &str, op: &str) -> Result<MachineInfo> {
+    Ok(c.stream(
+        "POST",
+        &format!("{machine_path}/{op}"),
+        None::<&()>,
+        progress_printer(),
+    )?)
+}
+
 fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
     let show = |m: &MachineInfo| -> Result<()> {
         if json {
@@ -730,24 +740,9 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             }
         }
         MachineCmd::Status { name } => show(&c.get(&path(&name))?)?,
-        MachineCmd::Start { name } => show(&c.stream(
-            "POST",
-            &format!("{}/start", path(&name)),
-            None::<&()>,
-            progress_printer(),
-        )?)?,
-        MachineCmd::Stop { name } => show(&c.stream(
-            "POST",
-            &format!("{}/stop", path(&name)),
-            None::<&()>,
-            progress_printer(),
-        )?)?,
-        MachineCmd::Restart { name } => show(&c.stream(
-            "POST",
-            &format!("{}/restart", path(&name)),
-            None::<&()>,
-            progress_printer(),
-        )?)?,
+        MachineCmd::Start { name } => show(&lifecycle(c, &path(&name), "start")?)?,
+        MachineCmd::Stop { name } => show(&lifecycle(c, &path(&name), "stop")?)?,
+        MachineCmd::Restart { name } => show(&lifecycle(c, &path(&name), "restart")?)?,
         MachineCmd::Delete { name } => {
             // Fail on an unknown machine before asking.
             let _: MachineInfo = c.get(&path(&name))?;

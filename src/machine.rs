@@ -810,7 +810,9 @@ impl Manager {
         use std::io::{Read, Seek};
         let m = self.store().machine(name)?;
         let p = self.machine_dir(&m.id).join("console.log");
-        let Ok(mut f) = std::fs::File::open(p) else { return Ok(String::new()) };
+        let Ok(mut f) = std::fs::File::open(p) else {
+            return Ok(String::new());
+        };
         let mut buf = Vec::new();
         internal!(f.seek(std::io::SeekFrom::Start(offset)))?;
         internal!(f.take(4 << 20).read_to_end(&mut buf))?;

@@ -427,10 +427,17 @@ fn stop_start_delete_semantics_and_no_leaks() {
     env.serve_tcp("web", 80, "web");
     expect_tcp(&env.ns, "10.200.0.2", 80, "web"); // the host now has a neighbour entry for web
     let neigh = |env: &Env| String::from_utf8_lossy(&env.sh("ip neigh show 10.200.0.2").stdout).into_owned();
-    let bridge_mac = |env: &Env| String::from_utf8_lossy(&env.sh("cat /sys/class/net/sistemo0/address").stdout).into_owned();
+    let bridge_mac = |env: &Env| {
+        String::from_utf8_lossy(&env.sh("cat /sys/class/net/sistemo0/address").stdout).into_owned()
+    };
     let mac_before = bridge_mac(&env);
     let old_neigh = neigh(&env);
-    let old_mac = old_neigh.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).unwrap().to_string();
+    let old_mac = old_neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap()
+        .to_string();
     assert!(!env.nft_table().contains("tcp . 9090"));
     // delete without -y and without a terminal is refused
     let e = env.cli_err(&["machine", "delete", "web"]);
@@ -438,7 +445,11 @@ fn stop_start_delete_semantics_and_no_leaks() {
     env.cli_ok(&["machine", "delete", "web", "-y"]);
     assert!(!env.nft_table().contains("10.200.0.2"), "no rule left");
     assert_eq!(env.machine_namespaces().len(), 1, "only `other` remains");
-    assert_eq!(bridge_mac(&env), mac_before, "the bridge keeps its address as ports come and go");
+    assert_eq!(
+        bridge_mac(&env),
+        mac_before,
+        "the bridge keeps its address as ports come and go"
+    );
     let links = String::from_utf8_lossy(&env.sh("ip -o link").stdout).into_owned();
     assert_eq!(
         links.matches("master sistemo0").count(),
@@ -452,13 +463,19 @@ fn stop_start_delete_semantics_and_no_leaks() {
     }));
     // the freed address and port are reused
     assert_eq!(env.machine("new", &["--expose", "8080:80"]), "10.200.0.2");
-    assert!(!neigh(&env).contains(&old_mac), "stale neighbour entry for the reused address: {}", neigh(&env));
+    assert!(
+        !neigh(&env).contains(&old_mac),
+        "stale neighbour entry for the reused address: {}",
+        neigh(&env)
+    );
     env.serve_tcp("new", 80, "new");
     // the host had a neighbour entry for 10.200.0.2 with web's MAC; it was flushed, so the
     // first direct connection does not wait for the stale entry to expire (16-33 s measured)
-    poll("direct connection to the reused address", Duration::from_secs(3), || {
-        tcp_from(&env.ns, "10.200.0.2", 80).filter(|r| r.starts_with("new"))
-    });
+    poll(
+        "direct connection to the reused address",
+        Duration::from_secs(3),
+        || tcp_from(&env.ns, "10.200.0.2", 80).filter(|r| r.starts_with("new")),
+    );
     expect_tcp(&env.client, HOST_LAN, 8080, "new");
 }
 

@@ -48,9 +48,9 @@ pub struct Links {
 
 /// A stable, locally administered unicast MAC for a bridge, derived from its name (FNV-1a).
 pub fn bridge_mac(name: &str) -> [u8; 6] {
-    let h = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let b = h.to_be_bytes();
     [0x02, 0x5e, b[0], b[1], b[2], b[3]]
 }
@@ -166,7 +166,11 @@ impl Links {
         // the gateway. Pin a stable, locally administered address derived from the name.
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).address(bridge_mac(name).to_vec()).build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(bridge_mac(name).to_vec())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl(format!("setting the address of {name}")))?;

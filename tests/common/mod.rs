@@ -154,13 +154,8 @@ impl Env {
         env
     }
 
-    /// Start (or restart) the daemon and wait for its socket to answer.
-    pub fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("daemon.log"))
-            .unwrap();
+    /// `nsenter` arguments that run this env's daemon in its namespace.
+    fn daemon_args(&self) -> Vec<String> {
         let mut args: Vec<String> = vec![
             // nsenter, not `ip netns exec`: the daemon must share the root mount namespace so
             // the machine namespaces it creates are visible to the test.
@@ -180,6 +175,17 @@ impl Env {
             self.hypervisor.clone(),
         ];
         args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    /// Start (or restart) the daemon and wait for its socket to answer.
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let args = self.daemon_args();
         let child = Command::new("nsenter")
             .args(&args)
             .stdin(Stdio::null())
@@ -392,23 +398,7 @@ impl Env {
 
     /// Start the daemon expecting it to fail; return its output.
     pub fn try_start_daemon(&mut self) -> String {
-        let mut args: Vec<String> = vec![
-            format!("--net=/run/netns/{}", self.ns),
-            "--".into(),
-            env!("CARGO_BIN_EXE_sistemo").into(),
-            "--socket".into(),
-            self.socket.display().to_string(),
-            "up".into(),
-            "--config".into(),
-            self.dir.join("config.yml").display().to_string(),
-            "--data-dir".into(),
-            self.dir.join("data").display().to_string(),
-            "--nft-table".into(),
-            self.table.clone(),
-            "--hypervisor".into(),
-            self.hypervisor.clone(),
-        ];
-        args.extend(self.extra_args.iter().cloned());
+        let args = self.daemon_args();
         let o = Command::new("nsenter")
             .args(&args)
             .stdin(Stdio::null())
