@@ -207,3 +207,17 @@ pub struct ImageBuildRequest {
     /// Extra Debian packages baked in.
     pub include: Vec<String>,
 }
+
+/// One streamed line of `exec` (NDJSON): output chunks as they come, then the exit code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecEvent {
+    /// A chunk of standard output.
+    Stdout(String),
+    /// A chunk of standard error.
+    Stderr(String),
+    /// The command's exit code (last event).
+    Exit(i32),
+    /// Running the command failed (last event).
+    Error(String),
+}

@@ -763,22 +763,44 @@ fn machine(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             } else {
                 cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
             };
-            let r: ExecResponse = c.call(
-                "POST",
+            use std::io::Write;
+            let (mut code, mut error) = (None, None);
+            let mut collected = ExecResponse {
+                code: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+            };
+            c.exec(
                 &format!("{}/exec", path(&name)),
-                Some(&ExecRequest {
+                &ExecRequest {
                     cmd: line,
                     timeout_s: None,
-                }),
+                },
+                |ev| match ev {
+                    ExecEvent::Stdout(s) if json => collected.stdout.push_str(&s),
+                    ExecEvent::Stderr(s) if json => collected.stderr.push_str(&s),
+                    ExecEvent::Stdout(s) => {
+                        let mut o = std::io::stdout();
+                        let _ = o.write_all(s.as_bytes()).and_then(|_| o.flush());
+                    }
+                    ExecEvent::Stderr(s) => {
+                        let _ = std::io::stderr().write_all(s.as_bytes());
+                    }
+                    ExecEvent::Exit(c) => code = Some(c),
+                    ExecEvent::Error(e) => error = Some(e),
+                },
             )?;
-            if json {
-                print_json(&r)?;
-            } else {
-                use std::io::Write;
-                std::io::stdout().write_all(r.stdout.as_bytes())?;
-                std::io::stderr().write_all(r.stderr.as_bytes())?;
+            if let Some(e) = error {
+                bail!("{e}");
             }
-            return Ok(r.code);
+            let Some(code) = code else {
+                bail!("the daemon closed the exec stream without an exit code");
+            };
+            collected.code = code;
+            if json {
+                print_json(&collected)?;
+            }
+            return Ok(code);
         }
         MachineCmd::Ssh { name } => {
             let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;

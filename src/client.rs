@@ -184,6 +184,33 @@ impl Client {
         self.call("GET", path, None::<&()>)
     }
 
+    /// A streamed exec: each [`crate::api::ExecEvent`] goes to `on_event` as it arrives.
+    pub fn exec(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        mut on_event: impl FnMut(crate::api::ExecEvent),
+    ) -> Result<()> {
+        let mut r = self.send(
+            "POST",
+            path,
+            Some(serde_json::to_string(body).expect("serialisable")),
+        )?;
+        let status = r.status;
+        let text = r.read_lines(|line| {
+            if status < 400
+                && !line.is_empty()
+                && let Ok(ev) = serde_json::from_str::<crate::api::ExecEvent>(line)
+            {
+                on_event(ev);
+            }
+        })?;
+        if status >= 400 {
+            return Err(api_error(status, &text));
+        }
+        Ok(())
+    }
+
     /// A streamed operation: progress lines go to `progress`, the result is returned.
     pub fn stream<T: DeserializeOwned>(
         &self,

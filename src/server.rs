@@ -185,17 +185,26 @@ async fn exec(
     ConnectInfo(p): ConnectInfo<Peer>,
     Path(name): Path<String>,
     Json(req): Json<ExecRequest>,
-) -> Result<Json<ExecResponse>, Error> {
-    let r = m
-        .exec(&name, &req.cmd, Duration::from_secs(req.timeout_s.unwrap_or(600)))
-        .await;
-    audit(&m, &p, "machine.exec", &name, &r);
-    let o = r?;
-    Ok(Json(ExecResponse {
-        code: o.code,
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }))
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecEvent>();
+    tokio::spawn(async move {
+        let timeout = Duration::from_secs(req.timeout_s.unwrap_or(600));
+        let r = m.exec_stream(&name, &req.cmd, timeout, tx.clone()).await;
+        audit(&m, &p, "machine.exec", &name, &r);
+        let _ = tx.send(match r {
+            Ok(code) => ExecEvent::Exit(code),
+            Err(e) => ExecEvent::Error(e.to_string()),
+        });
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let line = serde_json::to_string(&ev).unwrap_or_default() + "\n";
+        Some((Ok::<_, std::io::Error>(line), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
 }
 
 async fn shell(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<ShellResponse>, Error> {

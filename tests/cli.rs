@@ -92,6 +92,18 @@ fn exit_codes_prompts_and_aliases() {
     let e = env.cli_err(&["machine", "delete", "web"]);
     assert!(e.contains("-y"), "{e}");
     assert!(env.cli_ok(&["machine", "list"]).contains("web"));
+    // exec: streams stdout and stderr apart, exits with the command's code
+    let o = env.cli(&["machine", "exec", "web", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err\n");
+    // several words are quoted, not re-split by the shell
+    let o = env.cli(&["machine", "exec", "web", "printf", "%s|", "a b", "c"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "a b|c|");
+    // a trailing & leaves the process running without hanging exec
+    let t = std::time::Instant::now();
+    env.cli_ok(&["machine", "exec", "web", "sleep 30 &"]);
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
     // aliases
     assert_eq!(env.cli_ok(&["vm", "ls"]), env.cli_ok(&["machine", "list"]));
     assert_eq!(

@@ -216,4 +216,10 @@ pub trait Hypervisor: Send + Sync {
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String>;
+
+    /// Argument vector that runs `cmd` like [`Hypervisor::exec`] with its output on the child's
+    /// stdout and stderr, for callers that stream it. Empty when the backend cannot.
+    fn exec_argv(&self, _spec: &MachineSpec, _cmd: &str) -> Vec<String> {
+        Vec::new()
+    }
 }

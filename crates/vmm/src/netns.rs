@@ -204,6 +204,18 @@ impl Hypervisor for NetnsBackend {
         })
     }
 
+    fn exec_argv(&self, spec: &MachineSpec, cmd: &str) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.ns_name(spec),
+            "sh".into(),
+            "-c".into(),
+            detach_background(cmd),
+        ]
+    }
+
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
         vec![
             "ip".into(),
