@@ -625,6 +625,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 Ok(i) => i.config,
                 Err(_) => {
                     let mut cfg = Config::load(config.as_deref())?;
+                    cfg.validate()?;
                     if let Some(s) = &cli.socket {
                         cfg.socket = s.clone();
                     }
