@@ -63,22 +63,37 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
             .unwrap_or_else(|| "qemu-system-x86_64 not found".into()),
         "apt-get install qemu-system-x86",
     ));
-    let kvm = std::path::Path::new("/dev/kvm").exists();
     let info = c.get::<InfoResponse>("/v1/info");
-    let hv = info.as_ref().map(|i| i.hypervisor.clone()).unwrap_or_default();
+    let reason = sistemo_vmm::qemu::accel_reason();
     checks.push(check(
         "kvm",
         true,
-        match (kvm, hv.as_str()) {
-            (_, "qemu-kvm") => "KVM runs the guest kernel".to_string(),
-            (true, "qemu-tcg") => {
-                "/dev/kvm present but cannot run the guest kernel: TCG fallback, slow".into()
-            }
-            (false, _) => "/dev/kvm missing: TCG fallback, slow".into(),
-            (true, _) => "/dev/kvm present".into(),
+        match info.as_ref().map(|i| i.hypervisor.as_str()) {
+            Ok("qemu-kvm") => "KVM runs the guest kernel".to_string(),
+            _ if reason.starts_with("TCG") => format!("{reason} (TCG fallback, slow)"),
+            _ => reason,
         },
         "",
     ));
+    // The daemon's data dir when it runs, else the configured one.
+    let data_dir = match &info {
+        Ok(i) => i.config["data_dir"].as_str().map(std::path::PathBuf::from),
+        Err(_) => crate::config::Config::load(None).ok().map(|c| c.data_dir),
+    };
+    let needs_kernel = info.as_ref().map(|i| i.hypervisor.starts_with("qemu")).unwrap_or(true);
+    if let Some(d) = data_dir.as_ref().filter(|_| needs_kernel) {
+        let k = d.join("kernel").join("kernel.json");
+        checks.push(check(
+            "kernel",
+            k.exists(),
+            if k.exists() {
+                format!("kernel and initramfs prepared in {}", d.join("kernel").display())
+            } else {
+                format!("no kernel prepared in {}", d.display())
+            },
+            &format!("sistemo image prepare --data-dir {}", d.display()),
+        ));
+    }
     match &info {
         Ok(i) => {
             checks.push(check(
