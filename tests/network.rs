@@ -547,3 +547,94 @@ fn subnet_change_that_strands_machines_is_a_clear_error() {
     env.start_daemon();
     assert!(env.cli_ok(&["machine", "status", "web"]).contains("10.200.0.2"));
 }
+
+#[test]
+fn two_daemons_in_one_namespace_do_not_interfere() {
+    let env = Env::new("two");
+    env.machine("a", &["--expose", "8080:80"]);
+    env.serve_tcp("a", 80, "a");
+    // a second daemon beside the first: its own socket, data dir, bridge, subnet and table
+    let dir2 = env.dir.join("second");
+    std::fs::create_dir_all(&dir2).unwrap();
+    std::fs::write(
+        dir2.join("config.yml"),
+        format!("netns_prefix: \"{}b-\"\n", env.prefix),
+    )
+    .unwrap();
+    let sock2 = dir2.join("api.sock");
+    let log = std::fs::File::create(dir2.join("daemon.log")).unwrap();
+    let mut d2 = std::process::Command::new("nsenter")
+        .args([
+            &format!("--net=/run/netns/{}", env.ns),
+            "--",
+            env!("CARGO_BIN_EXE_sistemo"),
+        ])
+        .args([
+            "--socket",
+            sock2.to_str().unwrap(),
+            "up",
+            "--config",
+            dir2.join("config.yml").to_str().unwrap(),
+        ])
+        .args([
+            "--data-dir",
+            dir2.join("data").to_str().unwrap(),
+            "--bridge",
+            "sistemo1",
+        ])
+        .args([
+            "--subnet",
+            "10.230.0.0/24",
+            "--nft-table",
+            "second",
+            "--hypervisor",
+            "netns",
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _k = Kill(&mut d2);
+    let cli2 = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
+            .arg("--socket")
+            .arg(&sock2)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    poll("second daemon", Duration::from_secs(20), || {
+        cli2(&["machine", "ls"]).status.success().then_some(())
+    });
+    let o = cli2(&[
+        "machine", "deploy", "debian", "--name", "b", "--expose", "9090:80",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = String::from_utf8_lossy(&cli2(&["machine", "status", "b"]).stdout).into_owned();
+    assert!(st.contains("IP:       10.230.0.2"), "{st}");
+    cli2(&[
+        "machine",
+        "exec",
+        "b",
+        "socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo b' &",
+    ]);
+    expect_tcp(&env.client, HOST_LAN, 8080, "a");
+    expect_tcp(&env.client, HOST_LAN, 9090, "b");
+    // each daemon sees only its own machines, and deleting one leaves the other's rules alone
+    assert!(!env.cli_ok(&["machine", "ls"]).contains(" b "));
+    assert!(cli2(&["machine", "delete", "b", "-y"]).status.success());
+    expect_tcp(&env.client, HOST_LAN, 8080, "a");
+    assert!(env.nft_table().contains("tcp . 8080"));
+    let second = String::from_utf8_lossy(&env.sh("nft list table ip second").stdout).into_owned();
+    assert!(
+        second.contains("sistemo1") && !second.contains("tcp . 9090"),
+        "{second}"
+    );
+}
