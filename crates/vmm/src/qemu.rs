@@ -180,6 +180,12 @@ impl Qemu {
             // and the boot hangs; give the kernel the frequency.
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
+        if self.accel == Accel::Tcg {
+            // Under TCG the emulated TSC follows the host clock, while jiffies lag whenever the
+            // host is busy: the clocksource watchdog then condemns the TSC and the guest falls
+            // back to 4 ms jiffies timekeeping. Trust the TSC.
+            c.push_str(" tsc=reliable");
+        }
         if let Ok(extra) = std::env::var("SISTEMO_GUEST_CMDLINE_EXTRA") {
             c.push(' ');
             c.push_str(extra.trim());
@@ -655,6 +661,76 @@ mod tests {
             Some(2_100_000)
         );
         assert_eq!(parse_cpu_mhz_khz("nothing"), None);
+    }
+
+    fn dummy(accel: Accel) -> (Qemu, MachineSpec) {
+        let q = Qemu {
+            binary: QEMU.into(),
+            assets: BootAssets {
+                kernel: "/k/vmlinux".into(),
+                initramfs: "/k/initramfs.img".into(),
+                kernel_version: "6.1".into(),
+            },
+            client: ClientKey {
+                private: "/d/ssh/id_ed25519".into(),
+                public: "ssh-ed25519 AAAA x".into(),
+            },
+            accel,
+            tsc_khz: Some(2_100_000),
+            netns: None,
+        };
+        let spec = MachineSpec {
+            id: uuid::Uuid::nil(),
+            name: "web".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            dir: "/m/web".into(),
+            disk: Some("/m/web/disk.raw".into()),
+            net: crate::NetAttachment {
+                host_ifname: "tap-web".into(),
+                bridge: "br0".into(),
+                mac: [0x52, 0x54, 0, 0, 0, 2],
+                ip: "10.200.0.2".parse().unwrap(),
+                prefix: 24,
+                gateway: "10.200.0.1".parse().unwrap(),
+                dns: vec![],
+            },
+            ssh_pubkey: None,
+        };
+        (q, spec)
+    }
+
+    #[test]
+    fn tcg_gets_the_tsc_workarounds_and_kvm_does_not() {
+        let (q, _) = dummy(Accel::Tcg);
+        let c = q.kernel_cmdline();
+        assert!(
+            c.contains("tsc_early_khz=2100000") && c.contains("tsc=reliable"),
+            "{c}"
+        );
+        let (q, _) = dummy(Accel::Kvm);
+        assert!(!q.kernel_cmdline().contains("tsc"));
+    }
+
+    #[test]
+    fn qemu_argv_wires_disk_tap_console_and_qmp() {
+        let (q, spec) = dummy(Accel::Tcg);
+        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        for want in [
+            "-M microvm,acpi=on",
+            "-accel tcg",
+            "-kernel /k/vmlinux",
+            "-initrd /m/web/initrd.img",
+            "file=/m/web/disk.raw,format=raw,if=none,id=d0",
+            "virtio-blk-device,drive=d0",
+            "tap,id=n0,ifname=tap-web,script=no,downscript=no",
+            "virtio-net-device,netdev=n0,mac=52:54:00:00:00:02",
+            "path=/m/web/console.log",
+            "unix:/m/web/qmp.sock,server=on,wait=off",
+            "-pidfile /m/web/qemu.pid -daemonize",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
     }
 
     #[test]
