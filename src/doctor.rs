@@ -80,7 +80,10 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
         Ok(i) => i.config["data_dir"].as_str().map(std::path::PathBuf::from),
         Err(_) => crate::config::Config::load(None).ok().map(|c| c.data_dir),
     };
-    let needs_kernel = info.as_ref().map(|i| i.hypervisor.starts_with("qemu")).unwrap_or(true);
+    let needs_kernel = info
+        .as_ref()
+        .map(|i| i.hypervisor.starts_with("qemu"))
+        .unwrap_or(true);
     if let Some(d) = data_dir.as_ref().filter(|_| needs_kernel) {
         let k = d.join("kernel").join("kernel.json");
         checks.push(check(

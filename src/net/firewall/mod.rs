@@ -1,6 +1,7 @@
 //! The firewall: the desired port-forwarding state as data, and the driver trait that makes
 //! the kernel hold it. One backend today, [`nftables`]; the manager only sees [`FirewallDriver`].
 
+pub mod netlink;
 pub mod nftables;
 
 use crate::spec::Protocol;

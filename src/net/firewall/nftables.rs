@@ -18,7 +18,7 @@
 //! naming this table, at the top of that chain (Docker documents its DOCKER-USER/FORWARD chains
 //! for exactly this) and removes only its own rules later. Nothing else outside the table is touched.
 
-use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping};
+use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping, netlink};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -127,6 +127,30 @@ impl Nftables {
                     }
                 }
                 out.push_str(" }\n");
+            }
+        }
+    }
+
+    /// Element changes go straight over netlink (one batch, no process, no cache fetch);
+    /// if that fails for any reason other than the kernel's verdict, `nft` does it.
+    fn change(&self, op: netlink::Op, mappings: &[PortMapping]) -> Result<(), FirewallError> {
+        if mappings.is_empty() {
+            return Ok(());
+        }
+        let (bound, any): (Vec<&PortMapping>, Vec<&PortMapping>) =
+            mappings.iter().partition(|m| m.bind.is_some());
+        match netlink::apply(&self.table, op, &[(MAP_ANY, any), (MAP_BOUND, bound)]) {
+            Ok(()) => Ok(()),
+            Err(e @ FirewallError::Rejected(_)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "netlink element change failed; falling back to nft");
+                let mut s = String::new();
+                self.elements(
+                    &mut s,
+                    if op == netlink::Op::Add { "add" } else { "delete" },
+                    mappings,
+                );
+                self.apply(&s)
             }
         }
     }
@@ -263,21 +287,11 @@ impl FirewallDriver for Nftables {
     }
 
     fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
-        if mappings.is_empty() {
-            return Ok(());
-        }
-        let mut s = String::new();
-        self.elements(&mut s, "add", mappings);
-        self.apply(&s)
+        self.change(netlink::Op::Add, mappings)
     }
 
     fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
-        if mappings.is_empty() {
-            return Ok(());
-        }
-        let mut s = String::new();
-        self.elements(&mut s, "delete", mappings);
-        self.apply(&s)
+        self.change(netlink::Op::Delete, mappings)
     }
 
     fn check(&self, deep: bool) -> Result<Health, FirewallError> {
