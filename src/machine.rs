@@ -507,7 +507,7 @@ impl Manager {
                     .create_disk(&req.image, &dir, storage, progress)
                     .await
                     .map_err(Error::Invalid)?;
-                let _ = size;
+                self.store().set_storage(&m.id, size)?;
             }
             self.boot(&m, progress).await
         }

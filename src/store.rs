@@ -473,6 +473,15 @@ impl Store {
         Ok(())
     }
 
+    /// Record the machine's disk size once it is created.
+    pub fn set_storage(&self, id: &str, bytes: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE machines SET storage_bytes = ?2 WHERE id = ?1",
+            params![id, bytes],
+        )?;
+        Ok(())
+    }
+
     /// Record (or clear) the running VMM instance.
     pub fn set_instance(&self, id: &str, instance: Option<&str>) -> Result<()> {
         self.conn.execute(
