@@ -312,7 +312,7 @@ impl Qemu {
     }
 
     fn boot_error(&self, spec: &MachineSpec, reason: &str) -> VmmError {
-        let tail = console_tail(spec, 15);
+        let tail = console_diagnosis(spec);
         VmmError::Boot {
             name: spec.name.clone(),
             reason: if tail.is_empty() {
@@ -381,9 +381,29 @@ fn escape_opt(s: &str) -> String {
 /// The last `n` lines of a machine's console log.
 pub fn console_tail(spec: &MachineSpec, n: usize) -> String {
     let text = std::fs::read(console_path(spec)).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+    let text = String::from_utf8_lossy(&text).replace('\r', "");
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What the console says about a failed boot: our init's messages and the kernel's panic line
+/// (a stack trace would push them out of a plain tail), then the last lines.
+pub fn console_diagnosis(spec: &MachineSpec) -> String {
+    let text = std::fs::read(console_path(spec)).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).replace('\r', "");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains("sistemo-init:") || l.contains("Kernel panic") || l.contains("FATAL"))
+        .copied()
+        .collect();
+    out.truncate(8);
+    for l in &lines[lines.len().saturating_sub(6)..] {
+        if !out.contains(l) {
+            out.push(l);
+        }
+    }
+    out.join("\n")
 }
 
 /// Send one QMP command (after the capabilities handshake) and wait for its reply.

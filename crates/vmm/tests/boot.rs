@@ -45,30 +45,12 @@ fn ip(ns: &str, args: &[&str]) {
     assert!(st.success(), "ip -n {ns} {args:?}");
 }
 
-fn enabled() -> bool {
-    std::env::var("SISTEMO_VM_TESTS").as_deref() == Ok("1")
-}
-
-#[tokio::test]
-#[ignore = "boots a real VM: SISTEMO_VM_TESTS=1 and prepared assets (see the module docs)"]
-async fn boots_debian_and_execs() {
-    if !enabled() {
-        eprintln!("SISTEMO_VM_TESTS is not 1: skipped");
-        return;
-    }
-    let data = PathBuf::from(
-        std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()),
-    );
-    let say = |s: &str| eprintln!("  {s}");
-    let assets = ensure_boot_assets(&data, &say).await.expect("boot assets");
-    let image = ImageStore::new(&data)
-        .resolve("debian", 0, &say)
-        .await
-        .expect("the debian image: run the prepare_assets example first");
-
-    let ns = format!("sistemo-vmt-{}", std::process::id());
+/// A namespace `sistemo-vmt-<pid>-<tag>` with bridge br0 (10.250.0.1/24) and TAP tap0 on it,
+/// and a machine folder; both go when the guard drops.
+fn namespace(tag: &str) -> (Guard, String, PathBuf) {
+    let ns = format!("sistemo-vmt-{}-{tag}", std::process::id());
     let dir = std::env::temp_dir().join(&ns);
-    let mut guard = Guard {
+    let guard = Guard {
         ns: ns.clone(),
         dir: dir.clone(),
         inst: None,
@@ -88,18 +70,16 @@ async fn boots_debian_and_execs() {
     ip(&ns, &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
     ip(&ns, &["link", "set", "tap0", "master", "br0"]);
     ip(&ns, &["link", "set", "tap0", "up"]);
+    (guard, ns, dir)
+}
 
-    let disk = dir.join("disk.img");
-    let t = Instant::now();
-    clone_disk(&image, &disk, 2 << 30).await.expect("clone");
-    eprintln!("disk cloned in {:.2}s", t.elapsed().as_secs_f64());
-
-    let spec = MachineSpec {
+fn spec(dir: &std::path::Path, disk: PathBuf) -> MachineSpec {
+    MachineSpec {
         id: uuid::Uuid::new_v4(),
         name: "vmtest".into(),
         vcpus: 1,
         memory_mib: 512,
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         disk: Some(disk),
         net: NetAttachment {
             host_ifname: "tap0".into(),
@@ -111,7 +91,74 @@ async fn boots_debian_and_execs() {
             dns: vec!["10.250.0.1".parse().unwrap()],
         },
         ssh_pubkey: None,
-    };
+    }
+}
+
+fn data_dir() -> PathBuf {
+    PathBuf::from(std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()))
+}
+
+#[tokio::test]
+#[ignore = "boots a real VM: SISTEMO_VM_TESTS=1 and prepared assets (see the module docs)"]
+async fn unbootable_disk_fails_fast_with_the_reason() {
+    if !enabled() {
+        return;
+    }
+    let say = |s: &str| eprintln!("  {s}");
+    let assets = ensure_boot_assets(&data_dir(), &say).await.expect("boot assets");
+    let (mut guard, ns, dir) = namespace("bad");
+    let disk = dir.join("zeros.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let spec = spec(&dir, disk);
+    let vm = Qemu::new(&data_dir(), assets)
+        .await
+        .expect("qemu")
+        .with_netns(&ns);
+    let inst = vm.start(&spec).await.expect("start");
+    guard.inst = Some(inst.clone());
+    let t = Instant::now();
+    let err = vm
+        .wait_ready(&spec, &inst, Duration::from_secs(60), &say)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "failure took {:?}",
+        t.elapsed()
+    );
+    assert!(msg.contains("cannot mount /dev/vda"), "{msg}");
+    assert!(!inst.is_alive());
+    vm.cleanup(&spec).await.unwrap();
+}
+
+fn enabled() -> bool {
+    std::env::var("SISTEMO_VM_TESTS").as_deref() == Ok("1")
+}
+
+#[tokio::test]
+#[ignore = "boots a real VM: SISTEMO_VM_TESTS=1 and prepared assets (see the module docs)"]
+async fn boots_debian_and_execs() {
+    if !enabled() {
+        eprintln!("SISTEMO_VM_TESTS is not 1: skipped");
+        return;
+    }
+    let data = data_dir();
+    let say = |s: &str| eprintln!("  {s}");
+    let assets = ensure_boot_assets(&data, &say).await.expect("boot assets");
+    let image = ImageStore::new(&data)
+        .resolve("debian", 0, &say)
+        .await
+        .expect("the debian image: run the prepare_assets example first");
+
+    let (mut guard, ns, dir) = namespace("boot");
+    let disk = dir.join("disk.img");
+    let t = Instant::now();
+    clone_disk(&image, &disk, 2 << 30).await.expect("clone");
+    eprintln!("disk cloned in {:.2}s", t.elapsed().as_secs_f64());
+
+    let spec = spec(&dir, disk);
     let vm = Qemu::new(&data, assets).await.expect("qemu").with_netns(&ns);
     eprintln!("backend {}", vm.name());
 
