@@ -206,6 +206,9 @@ impl Qemu {
             "-no-reboot".into(),
             "-M".into(),
             "microvm,acpi=on".into(),
+            // Modern (virtio 1.x) devices on virtio-mmio, as QEMU's microvm docs recommend.
+            "-global".into(),
+            "virtio-mmio.force-legacy=false".into(),
         ];
         match self.accel {
             Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
@@ -242,6 +245,12 @@ impl Qemu {
             "chardev:con0".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", escape_opt(&p(qmp_path(spec)))),
+            // With a log file QEMU keeps its stderr there after daemonizing (else /dev/null):
+            // its own errors and the guest's invalid device accesses.
+            "-D".into(),
+            p(spec.dir.join("qemu.log")),
+            "-d".into(),
+            "guest_errors".into(),
             "-pidfile".into(),
             p(pid_path(spec)),
             "-daemonize".into(),
@@ -312,7 +321,14 @@ impl Qemu {
     }
 
     fn boot_error(&self, spec: &MachineSpec, reason: &str) -> VmmError {
-        let tail = console_diagnosis(spec);
+        let mut tail = console_diagnosis(spec);
+        let qlog = std::fs::read(spec.dir.join("qemu.log")).unwrap_or_default();
+        let qlog = String::from_utf8_lossy(&qlog);
+        let qlines: Vec<&str> = qlog.lines().filter(|l| !l.trim().is_empty()).collect();
+        if !qlines.is_empty() {
+            tail.push_str("\nqemu.log:\n");
+            tail.push_str(&qlines[qlines.len().saturating_sub(5)..].join("\n"));
+        }
         VmmError::Boot {
             name: spec.name.clone(),
             reason: if tail.is_empty() {
@@ -522,6 +538,7 @@ impl Hypervisor for Qemu {
         }
         let _ = std::fs::remove_file(qmp_path(spec));
         let _ = std::fs::remove_file(pid_path(spec));
+        let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
         let out = self
             .command(&self.binary.display().to_string())
             .args(self.qemu_args(spec, &disk))
