@@ -207,6 +207,8 @@ pub fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
         "kex_exchange_identification",
         "Could not resolve",
         "Network is unreachable",
+        "mux_client",
+        "Session open refused",
     ]
     .iter()
     .any(|m| e.contains(m))

@@ -199,6 +199,23 @@ async fn boots_debian_and_execs() {
         .unwrap();
     assert_eq!(out.code, 0);
     assert!(t.elapsed() < Duration::from_secs(10), "background exec hung");
+    // Many execs at once share one SSH connection (more than sshd's default of 10 sessions).
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (vm, spec) = (vm.clone(), spec.clone());
+            tokio::spawn(async move {
+                vm.exec(&spec, &format!("sleep 1; echo {i}"), Duration::from_secs(60))
+                    .await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let out = t.await.unwrap().expect("concurrent exec");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
+    }
+    eprintln!("16 concurrent execs in {:.2}s", t.elapsed().as_secs_f64());
+
     // The guest clock is the host's (apt refuses a Release file from the future).
     let out = vm.exec(&spec, "date +%s", Duration::from_secs(30)).await.unwrap();
     let guest: i64 = String::from_utf8_lossy(&out.stdout)

@@ -575,7 +575,7 @@ async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmError> {
     write(
         root,
         "etc/ssh/sshd_config.d/10-sistemo.conf",
-        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nUsePAM no\nPrintMotd no\nPrintLastLog no\n",
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nUsePAM no\nPrintMotd no\nPrintLastLog no\nMaxSessions 100\n",
     )?;
     // The root is mounted read-write by the initramfs: nothing to wait for or remount.
     write(
