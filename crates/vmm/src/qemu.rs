@@ -685,6 +685,10 @@ impl Hypervisor for Qemu {
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
         self.ssh_target(spec).argv(true, 10, &[])
     }
+
+    fn exec_argv(&self, spec: &MachineSpec, cmd: &str) -> Vec<String> {
+        Qemu::exec_argv(self, spec, cmd)
+    }
 }
 
 #[cfg(test)]
