@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::machine::{DiskProvider, Progress};
 use anyhow::{Context, Result};
 use sistemo_vmm::Hypervisor;
-use sistemo_vmm::image::{ImageInfo, ImageStore, clone_disk, ensure_boot_assets};
+use sistemo_vmm::image::{ImageInfo, ImageStore, clone_disk, ensure_boot_assets, grow_disk};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,8 +16,85 @@ pub const MAX_DOWNLOAD: u64 = 16 << 30;
 pub const DEFAULT_STORAGE: u64 = 2 << 30;
 
 /// Images and disks from the content-addressed image store.
+///
+/// Without reflink a disk is a sparse copy of the image (hundreds of ms for a few hundred MB).
+/// To keep that off the deploy path, one spare clone per image, at the default size, waits in
+/// `data_dir/pool`: a deploy takes it with a rename and a new spare is made in the background.
 pub struct Disks {
     images: ImageStore,
+    pool: PathBuf,
+    refilling: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Disks {
+    /// Disks for the image store in `data_dir`.
+    pub fn new(data_dir: &Path) -> Arc<Disks> {
+        Arc::new(Disks {
+            images: ImageStore::new(data_dir),
+            pool: data_dir.join("pool"),
+            refilling: Default::default(),
+        })
+    }
+
+    fn spare(&self, src: &Path) -> PathBuf {
+        let stem = src
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.pool.join(format!("{stem}.raw"))
+    }
+
+    /// Take the image's spare disk if there is one (atomic rename: two deploys never share it).
+    fn take_spare(&self, src: &Path, dest: &Path) -> bool {
+        std::fs::rename(self.spare(src), dest).is_ok()
+    }
+
+    /// Make a new spare for `src` in the background, unless one exists or is being made.
+    fn refill(self: &Arc<Self>, src: PathBuf) {
+        let spare = self.spare(&src);
+        if spare.exists()
+            || !self
+                .refilling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(src.display().to_string())
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let tmp = spare.with_extension("filling");
+            let size = std::fs::metadata(&src)
+                .map(|m| m.len().max(DEFAULT_STORAGE))
+                .unwrap_or(DEFAULT_STORAGE);
+            let r = async {
+                std::fs::create_dir_all(&me.pool).map_err(|e| e.to_string())?;
+                clone_disk(&src, &tmp, size).await.map_err(|e| e.to_string())?;
+                std::fs::rename(&tmp, &spare).map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(error = %e, "making a spare disk failed");
+            }
+            me.refilling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&src.display().to_string());
+        });
+    }
+
+    /// Remove spares whose image is gone.
+    fn prune(&self) {
+        let live: Vec<PathBuf> = self.images.list().iter().map(|i| self.spare(&i.path)).collect();
+        if let Ok(rd) = std::fs::read_dir(&self.pool) {
+            for e in rd.flatten() {
+                if !live.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 fn row(i: &ImageInfo) -> ImageRow {
@@ -29,8 +106,11 @@ fn row(i: &ImageInfo) -> ImageRow {
     }
 }
 
+/// The provider is shared (`Arc`) so that it can refill its pool in the background.
+pub struct SharedDisks(pub Arc<Disks>);
+
 #[async_trait::async_trait]
-impl DiskProvider for Disks {
+impl DiskProvider for SharedDisks {
     async fn create_disk(
         &self,
         image: &str,
@@ -39,6 +119,7 @@ impl DiskProvider for Disks {
         progress: Progress<'_>,
     ) -> std::result::Result<(PathBuf, u64), String> {
         let src = self
+            .0
             .images
             .resolve(image, MAX_DOWNLOAD, progress)
             .await
@@ -57,13 +138,19 @@ impl DiskProvider for Disks {
             None => len.max(DEFAULT_STORAGE),
         };
         let dest = dir.join("disk.raw");
-        progress("cloning the image into the machine's disk");
-        clone_disk(&src, &dest, size).await.map_err(|e| e.to_string())?;
+        let disks = &self.0;
+        if size >= len.max(DEFAULT_STORAGE) && disks.take_spare(&src, &dest) {
+            grow_disk(&dest, size).await.map_err(|e| e.to_string())?;
+        } else {
+            progress("cloning the image into the machine's disk");
+            clone_disk(&src, &dest, size).await.map_err(|e| e.to_string())?;
+        }
+        disks.refill(src);
         Ok((dest, size))
     }
 
     fn images(&self) -> Vec<ImageRow> {
-        self.images.list().iter().map(row).collect()
+        self.0.images.list().iter().map(row).collect()
     }
 
     async fn build(
@@ -72,7 +159,8 @@ impl DiskProvider for Disks {
         include: &[String],
         progress: Progress<'_>,
     ) -> std::result::Result<ImageRow, String> {
-        self.images
+        self.0
+            .images
             .build_debian(tag, include, progress)
             .await
             .map(|i| row(&i))
@@ -80,7 +168,9 @@ impl DiskProvider for Disks {
     }
 
     fn remove(&self, tag: &str) -> std::result::Result<bool, String> {
-        self.images.remove(tag).map_err(|e| e.to_string())
+        let r = self.0.images.remove(tag).map_err(|e| e.to_string());
+        self.0.prune();
+        r
     }
 }
 
@@ -95,9 +185,7 @@ pub async fn qemu_backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<A
     tracing::info!(accel = ?q.accel(), "QEMU backend ready");
     Ok((
         Arc::new(q),
-        Some(Arc::new(Disks {
-            images: ImageStore::new(&cfg.data_dir),
-        })),
+        Some(Arc::new(SharedDisks(Disks::new(&cfg.data_dir)))),
     ))
 }
 

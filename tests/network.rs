@@ -638,3 +638,27 @@ fn two_daemons_in_one_namespace_do_not_interfere() {
         "{second}"
     );
 }
+
+#[test]
+fn large_ranges_expose_and_unexpose_in_one_transaction() {
+    let env = Env::new("big");
+    env.machine("bg", &[]);
+    env.cli_ok(&["machine", "expose", "bg", "--port", "20000-29999"]);
+    let count = |env: &Env| {
+        let o = env.sh(&format!("nft -j list map ip {} expose_any", env.table));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["nftables"][1]["map"]["elem"]
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(0)
+    };
+    assert_eq!(count(&env), 10_000);
+    env.serve_tcp("bg", 25000, "bg");
+    expect_tcp(&env.client, HOST_LAN, 25000, "bg");
+    env.cli_ok(&["machine", "unexpose", "bg", "--port", "20000-29999"]);
+    assert_eq!(count(&env), 0);
+    assert!(
+        !env.log().contains("falling back to nft"),
+        "element changes went over netlink"
+    );
+}

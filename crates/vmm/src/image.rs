@@ -10,5 +10,6 @@ pub use boot::{
     module_depends, module_name, parse_kernel_dependency, write_machine_initrd,
 };
 pub use store::{
-    BASE_PACKAGES, ImageInfo, ImageStore, MASKED_GENERATORS, MASKED_UNITS, clone_disk, make_ext4, sha256_file,
+    BASE_PACKAGES, ImageInfo, ImageStore, MASKED_GENERATORS, MASKED_UNITS, clone_disk, grow_disk, make_ext4,
+    sha256_file,
 };

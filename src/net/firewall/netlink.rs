@@ -22,6 +22,10 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
+/// Elements per netlink message (about 44 bytes each, well under the 64 KiB attribute limit).
+const ELEMS_PER_MESSAGE: usize = 1000;
+/// How long to wait for the kernel's acknowledgements before giving up.
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether elements are added or deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +110,12 @@ pub fn batch(table: &str, op: Op, groups: &[(&str, Vec<&PortMapping>)], seq: u32
         &[],
     );
     let mut s = seq + 1;
-    for (map, items) in groups.iter().filter(|(_, i)| !i.is_empty()) {
+    // Attribute lengths are 16 bits: a message carries at most ELEMS_PER_MESSAGE elements; a
+    // batch of several messages is still one transaction.
+    let chunks = groups
+        .iter()
+        .flat_map(|(map, items)| items.chunks(ELEMS_PER_MESSAGE).map(move |c| (*map, c)));
+    for (map, items) in chunks {
         let mut body = Vec::new();
         attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
         attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(map));
@@ -161,6 +170,11 @@ pub fn apply(table: &str, op: Op, groups: &[(&str, Vec<&PortMapping>)]) -> Resul
     }
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind_auto()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    crate::sys::set_recv_timeout(fd, ACK_TIMEOUT)?;
+    if buf.len() > 128 << 10 {
+        crate::sys::force_send_buffer(fd, buf.len() * 2 + 4096)?;
+    }
     sock.send_to(&buf, &SocketAddr::new(0, 0), 0)?;
     let mut rx = vec![0u8; 64 << 10];
     let mut failure: Option<String> = None;

@@ -687,8 +687,31 @@ fn reflink(src: &std::fs::File, dest: &std::fs::File) -> std::io::Result<()> {
     }
 }
 
-/// Copy `src` to `dest` keeping holes: blocks of zeros are skipped with a seek.
+/// Copy `src` to `dest` keeping holes: only the data extents (`SEEK_DATA`/`SEEK_HOLE`) are
+/// copied, in the kernel (`copy_file_range` through `std::io::copy`); a file system without
+/// extent seeking gets a block-by-block copy that skips blocks of zeros.
 fn sparse_copy(src: &mut std::fs::File, dest: &mut std::fs::File) -> std::io::Result<()> {
+    use nix::unistd::{Whence, lseek};
+    let len = src.metadata()?.len();
+    let mut off: i64 = 0;
+    loop {
+        let data = match lseek(&*src, off, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL) if off == 0 => return zero_skipping_copy(src, dest),
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(&*src, data, Whence::SeekHole)?;
+        src.seek(SeekFrom::Start(data as u64))?;
+        dest.seek(SeekFrom::Start(data as u64))?;
+        std::io::copy(&mut (&*src).take((hole - data) as u64), dest)?;
+        off = hole;
+    }
+    dest.set_len(len)
+}
+
+/// Block-by-block copy that skips blocks of zeros with a seek.
+fn zero_skipping_copy(src: &mut std::fs::File, dest: &mut std::fs::File) -> std::io::Result<()> {
     let len = src.metadata()?.len();
     let mut buf = vec![0u8; 1 << 16];
     let mut off = 0u64;
@@ -728,22 +751,36 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
         if reflink(&src, &out).is_err() {
             sparse_copy(&mut src, &mut out).map_err(VmmError::io(ctx("copying")))?;
         }
-        out.set_len(size_bytes).map_err(VmmError::io(ctx("growing")))?;
-        out.sync_all().map_err(VmmError::io(ctx("syncing")))?;
+        // No fsync: a disk half-written by a crash belongs to a deploy that start-up rolls back.
     }
-    if size_bytes > img_len {
-        let first = Command::new("resize2fs").arg(&tmp).output().await;
-        let ok = matches!(&first, Ok(o) if o.status.success());
-        if !ok {
-            // Images that were mounted before want a check first.
-            let _ = Command::new("e2fsck").arg("-fp").arg(&tmp).output().await;
-            if let Err(e) = run(Command::new("resize2fs").arg(&tmp), "resize2fs").await {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        }
+    if let Err(e) = grow_disk(&tmp, size_bytes).await {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, dest).map_err(VmmError::io(ctx("placing")))
+}
+
+/// Grow a raw ext4 disk file to `size_bytes` and its file system to fill it (no-op when it is
+/// that size already). Never mounts anything.
+pub async fn grow_disk(disk: &Path, size_bytes: u64) -> Result<(), VmmError> {
+    let len = std::fs::metadata(disk)
+        .map_err(VmmError::io(format!("reading {}", disk.display())))?
+        .len();
+    if size_bytes <= len {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(size_bytes))
+        .map_err(VmmError::io(format!("growing {}", disk.display())))?;
+    let first = Command::new("resize2fs").arg(disk).output().await;
+    if !matches!(&first, Ok(o) if o.status.success()) {
+        // Images that were mounted before want a check first.
+        let _ = Command::new("e2fsck").arg("-fp").arg(disk).output().await;
+        run(Command::new("resize2fs").arg(disk), "resize2fs").await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
