@@ -53,6 +53,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(cfg.data_dir.join("machines"))
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let listener = claim_socket(&cfg.socket)?;
+    // Both listeners are bound before start-up: connections wait in the backlog until served.
+    let tcp = match cfg.port {
+        Some(port) => Some((
+            port,
+            tokio::net::TcpListener::bind((cfg.listen_addr, port))
+                .await
+                .with_context(|| format!("binding the TCP API on {}:{port}", cfg.listen_addr))?,
+        )),
+        None => None,
+    };
     let store = Store::open(&cfg.data_dir.join("sistemo.db")).context("opening the database")?;
     let links = Links::new()?;
     let fw = Box::new(Nftables::new(cfg.nft_table.clone()));
@@ -107,11 +117,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    if let Some(port) = cfg.port {
+    if let Some((port, tcp)) = tcp {
         let token = cfg.token.clone().unwrap_or_default();
-        let tcp = tokio::net::TcpListener::bind((cfg.listen_addr, port))
-            .await
-            .with_context(|| format!("binding the TCP API on {}:{port}", cfg.listen_addr))?;
         tracing::info!(addr = %cfg.listen_addr, port, "TCP API listening (bearer token required)");
         let (m2, s2) = (m.clone(), stopped());
         tokio::spawn(async move {
