@@ -874,10 +874,7 @@ impl Manager {
         };
         let _ = so.await;
         let _ = se.await;
-        use std::os::unix::process::ExitStatusExt;
-        Ok(status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        Ok(sistemo_vmm::exit_code(status))
     }
 
     /// The argv of an interactive shell.

@@ -171,6 +171,35 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// The exit code of a finished process, 128 + signal number when a signal killed it.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Wait up to `timeout` for a spawned exec (stdout and stderr piped) and collect what it produced.
+pub async fn collect_exec(
+    name: &str,
+    child: tokio::process::Child,
+    timeout: Duration,
+    waiting: &str,
+) -> Result<ExecOutput, VmmError> {
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| VmmError::Exec {
+            name: name.to_string(),
+            reason: format!("command did not finish within {}s", timeout.as_secs()),
+        })?
+        .map_err(VmmError::io(waiting))?;
+    Ok(ExecOutput {
+        code: exit_code(out.status),
+        stdout: out.stdout,
+        stderr: out.stderr,
+    })
+}
+
 /// What a command run in a machine produced.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecOutput {

@@ -357,23 +357,7 @@ impl Qemu {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| spawn_error(e, &argv[0]))?;
-        let out = tokio::time::timeout(timeout, child.wait_with_output())
-            .await
-            .map_err(|_| VmmError::Exec {
-                name: spec.name.clone(),
-                reason: format!("command did not finish within {}s", timeout.as_secs()),
-            })?
-            .map_err(VmmError::io("waiting for ssh"))?;
-        use std::os::unix::process::ExitStatusExt;
-        let code = out
-            .status
-            .code()
-            .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
-        Ok(ExecOutput {
-            code,
-            stdout: out.stdout,
-            stderr: out.stderr,
-        })
+        crate::collect_exec(&spec.name, child, timeout, "waiting for ssh").await
     }
 }
 
