@@ -604,6 +604,18 @@ impl Manager {
         let m = self.store().machine(name)?;
         let lock = self.lock_for(&m.id);
         let _g = lock.lock().await;
+        if m.state != "running" {
+            // A host process may have taken a reserved port while the machine was stopped;
+            // DNAT would silently shadow it.
+            let specs: Vec<ExposeSpec> = self
+                .store()
+                .exposes_of(&m.id)?
+                .into_iter()
+                .map(|e| e.spec)
+                .collect();
+            self.precheck_exposes(&specs)
+                .map_err(|e| Error::Conflict(format!("cannot start {}: {e}", m.name)))?;
+        }
         self.store()
             .transition(&m.id, &["stopped", "error"], "starting")
             .map_err(|e| match e {

@@ -407,6 +407,28 @@ fn stop_start_delete_semantics_and_no_leaks() {
     assert!(!env.nft_table().contains("tcp . 9090"));
     let ports: serde_json::Value = serde_json::from_str(&env.cli_ok(&["ports", "-o", "json"])).unwrap();
     assert!(ports.as_array().unwrap().iter().all(|p| p["state"] == "inactive"));
+    // a host process that took a reserved port meanwhile blocks the start, naming the port
+    let pidfile = env.dir.join("listener.pid");
+    env.sh(&format!(
+        "socat TCP-LISTEN:9090,reuseaddr SYSTEM:true >/dev/null 2>&1 & echo $! > {}",
+        pidfile.display()
+    ));
+    poll("host listener on 9090", Duration::from_secs(5), || {
+        env.sh("ss -ltn | grep -q ':9090 '")
+            .status
+            .success()
+            .then_some(())
+    });
+    let e = env.cli_err(&["machine", "start", "web"]);
+    assert!(e.contains("9090") && e.contains("in use"), "{e}");
+    assert!(
+        env.cli_ok(&["machine", "status", "web"])
+            .contains("Status:   stopped")
+    );
+    env.sh(&format!("kill $(cat {})", pidfile.display()));
+    poll("host listener gone", Duration::from_secs(5), || {
+        (!env.sh("ss -ltn | grep -q ':9090 '").status.success()).then_some(())
+    });
     env.cli_ok(&["machine", "start", "web"]);
     env.serve_tcp("web", 80, "web");
     env.serve_tcp("web", 90, "web90");
