@@ -39,7 +39,7 @@ pub struct Config {
     pub max_vcpus: Option<u32>,
     /// DNS servers given to machines.
     pub dns: Vec<Ipv4Addr>,
-    /// Seconds between firewall health checks (self-repair).
+    /// Milliseconds between firewall health checks (self-repair).
     pub repair_interval_ms: u64,
     /// Insert accept rules into foreign forward chains with policy drop (Docker hosts).
     pub forward_compat: bool,
