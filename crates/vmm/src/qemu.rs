@@ -185,6 +185,10 @@ impl Qemu {
             // host is busy: the clocksource watchdog then condemns the TSC and the guest falls
             // back to 4 ms jiffies timekeeping. Trust the TSC.
             c.push_str(" tsc=reliable");
+            // The emulated CPU advertises no hardware fixes, so the guest would enable page-table
+            // isolation and friends; under TCG the guest cannot speculate across its own
+            // privilege levels, and PTI's address-space switches are costly for the soft MMU.
+            c.push_str(" mitigations=off");
         }
         if let Ok(extra) = std::env::var("SISTEMO_GUEST_CMDLINE_EXTRA") {
             c.push(' ');
