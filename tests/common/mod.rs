@@ -312,8 +312,8 @@ impl Env {
     }
 }
 
-/// Connect over TCP from a namespace (None = the test's root context is never used) and return
-/// the reply line, or None when it fails within 2 s.
+/// Connect over TCP from namespace `ns` and return the reply line, or None when it fails
+/// within 2 s.
 pub fn tcp_from(ns: &str, addr: &str, port: u16) -> Option<String> {
     let o = run(&[
         "ip",

@@ -176,9 +176,9 @@ impl Hypervisor for NetnsBackend {
     }
 
     async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError> {
-        let ns = self.ns_name(spec);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "sh", "-c", &detach_background(cmd)])
+        let argv = self.exec_argv(spec, cmd);
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -189,15 +189,9 @@ impl Hypervisor for NetnsBackend {
     }
 
     fn exec_argv(&self, spec: &MachineSpec, cmd: &str) -> Vec<String> {
-        vec![
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            self.ns_name(spec),
-            "sh".into(),
-            "-c".into(),
-            detach_background(cmd),
-        ]
+        let mut argv = self.shell_command(spec);
+        argv.extend(["-c".into(), detach_background(cmd)]);
+        argv
     }
 
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
