@@ -44,19 +44,18 @@ pub fn create_persistent_tap(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Let socket `fd` send datagrams of `bytes` (SO_SNDBUFFORCE: root may exceed `wmem_max`; a
-/// netlink batch must travel in one datagram).
-pub fn force_send_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
-    let v: libc::c_int = bytes.min(i32::MAX as usize / 2) as libc::c_int;
-    // SAFETY: `fd` is an open socket owned by the caller; SO_SNDBUFFORCE reads one `c_int`
-    // of the size passed from a value that outlives the call.
+/// Set a `SOL_SOCKET` option whose value is the plain-data `value`.
+fn setsockopt<T>(fd: std::os::fd::RawFd, opt: libc::c_int, value: &T) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call; the
+    // kernel reads exactly `size_of::<T>()` bytes from `value`, which outlives the call, and
+    // callers pass the C type the option expects (`c_int`, `timeval`).
     let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            opt,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc < 0 {
@@ -65,25 +64,18 @@ pub fn force_send_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Resul
     Ok(())
 }
 
+/// Let socket `fd` send datagrams of `bytes` (SO_SNDBUFFORCE: root may exceed `wmem_max`; a
+/// netlink batch must travel in one datagram).
+pub fn force_send_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
+    let v: libc::c_int = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    setsockopt(fd, libc::SO_SNDBUFFORCE, &v)
+}
+
 /// Make blocking receives on socket `fd` fail with `EAGAIN` after `timeout`.
 pub fn set_recv_timeout(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> std::io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
     };
-    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call;
-    // SO_RCVTIMEO reads a `timeval` of the size passed, from a value that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt(fd, libc::SO_RCVTIMEO, &tv)
 }

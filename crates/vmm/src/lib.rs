@@ -179,20 +179,29 @@ pub fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Wait up to `timeout` for a spawned exec (stdout and stderr piped) and collect what it produced.
-pub async fn collect_exec(
+/// Run `argv` (stdin closed, stdout and stderr piped), wait up to `timeout` and collect what
+/// it produced. `spawn_err` maps a failure to start the program.
+pub async fn run_exec(
     name: &str,
-    child: tokio::process::Child,
+    argv: &[String],
     timeout: Duration,
-    waiting: &str,
+    spawn_err: impl FnOnce(std::io::Error) -> VmmError,
 ) -> Result<ExecOutput, VmmError> {
+    let child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_err)?;
     let out = tokio::time::timeout(timeout, child.wait_with_output())
         .await
         .map_err(|_| VmmError::Exec {
             name: name.to_string(),
             reason: format!("command did not finish within {}s", timeout.as_secs()),
         })?
-        .map_err(VmmError::io(waiting))?;
+        .map_err(VmmError::io(format!("waiting for {}", argv[0])))?;
     Ok(ExecOutput {
         code: exit_code(out.status),
         stdout: out.stdout,

@@ -177,15 +177,7 @@ impl Hypervisor for NetnsBackend {
 
     async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError> {
         let argv = self.exec_argv(spec, cmd);
-        let child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(VmmError::io("spawning exec"))?;
-        crate::collect_exec(&spec.name, child, timeout, "waiting for exec").await
+        crate::run_exec(&spec.name, &argv, timeout, VmmError::io("spawning exec")).await
     }
 
     fn exec_argv(&self, spec: &MachineSpec, cmd: &str) -> Vec<String> {

@@ -353,15 +353,7 @@ impl Qemu {
         let argv = self
             .ssh_target(spec)
             .argv(false, connect_s, &[remote.to_string()]);
-        let child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| spawn_error(e, &argv[0]))?;
-        crate::collect_exec(&spec.name, child, timeout, "waiting for ssh").await
+        crate::run_exec(&spec.name, &argv, timeout, |e| spawn_error(e, &argv[0])).await
     }
 }
 
