@@ -68,6 +68,11 @@ pub const MASKED_UNITS: &[&str] = &[
     "systemd-update-utmp.service",
     "systemd-update-utmp-runlevel.service",
     "systemd-random-seed.service",
+    // Users and groups come with the image's packages (their maintainer scripts create them);
+    // re-checking sysusers.d at every boot only competes with the first SSH session for the CPU.
+    "systemd-sysusers.service",
+    // Static device nodes for kernel modules: the guest has no modules beyond the initramfs's.
+    "systemd-tmpfiles-setup-dev.service",
     "systemd-hwdb-update.service",
     "systemd-journal-catalog-update.service",
     "systemd-update-done.service",
@@ -105,7 +110,10 @@ Before=shutdown.target
 Conflicts=shutdown.target
 
 [Service]
-ExecStartPre=/bin/mkdir -p -m 0755 /run/sshd
+# sshd's privilege-separation directory, made by systemd itself (no extra process).
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
 ExecStart=-/usr/sbin/sshd -i
 StandardInput=socket
 StandardError=journal
