@@ -216,6 +216,20 @@ async fn boots_debian_and_execs() {
     }
     eprintln!("16 concurrent execs in {:.2}s", t.elapsed().as_secs_f64());
 
+    // The guest's RNG is seeded before userspace starts (RDRAND), so nothing in the boot, sshd
+    // included, blocks in getrandom() waiting for entropy.
+    let out = vm
+        .exec(
+            &spec,
+            "dmesg | grep -E -m2 'Run /init|crng init done'",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = text.lines().next().unwrap_or_default();
+    assert!(first.contains("crng init done"), "RNG not ready before /init:\n{text}");
+
     // The guest clock is the host's (apt refuses a Release file from the future).
     let out = vm.exec(&spec, "date +%s", Duration::from_secs(30)).await.unwrap();
     let guest: i64 = String::from_utf8_lossy(&out.stdout)
