@@ -228,7 +228,10 @@ async fn boots_debian_and_execs() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let first = text.lines().next().unwrap_or_default();
-    assert!(first.contains("crng init done"), "RNG not ready before /init:\n{text}");
+    assert!(
+        first.contains("crng init done"),
+        "RNG not ready before /init:\n{text}"
+    );
 
     // The guest clock is the host's (apt refuses a Release file from the future).
     let out = vm.exec(&spec, "date +%s", Duration::from_secs(30)).await.unwrap();
