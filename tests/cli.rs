@@ -17,6 +17,7 @@ fn has(v: &Value, fields: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn json_outputs_parse_and_have_documented_fields() {
     let env = Env::new("json");
     env.machine(
@@ -78,10 +79,12 @@ fn json_outputs_parse_and_have_documented_fields() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn exit_codes_prompts_and_aliases() {
     let env = Env::new("exit");
     env.machine("web", &["--expose", "8080:80"]);
     // 0, 1, 2
+    step("exit codes");
     assert_eq!(env.cli(&["machine", "list"]).status.code(), Some(0));
     assert_eq!(env.cli(&["machine", "status", "nope"]).status.code(), Some(1));
     assert_eq!(env.cli(&["machine", "frobnicate"]).status.code(), Some(2));
@@ -89,10 +92,12 @@ fn exit_codes_prompts_and_aliases() {
     // errors are one line naming the value
     assert!(env.cli_err(&["machine", "status", "nope"]).contains("\"nope\""));
     // destructive commands refuse without a terminal and without -y, and change nothing
+    step("delete prompt");
     let e = env.cli_err(&["machine", "delete", "web"]);
     assert!(e.contains("-y"), "{e}");
     assert!(env.cli_ok(&["machine", "list"]).contains("web"));
     // exec: streams stdout and stderr apart, exits with the command's code
+    step("exec");
     let o = env.cli(&["machine", "exec", "web", "echo out; echo err >&2; exit 7"]);
     assert_eq!(o.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
@@ -105,6 +110,7 @@ fn exit_codes_prompts_and_aliases() {
     env.cli_ok(&["machine", "exec", "web", "sleep 30 &"]);
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
     // aliases
+    step("aliases");
     assert_eq!(env.cli_ok(&["vm", "ls"]), env.cli_ok(&["machine", "list"]));
     assert_eq!(
         env.cli_ok(&["vm", "show", "web"]),
@@ -122,10 +128,12 @@ fn exit_codes_prompts_and_aliases() {
     env.cli_ok(&["vm", "rm", &id, "-y"]);
     assert_eq!(env.cli_ok(&["machine", "ls", "-o", "json"]).trim(), "[]");
     // the audit log recorded who did what
+    step("history");
     let h = json(&env, &["history", "--action", "machine.delete", "-o", "json"]);
     assert_eq!(h[0]["uid"], 0);
     assert_eq!(h[0]["result"], "ok");
     // the daemon not running: say how to start it
+    step("daemon not running");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
         .args(["--socket", "/nonexistent/sistemo.sock", "machine", "list"])
         .output()
@@ -135,6 +143,7 @@ fn exit_codes_prompts_and_aliases() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn doctor_fails_with_a_fix_without_nftables_and_passes_on_a_good_setup() {
     let env = Env::new("doc");
     let o = env.cli(&["doctor"]);
@@ -162,6 +171,7 @@ fn doctor_fails_with_a_fix_without_nftables_and_passes_on_a_good_setup() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn completion_offers_machine_names_from_the_daemon() {
     let env = Env::new("comp");
     env.machine("web", &[]);
@@ -182,6 +192,7 @@ fn completion_offers_machine_names_from_the_daemon() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn tcp_api_is_opt_in_and_needs_the_token() {
     let mut env = Env::new("tcp");
     env.machine("web", &[]);

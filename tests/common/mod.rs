@@ -2,6 +2,12 @@
 //! real nftables table, real SQLite file) and tears everything down on drop, even on failure.
 //! Machines use the `netns` backend (a namespace with a veth on the bridge, running real
 //! servers); the real-VM path is covered by `crates/vmm` tests and `tests/vm.rs`.
+//!
+//! Every test that builds an `Env` needs root: it is marked
+//! `#[ignore = "needs root and network namespaces: run sudo scripts/test"]`, so plain
+//! `cargo test` reports it as ignored with that reason, and `scripts/test` (as root) runs it with
+//! `--include-ignored`. Run anyway without root, it stops at once with one line saying why.
+//! Real-VM tests are named `real_vm_*` (one libtest filter selects or skips them all).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -10,6 +16,29 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Panic at once, with one line saying why, unless the test runs as root (it creates network
+/// namespaces). Called by `Env`; such tests are `#[ignore]`d, so this only fires when they are
+/// run with `--include-ignored` (or `--ignored`) by a user who is not root.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "needs root and network namespaces (euid {} is not 0): run sudo scripts/test",
+            nix::unistd::geteuid()
+        );
+    }
+}
+
+/// Marks the start of a named step of a long test: a failed assertion after it is reported with
+/// the step's name (printed to the test's captured output, which libtest shows on failure).
+pub fn step(name: &str) {
+    eprintln!("--- step: {name}");
+    STEP.with(|s| *s.borrow_mut() = Some(name.to_string()));
+}
+
+thread_local! {
+    static STEP: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
 
 /// Run a command, return its output (never panics on non-zero exit).
 pub fn run(args: &[&str]) -> Output {
@@ -87,6 +116,7 @@ impl Env {
     }
 
     fn build(tag: &str, args: &[&str], hypervisor: &str, seed: Option<&std::path::Path>) -> Env {
+        require_root();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}{}", tag, std::process::id() % 100000, n);
         let dir = std::env::temp_dir().join(format!("sistemo-test-{id}"));
@@ -384,6 +414,9 @@ impl Drop for Env {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
+            if let Some(s) = STEP.with(|s| s.borrow().clone()) {
+                eprintln!("failed in step: {s}");
+            }
             eprintln!("daemon log:\n{}", self.log());
             let _ = std::fs::remove_dir_all(&self.dir);
         }

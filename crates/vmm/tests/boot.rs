@@ -1,12 +1,16 @@
 //! Real-VM test of the QEMU backend: boots the `debian` image in a network namespace the test
 //! creates (bridge 10.250.0.1/24 + TAP), runs exec through SSH, and stops the VM.
 //!
-//! Runs only with `SISTEMO_VM_TESTS=1` as root, once the assets exist:
+//! Ignored by plain `cargo test` (the tests are named `real_vm_*`, so `--skip real_vm_` leaves
+//! them out). `sudo scripts/test` runs them with the assets it prepares
+//! (`scripts/prepare-vm-assets`, data folder in `SISTEMO_VM_TEST_DIR`). By hand, as root:
 //! ```text
 //! cargo run -p sistemo-vmm --example prepare_assets -- /var/tmp/sistemo-vmtest
-//! SISTEMO_VM_TESTS=1 cargo test -p sistemo-vmm --test boot -- --ignored --nocapture
+//! cargo test -p sistemo-vmm --test boot -- --ignored --nocapture
 //! ```
-//! (`SISTEMO_VM_TEST_DIR` overrides the data folder.) No traffic leaves the namespace.
+//! (`SISTEMO_VM_TEST_DIR` overrides the data folder.) Included but without root or assets, a test
+//! fails saying what is missing; it never passes without booting. No traffic leaves the
+//! namespace.
 
 use sistemo_vmm::image::{ImageStore, clone_disk, ensure_boot_assets};
 use sistemo_vmm::qemu::Qemu;
@@ -98,12 +102,34 @@ fn data_dir() -> PathBuf {
     PathBuf::from(std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()))
 }
 
-#[tokio::test]
-#[ignore = "boots a real VM: SISTEMO_VM_TESTS=1 and prepared assets (see the module docs)"]
-async fn unbootable_disk_fails_fast_with_the_reason() {
-    if !enabled() {
-        return;
+/// Panics at once, saying what is missing, unless running as root with the prepared assets
+/// (the kernel, and the `debian` image when `image` is set) in `data_dir()`.
+fn require_assets(image: bool) {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "needs root and network namespaces (euid {} is not 0): run sudo scripts/test",
+            nix::unistd::geteuid()
+        );
     }
+    let data = data_dir();
+    let kernel = data.join("kernel/kernel.json").exists();
+    let debian = std::fs::read_to_string(data.join("images/index.json"))
+        .is_ok_and(|index| index.contains("\"debian\""));
+    if !kernel || (image && !debian) {
+        panic!(
+            "VM assets missing in {}: run sudo scripts/prepare-vm-assets DIR and set \
+             SISTEMO_VM_TEST_DIR=DIR/data (sudo scripts/test does both), or \
+             cargo run -p sistemo-vmm --example prepare_assets -- {}",
+            data.display(),
+            data.display()
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "boots real VMs: run sudo scripts/test"]
+async fn real_vm_unbootable_disk_fails_fast_with_the_reason() {
+    require_assets(false);
     let say = |s: &str| eprintln!("  {s}");
     let assets = ensure_boot_assets(&data_dir(), &say).await.expect("boot assets");
     let (mut guard, ns, dir) = namespace("bad");
@@ -133,17 +159,10 @@ async fn unbootable_disk_fails_fast_with_the_reason() {
     vm.cleanup(&spec).await.unwrap();
 }
 
-fn enabled() -> bool {
-    std::env::var("SISTEMO_VM_TESTS").as_deref() == Ok("1")
-}
-
 #[tokio::test]
-#[ignore = "boots a real VM: SISTEMO_VM_TESTS=1 and prepared assets (see the module docs)"]
-async fn boots_debian_and_execs() {
-    if !enabled() {
-        eprintln!("SISTEMO_VM_TESTS is not 1: skipped");
-        return;
-    }
+#[ignore = "boots real VMs: run sudo scripts/test"]
+async fn real_vm_boots_debian_and_execs() {
+    require_assets(true);
     let data = data_dir();
     let say = |s: &str| eprintln!("  {s}");
     let assets = ensure_boot_assets(&data, &say).await.expect("boot assets");
