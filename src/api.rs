@@ -1,16 +1,99 @@
 //! Request and response types of the HTTP/JSON API, shared by the CLI, the server and tests,
 //! so client and server cannot drift apart. This is also the documented `-o json` schema.
 
+pub use crate::domain::MachineState;
 use serde::{Deserialize, Serialize};
 
 /// API version prefix of every route.
 pub const PREFIX: &str = "/v1";
 
-/// An error response body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What kind of failure an error is; decides the HTTP status and the CLI's exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Bad input: the message names the value and what is allowed.
+    Invalid,
+    /// Something named does not exist.
+    NotFound,
+    /// Taken, in use, or in the wrong state.
+    Conflict,
+    /// The host's disk is full.
+    InsufficientStorage,
+    /// The TCP API was called without the right token.
+    Unauthorized,
+    /// The host failed us (I/O, netlink, a VMM that did not boot).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status of this kind.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::Invalid => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::InsufficientStorage => 507,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The kind of an HTTP status (for bodies from older daemons without a `kind`).
+    pub fn from_status(status: u16) -> ErrorKind {
+        match status {
+            400 | 422 => ErrorKind::Invalid,
+            401 => ErrorKind::Unauthorized,
+            404 => ErrorKind::NotFound,
+            409 => ErrorKind::Conflict,
+            507 => ErrorKind::InsufficientStorage,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    /// The CLI's exit code: 2 for bad input (like a usage error), 1 for everything else.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Invalid => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// An error, as an HTTP body and inside streamed NDJSON events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
-    /// One line naming the bad value and what is allowed.
+    /// One line: what failed, then its causes, separated by `: `.
     pub error: String,
+    /// Its kind.
+    pub kind: ErrorKind,
+    /// The HTTP status of its kind.
+    pub status: u16,
+}
+
+impl ErrorBody {
+    /// A body of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: message.into(),
+            kind,
+            status: kind.status(),
+        }
+    }
+}
+
+/// One audit-log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Time (UTC, RFC 3339).
+    pub at: String,
+    /// Caller's uid from the socket's peer credentials, if known.
+    pub uid: Option<u32>,
+    /// Action, e.g. `machine.expose`.
+    pub action: String,
+    /// What it acted on.
+    pub target: String,
+    /// `ok` or the error.
+    pub result: String,
 }
 
 /// One exposed port as shown by `machine status` and `ports`.
@@ -37,8 +120,11 @@ pub struct MachineInfo {
     pub id: String,
     /// Name.
     pub name: String,
-    /// `creating`, `running`, `stopped`, `error`.
-    pub status: String,
+    /// `creating`, `starting`, `running`, `stopping`, `stopped` or `error`.
+    pub status: MachineState,
+    /// Why the machine is in state `error` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// IPv4 address on its network.
     pub ip: String,
     /// Network name.
@@ -162,7 +248,7 @@ pub enum Event<T> {
     /// The final result.
     Result(T),
     /// The final error.
-    Error(String),
+    Error(ErrorBody),
 }
 
 /// Daemon facts for `doctor` and `config`.
@@ -219,5 +305,5 @@ pub enum ExecEvent {
     /// The command's exit code (last event).
     Exit(i32),
     /// Running the command failed (last event).
-    Error(String),
+    Error(ErrorBody),
 }

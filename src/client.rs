@@ -1,7 +1,7 @@
 //! The API client used by the CLI: blocking HTTP/1.1 over the daemon's Unix socket, small and
 //! fast (no runtime), with NDJSON streaming for long operations.
 
-use crate::api::{ErrorBody, Event};
+use crate::api::{ErrorBody, ErrorKind, Event};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,13 +22,8 @@ pub enum ClientError {
         reason: String,
     },
     /// The daemon answered with an error.
-    #[error("{message}")]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The daemon's one-line message.
-        message: String,
-    },
+    #[error("{}", .0.error)]
+    Api(ErrorBody),
     /// The answer could not be read.
     #[error("bad answer from the daemon: {0}")]
     Protocol(String),
@@ -92,11 +87,37 @@ impl Resp {
     }
 }
 
+impl ClientError {
+    /// The exit code the CLI ends with: by the error's kind, 1 when the daemon was not reached.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Api(b) => b.kind.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+/// The error of a response with `status` and `body` (a daemon too old to send `kind` is
+/// classified by the status).
 fn api_error(status: u16, body: &str) -> ClientError {
-    let message = serde_json::from_str::<ErrorBody>(body)
-        .map(|e| e.error)
-        .unwrap_or_else(|_| format!("daemon answered {status}: {}", body.trim()));
-    ClientError::Api { status, message }
+    #[derive(serde::Deserialize)]
+    struct Loose {
+        error: String,
+        kind: Option<ErrorKind>,
+    }
+    ClientError::Api(match serde_json::from_str::<Loose>(body) {
+        Ok(Loose { error, kind }) => ErrorBody {
+            error,
+            kind: kind.unwrap_or_else(|| ErrorKind::from_status(status)),
+            status,
+        },
+        Err(_) => ErrorBody {
+            error: format!("daemon answered {status}: {}", body.trim()),
+            kind: ErrorKind::from_status(status),
+            status,
+        },
+    })
+}
 }
 
 impl Client {
@@ -232,12 +253,7 @@ impl Client {
                 Ok(Event::Result(v)) => {
                     result = Some(serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string())))
                 }
-                Ok(Event::Error(e)) => {
-                    result = Some(Err(ClientError::Api {
-                        status: 400,
-                        message: e,
-                    }))
-                }
+                Ok(Event::Error(e)) => result = Some(Err(ClientError::Api(e))),
                 Err(e) => result = Some(Err(ClientError::Protocol(format!("{e}: {line}")))),
             }
         })?;

@@ -1,7 +1,7 @@
-//! Daemon configuration: defaults, then the YAML config file, then environment, then flags.
-//! Keys are Sistemo-compatible where they exist (`bridge_subnet`, `port`, `max_vcpus`).
+//! Daemon configuration, read in this one place: defaults, then the YAML file, then `SISTEMO_*`
+//! environment, then flags. Keys are Sistemo-compatible where they exist (`bridge_subnet`, `port`).
 
-use ipnet::Ipv4Net;
+use crate::domain::{HypervisorKind, IfName, Subnet, TableName};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -20,13 +20,13 @@ pub struct Config {
     /// API Unix socket (root-only).
     pub socket: PathBuf,
     /// Bridge of the default network.
-    pub bridge: String,
+    pub bridge: IfName,
     /// Subnet of the default network; the bridge holds its first address.
-    pub bridge_subnet: Ipv4Net,
+    pub bridge_subnet: Subnet,
     /// Name of sistemo's nftables table (`ip` family).
-    pub nft_table: String,
+    pub nft_table: TableName,
     /// Hypervisor backend: `qemu`, or `netns` (machines are network namespaces; for tests).
-    pub hypervisor: String,
+    pub hypervisor: HypervisorKind,
     /// Prefix of namespace names of the `netns` backend.
     pub netns_prefix: String,
     /// Optional TCP port for the API (needs `token`); off by default.
@@ -50,10 +50,10 @@ impl Default for Config {
         Config {
             data_dir: "/var/lib/sistemo".into(),
             socket: DEFAULT_SOCKET.into(),
-            bridge: "sistemo0".into(),
+            bridge: "sistemo0".parse().expect("valid default bridge"),
             bridge_subnet: "10.200.0.0/16".parse().expect("valid default subnet"),
-            nft_table: "sistemo".into(),
-            hypervisor: "qemu".into(),
+            nft_table: "sistemo".parse().expect("valid default table"),
+            hypervisor: HypervisorKind::Qemu,
             netns_prefix: "sistemo-m-".into(),
             port: None,
             listen_addr: Ipv4Addr::LOCALHOST,
@@ -71,19 +71,29 @@ impl Default for Config {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// Interface names: 1-15 characters of `[a-zA-Z0-9_-]` (what the kernel and nft accept safely).
-pub fn check_ifname(key: &str, v: &str) -> Result<(), ConfigError> {
-    if v.is_empty()
-        || v.len() > 15
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ConfigError(format!(
-            "{key} {v:?} is not a valid interface name (allowed: 1-15 characters of a-z, A-Z, 0-9, '-', '_')"
-        )));
-    }
-    Ok(())
+/// Flags of `sistemo up`; each overrides the same key.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--bridge`.
+    pub bridge: Option<String>,
+    /// `--subnet`.
+    pub subnet: Option<String>,
+    /// `--nft-table`.
+    pub nft_table: Option<String>,
+    /// `--hypervisor`.
+    pub hypervisor: Option<String>,
+}
+
+fn flag<T: std::str::FromStr<Err = crate::domain::Invalid>>(
+    name: &str,
+    v: Option<String>,
+) -> Result<Option<T>, ConfigError> {
+    v.map(|v| v.parse().map_err(|e: crate::domain::Invalid| ConfigError(format!("{name}: {e}"))))
+        .transpose()
 }
 
 impl Config {
@@ -100,7 +110,7 @@ impl Config {
         };
         let mut cfg = match std::fs::read_to_string(&path) {
             Ok(text) if text.trim().is_empty() => Config::default(),
-            Ok(text) => serde_yaml::from_str(&text)
+            Ok(text) => yaml_serde::from_str(&text)
                 .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
             Err(e) => return Err(ConfigError(format!("config file {}: {e}", path.display()))),
@@ -108,53 +118,40 @@ impl Config {
         if let Ok(v) = std::env::var("SISTEMO_DATA_DIR") {
             cfg.data_dir = v.into();
         }
-        if let Ok(v) = std::env::var("SISTEMO_BRIDGE_SUBNET") {
-            cfg.bridge_subnet = v.parse().map_err(|_| {
-                ConfigError(format!(
-                    "SISTEMO_BRIDGE_SUBNET {v:?} is not a CIDR like 10.200.0.0/16"
-                ))
-            })?;
+        if let Some(v) = flag("SISTEMO_BRIDGE_SUBNET", std::env::var("SISTEMO_BRIDGE_SUBNET").ok())? {
+            cfg.bridge_subnet = v;
         }
-        if let Ok(v) = std::env::var("SISTEMO_HYPERVISOR") {
+        if let Some(v) = flag("SISTEMO_HYPERVISOR", std::env::var("SISTEMO_HYPERVISOR").ok())? {
             cfg.hypervisor = v;
         }
         Ok(cfg)
     }
 
-    /// Check values that serde cannot.
+    /// Apply the flags of `sistemo up`.
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        if let Some(v) = o.socket {
+            self.socket = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = flag("--bridge", o.bridge)? {
+            self.bridge = v;
+        }
+        if let Some(v) = flag("--subnet", o.subnet)? {
+            self.bridge_subnet = v;
+        }
+        if let Some(v) = flag("--nft-table", o.nft_table)? {
+            self.nft_table = v;
+        }
+        if let Some(v) = flag("--hypervisor", o.hypervisor)? {
+            self.hypervisor = v;
+        }
+        Ok(())
+    }
+
+    /// Check what the types cannot: combinations of keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_ifname("bridge", &self.bridge)?;
-        if self.nft_table.is_empty()
-            || self.nft_table.len() > 64
-            || !self
-                .nft_table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(ConfigError(format!(
-                "nft_table {:?} is not a valid table name (allowed: letters, digits, '_', '-')",
-                self.nft_table
-            )));
-        }
-        if self.bridge_subnet.prefix_len() > 29 {
-            return Err(ConfigError(format!(
-                "bridge_subnet {} is too small (allowed: prefix length 8 to 29)",
-                self.bridge_subnet
-            )));
-        }
-        if self.bridge_subnet.trunc() != self.bridge_subnet {
-            return Err(ConfigError(format!(
-                "bridge_subnet {} has host bits set (did you mean {}?)",
-                self.bridge_subnet,
-                self.bridge_subnet.trunc()
-            )));
-        }
-        if !matches!(self.hypervisor.as_str(), "qemu" | "netns") {
-            return Err(ConfigError(format!(
-                "hypervisor {:?} is not supported (allowed: qemu, netns)",
-                self.hypervisor
-            )));
-        }
         if self.port.is_some() && self.token.as_deref().unwrap_or("").is_empty() {
             return Err(ConfigError(
                 "port is set but token is empty: the TCP API needs a token".into(),
@@ -170,23 +167,32 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = serde_yaml::from_str::<Config>("bridge_subnett: 10.0.0.0/8")
+        let e = yaml_serde::from_str::<Config>("bridge_subnett: 10.0.0.0/8")
             .unwrap_err()
             .to_string();
         assert!(e.contains("bridge_subnett"), "{e}");
     }
 
     #[test]
-    fn validate_names_value() {
-        let c = Config {
-            bridge: "bad name".into(),
-            ..Config::default()
-        };
-        assert!(c.validate().unwrap_err().to_string().contains("\"bad name\""));
-        let c = Config {
-            bridge_subnet: "10.200.0.1/16".parse().unwrap(),
-            ..Config::default()
-        };
-        assert!(c.validate().unwrap_err().to_string().contains("host bits"));
+    fn bad_values_are_named_at_parse_time() {
+        let e = yaml_serde::from_str::<Config>("bridge: bad name")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"bad name\""), "{e}");
+        let e = yaml_serde::from_str::<Config>("bridge_subnet: 10.200.0.1/16")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host bits"), "{e}");
+        let e = yaml_serde::from_str::<Config>("hypervisor: xen").unwrap_err().to_string();
+        assert!(e.contains("allowed: qemu, netns"), "{e}");
+        let mut c = Config::default();
+        let e = c
+            .apply(Overrides {
+                subnet: Some("10.0.0.0/33".into()),
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--subnet: ") && e.contains("10.0.0.0/33"), "{e}");
     }
 }

@@ -2,27 +2,15 @@
 //! self-repair loop and serves the API until SIGINT/SIGTERM.
 
 use crate::config::Config;
-use crate::machine::{DiskProvider, Manager};
+use crate::error::chain;
+use crate::host::Host;
 use crate::net::firewall::nftables::Nftables;
 use crate::net::link::Links;
 use crate::store::Store;
 use anyhow::{Context, Result, bail};
-use sistemo_vmm::Hypervisor;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Build the hypervisor backend (and the disk provider when it needs disks).
-async fn backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
-    match cfg.hypervisor.as_str() {
-        "netns" => Ok((
-            Arc::new(sistemo_vmm::netns::NetnsBackend::new(cfg.netns_prefix.clone())),
-            None,
-        )),
-        "qemu" => crate::vm::qemu_backend(cfg).await,
-        other => bail!("hypervisor {other:?} is not supported (allowed: qemu, netns)"),
-    }
-}
 
 /// Refuse to start over a live daemon; remove a stale socket file.
 fn claim_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
@@ -64,24 +52,25 @@ pub async fn run(cfg: Config) -> Result<()> {
         None => None,
     };
     let store = Store::open(&cfg.data_dir.join("sistemo.db")).context("opening the database")?;
-    let links = Links::new()?;
-    let fw = Box::new(Nftables::new(cfg.nft_table.clone()));
-    let (vmm, disks) = backend(&cfg).await?;
-    let m = Arc::new(Manager::new(store, links, fw, vmm, disks, cfg.clone()));
+    let links = Arc::new(Links::new()?);
+    let fw = Box::new(Nftables::new(cfg.nft_table.to_string()));
+    let backend = crate::backend::build(&cfg).await?;
+    let m = Arc::new(Host::new(cfg.clone(), store, links, fw, backend));
     if let Err(e) = m.startup().await {
         let _ = std::fs::remove_file(&cfg.socket);
-        bail!("{e}");
+        bail!("{}", chain(&e));
     }
     tracing::info!(
         socket = %cfg.socket.display(),
         table = %cfg.nft_table,
         bridge = %cfg.bridge,
-        hypervisor = %m.hypervisor(),
+        hypervisor = %m.machines.hypervisor(),
         ms = t0.elapsed().as_millis() as u64,
         "sistemo daemon ready"
     );
 
-    // Self-repair: if anyone flushes the ruleset or deletes the table, restore it from the store.
+    // Self-repair: if anyone flushes the ruleset or deletes the table, restore it from the store;
+    // a machine whose VMM died shows state `error` and its rules leave the firewall.
     let rm = m.clone();
     let every = Duration::from_millis(cfg.repair_interval_ms.max(50));
     tokio::spawn(async move {
@@ -94,8 +83,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             let rm = rm.clone();
             // Every 20th pass also verifies the rules (a flush of only sistemo's chains).
             let deep = n.is_multiple_of(20);
+            if let Err(e) = rm.machines.reap_dead().await {
+                tracing::error!(error = %chain(&e), "checking machines' VMMs failed");
+            }
             match tokio::task::spawn_blocking(move || rm.repair_once(deep)).await {
-                Ok(Err(e)) => tracing::error!(error = %e, "self-repair failed"),
+                Ok(Err(e)) => tracing::error!(error = %chain(&e), "self-repair failed"),
                 Err(e) => tracing::error!(error = %e, "self-repair task failed"),
                 Ok(Ok(_)) => {}
             }

@@ -1,32 +1,37 @@
 //! sistemo: one binary that turns a Linux host into a host of real microVMs.
 //!
-//! Data flows one way: [`cli`] → HTTP/JSON over a Unix socket ([`api`], [`client`]) →
-//! [`server`] → [`machine`] manager → ([`store`], [`net`], `sistemo_vmm`).
+//! Data flows one way: [`cli`] → [`client`] → HTTP/JSON ([`api`]) → [`server`] → services
+//! ([`machine`], [`networks`], [`images`], wired by [`host`]) → ([`store`], [`net`],
+//! `sistemo_vmm`). Nothing lower imports anything higher; [`domain`] and [`spec`] are the
+//! vocabulary every layer shares, and [`error`] classifies failures once for all.
 //!
+//! - [`domain`]: machine states, hypervisor kinds, names, sizes, subnets — parsed once.
 //! - [`spec`]: the expose grammar, parsed once at the edge into types.
 //! - [`store`]: SQLite, the only code that speaks SQL.
-//! - [`net`]: bridges, TAPs and addresses over netlink; the nftables firewall.
-//! - [`machine`]: the machine state machine, each host-touching step with its undo.
-//! - [`config`]: daemon configuration (file, flags, environment).
+//! - [`net`]: links over netlink, address planning, the nftables firewall.
+//! - [`machine`] / [`networks`] / [`images`]: the services, each owning its state and lock.
+//! - [`host`]: the services of one daemon, start-up and self-repair.
+//! - [`backend`]: the hypervisor backend the configuration names.
+//! - [`config`]: daemon configuration (file, environment, flags), read in one place.
 //! - [`daemon`]: `sistemo up`: start-up restore, self-repair timer, API listeners.
-//! - [`server`] / [`client`] / [`api`]: the HTTP/JSON API, its client, and their shared types.
-//! - [`cli`]: the command line; [`doctor`] and [`service`] are two of its commands.
-//! - [`vm`]: glue to the QEMU backend and the image store of `sistemo_vmm`.
 //! - [`sys`]: the only `unsafe` (TAP ioctls), each block justified.
-#![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
-pub mod doctor;
+pub mod domain;
+pub mod error;
+pub mod host;
+pub mod images;
 pub mod machine;
 pub mod net;
+pub mod networks;
 pub mod server;
-pub mod service;
 pub mod spec;
 pub mod store;
 pub mod sys;
-pub mod vm;
+
+pub use sistemo_vmm::Progress;

@@ -1,4 +1,5 @@
-//! The `sistemo` binary: parses the command line and maps errors to one line and exit codes.
+//! The `sistemo` binary: parses the command line, runs it, and prints a failure as one line
+//! with the exit code of its kind.
 
 use clap::Parser;
 
@@ -23,14 +24,14 @@ fn main() {
     let code = match rt.block_on(sistemo::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
+            let msg = sistemo::error::chain(e.as_ref());
             if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
             {
                 eprintln!("\x1b[31merror:\x1b[0m {msg}");
             } else {
                 eprintln!("error: {msg}");
             }
-            1
+            sistemo::cli::exit_code(&e)
         }
     };
     std::process::exit(code);

@@ -268,7 +268,7 @@ impl Links {
     }
 
     /// IPv4 networks routed by the host (to refuse overlapping subnets for new networks).
-    pub async fn routed_v4(&self) -> Result<Vec<(Ipv4Net, String)>> {
+    pub async fn routed_v4(&self) -> Result<Vec<Ipv4Net>> {
         use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
         let routes: Vec<_> = self
             .handle
@@ -287,14 +287,55 @@ impl Links {
                 if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a
                     && let Ok(n) = Ipv4Net::new(*d, r.header.destination_prefix_length)
                 {
-                    let oif = r.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Oif(i) => Some(*i),
-                        _ => None,
-                    });
-                    out.push((n, oif.map(|i| format!("ifindex {i}")).unwrap_or_default()));
+                    out.push(n);
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// What the services need from the host's links; [`Links`] is the netlink implementation, and
+/// unit tests use an in-memory one.
+#[async_trait::async_trait]
+pub trait HostLinks: Send + Sync {
+    /// See [`Links::ensure_bridge`].
+    async fn ensure_bridge(&self, name: &str, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<()>;
+    /// Whether a link of that name exists.
+    async fn exists(&self, name: &str) -> Result<bool>;
+    /// See [`Links::attach`].
+    async fn attach(&self, name: &str, bridge: &str) -> Result<()>;
+    /// See [`Links::create_tap`].
+    async fn create_tap(&self, name: &str, bridge: &str) -> Result<()>;
+    /// See [`Links::delete`].
+    async fn delete(&self, name: &str) -> Result<()>;
+    /// See [`Links::flush_neighbour`].
+    async fn flush_neighbour(&self, ip: Ipv4Addr) -> Result<()>;
+    /// IPv4 networks the host routes.
+    async fn routed_v4(&self) -> Result<Vec<Ipv4Net>>;
+}
+
+#[async_trait::async_trait]
+impl HostLinks for Links {
+    async fn ensure_bridge(&self, name: &str, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<()> {
+        Links::ensure_bridge(self, name, subnet, gateway).await.map(drop)
+    }
+    async fn exists(&self, name: &str) -> Result<bool> {
+        Ok(self.lookup(name).await?.is_some())
+    }
+    async fn attach(&self, name: &str, bridge: &str) -> Result<()> {
+        Links::attach(self, name, bridge).await
+    }
+    async fn create_tap(&self, name: &str, bridge: &str) -> Result<()> {
+        Links::create_tap(self, name, bridge).await
+    }
+    async fn delete(&self, name: &str) -> Result<()> {
+        Links::delete(self, name).await
+    }
+    async fn flush_neighbour(&self, ip: Ipv4Addr) -> Result<()> {
+        Links::flush_neighbour(self, ip).await
+    }
+    async fn routed_v4(&self) -> Result<Vec<Ipv4Net>> {
+        Links::routed_v4(self).await
     }
 }

@@ -1,7 +1,9 @@
-//! Host networking: links over netlink ([`link`]) and the port-forwarding firewall ([`firewall`]).
+//! Host networking: links over netlink ([`link`]), address planning ([`ipam`]) and the
+//! port-forwarding firewall ([`firewall`]).
 //! Nothing outside this module creates links or talks to nftables.
 
 pub mod firewall;
+pub mod ipam;
 pub mod link;
 
 /// A stable, locally administered unicast MAC derived from a machine ID.

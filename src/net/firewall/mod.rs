@@ -1,11 +1,13 @@
-//! The firewall: the desired port-forwarding state as data, and the driver trait that makes
-//! the kernel hold it. One backend today, [`nftables`]; the manager only sees [`FirewallDriver`].
+//! The firewall: the desired port-forwarding state as data, the driver trait that makes the
+//! kernel hold it (one backend today, [`nftables`]), and [`Firewall`], its serialising owner.
 
 pub mod netlink;
 pub mod nftables;
+mod reconcile;
 
-use crate::spec::Protocol;
-use crate::store::ActiveExpose;
+pub use reconcile::Firewall;
+
+use crate::spec::{ExposeSpec, Protocol};
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 
@@ -39,17 +41,18 @@ pub struct PortMapping {
 }
 
 impl PortMapping {
-    /// Expand stored exposes of running machines into per-port mappings.
-    pub fn expand(exposes: &[ActiveExpose]) -> Vec<PortMapping> {
+    /// Expand exposes of running machines, each with its machine's address, into per-port
+    /// mappings.
+    pub fn expand<'a>(exposes: impl IntoIterator<Item = (Ipv4Addr, &'a ExposeSpec)>) -> Vec<PortMapping> {
         exposes
-            .iter()
-            .flat_map(|e| {
-                e.spec.host.ports.ports().map(move |p| PortMapping {
-                    bind: e.spec.host.bind,
-                    proto: e.spec.host.proto,
+            .into_iter()
+            .flat_map(|(ip, s)| {
+                s.host.ports.ports().map(move |p| PortMapping {
+                    bind: s.host.bind,
+                    proto: s.host.proto,
                     host_port: p,
-                    ip: e.ip,
-                    machine_port: e.spec.machine_port_for(p),
+                    ip,
+                    machine_port: s.machine_port_for(p),
                 })
             })
             .collect()

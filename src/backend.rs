@@ -1,0 +1,75 @@
+//! The hypervisor backend the configuration asks for, with its image backend, and
+//! `image prepare`: boot assets and the `debian` image made without a daemon.
+
+use crate::config::Config;
+use crate::domain::HypervisorKind;
+use crate::images::{Disks, ImageBackend};
+use anyhow::{Context, Result};
+use sistemo_vmm::Hypervisor;
+use sistemo_vmm::image::{ImageStore, ensure_boot_assets};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A hypervisor and, when its machines have disks, the images they are made from.
+pub struct Backend {
+    /// The hypervisor.
+    pub vmm: Arc<dyn Hypervisor>,
+    /// Images and disks (`None` for `netns`).
+    pub images: Option<Arc<dyn ImageBackend>>,
+}
+
+/// Build the configured backend. QEMU fetches the kernel and builds the initramfs on first use
+/// (cached in the data dir).
+pub async fn build(cfg: &Config) -> Result<Backend> {
+    match cfg.hypervisor {
+        HypervisorKind::Netns => Ok(Backend {
+            vmm: Arc::new(sistemo_vmm::netns::NetnsBackend::new(cfg.netns_prefix.clone())),
+            images: None,
+        }),
+        HypervisorKind::Qemu => {
+            let progress = |s: &str| tracing::info!("{s}");
+            let assets = ensure_boot_assets(&cfg.data_dir, &progress)
+                .await
+                .context("preparing the guest kernel and initramfs")?;
+            let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets).await?;
+            tracing::info!(accel = ?q.accel(), "QEMU backend ready");
+            Ok(Backend {
+                vmm: Arc::new(q),
+                images: Some(Arc::new(Disks::new(&cfg.data_dir))),
+            })
+        }
+    }
+}
+
+/// Fill `data_dir` with the kernel, the base initramfs and the `debian` image (with `include`),
+/// reusing what is already there. Runs without a daemon and touches no network configuration.
+pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
+    let progress = |s: &str| eprintln!("… {s}");
+    let t = std::time::Instant::now();
+    let assets = ensure_boot_assets(data_dir, &progress).await?;
+    eprintln!(
+        "kernel {} and initramfs ready in {:.1}s",
+        assets.kernel_version,
+        t.elapsed().as_secs_f64()
+    );
+    let store = ImageStore::new(data_dir);
+    if store.resolve("debian", 0, &progress).await.is_err() {
+        let t = std::time::Instant::now();
+        let info = store.build_debian("debian", include, &progress).await?;
+        eprintln!(
+            "image debian built in {:.1}s: sha256 {}",
+            t.elapsed().as_secs_f64(),
+            info.sha256
+        );
+    }
+    for i in store.list() {
+        println!(
+            "{} {} {}M {}",
+            i.tags.join(","),
+            &i.sha256[..12],
+            i.size >> 20,
+            i.source
+        );
+    }
+    Ok(())
+}

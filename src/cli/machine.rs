@@ -1,0 +1,318 @@
+//! `sistemo machine …`: deploy, list, status, lifecycle, exec, ssh, logs, expose, unexpose —
+//! each a call to the daemon's API, shown as a table, the page's status block or JSON.
+
+use super::output::{confirm, format_status, print_json, progress_printer, table};
+use super::{Usage, urlencode};
+use crate::api::*;
+use crate::client::Client;
+use crate::config::DEFAULT_SOCKET;
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
+use std::path::PathBuf;
+
+/// The machine a command acts on.
+#[derive(Debug, Args)]
+pub struct MachineArg {
+    /// Name or UUID.
+    #[arg(add = ArgValueCandidates::new(machine_names))]
+    pub name: String,
+}
+
+/// `machine` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MachineCmd {
+    /// Create and boot a machine.
+    #[command(
+        after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G"
+    )]
+    Deploy {
+        /// Image: a name (debian), a *.ext4 file or an http(s) URL.
+        image: String,
+        /// Machine name (a-z, 0-9, '-').
+        #[arg(long)]
+        name: Option<String>,
+        /// Virtual CPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, e.g. 512M or 2G.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Disk size, e.g. 4G.
+        #[arg(long)]
+        storage: Option<String>,
+        /// Expose a port: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.
+        #[arg(long)]
+        expose: Vec<String>,
+        /// Network (default: default).
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// List machines.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a machine: ID, name, status, IP and ports.
+    #[command(visible_alias = "show")]
+    Status {
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// Start a stopped machine (its port rules come back).
+    Start {
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// Stop a machine gracefully (port rules leave nftables, stay stored).
+    Stop {
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// Restart a machine (keeps IP and ports).
+    Restart {
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// Delete a machine with its rules, IP and files.
+    #[command(visible_alias = "rm")]
+    Delete {
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// Run a command in a machine; exits with its exit code.
+    #[command(
+        after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\""
+    )]
+    Exec {
+        #[command(flatten)]
+        m: MachineArg,
+        /// Command; a single quoted string runs through the guest's shell.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Interactive shell in a machine.
+    Ssh {
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// The machine's console output.
+    Logs {
+        /// Keep printing new output as it arrives.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        m: MachineArg,
+    },
+    /// Expose ports of a machine (running or stopped).
+    #[command(
+        after_help = "Examples:\n  sistemo machine expose web --port 80\n  sistemo machine expose web --port 8080:80 --port 127.0.0.1:9000:9000/udp"
+    )]
+    Expose {
+        #[command(flatten)]
+        m: MachineArg,
+        /// [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.
+        #[arg(long, required = true)]
+        port: Vec<String>,
+    },
+    /// Remove an exposed port: `--port 8080` (tcp) or `--port 8080/udp`.
+    Unexpose {
+        #[command(flatten)]
+        m: MachineArg,
+        /// [HOST_IP:]HOST_PORT[-END][/tcp|/udp].
+        #[arg(long)]
+        port: String,
+    },
+}
+
+/// Machine names for shell completion, asked from the daemon (nothing when it is not running).
+fn machine_names() -> Vec<CompletionCandidate> {
+    let socket = std::env::var_os("SISTEMO_SOCKET").unwrap_or_else(|| DEFAULT_SOCKET.into());
+    Client::new(PathBuf::from(socket))
+        .get::<Vec<MachineInfo>>("/v1/machines")
+        .map(|ms| {
+            ms.into_iter()
+                .map(|m| CompletionCandidate::new(m.name).help(Some(m.status.to_string().into())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `start`, `stop` or `restart`, with progress.
+fn lifecycle(c: &Client, machine_path: &str, op: &str) -> Result<MachineInfo> {
+    Ok(c.stream(
+        "POST",
+        &format!("{machine_path}/{op}"),
+        None::<&()>,
+        progress_printer(),
+    )?)
+}
+
+/// Run a `machine` subcommand; returns the exit code.
+pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
+    let show = |m: &MachineInfo| -> Result<()> {
+        if json {
+            print_json(m)
+        } else {
+            print!("{}", format_status(m));
+            Ok(())
+        }
+    };
+    let path = |n: &str| format!("/v1/machines/{}", urlencode(n));
+    match cmd {
+        MachineCmd::Deploy {
+            image,
+            name,
+            vcpus,
+            memory,
+            storage,
+            expose,
+            network,
+        } => {
+            // Parse at the edge: a bad spec fails here with the same message the daemon gives.
+            check_specs(&expose)?;
+            let req = DeployRequest {
+                image,
+                name,
+                vcpus,
+                memory,
+                storage,
+                expose,
+                network,
+            };
+            let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
+            show(&m)?;
+        }
+        MachineCmd::List => {
+            let ms: Vec<MachineInfo> = c.get("/v1/machines")?;
+            if json {
+                print_json(&ms)?;
+            } else {
+                table(
+                    &["ID", "NAME", "STATUS", "IP", "PORTS"],
+                    ms.into_iter()
+                        .map(|m| {
+                            let ports = m
+                                .ports
+                                .iter()
+                                .map(|p| p.spec.clone())
+                                .collect::<Vec<_>>()
+                                .join(",");
+                            vec![m.id[..8].to_string(), m.name, m.status.to_string(), m.ip, ports]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        MachineCmd::Status { m: MachineArg { name } } => show(&c.get(&path(&name))?)?,
+        MachineCmd::Start { m: MachineArg { name } } => show(&lifecycle(c, &path(&name), "start")?)?,
+        MachineCmd::Stop { m: MachineArg { name } } => show(&lifecycle(c, &path(&name), "stop")?)?,
+        MachineCmd::Restart { m: MachineArg { name } } => show(&lifecycle(c, &path(&name), "restart")?)?,
+        MachineCmd::Delete { m: MachineArg { name } } => {
+            // Fail on an unknown machine before asking.
+            let _: MachineInfo = c.get(&path(&name))?;
+            confirm(
+                yes,
+                &format!("delete machine {name} with its disk, IP and port rules"),
+            )?;
+            let v: serde_json::Value = c.stream("DELETE", &path(&name), None::<&()>, progress_printer())?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("machine {name} deleted");
+            }
+        }
+        MachineCmd::Exec { m: MachineArg { name }, cmd } => {
+            let line = if cmd.len() == 1 {
+                cmd[0].clone()
+            } else {
+                cmd.iter().map(|w| sistemo_vmm::shell_quote(w)).collect::<Vec<_>>().join(" ")
+            };
+            use std::io::Write;
+            let (mut code, mut error) = (None, None);
+            let mut collected = ExecResponse {
+                code: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+            };
+            c.exec(
+                &format!("{}/exec", path(&name)),
+                &ExecRequest {
+                    cmd: line,
+                    timeout_s: None,
+                },
+                |ev| match ev {
+                    ExecEvent::Stdout(s) if json => collected.stdout.push_str(&s),
+                    ExecEvent::Stderr(s) if json => collected.stderr.push_str(&s),
+                    ExecEvent::Stdout(s) => {
+                        let mut o = std::io::stdout();
+                        let _ = o.write_all(s.as_bytes()).and_then(|_| o.flush());
+                    }
+                    ExecEvent::Stderr(s) => {
+                        let _ = std::io::stderr().write_all(s.as_bytes());
+                    }
+                    ExecEvent::Exit(c) => code = Some(c),
+                    ExecEvent::Error(e) => error = Some(e),
+                },
+            )?;
+            if let Some(e) = error {
+                return Err(crate::client::ClientError::Api(e).into());
+            }
+            let Some(code) = code else {
+                bail!("the daemon closed the exec stream without an exit code");
+            };
+            collected.code = code;
+            if json {
+                print_json(&collected)?;
+            }
+            return Ok(code);
+        }
+        MachineCmd::Ssh { m: MachineArg { name } } => {
+            let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;
+            let st = std::process::Command::new(&s.argv[0])
+                .args(&s.argv[1..])
+                .status()?;
+            return Ok(st.code().unwrap_or(1));
+        }
+        MachineCmd::Logs { m: MachineArg { name }, follow } => {
+            use std::io::Write;
+            let mut offset = 0usize;
+            loop {
+                let chunk = c.text(&format!("{}/logs?offset={offset}", path(&name)))?;
+                offset += chunk.len();
+                std::io::stdout().write_all(chunk.as_bytes())?;
+                std::io::stdout().flush()?;
+                if !follow {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+        MachineCmd::Expose { m: MachineArg { name }, port } => {
+            check_specs(&port)?;
+            show(&c.call(
+                "POST",
+                &format!("{}/expose", path(&name)),
+                Some(&ExposeRequest { ports: port }),
+            )?)?
+        }
+        MachineCmd::Unexpose { m: MachineArg { name }, port } => {
+            port.parse::<crate::spec::HostPortSpec>().map_err(Usage::new)?;
+            show(&c.call(
+                "POST",
+                &format!("{}/unexpose", path(&name)),
+                Some(&UnexposeRequest { port }),
+            )?)?
+        }
+    }
+    Ok(0)
+}
+
+/// Parse expose specs here, so a bad one fails with the daemon's message before any request.
+fn check_specs(specs: &[String]) -> Result<()> {
+    let parsed = specs
+        .iter()
+        .map(|s| s.parse::<crate::spec::ExposeSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Usage::new)?;
+    crate::spec::check_no_duplicates(&parsed).map_err(Usage::new)?;
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The command line: flags defined once (clap derive), help with examples, table or JSON
+//! output, one-line errors, exit codes 0 (ok), 1 (error), 2 (usage or bad value). An API
+//! client, except `up` (runs the daemon) and `image prepare` (fills a data dir, no daemon).
+
+mod doctor;
+mod image;
+mod machine;
+mod network;
+mod output;
+mod systemd;
+
+pub use image::ImageCmd;
+pub use machine::{MachineArg, MachineCmd};
+pub use network::NetworkCmd;
+pub use output::format_status;
+
+use crate::api::*;
+use crate::client::{Client, ClientError};
+use crate::config::{Config, DEFAULT_SOCKET, Overrides};
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use output::{print_json, table};
+use std::path::PathBuf;
+
+/// A value the CLI rejected before asking the daemon; exits 2 like a usage error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Usage(Box<dyn std::error::Error + Send + Sync>);
+
+impl Usage {
+    /// Mark `e` as a usage error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Usage {
+        Usage(Box::new(e))
+    }
+}
+
+/// The exit code of a failed command: by the daemon's error kind, 2 for values the CLI
+/// rejected itself, else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if let Some(c) = e.downcast_ref::<ClientError>() {
+        c.exit_code()
+    } else if e.downcast_ref::<Usage>().is_some() {
+        2
+    } else {
+        1
+    }
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON on stdout (stable schema, see README).
+    Json,
+}
+
+/// sistemo: real microVMs on one Linux host, with their ports exposed on the host.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sistemo",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "\
+Examples:
+  sudo sistemo up
+  sistemo machine deploy debian --name web --expose 80
+  sistemo machine exec web \"systemctl start nginx\"
+  curl http://localhost:80
+  sistemo machine status web"
+)]
+pub struct Cli {
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Assume yes for confirmations.
+    #[arg(short = 'y', long, global = true)]
+    pub yes: bool,
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "SISTEMO_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the daemon in the foreground (root).
+    Up(UpArgs),
+    /// Manage machines.
+    #[command(visible_alias = "vm")]
+    Machine {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: MachineCmd,
+    },
+    /// Manage isolated networks.
+    Network {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
+    /// Manage images.
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// List every exposed port on the host.
+    Ports,
+    /// Show the audit log.
+    History {
+        /// Most entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only this action (e.g. `machine.expose`, or `machine`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Check the host and the daemon; say how to fix what fails.
+    Doctor,
+    /// Print the effective configuration.
+    Config {
+        /// Config file to read (default /etc/sistemo/config.yml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage the systemd unit that runs the daemon.
+    Service {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// Shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `sistemo up` flags; each overrides the same key of the config file.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Config file (default /etc/sistemo/config.yml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// State directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Bridge of the default network.
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// Subnet of the default network (`bridge_subnet`).
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// Name of sistemo's nftables table.
+    #[arg(long)]
+    pub nft_table: Option<String>,
+    /// Hypervisor backend: qemu, or netns (machines are network namespaces).
+    #[arg(long)]
+    pub hypervisor: Option<String>,
+}
+
+/// `service` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Write /etc/systemd/system/sistemo.service, enable and start it.
+    Install,
+    /// Stop, disable and remove the unit (machines keep running).
+    Uninstall,
+    /// Show the unit's status.
+    Status,
+}
+
+/// Run a parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let socket = cli.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
+    let c = Client::new(&socket);
+    let json = cli.output == Output::Json;
+    match cli.cmd {
+        Cmd::Up(a) => {
+            let mut cfg = Config::load(a.config.as_deref())?;
+            cfg.apply(Overrides {
+                socket: cli.socket.clone(),
+                data_dir: a.data_dir,
+                bridge: a.bridge,
+                subnet: a.subnet,
+                nft_table: a.nft_table,
+                hypervisor: a.hypervisor,
+            })?;
+            crate::daemon::run(cfg).await?;
+        }
+        Cmd::Machine { cmd } => return machine::run(&c, cmd, json, cli.yes),
+        Cmd::Network { cmd } => network::run(&c, cmd, json, cli.yes)?,
+        Cmd::Image { cmd } => image::run(&c, cmd, json, cli.yes).await?,
+        Cmd::Ports => {
+            let rows: Vec<PortRow> = c.get("/v1/ports")?;
+            if json {
+                print_json(&rows)?;
+            } else {
+                table(
+                    &["MACHINE", "BIND", "HOST PORT", "MACHINE PORT", "PROTO", "STATE"],
+                    rows.into_iter()
+                        .map(|r| {
+                            vec![
+                                r.machine,
+                                r.port.bind.unwrap_or_else(|| "*".into()),
+                                r.port.host_port,
+                                r.port.machine_port,
+                                r.port.protocol,
+                                r.state,
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::History {
+            limit,
+            action,
+            target,
+        } => {
+            let mut q = format!("/v1/history?limit={limit}");
+            if let Some(a) = action {
+                q.push_str(&format!("&action={}", urlencode(&a)));
+            }
+            if let Some(t) = target {
+                q.push_str(&format!("&target={}", urlencode(&t)));
+            }
+            let h: Vec<HistoryEntry> = c.get(&q)?;
+            if json {
+                print_json(&h)?;
+            } else {
+                table(
+                    &["TIME", "UID", "ACTION", "TARGET", "RESULT"],
+                    h.into_iter()
+                        .map(|e| {
+                            vec![
+                                e.at,
+                                e.uid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+                                e.action,
+                                e.target,
+                                e.result,
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Doctor => return doctor::run(&c, json),
+        Cmd::Config { config } => {
+            // The daemon's effective configuration when it runs, else what `up` would use.
+            let v = match c.get::<InfoResponse>("/v1/info") {
+                Ok(i) => i.config,
+                Err(_) => {
+                    let mut cfg = Config::load(config.as_deref())?;
+                    cfg.validate()?;
+                    if let Some(s) = &cli.socket {
+                        cfg.socket = s.clone();
+                    }
+                    if cfg.token.is_some() {
+                        cfg.token = Some("<redacted>".into());
+                    }
+                    serde_json::to_value(cfg)?
+                }
+            };
+            if json {
+                print_json(&v)?;
+            } else {
+                print!("{}", yaml_serde::to_string(&v)?);
+            }
+        }
+        Cmd::Service { cmd } => match cmd {
+            ServiceCmd::Install => systemd::install()?,
+            ServiceCmd::Uninstall => systemd::uninstall()?,
+            ServiceCmd::Status => return systemd::status(),
+        },
+        Cmd::Completion { shell } => {
+            // Dynamic completion: the shell calls back into sistemo (machine names come from
+            // the daemon), so print the registration script clap_complete generates for it.
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .env("COMPLETE", shell.to_string())
+                .output()?;
+            use std::io::Write;
+            std::io::stdout().write_all(&out.stdout)?;
+        }
+    }
+    Ok(0)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+

@@ -1,0 +1,117 @@
+//! How the CLI shows things: JSON, aligned tables, the page's status block, progress of long
+//! operations, and confirmation prompts.
+
+use crate::api::MachineInfo;
+use anyhow::{Result, bail};
+use std::io::IsTerminal;
+
+/// Print `v` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Print a table with left-aligned columns two spaces apart.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+/// The page's status block.
+pub fn format_status(m: &MachineInfo) -> String {
+    let mut s = format!(
+        "ID:       {}\nName:     {}\nStatus:   {}\nIP:       {}\n",
+        m.id, m.name, m.status, m.ip
+    );
+    if let Some(e) = &m.error {
+        s.push_str(&format!("Error:    {e}\n"));
+    }
+    if m.ports.is_empty() {
+        s.push_str("Ports:    none\n");
+    } else {
+        s.push_str("Ports:\n");
+        for p in &m.ports {
+            s.push_str(&format!("  {}\n", p.display));
+        }
+    }
+    s
+}
+
+/// Progress of a long operation on stderr: a spinner with elapsed time on a terminal, plain
+/// lines otherwise. The spinner is cleared when dropped.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b
+        });
+        Progress { bar }
+    }
+
+    fn line(&self, p: &str) {
+        match &self.bar {
+            Some(b) => {
+                b.println(format!("… {p}"));
+                b.set_message(p.to_string());
+            }
+            None => eprintln!("… {p}"),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// A progress callback for a streamed operation.
+pub fn progress_printer() -> impl FnMut(&str) {
+    let p = Progress::new();
+    move |line: &str| p.line(line)
+}
+
+/// Ask before a destructive command unless `-y`; refuse when there is no terminal to ask on.
+pub fn confirm(yes: bool, what: &str) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to {what} without confirmation: no terminal to ask on; pass -y to confirm");
+    }
+    eprint!("{what}? [y/N] ");
+    let mut a = String::new();
+    std::io::stdin().read_line(&mut a)?;
+    if matches!(a.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        bail!("not confirmed; nothing was changed")
+    }
+}

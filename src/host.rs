@@ -1,0 +1,144 @@
+//! [`Host`]: the services of one daemon wired together (machines, networks, images, the
+//! firewall), plus what spans them: start-up, self-repair, the audit log and daemon facts.
+
+use crate::api::HistoryEntry;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::Result;
+use crate::images::Images;
+use crate::machine::{Machines, Settings, desired_firewall, host_memory};
+use crate::net::firewall::{Firewall, FirewallDriver};
+use crate::net::link::HostLinks;
+use crate::networks::Networks;
+use crate::store::{SharedStore, Store};
+use std::sync::Arc;
+
+/// Daemon facts for `doctor` and `config`.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// Hypervisor backend in use, e.g. `qemu-tcg`.
+    pub hypervisor: String,
+    /// Firewall health: `in sync` or what drifted.
+    pub firewall: String,
+    /// `PRAGMA integrity_check`'s answer.
+    pub database: String,
+    /// Number of machines.
+    pub machines: usize,
+    /// sistemo's bridges and whether each exists.
+    pub bridges: Vec<(String, bool)>,
+}
+
+/// Every service of one daemon.
+pub struct Host {
+    /// Machines: lifecycle, exposes, exec.
+    pub machines: Machines,
+    /// Networks and their bridges.
+    pub networks: Networks,
+    /// Images.
+    pub images: Images,
+    store: Arc<SharedStore>,
+    fw: Arc<Firewall>,
+    cfg: Config,
+}
+
+impl Host {
+    /// Wire the services over an opened store, the host's links, a firewall driver and a
+    /// hypervisor backend. Call [`Host::startup`] next.
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        links: Arc<dyn HostLinks>,
+        fw: Box<dyn FirewallDriver>,
+        backend: Backend,
+    ) -> Host {
+        let store = Arc::new(SharedStore::new(store));
+        let fw = Arc::new(Firewall::new(fw, cfg.forward_compat));
+        let settings = Settings {
+            machines_dir: cfg.data_dir.join("machines"),
+            max_vcpus: cfg.max_vcpus.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            }),
+            host_memory: host_memory(),
+            dns: cfg.dns.clone(),
+            api_port: cfg.port,
+        };
+        let hypervisor = backend.vmm.name();
+        Host {
+            machines: Machines::new(
+                store.clone(),
+                links.clone(),
+                fw.clone(),
+                backend.vmm,
+                backend.images.clone(),
+                settings,
+            ),
+            networks: Networks::new(store.clone(), links, fw.clone()),
+            images: Images::new(store.clone(), backend.images, hypervisor),
+            store,
+            fw,
+            cfg,
+        }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Daemon start: networks and bridges as configured, machines re-adopted or cleaned up,
+    /// then the whole firewall table rebuilt from the store in one transaction.
+    pub async fn startup(&self) -> Result<()> {
+        self.networks
+            .ensure(&self.cfg.bridge, self.cfg.bridge_subnet)
+            .await?;
+        self.machines.readopt().await?;
+        let t = std::time::Instant::now();
+        self.fw.rebuild(&desired_firewall(&self.store.lock())?)?;
+        tracing::info!(
+            restore_ms = t.elapsed().as_secs_f64() * 1000.0,
+            "firewall rebuilt from the database in one transaction"
+        );
+        Ok(())
+    }
+
+    /// One self-repair pass: restore the firewall if it drifted (`deep` also verifies rules).
+    pub fn repair_once(&self, deep: bool) -> Result<bool> {
+        self.fw
+            .repair_once(deep, || desired_firewall(&self.store.lock()))
+    }
+
+    /// The firewall table as it should be, as text.
+    pub fn firewall_render(&self) -> Result<String> {
+        Ok(self.fw.render(&desired_firewall(&self.store.lock())?))
+    }
+
+    /// Append to the audit log.
+    pub fn record(&self, uid: Option<u32>, action: &str, target: &str, result: &str) {
+        if let Err(e) = self.store.lock().record(uid, action, target, result) {
+            tracing::error!(error = %crate::error::chain(&e), action, target, "writing the audit log failed");
+        }
+    }
+
+    /// The audit log, newest first.
+    pub fn history(&self, limit: u32, action: Option<&str>, target: Option<&str>) -> Result<Vec<HistoryEntry>> {
+        Ok(self.store.lock().history(limit, action, target)?)
+    }
+
+    /// Facts for `doctor` and `config`.
+    pub async fn facts(&self) -> Result<Facts> {
+        let (database, machines) = {
+            let st = self.store.lock();
+            (
+                st.integrity().unwrap_or_else(|e| crate::error::chain(&e)),
+                st.machines()?.len(),
+            )
+        };
+        Ok(Facts {
+            hypervisor: self.machines.hypervisor(),
+            firewall: self.fw.health(),
+            database,
+            machines,
+            bridges: self.networks.bridges().await?,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! [`Disks`]: the QEMU backend's images and machine disks, from `sistemo_vmm`'s content-addressed
+//! image store, with a pool of one spare disk per image to keep the copy off the deploy path.
+
+use super::{ImageBackend, ImageError};
+use crate::Progress;
+use crate::domain::{ByteSize, ImageTag};
+use sistemo_vmm::image::{ImageInfo, ImageStore, clone_disk, grow_disk};
+use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// Largest image a URL may download (bytes).
+const MAX_DOWNLOAD: u64 = 16 << 30;
+/// Default disk size when `--storage` is not given.
+pub const DEFAULT_STORAGE: ByteSize = ByteSize::bytes(2 << 30);
+
+/// Images and disks from the content-addressed image store.
+///
+/// Without reflink a disk is a sparse copy of the image (hundreds of ms for a few hundred MB).
+/// To keep that off the deploy path, one spare clone per image, at the default size, waits in
+/// `data_dir/pool`: a deploy takes it with a rename and a new spare is made in the background.
+pub struct Disks {
+    images: ImageStore,
+    pool: PathBuf,
+    /// Images whose spare is being made (shared with the background task making it).
+    refilling: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl Disks {
+    /// Disks for the image store in `data_dir`.
+    pub fn new(data_dir: &Path) -> Disks {
+        Disks {
+            images: ImageStore::new(data_dir),
+            pool: data_dir.join("pool"),
+            refilling: Default::default(),
+        }
+    }
+
+    fn spare(&self, src: &Path) -> PathBuf {
+        let stem = src
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.pool.join(format!("{stem}.raw"))
+    }
+
+    /// Take the image's spare disk if there is one (atomic rename: two deploys never share it).
+    fn take_spare(&self, src: &Path, dest: &Path) -> bool {
+        std::fs::rename(self.spare(src), dest).is_ok()
+    }
+
+    /// Make a new spare for `src` in the background, unless one exists or is being made.
+    fn refill(&self, src: PathBuf) {
+        let spare = self.spare(&src);
+        if spare.exists()
+            || !self
+                .refilling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(src.clone())
+        {
+            return;
+        }
+        let (pool, refilling) = (self.pool.clone(), self.refilling.clone());
+        tokio::spawn(async move {
+            let tmp = spare.with_extension("filling");
+            let size = std::fs::metadata(&src)
+                .map(|m| m.len().max(DEFAULT_STORAGE.as_bytes()))
+                .unwrap_or(DEFAULT_STORAGE.as_bytes());
+            let r: Result<(), ImageError> = async {
+                std::fs::create_dir_all(&pool).map_err(io("creating the disk pool"))?;
+                clone_disk(&src, &tmp, size).await?;
+                std::fs::rename(&tmp, &spare).map_err(io("placing a spare disk"))
+            }
+            .await;
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(error = %crate::error::chain(&e), "making a spare disk failed");
+            }
+            refilling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&src);
+        });
+    }
+
+    /// Remove spares whose image is gone.
+    fn prune(&self) {
+        let live: Vec<PathBuf> = self.images.list().iter().map(|i| self.spare(&i.path)).collect();
+        if let Ok(rd) = std::fs::read_dir(&self.pool) {
+            for e in rd.flatten() {
+                if !live.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+#[async_trait::async_trait]
+impl ImageBackend for Disks {
+    async fn create_disk(
+        &self,
+        image: &str,
+        dir: &Path,
+        storage: Option<ByteSize>,
+        progress: Progress<'_>,
+    ) -> Result<(PathBuf, ByteSize), ImageError> {
+        let src = self.images.resolve(image, MAX_DOWNLOAD, progress).await?;
+        let len = std::fs::metadata(&src)
+            .map_err(io("reading the image's size"))?
+            .len();
+        let default = len.max(DEFAULT_STORAGE.as_bytes());
+        let size = match storage {
+            Some(s) if s.as_bytes() < len => {
+                return Err(ImageError::TooSmall {
+                    storage: s,
+                    image: image.to_string(),
+                    need: ByteSize::mib(len.div_ceil(1 << 20)),
+                });
+            }
+            Some(s) => s.as_bytes(),
+            None => default,
+        };
+        let dest = dir.join("disk.raw");
+        if size >= default && self.take_spare(&src, &dest) {
+            grow_disk(&dest, size).await?;
+        } else {
+            progress("cloning the image into the machine's disk");
+            clone_disk(&src, &dest, size).await?;
+        }
+        self.refill(src);
+        Ok((dest, ByteSize::bytes(size)))
+    }
+
+    fn list(&self) -> Vec<ImageInfo> {
+        self.images.list()
+    }
+
+    async fn build(&self, tag: &ImageTag, include: &[String], progress: Progress<'_>) -> Result<ImageInfo, ImageError> {
+        Ok(self.images.build_debian(tag.as_str(), include, progress).await?)
+    }
+
+    fn remove(&self, tag: &ImageTag) -> Result<bool, ImageError> {
+        let r = self.images.remove(tag.as_str());
+        self.prune();
+        Ok(r?)
+    }
+}

@@ -1,0 +1,62 @@
+//! Guest access: running commands in a running machine (output streamed as it comes), the argv
+//! of an interactive shell, and the console log.
+
+use super::Machines;
+use crate::domain::MachineState;
+use crate::error::{Error, Result};
+use sistemo_vmm::{MachineSpec, OutputChunk};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Most console output one `logs` call returns.
+const LOG_CHUNK: u64 = 4 << 20;
+
+impl Machines {
+    /// The spec of a running machine, or a conflict saying how to start it.
+    fn running_spec(&self, name: &str) -> Result<MachineSpec> {
+        let m = self.store.lock().machine(name)?;
+        if m.state != MachineState::Running {
+            return Err(Error::Conflict(format!(
+                "machine {} is {}; start it with `sistemo machine start {}`",
+                m.name, m.state, m.name
+            )));
+        }
+        self.spec_of(&m)
+    }
+
+    /// Run `cmd` through the guest's shell, sending its output to `out` as it comes; returns
+    /// its exit code.
+    pub async fn exec(
+        &self,
+        name: &str,
+        cmd: &str,
+        timeout: Duration,
+        out: UnboundedSender<OutputChunk>,
+    ) -> Result<i32> {
+        let spec = self.running_spec(name)?;
+        Ok(self.vmm.exec(&spec, cmd, timeout, out).await?)
+    }
+
+    /// The argv of an interactive shell into a running machine.
+    pub fn shell(&self, name: &str) -> Result<Vec<String>> {
+        let spec = self.running_spec(name)?;
+        Ok(self.vmm.shell_command(&spec))
+    }
+
+    /// The machine's console log from byte `offset` on (for `logs -f`), at most 4 MiB.
+    pub fn logs(&self, name: &str, offset: u64) -> Result<String> {
+        use std::io::{Read, Seek};
+        let m = self.store.lock().machine(name)?;
+        let p = self.machine_dir(m.id).join("console.log");
+        let mut f = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+            Err(e) => return Err(Error::io(format!("opening {}", p.display()))(e)),
+        };
+        let mut buf = Vec::new();
+        f.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| f.take(LOG_CHUNK).read_to_end(&mut buf))
+            .map_err(Error::io(format!("reading {}", p.display())))?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}

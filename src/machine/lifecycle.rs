@@ -1,0 +1,334 @@
+//! A machine's life: deploy, boot, start, stop, restart, delete, re-adoption at daemon start,
+//! and noticing a VMM that died. Each host-touching step has its undo on the failure path.
+
+use super::{Deploy, MachineView, Machines};
+use crate::Progress;
+use crate::domain::{ByteSize, MachineName, MachineState, NetworkName};
+use crate::error::{Error, Result, chain};
+use crate::store::{Machine, NewMachine, StoreError};
+use sistemo_vmm::{Instance, LinkKind};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How long a guest may take to accept exec after its VMM started.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a guest may take to power down before its VMM is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Machines {
+    /// Deploy: check everything first, then create and boot, undoing every step on failure.
+    pub async fn deploy(&self, d: Deploy, progress: Progress<'_>) -> Result<MachineView> {
+        if d.image.trim().is_empty() {
+            return Err(Error::Invalid(
+                "image is empty (allowed: an image name like debian, a *.ext4 file, or an http(s) URL)"
+                    .into(),
+            ));
+        }
+        let vcpus = d.vcpus.unwrap_or(1);
+        let max = self.settings.max_vcpus;
+        if vcpus == 0 || vcpus > max {
+            return Err(Error::Invalid(format!(
+                "vcpus {vcpus} is out of range (allowed: 1-{max})"
+            )));
+        }
+        let mem = d.memory.unwrap_or(ByteSize::mib(512));
+        let host = self.settings.host_memory;
+        if mem < ByteSize::mib(64) || mem > host {
+            return Err(Error::Invalid(format!(
+                "memory {mem} is out of range (allowed: 64M to the host's {}M)",
+                host.as_mib()
+            )));
+        }
+        self.precheck_exposes(&d.expose)?;
+        let new = NewMachine {
+            id: Uuid::new_v4(),
+            name: d.name.unwrap_or_else(MachineName::generate),
+            image: d.image.clone(),
+            network: d.network.unwrap_or_else(NetworkName::default_network),
+            vcpus,
+            memory_mib: mem.as_mib(),
+            storage_bytes: d.storage.map_or(0, ByteSize::as_bytes),
+        };
+        let m = self.store.lock().create_machine(&new, &d.expose)?;
+        let lock = self.lock_for(m.id);
+        let _g = lock.lock().await;
+        let dir = self.machine_dir(m.id);
+        let res: Result<()> = async {
+            std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+            if let Some(images) = &self.images {
+                let (_, size) = images.create_disk(&d.image, &dir, d.storage, progress).await?;
+                self.store.lock().set_storage(m.id, size.as_bytes())?;
+            }
+            self.boot(&m, progress).await
+        }
+        .await;
+        if let Err(e) = res {
+            progress("deploy failed; cleaning up");
+            self.teardown(&m, None).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = self.store.lock().delete_machine(m.id);
+            return Err(e);
+        }
+        self.get(&m.id.to_string())
+    }
+
+    /// Bring a machine's link, VMM and rules up, or undo what was done. The caller holds its
+    /// lock; on success the machine is `running`, on failure it has no VMM, link or rules.
+    async fn boot(&self, m: &Machine, progress: Progress<'_>) -> Result<()> {
+        let spec = self.spec_of(m)?;
+        let res: Result<Instance> = async {
+            // A reused address may have a stale neighbour entry pointing at the old MAC.
+            self.links.flush_neighbour(m.ip).await?;
+            if self.vmm.link_kind() == LinkKind::Tap {
+                self.links
+                    .create_tap(&spec.net.host_ifname, &spec.net.bridge)
+                    .await?;
+            }
+            progress(&format!("starting {} on {}", m.name, self.vmm.name()));
+            let inst = self.vmm.start(&spec).await?;
+            self.store.lock().set_instance(m.id, Some(&inst))?;
+            if self.vmm.link_kind() == LinkKind::Veth {
+                self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await?;
+            }
+            self.vmm
+                .wait_ready(&spec, &inst, READY_TIMEOUT, progress)
+                .await?;
+            Ok(inst)
+        }
+        .await;
+        let inst = match res {
+            Ok(i) => i,
+            Err(e) => {
+                let inst = self.store.lock().machine_by_id(m.id).ok().and_then(|m| m.instance);
+                self.teardown(m, inst.as_ref()).await;
+                let _ = self.store.lock().set_instance(m.id, None);
+                return Err(e);
+            }
+        };
+        // Rules go in last: the machine is up, so the state flip and the rules come together.
+        let ports = {
+            let st = self.store.lock();
+            st.set_state(m.id, MachineState::Running, None)?;
+            st.exposes_of(m.id)?
+        };
+        if let Err(e) = self.fw.add(m.ip, &ports) {
+            let _ = self.store.lock().set_state(m.id, MachineState::Stopped, None);
+            self.teardown(m, Some(&inst)).await;
+            let _ = self.store.lock().set_instance(m.id, None);
+            return Err(e.into());
+        }
+        progress(&format!("{} is running at {}", m.name, m.ip));
+        Ok(())
+    }
+
+    /// Start a stopped (or failed) machine: link, VMM, then its rules return. A boot failure
+    /// leaves it in state `error` with the reason.
+    pub async fn start(&self, name: &str, progress: Progress<'_>) -> Result<MachineView> {
+        let id = self.store.lock().machine(name)?.id;
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        self.start_locked(id, progress).await?;
+        self.get(&id.to_string())
+    }
+
+    async fn start_locked(&self, id: Uuid, progress: Progress<'_>) -> Result<()> {
+        let m = self.store.lock().machine_by_id(id)?;
+        if m.state != MachineState::Running {
+            // A host process may have taken a reserved port while the machine was stopped;
+            // DNAT would silently shadow it.
+            let ports = self.store.lock().exposes_of(id)?;
+            self.precheck_exposes(&ports)
+                .map_err(|e| Error::Conflict(format!("cannot start {}: {e}", m.name)))?;
+        }
+        self.store
+            .lock()
+            .transition(
+                id,
+                &[MachineState::Stopped, MachineState::Error],
+                MachineState::Starting,
+            )
+            .map_err(|e| match e {
+                StoreError::WrongState { name, actual, .. } => {
+                    Error::Conflict(format!("machine {name} is already {actual}"))
+                }
+                e => e.into(),
+            })?;
+        if let Err(e) = self.boot(&m, progress).await {
+            let _ = self
+                .store
+                .lock()
+                .set_state(id, MachineState::Error, Some(&chain(&e)));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stop a running machine: its rules leave the firewall (rows stay), then the VMM stops
+    /// gracefully.
+    pub async fn stop(&self, name: &str, progress: Progress<'_>) -> Result<MachineView> {
+        let id = self.store.lock().machine(name)?.id;
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        self.stop_locked(id, progress).await?;
+        self.get(&id.to_string())
+    }
+
+    async fn stop_locked(&self, id: Uuid, progress: Progress<'_>) -> Result<()> {
+        self.store
+            .lock()
+            .transition(id, &[MachineState::Running], MachineState::Stopping)
+            .map_err(|e| match e {
+                StoreError::WrongState { name, actual, .. } => {
+                    Error::Conflict(format!("machine {name} is {actual}, not running"))
+                }
+                e => e.into(),
+            })?;
+        let m = self.store.lock().machine_by_id(id)?;
+        self.shutdown(&m, progress).await
+    }
+
+    /// Take a running machine's rules out, stop its VMM and mark it stopped.
+    async fn shutdown(&self, m: &Machine, progress: Progress<'_>) -> Result<()> {
+        let ports = self.store.lock().exposes_of(m.id)?;
+        // Absent elements (e.g. after a flush) are fine: the next rebuild reflects the store.
+        let _ = self.fw.remove(m.ip, &ports);
+        progress(&format!("stopping {}", m.name));
+        self.teardown(m, m.instance.as_ref()).await;
+        let st = self.store.lock();
+        st.set_instance(m.id, None)?;
+        st.set_state(m.id, MachineState::Stopped, None)?;
+        Ok(())
+    }
+
+    /// Restart: stop (when running) then start, under one lock so nothing slips in between;
+    /// IP and ports are kept.
+    pub async fn restart(&self, name: &str, progress: Progress<'_>) -> Result<MachineView> {
+        let id = self.store.lock().machine(name)?.id;
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        if self.store.lock().machine_by_id(id)?.state == MachineState::Running {
+            self.stop_locked(id, progress).await?;
+        }
+        self.start_locked(id, progress).await?;
+        self.get(&id.to_string())
+    }
+
+    /// Delete: stop if running, then remove rules, link, files, IP lease and rows.
+    pub async fn delete(&self, name: &str, progress: Progress<'_>) -> Result<()> {
+        let id = self.store.lock().machine(name)?.id;
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let m = self.store.lock().machine_by_id(id)?;
+        if m.state == MachineState::Running {
+            self.shutdown(&m, progress).await?;
+        } else {
+            self.teardown(&m, m.instance.as_ref()).await;
+        }
+        let dir = self.machine_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(Error::io(format!("removing {}", dir.display()))(e));
+        }
+        self.store.lock().delete_machine(id)?;
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        Ok(())
+    }
+
+    /// Stop the VMM if given, and remove the machine's link and backend leftovers.
+    async fn teardown(&self, m: &Machine, inst: Option<&Instance>) {
+        let Ok(spec) = self.spec_of(m) else { return };
+        if let Some(i) = inst
+            && let Err(e) = self.vmm.stop(&spec, i, STOP_TIMEOUT).await
+        {
+            tracing::warn!(machine = %m.name, error = %chain(&e), "stopping the VMM failed");
+        }
+        if let Err(e) = self.vmm.cleanup(&spec).await {
+            tracing::warn!(machine = %m.name, error = %chain(&e), "cleaning up after the VMM failed");
+        }
+        if let Err(e) = self.links.delete(&spec.net.host_ifname).await {
+            tracing::warn!(machine = %m.name, error = %chain(&e), "deleting the machine's link failed");
+        }
+    }
+
+    /// Daemon start: re-adopt machines whose VMM survived, roll back interrupted deploys, and
+    /// mark machines whose VMM is gone as `error` with the reason.
+    pub async fn readopt(&self) -> Result<()> {
+        let machines = self.store.lock().machines()?;
+        for m in machines {
+            let alive = m.instance.as_ref().is_some_and(Instance::is_alive);
+            match m.state {
+                MachineState::Running if alive => {
+                    tracing::info!(machine = %m.name, "re-adopted running machine");
+                    // The link may have been lost with the bridge; re-attach it.
+                    if self.vmm.link_kind() == LinkKind::Veth {
+                        let spec = self.spec_of(&m)?;
+                        let _ = self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await;
+                    }
+                }
+                MachineState::Creating => {
+                    tracing::warn!(machine = %m.name, "deploy was interrupted; rolling it back");
+                    self.teardown(&m, m.instance.as_ref()).await;
+                    let _ = std::fs::remove_dir_all(self.machine_dir(m.id));
+                    self.store.lock().delete_machine(m.id)?;
+                }
+                MachineState::Running => {
+                    self.mark_dead(&m, "its VMM exited while the daemon was not running")
+                        .await?;
+                }
+                MachineState::Starting => {
+                    self.mark_dead(&m, "the daemon stopped while the machine was starting")
+                        .await?;
+                }
+                MachineState::Stopping => {
+                    tracing::warn!(machine = %m.name, "stop was interrupted; finishing it");
+                    self.shutdown(&m, &|_| {}).await?;
+                }
+                MachineState::Stopped | MachineState::Error => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Notice running machines whose VMM died (killed, crashed, out of memory): their rules
+    /// leave the firewall and they show state `error` with the reason. Machines busy with
+    /// another operation are left for the next pass. Returns how many were found dead.
+    pub async fn reap_dead(&self) -> Result<usize> {
+        let running: Vec<Machine> = self
+            .store
+            .lock()
+            .machines()?
+            .into_iter()
+            .filter(|m| m.state == MachineState::Running)
+            .collect();
+        let mut n = 0;
+        for m in running {
+            if m.instance.as_ref().is_some_and(Instance::is_alive) {
+                continue;
+            }
+            let lock = self.lock_for(m.id);
+            let Ok(_g) = lock.try_lock() else { continue };
+            // Re-read under the lock: a stop may have finished meanwhile.
+            let m = self.store.lock().machine_by_id(m.id)?;
+            if m.state != MachineState::Running || m.instance.as_ref().is_some_and(Instance::is_alive) {
+                continue;
+            }
+            let pid = m.instance.as_ref().map_or(0, |i| i.pid);
+            self.mark_dead(&m, &format!("its VMM (pid {pid}) exited unexpectedly"))
+                .await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
+        tracing::warn!(machine = %m.name, reason = why, "machine is down");
+        let ports = self.store.lock().exposes_of(m.id)?;
+        let _ = self.fw.remove(m.ip, &ports);
+        self.teardown(m, None).await;
+        let st = self.store.lock();
+        st.set_instance(m.id, None)?;
+        st.set_state(m.id, MachineState::Error, Some(why))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! Machines: [`Machines`] owns their lifecycle ([`lifecycle`]), exposes ([`expose`]) and guest
+//! access ([`exec`]). Operations on one machine are serialised by its lock, every transition is
+//! a compare-and-set in the store, and every host-touching step has its undo.
+
+mod exec;
+mod expose;
+mod lifecycle;
+
+#[cfg(test)]
+mod tests;
+
+pub use expose::desired_firewall;
+
+use crate::domain::{ByteSize, MachineName, NetworkName};
+use crate::error::Result;
+use crate::images::ImageBackend;
+use crate::net::firewall::Firewall;
+use crate::net::link::HostLinks;
+use crate::spec::ExposeSpec;
+use crate::store::{Machine, SharedStore};
+use sistemo_vmm::{Hypervisor, MachineSpec, NetAttachment};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// A machine with its exposes: what `machine status` shows.
+#[derive(Debug, Clone)]
+pub struct MachineView {
+    /// The machine.
+    pub machine: Machine,
+    /// Its exposes, in the order they were added.
+    pub ports: Vec<ExposeSpec>,
+}
+
+/// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
+/// host (vCPUs, memory) are checked by [`Machines::deploy`].
+#[derive(Debug, Clone)]
+pub struct Deploy {
+    /// Image reference: a tag, a `*.ext4` path or an http(s) URL.
+    pub image: String,
+    /// Name (generated when absent).
+    pub name: Option<MachineName>,
+    /// vCPUs (default 1).
+    pub vcpus: Option<u32>,
+    /// Memory (default 512M).
+    pub memory: Option<ByteSize>,
+    /// Disk size (default: the image's size, at least 2G).
+    pub storage: Option<ByteSize>,
+    /// Exposes, claimed with the machine.
+    pub expose: Vec<ExposeSpec>,
+    /// Network (default `default`).
+    pub network: Option<NetworkName>,
+}
+
+/// The host's limits and settings that machines are checked against and configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where machine directories live (`data_dir/machines/ID`).
+    pub machines_dir: PathBuf,
+    /// Most vCPUs a machine may have.
+    pub max_vcpus: u32,
+    /// The host's memory: no machine may have more.
+    pub host_memory: ByteSize,
+    /// DNS servers given to machines.
+    pub dns: Vec<Ipv4Addr>,
+    /// The API's own TCP port, which no expose may take.
+    pub api_port: Option<u16>,
+}
+
+/// What machines are made with: the store, the host's links, the firewall, the hypervisor and
+/// (for backends with disks) the images.
+pub struct Machines {
+    store: Arc<SharedStore>,
+    links: Arc<dyn HostLinks>,
+    fw: Arc<Firewall>,
+    vmm: Arc<dyn Hypervisor>,
+    images: Option<Arc<dyn ImageBackend>>,
+    settings: Settings,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Machines {
+    /// The machine service.
+    pub fn new(
+        store: Arc<SharedStore>,
+        links: Arc<dyn HostLinks>,
+        fw: Arc<Firewall>,
+        vmm: Arc<dyn Hypervisor>,
+        images: Option<Arc<dyn ImageBackend>>,
+        settings: Settings,
+    ) -> Machines {
+        Machines {
+            store,
+            links,
+            fw,
+            vmm,
+            images,
+            settings,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The hypervisor's name, e.g. `qemu-tcg`.
+    pub fn hypervisor(&self) -> String {
+        self.vmm.name()
+    }
+
+    /// The lock that serialises operations on machine `id`.
+    fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    fn machine_dir(&self, id: Uuid) -> PathBuf {
+        self.settings.machines_dir.join(id.to_string())
+    }
+
+    /// What the hypervisor needs to know about `m`.
+    fn spec_of(&self, m: &Machine) -> Result<MachineSpec> {
+        let net = self.store.lock().network(m.network.as_str())?;
+        let dir = self.machine_dir(m.id);
+        let disk = dir.join("disk.raw");
+        Ok(MachineSpec {
+            id: m.id,
+            name: m.name.to_string(),
+            vcpus: m.vcpus,
+            memory_mib: m.memory_mib,
+            disk: disk.exists().then_some(disk),
+            dir,
+            net: NetAttachment {
+                host_ifname: crate::net::host_ifname(&m.id),
+                bridge: net.bridge.to_string(),
+                mac: crate::net::mac_for(&m.id),
+                ip: m.ip,
+                prefix: net.subnet.net().prefix_len(),
+                gateway: net.gateway(),
+                dns: self.settings.dns.clone(),
+            },
+            ssh_pubkey: None,
+        })
+    }
+
+    /// A machine and its exposes, by name or ID.
+    pub fn get(&self, name_or_id: &str) -> Result<MachineView> {
+        let st = self.store.lock();
+        let machine = st.machine(name_or_id)?;
+        let ports = st.exposes_of(machine.id)?;
+        Ok(MachineView { machine, ports })
+    }
+
+    /// Every machine with its exposes, oldest first.
+    pub fn list(&self) -> Result<Vec<MachineView>> {
+        let st = self.store.lock();
+        st.machines()?
+            .into_iter()
+            .map(|machine| {
+                let ports = st.exposes_of(machine.id)?;
+                Ok(MachineView { machine, ports })
+            })
+            .collect()
+    }
+}
+
+/// The host's memory, from `/proc/meminfo`.
+pub fn host_memory() -> ByteSize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| ByteSize::bytes(kb * 1024))
+        .unwrap_or(ByteSize::bytes(u64::MAX))
+}

@@ -1,0 +1,503 @@
+//! Rollback and race tests of the machine service without root: in-memory fakes stand in for
+//! netlink, nftables, QEMU and the image store (which need root or real VMs; the real ones are
+//! exercised by `tests/*.rs`). Each test checks that a failure leaves no row, IP, rule, link or file.
+
+use super::Deploy;
+use crate::api::ErrorKind;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::domain::{ByteSize, ImageTag, MachineState};
+use crate::host::Host;
+use crate::images::{ImageBackend, ImageError};
+use crate::net::firewall::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping};
+use crate::net::link::{HostLinks, LinkError};
+use crate::store::Store;
+use ipnet::Ipv4Net;
+use sistemo_vmm::image::ImageInfo;
+use sistemo_vmm::{Hypervisor, Instance, LinkKind, MachineSpec, OutputChunk, Progress, VmmError};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Links by name; `fail_tap` makes TAP creation fail.
+#[derive(Default)]
+struct FakeLinks {
+    links: Mutex<HashSet<String>>,
+    fail_tap: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl HostLinks for FakeLinks {
+    async fn ensure_bridge(&self, name: &str, _: Ipv4Net, _: Ipv4Addr) -> Result<(), LinkError> {
+        self.links.lock().unwrap().insert(name.into());
+        Ok(())
+    }
+    async fn exists(&self, name: &str) -> Result<bool, LinkError> {
+        Ok(self.links.lock().unwrap().contains(name))
+    }
+    async fn attach(&self, _: &str, _: &str) -> Result<(), LinkError> {
+        Ok(())
+    }
+    async fn create_tap(&self, name: &str, _: &str) -> Result<(), LinkError> {
+        if self.fail_tap.load(Ordering::SeqCst) {
+            return Err(LinkError::Foreign("TAP creation failed (fake)".into()));
+        }
+        self.links.lock().unwrap().insert(name.into());
+        Ok(())
+    }
+    async fn delete(&self, name: &str) -> Result<(), LinkError> {
+        self.links.lock().unwrap().remove(name);
+        Ok(())
+    }
+    async fn flush_neighbour(&self, _: Ipv4Addr) -> Result<(), LinkError> {
+        Ok(())
+    }
+    async fn routed_v4(&self) -> Result<Vec<Ipv4Net>, LinkError> {
+        Ok(vec![])
+    }
+}
+
+/// The mappings the kernel would hold; `fail_add` makes adds fail.
+#[derive(Default)]
+struct FakeFirewall {
+    held: Arc<Mutex<HashSet<PortMapping>>>,
+    fail_add: Arc<AtomicBool>,
+}
+
+impl FirewallDriver for FakeFirewall {
+    fn rebuild(&self, d: &Desired) -> Result<(), FirewallError> {
+        *self.held.lock().unwrap() = d.mappings.iter().copied().collect();
+        Ok(())
+    }
+    fn add(&self, m: &[PortMapping]) -> Result<(), FirewallError> {
+        if self.fail_add.load(Ordering::SeqCst) {
+            return Err(FirewallError::Rejected("fake rejection".into()));
+        }
+        self.held.lock().unwrap().extend(m.iter().copied());
+        Ok(())
+    }
+    fn remove(&self, m: &[PortMapping]) -> Result<(), FirewallError> {
+        let mut h = self.held.lock().unwrap();
+        for x in m {
+            h.remove(x);
+        }
+        Ok(())
+    }
+    fn check(&self, _: bool) -> Result<Health, FirewallError> {
+        Ok(Health::InSync)
+    }
+    fn ensure_forward_compat(&self, _: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
+        Ok(vec![])
+    }
+    fn remove_forward_compat(&self) -> Result<(), FirewallError> {
+        Ok(())
+    }
+    fn render(&self, _: &Desired) -> String {
+        String::new()
+    }
+}
+
+/// Where the fake hypervisor fails.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fail {
+    Nothing,
+    Start,
+    Ready,
+}
+
+/// VMMs are this test process (alive by pid and start time); `running` holds machines whose
+/// VMM was started and not stopped. An exec blocks until its machine stops when `hold_exec`.
+struct FakeVmm {
+    fail: Mutex<Fail>,
+    running: Mutex<HashSet<uuid::Uuid>>,
+    stopped: Notify,
+    hold_exec: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for FakeVmm {
+    fn name(&self) -> String {
+        "fake".into()
+    }
+    fn link_kind(&self) -> LinkKind {
+        LinkKind::Tap
+    }
+    async fn start(&self, spec: &MachineSpec) -> Result<Instance, VmmError> {
+        if *self.fail.lock().unwrap() == Fail::Start {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: "fake start failure".into(),
+            });
+        }
+        self.running.lock().unwrap().insert(spec.id);
+        Ok(Instance::of_pid(std::process::id() as i32).expect("own process"))
+    }
+    async fn wait_ready(&self, spec: &MachineSpec, _: &Instance, _: Duration, _: Progress<'_>) -> Result<(), VmmError> {
+        if *self.fail.lock().unwrap() == Fail::Ready {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: "kernel panic (fake)".into(),
+            });
+        }
+        Ok(())
+    }
+    async fn stop(&self, spec: &MachineSpec, _: &Instance, _: Duration) -> Result<(), VmmError> {
+        self.running.lock().unwrap().remove(&spec.id);
+        self.stopped.notify_waiters();
+        Ok(())
+    }
+    async fn cleanup(&self, _: &MachineSpec) -> Result<(), VmmError> {
+        Ok(())
+    }
+    async fn exec(
+        &self,
+        spec: &MachineSpec,
+        cmd: &str,
+        _: Duration,
+        out: tokio::sync::mpsc::UnboundedSender<OutputChunk>,
+    ) -> Result<i32, VmmError> {
+        let _ = out.send(OutputChunk::Stdout(format!("ran {cmd}\n")));
+        if self.hold_exec.load(Ordering::SeqCst) {
+            let stopped = self.stopped.notified();
+            if self.running.lock().unwrap().contains(&spec.id) {
+                stopped.await;
+            }
+            return Err(VmmError::Exec {
+                name: spec.name.clone(),
+                reason: "the machine stopped".into(),
+            });
+        }
+        Ok(0)
+    }
+    fn shell_command(&self, _: &MachineSpec) -> Vec<String> {
+        vec!["true".into()]
+    }
+}
+
+/// Disks are files; `full` makes the copy fail half-way like a full disk.
+#[derive(Default)]
+struct FakeImages {
+    full: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ImageBackend for FakeImages {
+    async fn create_disk(
+        &self,
+        image: &str,
+        dir: &Path,
+        storage: Option<ByteSize>,
+        _: Progress<'_>,
+    ) -> Result<(PathBuf, ByteSize), ImageError> {
+        if image == "nope" {
+            return Err(VmmError::ImageNotFound {
+                reference: image.into(),
+            }
+            .into());
+        }
+        let p = dir.join("disk.raw");
+        std::fs::write(&p, b"half a disk").unwrap();
+        if self.full.load(Ordering::SeqCst) {
+            return Err(VmmError::Io {
+                context: "cloning the image".into(),
+                source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+            }
+            .into());
+        }
+        Ok((p, storage.unwrap_or(ByteSize::mib(2048))))
+    }
+    fn list(&self) -> Vec<ImageInfo> {
+        vec![]
+    }
+    async fn build(&self, _: &ImageTag, _: &[String], _: Progress<'_>) -> Result<ImageInfo, ImageError> {
+        unreachable!("not used here")
+    }
+    fn remove(&self, _: &ImageTag) -> Result<bool, ImageError> {
+        Ok(false)
+    }
+}
+
+struct Rig {
+    host: Arc<Host>,
+    links: Arc<FakeLinks>,
+    held: Arc<Mutex<HashSet<PortMapping>>>,
+    fail_fw: Arc<AtomicBool>,
+    vmm: Arc<FakeVmm>,
+    images: Arc<FakeImages>,
+    dir: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn rig() -> Rig {
+    let dir = std::env::temp_dir().join(format!("sistemo-unit-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(dir.join("machines")).unwrap();
+    let links = Arc::new(FakeLinks::default());
+    let fw = FakeFirewall::default();
+    let (held, fail_fw) = (fw.held.clone(), fw.fail_add.clone());
+    let vmm = Arc::new(FakeVmm {
+        fail: Mutex::new(Fail::Nothing),
+        running: Mutex::default(),
+        stopped: Notify::new(),
+        hold_exec: AtomicBool::new(false),
+    });
+    let images = Arc::new(FakeImages::default());
+    let cfg = Config {
+        data_dir: dir.clone(),
+        max_vcpus: Some(2),
+        ..Config::default()
+    };
+    let backend = Backend {
+        vmm: vmm.clone(),
+        images: Some(images.clone()),
+    };
+    let host = Host::new(cfg, Store::in_memory().unwrap(), links.clone(), Box::new(fw), backend);
+    host.startup().await.unwrap();
+    Rig {
+        host: Arc::new(host),
+        links,
+        held,
+        fail_fw,
+        vmm,
+        images,
+        dir,
+    }
+}
+
+fn web(expose: &[&str]) -> Deploy {
+    Deploy {
+        image: "debian".into(),
+        name: Some("web".parse().unwrap()),
+        vcpus: None,
+        memory: None,
+        storage: None,
+        expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
+        network: None,
+    }
+}
+
+impl Rig {
+    /// Nothing of a machine is left: no row (so no IP lease or port claim), no rule, no TAP,
+    /// no running VMM, no directory.
+    fn assert_nothing_left(&self) {
+        assert!(self.host.machines.list().unwrap().is_empty(), "a machine row was left");
+        assert!(self.host.machines.ports().unwrap().is_empty(), "a port claim was left");
+        assert!(self.held.lock().unwrap().is_empty(), "a firewall rule was left");
+        let links = self.links.links.lock().unwrap();
+        assert!(links.iter().all(|l| l == "sistemo0"), "a link was left: {links:?}");
+        assert!(self.vmm.running.lock().unwrap().is_empty(), "a VMM was left running");
+        let left: Vec<_> = std::fs::read_dir(self.dir.join("machines")).unwrap().collect();
+        assert!(left.is_empty(), "a machine directory was left: {left:?}");
+    }
+
+    async fn deploy(&self, d: Deploy) -> crate::error::Result<super::MachineView> {
+        self.host.machines.deploy(d, &|_| {}).await
+    }
+}
+
+#[tokio::test]
+async fn deploy_that_works_holds_row_rule_link_and_vmm() {
+    let r = rig().await;
+    let v = r.deploy(web(&["48080:80"])).await.unwrap();
+    assert_eq!(v.machine.state, MachineState::Running);
+    assert_eq!(v.machine.ip.to_string(), "10.200.0.2");
+    assert_eq!(r.held.lock().unwrap().len(), 1);
+    assert_eq!(r.vmm.running.lock().unwrap().len(), 1);
+    assert!(r.links.links.lock().unwrap().contains(&crate::net::host_ifname(&v.machine.id)));
+    r.host.machines.delete("web", &|_| {}).await.unwrap();
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn deploy_failing_at_tap_creation_leaves_nothing() {
+    let r = rig().await;
+    r.links.fail_tap.store(true, Ordering::SeqCst);
+    let e = r.deploy(web(&["48080:80"])).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn deploy_failing_at_boot_or_ready_leaves_nothing() {
+    for fail in [Fail::Start, Fail::Ready] {
+        let r = rig().await;
+        *r.vmm.fail.lock().unwrap() = fail;
+        let e = r.deploy(web(&["48080:80"])).await.unwrap_err();
+        assert!(crate::error::chain(&e).contains("fake"), "{fail:?}: {e}");
+        r.assert_nothing_left();
+    }
+}
+
+#[tokio::test]
+async fn deploy_whose_firewall_add_fails_leaves_nothing() {
+    let r = rig().await;
+    r.fail_fw.store(true, Ordering::SeqCst);
+    assert!(r.deploy(web(&["48080:80"])).await.is_err());
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn deploy_on_a_full_disk_is_507_and_leaves_nothing() {
+    let r = rig().await;
+    r.images.full.store(true, Ordering::SeqCst);
+    let e = r.deploy(web(&["48080:80"])).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InsufficientStorage, "{e}");
+    assert_eq!(e.body().status, 507);
+    r.assert_nothing_left();
+    // and an unknown image is 404, not 400
+    let mut d = web(&[]);
+    d.image = "nope".into();
+    r.images.full.store(false, Ordering::SeqCst);
+    assert_eq!(r.deploy(d).await.unwrap_err().kind(), ErrorKind::NotFound);
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn two_deploys_with_one_name_make_one_machine() {
+    let r = rig().await;
+    let (a, b) = tokio::join!(r.deploy(web(&["48080:80"])), r.deploy(web(&["48081:80"])));
+    let (ok, err) = match (a, b) {
+        (Ok(v), Err(e)) | (Err(e), Ok(v)) => (v, e),
+        other => panic!("expected one success and one conflict, got {other:?}"),
+    };
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert_eq!(r.host.machines.list().unwrap().len(), 1);
+    assert_eq!(r.held.lock().unwrap().len(), 1, "only the winner's rule");
+    assert_eq!(r.vmm.running.lock().unwrap().len(), 1);
+    assert_eq!(ok.machine.name.as_str(), "web");
+}
+
+#[tokio::test]
+async fn expose_racing_delete_leaves_no_claim_or_rule() {
+    for _ in 0..20 {
+        let r = Arc::new(rig().await);
+        r.deploy(web(&[])).await.unwrap();
+        let specs = ["49000:90".parse().unwrap()];
+        let (exposed, deleted) = tokio::join!(
+            r.host.machines.expose("web", &specs),
+            r.host.machines.delete("web", &|_| {})
+        );
+        deleted.unwrap();
+        if let Err(e) = exposed {
+            assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        }
+        r.assert_nothing_left();
+    }
+}
+
+#[tokio::test]
+async fn expose_whose_firewall_add_fails_keeps_no_claim() {
+    let r = rig().await;
+    r.deploy(web(&["48080:80"])).await.unwrap();
+    r.fail_fw.store(true, Ordering::SeqCst);
+    let specs = ["49000:90".parse().unwrap()];
+    assert!(r.host.machines.expose("web", &specs).await.is_err());
+    let ports = r.host.machines.ports().unwrap();
+    assert_eq!(ports.len(), 1, "only the deploy's claim: {ports:?}");
+    assert_eq!(r.held.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
+    let r = Arc::new(rig().await);
+    r.deploy(web(&["48080:80"])).await.unwrap();
+    r.vmm.hold_exec.store(true, Ordering::SeqCst);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let r2 = r.clone();
+    let exec = tokio::spawn(async move {
+        r2.host
+            .machines
+            .exec("web", "sleep 100", Duration::from_secs(60), tx)
+            .await
+    });
+    // The command runs (its first output arrived) before the stop begins.
+    assert!(matches!(rx.recv().await, Some(OutputChunk::Stdout(_))));
+    let v = r.host.machines.stop("web", &|_| {}).await.unwrap();
+    assert_eq!(v.machine.state, MachineState::Stopped);
+    let done = tokio::time::timeout(Duration::from_secs(10), exec)
+        .await
+        .expect("exec ended when its machine stopped")
+        .unwrap();
+    assert!(done.is_err(), "exec into a stopped machine reports an error");
+    assert!(r.held.lock().unwrap().is_empty(), "stopped machine's rule left the firewall");
+    let e = r
+        .host
+        .machines
+        .exec("web", "true", Duration::from_secs(5), tokio::sync::mpsc::unbounded_channel().0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+}
+
+#[tokio::test]
+async fn failed_start_shows_error_with_reason_then_starts() {
+    let r = rig().await;
+    r.deploy(web(&["48080:80"])).await.unwrap();
+    r.host.machines.stop("web", &|_| {}).await.unwrap();
+    *r.vmm.fail.lock().unwrap() = Fail::Ready;
+    assert!(r.host.machines.start("web", &|_| {}).await.is_err());
+    let m = r.host.machines.get("web").unwrap().machine;
+    assert_eq!(m.state, MachineState::Error);
+    assert!(m.error.as_deref().unwrap_or("").contains("kernel panic"), "{:?}", m.error);
+    assert!(r.held.lock().unwrap().is_empty());
+    assert!(r.vmm.running.lock().unwrap().is_empty());
+    *r.vmm.fail.lock().unwrap() = Fail::Nothing;
+    let m = r.host.machines.start("web", &|_| {}).await.unwrap().machine;
+    assert_eq!((m.state, m.error), (MachineState::Running, None));
+    assert_eq!(r.held.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_vmm_that_dies_is_noticed_and_its_rules_leave() {
+    let r = rig().await;
+    let v = r.deploy(web(&["48080:80"])).await.unwrap();
+    // Pretend the VMM died: its recorded process start time no longer matches.
+    let dead = Instance {
+        pid: std::process::id() as i32,
+        start_time: 1,
+    };
+    // Through the store, as the daemon would find it.
+    let st = r.host.machines.store.lock();
+    st.set_instance(v.machine.id, Some(&dead)).unwrap();
+    drop(st);
+    assert_eq!(r.host.machines.reap_dead().await.unwrap(), 1);
+    let m = r.host.machines.get("web").unwrap().machine;
+    assert_eq!(m.state, MachineState::Error);
+    assert!(m.error.unwrap().contains("exited unexpectedly"));
+    assert!(r.held.lock().unwrap().is_empty(), "a dead machine's rules left the firewall");
+    assert_eq!(r.host.machines.reap_dead().await.unwrap(), 0, "noticed once");
+}
+
+#[tokio::test]
+async fn startup_rolls_back_an_interrupted_deploy() {
+    let r = rig().await;
+    let m = r
+        .host
+        .machines
+        .store
+        .lock()
+        .create_machine(
+            &crate::store::NewMachine {
+                id: uuid::Uuid::new_v4(),
+                name: "half".parse().unwrap(),
+                image: "debian".into(),
+                network: "default".parse().unwrap(),
+                vcpus: 1,
+                memory_mib: 512,
+                storage_bytes: 0,
+            },
+            &["47000".parse().unwrap()],
+        )
+        .unwrap();
+    std::fs::create_dir_all(r.dir.join("machines").join(m.id.to_string())).unwrap();
+    r.host.startup().await.unwrap();
+    r.assert_nothing_left();
+}

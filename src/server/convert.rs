@@ -1,0 +1,115 @@
+//! The API edge's translations: requests parsed into the services' typed inputs, and the
+//! services' rows turned into the wire types of [`crate::api`].
+
+use crate::api::{DeployRequest, ImageRow, InfoResponse, MachineInfo, NetworkInfo, PortInfo, PortRow};
+use crate::domain::{ByteSize, MachineState};
+use crate::error::{Error, Result};
+use crate::host::Facts;
+use crate::machine::{Deploy, MachineView};
+use crate::spec::ExposeSpec;
+use crate::store::Network;
+use sistemo_vmm::image::ImageInfo;
+
+/// Parse expose specs; the first bad one names itself.
+pub fn specs(ports: &[String]) -> Result<Vec<ExposeSpec>> {
+    ports
+        .iter()
+        .map(|s| s.parse::<ExposeSpec>().map_err(|e| Error::Invalid(e.to_string())))
+        .collect()
+}
+
+/// Parse a deploy request.
+pub fn deploy(req: DeployRequest) -> Result<Deploy> {
+    let size = |what: &str, v: Option<String>| v.map(|s| ByteSize::parse(what, &s)).transpose();
+    Ok(Deploy {
+        name: req.name.map(|n| n.parse()).transpose()?,
+        vcpus: req.vcpus,
+        memory: size("memory", req.memory)?,
+        storage: size("storage", req.storage)?,
+        expose: specs(&req.expose)?,
+        network: req.network.map(|n| n.parse()).transpose()?,
+        image: req.image,
+    })
+}
+
+fn port_info(s: &ExposeSpec) -> PortInfo {
+    PortInfo {
+        bind: s.host.bind.map(|b| b.to_string()),
+        host_port: s.host.ports.to_string(),
+        machine_port: s.machine.to_string(),
+        protocol: s.host.proto.to_string(),
+        spec: s.to_string(),
+        display: s.status_line(),
+    }
+}
+
+/// A machine as `machine status` shows it.
+pub fn machine_info(v: &MachineView) -> MachineInfo {
+    let m = &v.machine;
+    MachineInfo {
+        id: m.id.to_string(),
+        name: m.name.to_string(),
+        status: m.state,
+        error: m.error.clone(),
+        ip: m.ip.to_string(),
+        network: m.network.to_string(),
+        image: m.image.clone(),
+        vcpus: m.vcpus,
+        memory_mib: m.memory_mib,
+        storage_bytes: m.storage_bytes,
+        ports: v.ports.iter().map(port_info).collect(),
+        created_at: m.created_at.clone(),
+    }
+}
+
+/// One row of `sistemo ports`.
+pub fn port_row((machine, state, spec): &(crate::domain::MachineName, MachineState, ExposeSpec)) -> PortRow {
+    PortRow {
+        machine: machine.to_string(),
+        state: if *state == MachineState::Running {
+            "active"
+        } else {
+            "inactive"
+        }
+        .into(),
+        port: port_info(spec),
+    }
+}
+
+/// A network with the number of machines on it.
+pub fn network_info((n, machines): &(Network, usize)) -> NetworkInfo {
+    NetworkInfo {
+        name: n.name.to_string(),
+        bridge: n.bridge.to_string(),
+        subnet: n.subnet.to_string(),
+        gateway: n.gateway().to_string(),
+        machines: *machines,
+    }
+}
+
+/// An image of the store.
+pub fn image_row(i: &ImageInfo) -> ImageRow {
+    ImageRow {
+        sha256: i.sha256.clone(),
+        tags: i.tags.clone(),
+        size: i.size,
+        source: i.source.clone(),
+    }
+}
+
+/// Daemon facts with the configuration (token redacted).
+pub fn info(f: Facts, cfg: &crate::config::Config) -> InfoResponse {
+    let mut config = serde_json::to_value(cfg).unwrap_or_default();
+    if config["token"].is_string() {
+        config["token"] = "<redacted>".into();
+    }
+    InfoResponse {
+        version: env!("CARGO_PKG_VERSION").into(),
+        hypervisor: f.hypervisor,
+        config,
+        firewall: f.firewall,
+        database: f.database,
+        machines: f.machines,
+        bridges: f.bridges,
+    }
+}

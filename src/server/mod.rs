@@ -1,0 +1,402 @@
+//! The API server: HTTP/JSON over a root-only Unix socket (axum). Maps routes to the services,
+//! streams long operations as NDJSON events, and writes every change to the audit log.
+
+mod convert;
+
+use crate::api::*;
+use crate::error::{Error, chain};
+use crate::host::Host;
+use crate::spec::{HostPortSpec, SpecError};
+use sistemo_vmm::OutputChunk;
+use axum::body::Body;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+
+/// The caller's uid, from the Unix socket's peer credentials.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    uid: Option<u32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Peer {
+            uid: s.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(_: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer { uid: None }
+    }
+}
+
+type AppState = Arc<Host>;
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let body = self.body();
+        let code = StatusCode::from_u16(body.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (code, Json(body)).into_response()
+    }
+}
+
+/// Write `r` to the audit log as `action` on `target` by the caller, and pass it on.
+fn audited<T>(h: &Host, peer: &Peer, action: &str, target: &str, r: Result<T, Error>) -> Result<T, Error> {
+    let result = match &r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => chain(e),
+    };
+    h.record(peer.uid, action, target, &result);
+    r
+}
+
+/// An NDJSON response of the events `rx` receives.
+fn ndjson<E: Serialize + Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<E>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let line = serde_json::to_string(&ev).unwrap_or_default() + "\n";
+        Some((Ok::<_, std::io::Error>(line), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+/// Run a long operation in its own task (it completes even if the client goes away) and stream
+/// its progress and result (or error, with its kind and status) as NDJSON [`Event`]s.
+fn streamed<T, F, Fut>(h: AppState, peer: Peer, action: &'static str, target: String, f: F) -> Response
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce(AppState, Arc<dyn Fn(&str) + Send + Sync>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event<T>>();
+    let ptx = tx.clone();
+    let progress: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(move |s: &str| {
+        let _ = ptx.send(Event::Progress(s.to_string()));
+    });
+    tokio::spawn(async move {
+        let r = audited(&h, &peer, action, &target, f(h.clone(), progress).await);
+        let _ = tx.send(match r {
+            Ok(v) => Event::Result(v),
+            Err(e) => Event::Error(e.body()),
+        });
+    });
+    ndjson(rx)
+}
+
+async fn list(State(h): State<AppState>) -> Result<Json<Vec<MachineInfo>>, Error> {
+    Ok(Json(h.machines.list()?.iter().map(convert::machine_info).collect()))
+}
+
+async fn status(State(h): State<AppState>, Path(name): Path<String>) -> Result<Json<MachineInfo>, Error> {
+    Ok(Json(convert::machine_info(&h.machines.get(&name)?)))
+}
+
+async fn deploy(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<DeployRequest>,
+) -> Response {
+    let target = req.name.clone().unwrap_or_default();
+    streamed(h, p, "machine.deploy", target, move |h, pr| async move {
+        let d = convert::deploy(req)?;
+        Ok(convert::machine_info(&h.machines.deploy(d, &*pr).await?))
+    })
+}
+
+/// What a lifecycle route does.
+#[derive(Clone, Copy)]
+enum Op {
+    Start,
+    Stop,
+    Restart,
+}
+
+fn lifecycle(h: AppState, p: Peer, name: String, op: Op) -> Response {
+    let action = match op {
+        Op::Start => "machine.start",
+        Op::Stop => "machine.stop",
+        Op::Restart => "machine.restart",
+    };
+    let n = name.clone();
+    streamed(h, p, action, name, move |h, pr| async move {
+        let v = match op {
+            Op::Start => h.machines.start(&n, &*pr).await?,
+            Op::Stop => h.machines.stop(&n, &*pr).await?,
+            Op::Restart => h.machines.restart(&n, &*pr).await?,
+        };
+        Ok(convert::machine_info(&v))
+    })
+}
+
+async fn start(State(h): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(n): Path<String>) -> Response {
+    lifecycle(h, p, n, Op::Start)
+}
+
+async fn stop(State(h): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(n): Path<String>) -> Response {
+    lifecycle(h, p, n, Op::Stop)
+}
+
+async fn restart(State(h): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(n): Path<String>) -> Response {
+    lifecycle(h, p, n, Op::Restart)
+}
+
+async fn delete(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Response {
+    let n = name.clone();
+    streamed(h, p, "machine.delete", name, move |h, pr| async move {
+        h.machines.delete(&n, &*pr).await?;
+        Ok(serde_json::json!({"deleted": n}))
+    })
+}
+
+async fn expose(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    Json(req): Json<ExposeRequest>,
+) -> Result<Json<MachineInfo>, Error> {
+    let r = async { h.machines.expose(&name, &convert::specs(&req.ports)?).await }.await;
+    let target = format!("{name} {}", req.ports.join(" "));
+    let v = audited(&h, &p, "machine.expose", &target, r)?;
+    Ok(Json(convert::machine_info(&v)))
+}
+
+async fn unexpose(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    Json(req): Json<UnexposeRequest>,
+) -> Result<Json<MachineInfo>, Error> {
+    let r = async {
+        let hp: HostPortSpec = req.port.parse().map_err(|e: SpecError| Error::Invalid(e.to_string()))?;
+        h.machines.unexpose(&name, &hp).await
+    }
+    .await;
+    let v = audited(&h, &p, "machine.unexpose", &format!("{name} {}", req.port), r)?;
+    Ok(Json(convert::machine_info(&v)))
+}
+
+async fn exec(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    Json(req): Json<ExecRequest>,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecEvent>();
+    let (otx, mut orx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
+    let fwd = tx.clone();
+    let pump = tokio::spawn(async move {
+        while let Some(c) = orx.recv().await {
+            let _ = fwd.send(match c {
+                OutputChunk::Stdout(s) => ExecEvent::Stdout(s),
+                OutputChunk::Stderr(s) => ExecEvent::Stderr(s),
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let timeout = Duration::from_secs(req.timeout_s.unwrap_or(600));
+        let r = h.machines.exec(&name, &req.cmd, timeout, otx).await;
+        let r = audited(&h, &p, "machine.exec", &name, r);
+        // All output goes out before the last event.
+        let _ = pump.await;
+        let _ = tx.send(match r {
+            Ok(code) => ExecEvent::Exit(code),
+            Err(e) => ExecEvent::Error(e.body()),
+        });
+    });
+    ndjson(rx)
+}
+
+async fn shell(State(h): State<AppState>, Path(name): Path<String>) -> Result<Json<ShellResponse>, Error> {
+    Ok(Json(ShellResponse {
+        argv: h.machines.shell(&name)?,
+    }))
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    offset: Option<u64>,
+}
+
+async fn logs(
+    State(h): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<String, Error> {
+    h.machines.logs(&name, q.offset.unwrap_or(0))
+}
+
+async fn networks(State(h): State<AppState>) -> Result<Json<Vec<NetworkInfo>>, Error> {
+    Ok(Json(h.networks.list()?.iter().map(convert::network_info).collect()))
+}
+
+async fn network_create(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<NetworkCreateRequest>,
+) -> Result<Json<NetworkInfo>, Error> {
+    let r = h.networks.create(&req.name, req.subnet.as_deref()).await;
+    let n = audited(&h, &p, "network.create", &req.name, r)?;
+    Ok(Json(convert::network_info(&(n, 0))))
+}
+
+async fn network_delete(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, Error> {
+    let r = h.networks.delete(&name).await;
+    audited(&h, &p, "network.delete", &name, r)?;
+    Ok(Json(serde_json::json!({"deleted": name})))
+}
+
+async fn ports(State(h): State<AppState>) -> Result<Json<Vec<PortRow>>, Error> {
+    Ok(Json(h.machines.ports()?.iter().map(convert::port_row).collect()))
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    limit: Option<u32>,
+    action: Option<String>,
+    target: Option<String>,
+}
+
+async fn history(
+    State(h): State<AppState>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Vec<HistoryEntry>>, Error> {
+    Ok(Json(h.history(
+        q.limit.unwrap_or(50),
+        q.action.as_deref(),
+        q.target.as_deref(),
+    )?))
+}
+
+async fn info(State(h): State<AppState>) -> Result<Json<InfoResponse>, Error> {
+    Ok(Json(convert::info(h.facts().await?, h.config())))
+}
+
+async fn firewall(State(h): State<AppState>) -> Result<String, Error> {
+    h.firewall_render()
+}
+
+async fn images(State(h): State<AppState>) -> Result<Json<Vec<ImageRow>>, Error> {
+    Ok(Json(h.images.list()?.iter().map(convert::image_row).collect()))
+}
+
+async fn image_build(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<ImageBuildRequest>,
+) -> Response {
+    let target = req.name.clone().unwrap_or_else(|| req.base.clone());
+    streamed(h, p, "image.build", target, move |h, pr| async move {
+        let i = h
+            .images
+            .build(&req.base, req.name.as_deref(), &req.include, &*pr)
+            .await?;
+        Ok(convert::image_row(&i))
+    })
+}
+
+async fn image_remove(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(tag): Path<String>,
+) -> Result<Json<serde_json::Value>, Error> {
+    audited(&h, &p, "image.rm", &tag, h.images.remove(&tag))?;
+    Ok(Json(serde_json::json!({"deleted": tag})))
+}
+
+/// The router.
+pub fn router(m: AppState) -> Router {
+    Router::new()
+        .route("/v1/machines", get(list).post(deploy))
+        .route("/v1/machines/{name}", get(status).delete(delete))
+        .route("/v1/machines/{name}/expose", post(expose))
+        .route("/v1/machines/{name}/unexpose", post(unexpose))
+        .route("/v1/machines/{name}/exec", post(exec))
+        .route("/v1/machines/{name}/shell", get(shell))
+        .route("/v1/machines/{name}/logs", get(logs))
+        .route("/v1/machines/{name}/start", post(start))
+        .route("/v1/machines/{name}/stop", post(stop))
+        .route("/v1/machines/{name}/restart", post(restart))
+        .route("/v1/networks", get(networks).post(network_create))
+        .route("/v1/networks/{name}", axum::routing::delete(network_delete))
+        .route("/v1/ports", get(ports))
+        .route("/v1/history", get(history))
+        .route("/v1/info", get(info))
+        .route("/v1/firewall", get(firewall))
+        .route("/v1/images", get(images))
+        .route("/v1/images/build", post(image_build))
+        .route("/v1/images/{tag}", axum::routing::delete(image_remove))
+        .with_state(m)
+}
+
+/// Serve the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    m: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(m).into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serve the API on an opt-in TCP listener; every request needs `Authorization: Bearer <token>`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    m: AppState,
+    token: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let expected = Arc::new(format!("Bearer {token}"));
+    let auth = axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let expected = expected.clone();
+        async move {
+            let ok = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
+            if ok {
+                next.run(req).await
+            } else {
+                let body = ErrorBody::new(
+                    ErrorKind::Unauthorized,
+                    "missing or wrong bearer token (allowed: Authorization: Bearer <token from the config>)",
+                );
+                (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+            }
+        }
+    });
+    axum::serve(
+        listener,
+        router(m)
+            .layer(auth)
+            .into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
