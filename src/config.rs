@@ -164,6 +164,40 @@ impl Config {
     }
 }
 
+/// Settings of `sistemo_vmm` still taken from the environment, as the library read them itself
+/// before (`SISTEMO_ACCEL`, `SISTEMO_GUEST_CMDLINE_EXTRA`, `SISTEMO_DEBUG_BOOT`,
+/// `SISTEMO_DEBIAN_MIRROR`, `SISTEMO_DEBOOTSTRAP_CACHE`, `SISTEMO_KERNEL_DEB`); unset means the
+/// library's defaults. The one place these variables are read, until they become config keys.
+#[derive(Debug, Clone, Default)]
+pub struct VmmOverrides {
+    /// QEMU backend options.
+    pub qemu: sistemo_vmm::qemu::QemuOptions,
+    /// Debian image build options.
+    pub build: sistemo_vmm::image::BuildOptions,
+    /// A kernel package to use instead of downloading one.
+    pub kernel_deb: Option<PathBuf>,
+}
+
+/// Read [`VmmOverrides`] from the environment.
+pub fn vmm_env_overrides() -> VmmOverrides {
+    use sistemo_vmm::qemu::AccelChoice;
+    let var = |k: &str| std::env::var(k).ok();
+    let mut o = VmmOverrides::default();
+    o.qemu.accel = match var("SISTEMO_ACCEL").as_deref() {
+        Some("kvm") => AccelChoice::Kvm,
+        Some("tcg") => AccelChoice::Tcg,
+        _ => AccelChoice::Auto,
+    };
+    o.qemu.cmdline_extra = var("SISTEMO_GUEST_CMDLINE_EXTRA");
+    o.qemu.debug_boot = std::env::var_os("SISTEMO_DEBUG_BOOT").is_some();
+    if let Some(m) = var("SISTEMO_DEBIAN_MIRROR") {
+        o.build.mirror = m;
+    }
+    o.build.debootstrap_cache = std::env::var_os("SISTEMO_DEBOOTSTRAP_CACHE").map(PathBuf::from);
+    o.kernel_deb = std::env::var_os("SISTEMO_KERNEL_DEB").map(PathBuf::from);
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -804,14 +804,12 @@ impl Manager {
     /// Run a command in a running machine.
     pub async fn exec(&self, name: &str, cmd: &str, timeout: Duration) -> Result<sistemo_vmm::ExecOutput> {
         let spec = self.running_spec(name).await?;
-        self.vmm
-            .exec(&spec, cmd, timeout)
+        sistemo_vmm::exec_collect(&*self.vmm, &spec, cmd, timeout)
             .await
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// Run a command in a running machine, sending its output as it comes; returns the exit code.
-    /// Backends that cannot stream send the whole output at the end.
     pub async fn exec_stream(
         &self,
         name: &str,
@@ -820,73 +818,20 @@ impl Manager {
         out: tokio::sync::mpsc::UnboundedSender<crate::api::ExecEvent>,
     ) -> Result<i32> {
         use crate::api::ExecEvent;
-        use tokio::io::AsyncReadExt;
+        use sistemo_vmm::OutputChunk;
         let spec = self.running_spec(name).await?;
-        let argv = self.vmm.exec_argv(&spec, cmd);
-        if argv.is_empty() {
-            let o = self.exec(name, cmd, timeout).await?;
-            let _ = out.send(ExecEvent::Stdout(String::from_utf8_lossy(&o.stdout).into_owned()));
-            let _ = out.send(ExecEvent::Stderr(String::from_utf8_lossy(&o.stderr).into_owned()));
-            return Ok(o.code);
-        }
-        let mut child = internal!(
-            tokio::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-        )?;
-        async fn pump(
-            mut r: impl tokio::io::AsyncRead + Unpin,
-            out: tokio::sync::mpsc::UnboundedSender<crate::api::ExecEvent>,
-            wrap: fn(String) -> crate::api::ExecEvent,
-        ) {
-            let mut buf = vec![0u8; 16 << 10];
-            let mut pending: Vec<u8> = Vec::new();
-            while let Ok(n) = r.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                pending.extend_from_slice(&buf[..n]);
-                // Send whole UTF-8 characters only; keep a split one for the next chunk.
-                let valid = match std::str::from_utf8(&pending) {
-                    Ok(_) => pending.len(),
-                    Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                    Err(_) => pending.len(),
-                };
-                let chunk: Vec<u8> = pending.drain(..valid).collect();
-                let _ = out.send(wrap(String::from_utf8_lossy(&chunk).into_owned()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = tokio::spawn(async move {
+            while let Some(c) = rx.recv().await {
+                let _ = out.send(match c {
+                    OutputChunk::Stdout(s) => ExecEvent::Stdout(s),
+                    OutputChunk::Stderr(s) => ExecEvent::Stderr(s),
+                });
             }
-            if !pending.is_empty() {
-                let _ = out.send(wrap(String::from_utf8_lossy(&pending).into_owned()));
-            }
-        }
-        let so = tokio::spawn(pump(
-            child.stdout.take().expect("piped"),
-            out.clone(),
-            ExecEvent::Stdout,
-        ));
-        let se = tokio::spawn(pump(
-            child.stderr.take().expect("piped"),
-            out.clone(),
-            ExecEvent::Stderr,
-        ));
-        let status = match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(s) => internal!(s)?,
-            Err(_) => {
-                let _ = child.kill().await;
-                return Err(Error::Internal(format!(
-                    "command in {} did not finish within {}s",
-                    spec.name,
-                    timeout.as_secs()
-                )));
-            }
-        };
-        let _ = so.await;
-        let _ = se.await;
-        Ok(sistemo_vmm::exit_code(status))
+        });
+        let code = self.vmm.exec(&spec, cmd, timeout, tx).await;
+        let _ = forward.await;
+        code.map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// The argv of an interactive shell.

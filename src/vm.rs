@@ -2,11 +2,11 @@
 //! the hypervisor, and provides images and machine disks to the manager.
 
 use crate::api::ImageRow;
-use crate::config::Config;
+use crate::config::{Config, vmm_env_overrides};
 use crate::machine::{DiskProvider, Progress};
 use anyhow::{Context, Result};
 use sistemo_vmm::Hypervisor;
-use sistemo_vmm::image::{ImageInfo, ImageStore, clone_disk, ensure_boot_assets, grow_disk};
+use sistemo_vmm::image::{ImageInfo, ImageStore, PackageName, clone_disk, ensure_boot_assets, grow_disk};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -161,7 +161,7 @@ impl DiskProvider for SharedDisks {
     ) -> std::result::Result<ImageRow, String> {
         self.0
             .images
-            .build_debian(tag, include, progress)
+            .build_debian(tag, &packages(include)?, &vmm_env_overrides().build, progress)
             .await
             .map(|i| row(&i))
             .map_err(|e| e.to_string())
@@ -174,14 +174,23 @@ impl DiskProvider for SharedDisks {
     }
 }
 
+/// `include` as package names (the manager has checked them already).
+fn packages(include: &[String]) -> std::result::Result<Vec<PackageName>, String> {
+    include
+        .iter()
+        .map(|p| p.parse().map_err(|e: sistemo_vmm::VmmError| e.to_string()))
+        .collect()
+}
+
 /// The QEMU hypervisor and its disk provider; fetches the kernel and builds the initramfs on
 /// first use (cached in the data dir).
 pub async fn qemu_backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<Arc<dyn DiskProvider>>)> {
     let progress = |s: &str| tracing::info!("{s}");
-    let assets = ensure_boot_assets(&cfg.data_dir, &progress)
+    let env = vmm_env_overrides();
+    let assets = ensure_boot_assets(&cfg.data_dir, env.kernel_deb.as_deref(), &progress)
         .await
         .context("preparing the guest kernel and initramfs")?;
-    let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets).await?;
+    let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets, env.qemu).await?;
     tracing::info!(accel = ?q.accel(), "QEMU backend ready");
     Ok((
         Arc::new(q),
@@ -194,7 +203,8 @@ pub async fn qemu_backend(cfg: &Config) -> Result<(Arc<dyn Hypervisor>, Option<A
 pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
     let progress = |s: &str| eprintln!("… {s}");
     let t = std::time::Instant::now();
-    let assets = ensure_boot_assets(data_dir, &progress).await?;
+    let env = vmm_env_overrides();
+    let assets = ensure_boot_assets(data_dir, env.kernel_deb.as_deref(), &progress).await?;
     eprintln!(
         "kernel {} and initramfs ready in {:.1}s",
         assets.kernel_version,
@@ -203,7 +213,14 @@ pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
     let store = ImageStore::new(data_dir);
     if store.resolve("debian", 0, &progress).await.is_err() {
         let t = std::time::Instant::now();
-        let info = store.build_debian("debian", include, &progress).await?;
+        let info = store
+            .build_debian(
+                "debian",
+                &packages(include).map_err(anyhow::Error::msg)?,
+                &env.build,
+                &progress,
+            )
+            .await?;
         eprintln!(
             "image debian built in {:.1}s: sha256 {}",
             t.elapsed().as_secs_f64(),

@@ -2,6 +2,7 @@
 //! `known_hosts`, and the exact `ssh` argv used by exec, readiness checks and interactive shells.
 
 use crate::VmmError;
+use crate::shell::{detach_background, shell_quote};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::Command;
@@ -22,8 +23,6 @@ pub struct HostKey {
     pub private: PathBuf,
     /// Public key line.
     pub public: String,
-    /// The `known_hosts` file pinning this key under the machine's alias.
-    pub known_hosts: PathBuf,
 }
 
 async fn keygen(path: &Path, comment: &str) -> Result<(), VmmError> {
@@ -89,11 +88,7 @@ pub async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmErro
     let known_hosts = dir.join("known_hosts");
     std::fs::write(&known_hosts, known_hosts_line(alias, &public))
         .map_err(VmmError::io(format!("writing {}", known_hosts.display())))?;
-    Ok(HostKey {
-        private,
-        public,
-        known_hosts,
-    })
+    Ok(HostKey { private, public })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), VmmError> {
@@ -178,15 +173,10 @@ impl SshTarget {
     }
 }
 
-/// Quote `s` for a POSIX shell (single quotes).
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// The remote command line for exec: `sh -c '<cmd>'`, with a trailing `&` detached from the
 /// session's pipes so exec returns at once.
 pub fn remote_command(cmd: &str) -> String {
-    format!("sh -c {}", shell_quote(&crate::netns::detach_background(cmd)))
+    format!("sh -c {}", shell_quote(&detach_background(cmd)))
 }
 
 /// True when `ssh` exited 255 because of the connection, not because the command did.
@@ -229,7 +219,32 @@ mod tests {
     #[test]
     fn remote_command_is_quoted() {
         assert_eq!(remote_command("echo 'a b'"), r"sh -c 'echo '\''a b'\'''");
+        assert_eq!(remote_command("true"), "sh -c true");
         assert!(remote_command("sleep 100 &").contains("</dev/null >/dev/null 2>&1"));
+    }
+
+    /// `ssh` hands the remote line to root's login shell: it must run `cmd` exactly as
+    /// `sh -c cmd` would here.
+    #[test]
+    fn remote_command_survives_the_remote_shell() {
+        let cmds = [
+            "echo hi",
+            "true",
+            r#"printf '%s|' "a b" 'c'\''d' $((1+2)) \$x"#,
+            "echo \"$0\" | tr -d '\\n' >/dev/null; echo ok; exit 4",
+        ];
+        for cmd in cmds {
+            let run = |line: &str| {
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(line)
+                    .output()
+                    .unwrap()
+            };
+            let (direct, remote) = (run(cmd), run(&remote_command(cmd)));
+            assert_eq!(direct.stdout, remote.stdout, "{cmd:?}");
+            assert_eq!(direct.status.code(), remote.status.code(), "{cmd:?}");
+        }
     }
 
     #[test]
