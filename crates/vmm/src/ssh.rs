@@ -9,20 +9,20 @@ use tokio::process::Command;
 
 /// The daemon's SSH client key pair.
 #[derive(Debug, Clone)]
-pub struct ClientKey {
+pub(crate) struct ClientKey {
     /// Private key file (`data_dir/ssh/id_ed25519`).
-    pub private: PathBuf,
+    pub(crate) private: PathBuf,
     /// Public key line (`ssh-ed25519 AAAA... comment`).
-    pub public: String,
+    pub(crate) public: String,
 }
 
 /// A machine's SSH host key, generated on the host and handed to the guest at boot.
 #[derive(Debug, Clone)]
-pub struct HostKey {
+pub(crate) struct HostKey {
     /// Private key file in the machine folder.
-    pub private: PathBuf,
+    pub(crate) private: PathBuf,
     /// Public key line.
-    pub public: String,
+    pub(crate) public: String,
 }
 
 async fn keygen(path: &Path, comment: &str) -> Result<(), VmmError> {
@@ -51,7 +51,7 @@ async fn read_pub(private: &Path) -> Result<String, VmmError> {
 }
 
 /// The daemon's client key in `data_dir/ssh/id_ed25519`, created on first use.
-pub async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
+pub(crate) async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
     let dir = data_dir.join("ssh");
     create_private_dir(&dir)?;
     let private = dir.join("id_ed25519");
@@ -64,12 +64,12 @@ pub async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
 }
 
 /// The SSH alias under which a machine's host key is pinned (independent of its IP).
-pub fn host_alias(id: &uuid::Uuid) -> String {
+pub(crate) fn host_alias(id: &uuid::Uuid) -> String {
     format!("sistemo-{}", id.simple())
 }
 
 /// One `known_hosts` line pinning `pubkey` (`ssh-ed25519 AAAA... [comment]`) for `alias`.
-pub fn known_hosts_line(alias: &str, pubkey: &str) -> String {
+pub(crate) fn known_hosts_line(alias: &str, pubkey: &str) -> String {
     let mut parts = pubkey.split_whitespace();
     let kind = parts.next().unwrap_or_default();
     let blob = parts.next().unwrap_or_default();
@@ -78,7 +78,7 @@ pub fn known_hosts_line(alias: &str, pubkey: &str) -> String {
 
 /// The machine's host key in `dir/ssh_host_ed25519_key` (created on first start) and its
 /// `known_hosts` file `dir/known_hosts`, rewritten every time so it always matches the key.
-pub async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmError> {
+pub(crate) async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmError> {
     let private = dir.join("ssh_host_ed25519_key");
     if !private.exists() || !private.with_extension("pub").exists() {
         let _ = std::fs::remove_file(&private);
@@ -102,26 +102,26 @@ fn create_private_dir(dir: &Path) -> Result<(), VmmError> {
 
 /// Where and how to reach one guest over SSH.
 #[derive(Debug, Clone)]
-pub struct SshTarget {
+pub(crate) struct SshTarget {
     /// Guest address.
-    pub ip: std::net::Ipv4Addr,
+    pub(crate) ip: std::net::Ipv4Addr,
     /// Alias its host key is pinned under (see [`host_alias`]).
-    pub alias: String,
+    pub(crate) alias: String,
     /// The daemon's private key.
-    pub identity: PathBuf,
+    pub(crate) identity: PathBuf,
     /// The machine's `known_hosts`.
-    pub known_hosts: PathBuf,
+    pub(crate) known_hosts: PathBuf,
     /// Network namespace to run `ssh` in (`ip netns exec`), for tests.
-    pub netns: Option<String>,
+    pub(crate) netns: Option<String>,
     /// Connection-sharing socket: the first `ssh` becomes a master that lives on for a minute,
     /// so later commands skip the key exchange (about 1.3 s of guest CPU under TCG).
-    pub control_path: Option<PathBuf>,
+    pub(crate) control_path: Option<PathBuf>,
 }
 
 impl SshTarget {
     /// The full argv: `[ip netns exec NS] ssh <options> [-t] root@IP [remote...]`.
     /// Host keys are pinned: `StrictHostKeyChecking=yes` with the machine's own file.
-    pub fn argv(&self, tty: bool, connect_timeout_s: u32, remote: &[String]) -> Vec<String> {
+    pub(crate) fn argv(&self, tty: bool, connect_timeout_s: u32, remote: &[String]) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         if let Some(ns) = &self.netns {
             a.extend(["ip", "netns", "exec", ns.as_str()].map(String::from));
@@ -175,12 +175,12 @@ impl SshTarget {
 
 /// The remote command line for exec: `sh -c '<cmd>'`, with a trailing `&` detached from the
 /// session's pipes so exec returns at once.
-pub fn remote_command(cmd: &str) -> String {
+pub(crate) fn remote_command(cmd: &str) -> String {
     format!("sh -c {}", shell_quote(&detach_background(cmd)))
 }
 
 /// True when `ssh` exited 255 because of the connection, not because the command did.
-pub fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
+pub(crate) fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
     if code != 255 {
         return false;
     }

@@ -79,22 +79,17 @@ pub(super) fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Resul
     gz.finish().map_err(VmmError::io("compressing the initramfs"))
 }
 
-/// What one machine's guest is told at boot.
+/// What one machine's guest is told at boot: hostname, network (the interface with `mac` gets
+/// `ip/prefix`, a default route via `gateway`, resolv.conf with `dns`), and SSH keys.
 #[derive(Debug, Clone)]
 pub(crate) struct GuestConfig {
-    /// Hostname.
     pub(crate) hostname: String,
     /// `/etc/machine-id` (32 lowercase hex digits).
     pub(crate) machine_id: String,
-    /// MAC of the interface to configure.
     pub(crate) mac: [u8; 6],
-    /// Address.
     pub(crate) ip: Ipv4Addr,
-    /// Prefix length.
     pub(crate) prefix: u8,
-    /// Default gateway.
     pub(crate) gateway: Ipv4Addr,
-    /// DNS servers.
     pub(crate) dns: Vec<Ipv4Addr>,
     /// Lines for root's `authorized_keys`.
     pub(crate) authorized_keys: Vec<String>,

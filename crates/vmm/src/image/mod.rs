@@ -7,9 +7,7 @@ mod initramfs;
 mod kernel;
 mod store;
 
-pub use debian::{
-    BASE_PACKAGES, BuildOptions, DEFAULT_MIRROR, MASKED_GENERATORS, MASKED_UNITS, PackageName, apt_mirror,
-};
+pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, apt_mirror};
 pub use disk::{clone_disk, grow_disk, make_ext4};
 pub(crate) use initramfs::{GuestConfig, write_machine_initrd};
 pub use kernel::{BootAssets, ensure_boot_assets};

@@ -1,11 +1,10 @@
 //! Building the `debian` image: debootstrap bookworm from a mirror (optionally cached as a
-//! tar), configured for sistemo ([`tree`]), made into ext4 and stored; package-name checks.
+//! tar), configured for sistemo (`tree`), made into ext4 and stored; package-name checks.
 
 mod apt;
 mod tree;
 
 pub use apt::apt_mirror;
-pub use tree::{MASKED_GENERATORS, MASKED_UNITS};
 
 use super::{ImageInfo, ImageStore, make_ext4};
 use crate::proc::{run, run_with_progress};
@@ -22,7 +21,7 @@ pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 const SUITE: &str = "bookworm";
 
 /// Packages every built Debian image has, besides the ones asked for.
-pub const BASE_PACKAGES: &[&str] = &[
+const BASE_PACKAGES: &[&str] = &[
     "systemd-sysv",
     "udev",
     "openssh-server",
@@ -92,7 +91,7 @@ impl AsRef<str> for PackageName {
 
 impl ImageStore {
     /// Build a Debian bookworm image with debootstrap (signature-checked against
-    /// debian-archive-keyring) plus [`BASE_PACKAGES`] and `include`, configure it for sistemo,
+    /// debian-archive-keyring) plus `BASE_PACKAGES` (systemd, sshd, iproute2, ...) and `include`, configure it for sistemo,
     /// and store it as `tag`. Takes about a minute; progress reports each step.
     pub async fn build_debian(
         &self,

@@ -8,7 +8,7 @@ use std::path::Path;
 use tokio::process::Command;
 
 /// Units masked in built images: not needed in a microVM and slow under emulation.
-pub const MASKED_UNITS: &[&str] = &[
+const MASKED_UNITS: &[&str] = &[
     "systemd-timesyncd.service",
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
@@ -110,7 +110,7 @@ Nice=-10
 
 /// systemd generators switched off in built images (each is a process run at every boot and
 /// daemon-reload). `sysv` and `rc-local` stay for packages that ship init scripts.
-pub const MASKED_GENERATORS: &[&str] = &[
+const MASKED_GENERATORS: &[&str] = &[
     "systemd-cryptsetup-generator",
     "systemd-debug-generator",
     "systemd-fstab-generator",
