@@ -6,7 +6,7 @@ use crate::domain::HypervisorKind;
 use crate::images::{Disks, ImageBackend};
 use anyhow::{Context, Result};
 use sistemo_vmm::Hypervisor;
-use sistemo_vmm::image::{ImageStore, ensure_boot_assets};
+use sistemo_vmm::image::{ImageStore, PackageName, ensure_boot_assets};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,25 +28,30 @@ pub async fn build(cfg: &Config) -> Result<Backend> {
         }),
         HypervisorKind::Qemu => {
             let progress = |s: &str| tracing::info!("{s}");
-            let assets = ensure_boot_assets(&cfg.data_dir, &progress)
+            let assets = ensure_boot_assets(&cfg.data_dir, cfg.kernel_deb.as_deref(), &progress)
                 .await
                 .context("preparing the guest kernel and initramfs")?;
-            let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets).await?;
+            let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets, cfg.qemu_options()).await?;
             tracing::info!(accel = ?q.accel(), "QEMU backend ready");
             Ok(Backend {
                 vmm: Arc::new(q),
-                images: Some(Arc::new(Disks::new(&cfg.data_dir))),
+                images: Some(Arc::new(Disks::new(&cfg.data_dir, cfg.build_options()))),
             })
         }
     }
 }
 
 /// Fill `data_dir` with the kernel, the base initramfs and the `debian` image (with `include`),
-/// reusing what is already there. Runs without a daemon and touches no network configuration.
-pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
+/// reusing what is already there. Runs without a daemon and touches no network configuration;
+/// the kernel package and build options come from `cfg`.
+pub async fn prepare(cfg: &Config, data_dir: &Path, include: &[String]) -> Result<()> {
+    let include = include
+        .iter()
+        .map(|p| p.parse::<PackageName>())
+        .collect::<Result<Vec<_>, _>>()?;
     let progress = |s: &str| eprintln!("… {s}");
     let t = std::time::Instant::now();
-    let assets = ensure_boot_assets(data_dir, &progress).await?;
+    let assets = ensure_boot_assets(data_dir, cfg.kernel_deb.as_deref(), &progress).await?;
     eprintln!(
         "kernel {} and initramfs ready in {:.1}s",
         assets.kernel_version,
@@ -55,7 +60,9 @@ pub async fn prepare(data_dir: &Path, include: &[String]) -> Result<()> {
     let store = ImageStore::new(data_dir);
     if store.resolve("debian", 0, &progress).await.is_err() {
         let t = std::time::Instant::now();
-        let info = store.build_debian("debian", include, &progress).await?;
+        let info = store
+            .build_debian("debian", &include, &cfg.build_options(), &progress)
+            .await?;
         eprintln!(
             "image debian built in {:.1}s: sha256 {}",
             t.elapsed().as_secs_f64(),

@@ -118,7 +118,6 @@ fn api_error(status: u16, body: &str) -> ClientError {
         },
     })
 }
-}
 
 impl Client {
     /// A client for `socket`.

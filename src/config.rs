@@ -3,6 +3,8 @@
 
 use crate::domain::{HypervisorKind, IfName, Subnet, TableName};
 use serde::{Deserialize, Serialize};
+use sistemo_vmm::image::{BuildOptions, DEFAULT_MIRROR, apt_mirror};
+use sistemo_vmm::qemu::{AccelChoice, QemuOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,19 @@ pub struct Config {
     pub repair_interval_ms: u64,
     /// Insert accept rules into foreign forward chains with policy drop (Docker hosts).
     pub forward_compat: bool,
+    /// QEMU accelerator: `auto` (KVM when it can run the guest, else TCG), `kvm` or `tcg`.
+    pub accel: AccelChoice,
+    /// Appended to the guest kernel's command line (e.g. `loglevel=7` to debug a boot).
+    pub guest_cmdline_extra: Option<String>,
+    /// Report every failed readiness attempt while a guest boots.
+    pub debug_boot: bool,
+    /// Debian archive for image builds (default: the host's apt configuration, else
+    /// `http://deb.debian.org/debian`).
+    pub debian_mirror: Option<String>,
+    /// Folder caching debootstrap trees, so that rebuilds skip debootstrap.
+    pub debootstrap_cache: Option<PathBuf>,
+    /// A guest kernel `.deb` to use instead of downloading `linux-image-cloud-amd64`.
+    pub kernel_deb: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -62,6 +77,12 @@ impl Default for Config {
             dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
             repair_interval_ms: 500,
             forward_compat: true,
+            accel: AccelChoice::Auto,
+            guest_cmdline_extra: None,
+            debug_boot: false,
+            debian_mirror: None,
+            debootstrap_cache: None,
+            kernel_deb: None,
         }
     }
 }
@@ -92,8 +113,11 @@ fn flag<T: std::str::FromStr<Err = crate::domain::Invalid>>(
     name: &str,
     v: Option<String>,
 ) -> Result<Option<T>, ConfigError> {
-    v.map(|v| v.parse().map_err(|e: crate::domain::Invalid| ConfigError(format!("{name}: {e}"))))
-        .transpose()
+    v.map(|v| {
+        v.parse()
+            .map_err(|e: crate::domain::Invalid| ConfigError(format!("{name}: {e}")))
+    })
+    .transpose()
 }
 
 impl Config {
@@ -118,12 +142,30 @@ impl Config {
         if let Ok(v) = std::env::var("SISTEMO_DATA_DIR") {
             cfg.data_dir = v.into();
         }
-        if let Some(v) = flag("SISTEMO_BRIDGE_SUBNET", std::env::var("SISTEMO_BRIDGE_SUBNET").ok())? {
+        if let Some(v) = flag(
+            "SISTEMO_BRIDGE_SUBNET",
+            std::env::var("SISTEMO_BRIDGE_SUBNET").ok(),
+        )? {
             cfg.bridge_subnet = v;
         }
         if let Some(v) = flag("SISTEMO_HYPERVISOR", std::env::var("SISTEMO_HYPERVISOR").ok())? {
             cfg.hypervisor = v;
         }
+        if let Ok(v) = std::env::var("SISTEMO_ACCEL") {
+            cfg.accel = yaml_serde::from_str(&v).map_err(|_| {
+                ConfigError(format!(
+                    "SISTEMO_ACCEL {v:?} is not an accelerator (allowed: auto, kvm, tcg)"
+                ))
+            })?;
+        }
+        let path_var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        cfg.guest_cmdline_extra = std::env::var("SISTEMO_GUEST_CMDLINE_EXTRA")
+            .ok()
+            .or(cfg.guest_cmdline_extra);
+        cfg.debug_boot |= std::env::var_os("SISTEMO_DEBUG_BOOT").is_some();
+        cfg.debian_mirror = std::env::var("SISTEMO_DEBIAN_MIRROR").ok().or(cfg.debian_mirror);
+        cfg.debootstrap_cache = path_var("SISTEMO_DEBOOTSTRAP_CACHE").or(cfg.debootstrap_cache);
+        cfg.kernel_deb = path_var("SISTEMO_KERNEL_DEB").or(cfg.kernel_deb);
         Ok(cfg)
     }
 
@@ -148,6 +190,28 @@ impl Config {
             self.hypervisor = v;
         }
         Ok(())
+    }
+
+    /// Options of the QEMU backend.
+    pub fn qemu_options(&self) -> QemuOptions {
+        QemuOptions {
+            accel: self.accel,
+            cmdline_extra: self.guest_cmdline_extra.clone(),
+            debug_boot: self.debug_boot,
+        }
+    }
+
+    /// Options of Debian image builds; the mirror is `debian_mirror`, else the host's apt
+    /// configuration, else Debian's own.
+    pub fn build_options(&self) -> BuildOptions {
+        BuildOptions {
+            mirror: self
+                .debian_mirror
+                .clone()
+                .or_else(|| apt_mirror(Path::new("/etc/apt")))
+                .unwrap_or_else(|| DEFAULT_MIRROR.into()),
+            debootstrap_cache: self.debootstrap_cache.clone(),
+        }
     }
 
     /// Check what the types cannot: combinations of keys.
@@ -183,8 +247,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("host bits"), "{e}");
-        let e = yaml_serde::from_str::<Config>("hypervisor: xen").unwrap_err().to_string();
-        assert!(e.contains("allowed: qemu, netns"), "{e}");
+        let e = yaml_serde::from_str::<Config>("hypervisor: xen")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xen") && e.contains("netns"), "{e}");
         let mut c = Config::default();
         let e = c
             .apply(Overrides {

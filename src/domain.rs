@@ -317,7 +317,7 @@ impl fmt::Display for ByteSize {
     /// The largest binary unit that divides the size exactly, like `512M` or `2G`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-            if self.0 >= 1 << shift && self.0 % (1 << shift) == 0 {
+            if self.0 >= 1 << shift && self.0.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
         }
@@ -416,7 +416,12 @@ mod tests {
         }
         let e = ByteSize::parse("memory", "12X").unwrap_err().to_string();
         assert!(e.contains("\"12X\"") && e.contains("allowed"), "{e}");
-        assert!(ByteSize::parse("memory", "0").unwrap_err().0.contains("greater than zero"));
+        assert!(
+            ByteSize::parse("memory", "0")
+                .unwrap_err()
+                .0
+                .contains("greater than zero")
+        );
         assert!(ByteSize::parse("memory", "99999999999T").is_err());
         assert!(ByteSize::parse("memory", "G").is_err());
         assert_eq!(ByteSize::mib(2048).to_string(), "2G");
@@ -433,7 +438,10 @@ mod tests {
         let id = uuid::Uuid::new_v4().to_string();
         assert!(id.parse::<MachineName>().unwrap_err().0.contains("machine ID"));
         assert!("abcdefghijklm".parse::<NetworkName>().is_err());
-        assert_eq!("blue".parse::<NetworkName>().unwrap().bridge().as_str(), "sis-blue");
+        assert_eq!(
+            "blue".parse::<NetworkName>().unwrap().bridge().as_str(),
+            "sis-blue"
+        );
         "sistemo_0".parse::<IfName>().unwrap();
         assert!("sixteen-chars-xx".parse::<IfName>().is_err());
         assert!(serde_json::from_str::<MachineName>("\"Bad\"").is_err());
@@ -442,10 +450,25 @@ mod tests {
     #[test]
     fn subnets() {
         Subnet::parse("subnet", "10.201.0.0/24").unwrap();
-        assert!(Subnet::parse("subnet", "10.201.0.1/24").unwrap_err().0.contains("host bits"));
-        assert!(Subnet::parse("subnet", "10.0.0.0/30").unwrap_err().0.contains("/30"));
+        assert!(
+            Subnet::parse("subnet", "10.201.0.1/24")
+                .unwrap_err()
+                .0
+                .contains("host bits")
+        );
+        assert!(
+            Subnet::parse("subnet", "10.0.0.0/30")
+                .unwrap_err()
+                .0
+                .contains("/30")
+        );
         assert!(Subnet::parse("subnet", "10.0.0.0/7").is_err());
-        assert!(Subnet::parse("subnet", "nope").unwrap_err().0.contains("\"nope\""));
+        assert!(
+            Subnet::parse("subnet", "nope")
+                .unwrap_err()
+                .0
+                .contains("\"nope\"")
+        );
         let s = Subnet::parse("subnet", "10.200.0.0/16").unwrap();
         assert!(s.overlaps("10.200.3.0/24".parse().unwrap()));
         assert!(!s.overlaps("10.201.0.0/24".parse().unwrap()));

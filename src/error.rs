@@ -105,8 +105,7 @@ pub fn disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(c) = cur {
         if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && (io.kind() == std::io::ErrorKind::StorageFull
-                || io.raw_os_error() == Some(nix::libc::EDQUOT))
+            && (io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(nix::libc::EDQUOT))
         {
             return true;
         }

@@ -103,8 +103,7 @@ impl Host {
 
     /// One self-repair pass: restore the firewall if it drifted (`deep` also verifies rules).
     pub fn repair_once(&self, deep: bool) -> Result<bool> {
-        self.fw
-            .repair_once(deep, || desired_firewall(&self.store.lock()))
+        self.fw.repair_once(deep, || desired_firewall(&self.store.lock()))
     }
 
     /// The firewall table as it should be, as text.
@@ -120,7 +119,12 @@ impl Host {
     }
 
     /// The audit log, newest first.
-    pub fn history(&self, limit: u32, action: Option<&str>, target: Option<&str>) -> Result<Vec<HistoryEntry>> {
+    pub fn history(
+        &self,
+        limit: u32,
+        action: Option<&str>,
+        target: Option<&str>,
+    ) -> Result<Vec<HistoryEntry>> {
         Ok(self.store.lock().history(limit, action, target)?)
     }
 

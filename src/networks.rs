@@ -68,7 +68,10 @@ impl Networks {
         let subnet = subnet.map(|s| Subnet::parse("subnet", s)).transpose()?;
         let existing = self.store.lock().networks()?;
         if existing.iter().any(|n| n.name == name) {
-            return Err(Error::Conflict(format!("network {:?} already exists", name.as_str())));
+            return Err(Error::Conflict(format!(
+                "network {:?} already exists",
+                name.as_str()
+            )));
         }
         let routes = self.links.routed_v4().await?;
         let subnet = match subnet {

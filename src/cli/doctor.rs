@@ -64,7 +64,11 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
         "apt-get install qemu-system-x86",
     ));
     let info = c.get::<InfoResponse>("/v1/info");
-    let reason = sistemo_vmm::qemu::accel_reason();
+    let reason = sistemo_vmm::qemu::accel_reason(
+        crate::config::Config::load(None)
+            .map(|c| c.accel)
+            .unwrap_or_default(),
+    );
     checks.push(check(
         "kvm",
         true,

@@ -88,7 +88,9 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
                 );
             }
         }
-        ImageCmd::Prepare { data_dir, include } => crate::backend::prepare(&data_dir, &include).await?,
+        ImageCmd::Prepare { data_dir, include } => {
+            crate::backend::prepare(&crate::config::Config::load(None)?, &data_dir, &include).await?
+        }
         ImageCmd::Remove { tag } => {
             confirm(yes, &format!("remove image {tag}"))?;
             let v: serde_json::Value =

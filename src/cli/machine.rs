@@ -54,27 +54,32 @@ pub enum MachineCmd {
     /// Show a machine: ID, name, status, IP and ports.
     #[command(visible_alias = "show")]
     Status {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
     /// Start a stopped machine (its port rules come back).
     Start {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
     /// Stop a machine gracefully (port rules leave nftables, stay stored).
     Stop {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
     /// Restart a machine (keeps IP and ports).
     Restart {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
     /// Delete a machine with its rules, IP and files.
     #[command(visible_alias = "rm")]
     Delete {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
@@ -83,6 +88,7 @@ pub enum MachineCmd {
         after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\""
     )]
     Exec {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
         /// Command; a single quoted string runs through the guest's shell.
@@ -91,6 +97,7 @@ pub enum MachineCmd {
     },
     /// Interactive shell in a machine.
     Ssh {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
@@ -99,6 +106,7 @@ pub enum MachineCmd {
         /// Keep printing new output as it arrives.
         #[arg(short, long)]
         follow: bool,
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
     },
@@ -107,6 +115,7 @@ pub enum MachineCmd {
         after_help = "Examples:\n  sistemo machine expose web --port 80\n  sistemo machine expose web --port 8080:80 --port 127.0.0.1:9000:9000/udp"
     )]
     Expose {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
         /// [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.
@@ -115,6 +124,7 @@ pub enum MachineCmd {
     },
     /// Remove an exposed port: `--port 8080` (tcp) or `--port 8080/udp`.
     Unexpose {
+        /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
         /// [HOST_IP:]HOST_PORT[-END][/tcp|/udp].
@@ -202,11 +212,21 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 );
             }
         }
-        MachineCmd::Status { m: MachineArg { name } } => show(&c.get(&path(&name))?)?,
-        MachineCmd::Start { m: MachineArg { name } } => show(&lifecycle(c, &path(&name), "start")?)?,
-        MachineCmd::Stop { m: MachineArg { name } } => show(&lifecycle(c, &path(&name), "stop")?)?,
-        MachineCmd::Restart { m: MachineArg { name } } => show(&lifecycle(c, &path(&name), "restart")?)?,
-        MachineCmd::Delete { m: MachineArg { name } } => {
+        MachineCmd::Status {
+            m: MachineArg { name },
+        } => show(&c.get(&path(&name))?)?,
+        MachineCmd::Start {
+            m: MachineArg { name },
+        } => show(&lifecycle(c, &path(&name), "start")?)?,
+        MachineCmd::Stop {
+            m: MachineArg { name },
+        } => show(&lifecycle(c, &path(&name), "stop")?)?,
+        MachineCmd::Restart {
+            m: MachineArg { name },
+        } => show(&lifecycle(c, &path(&name), "restart")?)?,
+        MachineCmd::Delete {
+            m: MachineArg { name },
+        } => {
             // Fail on an unknown machine before asking.
             let _: MachineInfo = c.get(&path(&name))?;
             confirm(
@@ -220,11 +240,17 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 println!("machine {name} deleted");
             }
         }
-        MachineCmd::Exec { m: MachineArg { name }, cmd } => {
+        MachineCmd::Exec {
+            m: MachineArg { name },
+            cmd,
+        } => {
             let line = if cmd.len() == 1 {
                 cmd[0].clone()
             } else {
-                cmd.iter().map(|w| sistemo_vmm::shell_quote(w)).collect::<Vec<_>>().join(" ")
+                cmd.iter()
+                    .map(|w| sistemo_vmm::shell_quote(w))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
             use std::io::Write;
             let (mut code, mut error) = (None, None);
@@ -265,14 +291,19 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             }
             return Ok(code);
         }
-        MachineCmd::Ssh { m: MachineArg { name } } => {
+        MachineCmd::Ssh {
+            m: MachineArg { name },
+        } => {
             let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;
             let st = std::process::Command::new(&s.argv[0])
                 .args(&s.argv[1..])
                 .status()?;
             return Ok(st.code().unwrap_or(1));
         }
-        MachineCmd::Logs { m: MachineArg { name }, follow } => {
+        MachineCmd::Logs {
+            m: MachineArg { name },
+            follow,
+        } => {
             use std::io::Write;
             let mut offset = 0usize;
             loop {
@@ -286,7 +317,10 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
-        MachineCmd::Expose { m: MachineArg { name }, port } => {
+        MachineCmd::Expose {
+            m: MachineArg { name },
+            port,
+        } => {
             check_specs(&port)?;
             show(&c.call(
                 "POST",
@@ -294,7 +328,10 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 Some(&ExposeRequest { ports: port }),
             )?)?
         }
-        MachineCmd::Unexpose { m: MachineArg { name }, port } => {
+        MachineCmd::Unexpose {
+            m: MachineArg { name },
+            port,
+        } => {
             port.parse::<crate::spec::HostPortSpec>().map_err(Usage::new)?;
             show(&c.call(
                 "POST",

@@ -306,4 +306,3 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
-

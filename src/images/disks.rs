@@ -4,9 +4,9 @@
 use super::{ImageBackend, ImageError};
 use crate::Progress;
 use crate::domain::{ByteSize, ImageTag};
-use sistemo_vmm::image::{ImageInfo, ImageStore, clone_disk, grow_disk};
-use std::path::{Path, PathBuf};
+use sistemo_vmm::image::{BuildOptions, ImageInfo, ImageStore, PackageName, clone_disk, grow_disk};
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Largest image a URL may download (bytes).
@@ -21,16 +21,18 @@ pub const DEFAULT_STORAGE: ByteSize = ByteSize::bytes(2 << 30);
 /// `data_dir/pool`: a deploy takes it with a rename and a new spare is made in the background.
 pub struct Disks {
     images: ImageStore,
+    build: BuildOptions,
     pool: PathBuf,
     /// Images whose spare is being made (shared with the background task making it).
     refilling: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl Disks {
-    /// Disks for the image store in `data_dir`.
-    pub fn new(data_dir: &Path) -> Disks {
+    /// Disks for the image store in `data_dir`; images are built with `build`.
+    pub fn new(data_dir: &Path, build: BuildOptions) -> Disks {
         Disks {
             images: ImageStore::new(data_dir),
+            build,
             pool: data_dir.join("pool"),
             refilling: Default::default(),
         }
@@ -77,10 +79,7 @@ impl Disks {
                 let _ = std::fs::remove_file(&tmp);
                 tracing::warn!(error = %crate::error::chain(&e), "making a spare disk failed");
             }
-            refilling
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&src);
+            refilling.lock().unwrap_or_else(|p| p.into_inner()).remove(&src);
         });
     }
 
@@ -144,8 +143,16 @@ impl ImageBackend for Disks {
         self.images.list()
     }
 
-    async fn build(&self, tag: &ImageTag, include: &[String], progress: Progress<'_>) -> Result<ImageInfo, ImageError> {
-        Ok(self.images.build_debian(tag.as_str(), include, progress).await?)
+    async fn build(
+        &self,
+        tag: &ImageTag,
+        include: &[PackageName],
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo, ImageError> {
+        Ok(self
+            .images
+            .build_debian(tag.as_str(), include, &self.build, progress)
+            .await?)
     }
 
     fn remove(&self, tag: &ImageTag) -> Result<bool, ImageError> {

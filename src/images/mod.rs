@@ -11,7 +11,7 @@ use crate::domain::{ByteSize, ImageTag};
 use crate::error::{Error, Result};
 use crate::store::SharedStore;
 use sistemo_vmm::VmmError;
-use sistemo_vmm::image::ImageInfo;
+use sistemo_vmm::image::{ImageInfo, PackageName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -75,7 +75,7 @@ pub trait ImageBackend: Send + Sync {
     async fn build(
         &self,
         tag: &ImageTag,
-        include: &[String],
+        include: &[PackageName],
         progress: Progress<'_>,
     ) -> std::result::Result<ImageInfo, ImageError>;
 
@@ -92,7 +92,11 @@ pub struct Images {
 
 impl Images {
     /// The service over `backend` (`None` when the hypervisor has no images).
-    pub fn new(store: Arc<SharedStore>, backend: Option<Arc<dyn ImageBackend>>, hypervisor: String) -> Images {
+    pub fn new(
+        store: Arc<SharedStore>,
+        backend: Option<Arc<dyn ImageBackend>>,
+        hypervisor: String,
+    ) -> Images {
         Images {
             store,
             backend,
@@ -128,15 +132,14 @@ impl Images {
             )));
         }
         let tag: ImageTag = name.unwrap_or(base).parse()?;
-        for p in include {
-            // MERGE: replaced by sistemo_vmm's PackageName
-            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.:".contains(&b)) {
-                return Err(Error::Invalid(format!(
-                    "package name {p:?} is not valid (allowed: Debian package names)"
-                )));
-            }
-        }
-        Ok(self.backend()?.build(&tag, include, progress).await?)
+        let include = include
+            .iter()
+            .map(|p| {
+                p.parse::<PackageName>()
+                    .map_err(|e| Error::Invalid(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.backend()?.build(&tag, &include, progress).await?)
     }
 
     /// Remove an image tag; refused, naming them, while machines use it.

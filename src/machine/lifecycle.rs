@@ -90,16 +90,19 @@ impl Machines {
             if self.vmm.link_kind() == LinkKind::Veth {
                 self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await?;
             }
-            self.vmm
-                .wait_ready(&spec, &inst, READY_TIMEOUT, progress)
-                .await?;
+            self.vmm.wait_ready(&spec, &inst, READY_TIMEOUT, progress).await?;
             Ok(inst)
         }
         .await;
         let inst = match res {
             Ok(i) => i,
             Err(e) => {
-                let inst = self.store.lock().machine_by_id(m.id).ok().and_then(|m| m.instance);
+                let inst = self
+                    .store
+                    .lock()
+                    .machine_by_id(m.id)
+                    .ok()
+                    .and_then(|m| m.instance);
                 self.teardown(m, inst.as_ref()).await;
                 let _ = self.store.lock().set_instance(m.id, None);
                 return Err(e);

@@ -136,7 +136,13 @@ impl Hypervisor for FakeVmm {
         self.running.lock().unwrap().insert(spec.id);
         Ok(Instance::of_pid(std::process::id() as i32).expect("own process"))
     }
-    async fn wait_ready(&self, spec: &MachineSpec, _: &Instance, _: Duration, _: Progress<'_>) -> Result<(), VmmError> {
+    async fn wait_ready(
+        &self,
+        spec: &MachineSpec,
+        _: &Instance,
+        _: Duration,
+        _: Progress<'_>,
+    ) -> Result<(), VmmError> {
         if *self.fail.lock().unwrap() == Fail::Ready {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),
@@ -213,7 +219,12 @@ impl ImageBackend for FakeImages {
     fn list(&self) -> Vec<ImageInfo> {
         vec![]
     }
-    async fn build(&self, _: &ImageTag, _: &[String], _: Progress<'_>) -> Result<ImageInfo, ImageError> {
+    async fn build(
+        &self,
+        _: &ImageTag,
+        _: &[sistemo_vmm::image::PackageName],
+        _: Progress<'_>,
+    ) -> Result<ImageInfo, ImageError> {
         unreachable!("not used here")
     }
     fn remove(&self, _: &ImageTag) -> Result<bool, ImageError> {
@@ -259,7 +270,13 @@ async fn rig() -> Rig {
         vmm: vmm.clone(),
         images: Some(images.clone()),
     };
-    let host = Host::new(cfg, Store::in_memory().unwrap(), links.clone(), Box::new(fw), backend);
+    let host = Host::new(
+        cfg,
+        Store::in_memory().unwrap(),
+        links.clone(),
+        Box::new(fw),
+        backend,
+    );
     host.startup().await.unwrap();
     Rig {
         host: Arc::new(host),
@@ -288,12 +305,24 @@ impl Rig {
     /// Nothing of a machine is left: no row (so no IP lease or port claim), no rule, no TAP,
     /// no running VMM, no directory.
     fn assert_nothing_left(&self) {
-        assert!(self.host.machines.list().unwrap().is_empty(), "a machine row was left");
-        assert!(self.host.machines.ports().unwrap().is_empty(), "a port claim was left");
+        assert!(
+            self.host.machines.list().unwrap().is_empty(),
+            "a machine row was left"
+        );
+        assert!(
+            self.host.machines.ports().unwrap().is_empty(),
+            "a port claim was left"
+        );
         assert!(self.held.lock().unwrap().is_empty(), "a firewall rule was left");
         let links = self.links.links.lock().unwrap();
-        assert!(links.iter().all(|l| l == "sistemo0"), "a link was left: {links:?}");
-        assert!(self.vmm.running.lock().unwrap().is_empty(), "a VMM was left running");
+        assert!(
+            links.iter().all(|l| l == "sistemo0"),
+            "a link was left: {links:?}"
+        );
+        assert!(
+            self.vmm.running.lock().unwrap().is_empty(),
+            "a VMM was left running"
+        );
         let left: Vec<_> = std::fs::read_dir(self.dir.join("machines")).unwrap().collect();
         assert!(left.is_empty(), "a machine directory was left: {left:?}");
     }
@@ -311,7 +340,13 @@ async fn deploy_that_works_holds_row_rule_link_and_vmm() {
     assert_eq!(v.machine.ip.to_string(), "10.200.0.2");
     assert_eq!(r.held.lock().unwrap().len(), 1);
     assert_eq!(r.vmm.running.lock().unwrap().len(), 1);
-    assert!(r.links.links.lock().unwrap().contains(&crate::net::host_ifname(&v.machine.id)));
+    assert!(
+        r.links
+            .links
+            .lock()
+            .unwrap()
+            .contains(&crate::net::host_ifname(&v.machine.id))
+    );
     r.host.machines.delete("web", &|_| {}).await.unwrap();
     r.assert_nothing_left();
 }
@@ -427,11 +462,19 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
         .expect("exec ended when its machine stopped")
         .unwrap();
     assert!(done.is_err(), "exec into a stopped machine reports an error");
-    assert!(r.held.lock().unwrap().is_empty(), "stopped machine's rule left the firewall");
+    assert!(
+        r.held.lock().unwrap().is_empty(),
+        "stopped machine's rule left the firewall"
+    );
     let e = r
         .host
         .machines
-        .exec("web", "true", Duration::from_secs(5), tokio::sync::mpsc::unbounded_channel().0)
+        .exec(
+            "web",
+            "true",
+            Duration::from_secs(5),
+            tokio::sync::mpsc::unbounded_channel().0,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict);
@@ -446,7 +489,11 @@ async fn failed_start_shows_error_with_reason_then_starts() {
     assert!(r.host.machines.start("web", &|_| {}).await.is_err());
     let m = r.host.machines.get("web").unwrap().machine;
     assert_eq!(m.state, MachineState::Error);
-    assert!(m.error.as_deref().unwrap_or("").contains("kernel panic"), "{:?}", m.error);
+    assert!(
+        m.error.as_deref().unwrap_or("").contains("kernel panic"),
+        "{:?}",
+        m.error
+    );
     assert!(r.held.lock().unwrap().is_empty());
     assert!(r.vmm.running.lock().unwrap().is_empty());
     *r.vmm.fail.lock().unwrap() = Fail::Nothing;
@@ -465,14 +512,20 @@ async fn a_vmm_that_dies_is_noticed_and_its_rules_leave() {
         start_time: 1,
     };
     // Through the store, as the daemon would find it.
-    let st = r.host.machines.store.lock();
-    st.set_instance(v.machine.id, Some(&dead)).unwrap();
-    drop(st);
+    r.host
+        .machines
+        .store
+        .lock()
+        .set_instance(v.machine.id, Some(&dead))
+        .unwrap();
     assert_eq!(r.host.machines.reap_dead().await.unwrap(), 1);
     let m = r.host.machines.get("web").unwrap().machine;
     assert_eq!(m.state, MachineState::Error);
     assert!(m.error.unwrap().contains("exited unexpectedly"));
-    assert!(r.held.lock().unwrap().is_empty(), "a dead machine's rules left the firewall");
+    assert!(
+        r.held.lock().unwrap().is_empty(),
+        "a dead machine's rules left the firewall"
+    );
     assert_eq!(r.host.machines.reap_dead().await.unwrap(), 0, "noticed once");
 }
 

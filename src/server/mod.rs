@@ -7,7 +7,6 @@ use crate::api::*;
 use crate::error::{Error, chain};
 use crate::host::Host;
 use crate::spec::{HostPortSpec, SpecError};
-use sistemo_vmm::OutputChunk;
 use axum::body::Body;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, State};
@@ -16,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+use sistemo_vmm::OutputChunk;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
@@ -97,7 +97,9 @@ where
 }
 
 async fn list(State(h): State<AppState>) -> Result<Json<Vec<MachineInfo>>, Error> {
-    Ok(Json(h.machines.list()?.iter().map(convert::machine_info).collect()))
+    Ok(Json(
+        h.machines.list()?.iter().map(convert::machine_info).collect(),
+    ))
 }
 
 async fn status(State(h): State<AppState>, Path(name): Path<String>) -> Result<Json<MachineInfo>, Error> {
@@ -141,15 +143,27 @@ fn lifecycle(h: AppState, p: Peer, name: String, op: Op) -> Response {
     })
 }
 
-async fn start(State(h): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(n): Path<String>) -> Response {
+async fn start(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(n): Path<String>,
+) -> Response {
     lifecycle(h, p, n, Op::Start)
 }
 
-async fn stop(State(h): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(n): Path<String>) -> Response {
+async fn stop(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(n): Path<String>,
+) -> Response {
     lifecycle(h, p, n, Op::Stop)
 }
 
-async fn restart(State(h): State<AppState>, ConnectInfo(p): ConnectInfo<Peer>, Path(n): Path<String>) -> Response {
+async fn restart(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Path(n): Path<String>,
+) -> Response {
     lifecycle(h, p, n, Op::Restart)
 }
 
@@ -184,7 +198,10 @@ async fn unexpose(
     Json(req): Json<UnexposeRequest>,
 ) -> Result<Json<MachineInfo>, Error> {
     let r = async {
-        let hp: HostPortSpec = req.port.parse().map_err(|e: SpecError| Error::Invalid(e.to_string()))?;
+        let hp: HostPortSpec = req
+            .port
+            .parse()
+            .map_err(|e: SpecError| Error::Invalid(e.to_string()))?;
         h.machines.unexpose(&name, &hp).await
     }
     .await;
@@ -243,7 +260,9 @@ async fn logs(
 }
 
 async fn networks(State(h): State<AppState>) -> Result<Json<Vec<NetworkInfo>>, Error> {
-    Ok(Json(h.networks.list()?.iter().map(convert::network_info).collect()))
+    Ok(Json(
+        h.networks.list()?.iter().map(convert::network_info).collect(),
+    ))
 }
 
 async fn network_create(

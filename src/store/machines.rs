@@ -1,9 +1,7 @@
 //! Machine rows: creation with an address lease and port claims in one transaction, state
 //! compare-and-set, lookups. Part of the store: the only code that speaks SQL.
 
-use super::{
-    MACHINE_COLS, Machine, NewMachine, Result, Store, StoreError, exposes::claim, row_to_machine,
-};
+use super::{MACHINE_COLS, Machine, NewMachine, Result, Store, StoreError, exposes::claim, row_to_machine};
 use crate::domain::{MachineState, NetworkName, Subnet};
 use crate::spec::ExposeSpec;
 use rusqlite::{OptionalExtension, Transaction, params};
@@ -280,10 +278,17 @@ mod tests {
         assert_eq!(e, "machine a is running, not stopped");
         s.set_state(a.id, MachineState::Error, Some("qemu died")).unwrap();
         let m = s.machine("a").unwrap();
-        assert_eq!((m.state, m.error.as_deref()), (MachineState::Error, Some("qemu died")));
+        assert_eq!(
+            (m.state, m.error.as_deref()),
+            (MachineState::Error, Some("qemu died"))
+        );
         s.transition(a.id, &[MachineState::Error], MachineState::Starting)
             .unwrap();
-        assert_eq!(s.machine("a").unwrap().error, None, "a transition clears the reason");
+        assert_eq!(
+            s.machine("a").unwrap().error,
+            None,
+            "a transition clears the reason"
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ mod networks;
 
 use crate::domain::{IfName, MachineName, MachineState, NetworkName, Subnet};
 use crate::spec::{ExposeSpec, HostPortSpec, PortRange};
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::Connection;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use sistemo_vmm::Instance;
 use std::net::Ipv4Addr;
 use std::path::Path;

@@ -3,14 +3,14 @@
 
 /// An in-memory `newc` archive under construction.
 #[derive(Debug, Default)]
-pub struct CpioWriter {
+pub(crate) struct CpioWriter {
     buf: Vec<u8>,
     ino: u32,
 }
 
 impl CpioWriter {
     /// An empty archive.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         CpioWriter {
             buf: Vec::new(),
             ino: 1,
@@ -56,27 +56,27 @@ impl CpioWriter {
     }
 
     /// Add a directory (parents must be added first).
-    pub fn dir(&mut self, name: &str, perm: u32) {
+    pub(crate) fn dir(&mut self, name: &str, perm: u32) {
         self.entry(name, 0o040000 | (perm & 0o7777), &[]);
     }
 
     /// Add a regular file.
-    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100000 | (perm & 0o7777), data);
     }
 
     /// Add a symbolic link pointing at `target`.
-    pub fn symlink(&mut self, name: &str, target: &str) {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) {
         self.entry(name, 0o120777, target.as_bytes());
     }
 
     /// Add a character device node (e.g. `dev/console`, 5:1).
-    pub fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
+    pub(crate) fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
         self.entry_rdev(name, 0o020000 | (perm & 0o7777), &[], (major, minor));
     }
 
     /// Close the archive (the `TRAILER!!!` entry) and return its bytes.
-    pub fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, &[]);
         self.buf
     }

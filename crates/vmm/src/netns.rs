@@ -1,12 +1,17 @@
 //! The `netns` backend: a machine that is a network namespace with a veth on the bridge.
 //! No kernel of its own; it exercises the whole network engine fast and runs where no hypervisor can.
 
-use crate::{ExecOutput, Hypervisor, Instance, LinkKind, MachineSpec, VmmError};
+use crate::exec::run_streaming;
+use crate::shell::detach_background;
+use crate::{Hypervisor, Instance, LinkKind, MachineSpec, OutputChunk, Progress, VmmError, format_mac};
 use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
+use tokio::sync::mpsc::UnboundedSender;
 
 /// Backend whose machines are network namespaces named `<prefix><first 12 hex of the ID>`.
 #[derive(Debug, Clone)]
@@ -23,35 +28,21 @@ impl NetnsBackend {
     }
 
     /// The namespace name of a machine.
-    pub fn ns_name(&self, spec: &MachineSpec) -> String {
+    fn ns_name(&self, spec: &MachineSpec) -> String {
         format!("{}{}", self.prefix, &spec.id.simple().to_string()[..12])
     }
 }
 
+/// Run `ip ...` (or another program) to completion; a non-zero exit is a [`VmmError::Command`]
+/// carrying its stderr.
 async fn run(args: &[&str]) -> Result<String, VmmError> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(VmmError::io(format!("running {}", args[0])))?;
-    if !out.status.success() {
-        return Err(VmmError::Boot {
-            name: args.join(" "),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    let out = crate::proc::run(Command::new(args[0]).args(&args[1..]), &args.join(" ")).await?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Wrap a command line so that a trailing `&` detaches it from exec's pipes.
-pub fn detach_background(cmd: &str) -> String {
-    let t = cmd.trim_end();
-    if t.ends_with('&') && !t.ends_with("&&") {
-        format!("{{ {t} }} </dev/null >/dev/null 2>&1")
-    } else {
-        cmd.to_string()
-    }
+/// SIGKILL a process, or a process group when `pid` is negative; an already gone target is fine.
+fn sigkill(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 #[async_trait]
@@ -71,12 +62,7 @@ impl Hypervisor for NetnsBackend {
         run(&["ip", "netns", "add", &ns]).await?;
         let res = async {
             let n = &spec.net;
-            let mac = n
-                .mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
+            let mac = format_mac(&n.mac);
             let addr = format!("{}/{}", n.ip, n.prefix);
             let gw = n.gateway.to_string();
             run(&[
@@ -137,7 +123,7 @@ impl Hypervisor for NetnsBackend {
         spec: &MachineSpec,
         inst: &Instance,
         timeout: Duration,
-        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+        progress: Progress<'_>,
     ) -> Result<(), VmmError> {
         let deadline = Instant::now() + timeout;
         progress("waiting for the namespace");
@@ -156,7 +142,7 @@ impl Hypervisor for NetnsBackend {
     async fn stop(&self, spec: &MachineSpec, inst: &Instance, _timeout: Duration) -> Result<(), VmmError> {
         if inst.is_alive() {
             // The holder runs in its own process group: signal the group.
-            unsafe_free_kill(-inst.pid);
+            sigkill(-inst.pid);
         }
         self.cleanup(spec).await
     }
@@ -169,21 +155,23 @@ impl Hypervisor for NetnsBackend {
         // Everything a user started in the machine goes with it.
         if let Ok(pids) = run(&["ip", "netns", "pids", &ns]).await {
             for p in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                unsafe_free_kill(p);
+                sigkill(p);
             }
         }
         run(&["ip", "netns", "del", &ns]).await.map(|_| ())
     }
 
-    async fn exec(&self, spec: &MachineSpec, cmd: &str, timeout: Duration) -> Result<ExecOutput, VmmError> {
-        let argv = self.exec_argv(spec, cmd);
-        crate::run_exec(&spec.name, &argv, timeout, VmmError::io("spawning exec")).await
-    }
-
-    fn exec_argv(&self, spec: &MachineSpec, cmd: &str) -> Vec<String> {
+    async fn exec(
+        &self,
+        spec: &MachineSpec,
+        cmd: &str,
+        timeout: Duration,
+        out: UnboundedSender<OutputChunk>,
+    ) -> Result<i32, VmmError> {
         let mut argv = self.shell_command(spec);
         argv.extend(["-c".into(), detach_background(cmd)]);
-        argv
+        let done = run_streaming(&spec.name, &argv, timeout, &out, VmmError::io("spawning exec")).await?;
+        Ok(done.code)
     }
 
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
@@ -197,27 +185,19 @@ impl Hypervisor for NetnsBackend {
     }
 }
 
-/// SIGKILL a process (or a process group when `pid` is negative) through `kill(1)`,
-/// keeping this crate free of `unsafe`.
-fn unsafe_free_kill(pid: i32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", "--", &pid.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 #[cfg(test)]
 mod tests {
-    use super::detach_background;
+    use super::*;
 
     #[test]
-    fn trailing_ampersand_detaches() {
-        assert_eq!(detach_background("echo hi"), "echo hi");
-        assert_eq!(detach_background("a && b"), "a && b");
-        assert_eq!(
-            detach_background("node x.js &"),
-            "{ node x.js & } </dev/null >/dev/null 2>&1"
-        );
+    fn sigkill_reaches_a_process_group() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        sigkill(-(c.id() as i32));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(c.wait().unwrap().signal(), Some(9));
     }
 }

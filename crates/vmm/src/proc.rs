@@ -1,7 +1,7 @@
 //! Running host programs for this crate: one place that turns "not installed" into
 //! [`VmmError::Missing`] with an install hint, and failures into errors carrying stderr.
 
-use crate::VmmError;
+use crate::{Progress, VmmError};
 use std::process::{Output, Stdio};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -16,7 +16,7 @@ pub(crate) fn hint(program: &str) -> &'static str {
         "lz4" => "apt-get install lz4",
         "zstd" => "apt-get install zstd",
         "xz" => "apt-get install xz-utils",
-        "apt-get" | "apt-cache" => "run on Debian/Ubuntu, or set SISTEMO_KERNEL_DEB to a kernel .deb",
+        "apt-get" | "apt-cache" => "run on Debian/Ubuntu, or give a kernel .deb (`kernel_deb`)",
         "dpkg-deb" => "apt-get install dpkg",
         "busybox" => "apt-get install busybox-static",
         "curl" => "apt-get install curl",
@@ -58,13 +58,23 @@ pub(crate) async fn run(cmd: &mut Command, what: &str) -> Result<Output, VmmErro
     Ok(out)
 }
 
+/// The error for a program that exited unsuccessfully: a [`VmmError::Command`] with the end of
+/// its stderr, or, when it ran out of disk space, a [`VmmError::Io`] whose source is ENOSPC (so
+/// callers can tell "disk full" apart).
 pub(crate) fn failed(what: &str, status: &std::process::ExitStatus, stderr: &[u8]) -> VmmError {
     let err = String::from_utf8_lossy(stderr);
     let tail: Vec<&str> = err.lines().rev().take(8).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let reason = format!("{status}: {}", tail.join(" | "));
+    if err.contains("No space left on device") {
+        return VmmError::Io {
+            context: format!("{what} failed ({reason})"),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+    }
     VmmError::Command {
         what: what.into(),
-        reason: format!("{status}: {}", tail.join(" | ")),
+        reason,
     }
 }
 
@@ -73,7 +83,7 @@ pub(crate) async fn run_with_progress(
     cmd: &mut Command,
     what: &str,
     keep: fn(&str) -> bool,
-    progress: &(dyn Fn(&str) + Send + Sync),
+    progress: Progress<'_>,
 ) -> Result<(), VmmError> {
     let program = program_of(cmd);
     let mut child = cmd
@@ -108,4 +118,29 @@ pub(crate) async fn run_with_progress(
         return Err(failed(what, &status, err_lines.join("\n").as_bytes()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn out_of_space_keeps_enospc_as_the_source() {
+        let st = std::process::ExitStatus::from_raw(1 << 8);
+        let e = failed(
+            "mkfs.ext4",
+            &st,
+            b"mkfs.ext4: No space left on device while writing",
+        );
+        let src = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("io source");
+        assert_eq!(src.raw_os_error(), Some(libc::ENOSPC));
+        assert!(e.to_string().contains("mkfs.ext4"), "{e}");
+        assert!(matches!(
+            failed("x", &st, b"some other error"),
+            VmmError::Command { .. }
+        ));
+    }
 }

@@ -2,28 +2,27 @@
 //! `known_hosts`, and the exact `ssh` argv used by exec, readiness checks and interactive shells.
 
 use crate::VmmError;
+use crate::shell::{detach_background, shell_quote};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::Command;
 
 /// The daemon's SSH client key pair.
 #[derive(Debug, Clone)]
-pub struct ClientKey {
+pub(crate) struct ClientKey {
     /// Private key file (`data_dir/ssh/id_ed25519`).
-    pub private: PathBuf,
+    pub(crate) private: PathBuf,
     /// Public key line (`ssh-ed25519 AAAA... comment`).
-    pub public: String,
+    pub(crate) public: String,
 }
 
 /// A machine's SSH host key, generated on the host and handed to the guest at boot.
 #[derive(Debug, Clone)]
-pub struct HostKey {
+pub(crate) struct HostKey {
     /// Private key file in the machine folder.
-    pub private: PathBuf,
+    pub(crate) private: PathBuf,
     /// Public key line.
-    pub public: String,
-    /// The `known_hosts` file pinning this key under the machine's alias.
-    pub known_hosts: PathBuf,
+    pub(crate) public: String,
 }
 
 async fn keygen(path: &Path, comment: &str) -> Result<(), VmmError> {
@@ -52,7 +51,7 @@ async fn read_pub(private: &Path) -> Result<String, VmmError> {
 }
 
 /// The daemon's client key in `data_dir/ssh/id_ed25519`, created on first use.
-pub async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
+pub(crate) async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
     let dir = data_dir.join("ssh");
     create_private_dir(&dir)?;
     let private = dir.join("id_ed25519");
@@ -65,12 +64,12 @@ pub async fn ensure_client_key(data_dir: &Path) -> Result<ClientKey, VmmError> {
 }
 
 /// The SSH alias under which a machine's host key is pinned (independent of its IP).
-pub fn host_alias(id: &uuid::Uuid) -> String {
+pub(crate) fn host_alias(id: &uuid::Uuid) -> String {
     format!("sistemo-{}", id.simple())
 }
 
 /// One `known_hosts` line pinning `pubkey` (`ssh-ed25519 AAAA... [comment]`) for `alias`.
-pub fn known_hosts_line(alias: &str, pubkey: &str) -> String {
+pub(crate) fn known_hosts_line(alias: &str, pubkey: &str) -> String {
     let mut parts = pubkey.split_whitespace();
     let kind = parts.next().unwrap_or_default();
     let blob = parts.next().unwrap_or_default();
@@ -79,7 +78,7 @@ pub fn known_hosts_line(alias: &str, pubkey: &str) -> String {
 
 /// The machine's host key in `dir/ssh_host_ed25519_key` (created on first start) and its
 /// `known_hosts` file `dir/known_hosts`, rewritten every time so it always matches the key.
-pub async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmError> {
+pub(crate) async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmError> {
     let private = dir.join("ssh_host_ed25519_key");
     if !private.exists() || !private.with_extension("pub").exists() {
         let _ = std::fs::remove_file(&private);
@@ -89,11 +88,7 @@ pub async fn ensure_host_key(dir: &Path, alias: &str) -> Result<HostKey, VmmErro
     let known_hosts = dir.join("known_hosts");
     std::fs::write(&known_hosts, known_hosts_line(alias, &public))
         .map_err(VmmError::io(format!("writing {}", known_hosts.display())))?;
-    Ok(HostKey {
-        private,
-        public,
-        known_hosts,
-    })
+    Ok(HostKey { private, public })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), VmmError> {
@@ -107,26 +102,26 @@ fn create_private_dir(dir: &Path) -> Result<(), VmmError> {
 
 /// Where and how to reach one guest over SSH.
 #[derive(Debug, Clone)]
-pub struct SshTarget {
+pub(crate) struct SshTarget {
     /// Guest address.
-    pub ip: std::net::Ipv4Addr,
+    pub(crate) ip: std::net::Ipv4Addr,
     /// Alias its host key is pinned under (see [`host_alias`]).
-    pub alias: String,
+    pub(crate) alias: String,
     /// The daemon's private key.
-    pub identity: PathBuf,
+    pub(crate) identity: PathBuf,
     /// The machine's `known_hosts`.
-    pub known_hosts: PathBuf,
+    pub(crate) known_hosts: PathBuf,
     /// Network namespace to run `ssh` in (`ip netns exec`), for tests.
-    pub netns: Option<String>,
+    pub(crate) netns: Option<String>,
     /// Connection-sharing socket: the first `ssh` becomes a master that lives on for a minute,
     /// so later commands skip the key exchange (about 1.3 s of guest CPU under TCG).
-    pub control_path: Option<PathBuf>,
+    pub(crate) control_path: Option<PathBuf>,
 }
 
 impl SshTarget {
     /// The full argv: `[ip netns exec NS] ssh <options> [-t] root@IP [remote...]`.
     /// Host keys are pinned: `StrictHostKeyChecking=yes` with the machine's own file.
-    pub fn argv(&self, tty: bool, connect_timeout_s: u32, remote: &[String]) -> Vec<String> {
+    pub(crate) fn argv(&self, tty: bool, connect_timeout_s: u32, remote: &[String]) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         if let Some(ns) = &self.netns {
             a.extend(["ip", "netns", "exec", ns.as_str()].map(String::from));
@@ -178,19 +173,14 @@ impl SshTarget {
     }
 }
 
-/// Quote `s` for a POSIX shell (single quotes).
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// The remote command line for exec: `sh -c '<cmd>'`, with a trailing `&` detached from the
 /// session's pipes so exec returns at once.
-pub fn remote_command(cmd: &str) -> String {
-    format!("sh -c {}", shell_quote(&crate::netns::detach_background(cmd)))
+pub(crate) fn remote_command(cmd: &str) -> String {
+    format!("sh -c {}", shell_quote(&detach_background(cmd)))
 }
 
 /// True when `ssh` exited 255 because of the connection, not because the command did.
-pub fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
+pub(crate) fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
     if code != 255 {
         return false;
     }
@@ -229,7 +219,32 @@ mod tests {
     #[test]
     fn remote_command_is_quoted() {
         assert_eq!(remote_command("echo 'a b'"), r"sh -c 'echo '\''a b'\'''");
+        assert_eq!(remote_command("true"), "sh -c true");
         assert!(remote_command("sleep 100 &").contains("</dev/null >/dev/null 2>&1"));
+    }
+
+    /// `ssh` hands the remote line to root's login shell: it must run `cmd` exactly as
+    /// `sh -c cmd` would here.
+    #[test]
+    fn remote_command_survives_the_remote_shell() {
+        let cmds = [
+            "echo hi",
+            "true",
+            r#"printf '%s|' "a b" 'c'\''d' $((1+2)) \$x"#,
+            "echo \"$0\" | tr -d '\\n' >/dev/null; echo ok; exit 4",
+        ];
+        for cmd in cmds {
+            let run = |line: &str| {
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(line)
+                    .output()
+                    .unwrap()
+            };
+            let (direct, remote) = (run(cmd), run(&remote_command(cmd)));
+            assert_eq!(direct.stdout, remote.stdout, "{cmd:?}");
+            assert_eq!(direct.status.code(), remote.status.code(), "{cmd:?}");
+        }
     }
 
     #[test]

@@ -5,16 +5,17 @@
 //! them out). `sudo scripts/test` runs them with the assets it prepares
 //! (`scripts/prepare-vm-assets`, data folder in `SISTEMO_VM_TEST_DIR`). By hand, as root:
 //! ```text
-//! cargo run -p sistemo-vmm --example prepare_assets -- /var/tmp/sistemo-vmtest
+//! cargo run -- image prepare --data-dir /var/tmp/sistemo-vmtest
 //! cargo test -p sistemo-vmm --test boot -- --ignored --nocapture
 //! ```
-//! (`SISTEMO_VM_TEST_DIR` overrides the data folder.) Included but without root or assets, a test
-//! fails saying what is missing; it never passes without booting. No traffic leaves the
-//! namespace.
+//! (`SISTEMO_VM_TEST_DIR` overrides the data folder; `SISTEMO_ACCEL=kvm|tcg`,
+//! `SISTEMO_GUEST_CMDLINE_EXTRA`, `SISTEMO_DEBUG_BOOT` and `SISTEMO_KERNEL_DEB` are passed to the
+//! backend as options.) Included but without root or assets, a test fails saying what is
+//! missing; it never passes without booting. No traffic leaves the namespace.
 
 use sistemo_vmm::image::{ImageStore, clone_disk, ensure_boot_assets};
-use sistemo_vmm::qemu::Qemu;
-use sistemo_vmm::{Hypervisor, Instance, MachineSpec, NetAttachment};
+use sistemo_vmm::qemu::{AccelChoice, Qemu, QemuOptions};
+use sistemo_vmm::{Hypervisor, Instance, MachineSpec, NetAttachment, OutputChunk, exec_collect};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -98,6 +99,22 @@ fn spec(dir: &std::path::Path, disk: PathBuf) -> MachineSpec {
     }
 }
 
+/// The backend's options, from the test's environment.
+fn options() -> QemuOptions {
+    QemuOptions {
+        accel: std::env::var("SISTEMO_ACCEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(AccelChoice::Auto),
+        cmdline_extra: std::env::var("SISTEMO_GUEST_CMDLINE_EXTRA").ok(),
+        debug_boot: std::env::var_os("SISTEMO_DEBUG_BOOT").is_some(),
+    }
+}
+
+fn kernel_deb() -> Option<PathBuf> {
+    std::env::var_os("SISTEMO_KERNEL_DEB").map(PathBuf::from)
+}
+
 fn data_dir() -> PathBuf {
     PathBuf::from(std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()))
 }
@@ -119,7 +136,7 @@ fn require_assets(image: bool) {
         panic!(
             "VM assets missing in {}: run sudo scripts/prepare-vm-assets DIR and set \
              SISTEMO_VM_TEST_DIR=DIR/data (sudo scripts/test does both), or \
-             cargo run -p sistemo-vmm --example prepare_assets -- {}",
+             sistemo image prepare --data-dir {}",
             data.display(),
             data.display()
         );
@@ -131,12 +148,14 @@ fn require_assets(image: bool) {
 async fn real_vm_unbootable_disk_fails_fast_with_the_reason() {
     require_assets(false);
     let say = |s: &str| eprintln!("  {s}");
-    let assets = ensure_boot_assets(&data_dir(), &say).await.expect("boot assets");
+    let assets = ensure_boot_assets(&data_dir(), kernel_deb().as_deref(), &say)
+        .await
+        .expect("boot assets");
     let (mut guard, ns, dir) = namespace("bad");
     let disk = dir.join("zeros.img");
     std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
     let spec = spec(&dir, disk);
-    let vm = Qemu::new(&data_dir(), assets)
+    let vm = Qemu::new(&data_dir(), assets, options())
         .await
         .expect("qemu")
         .with_netns(&ns);
@@ -165,11 +184,13 @@ async fn real_vm_boots_debian_and_execs() {
     require_assets(true);
     let data = data_dir();
     let say = |s: &str| eprintln!("  {s}");
-    let assets = ensure_boot_assets(&data, &say).await.expect("boot assets");
+    let assets = ensure_boot_assets(&data, kernel_deb().as_deref(), &say)
+        .await
+        .expect("boot assets");
     let image = ImageStore::new(&data)
         .resolve("debian", 0, &say)
         .await
-        .expect("the debian image: run the prepare_assets example first");
+        .expect("the debian image: run `sistemo image prepare` first (see the module docs)");
 
     let (mut guard, ns, dir) = namespace("boot");
     let disk = dir.join("disk.img");
@@ -178,7 +199,10 @@ async fn real_vm_boots_debian_and_execs() {
     eprintln!("disk cloned in {:.2}s", t.elapsed().as_secs_f64());
 
     let spec = spec(&dir, disk);
-    let vm = Qemu::new(&data, assets).await.expect("qemu").with_netns(&ns);
+    let vm = Qemu::new(&data, assets, options())
+        .await
+        .expect("qemu")
+        .with_netns(&ns);
     eprintln!("backend {}", vm.name());
 
     let t0 = Instant::now();
@@ -188,32 +212,52 @@ async fn real_vm_boots_debian_and_execs() {
     vm.wait_ready(&spec, &inst, Duration::from_secs(90), &say)
         .await
         .expect("ready");
-    let out = vm
-        .exec(&spec, "echo hi", Duration::from_secs(30))
+    let out = exec_collect(&vm, &spec, "echo hi", Duration::from_secs(30))
         .await
         .expect("exec");
     eprintln!("deploy → first exec: {:.2}s", t0.elapsed().as_secs_f64());
     assert_eq!(out.code, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 
-    let out = vm
-        .exec(&spec, "echo err >&2; exit 3", Duration::from_secs(30))
+    let out = exec_collect(&vm, &spec, "echo err >&2; exit 3", Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(out.code, 3);
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
 
-    let out = vm
-        .exec(&spec, "hostname; cat /etc/machine-id", Duration::from_secs(30))
-        .await
-        .unwrap();
+    // Streaming: the first line arrives while the command still runs.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let streamed = {
+        let (vm, spec) = (vm.clone(), spec.clone());
+        tokio::spawn(async move {
+            vm.exec(
+                &spec,
+                "echo first; sleep 2; echo second",
+                Duration::from_secs(30),
+                tx,
+            )
+            .await
+        })
+    };
+    let first = rx.recv().await;
+    assert_eq!(first, Some(OutputChunk::Stdout("first\n".into())));
+    assert!(!streamed.is_finished(), "the first line came only at the end");
+    assert_eq!(streamed.await.unwrap().expect("streamed exec"), 0);
+
+    let out = exec_collect(
+        &vm,
+        &spec,
+        "hostname; cat /etc/machine-id",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.starts_with("vmtest\n"), "{text}");
     assert!(text.contains(&spec.id.simple().to_string()), "{text}");
 
     let t = Instant::now();
-    let out = vm
-        .exec(&spec, "sleep 100 &", Duration::from_secs(20))
+    let out = exec_collect(&vm, &spec, "sleep 100 &", Duration::from_secs(20))
         .await
         .unwrap();
     assert_eq!(out.code, 0);
@@ -224,8 +268,7 @@ async fn real_vm_boots_debian_and_execs() {
         .map(|i| {
             let (vm, spec) = (vm.clone(), spec.clone());
             tokio::spawn(async move {
-                vm.exec(&spec, &format!("sleep 1; echo {i}"), Duration::from_secs(60))
-                    .await
+                exec_collect(&vm, &spec, &format!("sleep 1; echo {i}"), Duration::from_secs(60)).await
             })
         })
         .collect();
@@ -237,14 +280,14 @@ async fn real_vm_boots_debian_and_execs() {
 
     // The guest's RNG is seeded before userspace starts (RDRAND), so nothing in the boot, sshd
     // included, blocks in getrandom() waiting for entropy.
-    let out = vm
-        .exec(
-            &spec,
-            "dmesg | grep -E -m2 'Run /init|crng init done'",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let out = exec_collect(
+        &vm,
+        &spec,
+        "dmesg | grep -E -m2 'Run /init|crng init done'",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let first = text.lines().next().unwrap_or_default();
     assert!(
@@ -253,7 +296,9 @@ async fn real_vm_boots_debian_and_execs() {
     );
 
     // The guest clock is the host's (apt refuses a Release file from the future).
-    let out = vm.exec(&spec, "date +%s", Duration::from_secs(30)).await.unwrap();
+    let out = exec_collect(&vm, &spec, "date +%s", Duration::from_secs(30))
+        .await
+        .unwrap();
     let guest: i64 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
@@ -266,14 +311,14 @@ async fn real_vm_boots_debian_and_execs() {
 
     // The background process outlives the SSH session that started it.
     vm.disconnect(&spec).await;
-    let out = vm
-        .exec(
-            &spec,
-            "pgrep -x sleep >/dev/null && echo running",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let out = exec_collect(
+        &vm,
+        &spec,
+        "pgrep -x sleep >/dev/null && echo running",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "running\n");
 
     // SISTEMO_VM_TEST_ANALYZE=1 prints where the boot time went; any other value is run as is.
@@ -285,7 +330,9 @@ async fn real_vm_boots_debian_and_execs() {
         } else {
             cmd
         };
-        let out = vm.exec(&spec, &cmd, Duration::from_secs(60)).await.unwrap();
+        let out = exec_collect(&vm, &spec, &cmd, Duration::from_secs(60))
+            .await
+            .unwrap();
         eprintln!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -311,8 +358,7 @@ async fn real_vm_boots_debian_and_execs() {
         .await
         .expect("ready again");
     eprintln!("restart → ready: {:.2}s", t0.elapsed().as_secs_f64());
-    let out = vm
-        .exec(&spec, "echo again", Duration::from_secs(30))
+    let out = exec_collect(&vm, &spec, "echo again", Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");

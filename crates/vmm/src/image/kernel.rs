@@ -1,13 +1,12 @@
-//! Guest boot artefacts: the Debian cloud kernel as an ELF `vmlinux`, the base busybox initramfs
-//! that loads the virtio modules and switches to the image's systemd, and each machine's config cpio.
+//! The guest kernel: Debian's cloud kernel fetched with apt (or a given `.deb`), unpacked to an
+//! ELF `vmlinux`, with the virtio modules it needs resolved from their own `depends=`.
 
-use crate::VmmError;
-use crate::cpio::CpioWriter;
+use super::initramfs::{build_base_initramfs, find_static_busybox};
+use super::write_atomic;
 use crate::proc::{run, spawn_error};
+use crate::{Progress, VmmError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::Command;
@@ -57,10 +56,12 @@ struct KernelCache {
 /// Make sure `data_dir/kernel/` holds a bootable kernel and base initramfs; fast when cached.
 ///
 /// The kernel is Debian's `linux-image-*-cloud-amd64` fetched with `apt-get download` (signed
-/// apt repository), or the `.deb` named by the `SISTEMO_KERNEL_DEB` environment variable.
+/// apt repository), or the package file `kernel_deb` when given (used only when nothing is
+/// cached yet).
 pub async fn ensure_boot_assets(
     data_dir: &Path,
-    progress: &(dyn Fn(&str) + Send + Sync),
+    kernel_deb: Option<&Path>,
+    progress: Progress<'_>,
 ) -> Result<BootAssets, VmmError> {
     let kdir = data_dir.join("kernel");
     std::fs::create_dir_all(&kdir).map_err(VmmError::io(format!("creating {}", kdir.display())))?;
@@ -72,7 +73,7 @@ pub async fn ensure_boot_assets(
     let kernel = match cached {
         Some(c) => c,
         None => {
-            let c = fetch_kernel(&kdir, progress).await?;
+            let c = fetch_kernel(&kdir, kernel_deb, progress).await?;
             write_atomic(&cache_file, &serde_json::to_vec_pretty(&c).expect("json"), 0o644)?;
             c
         }
@@ -91,23 +92,6 @@ pub async fn ensure_boot_assets(
     })
 }
 
-/// Write `data` to `path` through a temporary file and a rename, with `mode`.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), VmmError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let ctx = || format!("writing {}", path.display());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(VmmError::io(ctx()))?;
-    f.write_all(data).map_err(VmmError::io(ctx()))?;
-    f.sync_all().map_err(VmmError::io(ctx()))?;
-    std::fs::rename(&tmp, path).map_err(VmmError::io(ctx()))
-}
-
 async fn kernel_package() -> Result<String, VmmError> {
     let out = run(
         Command::new("apt-cache").args(["depends", KERNEL_META]),
@@ -121,7 +105,7 @@ async fn kernel_package() -> Result<String, VmmError> {
 }
 
 /// The versioned kernel package in `apt-cache depends` output.
-pub fn parse_kernel_dependency(text: &str) -> Option<String> {
+fn parse_kernel_dependency(text: &str) -> Option<String> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
@@ -129,12 +113,16 @@ pub fn parse_kernel_dependency(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn fetch_kernel(kdir: &Path, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<KernelCache, VmmError> {
+async fn fetch_kernel(
+    kdir: &Path,
+    kernel_deb: Option<&Path>,
+    progress: Progress<'_>,
+) -> Result<KernelCache, VmmError> {
     let work = kdir.join("download");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(VmmError::io("creating the kernel download folder"))?;
-    let (deb, package) = match std::env::var_os("SISTEMO_KERNEL_DEB") {
-        Some(p) => (PathBuf::from(&p), PathBuf::from(&p).display().to_string()),
+    let (deb, package) = match kernel_deb {
+        Some(p) => (p.to_path_buf(), p.display().to_string()),
         None => {
             let package = kernel_package().await?;
             progress(&format!("downloading {package}"));
@@ -219,7 +207,7 @@ async fn fetch_kernel(kdir: &Path, progress: &(dyn Fn(&str) + Send + Sync)) -> R
 }
 
 /// Module name of a file name: `virtio-rng.ko.xz` → `virtio_rng`.
-pub fn module_name(file: &str) -> String {
+fn module_name(file: &str) -> String {
     let base = file.split(".ko").next().unwrap_or(file);
     base.replace('-', "_")
 }
@@ -287,7 +275,7 @@ async fn read_module(path: &Path) -> Result<Vec<u8>, VmmError> {
 }
 
 /// The `depends=` list from a module's `.modinfo` section.
-pub fn module_depends(ko: &[u8]) -> Vec<String> {
+fn module_depends(ko: &[u8]) -> Vec<String> {
     let key = b"depends=";
     let mut i = 0;
     while let Some(pos) = find(&ko[i..], key) {
@@ -313,7 +301,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Compressed-stream formats a bzImage may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
+enum Compression {
     /// LZ4 legacy frame (`02 21 4c 18`), Debian 6.1.
     Lz4,
     /// Zstandard (`28 b5 2f fd`), Debian 6.12.
@@ -323,7 +311,7 @@ pub enum Compression {
 }
 
 /// Every offset in `image` where a compressed stream may start, in file order.
-pub fn find_compressed_payloads(image: &[u8]) -> Vec<(usize, Compression)> {
+fn find_compressed_payloads(image: &[u8]) -> Vec<(usize, Compression)> {
     let magics: [(&[u8], Compression); 3] = [
         (&[0x02, 0x21, 0x4c, 0x18], Compression::Lz4),
         (&[0x28, 0xb5, 0x2f, 0xfd], Compression::Zstd),
@@ -342,7 +330,7 @@ pub fn find_compressed_payloads(image: &[u8]) -> Vec<(usize, Compression)> {
 }
 
 /// Decompress the kernel ELF out of a bzImage: the first candidate stream that yields an ELF.
-pub async fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, VmmError> {
+async fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, VmmError> {
     for (off, c) in find_compressed_payloads(bzimage).into_iter().take(16) {
         let data = &bzimage[off..];
         let out = match c {
@@ -390,220 +378,10 @@ async fn pipe_through(program: &str, args: &[&str], input: &[u8]) -> Result<Vec<
     Ok(out.stdout)
 }
 
-/// True when `elf` is an ELF executable without a program interpreter (statically linked).
-pub fn is_static_elf(elf: &[u8]) -> bool {
-    if elf.len() < 64 || !elf.starts_with(b"\x7fELF") || elf[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().expect("8 bytes")) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        elf.get(o..o + 4)
-            .is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
-    })
-}
-
-fn find_static_busybox() -> Result<PathBuf, VmmError> {
-    for p in [
-        "/bin/busybox",
-        "/usr/bin/busybox",
-        "/usr/lib/initramfs-tools/bin/busybox",
-    ] {
-        if let Ok(b) = std::fs::read(p)
-            && is_static_elf(&b)
-        {
-            return Ok(PathBuf::from(p));
-        }
-    }
-    Err(VmmError::Missing {
-        program: "busybox (static)".into(),
-        hint: "apt-get install busybox-static".into(),
-    })
-}
-
-/// The guest's `/init`: load modules, mount the root disk, apply the machine's config inside it,
-/// and hand over to its `/sbin/init`. Any failure ends in a kernel panic, which stops the VMM.
-pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /newroot /tmp
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-log() { echo "sistemo-init: $*"; }
-fail() { log "FATAL: $*"; exit 1; }
-for m in /lib/modules/*.ko; do insmod "$m" || log "insmod $m failed"; done
-[ -f /sistemo/config.env ] || fail "no machine config in the initramfs"
-. /sistemo/config.env
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do usleep 10000; i=$((i+1)); done
-[ -b /dev/vda ] || fail "no root disk /dev/vda"
-mount -t ext4 -o rw,noatime /dev/vda /newroot || fail "cannot mount /dev/vda as ext4"
-R=/newroot
-[ -e $R/sbin/init ] || [ -L $R/sbin/init ] || fail "the image has no /sbin/init"
-mkdir -p $R/etc $R/root/.ssh $R/etc/ssh $R/etc/systemd/network
-echo "$SISTEMO_HOSTNAME" > $R/etc/hostname
-printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost ip6-loopback\n' "$SISTEMO_HOSTNAME" > $R/etc/hosts
-echo "$SISTEMO_MACHINE_ID" > $R/etc/machine-id
-{
-  echo "[Match]"
-  echo "MACAddress=$SISTEMO_MAC"
-  echo "[Network]"
-  echo "Address=$SISTEMO_ADDRESS"
-  echo "Gateway=$SISTEMO_GATEWAY"
-  for d in $SISTEMO_DNS; do echo "DNS=$d"; done
-  echo "LinkLocalAddressing=no"
-  echo "IPv6AcceptRA=no"
-  echo "KeepConfiguration=static"
-} > $R/etc/systemd/network/10-sistemo.network
-rm -f $R/etc/resolv.conf
-for d in $SISTEMO_DNS; do echo "nameserver $d"; done > $R/etc/resolv.conf
-chmod 700 $R/root/.ssh
-cp /sistemo/authorized_keys $R/root/.ssh/authorized_keys
-chmod 600 $R/root/.ssh/authorized_keys
-rm -f $R/etc/ssh/ssh_host_*
-cp /sistemo/ssh_host_ed25519_key /sistemo/ssh_host_ed25519_key.pub $R/etc/ssh/
-chmod 600 $R/etc/ssh/ssh_host_ed25519_key
-chmod 644 $R/etc/ssh/ssh_host_ed25519_key.pub
-# The network is up before the image's init runs: nothing in the guest has to wait for it.
-IF=""
-i=0
-while [ -z "$IF" ] && [ $i -lt 500 ]; do
-  for d in /sys/class/net/*; do
-    [ "$(cat $d/address 2>/dev/null)" = "$SISTEMO_MAC" ] && IF=${d##*/}
-  done
-  [ -n "$IF" ] || { usleep 10000; i=$((i+1)); }
-done
-[ -n "$IF" ] || fail "no network interface with MAC $SISTEMO_MAC"
-ip link set lo up
-ip link set dev "$IF" up
-ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_ADDRESS"
-ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
-# Tell the bridge about our MAC at once (a previous machine may have had this address).
-arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
-log "switching to the root filesystem"
-umount /proc /sys
-mount --move /dev $R/dev
-exec switch_root $R /sbin/init
-"#;
-
-/// Build the base initramfs (gzip'd newc) from a static busybox and module files (loaded in
-/// file-name order).
-pub fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Result<Vec<u8>, VmmError> {
-    let mut w = CpioWriter::new();
-    for d in [
-        "bin",
-        "dev",
-        "lib",
-        "lib/modules",
-        "proc",
-        "sys",
-        "newroot",
-        "sistemo",
-        "tmp",
-    ] {
-        w.dir(d, 0o755);
-    }
-    w.char_dev("dev/console", 0o600, 5, 1);
-    let bb = std::fs::read(busybox).map_err(VmmError::io(format!("reading {}", busybox.display())))?;
-    w.file("bin/busybox", 0o755, &bb);
-    w.symlink("bin/sh", "busybox");
-    w.file("init", 0o755, INIT_SCRIPT.as_bytes());
-    for m in modules {
-        let name = m.file_name().expect("module file name").to_string_lossy();
-        let data = std::fs::read(m).map_err(VmmError::io(format!("reading {}", m.display())))?;
-        w.file(&format!("lib/modules/{name}"), 0o644, &data);
-    }
-    let raw = w.finish();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw)
-        .map_err(VmmError::io("compressing the initramfs"))?;
-    gz.finish().map_err(VmmError::io("compressing the initramfs"))
-}
-
-/// What one machine's guest is told at boot.
-#[derive(Debug, Clone)]
-pub struct GuestConfig {
-    /// Hostname.
-    pub hostname: String,
-    /// `/etc/machine-id` (32 lowercase hex digits).
-    pub machine_id: String,
-    /// MAC of the interface to configure.
-    pub mac: [u8; 6],
-    /// Address.
-    pub ip: Ipv4Addr,
-    /// Prefix length.
-    pub prefix: u8,
-    /// Default gateway.
-    pub gateway: Ipv4Addr,
-    /// DNS servers.
-    pub dns: Vec<Ipv4Addr>,
-    /// Lines for root's `authorized_keys`.
-    pub authorized_keys: Vec<String>,
-    /// The guest's SSH host private key (OpenSSH format).
-    pub host_key_private: Vec<u8>,
-    /// The guest's SSH host public key line.
-    pub host_key_public: String,
-}
-
-/// Format a MAC as `52:54:00:..`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// The per-machine cpio (uncompressed newc) holding `/sistemo/config.env` and the keys.
-pub fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
-    use crate::ssh::shell_quote;
-    let dns = cfg
-        .dns
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let env = format!(
-        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\n",
-        shell_quote(&cfg.hostname),
-        shell_quote(&cfg.machine_id),
-        shell_quote(&format_mac(&cfg.mac)),
-        shell_quote(&format!("{}/{}", cfg.ip, cfg.prefix)),
-        shell_quote(&cfg.gateway.to_string()),
-        shell_quote(&dns),
-    );
-    let mut keys = cfg.authorized_keys.join("\n");
-    keys.push('\n');
-    let mut w = CpioWriter::new();
-    w.dir("sistemo", 0o700);
-    w.file("sistemo/config.env", 0o600, env.as_bytes());
-    w.file("sistemo/authorized_keys", 0o600, keys.as_bytes());
-    w.file("sistemo/ssh_host_ed25519_key", 0o600, &cfg.host_key_private);
-    w.file(
-        "sistemo/ssh_host_ed25519_key.pub",
-        0o644,
-        format!("{}\n", cfg.host_key_public.trim()).as_bytes(),
-    );
-    w.finish()
-}
-
-/// Write `out` = base initramfs followed by the machine's config cpio (the kernel unpacks
-/// concatenated archives in order). Mode 0600: it holds the guest's host key.
-pub fn write_machine_initrd(base: &Path, cfg: &GuestConfig, out: &Path) -> Result<(), VmmError> {
-    let mut data = std::fs::read(base).map_err(VmmError::io(format!("reading {}", base.display())))?;
-    while !data.len().is_multiple_of(4) {
-        data.push(0);
-    }
-    data.extend_from_slice(&machine_config_cpio(cfg));
-    write_atomic(out, &data, 0o600)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn finds_magics_in_file_order() {
@@ -647,33 +425,5 @@ mod tests {
             parse_kernel_dependency(t).as_deref(),
             Some("linux-image-6.1.0-56-cloud-amd64")
         );
-    }
-
-    #[test]
-    fn host_busybox_is_recognised_as_static() {
-        if let Ok(b) = std::fs::read("/bin/busybox") {
-            assert!(is_static_elf(&b));
-        }
-        assert!(!is_static_elf(&std::fs::read("/bin/sh").unwrap_or_default()));
-    }
-
-    #[test]
-    fn config_cpio_quotes_values() {
-        let cfg = GuestConfig {
-            hostname: "we'b".into(),
-            machine_id: "0".repeat(32),
-            mac: [0x52, 0x54, 0, 1, 2, 3],
-            ip: "10.0.0.2".parse().unwrap(),
-            prefix: 24,
-            gateway: "10.0.0.1".parse().unwrap(),
-            dns: vec!["1.1.1.1".parse().unwrap()],
-            authorized_keys: vec!["ssh-ed25519 AAA k".into()],
-            host_key_private: b"PRIV".to_vec(),
-            host_key_public: "ssh-ed25519 BBB".into(),
-        };
-        let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
-        assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));
-        assert!(c.contains("SISTEMO_MAC='52:54:00:01:02:03'"));
-        assert!(c.contains("SISTEMO_ADDRESS='10.0.0.2/24'"));
     }
 }

@@ -1,0 +1,220 @@
+//! Turning a fresh debootstrap tree into a sistemo image: sshd per connection on a socket,
+//! per-machine host keys, the units and generators a microVM does not need masked.
+
+use super::SUITE;
+use crate::VmmError;
+use crate::proc::run;
+use std::path::Path;
+use tokio::process::Command;
+
+/// Units masked in built images: not needed in a microVM and slow under emulation.
+const MASKED_UNITS: &[&str] = &[
+    "systemd-timesyncd.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "apt-daily.service",
+    "apt-daily-upgrade.service",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "getty@tty1.service",
+    "serial-getty@ttyS0.service",
+    "console-getty.service",
+    "systemd-pstore.service",
+    "remote-fs.target",
+    "systemd-networkd-wait-online.service",
+    // The initramfs configures the network before systemd starts (see `INIT_SCRIPT`).
+    "systemd-networkd.service",
+    "systemd-networkd.socket",
+    "systemd-network-generator.service",
+    // sshd runs per connection from `sistemo-sshd.socket`, listening from the first second.
+    "ssh.service",
+    "ssh.socket",
+    // No dbus: this would start gettys on tty2-6.
+    "getty-static.service",
+    // The guest has no modules for its kernel.
+    "systemd-modules-load.service",
+    "modprobe@loop.service",
+    "modprobe@fuse.service",
+    "modprobe@dm_mod.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@configfs.service",
+    // The root is mounted rw by the initramfs and fstab is empty: nothing to remount.
+    "systemd-remount-fs.service",
+    // No udev: /dev is the kernel's devtmpfs, nothing waits for device units, and udev's
+    // coldplug costs several seconds of emulated CPU at boot.
+    "systemd-udevd.service",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
+    "systemd-journal-flush.service",
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "systemd-random-seed.service",
+    // Users and groups come with the image's packages (their maintainer scripts create them);
+    // re-checking sysusers.d at every boot only competes with the first SSH session for the CPU.
+    "systemd-sysusers.service",
+    // Static device nodes for kernel modules: the guest has no modules beyond the initramfs's.
+    "systemd-tmpfiles-setup-dev.service",
+    "systemd-hwdb-update.service",
+    "systemd-journal-catalog-update.service",
+    "systemd-update-done.service",
+    "ldconfig.service",
+    "man-db.timer",
+    "logrotate.timer",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
+    "dev-hugepages.mount",
+    "dev-mqueue.mount",
+];
+
+/// sshd on demand, listening before `sysinit.target` so exec works as soon as the network does.
+const SSHD_SOCKET: &str = "[Unit]
+Description=sistemo: SSH on demand
+DefaultDependencies=no
+Before=sockets.target shutdown.target
+Conflicts=shutdown.target
+
+[Socket]
+ListenStream=22
+Accept=yes
+MaxConnections=64
+
+[Install]
+WantedBy=sockets.target
+";
+
+/// One sshd per connection. `KillMode=process` keeps what a session started in the background.
+const SSHD_SERVICE: &str = "[Unit]
+Description=sistemo: SSH session
+DefaultDependencies=no
+Before=shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+# sshd's privilege-separation directory, made by systemd itself (no extra process).
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
+ExecStart=-/usr/sbin/sshd -i
+StandardInput=socket
+StandardError=journal
+KillMode=process
+# Sessions win the CPU over the rest of the boot: exec works earlier.
+Nice=-10
+";
+
+/// systemd generators switched off in built images (each is a process run at every boot and
+/// daemon-reload). `sysv` and `rc-local` stay for packages that ship init scripts.
+const MASKED_GENERATORS: &[&str] = &[
+    "systemd-cryptsetup-generator",
+    "systemd-debug-generator",
+    "systemd-fstab-generator",
+    "systemd-getty-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-integritysetup-generator",
+    "systemd-run-generator",
+    "systemd-system-update-generator",
+    "systemd-veritysetup-generator",
+];
+
+async fn chroot(root: &Path, args: &[&str]) -> Result<(), VmmError> {
+    run(
+        Command::new("chroot")
+            .arg(root)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &format!("chroot {}", args.join(" ")),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn write(root: &Path, rel: &str, content: &str) -> Result<(), VmmError> {
+    let p = root.join(rel);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(VmmError::io(format!("creating {}", d.display())))?;
+    }
+    // The tree was just built by debootstrap: remove a symlink rather than write through it.
+    let _ = std::fs::remove_file(&p);
+    std::fs::write(&p, content).map_err(VmmError::io(format!("writing {}", p.display())))
+}
+
+/// Turn a fresh debootstrap tree into a sistemo image: networkd + sshd on, key-only root login,
+/// no shared host keys, slow or useless units masked, caches dropped.
+pub(super) async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmError> {
+    write(
+        root,
+        "etc/apt/sources.list",
+        &format!(
+            "deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n\
+             deb http://deb.debian.org/debian-security {SUITE}-security main\n"
+        ),
+    )?;
+    write(root, "etc/systemd/system/sistemo-sshd.socket", SSHD_SOCKET)?;
+    write(root, "etc/systemd/system/sistemo-sshd@.service", SSHD_SERVICE)?;
+    // networkd stays installed with the machine's .network file, masked: `systemctl unmask`
+    // brings it back with the same configuration.
+    chroot(root, &["systemctl", "enable", "sistemo-sshd.socket"]).await?;
+    let mut mask = vec!["systemctl", "mask"];
+    mask.extend(MASKED_UNITS);
+    chroot(root, &mask).await?;
+    let gens = root.join("etc/systemd/system-generators");
+    std::fs::create_dir_all(&gens).map_err(VmmError::io("creating system-generators"))?;
+    for g in MASKED_GENERATORS {
+        let link = gens.join(g);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/null", &link).map_err(VmmError::io(format!("masking {g}")))?;
+    }
+    // Host keys are per machine and arrive at boot; the build's keys must not be shared.
+    for e in std::fs::read_dir(root.join("etc/ssh")).map_err(VmmError::io("reading etc/ssh"))? {
+        let e = e.map_err(VmmError::io("reading etc/ssh"))?;
+        if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    write(
+        root,
+        "etc/ssh/sshd_config.d/10-sistemo.conf",
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nUsePAM no\nPrintMotd no\nPrintLastLog no\nMaxSessions 100\n",
+    )?;
+    // The root is mounted read-write by the initramfs: nothing to wait for or remount.
+    write(
+        root,
+        "etc/fstab",
+        "# / is /dev/vda, mounted by sistemo's initramfs\n",
+    )?;
+    write(root, "etc/hostname", "sistemo\n")?;
+    write(root, "etc/machine-id", "")?;
+    write(
+        root,
+        "etc/systemd/journald.conf.d/10-sistemo.conf",
+        "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n",
+    )?;
+    // Quiet, fast boots; a bounded stop.
+    write(
+        root,
+        "etc/systemd/system.conf.d/10-sistemo.conf",
+        "[Manager]\nDefaultTimeoutStopSec=10s\nShowStatus=no\n",
+    )?;
+    write(
+        root,
+        "usr/share/sistemo/README",
+        "Built by sistemo: debootstrap bookworm minbase.\n",
+    )?;
+    chroot(root, &["apt-get", "clean"]).await?;
+    let lists = root.join("var/lib/apt/lists");
+    if let Ok(rd) = std::fs::read_dir(&lists) {
+        for e in rd.flatten() {
+            if e.path().is_file() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /newroot /tmp
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+log() { echo "sistemo-init: $*"; }
+fail() { log "FATAL: $*"; exit 1; }
+for m in /lib/modules/*.ko; do insmod "$m" || log "insmod $m failed"; done
+[ -f /sistemo/config.env ] || fail "no machine config in the initramfs"
+. /sistemo/config.env
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do usleep 10000; i=$((i+1)); done
+[ -b /dev/vda ] || fail "no root disk /dev/vda"
+mount -t ext4 -o rw,noatime /dev/vda /newroot || fail "cannot mount /dev/vda as ext4"
+R=/newroot
+[ -e $R/sbin/init ] || [ -L $R/sbin/init ] || fail "the image has no /sbin/init"
+mkdir -p $R/etc $R/root/.ssh $R/etc/ssh $R/etc/systemd/network
+echo "$SISTEMO_HOSTNAME" > $R/etc/hostname
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost ip6-loopback\n' "$SISTEMO_HOSTNAME" > $R/etc/hosts
+echo "$SISTEMO_MACHINE_ID" > $R/etc/machine-id
+{
+  echo "[Match]"
+  echo "MACAddress=$SISTEMO_MAC"
+  echo "[Network]"
+  echo "Address=$SISTEMO_ADDRESS"
+  echo "Gateway=$SISTEMO_GATEWAY"
+  for d in $SISTEMO_DNS; do echo "DNS=$d"; done
+  echo "LinkLocalAddressing=no"
+  echo "IPv6AcceptRA=no"
+  echo "KeepConfiguration=static"
+} > $R/etc/systemd/network/10-sistemo.network
+rm -f $R/etc/resolv.conf
+for d in $SISTEMO_DNS; do echo "nameserver $d"; done > $R/etc/resolv.conf
+chmod 700 $R/root/.ssh
+cp /sistemo/authorized_keys $R/root/.ssh/authorized_keys
+chmod 600 $R/root/.ssh/authorized_keys
+rm -f $R/etc/ssh/ssh_host_*
+cp /sistemo/ssh_host_ed25519_key /sistemo/ssh_host_ed25519_key.pub $R/etc/ssh/
+chmod 600 $R/etc/ssh/ssh_host_ed25519_key
+chmod 644 $R/etc/ssh/ssh_host_ed25519_key.pub
+# The network is up before the image's init runs: nothing in the guest has to wait for it.
+IF=""
+i=0
+while [ -z "$IF" ] && [ $i -lt 500 ]; do
+  for d in /sys/class/net/*; do
+    [ "$(cat $d/address 2>/dev/null)" = "$SISTEMO_MAC" ] && IF=${d##*/}
+  done
+  [ -n "$IF" ] || { usleep 10000; i=$((i+1)); }
+done
+[ -n "$IF" ] || fail "no network interface with MAC $SISTEMO_MAC"
+ip link set lo up
+ip link set dev "$IF" up
+ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_ADDRESS"
+ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
+# Tell the bridge about our MAC at once (a previous machine may have had this address).
+arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
+log "switching to the root filesystem"
+umount /proc /sys
+mount --move /dev $R/dev
+exec switch_root $R /sbin/init

@@ -1,0 +1,177 @@
+//! The guest's initramfs: the base archive (static busybox, virtio modules, `/init` from
+//! `init.sh`) and each machine's config cpio appended to it at start (address, keys, hostname).
+
+use super::write_atomic;
+use crate::cpio::CpioWriter;
+use crate::{VmmError, format_mac, shell_quote};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// The guest's `/init`: load modules, mount the root disk, apply the machine's config inside it,
+/// and hand over to its `/sbin/init`. Any failure ends in a kernel panic, which stops the VMM.
+const INIT_SCRIPT: &str = include_str!("init.sh");
+
+/// True when `elf` is an ELF executable without a program interpreter (statically linked).
+fn is_static_elf(elf: &[u8]) -> bool {
+    if elf.len() < 64 || !elf.starts_with(b"\x7fELF") || elf[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        elf.get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
+    })
+}
+
+pub(super) fn find_static_busybox() -> Result<PathBuf, VmmError> {
+    for p in [
+        "/bin/busybox",
+        "/usr/bin/busybox",
+        "/usr/lib/initramfs-tools/bin/busybox",
+    ] {
+        if let Ok(b) = std::fs::read(p)
+            && is_static_elf(&b)
+        {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    Err(VmmError::Missing {
+        program: "busybox (static)".into(),
+        hint: "apt-get install busybox-static".into(),
+    })
+}
+
+/// Build the base initramfs (gzip'd newc) from a static busybox and module files (loaded in
+/// file-name order).
+pub(super) fn build_base_initramfs(busybox: &Path, modules: &[PathBuf]) -> Result<Vec<u8>, VmmError> {
+    let mut w = CpioWriter::new();
+    for d in [
+        "bin",
+        "dev",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "newroot",
+        "sistemo",
+        "tmp",
+    ] {
+        w.dir(d, 0o755);
+    }
+    w.char_dev("dev/console", 0o600, 5, 1);
+    let bb = std::fs::read(busybox).map_err(VmmError::io(format!("reading {}", busybox.display())))?;
+    w.file("bin/busybox", 0o755, &bb);
+    w.symlink("bin/sh", "busybox");
+    w.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    for m in modules {
+        let name = m.file_name().expect("module file name").to_string_lossy();
+        let data = std::fs::read(m).map_err(VmmError::io(format!("reading {}", m.display())))?;
+        w.file(&format!("lib/modules/{name}"), 0o644, &data);
+    }
+    let raw = w.finish();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw)
+        .map_err(VmmError::io("compressing the initramfs"))?;
+    gz.finish().map_err(VmmError::io("compressing the initramfs"))
+}
+
+/// What one machine's guest is told at boot: hostname, network (the interface with `mac` gets
+/// `ip/prefix`, a default route via `gateway`, resolv.conf with `dns`), and SSH keys.
+#[derive(Debug, Clone)]
+pub(crate) struct GuestConfig {
+    pub(crate) hostname: String,
+    /// `/etc/machine-id` (32 lowercase hex digits).
+    pub(crate) machine_id: String,
+    pub(crate) mac: [u8; 6],
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) prefix: u8,
+    pub(crate) gateway: Ipv4Addr,
+    pub(crate) dns: Vec<Ipv4Addr>,
+    /// Lines for root's `authorized_keys`.
+    pub(crate) authorized_keys: Vec<String>,
+    /// The guest's SSH host private key (OpenSSH format).
+    pub(crate) host_key_private: Vec<u8>,
+    /// The guest's SSH host public key line.
+    pub(crate) host_key_public: String,
+}
+
+/// The per-machine cpio (uncompressed newc) holding `/sistemo/config.env` and the keys.
+fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
+    let dns = cfg
+        .dns
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let env = format!(
+        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\n",
+        shell_quote(&cfg.hostname),
+        shell_quote(&cfg.machine_id),
+        shell_quote(&format_mac(&cfg.mac)),
+        shell_quote(&format!("{}/{}", cfg.ip, cfg.prefix)),
+        shell_quote(&cfg.gateway.to_string()),
+        shell_quote(&dns),
+    );
+    let mut keys = cfg.authorized_keys.join("\n");
+    keys.push('\n');
+    let mut w = CpioWriter::new();
+    w.dir("sistemo", 0o700);
+    w.file("sistemo/config.env", 0o600, env.as_bytes());
+    w.file("sistemo/authorized_keys", 0o600, keys.as_bytes());
+    w.file("sistemo/ssh_host_ed25519_key", 0o600, &cfg.host_key_private);
+    w.file(
+        "sistemo/ssh_host_ed25519_key.pub",
+        0o644,
+        format!("{}\n", cfg.host_key_public.trim()).as_bytes(),
+    );
+    w.finish()
+}
+
+/// Write `out` = base initramfs followed by the machine's config cpio (the kernel unpacks
+/// concatenated archives in order). Mode 0600: it holds the guest's host key.
+pub(crate) fn write_machine_initrd(base: &Path, cfg: &GuestConfig, out: &Path) -> Result<(), VmmError> {
+    let mut data = std::fs::read(base).map_err(VmmError::io(format!("reading {}", base.display())))?;
+    while !data.len().is_multiple_of(4) {
+        data.push(0);
+    }
+    data.extend_from_slice(&machine_config_cpio(cfg));
+    write_atomic(out, &data, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_busybox_is_recognised_as_static() {
+        if let Ok(b) = std::fs::read("/bin/busybox") {
+            assert!(is_static_elf(&b));
+        }
+        assert!(!is_static_elf(&std::fs::read("/bin/sh").unwrap_or_default()));
+    }
+
+    #[test]
+    fn config_cpio_quotes_values() {
+        let cfg = GuestConfig {
+            hostname: "we'b".into(),
+            machine_id: "0".repeat(32),
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            ip: "10.0.0.2".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.0.0.1".parse().unwrap(),
+            dns: vec!["1.1.1.1".parse().unwrap()],
+            authorized_keys: vec!["ssh-ed25519 AAA k".into()],
+            host_key_private: b"PRIV".to_vec(),
+            host_key_public: "ssh-ed25519 BBB".into(),
+        };
+        let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
+        assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));
+        assert!(c.contains("SISTEMO_MAC=52:54:00:01:02:03\n"));
+        assert!(c.contains("SISTEMO_ADDRESS=10.0.0.2/24\n"));
+        assert!(c.contains("SISTEMO_DNS=1.1.1.1\n"));
+    }
+}

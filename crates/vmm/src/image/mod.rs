@@ -1,0 +1,35 @@
+//! Guest images and boot artefacts: the kernel ([`ensure_boot_assets`]) and initramfs, the content-addressed
+//! ext4 store ([`ImageStore`]), Debian builds ([`BuildOptions`]) and machine disks ([`clone_disk`]).
+
+mod debian;
+mod disk;
+mod initramfs;
+mod kernel;
+mod store;
+
+pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, apt_mirror};
+pub use disk::{clone_disk, grow_disk, make_ext4};
+pub(crate) use initramfs::{GuestConfig, write_machine_initrd};
+pub use kernel::{BootAssets, ensure_boot_assets};
+pub use store::{ImageInfo, ImageStore};
+
+use crate::VmmError;
+use std::io::Write;
+use std::path::Path;
+
+/// Write `data` to `path` through a temporary file and a rename, with `mode`.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let ctx = || format!("writing {}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(VmmError::io(ctx()))?;
+    f.write_all(data).map_err(VmmError::io(ctx()))?;
+    f.sync_all().map_err(VmmError::io(ctx()))?;
+    std::fs::rename(&tmp, path).map_err(VmmError::io(ctx()))
+}

@@ -1,0 +1,206 @@
+//! QEMU's command line for one machine: the `-M microvm` argv (disk, TAP, console, QMP,
+//! pidfile) and the guest kernel's command line, which depends on the accelerator.
+
+use super::{Accel, Qemu, console_path, initrd_path, pid_path, qmp_path};
+use crate::{MachineSpec, format_mac};
+use std::path::{Path, PathBuf};
+
+impl Qemu {
+    /// The kernel command line.
+    pub(crate) fn kernel_cmdline(&self) -> String {
+        let mut c = String::from("console=ttyS0 quiet panic=-1 pci=off i8042.noaux i8042.nokbd");
+        // Trust the CPU's RDRAND (see `qemu_args`) to seed the RNG, and skip the crypto
+        // self-tests (about 0.3 s of a TCG boot).
+        c.push_str(" random.trust_cpu=on cryptomgr.notests");
+        if self.accel == Accel::Tcg
+            && let Some(khz) = self.tsc_khz
+        {
+            // Without HPET/PM timer, TSC calibration against the PIT fails at random under TCG
+            // and the boot hangs; give the kernel the frequency.
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        if self.accel == Accel::Tcg {
+            // Under TCG the emulated TSC follows the host clock, while jiffies lag whenever the
+            // host is busy: the clocksource watchdog then condemns the TSC and the guest falls
+            // back to 4 ms jiffies timekeeping. Trust the TSC.
+            c.push_str(" tsc=reliable");
+            // The emulated CPU advertises no hardware fixes, so the guest would enable page-table
+            // isolation and friends; under TCG the guest cannot speculate across its own
+            // privilege levels, and PTI's address-space switches are costly for the soft MMU.
+            c.push_str(" mitigations=off");
+        }
+        if let Some(extra) = self.options.cmdline_extra.as_deref().map(str::trim)
+            && !extra.is_empty()
+        {
+            c.push(' ');
+            c.push_str(extra);
+        }
+        c
+    }
+
+    /// QEMU's argument vector for `spec` (without the program).
+    pub(crate) fn qemu_args(&self, spec: &MachineSpec, disk: &Path) -> Vec<String> {
+        let p = |x: PathBuf| x.display().to_string();
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("sistemo-{}", spec.name),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-M".into(),
+            "microvm,acpi=on".into(),
+            // Modern (virtio 1.x) devices on virtio-mmio, as QEMU's microvm docs recommend.
+            "-global".into(),
+            "virtio-mmio.force-legacy=false".into(),
+        ];
+        match self.accel {
+            Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
+            // QEMU's default TCG CPU plus RDRAND (backed by the host's getrandom): the guest's
+            // RNG is ready at once instead of after seconds of jitter entropy, and sshd no
+            // longer blocks on getrandom() during the first connection.
+            Accel::Tcg => a.extend(["-accel", "tcg", "-cpu", "qemu64,+rdrand"].map(String::from)),
+        }
+        a.extend([
+            "-smp".into(),
+            spec.vcpus.max(1).to_string(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib.max(128)),
+            "-kernel".into(),
+            p(self.assets.kernel.clone()),
+            "-initrd".into(),
+            p(initrd_path(spec)),
+            "-append".into(),
+            self.kernel_cmdline(),
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=d0,cache=writeback",
+                escape_opt(&disk.display().to_string())
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=d0".into(),
+            "-netdev".into(),
+            format!(
+                "tap,id=n0,ifname={},script=no,downscript=no",
+                spec.net.host_ifname
+            ),
+            "-device".into(),
+            format!("virtio-net-device,netdev=n0,mac={}", format_mac(&spec.net.mac)),
+            "-chardev".into(),
+            format!("file,id=con0,path={}", escape_opt(&p(console_path(spec)))),
+            "-serial".into(),
+            "chardev:con0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", escape_opt(&p(qmp_path(spec)))),
+            // With a log file QEMU keeps its stderr there after daemonizing (else /dev/null):
+            // its own errors and the guest's invalid device accesses.
+            "-D".into(),
+            p(spec.dir.join("qemu.log")),
+            "-d".into(),
+            "guest_errors".into(),
+            "-pidfile".into(),
+            p(pid_path(spec)),
+            "-daemonize".into(),
+        ]);
+        a
+    }
+}
+
+/// Escape a value for a QEMU option list (commas are doubled).
+fn escape_opt(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::QemuOptions;
+    use super::*;
+    use crate::image::BootAssets;
+    use crate::ssh::ClientKey;
+
+    fn dummy(accel: Accel) -> (Qemu, MachineSpec) {
+        let q = Qemu {
+            binary: super::super::QEMU.into(),
+            assets: BootAssets {
+                kernel: "/k/vmlinux".into(),
+                initramfs: "/k/initramfs.img".into(),
+                kernel_version: "6.1".into(),
+            },
+            client: ClientKey {
+                private: "/d/ssh/id_ed25519".into(),
+                public: "ssh-ed25519 AAAA x".into(),
+            },
+            accel,
+            tsc_khz: Some(2_100_000),
+            netns: None,
+            options: QemuOptions::default(),
+        };
+        let spec = MachineSpec {
+            id: uuid::Uuid::nil(),
+            name: "web".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            dir: "/m/web".into(),
+            disk: Some("/m/web/disk.raw".into()),
+            net: crate::NetAttachment {
+                host_ifname: "tap-web".into(),
+                bridge: "br0".into(),
+                mac: [0x52, 0x54, 0, 0, 0, 2],
+                ip: "10.200.0.2".parse().unwrap(),
+                prefix: 24,
+                gateway: "10.200.0.1".parse().unwrap(),
+                dns: vec![],
+            },
+            ssh_pubkey: None,
+        };
+        (q, spec)
+    }
+
+    #[test]
+    fn tcg_gets_the_tsc_workarounds_and_kvm_does_not() {
+        let (q, _) = dummy(Accel::Tcg);
+        let c = q.kernel_cmdline();
+        assert!(
+            c.contains("tsc_early_khz=2100000") && c.contains("tsc=reliable"),
+            "{c}"
+        );
+        let (q, _) = dummy(Accel::Kvm);
+        assert!(!q.kernel_cmdline().contains("tsc"));
+    }
+
+    #[test]
+    fn extra_cmdline_is_appended() {
+        let (mut q, _) = dummy(Accel::Kvm);
+        q.options.cmdline_extra = Some(" loglevel=7 \n".into());
+        assert!(q.kernel_cmdline().ends_with(" loglevel=7"));
+        q.options.cmdline_extra = Some("  ".into());
+        assert!(!q.kernel_cmdline().ends_with(' '));
+    }
+
+    #[test]
+    fn qemu_argv_wires_disk_tap_console_and_qmp() {
+        let (q, spec) = dummy(Accel::Tcg);
+        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        for want in [
+            "-M microvm,acpi=on",
+            "-accel tcg -cpu qemu64,+rdrand",
+            "-kernel /k/vmlinux",
+            "-initrd /m/web/initrd.img",
+            "file=/m/web/disk.raw,format=raw,if=none,id=d0",
+            "virtio-blk-device,drive=d0",
+            "tap,id=n0,ifname=tap-web,script=no,downscript=no",
+            "virtio-net-device,netdev=n0,mac=52:54:00:00:00:02",
+            "path=/m/web/console.log",
+            "unix:/m/web/qmp.sock,server=on,wait=off",
+            "-pidfile /m/web/qemu.pid -daemonize",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+    }
+
+    #[test]
+    fn qemu_options_escape_commas() {
+        assert_eq!(escape_opt("/a,b"), "/a,,b");
+    }
+}

@@ -1,0 +1,456 @@
+//! The QEMU backend: real VMs on `-M microvm` (virtio-mmio described by ACPI), KVM when it can
+//! run the guest and TCG otherwise; guests are reached over SSH with pinned host keys.
+
+mod accel;
+mod args;
+mod console;
+mod qmp;
+
+pub use accel::{Accel, AccelChoice, accel_reason};
+pub use console::console_tail;
+
+use crate::exec::{collect, run_streaming};
+use crate::image::{BootAssets, GuestConfig, write_machine_initrd};
+use crate::proc::{failed, spawn_error};
+use crate::ssh::{
+    ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias, is_ssh_failure, remote_command,
+};
+use crate::{ExecOutput, Hypervisor, Instance, LinkKind, MachineSpec, OutputChunk, Progress, VmmError};
+use accel::{detect_accel, host_tsc_khz};
+use async_trait::async_trait;
+use qmp::qmp_command;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::sync::mpsc::UnboundedSender;
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// How the QEMU backend is set up beyond its boot assets; `Default` detects the accelerator.
+#[derive(Debug, Clone, Default)]
+pub struct QemuOptions {
+    /// KVM, TCG, or detect.
+    pub accel: AccelChoice,
+    /// Appended to the guest kernel's command line (e.g. `loglevel=7` when debugging a boot).
+    pub cmdline_extra: Option<String>,
+    /// Report every failed SSH readiness attempt through `progress` while waiting for a boot.
+    pub debug_boot: bool,
+}
+
+/// The QEMU hypervisor.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: PathBuf,
+    assets: BootAssets,
+    client: ClientKey,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    netns: Option<String>,
+    options: QemuOptions,
+}
+
+/// Files of a machine in its folder.
+fn qmp_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("qmp.sock")
+}
+fn pid_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("qemu.pid")
+}
+fn console_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("console.log")
+}
+fn ctl_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("ssh.ctl")
+}
+fn initrd_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("initrd.img")
+}
+
+impl Qemu {
+    /// A backend booting `assets`, with the daemon's SSH client key in `data_dir/ssh`
+    /// (created if missing). Fails with [`VmmError::Missing`] when QEMU is not installed.
+    pub async fn new(data_dir: &Path, assets: BootAssets, options: QemuOptions) -> Result<Qemu, VmmError> {
+        let out = Command::new(QEMU)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| spawn_error(e, QEMU))?;
+        if !out.status.success() {
+            return Err(failed(&format!("{QEMU} --version"), &out.status, &out.stderr));
+        }
+        Command::new("ssh")
+            .arg("-V")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| spawn_error(e, "ssh"))?;
+        let client = ensure_client_key(data_dir).await?;
+        Ok(Qemu {
+            binary: PathBuf::from(QEMU),
+            assets,
+            client,
+            accel: detect_accel(options.accel),
+            tsc_khz: host_tsc_khz(),
+            netns: None,
+            options,
+        })
+    }
+
+    /// Run QEMU and `ssh` inside network namespace `ns` (tests: the TAP and bridge live there).
+    pub fn with_netns(mut self, ns: impl Into<String>) -> Self {
+        self.netns = Some(ns.into());
+        self
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// How this backend reaches a machine over SSH.
+    fn ssh_target(&self, spec: &MachineSpec) -> SshTarget {
+        SshTarget {
+            ip: spec.net.ip,
+            alias: host_alias(&spec.id),
+            identity: self.client.private.clone(),
+            known_hosts: spec.dir.join("known_hosts"),
+            netns: self.netns.clone(),
+            control_path: Some(ctl_path(spec)),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    async fn guest_config(&self, spec: &MachineSpec) -> Result<GuestConfig, VmmError> {
+        let hk = ensure_host_key(&spec.dir, &host_alias(&spec.id)).await?;
+        let private = std::fs::read(&hk.private).map_err(VmmError::io("reading the machine's host key"))?;
+        let mut keys = vec![self.client.public.clone()];
+        if let Some(k) = &spec.ssh_pubkey
+            && k.trim() != self.client.public.trim()
+        {
+            keys.push(k.trim().to_string());
+        }
+        Ok(GuestConfig {
+            hostname: spec.name.clone(),
+            machine_id: spec.id.simple().to_string(),
+            mac: spec.net.mac,
+            ip: spec.net.ip,
+            prefix: spec.net.prefix,
+            gateway: spec.net.gateway,
+            dns: spec.net.dns.clone(),
+            authorized_keys: keys,
+            host_key_private: private,
+            host_key_public: hk.public,
+        })
+    }
+
+    /// Close the shared SSH connection to a machine (the next exec opens a new one).
+    pub async fn disconnect(&self, spec: &MachineSpec) {
+        self.close_master(spec).await
+    }
+
+    /// End a connection-sharing master left from an earlier boot (its TCP session is dead).
+    async fn close_master(&self, spec: &MachineSpec) {
+        let ctl = ctl_path(spec);
+        if !ctl.exists() {
+            return;
+        }
+        let mut argv = self.ssh_target(spec).argv(false, 1, &[]);
+        let host = argv.pop().expect("destination");
+        argv.extend(["-O".to_string(), "exit".to_string(), host]);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status(),
+        )
+        .await;
+        let _ = std::fs::remove_file(&ctl);
+    }
+
+    async fn ssh_run(
+        &self,
+        spec: &MachineSpec,
+        remote: &str,
+        connect_s: u32,
+        timeout: Duration,
+    ) -> Result<ExecOutput, VmmError> {
+        let argv = self
+            .ssh_target(spec)
+            .argv(false, connect_s, &[remote.to_string()]);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let done = run_streaming(&spec.name, &argv, timeout, &tx, |e| spawn_error(e, &argv[0])).await?;
+        drop(tx);
+        Ok(collect(done.code, &mut rx))
+    }
+}
+
+/// True when `ifname` exists in this process's network namespace (`/proc/self/net/dev` follows
+/// the namespace even where `/sys` was not remounted).
+fn interface_exists(ifname: &str) -> bool {
+    std::fs::read_to_string("/proc/self/net/dev")
+        .map(|t| {
+            t.lines()
+                .skip(2)
+                .any(|l| l.split(':').next().map(str::trim) == Some(ifname))
+        })
+        .unwrap_or(true)
+}
+
+/// Poll until `inst` is gone or `deadline` passes; true when it is gone.
+async fn wait_exit(inst: &Instance, deadline: Instant) -> bool {
+    loop {
+        if !inst.is_alive() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> String {
+        match self.accel {
+            Accel::Kvm => "qemu-kvm".into(),
+            Accel::Tcg => "qemu-tcg".into(),
+        }
+    }
+
+    fn link_kind(&self) -> LinkKind {
+        LinkKind::Tap
+    }
+
+    async fn start(&self, spec: &MachineSpec) -> Result<Instance, VmmError> {
+        let disk = spec.disk.clone().ok_or_else(|| VmmError::Boot {
+            name: spec.name.clone(),
+            reason: "a QEMU machine needs a root disk".into(),
+        })?;
+        if !disk.exists() {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!("root disk {} does not exist", disk.display()),
+            });
+        }
+        // Without the network layer's TAP, QEMU would create a fresh one off the bridge and the
+        // guest would boot unreachable.
+        if self.netns.is_none() && !interface_exists(&spec.net.host_ifname) {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!(
+                    "TAP device {} does not exist (the network layer creates it)",
+                    spec.net.host_ifname
+                ),
+            });
+        }
+        std::fs::create_dir_all(&spec.dir)
+            .map_err(VmmError::io(format!("creating {}", spec.dir.display())))?;
+        // Never two VMMs for one machine (QEMU's image lock also refuses a second writer).
+        if let Ok(pid) = std::fs::read_to_string(pid_path(spec))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+            && let Some(inst) = Instance::of_pid(pid)
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&pid_path(spec).display().to_string()))
+        {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!("already running as pid {}", inst.pid),
+            });
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Keys and the SSH control socket live here.
+            let _ = std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o700));
+        }
+        self.close_master(spec).await;
+        let cfg = self.guest_config(spec).await?;
+        write_machine_initrd(&self.assets.initramfs, &cfg, &initrd_path(spec))?;
+        let console = console_path(spec);
+        if console.exists() {
+            let _ = std::fs::rename(&console, spec.dir.join("console.log.1"));
+        }
+        let _ = std::fs::remove_file(qmp_path(spec));
+        let _ = std::fs::remove_file(pid_path(spec));
+        let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
+        let out = self
+            .command(&self.binary.display().to_string())
+            .args(self.qemu_args(spec, &disk))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false)
+            .output();
+        // With -daemonize the parent returns once the VM is set up.
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .map_err(|_| self.boot_error(spec, "QEMU did not daemonize within 30s"))?
+            .map_err(|e| spawn_error(e, QEMU))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(self.boot_error(spec, &format!("QEMU exited with {}: {err}", out.status)));
+        }
+        let pid: i32 = std::fs::read_to_string(pid_path(spec))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| self.boot_error(spec, "QEMU wrote no pidfile"))?;
+        Instance::of_pid(pid).ok_or_else(|| self.boot_error(spec, "QEMU exited right after starting"))
+    }
+
+    async fn wait_ready(
+        &self,
+        spec: &MachineSpec,
+        inst: &Instance,
+        timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let deadline = t0 + timeout;
+        progress(&format!("booting ({})", self.name()));
+        let mut switched = false;
+        let mut last_why = String::new();
+        loop {
+            if !inst.is_alive() {
+                return Err(self.boot_error(spec, "the VM stopped while booting"));
+            }
+            if !switched
+                && std::fs::read(console_path(spec))
+                    .is_ok_and(|c| c.windows(15).any(|w| w == b"switching to th"))
+            {
+                switched = true;
+                progress(&format!(
+                    "kernel up after {:.1}s, starting the image's init",
+                    t0.elapsed().as_secs_f64()
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.boot_error(
+                    spec,
+                    &format!("not reachable over SSH within {}s", timeout.as_secs()),
+                ));
+            }
+            let attempt = self
+                .ssh_run(spec, "true", 5, left.min(Duration::from_secs(15)))
+                .await;
+            if let Ok(o) = &attempt
+                && o.code == 0
+            {
+                progress(&format!("ready after {:.1}s", t0.elapsed().as_secs_f64()));
+                return Ok(());
+            }
+            if let Ok(o) = &attempt
+                && String::from_utf8_lossy(&o.stderr).contains("Host key verification failed")
+            {
+                return Err(self.boot_error(spec, "the guest's SSH host key does not match the pinned key"));
+            }
+            let why = match &attempt {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            };
+            if why != last_why {
+                tracing::debug!(machine = %spec.name, "ssh not ready: {why}");
+                if self.options.debug_boot {
+                    progress(&format!("{:.1}s ssh: {why}", t0.elapsed().as_secs_f64()));
+                }
+                last_why = why;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(&self, spec: &MachineSpec, inst: &Instance, timeout: Duration) -> Result<(), VmmError> {
+        if !inst.is_alive() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        // Ask systemd over SSH (the images have no logind/acpid to act on the power button);
+        // the ACPI power button is the fallback for guests SSH cannot reach.
+        let asked = self
+            .ssh_run(spec, "systemctl poweroff --no-block", 2, Duration::from_secs(5))
+            .await
+            .is_ok_and(|o| o.code == 0);
+        if !asked {
+            let _ = qmp_command(&qmp_path(spec), "system_powerdown").await;
+        }
+        if wait_exit(inst, deadline).await {
+            return Ok(());
+        }
+        tracing::warn!(machine = %spec.name, "guest did not power off in time; killing the VMM");
+        if inst.is_alive() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(inst.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if wait_exit(inst, Instant::now() + Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!("VMM pid {} survived SIGKILL", inst.pid),
+            })
+        }
+    }
+
+    async fn cleanup(&self, spec: &MachineSpec) -> Result<(), VmmError> {
+        self.close_master(spec).await;
+        for p in [qmp_path(spec), pid_path(spec), initrd_path(spec), ctl_path(spec)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VmmError::io(format!("removing {}", p.display()))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn exec(
+        &self,
+        spec: &MachineSpec,
+        cmd: &str,
+        timeout: Duration,
+        out: UnboundedSender<OutputChunk>,
+    ) -> Result<i32, VmmError> {
+        let argv = self.ssh_target(spec).argv(false, 5, &[remote_command(cmd)]);
+        let done = run_streaming(&spec.name, &argv, timeout, &out, |e| spawn_error(e, &argv[0])).await?;
+        if is_ssh_failure(done.code, &done.stderr_tail) {
+            return Err(VmmError::Exec {
+                name: spec.name.clone(),
+                reason: String::from_utf8_lossy(&done.stderr_tail).trim().to_string(),
+            });
+        }
+        Ok(done.code)
+    }
+
+    fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
+        self.ssh_target(spec).argv(true, 10, &[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_exists() {
+        assert!(interface_exists("lo"));
+        assert!(!interface_exists("sistemo-no-such-if"));
+    }
+}
