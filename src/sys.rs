@@ -1,8 +1,10 @@
-//! The one place with `unsafe`: syscalls the standard library and crates do not wrap.
-//! Each function documents why its `unsafe` is sound.
+//! The one place with `unsafe`: syscalls the standard library and crates do not wrap (the TAP
+//! ioctls), each block with why it is sound; socket options go through `nix`'s typed wrappers.
 
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::{TimeVal, TimeValLike};
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -44,38 +46,48 @@ pub fn create_persistent_tap(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Set a `SOL_SOCKET` option whose value is the plain-data `value`.
-fn setsockopt<T>(fd: std::os::fd::RawFd, opt: libc::c_int, value: &T) -> std::io::Result<()> {
-    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call; the
-    // kernel reads exactly `size_of::<T>()` bytes from `value`, which outlives the call, and
-    // callers pass the C type the option expects (`c_int`, `timeval`).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            value as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+/// Let socket `fd` send datagrams of `bytes` (SO_SNDBUFFORCE: root may exceed `wmem_max`; a
+/// netlink batch must travel in one datagram).
+pub fn force_send_buffer(fd: &impl AsFd, bytes: usize) -> std::io::Result<()> {
+    // The kernel takes an `int` and doubles it; keep it positive.
+    setsockopt(fd, sockopt::SndBufForce, &bytes.min(i32::MAX as usize / 2))?;
     Ok(())
 }
 
-/// Let socket `fd` send datagrams of `bytes` (SO_SNDBUFFORCE: root may exceed `wmem_max`; a
-/// netlink batch must travel in one datagram).
-pub fn force_send_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
-    let v: libc::c_int = bytes.min(i32::MAX as usize / 2) as libc::c_int;
-    setsockopt(fd, libc::SO_SNDBUFFORCE, &v)
+/// Make blocking receives on socket `fd` fail with `EAGAIN` after `timeout`.
+pub fn set_recv_timeout(fd: &impl AsFd, timeout: std::time::Duration) -> std::io::Result<()> {
+    // Clamped to what a 32-bit `time_t` holds (`TimeVal` panics beyond it).
+    let max = i64::from(i32::MAX) * 1_000_000;
+    let tv = TimeVal::microseconds(i64::try_from(timeout.as_micros()).map_or(max, |us| us.min(max)));
+    setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
+    Ok(())
 }
 
-/// Make blocking receives on socket `fd` fail with `EAGAIN` after `timeout`.
-pub fn set_recv_timeout(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> std::io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
-    };
-    setsockopt(fd, libc::SO_RCVTIMEO, &tv)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::getsockopt;
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    #[test]
+    fn receive_timeout_is_set() {
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        set_recv_timeout(&a, Duration::from_millis(1500)).unwrap();
+        assert_eq!(a.read_timeout().unwrap(), Some(Duration::from_millis(1500)));
+        let tv = getsockopt(&a, sockopt::ReceiveTimeout).unwrap();
+        assert_eq!((tv.tv_sec(), tv.tv_usec()), (1, 500_000));
+    }
+
+    #[test]
+    fn send_buffer_is_forced_past_wmem_max_as_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: SO_SNDBUFFORCE needs CAP_NET_ADMIN");
+            return;
+        }
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        force_send_buffer(&a, 8 << 20).unwrap();
+        // The kernel doubles the value for its bookkeeping.
+        assert_eq!(getsockopt(&a, sockopt::SndBuf).unwrap(), 16 << 20);
+    }
 }

@@ -170,10 +170,9 @@ pub fn apply(table: &str, op: Op, groups: &[(&str, Vec<&PortMapping>)]) -> Resul
     }
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind_auto()?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
-    crate::sys::set_recv_timeout(fd, ACK_TIMEOUT)?;
+    crate::sys::set_recv_timeout(&sock, ACK_TIMEOUT)?;
     if buf.len() > 128 << 10 {
-        crate::sys::force_send_buffer(fd, buf.len() * 2 + 4096)?;
+        crate::sys::force_send_buffer(&sock, buf.len() * 2 + 4096)?;
     }
     sock.send_to(&buf, &SocketAddr::new(0, 0), 0)?;
     let mut rx = vec![0u8; 64 << 10];

@@ -17,8 +17,18 @@
 //! [`FirewallDriver::ensure_forward_compat`] inserts three accept rules, tagged with a comment
 //! naming this table, at the top of that chain (Docker documents its DOCKER-USER/FORWARD chains
 //! for exactly this) and removes only its own rules later. Nothing else outside the table is touched.
+//!
+//! Changes are written as nft scripts or netlink batches; what the kernel holds is read back with
+//! `nft -j` and parsed with the `nftables` crate's typed schema ([`NfListObject`]). Each object
+//! of an answer is parsed on its own and one the schema cannot read is skipped (see [`listing`]):
+//! foreign tables hold whatever other tools wrote (iptables-nft's `xt` matches, expressions newer
+//! than the crate), and none of it may fail sistemo's health check or hide sistemo's own objects.
 
 use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping, netlink};
+use ::nftables::schema::{Chain, NfListObject, Rule};
+use ::nftables::stmt::Statement;
+use ::nftables::types::{NfChainPolicy, NfFamily, NfHook};
+use serde::Deserialize as _;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -239,46 +249,150 @@ impl Nftables {
         s
     }
 
-    /// Forward base chains of other tables whose policy is drop: (family, table, chain).
-    fn foreign_drop_forward_chains(&self) -> Result<Vec<(String, String, String)>, FirewallError> {
+    /// The shallow check, from `nft -j list chains ip`: the table and all its chains are there.
+    fn chains_health(&self, json: &str) -> Health {
+        let ours = chain_names(json, &self.table);
+        if ours.is_empty() {
+            return Health::Drifted(format!("table {FAMILY} {} is missing", self.table));
+        }
+        match CHAINS.iter().find(|c| !ours.iter().any(|o| o == *c)) {
+            Some(c) => Health::Drifted(format!("chain {c} of table {FAMILY} {} is missing", self.table)),
+            None => Health::InSync,
+        }
+    }
+
+    /// The deep check, from `nft -j list chain ip <table> prerouting`: both DNAT rules are there.
+    fn rules_health(&self, json: &str) -> Health {
+        if dnat_rules(json, &self.table, "prerouting") < 2 {
+            return Health::Drifted(format!("rules of table {FAMILY} {} were flushed", self.table));
+        }
+        Health::InSync
+    }
+
+    /// Forward base chains of other tables whose policy is drop.
+    fn foreign_drop_forward_chains(&self) -> Result<Vec<ForeignChain>, FirewallError> {
         let Some(out) = self.query(&["-j", "list", "chains"])? else {
             return Ok(vec![]);
         };
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        let mut found = vec![];
-        for item in v["nftables"].as_array().into_iter().flatten() {
-            let c = &item["chain"];
-            if c["hook"] == "forward"
-                && c["policy"] == "drop"
-                && !(c["family"] == FAMILY && c["table"] == self.table.as_str())
-                && let (Some(f), Some(t), Some(n)) =
-                    (c["family"].as_str(), c["table"].as_str(), c["name"].as_str())
-            {
-                found.push((f.to_string(), t.to_string(), n.to_string()));
-            }
-        }
-        Ok(found)
+        Ok(foreign_drop_forward(&out, &self.table))
     }
 
     /// Handles and comments of our tagged rules in a foreign chain.
-    fn tagged_rules(&self, fam: &str, table: &str, chain: &str) -> Result<Vec<(u64, String)>, FirewallError> {
-        let Some(out) = self.query(&["-j", "-a", "list", "chain", fam, table, chain])? else {
+    fn tagged_rules(&self, c: &ForeignChain) -> Result<Vec<(u32, String)>, FirewallError> {
+        let Some(out) = self.query(&["-j", "-a", "list", "chain", c.family, &c.table, &c.name])? else {
             return Ok(vec![]);
         };
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        let prefix = format!("{} ", self.tag());
-        Ok(v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| {
-                let r = &i["rule"];
-                let c = r["comment"].as_str()?;
-                (c == self.tag() || c.starts_with(&prefix))
-                    .then(|| (r["handle"].as_u64().unwrap_or(0), c.to_string()))
-            })
-            .collect())
+        Ok(tagged(&out, &self.tag()))
     }
+}
+
+/// A base chain of another table, as nft commands name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ForeignChain {
+    family: &'static str,
+    table: String,
+    name: String,
+}
+
+impl std::fmt::Display for ForeignChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.family, self.table, self.name)
+    }
+}
+
+/// The family as nft's command line spells it.
+fn family_name(f: NfFamily) -> &'static str {
+    match f {
+        NfFamily::IP => "ip",
+        NfFamily::IP6 => "ip6",
+        NfFamily::INet => "inet",
+        NfFamily::ARP => "arp",
+        NfFamily::Bridge => "bridge",
+        NfFamily::NetDev => "netdev",
+    }
+}
+
+/// The objects of an `nft -j list …` answer. Each is parsed on its own: one the schema cannot
+/// read (in a foreign table) is skipped, so it neither fails the answer nor hides the others.
+/// An answer that is not an nftables document at all yields nothing.
+fn listing(json: &str) -> Vec<NfListObject<'static>> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        nftables: Vec<serde_json::Value>,
+    }
+    let Ok(doc) = serde_json::from_str::<Document>(json) else {
+        tracing::debug!("nft -j answer is not an nftables document");
+        return vec![];
+    };
+    doc.nftables
+        .into_iter()
+        .filter_map(|v| match NfListObject::deserialize(v) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::debug!(error = %e, "skipping an nft object the schema cannot read");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The chains of an answer.
+fn chains(json: &str) -> impl Iterator<Item = Chain<'static>> {
+    listing(json).into_iter().filter_map(|o| match o {
+        NfListObject::Chain(c) => Some(c),
+        _ => None,
+    })
+}
+
+/// The rules of an answer.
+fn rules(json: &str) -> impl Iterator<Item = Rule<'static>> {
+    listing(json).into_iter().filter_map(|o| match o {
+        NfListObject::Rule(r) => Some(r),
+        _ => None,
+    })
+}
+
+/// From `nft -j list chains`: forward base chains with policy drop outside table `ip <ours>`.
+fn foreign_drop_forward(json: &str, ours: &str) -> Vec<ForeignChain> {
+    chains(json)
+        .filter(|c| c.hook == Some(NfHook::Forward) && c.policy == Some(NfChainPolicy::Drop))
+        .filter(|c| !(c.family == NfFamily::IP && c.table == ours))
+        .map(|c| ForeignChain {
+            family: family_name(c.family),
+            table: c.table.into_owned(),
+            name: c.name.into_owned(),
+        })
+        .collect()
+}
+
+/// From `nft -j -a list chain …`: handles and comments of the rules tagged `tag` (alone or
+/// followed by a space and the bridges).
+fn tagged(json: &str, tag: &str) -> Vec<(u32, String)> {
+    rules(json)
+        .filter_map(|r| {
+            let c = r.comment?;
+            let ours = c
+                .strip_prefix(tag)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '));
+            ours.then(|| (r.handle.unwrap_or(0), c.into_owned()))
+        })
+        .collect()
+}
+
+/// From `nft -j list chains ip`: the names of table `ip <table>`'s chains.
+fn chain_names(json: &str, table: &str) -> Vec<String> {
+    chains(json)
+        .filter(|c| c.family == NfFamily::IP && c.table == table)
+        .map(|c| c.name.into_owned())
+        .collect()
+}
+
+/// From `nft -j list chain ip <table> <chain>`: how many of its rules DNAT.
+fn dnat_rules(json: &str, table: &str, chain: &str) -> usize {
+    rules(json)
+        .filter(|r| r.family == NfFamily::IP && r.table == table && r.chain == chain)
+        .filter(|r| r.expr.iter().any(|s| matches!(s, Statement::DNAT(_))))
+        .count()
 }
 
 impl FirewallDriver for Nftables {
@@ -299,46 +413,18 @@ impl FirewallDriver for Nftables {
         let Some(out) = self.query(&["-j", "list", "chains", FAMILY])? else {
             return Ok(Health::Drifted("nft list chains failed".into()));
         };
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        let ours: Vec<&str> = v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|i| i["chain"]["table"] == self.table.as_str())
-            .filter_map(|i| i["chain"]["name"].as_str())
-            .collect();
-        if ours.is_empty() {
-            return Ok(Health::Drifted(format!(
-                "table {FAMILY} {} is missing",
-                self.table
-            )));
+        let shallow = self.chains_health(&out);
+        if !deep || shallow != Health::InSync {
+            return Ok(shallow);
         }
-        if let Some(c) = CHAINS.iter().find(|c| !ours.contains(c)) {
-            return Ok(Health::Drifted(format!(
-                "chain {c} of table {FAMILY} {} is missing",
-                self.table
-            )));
-        }
-        if deep {
-            // Listing rules makes nft fetch every map element (tens of ms at 10,000 exposes),
-            // so rule flushes are checked on the slower deep cadence.
-            match self.query(&["list", "chain", FAMILY, &self.table, "prerouting"])? {
-                None => {
-                    return Ok(Health::Drifted(format!(
-                        "table {FAMILY} {} is missing",
-                        self.table
-                    )));
-                }
-                Some(text) if text.matches("dnat").count() < 2 => {
-                    return Ok(Health::Drifted(format!(
-                        "rules of table {FAMILY} {} were flushed",
-                        self.table
-                    )));
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(Health::InSync)
+        // Listing rules makes nft fetch every map element (tens of ms at 10,000 exposes), so
+        // rule flushes are checked on the slower deep cadence.
+        Ok(
+            match self.query(&["-j", "list", "chain", FAMILY, &self.table, "prerouting"])? {
+                None => Health::Drifted(format!("table {FAMILY} {} is missing", self.table)),
+                Some(json) => self.rules_health(&json),
+            },
+        )
     }
 
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
@@ -353,14 +439,14 @@ impl FirewallDriver for Nftables {
                 .join(",")
         );
         let mut patched = vec![];
-        for (fam, table, chain) in self.foreign_drop_forward_chains()? {
-            let ours = self.tagged_rules(&fam, &table, &chain)?;
+        for chain in self.foreign_drop_forward_chains()? {
+            let ours = self.tagged_rules(&chain)?;
             if ours.len() == 3 && ours.iter().all(|(_, c)| *c == tag) {
                 continue;
             }
             let mut s = String::new();
             for (h, _) in &ours {
-                let _ = writeln!(s, "delete rule {fam} {table} {chain} handle {h}");
+                let _ = writeln!(s, "delete rule {chain} handle {h}");
             }
             if !bridges.is_empty() {
                 for rule in [
@@ -368,20 +454,20 @@ impl FirewallDriver for Nftables {
                     format!("oifname {{ {list} }} ct state established,related accept"),
                     format!("iifname {{ {list} }} accept"),
                 ] {
-                    let _ = writeln!(s, "insert rule {fam} {table} {chain} {rule} comment \"{tag}\"");
+                    let _ = writeln!(s, "insert rule {chain} {rule} comment \"{tag}\"");
                 }
             }
             self.apply(&s)?;
-            patched.push(format!("{fam} {table} {chain}"));
+            patched.push(chain.to_string());
         }
         Ok(patched)
     }
 
     fn remove_forward_compat(&self) -> Result<(), FirewallError> {
-        for (fam, table, chain) in self.foreign_drop_forward_chains()? {
+        for chain in self.foreign_drop_forward_chains()? {
             let mut s = String::new();
-            for (h, _) in self.tagged_rules(&fam, &table, &chain)? {
-                let _ = writeln!(s, "delete rule {fam} {table} {chain} handle {h}");
+            for (h, _) in self.tagged_rules(&chain)? {
+                let _ = writeln!(s, "delete rule {chain} handle {h}");
             }
             if !s.is_empty() {
                 self.apply(&s)?;
@@ -431,5 +517,184 @@ mod tests {
         assert!(s.contains("add element ip t expose_any { tcp . 80 : 10.200.0.2 . 8080 }"));
         assert!(s.contains("add element ip t expose_bound { 127.0.0.1 . udp . 53 : 10.200.0.3 . 53 }"));
         assert!(s.contains("fib daddr type local dnat"));
+    }
+
+    /// Real `nft -j` output of nft 1.0.6 (Debian 12), captured in a network namespace: table
+    /// `ip sistemo_fx` as the daemon builds it (two bridges, three exposes), iptables-nft's
+    /// `ip filter FORWARD` with policy drop, `xt` matches (conntrack, physdev, comment, addrtype)
+    /// and sistemo's three tagged compat rules, a native `inet other` table with a drop forward
+    /// chain, and a netdev ingress chain.
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/nft/",
+                $name,
+                ".json"
+            ))
+        };
+    }
+
+    const TABLE: &str = "sistemo_fx";
+
+    /// `json` with `extra` objects appended and objects matching `drop` removed.
+    fn edited(json: &str, extra: &[serde_json::Value], drop: impl Fn(&serde_json::Value) -> bool) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let list = v["nftables"].as_array_mut().unwrap();
+        list.retain(|o| !drop(o));
+        list.extend(extra.iter().cloned());
+        v.to_string()
+    }
+
+    /// Objects no schema knows, as a foreign table or a newer nft could print them.
+    fn unreadable() -> Vec<serde_json::Value> {
+        serde_json::from_str(
+            r#"[
+                {"chain": {"family": "ip", "table": "x", "name": "c", "hook": "sideways", "policy": "drop"}},
+                {"chain": {"family": "ip", "table": "x", "name": "c2", "hook": "forward", "policy": "maybe"}},
+                {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 99,
+                          "comment": "sistemo:sistemo_fx sistemo0", "expr": [{"frobnicate": {"x": 1}}]}},
+                {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 98,
+                          "expr": [{"secmark": "s"}, {"accept": null}]}},
+                {"future_object": {"family": "ip", "table": "filter", "name": "n"}},
+                "not an object",
+                42
+            ]"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_schema_reads_what_nft_prints_except_concatenated_map_data() {
+        let mut unread = vec![];
+        for (name, json) in [
+            ("chains_all", fixture!("chains_all")),
+            ("chains_ip", fixture!("chains_ip")),
+            ("prerouting", fixture!("prerouting")),
+            ("filter_forward", fixture!("filter_forward")),
+            ("other_keep", fixture!("other_keep")),
+            ("ruleset", fixture!("ruleset")),
+        ] {
+            let raw: serde_json::Value = serde_json::from_str(json).unwrap();
+            let all = raw["nftables"].as_array().unwrap();
+            let failed: Vec<&serde_json::Value> = all
+                .iter()
+                .filter(|o| NfListObject::deserialize(*o).is_err())
+                .collect();
+            assert_eq!(listing(json).len(), all.len() - failed.len(), "{name}");
+            unread.extend(failed.into_iter().map(|o| format!("{name}: {o}")));
+        }
+        // Rules with comments, fib, dnat through a map, sets, counters, jumps and iptables-nft's
+        // `xt` all parse. The crate (0.6.3) cannot read the two maps: nft 1.0.6 prints their
+        // concatenated data type as one string, `"map": "ipv4_addr . inet_service"`. Sistemo never
+        // reads maps back; they are skipped like any unreadable object.
+        assert_eq!(unread.len(), 2, "{unread:#?}");
+        for (u, map) in unread.iter().zip([MAP_ANY, MAP_BOUND]) {
+            assert!(u.starts_with("ruleset: {\"map\":"), "{u}");
+            assert!(u.contains(&format!("\"name\":\"{map}\"")), "{u}");
+            assert!(u.contains(r#""map":"ipv4_addr . inet_service""#), "{u}");
+        }
+        let objects = listing(fixture!("ruleset"));
+        assert!(
+            objects
+                .iter()
+                .any(|o| matches!(o, NfListObject::Set(s) if s.name == SET_SUBNETS))
+        );
+        assert!(
+            objects
+                .iter()
+                .any(|o| matches!(o, NfListObject::Set(s) if s.name == SET_BRIDGES))
+        );
+    }
+
+    #[test]
+    fn shallow_check_finds_the_table_among_foreign_ones() {
+        let json = fixture!("chains_ip");
+        assert_eq!(Nftables::new(TABLE).chains_health(json), Health::InSync);
+        assert_eq!(
+            Nftables::new("sistemo").chains_health(json),
+            Health::Drifted("table ip sistemo is missing".into())
+        );
+        // A table of another family with the same name is not ours.
+        let inet = edited(
+            &fixture!("chains_all").replace(
+                "\"family\": \"ip\", \"table\": \"sistemo_fx\"",
+                "\"family\": \"inet\", \"table\": \"sistemo_fx\"",
+            ),
+            &[],
+            |_| false,
+        );
+        assert!(matches!(
+            Nftables::new(TABLE).chains_health(&inet),
+            Health::Drifted(_)
+        ));
+        let no_forward = edited(json, &[], |o| {
+            o["chain"]["table"] == TABLE && o["chain"]["name"] == "forward"
+        });
+        assert_eq!(
+            Nftables::new(TABLE).chains_health(&no_forward),
+            Health::Drifted("chain forward of table ip sistemo_fx is missing".into())
+        );
+        for garbage in ["", "not json", "{}", r#"{"nftables": 3}"#] {
+            assert!(matches!(
+                Nftables::new(TABLE).chains_health(garbage),
+                Health::Drifted(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn deep_check_counts_the_dnat_rules() {
+        let json = fixture!("prerouting");
+        assert_eq!(dnat_rules(json, TABLE, "prerouting"), 2);
+        assert_eq!(Nftables::new(TABLE).rules_health(json), Health::InSync);
+        let flushed = edited(json, &[], |o| o.get("rule").is_some());
+        assert_eq!(
+            Nftables::new(TABLE).rules_health(&flushed),
+            Health::Drifted("rules of table ip sistemo_fx were flushed".into())
+        );
+        // The same rules in the full ruleset, among the output chain's and foreign NAT rules.
+        assert_eq!(dnat_rules(fixture!("ruleset"), TABLE, "prerouting"), 2);
+        assert_eq!(dnat_rules(fixture!("ruleset"), TABLE, "output"), 2);
+    }
+
+    #[test]
+    fn foreign_drop_forward_chains_are_found_in_any_family() {
+        let found = foreign_drop_forward(fixture!("chains_all"), TABLE);
+        assert_eq!(
+            found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["ip filter FORWARD", "inet other keep"]
+        );
+        // Our own forward chain is never patched, whatever its policy.
+        let ours_drop = fixture!("chains_all").replace(
+            r#""name": "forward", "handle": 5, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept""#,
+            r#""name": "forward", "handle": 5, "type": "filter", "hook": "forward", "prio": 0, "policy": "drop""#,
+        );
+        assert_ne!(ours_drop, fixture!("chains_all"));
+        assert_eq!(foreign_drop_forward(&ours_drop, TABLE).len(), 2);
+    }
+
+    #[test]
+    fn tagged_rules_are_ours_only() {
+        let json = fixture!("filter_forward");
+        let tag = Nftables::new(TABLE).tag();
+        assert_eq!(
+            tagged(json, &tag),
+            [14, 12, 10].map(|h| (h, "sistemo:sistemo_fx sistemo0,sistemo1".to_string()))
+        );
+        // Another daemon's table whose name extends ours does not own them.
+        assert!(tagged(json, "sistemo:sistemo_f").is_empty());
+        assert!(tagged(json, "sistemo:other").is_empty());
+    }
+
+    #[test]
+    fn unreadable_foreign_objects_are_skipped_not_fatal() {
+        let chains = edited(fixture!("chains_all"), &unreadable(), |_| false);
+        assert_eq!(Nftables::new(TABLE).chains_health(&chains), Health::InSync);
+        assert_eq!(foreign_drop_forward(&chains, TABLE).len(), 2);
+        let rules = edited(fixture!("filter_forward"), &unreadable(), |_| false);
+        assert_eq!(tagged(&rules, &Nftables::new(TABLE).tag()).len(), 3);
+        let pre = edited(fixture!("prerouting"), &unreadable(), |_| false);
+        assert_eq!(Nftables::new(TABLE).rules_health(&pre), Health::InSync);
     }
 }
