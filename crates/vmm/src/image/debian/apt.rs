@@ -32,12 +32,26 @@ pub fn apt_mirror(etc_apt: &Path) -> Option<String> {
     })
 }
 
-/// True for a suite of the release itself (`bookworm`, `stable`), not of its add-ons.
+/// Suites of Debian's own archive (codenames and aliases). An entry for another distribution
+/// (an Ubuntu `noble`, a vendor repository) is not a mirror debootstrap can build Debian from.
+const DEBIAN_SUITES: &[&str] = &[
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "oldoldstable",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
+];
+
+/// True for a Debian suite of the release itself (`bookworm`, `stable`), not of its add-ons.
 fn release_suite(suite: &str) -> bool {
-    let suite = suite.trim_end_matches('/');
-    !["-security", "-updates", "-backports", "/updates"]
-        .iter()
-        .any(|s| suite.ends_with(s))
+    DEBIAN_SUITES.contains(&suite.trim_end_matches('/'))
 }
 
 /// A URI debootstrap can use as a mirror, without a trailing slash.
@@ -227,6 +241,14 @@ mod tests {
     #[test]
     fn nothing_usable_is_none() {
         assert_eq!(mirror(&[]), None);
+        assert_eq!(
+            mirror(&[(
+                "sources.list",
+                "deb http://archive.ubuntu.com/ubuntu noble main restricted\n"
+            )]),
+            None,
+            "another distribution's archive cannot build Debian"
+        );
         assert_eq!(
             mirror(&[(
                 "sources.list.d/x.list",
