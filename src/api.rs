@@ -118,7 +118,7 @@ pub struct PortInfo {
 pub struct MachineInfo {
     /// UUID.
     pub id: String,
-    /// Name.
+    /// Unique name (`a-z`, `0-9`, `-`; never a UUID).
     pub name: String,
     /// `creating`, `starting`, `running`, `stopping`, `stopped` or `error`.
     pub status: MachineState,
@@ -206,11 +206,11 @@ pub struct ShellResponse {
 /// A network.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkInfo {
-    /// Name.
+    /// Unique name, at most 12 characters.
     pub name: String,
     /// Bridge interface.
     pub bridge: String,
-    /// Subnet.
+    /// Subnet in CIDR form; the bridge holds its first address.
     pub subnet: String,
     /// Gateway (bridge address).
     pub gateway: String,

@@ -18,7 +18,7 @@ pub enum ClientError {
     Unreachable {
         /// Socket path.
         socket: String,
-        /// Why.
+        /// Why the connection failed.
         reason: String,
     },
     /// The daemon answered with an error.

@@ -34,7 +34,7 @@ pub struct Host {
     pub machines: Machines,
     /// Networks and their bridges.
     pub networks: Networks,
-    /// Images.
+    /// Images and their builds.
     pub images: Images,
     store: Arc<SharedStore>,
     fw: Arc<Firewall>,

@@ -149,7 +149,7 @@ pub struct HostPortSpec {
     pub bind: Option<Ipv4Addr>,
     /// Host ports.
     pub ports: PortRange,
-    /// Protocol.
+    /// `tcp` or `udp` (default tcp).
     pub proto: Protocol,
 }
 

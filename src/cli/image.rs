@@ -42,7 +42,7 @@ pub enum ImageCmd {
     /// Remove an image tag (refused while a machine uses it).
     #[command(visible_alias = "rm")]
     Remove {
-        /// Tag.
+        /// Tag to remove (the image goes when no tag is left).
         tag: String,
     },
 }

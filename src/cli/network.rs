@@ -23,7 +23,7 @@ pub enum NetworkCmd {
     /// Delete a network (refused while machines use it).
     #[command(visible_alias = "rm")]
     Delete {
-        /// Name.
+        /// Name of the network to delete.
         name: String,
     },
 }

@@ -30,7 +30,7 @@ pub enum FirewallError {
 pub struct PortMapping {
     /// Bound host address, or every local address.
     pub bind: Option<Ipv4Addr>,
-    /// Protocol.
+    /// `tcp` or `udp`.
     pub proto: Protocol,
     /// Host port.
     pub host_port: u16,
@@ -64,7 +64,7 @@ impl PortMapping {
 pub struct BridgeNet {
     /// Interface name.
     pub bridge: String,
-    /// Subnet.
+    /// The network behind the bridge, for masquerading its egress.
     pub subnet: Ipv4Net,
 }
 
