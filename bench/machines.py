@@ -1,7 +1,14 @@
 #!/usr/bin/env python3
-"""sistemo machines benchmark: boot, deploy overhead, daemon memory, CLI latency.
+"""sistemo machines benchmark: boot, deploy overhead, daemon memory, CLI latency. Run as
+`bench/machines`.
 
     sudo bench/machines [--quick] [--bin target/release/sistemo] [--boots N] [--keep]
+
+This file owns the machine measurements: the VM assets linked into a private data dir, deploys
+through the CLI timed against the qemu process start and the streamed progress lines, /proc
+sampling of the daemon, the detailed output and the figures below; MachEnv adds the check that no
+qemu of the run survives. The API client, daemon start/stop, namespace cleanup, the report and the
+exit status come from sistemo_bench.py.
 
 Needs root, a release build (`cargo build --release`), iproute2 (`ip`, `nsenter`), QEMU and the
 prepared VM assets (kernel, initramfs, `debian` image) in /var/cache/sistemo-test/data (or
@@ -29,8 +36,9 @@ Figures (targets from the issue):
   cli_list_ms            p50 over 50 runs of `sistemo machine list` with one machine (process
                          start included). Target <= 10 ms.
 
-Exit status: 0 if everything ran (a missed target shows as MISS), 1 if something failed to run,
-130 on Ctrl-C / SIGTERM.
+Exit status: 0 if everything ran (a missed target shows as MISS), 1 if something failed to run or
+a deploy gave no boot/overhead figure or the cleanup had to kill a qemu (then no RESULT line is
+printed), 130 on Ctrl-C / SIGTERM.
 """
 
 import argparse
@@ -45,12 +53,11 @@ import sys
 import threading
 import time
 
-from sistemo_bench import DEFAULT_BIN, BenchError, Env, Report, log, main_with, pct, run
+from sistemo_bench import CLK_TCK, DEFAULT_BIN, BenchError, Env, Report, log, main_with, pct, proc_stat, run
 
 PID = os.getpid()
 NS = f"bm-{PID}"
 TABLE = f"bm_{PID}"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_ASSETS = "/var/cache/sistemo-test/data"
 
 
@@ -160,10 +167,7 @@ class MachEnv(Env):
 def proc_starttime_mono(pid):
     """Process start on the time.monotonic() scale, from /proc/<pid>/stat (CLOCK_BOOTTIME ticks).
     /proc/stat's btime has 1 s resolution, so CLOCK_BOOTTIME is used directly instead."""
-    stat = open(f"/proc/{pid}/stat").read()
-    fields = stat[stat.rindex(")") + 2:].split()
-    start_ticks = int(fields[19])  # field 22 of stat
-    return start_ticks / CLK_TCK - mono_offset(time.CLOCK_BOOTTIME)
+    return proc_stat(pid)[19] / CLK_TCK - mono_offset(time.CLOCK_BOOTTIME)
 
 
 def birth_mono(path):
@@ -248,11 +252,9 @@ def deploy_once(env, name, image, storage=None, label=""):
                stdout=out.strip(), storage_bytes=st.get("storage_bytes"), id=mid,
                api_stall=worst[1], api_stall_at=worst[0], api_polls=len(stalls))
     if len(q) != 1:
-        env.note(f"{name}: expected one qemu process for machine {mid}, found {len(q)}")
-        res["qemu_start"] = None
-    else:
-        res["qemu_pid"] = q[0][0]
-        res["qemu_start"] = proc_starttime_mono(q[0][0]) - t0
+        raise BenchError(f"{name}: expected one qemu process for machine {mid}, found {len(q)}: {q}")
+    res["qemu_pid"] = q[0][0]
+    res["qemu_start"] = proc_starttime_mono(q[0][0]) - t0
     con = os.path.join(env.data, "machines", mid, "console.log")
     b = birth_mono(con) if os.path.exists(con) else None
     res["console_birth"] = None if b is None else b - t0
@@ -264,15 +266,13 @@ def deploy_once(env, name, image, storage=None, label=""):
     res["spawn"] = res["qemu_start"] - c1 if c1 is not None and res["qemu_start"] is not None else None
     ready = [t for t, l in lines if "ready after" in l]
     res["ready_line"] = ready[-1] - t0 if ready else None
-    if res["qemu_start"] is not None and res["ready_line"] is not None:
-        res["boot"] = res["ready_line"] - res["qemu_start"]
-        res["overhead"] = res["deploy"] - res["boot"]
-        res["pre"] = res["qemu_start"]
-        res["post"] = res["deploy"] - res["ready_line"]
-    else:
-        res["boot"] = res["overhead"] = res["pre"] = res["post"] = None
-        if res["ready_line"] is None:
-            env.note(f"{name}: no 'ready after' progress line on the deploy's stderr")
+    if res["ready_line"] is None:
+        raise BenchError(f"{name}: no 'ready after' progress line on the deploy's stderr: "
+                         + " | ".join(l for _, l in lines[-10:]))
+    res["boot"] = res["ready_line"] - res["qemu_start"]
+    res["overhead"] = res["deploy"] - res["boot"]
+    res["pre"] = res["qemu_start"]
+    res["post"] = res["deploy"] - res["ready_line"]
     return res
 
 
@@ -326,9 +326,8 @@ def status_kb(pid):
 
 
 def cpu_ticks(pid):
-    stat = open(f"/proc/{pid}/stat").read()
-    f = stat[stat.rindex(")") + 2:].split()
-    return int(f[11]) + int(f[12])  # utime + stime
+    f = proc_stat(pid)
+    return f[11] + f[12]  # utime + stime
 
 
 def idle_rss(env, secs):
@@ -522,22 +521,19 @@ def measure(env, args):
     rep.add("boot_to_exec_s_median", statistics.median(tot), "s", "boot (deploy debian -> exec true)", ("<=", 8))
     rep.add("boot_to_exec_s_min", min(tot), "s", "boot (deploy debian -> exec true)")
     rep.add("boot_to_exec_s_max", max(tot), "s", "boot (deploy debian -> exec true)")
-    boots_only = [r["boot"] for r in runs if r["boot"] is not None]
-    if boots_only:
-        rep.add("guest_boot_s_median", statistics.median(boots_only), "s", "boot (deploy debian -> exec true)")
+    rep.add("guest_boot_s_median", statistics.median(r["boot"] for r in runs), "s",
+            "boot (deploy debian -> exec true)")
     rep.add("first_exec_ms_median", statistics.median(r["first_exec"] for r in runs) * 1000, "ms",
             "boot (deploy debian -> exec true)")
     sec = "deploy overhead, 2 GB disk"
-    ov = [r["overhead"] * 1000 for r in allr if r["overhead"] is not None and r["storage_bytes"] == 2 << 30]
+    ov = [r["overhead"] * 1000 for r in allr if r["storage_bytes"] == 2 << 30]
     if not ov:
-        raise BenchError("no deploy produced an overhead figure (see the notes)")
+        raise BenchError(f"no deploy had a 2 GiB disk: {[r['storage_bytes'] for r in allr]}")
     rep.add("deploy_overhead_ms", statistics.median(ov), "ms", sec, ("<=", 150))
     for key, sel in (("deploy_overhead_ms_default", runs),
                      ("deploy_overhead_ms_storage_2g", [r for r in extra_runs if r["storage"]]),
                      ("deploy_overhead_ms_image_2g", [r for r in extra_runs if not r["storage"]])):
-        xs = [r["overhead"] * 1000 for r in sel if r["overhead"] is not None]
-        if xs:
-            rep.add(key, statistics.median(xs), "ms", sec)
+        rep.add(key, statistics.median(r["overhead"] * 1000 for r in sel), "ms", sec)
     for key, sel in (("deploy_clone_ms_default", runs), ("deploy_clone_ms_image_2g", [r for r in extra_runs if not r["storage"]])):
         xs = [r["clone"] * 1000 for r in sel if r["clone"] is not None]
         if xs:
@@ -545,10 +541,8 @@ def measure(env, args):
     spawn = [r["spawn"] * 1000 for r in allr if r["spawn"] is not None]
     if spawn:
         rep.add("deploy_spawn_ms_median", statistics.median(spawn), "ms", sec)
-    pre = [r["pre"] * 1000 for r in allr if r["pre"] is not None]
-    post = [r["post"] * 1000 for r in allr if r["post"] is not None]
-    rep.add("deploy_pre_qemu_ms_median", statistics.median(pre), "ms", sec)
-    rep.add("deploy_post_ready_ms_median", statistics.median(post), "ms", sec)
+    rep.add("deploy_pre_qemu_ms_median", statistics.median(r["pre"] * 1000 for r in allr), "ms", sec)
+    rep.add("deploy_post_ready_ms_median", statistics.median(r["post"] * 1000 for r in allr), "ms", sec)
     sec = "daemon memory (VmRSS after idle)"
     idle = max(rss1["VmRSS"], rss_end["VmRSS"]) / 1024
     rep.add("daemon_rss_mb_idle", idle, "MB", sec, ("<=", 20))

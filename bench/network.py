@@ -1,7 +1,11 @@
-#!/usr/bin/env python3
-"""sistemo network benchmark (issue #2).
+"""sistemo network benchmark (issue #2): what exposing ports costs. Run as `bench/network`.
 
     sudo bench/network [--quick] [--bin target/release/sistemo] [--keep]
+
+This file owns the network measurements and their set-up: the client namespace and veth pair
+(NetEnv), the background exposes, the helpers run inside the client namespace (`--_probe`,
+`--_connrate`) and the figures below. The API client, the daemon's start/stop, namespace cleanup,
+the report and the exit status come from sistemo_bench.py.
 
 Needs root, a release build (`cargo build --release`), iproute2 (`ip`, `nsenter`), nft and
 iperf3. Python 3 standard library only.
@@ -10,8 +14,8 @@ Everything runs in network namespaces this script creates and removes again:
   snb-<pid>-d   the daemon's namespace (`sistemo up --hypervisor netns`, bridge sistemo0 10.200.0.1/16)
   snb-<pid>-c   an "external client" namespace, veth to the daemon's: 10.201.0.2/24 -> 10.201.0.1
   snb<pid>m-*   the machines' namespaces (created by the daemon, netns_prefix)
-Two machines are deployed: `bg` (holds the background exposes, as port ranges) and `tgt`
-(the machine the measurements talk to; it runs iperf3 and a TCP accept-and-close server).
+Two machines are deployed (over the API): `bg` (holds the background exposes, as port ranges) and
+`tgt` (the machine the measurements talk to; it runs iperf3 and a TCP accept-and-close server).
 
 Figures:
   expose_p50_ms_N      API round trip of POST /v1/machines/tgt/expose (one new port), fresh Unix
@@ -31,7 +35,8 @@ Figures:
                        exposes present; connrate_ratio = 10k/1, target >= 0.9.
 
 Exit status: 0 if everything ran (a missed target is reported as MISS, not a failure), 1 if
-something failed to run, 130 on Ctrl-C. Namespaces, processes and temp dirs are removed on exit.
+something failed to run or to clean up (then no RESULT line is printed), 130 on Ctrl-C.
+Namespaces, processes and temp dirs are removed on exit.
 --quick runs fewer samples (< 1 minute); the default mode takes a few minutes.
 """
 
@@ -45,7 +50,7 @@ import statistics
 import sys
 import time
 
-from sistemo_bench import DEFAULT_BIN, BenchError, Env, Report, log, main_with, pct, run
+from sistemo_bench import CLK_TCK, DEFAULT_BIN, BenchError, Env, Report, log, main_with, pct, proc_stat, run
 
 PID = os.getpid()
 DNS = f"snb-{PID}-d"
@@ -266,9 +271,7 @@ def measure_latency(env, levels, n, rounds, rep):
 
 def proc_cpu_secs(pid):
     """CPU seconds of a process and its reaped children (the daemon's nft runs)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return sum(proc_stat(pid)[11:15]) / CLK_TCK
 
 
 def idle_cpu_pct(env, secs):

@@ -85,6 +85,16 @@ def pct(xs, p):
     return xs[f] + (xs[c] - xs[f]) * (k - f)
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid):
+    """/proc/<pid>/stat fields after the command name: [0] is the state (field 3 of proc(5)),
+    [11]/[12] utime/stime, [13]/[14] the reaped children's, [19] starttime (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return [int(x) if x.lstrip("-").isdigit() else x for x in f.read().rsplit(")", 1)[1].split()]
+
+
 def fmt(v):
     if isinstance(v, float):
         if v != v:
