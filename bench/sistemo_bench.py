@@ -496,5 +496,6 @@ def main_with(name, make_env, measure):
         status = status or 1
     if status == 0:
         rep.print()
-    log(f"{'done' if status == 0 else 'FAILED'} in {time.monotonic() - t0:.0f}s (exit {status})")
+    word = {0: "done", 130: "interrupted"}.get(status, "FAILED")
+    log(f"{word} in {time.monotonic() - t0:.0f}s (exit {status})")
     return status
