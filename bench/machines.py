@@ -440,7 +440,7 @@ def measure(env, args):
     log(f"idle daemon, one machine: VmRSS {rss1['VmRSS']} kB")
     list_ms = timed(lambda: env.cli("machine", "list"), args.list_runs)
     list_json_ms = timed(lambda: env.cli("machine", "list", "-o", "json"), 20)
-    api_ms = timed(lambda: env.api.get("list"), args.list_runs)
+    api_ms = timed(lambda: env.api.call(*env.api.path("list")), args.list_runs)
     ver_ms = timed(lambda: run([env.bin, "--version"]), 20)
     runs[-1]["delete"] = delete(env, keep, runs[-1]["id"])
 

@@ -115,74 +115,70 @@ def error_of(obj, where=""):
     return ApiError(str(e), obj.get("kind"), obj.get("status"), where)
 
 
-class Response:
-    """One HTTP response being read from the socket: status, headers, then the body at once
-    (`body()`) or line by line as it arrives (`lines()`, for NDJSON)."""
+def dechunk(b):
+    out = bytearray()
+    while b:
+        size, _, rest = b.partition(b"\r\n")
+        n = int(size.split(b";")[0], 16)
+        if n == 0:
+            break
+        out += rest[:n]
+        b = rest[n + 2:]
+    return bytes(out)
 
-    def __init__(self, sock, what):
-        self.sock, self.what = sock, what
-        self.f = sock.makefile("rb")
-        line = self.f.readline()
-        if not line:
-            self.close()
-            raise BenchError(f"{what}: the daemon closed the connection without a response")
-        try:
-            self.status = int(line.split()[1])
-        except (IndexError, ValueError):
-            self.close()
-            raise BenchError(f"{what}: bad HTTP response {line[:200]!r}")
-        self.headers = {}
-        while True:
-            h = self.f.readline()
-            if h in (b"\r\n", b"\n", b""):
-                break
-            k, _, v = h.decode("latin-1").partition(":")
-            self.headers[k.strip().lower()] = v.strip()
 
-    def chunks(self):
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = self.f.readline()
-                if not size:
-                    raise BenchError(f"{self.what}: the connection closed inside a chunked body")
-                n = int(size.split(b";")[0], 16)
-                if n == 0:
-                    return
-                data = self.f.read(n)
-                self.f.read(2)
-                yield data
-        elif "content-length" in self.headers:
-            yield self.f.read(int(self.headers["content-length"]))
-        else:
-            while True:
-                c = self.f.read1(65536)
-                if not c:
-                    return
-                yield c
+def parse_head(head, what):
+    """(status, {lowercase header: value}) of an HTTP response head (bytes)."""
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise BenchError(f"{what}: bad HTTP response {head[:200]!r}")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers
 
-    def body(self):
-        try:
-            return b"".join(self.chunks())
-        finally:
-            self.close()
 
-    def lines(self):
+def stream_lines(sock, what):
+    """The non-empty lines of a response body as they arrive (NDJSON), chunked or not; the
+    status and headers are checked by the caller through the first item, (status, headers)."""
+    f = sock.makefile("rb")
+    try:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = f.readline()
+            if not line:
+                raise BenchError(f"{what}: the daemon closed the connection without a response")
+            head += line
+        status, headers = parse_head(head[:-4], what)
+        yield status, headers
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
         buf = b""
-        try:
-            for c in self.chunks():
-                buf += c
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        yield line
-            if buf.strip():
-                yield buf
-        finally:
-            self.close()
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
+        while True:
+            if chunked:
+                size = f.readline()
+                if not size:
+                    raise BenchError(f"{what}: the connection closed inside a chunked body")
+                n = int(size.split(b";")[0], 16)
+                data = f.read(n)
+                f.read(2)
+            else:
+                data = f.read1(65536)
+                n = len(data)
+            if n == 0:
+                break
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    yield line
+        if buf.strip():
+            yield buf
+    finally:
+        f.close()
+        sock.close()
 
 
 class Api:
@@ -191,54 +187,86 @@ class Api:
     def __init__(self, sock):
         self.sock = sock
 
-    def open(self, method, path, body=None, timeout=60):
-        data = b"" if body is None else json.dumps(body).encode()
-        req = (f"{method} {path} HTTP/1.1\r\nHost: sistemo\r\nConnection: close\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+    @staticmethod
+    def path(route, **params):
+        """(method, path) of a route in ROUTES."""
+        method, tmpl, _ = ROUTES[route]
+        return method, tmpl.format(**params)
+
+    def connect(self, method, path, body, timeout):
+        head = f"{method} {path} HTTP/1.1\r\nHost: sistemo\r\nConnection: close\r\n"
+        data = b""
+        if body is not None:
+            data = json.dumps(body).encode()
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
             s.connect(self.sock)
-            s.sendall(req)
-            return Response(s, f"{method} {path}")
+            s.sendall((head + "\r\n").encode() + data)
         except BaseException:
             s.close()
             raise
+        return s
 
     def call(self, method, path, body=None, timeout=60):
-        """(status, raw body bytes)."""
-        r = self.open(method, path, body, timeout)
-        return r.status, r.body()
+        """(status, body bytes) of one request; the whole response is read (until the daemon
+        closes the connection)."""
+        s = self.connect(method, path, body, timeout)
+        chunks = []
+        try:
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                chunks.append(c)
+        finally:
+            s.close()
+        raw = b"".join(chunks)
+        if not raw:
+            raise BenchError(f"{method} {path}: the daemon closed the connection without a response")
+        head, _, data = raw.partition(b"\r\n\r\n")
+        status, headers = parse_head(head, f"{method} {path}")
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            data = dechunk(data)
+        return status, data
 
-    def _route(self, route, body, timeout, params):
-        method, tmpl, kind = ROUTES[route]
-        path = tmpl.format(**params)
-        r = self.open(method, path, body, timeout)
-        if r.status != 200:
-            raw = r.body()
-            try:
-                err = error_of(json.loads(raw), f"{method} {path}")
-            except ValueError:  # e.g. a plain-text rejection of a malformed request
-                err = ApiError(raw.decode(errors="replace")[:300], None, r.status, f"{method} {path}")
-            if err.status is None:
-                err.status = r.status
-            raise err
-        return r, kind, f"{method} {path}"
+    @staticmethod
+    def error(status, raw, where):
+        """ApiError of an HTTP error response (JSON in either shape, or plain text)."""
+        try:
+            err = error_of(json.loads(raw), where)
+        except ValueError:  # e.g. a plain-text rejection of a malformed request
+            err = ApiError(raw.decode(errors="replace")[:300], None, status, where)
+        if err.status is None:
+            err.status = status
+        return err
 
     def get(self, route, body=None, timeout=60, **params):
         """A JSON route: the decoded body (None if empty); ApiError on an error status."""
-        r, kind, where = self._route(route, body, timeout, params)
-        assert kind == "json", f"{route} is a {kind} route"
-        raw = r.body()
+        method, path = self.path(route, **params)
+        assert ROUTES[route][2] == "json", f"{route} is a stream route"
+        status, raw = self.call(method, path, body, timeout)
+        if status != 200:
+            raise self.error(status, raw, f"{method} {path}")
         return json.loads(raw) if raw.strip() else None
+
+    def stream(self, route, body, timeout, params):
+        """The NDJSON events of a stream route as dicts; ApiError on an HTTP error status."""
+        method, path = self.path(route, **params)
+        where = f"{method} {path}"
+        lines = stream_lines(self.connect(method, path, body, timeout), where)
+        status, _ = next(lines)
+        if status != 200:
+            raise self.error(status, b"\n".join(lines), where)
+        return (json.loads(line) for line in lines), where
 
     def events(self, route, body=None, timeout=600, progress=None, **params):
         """An NDJSON operation: calls progress(line) per progress event, returns the result;
         ApiError on an error event, BenchError if the stream ends without a result."""
-        r, kind, where = self._route(route, body, timeout, params)
-        assert kind == "events", f"{route} is a {kind} route"
-        for line in r.lines():
-            ev = json.loads(line)
+        assert ROUTES[route][2] == "events", f"{route} is not an events route"
+        evs, where = self.stream(route, body, timeout, params)
+        for ev in evs:
             if "progress" in ev:
                 if progress:
                     progress(ev["progress"])
@@ -250,11 +278,10 @@ class Api:
 
     def exec(self, name, cmd, timeout_s=60):
         """Run cmd in machine `name`: (exit code, stdout, stderr); ApiError on an error event."""
-        r, kind, where = self._route("exec", {"cmd": cmd, "timeout_s": timeout_s}, timeout_s + 30,
-                                     {"name": name})
+        evs, where = self.stream("exec", {"cmd": cmd, "timeout_s": timeout_s}, timeout_s + 30,
+                                 {"name": name})
         out, err = [], []
-        for line in r.lines():
-            ev = json.loads(line)
+        for ev in evs:
             if "stdout" in ev:
                 out.append(ev["stdout"])
             elif "stderr" in ev:

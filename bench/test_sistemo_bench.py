@@ -48,7 +48,8 @@ class FakeDaemon:
             while b"\r\n\r\n" not in buf:
                 buf += c.recv(4096)
             head, _, rest = buf.partition(b"\r\n\r\n")
-            n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+            lens = [l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+            n = int(lens[0]) if lens else 0
             while len(rest) < n:
                 rest += c.recv(4096)
             self.requests.append((head.split(b"\r\n")[0].decode(), json.loads(rest) if rest else None))
@@ -111,7 +112,8 @@ class ApiTest(unittest.TestCase):
     def test_exec_stream(self):
         api = self.api(chunked([{"stdout": "a"}, {"stderr": "w"}, {"stdout": "b\n"}, {"exit": 3}]),
                        chunked([{"stdout": "a"}, {"error": "machine x is not running"}]),
-                       chunked([{"error": {"error": "gone", "kind": "not_found", "status": 404}}]))
+                       chunked([{"error": {"error": "gone", "kind": "not_found", "status": 404}}]),
+                       plain(404, {"error": "no machine m", "kind": "not_found", "status": 404}))
         self.assertEqual(api.exec("m", "true"), (3, "ab\n", "w"))
         self.assertEqual(self.fake.requests[0], ("POST /v1/machines/m/exec HTTP/1.1", {"cmd": "true", "timeout_s": 60}))
         with self.assertRaises(ApiError) as e:
@@ -120,6 +122,9 @@ class ApiTest(unittest.TestCase):
         with self.assertRaises(ApiError) as e:
             api.exec("m", "true")
         self.assertEqual((e.exception.kind, e.exception.status), ("not_found", 404))
+        with self.assertRaises(ApiError) as e:  # an HTTP error status on a stream route
+            api.exec("m", "true")
+        self.assertEqual((e.exception.message, e.exception.status), ("no machine m", 404))
 
 
 class ReportTest(unittest.TestCase):
