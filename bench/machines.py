@@ -205,7 +205,7 @@ def deploy_once(env, name, image, storage=None, label=""):
         while not stop.is_set():
             a = time.monotonic()
             try:
-                env.api.get("info", timeout=10)
+                env.api.ok("info", timeout=10)
             except Exception as e:
                 poll_errors.append(f"+{(a - t0) * 1000:.0f} ms: {e}")
             stalls.append((a - t0, time.monotonic() - a))
@@ -440,7 +440,7 @@ def measure(env, args):
     log(f"idle daemon, one machine: VmRSS {rss1['VmRSS']} kB")
     list_ms = timed(lambda: env.cli("machine", "list"), args.list_runs)
     list_json_ms = timed(lambda: env.cli("machine", "list", "-o", "json"), 20)
-    api_ms = timed(lambda: env.api.call(*env.api.path("list")), args.list_runs)
+    api_ms = timed(lambda: env.api.ok("list"), args.list_runs)
     ver_ms = timed(lambda: run([env.bin, "--version"]), 20)
     runs[-1]["delete"] = delete(env, keep, runs[-1]["id"])
 

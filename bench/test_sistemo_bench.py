@@ -70,7 +70,7 @@ class ApiTest(unittest.TestCase):
 
     def test_json_ok_and_route_table(self):
         api = self.api(plain(200, {"ports": []}))
-        self.assertEqual(api.expose("tgt", ["8080:80"]), {"ports": []})
+        self.assertEqual(json.loads(api.expose("tgt", ["8080:80"])), {"ports": []})
         self.assertEqual(self.fake.requests, [("POST /v1/machines/tgt/expose HTTP/1.1", {"ports": ["8080:80"]})])
 
     def test_http_error_both_shapes(self):
