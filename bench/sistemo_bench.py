@@ -58,9 +58,13 @@ class ApiError(BenchError):
     """An error the daemon reported: an HTTP error status or a stream's error event."""
 
     def __init__(self, message, kind=None, status=None, where=""):
-        self.message, self.kind, self.status = message, kind, status
-        extra = ", ".join(x for x in (kind and f"kind {kind}", status and f"status {status}") if x)
-        super().__init__(f"{where}: {message}" + (f" ({extra})" if extra else ""))
+        super().__init__(message)
+        self.message, self.kind, self.status, self.where = message, kind, status, where
+
+    def __str__(self):
+        extra = ", ".join(x for x in (self.kind and f"kind {self.kind}",
+                                      self.status and f"status {self.status}") if x)
+        return f"{self.where}: {self.message}" + (f" ({extra})" if extra else "")
 
 
 def log(msg):
