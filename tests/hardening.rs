@@ -91,3 +91,62 @@ fn state_on_disk_is_private_and_one_daemon_owns_it() {
     assert!(!o.status.success() && err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
 }
+
+/// Processes on the host whose command line contains `marker` (netns machines run their
+/// commands as host processes in their namespace).
+fn running(marker: &str) -> bool {
+    run(&["pgrep", "-f", marker]).status.success()
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn exec_output_is_byte_exact_and_a_client_that_leaves_ends_the_command() {
+    let env = Env::new("exb");
+    env.machine("web", &[]);
+    step("binary output survives");
+    let o = env.cli(&["machine", "exec", "web", r"printf 'a\377\000b\303'"]);
+    assert_eq!(
+        o.stdout,
+        b"a\xff\x00b\xc3",
+        "{:?}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    step("a client that goes away kills its command");
+    let marker = format!("sleep 3{}", std::process::id() % 1000);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["machine", "exec", "web", &format!("{marker}0; echo never")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // control: while its client is there, the command runs
+    poll("the command to run", std::time::Duration::from_secs(10), || {
+        running(&marker).then_some(())
+    });
+    client.kill().unwrap();
+    client.wait().unwrap();
+    poll(
+        "the command to be killed with its client gone",
+        std::time::Duration::from_secs(10),
+        || (!running(&marker)).then_some(()),
+    );
+
+    step("a reader that stops early (| head) ends the command and the CLI");
+    let yes = format!("yes exb{}", std::process::id());
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} --socket {} machine exec web '{yes}' | head -c 100000 | wc -c",
+            env!("CARGO_BIN_EXE_sistemo"),
+            env.socket.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "100000");
+    poll("yes to be killed", std::time::Duration::from_secs(10), || {
+        (!running(&yes)).then_some(())
+    });
+}

@@ -189,9 +189,11 @@ impl Hypervisor for FakeVmm {
         spec: &MachineSpec,
         cmd: &str,
         _: Duration,
-        out: tokio::sync::mpsc::UnboundedSender<OutputChunk>,
+        out: sistemo_vmm::OutputSink,
     ) -> Result<i32, VmmError> {
-        let _ = out.send(OutputChunk::Stdout(format!("ran {cmd}\n")));
+        let _ = out
+            .send(OutputChunk::Stdout(format!("ran {cmd}\n").into_bytes()))
+            .await;
         if self.hold_exec.load(Ordering::SeqCst) {
             let stopped = self.stopped.notified();
             if self.running.lock().unwrap().contains(&spec.id) {
@@ -475,7 +477,7 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
     let r = Arc::new(rig().await);
     r.deploy(web(&["48109:80"])).await.unwrap();
     r.vmm.hold_exec.store(true, Ordering::SeqCst);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = sistemo_vmm::output_queue();
     let r2 = r.clone();
     let exec = tokio::spawn(async move {
         r2.host
@@ -503,7 +505,7 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
             "web",
             "true",
             Duration::from_secs(5),
-            tokio::sync::mpsc::unbounded_channel().0,
+            sistemo_vmm::output_queue().0,
         )
         .await
         .unwrap_err();

@@ -252,9 +252,16 @@ impl Nftables {
             s,
             "\tchain forward {{\n\t\ttype filter hook forward priority {PRIO_FILTER}; policy accept;\n\
              \t\toifname @{SET_BRIDGES} ct status dnat accept\n\
-             \t\toifname @{SET_BRIDGES} ct state established,related accept\n\
-             \t\toifname @{SET_BRIDGES} drop\n\
-             \t\tiifname @{SET_BRIDGES} ip saddr != @{SET_SUBNETS} drop"
+             \t\toifname @{SET_BRIDGES} ct state established,related accept"
+        );
+        // Machines of one network talk directly (bridged); with br_netfilter loaded (Docker
+        // hosts) that traffic passes this hook too, in and out of the same bridge.
+        for b in &desired.bridges {
+            let _ = writeln!(s, "\t\tiifname \"{0}\" oifname \"{0}\" accept", b.bridge);
+        }
+        let _ = writeln!(
+            s,
+            "\t\toifname @{SET_BRIDGES} drop\n\t\tiifname @{SET_BRIDGES} ip saddr != @{SET_SUBNETS} drop"
         );
         if !self.policy.allow_metadata {
             let _ = writeln!(s, "\t\tiifname @{SET_BRIDGES} ip daddr 169.254.0.0/16 drop");
