@@ -53,7 +53,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     let store = Store::open(&cfg.data_dir.join("sistemo.db")).context("opening the database")?;
     let links = Arc::new(Links::new()?);
-    let fw = Box::new(Nftables::new(cfg.nft_table.to_string()));
+    let fw = Box::new(Nftables::new(cfg.nft_table.to_string(), cfg.policy()));
     let backend = crate::backend::build(&cfg).await?;
     let m = Arc::new(Host::new(cfg.clone(), store, links, fw, backend));
     if let Err(e) = m.startup().await {
@@ -119,7 +119,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         });
     }
+    let host = m.clone();
     crate::server::serve(listener, m, stopped()).await?;
+    host.shutdown();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

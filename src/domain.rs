@@ -25,18 +25,21 @@ pub enum MachineState {
     Stopping,
     /// No VMM; rules stay stored, out of the firewall.
     Stopped,
+    /// Delete in progress: its rules are out of the firewall and no rebuild brings them back.
+    Deleting,
     /// The VMM failed to start or died unexpectedly; `start` retries.
     Error,
 }
 
 impl MachineState {
     /// Every state, for parsing and tests.
-    pub const ALL: [MachineState; 6] = [
+    pub const ALL: [MachineState; 7] = [
         MachineState::Creating,
         MachineState::Starting,
         MachineState::Running,
         MachineState::Stopping,
         MachineState::Stopped,
+        MachineState::Deleting,
         MachineState::Error,
     ];
 
@@ -48,6 +51,7 @@ impl MachineState {
             MachineState::Running => "running",
             MachineState::Stopping => "stopping",
             MachineState::Stopped => "stopped",
+            MachineState::Deleting => "deleting",
             MachineState::Error => "error",
         }
     }

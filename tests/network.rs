@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn loopback_services_of_the_host_are_not_reachable_from_machines() {
-    let mut env = Env::new("cve");
+    let env = Env::new("cve");
     env.machine("m", &["--expose", "8080:80"]);
     env.serve_tcp("m", 80, "m");
     expect_tcp(&env.ns, "127.0.0.1", 8080, "m"); // route_localnet is in effect for the DNAT path
@@ -36,11 +36,16 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
         None,
         "machine reached a host loopback service"
     );
-    // control: without sistemo's guard the same packets do reach it, so the test is real.
-    // The daemon repairs a flushed guard within its repair interval, so it is killed first
-    // (kill -9: the machine and the rest of its rules stay up).
+    // control: without sistemo's guard (and its input chain, which closes the host to machines
+    // too) the same packets do reach it, so the test is real. The daemon is killed first so
+    // that its repair loop cannot restore them meanwhile (its tables stay: kill -9 is not a
+    // clean stop).
+    let mut env = env;
     env.kill_daemon("-KILL");
-    env.sh(&format!("nft flush chain ip {} guard", env.table));
+    env.sh(&format!(
+        "nft flush chain ip {t} guard && nft flush chain ip {t} input",
+        t = env.table
+    ));
     assert_eq!(
         tcp_from(&ns, "127.0.0.1", 7777).as_deref(),
         Some("secret"),

@@ -4,7 +4,7 @@
 use super::{MachineView, Machines};
 use crate::domain::{MachineName, MachineState};
 use crate::error::{Error, Result};
-use crate::net::firewall::{BridgeNet, Desired, PortMapping};
+use crate::net::firewall::{BridgeNet, Desired, MachinePort, PortMapping};
 use crate::spec::{ExposeSpec, HostPortSpec, Protocol, check_no_duplicates};
 use crate::store::Store;
 use std::net::Ipv4Addr;
@@ -114,8 +114,17 @@ fn probe_host_port(bind: Option<Ipv4Addr>, proto: Protocol, port: u16) -> Result
     }
 }
 
-/// What the firewall must hold, from the store: every network's bridge and the exposes of
-/// running machines.
+/// A machine's port binding: its link on the bridge, its MAC and its leased address.
+pub fn machine_port(m: &crate::store::Machine) -> MachinePort {
+    MachinePort {
+        ifname: crate::net::host_ifname(&m.id),
+        mac: crate::net::mac_for(&m.id),
+        ip: m.ip,
+    }
+}
+
+/// What the firewall must hold, from the store: every network's bridge, every machine's port
+/// binding, and the exposes of running machines.
 pub fn desired_firewall(st: &Store) -> Result<Desired> {
     let bridges = st
         .networks()?
@@ -128,6 +137,7 @@ pub fn desired_firewall(st: &Store) -> Result<Desired> {
     let active = st.active_exposes()?;
     Ok(Desired {
         bridges,
+        ports: st.machines()?.iter().map(machine_port).collect(),
         mappings: PortMapping::expand(active.iter().map(|(ip, s)| (*ip, s))),
     })
 }

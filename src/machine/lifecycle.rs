@@ -1,7 +1,7 @@
 //! A machine's life: deploy, boot, start, stop, restart, delete, re-adoption at daemon start,
 //! and noticing a VMM that died. Each host-touching step has its undo on the failure path.
 
-use super::{Deploy, MachineView, Machines};
+use super::{Deploy, MachineView, Machines, machine_port};
 use crate::Progress;
 use crate::domain::{ByteSize, MachineName, MachineState, NetworkName};
 use crate::error::{Error, Result, chain};
@@ -53,7 +53,10 @@ impl Machines {
         let lock = self.lock_for(m.id);
         let _g = lock.lock().await;
         let dir = self.machine_dir(m.id);
+        let port = machine_port(&m);
         let res: Result<()> = async {
+            // The port is bound to the machine's MAC and IP before its link exists.
+            self.fw.bind(&port)?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
             if let Some(images) = &self.images {
                 let (_, size) = images.create_disk(&d.image, &dir, d.storage, progress).await?;
@@ -65,6 +68,7 @@ impl Machines {
         if let Err(e) = res {
             progress("deploy failed; cleaning up");
             self.teardown(&m, None).await;
+            let _ = self.fw.unbind(&port);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
             return Err(e);
@@ -216,25 +220,35 @@ impl Machines {
         self.get(&id.to_string())
     }
 
-    /// Delete: stop if running, then remove rules, link, files, IP lease and rows.
+    /// Delete: the machine leaves `running` first (state `deleting`, so no rebuild brings its
+    /// rules back), then its rules, VMM, link, port binding, files, IP lease and rows go.
     pub async fn delete(&self, name: &str, progress: Progress<'_>) -> Result<()> {
         let id = self.store.lock().machine(name)?.id;
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
         let m = self.store.lock().machine_by_id(id)?;
+        self.store.lock().set_state(id, MachineState::Deleting, None)?;
         if m.state == MachineState::Running {
-            self.shutdown(&m, progress).await?;
-        } else {
-            self.teardown(&m, m.instance.as_ref()).await;
+            let ports = self.store.lock().exposes_of(id)?;
+            self.fw.remove(m.ip, &ports)?;
+            progress(&format!("stopping {}", m.name));
         }
-        let dir = self.machine_dir(id);
+        self.finish_delete(&m).await?;
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        Ok(())
+    }
+
+    /// The rest of a delete once the machine is `deleting` and its rules are out.
+    async fn finish_delete(&self, m: &Machine) -> Result<()> {
+        self.teardown(m, m.instance.as_ref()).await;
+        self.fw.unbind(&machine_port(m))?;
+        let dir = self.machine_dir(m.id);
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             return Err(Error::io(format!("removing {}", dir.display()))(e));
         }
-        self.store.lock().delete_machine(id)?;
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.store.lock().delete_machine(m.id)?;
         Ok(())
     }
 
@@ -286,6 +300,10 @@ impl Machines {
                 MachineState::Stopping => {
                     tracing::warn!(machine = %m.name, "stop was interrupted; finishing it");
                     self.shutdown(&m, &|_| {}).await?;
+                }
+                MachineState::Deleting => {
+                    tracing::warn!(machine = %m.name, "delete was interrupted; finishing it");
+                    self.finish_delete(&m).await?;
                 }
                 MachineState::Stopped | MachineState::Error => {}
             }

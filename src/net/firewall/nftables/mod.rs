@@ -26,8 +26,11 @@
 
 mod json;
 
-use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping, netlink};
+use super::{
+    BridgeNet, Desired, FirewallDriver, FirewallError, Health, MachinePort, Policy, PortMapping, netlink,
+};
 use json::{ForeignChain, chain_names, dnat_rules, foreign_drop_forward, tagged};
+use sistemo_vmm::format_mac;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -48,23 +51,36 @@ pub const MAP_BOUND: &str = "expose_bound";
 pub const SET_BRIDGES: &str = "bridges";
 /// Set of sistemo's subnets (postrouting has no input interface, so sources are matched by subnet).
 pub const SET_SUBNETS: &str = "subnets";
+/// Set of host ports machines may reach.
+const SET_HOST_PORTS: &str = "host_ports";
 /// The base chains of the table.
-pub const CHAINS: [&str; 5] = ["guard", "prerouting", "output", "postrouting", "forward"];
+pub const CHAINS: [&str; 6] = ["guard", "prerouting", "output", "postrouting", "forward", "input"];
+/// The bridge-family table's sets: machine ports, and the MAC and the IP each may send from.
+const SET_PORTS: &str = "ports";
+const SET_PORT_MAC: &str = "port_mac";
+const SET_PORT_IP: &str = "port_ip";
+/// The bridge-family table's base chain (prerouting on sistemo's bridges' ports).
+pub const BRIDGE_CHAIN: &str = "ports";
+/// Priority of the port filter: before anything else on the bridge.
+pub const PRIO_BRIDGE: i32 = -300;
 /// The nftables family of the table.
 pub const FAMILY: &str = "ip";
 
-/// The nftables driver for one table name.
+/// The nftables driver for one table name (an `ip` table for NAT and filtering, and a
+/// `bridge` table of the same name for the machine ports' anti-spoofing).
 #[derive(Debug, Clone)]
 pub struct Nftables {
     table: String,
+    policy: Policy,
     nft: String,
 }
 
 impl Nftables {
-    /// A driver for table `table`, running the `nft` found on PATH.
-    pub fn new(table: impl Into<String>) -> Self {
+    /// A driver for table `table` applying `policy`, running the `nft` found on PATH.
+    pub fn new(table: impl Into<String>, policy: Policy) -> Self {
         Nftables {
             table: table.into(),
+            policy,
             nft: "nft".into(),
         }
     }
@@ -191,6 +207,12 @@ impl Nftables {
             let _ = writeln!(s, "\t\telements = {{ {} }}", subnets.join(", "));
         }
         s.push_str("\t}\n");
+        let _ = writeln!(s, "\tset {SET_HOST_PORTS} {{\n\t\ttype inet_service");
+        if !self.policy.host_ports.is_empty() {
+            let ports: Vec<String> = self.policy.host_ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(s, "\t\telements = {{ {} }}", ports.join(", "));
+        }
+        s.push_str("\t}\n");
         let _ = writeln!(
             s,
             "\tmap {MAP_ANY} {{\n\t\ttype inet_proto . inet_service : ipv4_addr . inet_service\n\t}}"
@@ -223,28 +245,99 @@ impl Nftables {
              \t\tip saddr @{SET_SUBNETS} oifname @{SET_BRIDGES} ct status dnat masquerade\n\
              \t\tip saddr @{SET_SUBNETS} oifname != @{SET_BRIDGES} masquerade\n\t}}"
         );
+        // Into machines only what was exposed (DNAT) and replies: no direct routing from the
+        // LAN, no new connections between networks. Out of machines: no spoofed sources, no
+        // link-local (cloud metadata) and, by default, no SMTP.
         let _ = writeln!(
             s,
             "\tchain forward {{\n\t\ttype filter hook forward priority {PRIO_FILTER}; policy accept;\n\
-             \t\tct status dnat accept"
+             \t\toifname @{SET_BRIDGES} ct status dnat accept\n\
+             \t\toifname @{SET_BRIDGES} ct state established,related accept\n\
+             \t\toifname @{SET_BRIDGES} drop\n\
+             \t\tiifname @{SET_BRIDGES} ip saddr != @{SET_SUBNETS} drop"
         );
-        for b in &desired.bridges {
+        if !self.policy.allow_metadata {
+            let _ = writeln!(s, "\t\tiifname @{SET_BRIDGES} ip daddr 169.254.0.0/16 drop");
+        }
+        if self.policy.block_smtp {
             let _ = writeln!(
                 s,
-                "\t\tiifname \"{}\" oifname @{SET_BRIDGES} oifname != \"{}\" drop",
-                b.bridge, b.bridge
+                "\t\tiifname @{SET_BRIDGES} ct state new tcp dport {{ 25, 465, 587 }} drop"
             );
         }
-        s.push_str("\t}\n}\n");
+        s.push_str("\t}\n");
+        // Machines reach the host only for replies, ping, and the ports the config lists.
+        let _ = writeln!(
+            s,
+            "\tchain input {{\n\t\ttype filter hook input priority {PRIO_FILTER}; policy accept;\n\
+             \t\tiifname != @{SET_BRIDGES} accept\n\
+             \t\tct state established,related accept\n\
+             \t\ticmp type echo-request accept\n\
+             \t\tmeta l4proto {{ tcp, udp }} th dport @{SET_HOST_PORTS} accept\n\
+             \t\tdrop\n\t}}\n}}"
+        );
         s
     }
 
-    /// The atomic rebuild script: ensure, delete, define, fill.
+    /// The bridge-family table: each machine port may send only from its own MAC and IP
+    /// (Ethernet, ARP and IPv4), so no machine can take another's address or answer for the
+    /// gateway; router advertisements and DHCP-server replies from machines are dropped.
+    /// Ports that are not machines' (another daemon's, the bridge's own) pass untouched.
+    fn bridge_table_text(&self) -> String {
+        let t = &self.table;
+        format!(
+            "table bridge {t} {{\n\
+             \tset {SET_PORTS} {{\n\t\ttype ifname\n\t}}\n\
+             \tset {SET_PORT_MAC} {{\n\t\ttype ifname . ether_addr\n\t}}\n\
+             \tset {SET_PORT_IP} {{\n\t\ttype ifname . ipv4_addr\n\t}}\n\
+             \tchain {BRIDGE_CHAIN} {{\n\t\ttype filter hook prerouting priority {PRIO_BRIDGE}; policy accept;\n\
+             \t\tiifname != @{SET_PORTS} accept\n\
+             \t\tiifname . ether saddr != @{SET_PORT_MAC} drop\n\
+             \t\tether type arp iifname . arp saddr ether != @{SET_PORT_MAC} drop\n\
+             \t\tether type arp iifname . arp saddr ip != @{SET_PORT_IP} drop\n\
+             \t\tether type ip iifname . ip saddr != @{SET_PORT_IP} drop\n\
+             \t\tether type ip udp sport 67 drop\n\
+             \t\tether type ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} drop\n\
+             \t\tether type ip6 udp sport 547 drop\n\t}}\n}}\n"
+        )
+    }
+
+    /// `verb` (`add` or `delete`) the bindings of `ports`. A port is filtered only while it has
+    /// its bindings: they go in before it joins the ports set, and out after it left.
+    fn port_elements(&self, out: &mut String, verb: &str, ports: &[MachinePort]) {
+        let t = &self.table;
+        for chunk in ports.chunks(1024) {
+            let join =
+                |f: &dyn Fn(&MachinePort) -> String| chunk.iter().map(f).collect::<Vec<_>>().join(", ");
+            let names = format!(
+                "{verb} element bridge {t} {SET_PORTS} {{ {} }}\n",
+                join(&|p| format!("\"{}\"", p.ifname))
+            );
+            let bindings = format!(
+                "{verb} element bridge {t} {SET_PORT_MAC} {{ {} }}\n{verb} element bridge {t} {SET_PORT_IP} {{ {} }}\n",
+                join(&|p| format!("\"{}\" . {}", p.ifname, format_mac(&p.mac))),
+                join(&|p| format!("\"{}\" . {}", p.ifname, p.ip)),
+            );
+            if verb == "add" {
+                out.push_str(&bindings);
+                out.push_str(&names);
+            } else {
+                out.push_str(&names);
+                out.push_str(&bindings);
+            }
+        }
+    }
+
+    /// The atomic rebuild script of both tables: ensure, delete, define, fill.
     pub fn rebuild_script(&self, desired: &Desired) -> String {
         let t = &self.table;
-        let mut s = format!("table {FAMILY} {t}\ndelete table {FAMILY} {t}\n");
+        let mut s = format!(
+            "table {FAMILY} {t}\ndelete table {FAMILY} {t}\ntable bridge {t}\ndelete table bridge {t}\n"
+        );
         s.push_str(&self.table_text(desired));
+        s.push_str(&self.bridge_table_text());
         self.elements(&mut s, "add", &desired.mappings);
+        self.port_elements(&mut s, "add", &desired.ports);
         s
     }
 
@@ -298,6 +391,18 @@ impl FirewallDriver for Nftables {
         self.change(netlink::Op::Delete, mappings)
     }
 
+    fn bind(&self, ports: &[MachinePort]) -> Result<(), FirewallError> {
+        let mut s = String::new();
+        self.port_elements(&mut s, "add", ports);
+        self.apply(&s)
+    }
+
+    fn unbind(&self, ports: &[MachinePort]) -> Result<(), FirewallError> {
+        let mut s = String::new();
+        self.port_elements(&mut s, "delete", ports);
+        self.apply(&s)
+    }
+
     fn check(&self, deep: bool) -> Result<Health, FirewallError> {
         // `list chains` does not fetch map elements: a few ms even with 10,000 exposes.
         let Some(out) = self.query(&["-j", "list", "chains", FAMILY])? else {
@@ -342,7 +447,7 @@ impl FirewallDriver for Nftables {
                 for rule in [
                     format!("oifname {{ {list} }} ct status dnat accept"),
                     format!("oifname {{ {list} }} ct state established,related accept"),
-                    format!("iifname {{ {list} }} accept"),
+                    format!("iifname {{ {list} }} oifname != {{ {list} }} accept"),
                 ] {
                     let _ = writeln!(s, "insert rule {chain} {rule} comment \"{tag}\"");
                 }
@@ -367,7 +472,7 @@ impl FirewallDriver for Nftables {
     }
 
     fn render(&self, desired: &Desired) -> String {
-        self.table_text(desired)
+        self.table_text(desired) + &self.bridge_table_text()
     }
 }
 
