@@ -315,7 +315,7 @@ impl Drop for Sniffer {
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn lan_routing_to_machines_reaches_only_exposed_ports_and_networks_stay_apart() {
-    let env = Env::new("droute");
+    let mut env = Env::new("droute");
     let a = env.machine("a", &["--expose", "8080:80"]);
     env.serve_tcp("a", 80, "a");
     env.serve_tcp("a", 81, "unexposed-a");
@@ -379,6 +379,18 @@ fn lan_routing_to_machines_reaches_only_exposed_ports_and_networks_stay_apart() 
     expect_tcp(&na, GW, 8081, "b");
     expect_tcp(&nb, HOST_LAN, 8080, "a");
     expect_tcp(&nb, "10.210.0.1", 8080, "a");
+
+    step("control: without sistemo's forward rules the route reaches the unexposed port");
+    // kill -9, so that the repair loop cannot restore them; the machines stay up
+    env.kill_daemon("-KILL");
+    ok(&[
+        "ip", "netns", "exec", &env.ns, "nft", "flush", "chain", "ip", &env.table, "forward",
+    ]);
+    assert_eq!(
+        tcp_from(&env.client, &a, 81),
+        Some(format!("unexposed-a {CLIENT_IP}")),
+        "control: the direct route works without the forward rules"
+    );
 }
 
 // 2. ARP, IP and MAC spoofing between machines.
@@ -533,6 +545,11 @@ fn router_advertisements_and_dhcp_replies_from_machines_go_nowhere() {
     let x = env.machine("x", &[]);
     let y = env.machine("y", &[]);
     let (nx, ny) = (ns_of(&env, &x), ns_of(&env, &y));
+    // With br_netfilter loaded (Docker hosts), bridged IPv4 also passes the `ip` table's forward
+    // chain, which drops the broadcast DHCP offer on its own; switched off in this host
+    // namespace, the bridge table is the only filter between machines, as this test wants.
+    env.sh("if [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then \
+         sysctl -qw net.bridge.bridge-nf-call-iptables=0; fi");
     let marker = "10.200.0.250";
     // x's RA, DHCP offer and a harmless ARP request marking the end, seen from y
     let attack = |env: &Env| {
