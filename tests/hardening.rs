@@ -27,7 +27,14 @@ fn second_daemon(env: &Env, socket: &std::path::Path) -> std::process::Output {
         .arg(env.dir.join("config.yml"))
         .arg("--data-dir")
         .arg(env.dir.join("data"))
-        .args(["--nft-table", "other", "--hypervisor", "netns", "--bridge", "sistemo9"])
+        .args([
+            "--nft-table",
+            "other",
+            "--hypervisor",
+            "netns",
+            "--bridge",
+            "sistemo9",
+        ])
         .args(["--subnet", "10.231.0.0/24"])
         .stdin(Stdio::null())
         .output()
@@ -54,13 +61,14 @@ fn state_on_disk_is_private_and_one_daemon_owns_it() {
     let other = env.dir.join("other.sock");
     let o = second_daemon(&env, &other);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a second daemon started on the same data dir: {err}");
     assert!(
-        err.contains("another sistemo daemon uses the data dir"),
-        "{err}"
+        !o.status.success(),
+        "a second daemon started on the same data dir: {err}"
     );
+    assert!(err.contains("another sistemo daemon uses the data dir"), "{err}");
     assert!(
-        env.cli_ok(&["machine", "status", "web"]).contains("Status:   running"),
+        env.cli_ok(&["machine", "status", "web"])
+            .contains("Status:   running"),
         "the first daemon's machine is untouched"
     );
 

@@ -774,6 +774,52 @@ fn flushed_loopback_guard_is_repaired() {
     );
 }
 
+// 2 and 6. The anti-spoofing table fails closed too: deleted or flushed, it is repaired.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn deleted_or_flushed_anti_spoofing_table_is_repaired() {
+    let env = Env::with_config("brrep", "repair_interval_ms: 500\n");
+    let x = env.machine("x", &[]);
+    let y = env.machine("y", &["--expose", "8080:80"]);
+    env.serve_tcp("y", 80, "y");
+    let (nx, ny) = (ns_of(&env, &x), ns_of(&env, &y));
+    let my = mac_of(&ny);
+    expect_tcp(&env.client, HOST_LAN, 8080, "y");
+    ok(&["ip", "-n", &nx, "addr", "add", &format!("{y}/32"), "dev", "eth0"]);
+    let bridge_table = || {
+        let o = env.sh(&format!("nft list table bridge {}", env.table));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let rules = bridge_table();
+    assert!(rules.contains("saddr"), "sistemo's bridge table: {rules}");
+    for (what, cmd) in [
+        ("deleted", format!("nft delete table bridge {}", env.table)),
+        ("flushed", format!("nft flush table bridge {}", env.table)),
+    ] {
+        step(&format!("bridge table {what}: repaired within 2 s"));
+        let o = env.sh(&cmd);
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let t0 = Instant::now();
+        poll(
+            &format!("the {what} bridge table back"),
+            Duration::from_secs(2),
+            || (bridge_table() == rules).then_some(()),
+        );
+        eprintln!("bridge table restored after {:?}", t0.elapsed());
+        pkt_ok(&env, &nx, &["arp", "eth0", "1", &y, &y, "bcast"]);
+        assert!(pings(&env, &nx, GW, "3"), "machine x cannot ping its gateway");
+        assert_eq!(
+            host_neigh(&env, &y).as_deref(),
+            Some(my.as_str()),
+            "x's gratuitous ARP for y's address moved the host's entry after the repair"
+        );
+    }
+}
+
 // 7. The rules sistemo puts in a foreign `policy drop` forward chain.
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
