@@ -47,7 +47,11 @@ fn private_data_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     let machines = dir.join("machines");
     std::fs::create_dir_all(&machines).with_context(|| format!("creating data dir {}", dir.display()))?;
     // 0711: a VMM running as its own user may traverse to its machine's directory, nothing more.
-    for (p, mode) in [(dir.to_path_buf(), 0o711), (machines, 0o711), (dir.join("pool"), 0o700)] {
+    for (p, mode) in [
+        (dir.to_path_buf(), 0o711),
+        (machines, 0o711),
+        (dir.join("pool"), 0o700),
+    ] {
         if p.exists() {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
                 .with_context(|| format!("securing {}", p.display()))?;

@@ -441,7 +441,10 @@ mod tests {
         }
         let id = uuid::Uuid::new_v4().to_string();
         assert!(id.parse::<MachineName>().unwrap_err().0.contains("machine ID"));
-        assert!("abcdefghijkl".parse::<NetworkName>().is_err(), "sis- + 12 exceeds IFNAMSIZ");
+        assert!(
+            "abcdefghijkl".parse::<NetworkName>().is_err(),
+            "sis- + 12 exceeds IFNAMSIZ"
+        );
         let longest: NetworkName = "abcdefghijk".parse().unwrap();
         longest.bridge().as_str().parse::<IfName>().unwrap();
         assert_eq!(

@@ -14,6 +14,10 @@ use uuid::Uuid;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a guest may take to power down before its VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// What Linux prints last when the guest powers itself off (`poweroff`, `shutdown -h`).
+const POWER_DOWN: &str = "reboot: Power down";
+/// How much of the console's end is read to tell a power-off from a crash.
+const CONSOLE_TAIL: u64 = 4096;
 
 impl Machines {
     /// Deploy: check everything first, then create and boot, undoing every step on failure.
@@ -335,11 +339,44 @@ impl Machines {
                 continue;
             }
             let pid = m.instance.as_ref().map_or(0, |i| i.pid);
-            self.mark_dead(&m, &format!("its VMM (pid {pid}) exited unexpectedly"))
-                .await?;
+            // A guest that powered itself off ends like a stop; anything else is an error
+            // with what the console said last.
+            let tail = self.console_tail(m.id);
+            if tail.contains(POWER_DOWN) {
+                tracing::info!(machine = %m.name, "the guest powered off");
+                self.shutdown(&m, &|_| {}).await?;
+            } else {
+                let last = tail
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim();
+                let why = if last.is_empty() {
+                    format!("its VMM (pid {pid}) exited unexpectedly")
+                } else {
+                    format!("its VMM (pid {pid}) exited unexpectedly; the console's last line: {last}")
+                };
+                self.mark_dead(&m, &why).await?;
+            }
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The last few KiB of the machine's console, without terminal escapes.
+    fn console_tail(&self, id: Uuid) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
+            return String::new();
+        };
+        let _ = f.seek(SeekFrom::End(-(CONSOLE_TAIL as i64)));
+        let mut buf = Vec::new();
+        let _ = f.take(CONSOLE_TAIL).read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf)
+            .chars()
+            .filter(|c| !c.is_control() || *c == '\n')
+            .collect()
     }
 
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
