@@ -114,3 +114,21 @@ pub(super) fn dnat_rules(json: &str, table: &str, chain: &str) -> usize {
         .filter(|r| r.expr.iter().any(|s| matches!(s, Statement::DNAT(_))))
         .count()
 }
+
+/// From `nft -j list table ip <table>`: how many rules each chain of the table holds (chains
+/// without rules included, with 0).
+pub(super) fn rule_counts(json: &str, table: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for o in listing(json) {
+        match o {
+            NfListObject::Chain(c) if c.family == NfFamily::IP && c.table == table => {
+                counts.entry(c.name.into_owned()).or_insert(0);
+            }
+            NfListObject::Rule(r) if r.family == NfFamily::IP && r.table == table => {
+                *counts.entry(r.chain.into_owned()).or_insert(0) += 1;
+            }
+            _ => {}
+        }
+    }
+    counts
+}

@@ -26,11 +26,14 @@
 
 mod json;
 
-use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping, netlink};
-use json::{ForeignChain, chain_names, dnat_rules, foreign_drop_forward, tagged};
+use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, Held, PortMapping, netlink};
+use json::{ForeignChain, chain_names, dnat_rules, foreign_drop_forward, rule_counts, tagged};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Priority of the guard chain (raw: before conntrack).
 pub const PRIO_RAW: i32 = -300;
@@ -53,11 +56,19 @@ pub const CHAINS: [&str; 5] = ["guard", "prerouting", "output", "postrouting", "
 /// The nftables family of the table.
 pub const FAMILY: &str = "ip";
 
+/// `Nftables::seen` before the driver has seen any generation.
+const UNSEEN: u64 = u64::MAX;
+
 /// The nftables driver for one table name.
 #[derive(Debug, Clone)]
 pub struct Nftables {
     table: String,
     nft: String,
+    /// The ruleset generation after the driver's last own commit or checked state (see
+    /// [`FirewallDriver::changed`]); [`UNSEEN`] before the first.
+    seen: Arc<AtomicU64>,
+    /// Rules per chain of the table as last built, for the deep check.
+    expected_rules: Arc<Mutex<BTreeMap<String, usize>>>,
 }
 
 impl Nftables {
@@ -66,7 +77,31 @@ impl Nftables {
         Nftables {
             table: table.into(),
             nft: "nft".into(),
+            seen: Arc::new(AtomicU64::new(UNSEEN)),
+            expected_rules: Arc::default(),
         }
+    }
+
+    /// Run `commit` (one transaction of the driver's own) and keep the ruleset generation it
+    /// produced as seen, so the repair loop does not inspect the driver's own changes. Only a
+    /// generation exactly one past the one before counts (nothing else committed in between);
+    /// for an element change the generation before must also be the seen one (else a foreign
+    /// change before it is still unchecked). A `whole_table` rebuild replaces everything of
+    /// ours, so an earlier foreign change needs no check of its own.
+    fn committed<T>(
+        &self,
+        whole_table: bool,
+        commit: impl FnOnce() -> Result<T, FirewallError>,
+    ) -> Result<T, FirewallError> {
+        let before = netlink::generation().ok();
+        let r = commit()?;
+        if let (Some(before), Ok(after)) = (before, netlink::generation())
+            && after == before.wrapping_add(1)
+            && (whole_table || self.seen.load(Ordering::SeqCst) == u64::from(before))
+        {
+            self.seen.store(u64::from(after), Ordering::SeqCst);
+        }
+        Ok(r)
     }
 
     /// The comment tagging rules this daemon puts in foreign chains.
@@ -268,6 +303,31 @@ impl Nftables {
         Health::InSync
     }
 
+    /// The deep check, from `nft -j list table ip <table>`: every chain holds as many rules as
+    /// the last rebuild put there (a flushed `guard`, a deleted rule), and at least the two
+    /// DNAT rules in prerouting.
+    fn table_rules_health(&self, json: &str) -> Health {
+        let held = rule_counts(json, &self.table);
+        if held.is_empty() {
+            return Health::Drifted(format!("table {FAMILY} {} is missing", self.table));
+        }
+        let expected = self
+            .expected_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (chain, want) in &expected {
+            let have = held.get(chain).copied().unwrap_or(0);
+            if have != *want {
+                return Health::Drifted(format!(
+                    "chain {chain} of table {FAMILY} {} holds {have} rules, not {want}",
+                    self.table
+                ));
+            }
+        }
+        self.rules_health(json)
+    }
+
     /// Forward base chains of other tables whose policy is drop.
     fn foreign_drop_forward_chains(&self) -> Result<Vec<ForeignChain>, FirewallError> {
         let Some(out) = self.query(&["-j", "list", "chains"])? else {
@@ -287,15 +347,18 @@ impl Nftables {
 
 impl FirewallDriver for Nftables {
     fn rebuild(&self, desired: &Desired) -> Result<(), FirewallError> {
-        self.apply(&self.rebuild_script(desired))
+        let text = self.table_text(desired);
+        self.committed(true, || self.apply(&self.rebuild_script(desired)))?;
+        *self.expected_rules.lock().unwrap_or_else(|p| p.into_inner()) = expected_rule_counts(&text);
+        Ok(())
     }
 
     fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
-        self.change(netlink::Op::Add, mappings)
+        self.committed(false, || self.change(netlink::Op::Add, mappings))
     }
 
     fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
-        self.change(netlink::Op::Delete, mappings)
+        self.committed(false, || self.change(netlink::Op::Delete, mappings))
     }
 
     fn check(&self, deep: bool) -> Result<Health, FirewallError> {
@@ -307,14 +370,47 @@ impl FirewallDriver for Nftables {
         if !deep || shallow != Health::InSync {
             return Ok(shallow);
         }
-        // Listing rules makes nft fetch every map element (tens of ms at 10,000 exposes), so
-        // rule flushes are checked on the slower deep cadence.
+        // Listing rules makes nft fetch every map element (about 50 ms at 10,000 exposes), so
+        // the repair loop asks for it only when the ruleset generation moved.
         Ok(
-            match self.query(&["-j", "list", "chain", FAMILY, &self.table, "prerouting"])? {
+            match self.query(&["-j", "-t", "list", "table", FAMILY, &self.table])? {
                 None => Health::Drifted(format!("table {FAMILY} {} is missing", self.table)),
-                Some(json) => self.rules_health(&json),
+                Some(json) => self.table_rules_health(&json),
             },
         )
+    }
+
+    fn changed(&self) -> Result<Option<u64>, FirewallError> {
+        let now = u64::from(netlink::generation()?);
+        Ok((self.seen.load(Ordering::SeqCst) != now).then_some(now))
+    }
+
+    fn settle(&self, generation: u64) {
+        self.seen.store(generation, Ordering::SeqCst);
+    }
+
+    fn held(&self) -> Result<Option<Held>, FirewallError> {
+        let mut held = Held::default();
+        for map in [MAP_ANY, MAP_BOUND] {
+            // A dump that raced a change is read again; a map that keeps changing is reported.
+            let mut tries = 0;
+            let els = loop {
+                tries += 1;
+                match netlink::elements(&self.table, map)? {
+                    None => return Ok(None),
+                    Some(e) if e.interrupted && tries < 3 => continue,
+                    Some(e) if e.interrupted => {
+                        return Err(FirewallError::Rejected(format!(
+                            "map {map} kept changing while it was read"
+                        )));
+                    }
+                    Some(e) => break e,
+                }
+            };
+            held.mappings.extend(els.mappings);
+            held.foreign += els.foreign;
+        }
+        Ok(Some(held))
     }
 
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
@@ -347,7 +443,7 @@ impl FirewallDriver for Nftables {
                     let _ = writeln!(s, "insert rule {chain} {rule} comment \"{tag}\"");
                 }
             }
-            self.apply(&s)?;
+            self.committed(false, || self.apply(&s))?;
             patched.push(chain.to_string());
         }
         Ok(patched)
@@ -360,7 +456,7 @@ impl FirewallDriver for Nftables {
                 let _ = writeln!(s, "delete rule {chain} handle {h}");
             }
             if !s.is_empty() {
-                self.apply(&s)?;
+                self.committed(false, || self.apply(&s))?;
             }
         }
         Ok(())
@@ -369,6 +465,30 @@ impl FirewallDriver for Nftables {
     fn render(&self, desired: &Desired) -> String {
         self.table_text(desired)
     }
+}
+
+/// Rules per chain of a table as [`Nftables::table_text`] writes it: one rule a line inside
+/// each `chain NAME {` block, after its `type … hook …` line.
+fn expected_rule_counts(text: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let mut chain: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix('{')) {
+            let name = name.trim().to_string();
+            counts.insert(name.clone(), 0);
+            chain = Some(name);
+        } else if line == "}" {
+            chain = None;
+        } else if let Some(c) = &chain
+            && !line.is_empty()
+            && !line.starts_with("type ")
+            && !line.starts_with("policy ")
+            && !line.starts_with("comment ")
+        {
+            *counts.get_mut(c).expect("inserted at its header") += 1;
+        }
+    }
+    counts
 }
 
 #[cfg(test)]
