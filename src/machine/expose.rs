@@ -62,9 +62,21 @@ impl Machines {
             )));
         }
         if m.state == MachineState::Running {
-            self.fw.remove(m.ip, &removed)?;
+            self.unforward(m.ip, &removed)?; // iso-drift: a failed batch rebuilds
+            crate::net::conntrack::forget_exposes(m.ip, &removed).await; // iso-drift
         }
         self.get(&id.to_string())
+    }
+
+    /// Take `specs` of the machine at `ip` out of the firewall. A batch aborts whole (e.g. when
+    /// one element is already gone, after a flush), leaving the kernel short of what was meant:
+    /// then the table is rebuilt from the database (read under the firewall's lock), which must
+    /// already exclude `specs` (rows removed, or the machine out of `running`).
+    pub(super) fn unforward(&self, ip: Ipv4Addr, specs: &[ExposeSpec]) -> Result<()> {
+        match self.fw.remove(ip, specs) {
+            Ok(()) => Ok(()),
+            Err(e) => self.fw.recover(&e, || desired_firewall(&self.store.lock())),
+        }
     }
 
     /// Every exposed port on the host with its machine and whether the machine runs.

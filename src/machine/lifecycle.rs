@@ -67,6 +67,7 @@ impl Machines {
             self.teardown(&m, None).await;
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
+            crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
             return Err(e);
         }
         self.get(&m.id.to_string())
@@ -193,10 +194,13 @@ impl Machines {
     /// Take a running machine's rules out, stop its VMM and mark it stopped.
     async fn shutdown(&self, m: &Machine, progress: Progress<'_>) -> Result<()> {
         let ports = self.store.lock().exposes_of(m.id)?;
-        // Absent elements (e.g. after a flush) are fine: the next rebuild reflects the store.
-        let _ = self.fw.remove(m.ip, &ports);
+        // iso-drift: a failed batch (e.g. elements gone after a flush) rebuilds from the store.
+        if let Err(e) = self.unforward(m.ip, &ports) {
+            tracing::warn!(machine = %m.name, error = %chain(&e), "removing the machine's rules failed");
+        }
         progress(&format!("stopping {}", m.name));
         self.teardown(m, m.instance.as_ref()).await;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
         let st = self.store.lock();
         st.set_instance(m.id, None)?;
         st.set_state(m.id, MachineState::Stopped, None)?;
@@ -234,6 +238,7 @@ impl Machines {
             return Err(Error::io(format!("removing {}", dir.display()))(e));
         }
         self.store.lock().delete_machine(id)?;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(())
     }
@@ -274,6 +279,7 @@ impl Machines {
                     self.teardown(&m, m.instance.as_ref()).await;
                     let _ = std::fs::remove_dir_all(self.machine_dir(m.id));
                     self.store.lock().delete_machine(m.id)?;
+                    crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
                 }
                 MachineState::Running => {
                     self.mark_dead(&m, "its VMM exited while the daemon was not running")
@@ -327,11 +333,16 @@ impl Machines {
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
         tracing::warn!(machine = %m.name, reason = why, "machine is down");
         let ports = self.store.lock().exposes_of(m.id)?;
-        let _ = self.fw.remove(m.ip, &ports);
+        // iso-drift: out of `running` first, so a rebuild after a failed batch leaves it out.
+        self.store
+            .lock()
+            .set_state(m.id, MachineState::Error, Some(why))?;
+        if let Err(e) = self.unforward(m.ip, &ports) {
+            tracing::warn!(machine = %m.name, error = %chain(&e), "removing the machine's rules failed");
+        }
         self.teardown(m, None).await;
-        let st = self.store.lock();
-        st.set_instance(m.id, None)?;
-        st.set_state(m.id, MachineState::Error, Some(why))?;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
+        self.store.lock().set_instance(m.id, None)?;
         Ok(())
     }
 }
