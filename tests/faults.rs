@@ -384,3 +384,41 @@ fn map_elements_changed_behind_the_daemons_back_are_repaired() {
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(restored(), before);
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn unexpose_and_delete_forget_tracked_flows() {
+    let env = Env::new("ct");
+    let ip = env.machine("web", &["--expose", "5353:53/udp", "--expose", "8080:80"]);
+    let flows = |filter: &str| {
+        let o = env.sh(&format!("conntrack -L {filter} 2>/dev/null"));
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    env.serve_udp("web", 53, "web");
+    poll("a UDP answer through 5353", Duration::from_secs(10), || {
+        udp_from(&env.client, HOST_LAN, 5353).filter(|r| r.starts_with("web"))
+    });
+    assert!(
+        flows("-p udp --orig-port-dst 5353") >= 1,
+        "the UDP flow is tracked"
+    );
+    env.cli_ok(&["machine", "unexpose", "web", "--port", "5353/udp"]);
+    assert_eq!(
+        flows("-p udp --orig-port-dst 5353"),
+        0,
+        "unexpose forgot the flow"
+    );
+    env.serve_tcp("web", 80, "web");
+    expect_tcp(&env.client, HOST_LAN, 8080, "web");
+    assert!(
+        flows(&format!("--reply-src {ip}")) >= 1,
+        "the TCP flow is tracked"
+    );
+    env.cli_ok(&["machine", "delete", "web", "-y"]);
+    assert_eq!(
+        flows(&format!("--reply-src {ip}")),
+        0,
+        "delete forgot the address's flows"
+    );
+    assert_eq!(flows(&format!("--orig-src {ip}")), 0);
+}
