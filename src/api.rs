@@ -206,7 +206,7 @@ pub struct ShellResponse {
 /// A network.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkInfo {
-    /// Unique name, at most 12 characters.
+    /// Unique name, at most 11 characters (its bridge is `sis-NAME`).
     pub name: String,
     /// Bridge interface.
     pub bridge: String,

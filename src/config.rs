@@ -45,6 +45,13 @@ pub struct Config {
     pub repair_interval_ms: u64,
     /// Insert accept rules into foreign forward chains with policy drop (Docker hosts).
     pub forward_compat: bool,
+    /// Host ports machines may connect to through their gateway (all others are closed to them).
+    pub host_ports_for_machines: Vec<u16>,
+    /// Let machines reach link-local addresses, like a cloud's metadata service at
+    /// 169.254.169.254 (its credentials belong to the host).
+    pub allow_metadata: bool,
+    /// Drop machines' new connections to SMTP ports 25, 465 and 587.
+    pub block_smtp: bool,
     /// QEMU accelerator: `auto` (KVM when it can run the guest, else TCG), `kvm` or `tcg`.
     pub accel: AccelChoice,
     /// Appended to the guest kernel's command line (e.g. `loglevel=7` to debug a boot).
@@ -77,6 +84,9 @@ impl Default for Config {
             dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
             repair_interval_ms: 500,
             forward_compat: true,
+            host_ports_for_machines: vec![],
+            allow_metadata: false,
+            block_smtp: true,
             accel: AccelChoice::Auto,
             guest_cmdline_extra: None,
             debug_boot: false,
@@ -211,6 +221,15 @@ impl Config {
                 .or_else(|| apt_mirror(Path::new("/etc/apt")))
                 .unwrap_or_else(|| DEFAULT_MIRROR.into()),
             debootstrap_cache: self.debootstrap_cache.clone(),
+        }
+    }
+
+    /// What machines may reach, for the firewall.
+    pub fn policy(&self) -> crate::net::firewall::Policy {
+        crate::net::firewall::Policy {
+            host_ports: self.host_ports_for_machines.clone(),
+            allow_metadata: self.allow_metadata,
+            block_smtp: self.block_smtp,
         }
     }
 

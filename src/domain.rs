@@ -25,18 +25,21 @@ pub enum MachineState {
     Stopping,
     /// No VMM; rules stay stored, out of the firewall.
     Stopped,
+    /// Delete in progress: its rules are out of the firewall and no rebuild brings them back.
+    Deleting,
     /// The VMM failed to start or died unexpectedly; `start` retries.
     Error,
 }
 
 impl MachineState {
     /// Every state, for parsing and tests.
-    pub const ALL: [MachineState; 6] = [
+    pub const ALL: [MachineState; 7] = [
         MachineState::Creating,
         MachineState::Starting,
         MachineState::Running,
         MachineState::Stopping,
         MachineState::Stopped,
+        MachineState::Deleting,
         MachineState::Error,
     ];
 
@@ -48,6 +51,7 @@ impl MachineState {
             MachineState::Running => "running",
             MachineState::Stopping => "stopping",
             MachineState::Stopped => "stopped",
+            MachineState::Deleting => "deleting",
             MachineState::Error => "error",
         }
     }
@@ -185,8 +189,8 @@ name_type!(
     MachineName, "machine name", 63, Charset::LowerDash
 );
 name_type!(
-    /// A network's name: 1-12 of `[a-z0-9-]` (its bridge is `sis-NAME`, within IFNAMSIZ).
-    NetworkName, "network name", 12, Charset::LowerDash
+    /// A network's name: 1-11 of `[a-z0-9-]` (its bridge is `sis-NAME`: 15 bytes at most).
+    NetworkName, "network name", 11, Charset::LowerDash
 );
 name_type!(
     /// A local image's tag: 1-63 of `[a-z0-9-]`.
@@ -224,7 +228,7 @@ impl MachineName {
 impl FromStr for NetworkName {
     type Err = Invalid;
     fn from_str(s: &str) -> Result<Self, Invalid> {
-        check_name("network name", s, 12, Charset::LowerDash).map(|_| NetworkName(s.to_string()))
+        check_name("network name", s, 11, Charset::LowerDash).map(|_| NetworkName(s.to_string()))
     }
 }
 
@@ -437,7 +441,12 @@ mod tests {
         }
         let id = uuid::Uuid::new_v4().to_string();
         assert!(id.parse::<MachineName>().unwrap_err().0.contains("machine ID"));
-        assert!("abcdefghijklm".parse::<NetworkName>().is_err());
+        assert!(
+            "abcdefghijkl".parse::<NetworkName>().is_err(),
+            "sis- + 12 exceeds IFNAMSIZ"
+        );
+        let longest: NetworkName = "abcdefghijk".parse().unwrap();
+        longest.bridge().as_str().parse::<IfName>().unwrap();
         assert_eq!(
             "blue".parse::<NetworkName>().unwrap().bridge().as_str(),
             "sis-blue"

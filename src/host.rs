@@ -4,7 +4,7 @@
 use crate::api::HistoryEntry;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::images::Images;
 use crate::machine::{Machines, Settings, desired_firewall, host_memory};
 use crate::net::firewall::{Firewall, FirewallDriver};
@@ -52,7 +52,12 @@ impl Host {
         backend: Backend,
     ) -> Host {
         let store = Arc::new(SharedStore::new(store));
-        let fw = Arc::new(Firewall::new(fw, cfg.forward_compat));
+        let source = store.clone();
+        let fw = Arc::new(Firewall::new(
+            fw,
+            Box::new(move || desired_firewall(&source.lock()).map_err(|e| e.into())),
+            cfg.forward_compat,
+        ));
         let settings = Settings {
             machines_dir: cfg.data_dir.join("machines"),
             max_vcpus: cfg.max_vcpus.unwrap_or_else(|| {
@@ -91,9 +96,10 @@ impl Host {
         self.networks
             .ensure(&self.cfg.bridge, self.cfg.bridge_subnet)
             .await?;
+        self.check_api_port()?;
         self.machines.readopt().await?;
         let t = std::time::Instant::now();
-        self.fw.rebuild(&desired_firewall(&self.store.lock())?)?;
+        self.fw.rebuild()?;
         tracing::info!(
             restore_ms = t.elapsed().as_secs_f64() * 1000.0,
             "firewall rebuilt from the database in one transaction"
@@ -101,14 +107,40 @@ impl Host {
         Ok(())
     }
 
-    /// One self-repair pass: restore the firewall if it drifted (`deep` also verifies rules).
-    pub fn repair_once(&self, deep: bool) -> Result<bool> {
-        self.fw.repair_once(deep, || desired_firewall(&self.store.lock()))
+    /// Refuse to start when a stored expose claims the TCP API's port: DNAT would hand the
+    /// API's requests, bearer token included, to that machine.
+    fn check_api_port(&self) -> Result<()> {
+        let Some(port) = self.cfg.port else {
+            return Ok(());
+        };
+        let api = self.cfg.listen_addr;
+        let taken = self.machines.ports()?.into_iter().find(|(_, _, s)| {
+            s.host.proto == crate::spec::Protocol::Tcp
+                && s.host.ports.ports().any(|p| p == port)
+                && s.host.bind.is_none_or(|b| b == api || api.is_unspecified())
+        });
+        match taken {
+            Some((m, _, s)) => Err(Error::Conflict(format!(
+                "the TCP API's port {port} is exposed by machine {m} ({s}); unexpose it or choose another `port`"
+            ))),
+            None => Ok(()),
+        }
     }
 
-    /// The firewall table as it should be, as text.
+    /// One self-repair pass: restore the firewall if it drifted (`deep` also verifies rules).
+    pub fn repair_once(&self, deep: bool) -> Result<bool> {
+        Ok(self.fw.repair_once(deep)?)
+    }
+
+    /// The firewall tables as they should be, as text.
     pub fn firewall_render(&self) -> Result<String> {
-        Ok(self.fw.render(&desired_firewall(&self.store.lock())?))
+        Ok(self.fw.render()?)
+    }
+
+    /// Clean daemon stop: take sistemo's rules out of foreign chains (its own tables stay, so
+    /// machines and their exposes keep working).
+    pub fn shutdown(&self) {
+        self.fw.remove_forward_compat();
     }
 
     /// Append to the audit log.

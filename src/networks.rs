@@ -3,7 +3,6 @@
 
 use crate::domain::{IfName, NetworkName, Subnet};
 use crate::error::{Error, Result};
-use crate::machine::desired_firewall;
 use crate::net::firewall::Firewall;
 use crate::net::ipam;
 use crate::net::link::HostLinks;
@@ -31,6 +30,23 @@ impl Networks {
             let st = self.store.lock();
             match st.network(default.as_str()) {
                 Ok(n) if n.subnet == subnet && n.bridge == *bridge => {}
+                Ok(n) if n.bridge != *bridge => {
+                    // Machines' links are ports of the old bridge: they cannot move.
+                    let users = st.machines_on(&default)?;
+                    if let Some(m) = users.first() {
+                        return Err(Error::Conflict(format!(
+                            "bridge {} of the default network cannot become {bridge} while machines use it ({} and {} more); delete them first or keep the old bridge",
+                            n.bridge,
+                            m.name,
+                            users.len() - 1
+                        )));
+                    }
+                    st.set_network_subnet(&default, bridge, subnet)?;
+                    // The old bridge leaves sistemo's firewall: nothing guards it any more.
+                    if let Err(e) = crate::net::link::set_route_localnet(n.bridge.as_str(), false) {
+                        tracing::debug!(error = %e, "old bridge without route_localnet");
+                    }
+                }
                 Ok(_) => st.set_network_subnet(&default, bridge, subnet)?,
                 Err(_) => st.create_network(&Network {
                     name: default,
@@ -139,7 +155,6 @@ impl Networks {
 
     /// Rebuild the firewall from the store (its bridges changed).
     fn rebuild_firewall(&self) -> Result<()> {
-        let d = desired_firewall(&self.store.lock())?;
-        Ok(self.fw.rebuild(&d)?)
+        Ok(self.fw.rebuild()?)
     }
 }

@@ -208,11 +208,13 @@ fn split_proto(spec: &str) -> Result<(&str, Protocol), SpecError> {
     }
 }
 
-fn parse_addr(spec: &str, s: &str) -> Result<Ipv4Addr, SpecError> {
-    s.parse().map_err(|_| SpecError {
+/// A bind address; `0.0.0.0` means every address, like no address at all (as in Docker).
+fn parse_addr(spec: &str, s: &str) -> Result<Option<Ipv4Addr>, SpecError> {
+    let a: Ipv4Addr = s.parse().map_err(|_| SpecError {
         spec: spec.to_string(),
         reason: format!("{s:?} is not an IPv4 address (allowed: a host address like 127.0.0.1)"),
-    })
+    })?;
+    Ok((!a.is_unspecified()).then_some(a))
 }
 
 impl FromStr for HostPortSpec {
@@ -223,7 +225,7 @@ impl FromStr for HostPortSpec {
         let (rest, proto) = split_proto(s)?;
         let (bind, ports) = match rest.rsplit_once(':') {
             None => (None, rest),
-            Some((a, p)) => (Some(parse_addr(spec, a)?), p),
+            Some((a, p)) => (parse_addr(spec, a)?, p),
         };
         Ok(HostPortSpec {
             bind,
@@ -243,7 +245,7 @@ impl FromStr for ExposeSpec {
         let (bind, host, machine) = match parts.as_slice() {
             [h] => (None, *h, *h),
             [h, m] => (None, *h, *m),
-            [a, h, m] => (Some(parse_addr(spec, a)?), *h, *m),
+            [a, h, m] => (parse_addr(spec, a)?, *h, *m),
             _ => {
                 return Err(SpecError {
                     spec: spec.to_string(),
@@ -388,6 +390,12 @@ mod tests {
         assert_eq!(h.proto, Protocol::Udp);
         let h: HostPortSpec = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(h.bind, Some(Ipv4Addr::LOCALHOST));
+        let any: ExposeSpec = "0.0.0.0:8080:80".parse().unwrap();
+        assert_eq!(
+            (any.host.bind, any.to_string().as_str()),
+            (None, "8080:80/tcp"),
+            "0.0.0.0 is the wildcard"
+        );
     }
 
     #[test]

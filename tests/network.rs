@@ -36,8 +36,16 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
         None,
         "machine reached a host loopback service"
     );
-    // control: without sistemo's guard the same packets do reach it, so the test is real
-    env.sh(&format!("nft flush chain ip {} guard", env.table));
+    // control: without sistemo's guard (and its input chain, which closes the host to machines
+    // too) the same packets do reach it, so the test is real. The daemon is killed first so
+    // that its repair loop cannot restore them meanwhile (its tables stay: kill -9 is not a
+    // clean stop).
+    let mut env = env;
+    env.kill_daemon("-KILL");
+    env.sh(&format!(
+        "nft flush chain ip {t} guard && nft flush chain ip {t} input",
+        t = env.table
+    ));
     assert_eq!(
         tcp_from(&ns, "127.0.0.1", 7777).as_deref(),
         Some("secret"),

@@ -133,6 +133,19 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
                     "restart the daemon: sistemo up creates it",
                 ));
             }
+            // Informational: sistemo turns the global knob on, and says what it means.
+            let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
+            checks.push(check(
+                "forwarding",
+                true,
+                if forwarding.trim() == "1" {
+                    "net.ipv4.ip_forward=1 (set by sistemo): the host routes between its interfaces; \
+                     sistemo's forward chain admits into machines only exposed traffic and replies"
+                } else {
+                    "net.ipv4.ip_forward=0: exposes reach machines only from this host"
+                },
+                "",
+            ));
             if let Some(dir) = i.config["data_dir"].as_str() {
                 let free = nix::sys::statvfs::statvfs(dir)
                     .map(|s| s.blocks_available() * s.fragment_size())

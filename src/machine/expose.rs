@@ -4,7 +4,7 @@
 use super::{MachineView, Machines};
 use crate::domain::{MachineName, MachineState};
 use crate::error::{Error, Result};
-use crate::net::firewall::{BridgeNet, Desired, PortMapping};
+use crate::net::firewall::{BridgeNet, Desired, MachinePort, PortMapping};
 use crate::spec::{ExposeSpec, HostPortSpec, Protocol, check_no_duplicates};
 use crate::store::Store;
 use std::net::Ipv4Addr;
@@ -62,21 +62,10 @@ impl Machines {
             )));
         }
         if m.state == MachineState::Running {
-            self.unforward(m.ip, &removed)?; // iso-drift: a failed batch rebuilds
+            self.fw.remove(m.ip, &removed)?;
             crate::net::conntrack::forget_exposes(m.ip, &removed).await; // iso-drift
         }
         self.get(&id.to_string())
-    }
-
-    /// Take `specs` of the machine at `ip` out of the firewall. A batch aborts whole (e.g. when
-    /// one element is already gone, after a flush), leaving the kernel short of what was meant:
-    /// then the table is rebuilt from the database (read under the firewall's lock), which must
-    /// already exclude `specs` (rows removed, or the machine out of `running`).
-    pub(super) fn unforward(&self, ip: Ipv4Addr, specs: &[ExposeSpec]) -> Result<()> {
-        match self.fw.remove(ip, specs) {
-            Ok(()) => Ok(()),
-            Err(e) => self.fw.recover(&e, || desired_firewall(&self.store.lock())),
-        }
     }
 
     /// Every exposed port on the host with its machine and whether the machine runs.
@@ -126,8 +115,17 @@ fn probe_host_port(bind: Option<Ipv4Addr>, proto: Protocol, port: u16) -> Result
     }
 }
 
-/// What the firewall must hold, from the store: every network's bridge and the exposes of
-/// running machines.
+/// A machine's port binding: its link on the bridge, its MAC and its leased address.
+pub fn machine_port(m: &crate::store::Machine) -> MachinePort {
+    MachinePort {
+        ifname: crate::net::host_ifname(&m.id),
+        mac: crate::net::mac_for(&m.id),
+        ip: m.ip,
+    }
+}
+
+/// What the firewall must hold, from the store: every network's bridge, every machine's port
+/// binding, and the exposes of running machines.
 pub fn desired_firewall(st: &Store) -> Result<Desired> {
     let bridges = st
         .networks()?
@@ -140,6 +138,7 @@ pub fn desired_firewall(st: &Store) -> Result<Desired> {
     let active = st.active_exposes()?;
     Ok(Desired {
         bridges,
+        ports: st.machines()?.iter().map(machine_port).collect(),
         mappings: PortMapping::expand(active.iter().map(|(ip, s)| (*ip, s))),
     })
 }

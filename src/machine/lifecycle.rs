@@ -1,7 +1,7 @@
 //! A machine's life: deploy, boot, start, stop, restart, delete, re-adoption at daemon start,
 //! and noticing a VMM that died. Each host-touching step has its undo on the failure path.
 
-use super::{Deploy, MachineView, Machines};
+use super::{Deploy, MachineView, Machines, machine_port};
 use crate::Progress;
 use crate::domain::{ByteSize, MachineName, MachineState, NetworkName};
 use crate::error::{Error, Result, chain};
@@ -14,6 +14,10 @@ use uuid::Uuid;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a guest may take to power down before its VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// What Linux prints last when the guest powers itself off (`poweroff`, `shutdown -h`).
+const POWER_DOWN: &str = "reboot: Power down";
+/// How much of the console's end is read to tell a power-off from a crash.
+const CONSOLE_TAIL: u64 = 4096;
 
 impl Machines {
     /// Deploy: check everything first, then create and boot, undoing every step on failure.
@@ -53,7 +57,10 @@ impl Machines {
         let lock = self.lock_for(m.id);
         let _g = lock.lock().await;
         let dir = self.machine_dir(m.id);
+        let port = machine_port(&m);
         let res: Result<()> = async {
+            // The port is bound to the machine's MAC and IP before its link exists.
+            self.fw.bind(&port)?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
             if let Some(images) = &self.images {
                 let (_, size) = images.create_disk(&d.image, &dir, d.storage, progress).await?;
@@ -65,6 +72,7 @@ impl Machines {
         if let Err(e) = res {
             progress("deploy failed; cleaning up");
             self.teardown(&m, None).await;
+            let _ = self.fw.unbind(&port);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
             crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
@@ -194,10 +202,8 @@ impl Machines {
     /// Take a running machine's rules out, stop its VMM and mark it stopped.
     async fn shutdown(&self, m: &Machine, progress: Progress<'_>) -> Result<()> {
         let ports = self.store.lock().exposes_of(m.id)?;
-        // iso-drift: a failed batch (e.g. elements gone after a flush) rebuilds from the store.
-        if let Err(e) = self.unforward(m.ip, &ports) {
-            tracing::warn!(machine = %m.name, error = %chain(&e), "removing the machine's rules failed");
-        }
+        // Absent elements (e.g. after a flush) are fine: the next rebuild reflects the store.
+        let _ = self.fw.remove(m.ip, &ports);
         progress(&format!("stopping {}", m.name));
         self.teardown(m, m.instance.as_ref()).await;
         crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
@@ -220,26 +226,36 @@ impl Machines {
         self.get(&id.to_string())
     }
 
-    /// Delete: stop if running, then remove rules, link, files, IP lease and rows.
+    /// Delete: the machine leaves `running` first (state `deleting`, so no rebuild brings its
+    /// rules back), then its rules, VMM, link, port binding, files, IP lease and rows go.
     pub async fn delete(&self, name: &str, progress: Progress<'_>) -> Result<()> {
         let id = self.store.lock().machine(name)?.id;
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
         let m = self.store.lock().machine_by_id(id)?;
+        self.store.lock().set_state(id, MachineState::Deleting, None)?;
         if m.state == MachineState::Running {
-            self.shutdown(&m, progress).await?;
-        } else {
-            self.teardown(&m, m.instance.as_ref()).await;
+            let ports = self.store.lock().exposes_of(id)?;
+            self.fw.remove(m.ip, &ports)?;
+            progress(&format!("stopping {}", m.name));
         }
-        let dir = self.machine_dir(id);
+        self.finish_delete(&m).await?;
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        Ok(())
+    }
+
+    /// The rest of a delete once the machine is `deleting` and its rules are out.
+    async fn finish_delete(&self, m: &Machine) -> Result<()> {
+        self.teardown(m, m.instance.as_ref()).await;
+        self.fw.unbind(&machine_port(m))?;
+        let dir = self.machine_dir(m.id);
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             return Err(Error::io(format!("removing {}", dir.display()))(e));
         }
-        self.store.lock().delete_machine(id)?;
+        self.store.lock().delete_machine(m.id)?;
         crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(())
     }
 
@@ -293,6 +309,10 @@ impl Machines {
                     tracing::warn!(machine = %m.name, "stop was interrupted; finishing it");
                     self.shutdown(&m, &|_| {}).await?;
                 }
+                MachineState::Deleting => {
+                    tracing::warn!(machine = %m.name, "delete was interrupted; finishing it");
+                    self.finish_delete(&m).await?;
+                }
                 MachineState::Stopped | MachineState::Error => {}
             }
         }
@@ -323,23 +343,54 @@ impl Machines {
                 continue;
             }
             let pid = m.instance.as_ref().map_or(0, |i| i.pid);
-            self.mark_dead(&m, &format!("its VMM (pid {pid}) exited unexpectedly"))
-                .await?;
+            // A guest that powered itself off ends like a stop; anything else is an error
+            // with what the console said last.
+            let tail = self.console_tail(m.id);
+            if tail.contains(POWER_DOWN) {
+                tracing::info!(machine = %m.name, "the guest powered off");
+                self.shutdown(&m, &|_| {}).await?;
+            } else {
+                let last = tail
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim();
+                let why = if last.is_empty() {
+                    format!("its VMM (pid {pid}) exited unexpectedly")
+                } else {
+                    format!("its VMM (pid {pid}) exited unexpectedly; the console's last line: {last}")
+                };
+                self.mark_dead(&m, &why).await?;
+            }
             n += 1;
         }
         Ok(n)
     }
 
+    /// The last few KiB of the machine's console, without terminal escapes.
+    fn console_tail(&self, id: Uuid) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
+            return String::new();
+        };
+        let _ = f.seek(SeekFrom::End(-(CONSOLE_TAIL as i64)));
+        let mut buf = Vec::new();
+        let _ = f.take(CONSOLE_TAIL).read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf)
+            .chars()
+            .filter(|c| !c.is_control() || *c == '\n')
+            .collect()
+    }
+
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
         tracing::warn!(machine = %m.name, reason = why, "machine is down");
         let ports = self.store.lock().exposes_of(m.id)?;
-        // iso-drift: out of `running` first, so a rebuild after a failed batch leaves it out.
+        // iso-drift: out of `running` first, so the rebuild after a failed removal leaves it out.
         self.store
             .lock()
             .set_state(m.id, MachineState::Error, Some(why))?;
-        if let Err(e) = self.unforward(m.ip, &ports) {
-            tracing::warn!(machine = %m.name, error = %chain(&e), "removing the machine's rules failed");
-        }
+        let _ = self.fw.remove(m.ip, &ports);
         self.teardown(m, None).await;
         crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
         self.store.lock().set_instance(m.id, None)?;

@@ -9,7 +9,7 @@ mod lifecycle;
 #[cfg(test)]
 mod tests;
 
-pub use expose::desired_firewall;
+pub use expose::{desired_firewall, machine_port};
 
 use crate::domain::{ByteSize, MachineName, NetworkName};
 use crate::error::Result;

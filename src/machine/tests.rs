@@ -9,7 +9,9 @@ use crate::config::Config;
 use crate::domain::{ByteSize, ImageTag, MachineState};
 use crate::host::Host;
 use crate::images::{ImageBackend, ImageError};
-use crate::net::firewall::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, PortMapping};
+use crate::net::firewall::{
+    BridgeNet, Desired, FirewallDriver, FirewallError, Health, MachinePort, PortMapping,
+};
 use crate::net::link::{HostLinks, LinkError};
 use crate::store::Store;
 use ipnet::Ipv4Net;
@@ -61,16 +63,33 @@ impl HostLinks for FakeLinks {
     }
 }
 
-/// The mappings the kernel would hold; `fail_add` makes adds fail.
+/// The mappings and port bindings the kernel would hold; `fail_add` makes adds and rebuilds
+/// fail (the kernel refuses).
 #[derive(Default)]
 struct FakeFirewall {
     held: Arc<Mutex<HashSet<PortMapping>>>,
+    bound: Arc<Mutex<HashSet<MachinePort>>>,
     fail_add: Arc<AtomicBool>,
 }
 
 impl FirewallDriver for FakeFirewall {
     fn rebuild(&self, d: &Desired) -> Result<(), FirewallError> {
+        if self.fail_add.load(Ordering::SeqCst) {
+            return Err(FirewallError::Rejected("fake rejection".into()));
+        }
         *self.held.lock().unwrap() = d.mappings.iter().copied().collect();
+        *self.bound.lock().unwrap() = d.ports.iter().cloned().collect();
+        Ok(())
+    }
+    fn bind(&self, p: &[MachinePort]) -> Result<(), FirewallError> {
+        self.bound.lock().unwrap().extend(p.iter().cloned());
+        Ok(())
+    }
+    fn unbind(&self, p: &[MachinePort]) -> Result<(), FirewallError> {
+        let mut b = self.bound.lock().unwrap();
+        for x in p {
+            b.remove(x);
+        }
         Ok(())
     }
     fn add(&self, m: &[PortMapping]) -> Result<(), FirewallError> {
@@ -116,6 +135,9 @@ struct FakeVmm {
     running: Mutex<HashSet<uuid::Uuid>>,
     stopped: Notify,
     hold_exec: AtomicBool,
+    /// When set, a stop waits for `release_stop` (a guest slow to power down).
+    hold_stop: AtomicBool,
+    release_stop: Notify,
 }
 
 #[async_trait::async_trait]
@@ -152,6 +174,9 @@ impl Hypervisor for FakeVmm {
         Ok(())
     }
     async fn stop(&self, spec: &MachineSpec, _: &Instance, _: Duration) -> Result<(), VmmError> {
+        if self.hold_stop.load(Ordering::SeqCst) {
+            self.release_stop.notified().await;
+        }
         self.running.lock().unwrap().remove(&spec.id);
         self.stopped.notify_waiters();
         Ok(())
@@ -236,6 +261,7 @@ struct Rig {
     host: Arc<Host>,
     links: Arc<FakeLinks>,
     held: Arc<Mutex<HashSet<PortMapping>>>,
+    bound: Arc<Mutex<HashSet<MachinePort>>>,
     fail_fw: Arc<AtomicBool>,
     vmm: Arc<FakeVmm>,
     images: Arc<FakeImages>,
@@ -253,12 +279,14 @@ async fn rig() -> Rig {
     std::fs::create_dir_all(dir.join("machines")).unwrap();
     let links = Arc::new(FakeLinks::default());
     let fw = FakeFirewall::default();
-    let (held, fail_fw) = (fw.held.clone(), fw.fail_add.clone());
+    let (held, bound, fail_fw) = (fw.held.clone(), fw.bound.clone(), fw.fail_add.clone());
     let vmm = Arc::new(FakeVmm {
         fail: Mutex::new(Fail::Nothing),
         running: Mutex::default(),
         stopped: Notify::new(),
         hold_exec: AtomicBool::new(false),
+        hold_stop: AtomicBool::new(false),
+        release_stop: Notify::new(),
     });
     let images = Arc::new(FakeImages::default());
     let cfg = Config {
@@ -282,6 +310,7 @@ async fn rig() -> Rig {
         host: Arc::new(host),
         links,
         held,
+        bound,
         fail_fw,
         vmm,
         images,
@@ -314,6 +343,7 @@ impl Rig {
             "a port claim was left"
         );
         assert!(self.held.lock().unwrap().is_empty(), "a firewall rule was left");
+        assert!(self.bound.lock().unwrap().is_empty(), "a port binding was left");
         let links = self.links.links.lock().unwrap();
         assert!(
             links.iter().all(|l| l == "sistemo0"),
@@ -335,7 +365,7 @@ impl Rig {
 #[tokio::test]
 async fn deploy_that_works_holds_row_rule_link_and_vmm() {
     let r = rig().await;
-    let v = r.deploy(web(&["48080:80"])).await.unwrap();
+    let v = r.deploy(web(&["48101:80"])).await.unwrap();
     assert_eq!(v.machine.state, MachineState::Running);
     assert_eq!(v.machine.ip.to_string(), "10.200.0.2");
     assert_eq!(r.held.lock().unwrap().len(), 1);
@@ -355,7 +385,7 @@ async fn deploy_that_works_holds_row_rule_link_and_vmm() {
 async fn deploy_failing_at_tap_creation_leaves_nothing() {
     let r = rig().await;
     r.links.fail_tap.store(true, Ordering::SeqCst);
-    let e = r.deploy(web(&["48080:80"])).await.unwrap_err();
+    let e = r.deploy(web(&["48102:80"])).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
     r.assert_nothing_left();
 }
@@ -365,7 +395,7 @@ async fn deploy_failing_at_boot_or_ready_leaves_nothing() {
     for fail in [Fail::Start, Fail::Ready] {
         let r = rig().await;
         *r.vmm.fail.lock().unwrap() = fail;
-        let e = r.deploy(web(&["48080:80"])).await.unwrap_err();
+        let e = r.deploy(web(&["48103:80"])).await.unwrap_err();
         assert!(crate::error::chain(&e).contains("fake"), "{fail:?}: {e}");
         r.assert_nothing_left();
     }
@@ -375,7 +405,7 @@ async fn deploy_failing_at_boot_or_ready_leaves_nothing() {
 async fn deploy_whose_firewall_add_fails_leaves_nothing() {
     let r = rig().await;
     r.fail_fw.store(true, Ordering::SeqCst);
-    assert!(r.deploy(web(&["48080:80"])).await.is_err());
+    assert!(r.deploy(web(&["48104:80"])).await.is_err());
     r.assert_nothing_left();
 }
 
@@ -383,7 +413,7 @@ async fn deploy_whose_firewall_add_fails_leaves_nothing() {
 async fn deploy_on_a_full_disk_is_507_and_leaves_nothing() {
     let r = rig().await;
     r.images.full.store(true, Ordering::SeqCst);
-    let e = r.deploy(web(&["48080:80"])).await.unwrap_err();
+    let e = r.deploy(web(&["48105:80"])).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InsufficientStorage, "{e}");
     assert_eq!(e.body().status, 507);
     r.assert_nothing_left();
@@ -398,7 +428,7 @@ async fn deploy_on_a_full_disk_is_507_and_leaves_nothing() {
 #[tokio::test]
 async fn two_deploys_with_one_name_make_one_machine() {
     let r = rig().await;
-    let (a, b) = tokio::join!(r.deploy(web(&["48080:80"])), r.deploy(web(&["48081:80"])));
+    let (a, b) = tokio::join!(r.deploy(web(&["48106:80"])), r.deploy(web(&["48107:80"])));
     let (ok, err) = match (a, b) {
         (Ok(v), Err(e)) | (Err(e), Ok(v)) => (v, e),
         other => panic!("expected one success and one conflict, got {other:?}"),
@@ -431,7 +461,7 @@ async fn expose_racing_delete_leaves_no_claim_or_rule() {
 #[tokio::test]
 async fn expose_whose_firewall_add_fails_keeps_no_claim() {
     let r = rig().await;
-    r.deploy(web(&["48080:80"])).await.unwrap();
+    r.deploy(web(&["48108:80"])).await.unwrap();
     r.fail_fw.store(true, Ordering::SeqCst);
     let specs = ["49000:90".parse().unwrap()];
     assert!(r.host.machines.expose("web", &specs).await.is_err());
@@ -443,7 +473,7 @@ async fn expose_whose_firewall_add_fails_keeps_no_claim() {
 #[tokio::test]
 async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
     let r = Arc::new(rig().await);
-    r.deploy(web(&["48080:80"])).await.unwrap();
+    r.deploy(web(&["48109:80"])).await.unwrap();
     r.vmm.hold_exec.store(true, Ordering::SeqCst);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let r2 = r.clone();
@@ -483,7 +513,7 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
 #[tokio::test]
 async fn failed_start_shows_error_with_reason_then_starts() {
     let r = rig().await;
-    r.deploy(web(&["48080:80"])).await.unwrap();
+    r.deploy(web(&["48110:80"])).await.unwrap();
     r.host.machines.stop("web", &|_| {}).await.unwrap();
     *r.vmm.fail.lock().unwrap() = Fail::Ready;
     assert!(r.host.machines.start("web", &|_| {}).await.is_err());
@@ -505,7 +535,7 @@ async fn failed_start_shows_error_with_reason_then_starts() {
 #[tokio::test]
 async fn a_vmm_that_dies_is_noticed_and_its_rules_leave() {
     let r = rig().await;
-    let v = r.deploy(web(&["48080:80"])).await.unwrap();
+    let v = r.deploy(web(&["48111:80"])).await.unwrap();
     // Pretend the VMM died: its recorded process start time no longer matches.
     let dead = Instance {
         pid: std::process::id() as i32,
@@ -552,5 +582,34 @@ async fn startup_rolls_back_an_interrupted_deploy() {
         .unwrap();
     std::fs::create_dir_all(r.dir.join("machines").join(m.id.to_string())).unwrap();
     r.host.startup().await.unwrap();
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_rebuild_during_a_slow_delete_does_not_bring_its_rules_back() {
+    let r = Arc::new(rig().await);
+    r.deploy(web(&["48112:80"])).await.unwrap();
+    r.vmm.hold_stop.store(true, Ordering::SeqCst);
+    let r2 = r.clone();
+    let delete = tokio::spawn(async move { r2.host.machines.delete("web", &|_| {}).await });
+    // The delete is in the guest's power-down: the machine is `deleting`, its rules are out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.host.machines.get("web").map(|v| v.machine.state).ok() != Some(MachineState::Deleting) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delete never reached `deleting`"
+        );
+        tokio::task::yield_now().await;
+    }
+    // A rebuild now (a `network create`, the repair loop after a flush) reads the database.
+    r.host.repair_once(false).unwrap();
+    r.host.networks.create("blue", None).await.unwrap();
+    assert!(
+        r.held.lock().unwrap().is_empty(),
+        "a rebuild brought a deleting machine's rule back"
+    );
+    r.vmm.release_stop.notify_one();
+    delete.await.unwrap().unwrap();
+    r.host.networks.delete("blue").await.unwrap();
     r.assert_nothing_left();
 }

@@ -55,6 +55,16 @@ pub fn bridge_mac(name: &str) -> [u8; 6] {
     [0x02, 0x5e, b[0], b[1], b[2], b[3]]
 }
 
+/// `route_localnet` on a bridge: needed so that 127.0.0.1 → machine DNAT can be routed out of
+/// it, and safe only while the firewall's guard drops 127/8 arriving on it (CVE-2020-8558), so
+/// the firewall turns it off whenever its tables are gone and on again once rebuilt.
+pub fn set_route_localnet(bridge: &str, on: bool) -> Result<()> {
+    sysctl_ipv4(
+        &format!("conf/{bridge}/route_localnet"),
+        if on { "1" } else { "0" },
+    )
+}
+
 /// Write a sysctl under `/proc/sys/net/ipv4/`.
 pub fn sysctl_ipv4(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv4/{key}");
@@ -175,10 +185,16 @@ impl Links {
             .await
             .map_err(nl(format!("setting the address of {name}")))?;
         self.up(index, name).await?;
+        // Exposes reach machines from every interface of the host, as Docker's do: the host
+        // routes. The firewall's forward chain admits into machines only exposed traffic and
+        // replies (`doctor` and the README say that the global knob is on).
         sysctl_ipv4("ip_forward", "1")?;
-        // Needed so that 127.0.0.1 → machine DNAT can be routed out of the bridge; the
-        // firewall's guard chain drops 127/8 arriving on the bridge (CVE-2020-8558).
-        sysctl_ipv4(&format!("conf/{name}/route_localnet"), "1")?;
+        // No IPv6 autoconfiguration from what machines send (CVE-2020-13401): the bridge never
+        // takes a router advertisement. Absent when IPv6 is off, which is fine.
+        for key in ["accept_ra", "autoconf"] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/{key}"), "0");
+        }
+        set_route_localnet(name, true)?;
         Ok(index)
     }
 

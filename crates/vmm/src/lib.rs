@@ -127,7 +127,7 @@ fn proc_start_time(pid: i32) -> Option<u64> {
 }
 
 /// A MAC as `52:54:00:12:34:56`.
-pub(crate) fn format_mac(mac: &[u8; 6]) -> String {
+pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

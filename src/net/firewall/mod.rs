@@ -23,6 +23,9 @@ pub enum FirewallError {
     /// Running `nft` failed.
     #[error("running nft: {0}")]
     Io(#[from] std::io::Error),
+    /// The desired state could not be read (from the database).
+    #[error("reading the desired firewall state")]
+    State(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One host port forwarded to one machine port (ranges are expanded into these).
@@ -68,14 +71,54 @@ pub struct BridgeNet {
     pub subnet: Ipv4Net,
 }
 
-/// Everything the firewall must hold: sistemo's bridges and the active port mappings.
+/// A machine's port on its bridge and what it may send from: its MAC and its leased address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MachinePort {
+    /// The host side of the machine's link (TAP or veth), a port of its bridge.
+    pub ifname: String,
+    /// The machine's MAC.
+    pub mac: [u8; 6],
+    /// The machine's address.
+    pub ip: Ipv4Addr,
+}
+
+/// What machines may reach beyond their exposes' replies; fixed for a daemon's life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Host ports machines may connect to on the host (through their gateway).
+    pub host_ports: Vec<u16>,
+    /// Whether machines may reach link-local addresses (cloud metadata, 169.254.0.0/16).
+    pub allow_metadata: bool,
+    /// Whether machines' new connections to SMTP ports (25, 465, 587) are dropped.
+    pub block_smtp: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            host_ports: vec![],
+            allow_metadata: false,
+            block_smtp: true,
+        }
+    }
+}
+
+/// Everything the firewall must hold: sistemo's bridges, every machine's port binding and the
+/// active port mappings.
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
     /// Bridges (one per network).
     pub bridges: Vec<BridgeNet>,
+    /// Ports of machines, with the only MAC and IP each may send from.
+    pub ports: Vec<MachinePort>,
     /// Active mappings (exposes of running machines).
     pub mappings: Vec<PortMapping>,
 }
+
+/// Where the firewall reads the desired state from (the database), so that it can rebuild
+/// under its own lock whenever an element change fails or the kernel drifted.
+pub type DesiredSource =
+    Box<dyn Fn() -> Result<Desired, Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
 
 /// What a health check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +146,10 @@ pub trait FirewallDriver: Send + Sync {
     fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError>;
     /// Remove mappings (one transaction).
     fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError>;
+    /// Bind machine ports to their MAC and IP (anti-spoofing), in one transaction.
+    fn bind(&self, ports: &[MachinePort]) -> Result<(), FirewallError>;
+    /// Forget machine ports' bindings (one transaction).
+    fn unbind(&self, ports: &[MachinePort]) -> Result<(), FirewallError>;
     /// Whether the kernel still holds the table. The shallow check (table and chains present)
     /// is cheap and runs on a short timer; `deep` also verifies the rules.
     fn check(&self, deep: bool) -> Result<Health, FirewallError>;
@@ -124,6 +171,6 @@ pub trait FirewallDriver: Send + Sync {
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;
     /// Remove whatever `ensure_forward_compat` added (daemon shutdown).
     fn remove_forward_compat(&self) -> Result<(), FirewallError>;
-    /// The table as text (for `doctor` and the README).
+    /// The tables as text (for `doctor` and the README).
     fn render(&self, desired: &Desired) -> String;
 }

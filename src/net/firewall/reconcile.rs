@@ -1,25 +1,34 @@
-//! [`Firewall`]: owns the driver and the lock that serialises changes to the kernel's table,
-//! applies exposes of one machine, and restores the whole table when it drifted.
+//! [`Firewall`]: owns the driver and the lock that serialises changes to the kernel's tables,
+//! applies one machine's exposes and port binding, and rebuilds from the database whenever an
+//! element change fails or the kernel drifted.
 
-use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, Held, PortMapping};
+#[cfg(test)]
+use super::Desired;
+use super::{
+    BridgeNet, DesiredSource, FirewallDriver, FirewallError, Health, Held, MachinePort, PortMapping,
+};
 use crate::spec::ExposeSpec;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
 
-/// The firewall as the services see it. Every change goes through one lock, so a rebuild never
-/// interleaves with an element change; health checks read without it.
+/// The firewall as the services see it. Every change goes through one lock, and a rebuild
+/// reads the desired state under that lock, so a rebuild never brings back what a change made
+/// after its snapshot removed. Health checks read without it.
 pub struct Firewall {
     driver: Box<dyn FirewallDriver>,
+    desired: DesiredSource,
     lock: Mutex<()>,
     forward_compat: bool,
 }
 
 impl Firewall {
-    /// A firewall over `driver`; `forward_compat` patches foreign `policy drop` forward chains.
-    pub fn new(driver: Box<dyn FirewallDriver>, forward_compat: bool) -> Firewall {
+    /// A firewall over `driver` that rebuilds from `desired`; `forward_compat` patches foreign
+    /// `policy drop` forward chains.
+    pub fn new(driver: Box<dyn FirewallDriver>, desired: DesiredSource, forward_compat: bool) -> Firewall {
         Firewall {
             driver,
+            desired,
             lock: Mutex::new(()),
             forward_compat,
         }
@@ -29,24 +38,55 @@ impl Firewall {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Apply one element change; when the kernel refuses it (an element already gone, a table
+    /// flushed meanwhile), rebuild everything from the database instead, which holds the change.
+    fn change(
+        &self,
+        what: &str,
+        f: impl FnOnce(&dyn FirewallDriver) -> Result<(), FirewallError>,
+    ) -> Result<(), FirewallError> {
+        let _g = self.locked();
+        if let Err(e) = f(&*self.driver) {
+            tracing::warn!(error = %crate::error::chain(&e), what, "element change failed; rebuilding from the database");
+            self.rebuild_locked()?;
+        }
+        Ok(())
+    }
+
     /// Forward `specs` of the machine at `ip` (one transaction).
     pub fn add(&self, ip: Ipv4Addr, specs: &[ExposeSpec]) -> Result<(), FirewallError> {
         let m = PortMapping::expand(specs.iter().map(|s| (ip, s)));
-        let _g = self.locked();
-        self.driver.add(&m)
+        self.change("adding exposes", |d| d.add(&m))
     }
 
     /// Stop forwarding `specs` of the machine at `ip` (one transaction).
     pub fn remove(&self, ip: Ipv4Addr, specs: &[ExposeSpec]) -> Result<(), FirewallError> {
         let m = PortMapping::expand(specs.iter().map(|s| (ip, s)));
-        let _g = self.locked();
-        self.driver.remove(&m)
+        self.change("removing exposes", |d| d.remove(&m))
     }
 
-    /// Replace the whole table with `desired` in one transaction, then patch foreign chains.
-    pub fn rebuild(&self, desired: &Desired) -> Result<(), FirewallError> {
+    /// Bind a machine's port to its MAC and IP.
+    pub fn bind(&self, port: &MachinePort) -> Result<(), FirewallError> {
+        self.change("binding a machine port", |d| d.bind(std::slice::from_ref(port)))
+    }
+
+    /// Forget a machine's port binding.
+    pub fn unbind(&self, port: &MachinePort) -> Result<(), FirewallError> {
+        self.change("unbinding a machine port", |d| {
+            d.unbind(std::slice::from_ref(port))
+        })
+    }
+
+    /// Replace the whole table with the database's state in one transaction, then patch
+    /// foreign chains.
+    pub fn rebuild(&self) -> Result<(), FirewallError> {
         let _g = self.locked();
-        self.driver.rebuild(desired)?;
+        self.rebuild_locked()
+    }
+
+    fn rebuild_locked(&self) -> Result<(), FirewallError> {
+        let desired = (self.desired)().map_err(FirewallError::State)?;
+        self.driver.rebuild(&desired)?;
         self.patch_foreign_chains(&desired.bridges)
     }
 
@@ -61,17 +101,13 @@ impl Firewall {
 
     /// One self-repair pass. Each pass reads the kernel's ruleset generation (one netlink
     /// round trip); when nothing was committed since the daemon's own last commit or check, that
-    /// is all. Otherwise it checks the table, its chains and their rules, then compares both
-    /// maps' elements with `desired()` (read under the lock, so no element change of the daemon
-    /// is half-way), and rebuilds the table from `desired()` on any difference. A change
+    /// is all. Otherwise it checks the tables, their chains and their rules, then compares both
+    /// maps' elements with the database (read under the lock, so no element change of the
+    /// daemon is half-way), and rebuilds from the database on any difference. A change
     /// elsewhere in the ruleset costs one comparison and no rebuild. When the generation cannot
     /// be read, every pass checks the chains and `deep` passes do the rest. Returns whether it
     /// repaired.
-    pub fn repair_once<E: From<FirewallError>>(
-        &self,
-        deep: bool,
-        desired: impl Fn() -> Result<Desired, E>,
-    ) -> Result<bool, E> {
+    pub fn repair_once(&self, deep: bool) -> Result<bool, FirewallError> {
         // Read without the lock: exposes are never delayed by an idle check.
         let generation = match self.driver.changed() {
             Ok(None) => return Ok(false),
@@ -83,52 +119,44 @@ impl Firewall {
             }
         };
         let full = generation.is_some() || deep;
-        if let Health::Drifted(why) = self.driver.check(full)? {
-            tracing::warn!(reason = %why, "nftables drifted from the database; restoring");
-            self.restore(&desired)?;
-            return Ok(true);
-        }
-        let g = self.locked();
-        let d = desired()?;
-        if full
-            && let Some(held) = self.driver.held()?
-            && let Some(why) = mapping_drift(&held, &d.mappings)
-        {
-            tracing::warn!(reason = %why, "nftables map elements drifted from the database; restoring");
-            self.driver.rebuild(&d)?;
-            self.patch_foreign_chains(&d.bridges)?;
-            tracing::info!("nftables restored from the database");
-            return Ok(true);
-        }
-        self.patch_foreign_chains(&d.bridges)?;
-        drop(g);
-        if let Some(generation) = generation {
-            self.driver.settle(generation);
-        }
-        Ok(false)
-    }
-
-    /// Rebuild the table from `desired()`, read under the lock that applies it.
-    fn restore<E: From<FirewallError>>(&self, desired: impl Fn() -> Result<Desired, E>) -> Result<(), E> {
+        let health = self.driver.check(full)?;
         let _g = self.locked();
-        let d = desired()?;
-        self.driver.rebuild(&d)?;
-        self.patch_foreign_chains(&d.bridges)?;
+        let desired = (self.desired)().map_err(FirewallError::State)?;
+        let drift = match health {
+            Health::Drifted(why) => Some((why, true)),
+            Health::InSync if full => match self.driver.held()? {
+                Some(held) => mapping_drift(&held, &desired.mappings).map(|why| (why, false)),
+                None => None,
+            },
+            Health::InSync => None,
+        };
+        let Some((why, structural)) = drift else {
+            self.patch_foreign_chains(&desired.bridges)?;
+            if let Some(generation) = generation {
+                self.driver.settle(generation);
+            }
+            return Ok(false);
+        };
+        tracing::warn!(reason = %why, "nftables drifted from the database; restoring");
+        // Without the guard, route_localnet would expose the host's loopback services to
+        // machines: off until the tables are back (only a structural drift can lose the guard).
+        let localnet = |on| {
+            for b in &desired.bridges {
+                if let Err(e) = crate::net::link::set_route_localnet(&b.bridge, on) {
+                    tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
+                }
+            }
+        };
+        if structural {
+            localnet(false);
+        }
+        self.driver.rebuild(&desired)?;
+        self.patch_foreign_chains(&desired.bridges)?;
+        if structural {
+            localnet(true);
+        }
         tracing::info!("nftables restored from the database");
-        Ok(())
-    }
-
-    /// After a failed element change (a batch aborts whole, e.g. when one element to delete
-    /// is missing), the kernel holds an unknown part of what was meant: rebuild the table from
-    /// `desired()` (the database, read under the lock). Logs `failed`; returns the rebuild's
-    /// error, if any.
-    pub fn recover<E: From<FirewallError>>(
-        &self,
-        failed: &FirewallError,
-        desired: impl Fn() -> Result<Desired, E>,
-    ) -> Result<(), E> {
-        tracing::warn!(error = %failed, "an element change failed; rebuilding the table from the database");
-        self.restore(desired)
+        Ok(true)
     }
 
     /// Health as one line: `in sync`, or what drifted, or why it could not be checked.
@@ -140,9 +168,19 @@ impl Firewall {
         }
     }
 
-    /// The table `desired` renders to, as text.
-    pub fn render(&self, desired: &Desired) -> String {
-        self.driver.render(desired)
+    /// The tables as they should be, as text.
+    pub fn render(&self) -> Result<String, FirewallError> {
+        let desired = (self.desired)().map_err(FirewallError::State)?;
+        Ok(self.driver.render(&desired))
+    }
+
+    /// Remove sistemo's rules from foreign chains (clean daemon stop): exposes stay in
+    /// sistemo's own table, but nothing of sistemo is left in other tools' chains.
+    pub fn remove_forward_compat(&self) {
+        let _g = self.locked();
+        if let Err(e) = self.driver.remove_forward_compat() {
+            tracing::warn!(error = %crate::error::chain(&e), "removing sistemo's rules from foreign chains failed");
+        }
     }
 }
 
@@ -256,12 +294,17 @@ mod tests {
                     bridge: "br0".into(),
                     subnet: "10.200.0.0/16".parse().unwrap(),
                 }],
+                ports: vec![],
                 mappings: vec![m(8080, "10.200.0.2"), m(8081, "10.200.0.3")],
             };
-            let fw = Firewall::new(Box::new(Nftables::new("t")), false);
-            let want = || Ok::<_, FirewallError>(desired.clone());
-            fw.rebuild(&desired).unwrap();
-            assert!(!fw.repair_once(false, want).unwrap(), "own rebuild is no drift");
+            let d = desired.clone();
+            let fw = Firewall::new(
+                Box::new(Nftables::new("t", Default::default())),
+                Box::new(move || Ok(d.clone())),
+                false,
+            );
+            fw.rebuild().unwrap();
+            assert!(!fw.repair_once(false).unwrap(), "own rebuild is no drift");
             assert_eq!(fw.driver.changed().unwrap(), None, "own rebuild is seen");
             fw.add("10.200.0.4".parse().unwrap(), &[]).unwrap();
             // a foreign element: added, then a changed one, then a missing one
@@ -278,20 +321,23 @@ mod tests {
             ] {
                 nft(script);
                 assert!(fw.driver.changed().unwrap().is_some(), "{what}: generation moved");
-                assert!(fw.repair_once(false, want).unwrap(), "{what}: repaired");
+                assert!(fw.repair_once(false).unwrap(), "{what}: repaired");
                 let held = fw.driver.held().unwrap().unwrap();
                 assert_eq!(mapping_drift(&held, &desired.mappings), None, "{what}: restored");
                 assert_eq!(fw.driver.changed().unwrap(), None, "{what}: repair is seen");
             }
             // a foreign table: one comparison, no repair, then quiet
             nft("table ip other { chain c { type filter hook input priority 0; policy accept; }; }");
-            assert!(!fw.repair_once(false, want).unwrap());
+            assert!(!fw.repair_once(false).unwrap());
             assert_eq!(fw.driver.changed().unwrap(), None);
-            // a flushed guard chain is repaired
-            nft("flush chain ip t guard");
-            assert!(matches!(fw.driver.check(true).unwrap(), Health::Drifted(w) if w.contains("guard")));
-            assert!(fw.repair_once(false, want).unwrap());
-            assert_eq!(fw.driver.check(true).unwrap(), Health::InSync);
+            // a flushed guard chain, or the bridge table's port filter, is repaired
+            for chain in ["ip t guard", "bridge t ports"] {
+                nft(&format!("flush chain {chain}"));
+                let name = chain.rsplit(' ').next().unwrap();
+                assert!(matches!(fw.driver.check(true).unwrap(), Health::Drifted(w) if w.contains(name)));
+                assert!(fw.repair_once(false).unwrap(), "{chain} repaired");
+                assert_eq!(fw.driver.check(true).unwrap(), Health::InSync);
+            }
             // element changes of the daemon itself leave the loop quiet
             let ip: std::net::Ipv4Addr = "10.200.0.5".parse().unwrap();
             let spec: ExposeSpec = "7000:70".parse().unwrap();

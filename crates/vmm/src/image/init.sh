@@ -52,6 +52,11 @@ while [ -z "$IF" ] && [ $i -lt 500 ]; do
 done
 [ -n "$IF" ] || fail "no network interface with MAC $SISTEMO_MAC"
 ip link set lo up
+# No IPv6 autoconfiguration from whatever another machine advertises: sistemo offers no IPv6 yet.
+for k in all default "$IF"; do
+  echo 0 > /proc/sys/net/ipv6/conf/$k/accept_ra 2>/dev/null
+  echo 0 > /proc/sys/net/ipv6/conf/$k/autoconf 2>/dev/null
+done
 ip link set dev "$IF" up
 ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_ADDRESS"
 ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"

@@ -115,17 +115,21 @@ pub(super) fn dnat_rules(json: &str, table: &str, chain: &str) -> usize {
         .count()
 }
 
-/// From `nft -j list table ip <table>`: how many rules each chain of the table holds (chains
-/// without rules included, with 0).
+/// From `nft -j list table <family> <table>`: how many rules each chain of table `<table>`
+/// (of any family) holds, keyed `family chain` (chains without rules included, with 0).
 pub(super) fn rule_counts(json: &str, table: &str) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for o in listing(json) {
         match o {
-            NfListObject::Chain(c) if c.family == NfFamily::IP && c.table == table => {
-                counts.entry(c.name.into_owned()).or_insert(0);
+            NfListObject::Chain(c) if c.table == table => {
+                counts
+                    .entry(format!("{} {}", family_name(c.family), c.name))
+                    .or_insert(0);
             }
-            NfListObject::Rule(r) if r.family == NfFamily::IP && r.table == table => {
-                *counts.entry(r.chain.into_owned()).or_insert(0) += 1;
+            NfListObject::Rule(r) if r.table == table => {
+                *counts
+                    .entry(format!("{} {}", family_name(r.family), r.chain))
+                    .or_insert(0) += 1;
             }
             _ => {}
         }

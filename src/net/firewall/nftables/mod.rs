@@ -26,8 +26,12 @@
 
 mod json;
 
-use super::{BridgeNet, Desired, FirewallDriver, FirewallError, Health, Held, PortMapping, netlink};
+use super::{
+    BridgeNet, Desired, FirewallDriver, FirewallError, Health, Held, MachinePort, Policy, PortMapping,
+    netlink,
+};
 use json::{ForeignChain, chain_names, dnat_rules, foreign_drop_forward, rule_counts, tagged};
+use sistemo_vmm::format_mac;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -51,18 +55,30 @@ pub const MAP_BOUND: &str = "expose_bound";
 pub const SET_BRIDGES: &str = "bridges";
 /// Set of sistemo's subnets (postrouting has no input interface, so sources are matched by subnet).
 pub const SET_SUBNETS: &str = "subnets";
+/// Set of host ports machines may reach.
+const SET_HOST_PORTS: &str = "host_ports";
 /// The base chains of the table.
-pub const CHAINS: [&str; 5] = ["guard", "prerouting", "output", "postrouting", "forward"];
+pub const CHAINS: [&str; 6] = ["guard", "prerouting", "output", "postrouting", "forward", "input"];
+/// The bridge-family table's sets: machine ports, and the MAC and the IP each may send from.
+const SET_PORTS: &str = "ports";
+const SET_PORT_MAC: &str = "port_mac";
+const SET_PORT_IP: &str = "port_ip";
+/// The bridge-family table's base chain (prerouting on sistemo's bridges' ports).
+pub const BRIDGE_CHAIN: &str = "ports";
+/// Priority of the port filter: before anything else on the bridge.
+pub const PRIO_BRIDGE: i32 = -300;
 /// The nftables family of the table.
 pub const FAMILY: &str = "ip";
 
 /// `Nftables::seen` before the driver has seen any generation.
 const UNSEEN: u64 = u64::MAX;
 
-/// The nftables driver for one table name.
+/// The nftables driver for one table name (an `ip` table for NAT and filtering, and a
+/// `bridge` table of the same name for the machine ports' anti-spoofing).
 #[derive(Debug, Clone)]
 pub struct Nftables {
     table: String,
+    policy: Policy,
     nft: String,
     /// The ruleset generation after the driver's last own commit or checked state (see
     /// [`FirewallDriver::changed`]); [`UNSEEN`] before the first.
@@ -72,10 +88,11 @@ pub struct Nftables {
 }
 
 impl Nftables {
-    /// A driver for table `table`, running the `nft` found on PATH.
-    pub fn new(table: impl Into<String>) -> Self {
+    /// A driver for table `table` applying `policy`, running the `nft` found on PATH.
+    pub fn new(table: impl Into<String>, policy: Policy) -> Self {
         Nftables {
             table: table.into(),
+            policy,
             nft: "nft".into(),
             seen: Arc::new(AtomicU64::new(UNSEEN)),
             expected_rules: Arc::default(),
@@ -226,6 +243,12 @@ impl Nftables {
             let _ = writeln!(s, "\t\telements = {{ {} }}", subnets.join(", "));
         }
         s.push_str("\t}\n");
+        let _ = writeln!(s, "\tset {SET_HOST_PORTS} {{\n\t\ttype inet_service");
+        if !self.policy.host_ports.is_empty() {
+            let ports: Vec<String> = self.policy.host_ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(s, "\t\telements = {{ {} }}", ports.join(", "));
+        }
+        s.push_str("\t}\n");
         let _ = writeln!(
             s,
             "\tmap {MAP_ANY} {{\n\t\ttype inet_proto . inet_service : ipv4_addr . inet_service\n\t}}"
@@ -258,28 +281,99 @@ impl Nftables {
              \t\tip saddr @{SET_SUBNETS} oifname @{SET_BRIDGES} ct status dnat masquerade\n\
              \t\tip saddr @{SET_SUBNETS} oifname != @{SET_BRIDGES} masquerade\n\t}}"
         );
+        // Into machines only what was exposed (DNAT) and replies: no direct routing from the
+        // LAN, no new connections between networks. Out of machines: no spoofed sources, no
+        // link-local (cloud metadata) and, by default, no SMTP.
         let _ = writeln!(
             s,
             "\tchain forward {{\n\t\ttype filter hook forward priority {PRIO_FILTER}; policy accept;\n\
-             \t\tct status dnat accept"
+             \t\toifname @{SET_BRIDGES} ct status dnat accept\n\
+             \t\toifname @{SET_BRIDGES} ct state established,related accept\n\
+             \t\toifname @{SET_BRIDGES} drop\n\
+             \t\tiifname @{SET_BRIDGES} ip saddr != @{SET_SUBNETS} drop"
         );
-        for b in &desired.bridges {
+        if !self.policy.allow_metadata {
+            let _ = writeln!(s, "\t\tiifname @{SET_BRIDGES} ip daddr 169.254.0.0/16 drop");
+        }
+        if self.policy.block_smtp {
             let _ = writeln!(
                 s,
-                "\t\tiifname \"{}\" oifname @{SET_BRIDGES} oifname != \"{}\" drop",
-                b.bridge, b.bridge
+                "\t\tiifname @{SET_BRIDGES} ct state new tcp dport {{ 25, 465, 587 }} drop"
             );
         }
-        s.push_str("\t}\n}\n");
+        s.push_str("\t}\n");
+        // Machines reach the host only for replies, ping, and the ports the config lists.
+        let _ = writeln!(
+            s,
+            "\tchain input {{\n\t\ttype filter hook input priority {PRIO_FILTER}; policy accept;\n\
+             \t\tiifname != @{SET_BRIDGES} accept\n\
+             \t\tct state established,related accept\n\
+             \t\ticmp type echo-request accept\n\
+             \t\tmeta l4proto {{ tcp, udp }} th dport @{SET_HOST_PORTS} accept\n\
+             \t\tdrop\n\t}}\n}}"
+        );
         s
     }
 
-    /// The atomic rebuild script: ensure, delete, define, fill.
+    /// The bridge-family table: each machine port may send only from its own MAC and IP
+    /// (Ethernet, ARP and IPv4), so no machine can take another's address or answer for the
+    /// gateway; router advertisements and DHCP-server replies from machines are dropped.
+    /// Ports that are not machines' (another daemon's, the bridge's own) pass untouched.
+    fn bridge_table_text(&self) -> String {
+        let t = &self.table;
+        format!(
+            "table bridge {t} {{\n\
+             \tset {SET_PORTS} {{\n\t\ttype ifname\n\t}}\n\
+             \tset {SET_PORT_MAC} {{\n\t\ttype ifname . ether_addr\n\t}}\n\
+             \tset {SET_PORT_IP} {{\n\t\ttype ifname . ipv4_addr\n\t}}\n\
+             \tchain {BRIDGE_CHAIN} {{\n\t\ttype filter hook prerouting priority {PRIO_BRIDGE}; policy accept;\n\
+             \t\tiifname != @{SET_PORTS} accept\n\
+             \t\tiifname . ether saddr != @{SET_PORT_MAC} drop\n\
+             \t\tether type arp iifname . arp saddr ether != @{SET_PORT_MAC} drop\n\
+             \t\tether type arp iifname . arp saddr ip != @{SET_PORT_IP} drop\n\
+             \t\tether type ip iifname . ip saddr != @{SET_PORT_IP} drop\n\
+             \t\tether type ip udp sport 67 drop\n\
+             \t\tether type ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} drop\n\
+             \t\tether type ip6 udp sport 547 drop\n\t}}\n}}\n"
+        )
+    }
+
+    /// `verb` (`add` or `delete`) the bindings of `ports`. A port is filtered only while it has
+    /// its bindings: they go in before it joins the ports set, and out after it left.
+    fn port_elements(&self, out: &mut String, verb: &str, ports: &[MachinePort]) {
+        let t = &self.table;
+        for chunk in ports.chunks(1024) {
+            let join =
+                |f: &dyn Fn(&MachinePort) -> String| chunk.iter().map(f).collect::<Vec<_>>().join(", ");
+            let names = format!(
+                "{verb} element bridge {t} {SET_PORTS} {{ {} }}\n",
+                join(&|p| format!("\"{}\"", p.ifname))
+            );
+            let bindings = format!(
+                "{verb} element bridge {t} {SET_PORT_MAC} {{ {} }}\n{verb} element bridge {t} {SET_PORT_IP} {{ {} }}\n",
+                join(&|p| format!("\"{}\" . {}", p.ifname, format_mac(&p.mac))),
+                join(&|p| format!("\"{}\" . {}", p.ifname, p.ip)),
+            );
+            if verb == "add" {
+                out.push_str(&bindings);
+                out.push_str(&names);
+            } else {
+                out.push_str(&names);
+                out.push_str(&bindings);
+            }
+        }
+    }
+
+    /// The atomic rebuild script of both tables: ensure, delete, define, fill.
     pub fn rebuild_script(&self, desired: &Desired) -> String {
         let t = &self.table;
-        let mut s = format!("table {FAMILY} {t}\ndelete table {FAMILY} {t}\n");
+        let mut s = format!(
+            "table {FAMILY} {t}\ndelete table {FAMILY} {t}\ntable bridge {t}\ndelete table bridge {t}\n"
+        );
         s.push_str(&self.table_text(desired));
+        s.push_str(&self.bridge_table_text());
         self.elements(&mut s, "add", &desired.mappings);
+        self.port_elements(&mut s, "add", &desired.ports);
         s
     }
 
@@ -303,13 +397,13 @@ impl Nftables {
         Health::InSync
     }
 
-    /// The deep check, from `nft -j list table ip <table>`: every chain holds as many rules as
-    /// the last rebuild put there (a flushed `guard`, a deleted rule), and at least the two
-    /// DNAT rules in prerouting.
-    fn table_rules_health(&self, json: &str) -> Health {
-        let held = rule_counts(json, &self.table);
-        if held.is_empty() {
-            return Health::Drifted(format!("table {FAMILY} {} is missing", self.table));
+    /// The deep check, from `nft -j list table ip <table>` and `… bridge <table>`: every chain
+    /// holds as many rules as the last rebuild put there (a flushed `guard` or bridge `ports`
+    /// chain, a deleted rule), and prerouting at least the two DNAT rules.
+    fn table_rules_health(&self, listings: &[String]) -> Health {
+        let mut held = BTreeMap::new();
+        for json in listings {
+            held.extend(rule_counts(json, &self.table));
         }
         let expected = self
             .expected_rules
@@ -319,13 +413,16 @@ impl Nftables {
         for (chain, want) in &expected {
             let have = held.get(chain).copied().unwrap_or(0);
             if have != *want {
+                let (family, name) = chain.split_once(' ').unwrap_or((FAMILY, chain));
                 return Health::Drifted(format!(
-                    "chain {chain} of table {FAMILY} {} holds {have} rules, not {want}",
+                    "chain {name} of table {family} {} holds {have} rules, not {want}",
                     self.table
                 ));
             }
         }
-        self.rules_health(json)
+        listings
+            .first()
+            .map_or(Health::InSync, |ip| self.rules_health(ip))
     }
 
     /// Forward base chains of other tables whose policy is drop.
@@ -347,7 +444,7 @@ impl Nftables {
 
 impl FirewallDriver for Nftables {
     fn rebuild(&self, desired: &Desired) -> Result<(), FirewallError> {
-        let text = self.table_text(desired);
+        let text = self.table_text(desired) + &self.bridge_table_text();
         self.committed(true, || self.apply(&self.rebuild_script(desired)))?;
         *self.expected_rules.lock().unwrap_or_else(|p| p.into_inner()) = expected_rule_counts(&text);
         Ok(())
@@ -361,6 +458,18 @@ impl FirewallDriver for Nftables {
         self.committed(false, || self.change(netlink::Op::Delete, mappings))
     }
 
+    fn bind(&self, ports: &[MachinePort]) -> Result<(), FirewallError> {
+        let mut s = String::new();
+        self.port_elements(&mut s, "add", ports);
+        self.committed(false, || self.apply(&s))
+    }
+
+    fn unbind(&self, ports: &[MachinePort]) -> Result<(), FirewallError> {
+        let mut s = String::new();
+        self.port_elements(&mut s, "delete", ports);
+        self.committed(false, || self.apply(&s))
+    }
+
     fn check(&self, deep: bool) -> Result<Health, FirewallError> {
         // `list chains` does not fetch map elements: a few ms even with 10,000 exposes.
         let Some(out) = self.query(&["-j", "list", "chains", FAMILY])? else {
@@ -372,12 +481,19 @@ impl FirewallDriver for Nftables {
         }
         // Listing rules makes nft fetch every map element (about 50 ms at 10,000 exposes), so
         // the repair loop asks for it only when the ruleset generation moved.
-        Ok(
-            match self.query(&["-j", "-t", "list", "table", FAMILY, &self.table])? {
-                None => Health::Drifted(format!("table {FAMILY} {} is missing", self.table)),
-                Some(json) => self.table_rules_health(&json),
-            },
-        )
+        let mut listings = vec![];
+        for family in [FAMILY, "bridge"] {
+            match self.query(&["-j", "-t", "list", "table", family, &self.table])? {
+                None => {
+                    return Ok(Health::Drifted(format!(
+                        "table {family} {} is missing",
+                        self.table
+                    )));
+                }
+                Some(json) => listings.push(json),
+            }
+        }
+        Ok(self.table_rules_health(&listings))
     }
 
     fn changed(&self) -> Result<Option<u64>, FirewallError> {
@@ -438,7 +554,7 @@ impl FirewallDriver for Nftables {
                 for rule in [
                     format!("oifname {{ {list} }} ct status dnat accept"),
                     format!("oifname {{ {list} }} ct state established,related accept"),
-                    format!("iifname {{ {list} }} accept"),
+                    format!("iifname {{ {list} }} oifname != {{ {list} }} accept"),
                 ] {
                     let _ = writeln!(s, "insert rule {chain} {rule} comment \"{tag}\"");
                 }
@@ -463,18 +579,26 @@ impl FirewallDriver for Nftables {
     }
 
     fn render(&self, desired: &Desired) -> String {
-        self.table_text(desired)
+        self.table_text(desired) + &self.bridge_table_text()
     }
 }
 
-/// Rules per chain of a table as [`Nftables::table_text`] writes it: one rule a line inside
-/// each `chain NAME {` block, after its `type … hook …` line.
+/// Rules per chain (`family chain`) of tables as [`Nftables::table_text`] and
+/// [`Nftables::bridge_table_text`] write them: one rule a line inside each `chain NAME {`
+/// block, after its `type … hook …` line.
 fn expected_rule_counts(text: &str) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     let mut chain: Option<String> = None;
+    let mut family = FAMILY;
     for line in text.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix('{')) {
-            let name = name.trim().to_string();
+        if let Some(rest) = line.strip_prefix("table ") {
+            family = if rest.starts_with("bridge ") {
+                "bridge"
+            } else {
+                FAMILY
+            };
+        } else if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix('{')) {
+            let name = format!("{family} {}", name.trim());
             counts.insert(name.clone(), 0);
             chain = Some(name);
         } else if line == "}" {

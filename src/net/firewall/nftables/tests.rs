@@ -9,11 +9,16 @@ use serde::Deserialize as _;
 
 #[test]
 fn script_is_one_batch_with_numeric_priorities() {
-    let nft = Nftables::new("t");
+    let nft = Nftables::new("t", Policy::default());
     let d = Desired {
         bridges: vec![BridgeNet {
             bridge: "sistemo0".into(),
             subnet: "10.200.0.0/16".parse().unwrap(),
+        }],
+        ports: vec![MachinePort {
+            ifname: "sm0123456789".into(),
+            mac: [0x52, 0x54, 1, 2, 3, 4],
+            ip: "10.200.0.2".parse().unwrap(),
         }],
         mappings: vec![
             PortMapping {
@@ -38,6 +43,32 @@ fn script_is_one_batch_with_numeric_priorities() {
     assert!(s.contains("add element ip t expose_any { tcp . 80 : 10.200.0.2 . 8080 }"));
     assert!(s.contains("add element ip t expose_bound { 127.0.0.1 . udp . 53 : 10.200.0.3 . 53 }"));
     assert!(s.contains("fib daddr type local dnat"));
+    // both tables in the one transaction, the port bound before it is filtered
+    assert!(s.contains("table bridge t\ndelete table bridge t\n"));
+    let mac = s
+        .find("add element bridge t port_mac { \"sm0123456789\" . 52:54:01:02:03:04 }")
+        .unwrap();
+    let ip = s
+        .find("add element bridge t port_ip { \"sm0123456789\" . 10.200.0.2 }")
+        .unwrap();
+    let port = s.find("add element bridge t ports { \"sm0123456789\" }").unwrap();
+    assert!(mac < port && ip < port, "{s}");
+    // the default policy: no direct routing in, no metadata, no SMTP, host closed to machines
+    assert!(s.contains("oifname @bridges drop"));
+    assert!(s.contains("ip daddr 169.254.0.0/16 drop"));
+    assert!(s.contains("tcp dport { 25, 465, 587 } drop"));
+    assert!(s.contains("th dport @host_ports accept\n\t\tdrop"));
+    let open = Nftables::new(
+        "t",
+        Policy {
+            host_ports: vec![5432],
+            allow_metadata: true,
+            block_smtp: false,
+        },
+    )
+    .rebuild_script(&d);
+    assert!(open.contains("elements = { 5432 }"));
+    assert!(!open.contains("169.254.0.0/16") && !open.contains("dport { 25"));
 }
 
 /// Real `nft -j` output of nft 1.0.6 (Debian 12), captured in a network namespace: table
@@ -131,9 +162,12 @@ fn the_schema_reads_what_nft_prints_except_concatenated_map_data() {
 #[test]
 fn shallow_check_finds_the_table_among_foreign_ones() {
     let json = fixture!("chains_ip");
-    assert_eq!(Nftables::new(TABLE).chains_health(json), Health::InSync);
     assert_eq!(
-        Nftables::new("sistemo").chains_health(json),
+        Nftables::new(TABLE, Policy::default()).chains_health(json),
+        Health::InSync
+    );
+    assert_eq!(
+        Nftables::new("sistemo", Policy::default()).chains_health(json),
         Health::Drifted("table ip sistemo is missing".into())
     );
     // A table of another family with the same name is not ours.
@@ -146,19 +180,19 @@ fn shallow_check_finds_the_table_among_foreign_ones() {
         |_| false,
     );
     assert!(matches!(
-        Nftables::new(TABLE).chains_health(&inet),
+        Nftables::new(TABLE, Policy::default()).chains_health(&inet),
         Health::Drifted(_)
     ));
     let no_forward = edited(json, &[], |o| {
         o["chain"]["table"] == TABLE && o["chain"]["name"] == "forward"
     });
     assert_eq!(
-        Nftables::new(TABLE).chains_health(&no_forward),
+        Nftables::new(TABLE, Policy::default()).chains_health(&no_forward),
         Health::Drifted("chain forward of table ip sistemo_fx is missing".into())
     );
     for garbage in ["", "not json", "{}", r#"{"nftables": 3}"#] {
         assert!(matches!(
-            Nftables::new(TABLE).chains_health(garbage),
+            Nftables::new(TABLE, Policy::default()).chains_health(garbage),
             Health::Drifted(_)
         ));
     }
@@ -168,10 +202,13 @@ fn shallow_check_finds_the_table_among_foreign_ones() {
 fn deep_check_counts_the_dnat_rules() {
     let json = fixture!("prerouting");
     assert_eq!(dnat_rules(json, TABLE, "prerouting"), 2);
-    assert_eq!(Nftables::new(TABLE).rules_health(json), Health::InSync);
+    assert_eq!(
+        Nftables::new(TABLE, Policy::default()).rules_health(json),
+        Health::InSync
+    );
     let flushed = edited(json, &[], |o| o.get("rule").is_some());
     assert_eq!(
-        Nftables::new(TABLE).rules_health(&flushed),
+        Nftables::new(TABLE, Policy::default()).rules_health(&flushed),
         Health::Drifted("rules of table ip sistemo_fx were flushed".into())
     );
     // The same rules in the full ruleset, among the output chain's and foreign NAT rules.
@@ -198,7 +235,7 @@ fn foreign_drop_forward_chains_are_found_in_any_family() {
 #[test]
 fn tagged_rules_are_ours_only() {
     let json = fixture!("filter_forward");
-    let tag = Nftables::new(TABLE).tag();
+    let tag = Nftables::new(TABLE, Policy::default()).tag();
     assert_eq!(
         tagged(json, &tag),
         [14, 12, 10].map(|h| (h, "sistemo:sistemo_fx sistemo0,sistemo1".to_string()))
@@ -211,10 +248,19 @@ fn tagged_rules_are_ours_only() {
 #[test]
 fn unreadable_foreign_objects_are_skipped_not_fatal() {
     let chains = edited(fixture!("chains_all"), &unreadable(), |_| false);
-    assert_eq!(Nftables::new(TABLE).chains_health(&chains), Health::InSync);
+    assert_eq!(
+        Nftables::new(TABLE, Policy::default()).chains_health(&chains),
+        Health::InSync
+    );
     assert_eq!(foreign_drop_forward(&chains, TABLE).len(), 2);
     let rules = edited(fixture!("filter_forward"), &unreadable(), |_| false);
-    assert_eq!(tagged(&rules, &Nftables::new(TABLE).tag()).len(), 3);
+    assert_eq!(
+        tagged(&rules, &Nftables::new(TABLE, Policy::default()).tag()).len(),
+        3
+    );
     let pre = edited(fixture!("prerouting"), &unreadable(), |_| false);
-    assert_eq!(Nftables::new(TABLE).rules_health(&pre), Health::InSync);
+    assert_eq!(
+        Nftables::new(TABLE, Policy::default()).rules_health(&pre),
+        Health::InSync
+    );
 }
