@@ -75,6 +75,7 @@ impl Machines {
             let _ = self.fw.unbind(&port);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
+            crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
             return Err(e);
         }
         self.get(&m.id.to_string())
@@ -205,6 +206,7 @@ impl Machines {
         let _ = self.fw.remove(m.ip, &ports);
         progress(&format!("stopping {}", m.name));
         self.teardown(m, m.instance.as_ref()).await;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
         let st = self.store.lock();
         st.set_instance(m.id, None)?;
         st.set_state(m.id, MachineState::Stopped, None)?;
@@ -253,6 +255,7 @@ impl Machines {
             return Err(Error::io(format!("removing {}", dir.display()))(e));
         }
         self.store.lock().delete_machine(m.id)?;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
         Ok(())
     }
 
@@ -292,6 +295,7 @@ impl Machines {
                     self.teardown(&m, m.instance.as_ref()).await;
                     let _ = std::fs::remove_dir_all(self.machine_dir(m.id));
                     self.store.lock().delete_machine(m.id)?;
+                    crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
                 }
                 MachineState::Running => {
                     self.mark_dead(&m, "its VMM exited while the daemon was not running")
@@ -382,11 +386,14 @@ impl Machines {
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
         tracing::warn!(machine = %m.name, reason = why, "machine is down");
         let ports = self.store.lock().exposes_of(m.id)?;
+        // iso-drift: out of `running` first, so the rebuild after a failed removal leaves it out.
+        self.store
+            .lock()
+            .set_state(m.id, MachineState::Error, Some(why))?;
         let _ = self.fw.remove(m.ip, &ports);
         self.teardown(m, None).await;
-        let st = self.store.lock();
-        st.set_instance(m.id, None)?;
-        st.set_state(m.id, MachineState::Error, Some(why))?;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
+        self.store.lock().set_instance(m.id, None)?;
         Ok(())
     }
 }
