@@ -266,9 +266,24 @@ impl FromStr for TableName {
 }
 
 /// A size in bytes, written like `512M`, `2G`, `2GB`, `10GiB`, `1024K` or `4096B`; a bare
-/// number means MiB (as `--memory 512`). Units are binary (1K = 1024).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// number means MiB (as `--memory 512`). Units are binary (1K = 1024). In configuration files
+/// it is written the same way (`max_storage: 256G`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ByteSize(u64);
+
+impl TryFrom<String> for ByteSize {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        ByteSize::parse("size", &s)
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(b: ByteSize) -> String {
+        b.to_string()
+    }
+}
 
 impl ByteSize {
     /// A size of `b` bytes.

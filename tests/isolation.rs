@@ -907,7 +907,7 @@ fn wildcard_bind_address_and_api_port_collision() {
     step("an expose on the API's TCP port refuses the start");
     env.cli_ok(&["machine", "expose", "web", "--port", "8765:80"]);
     expect_tcp(&env.client, HOST_LAN, 8765, "web");
-    let token = "token: \"isolation-test-token-0123456789\"\n";
+    let token = "token: \"isolation-test-token-0123456789abcdef\"\n";
     // control: the API on another port starts
     env.kill_daemon("-TERM");
     env.write_config(&format!("port: 8766\n{token}"));

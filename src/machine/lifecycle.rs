@@ -43,6 +43,7 @@ impl Machines {
                 host.as_mib()
             )));
         }
+        self.check_storage(d.storage)?;
         self.precheck_exposes(&d.expose)?;
         let new = NewMachine {
             id: Uuid::new_v4(),
@@ -79,6 +80,37 @@ impl Machines {
             return Err(e);
         }
         self.get(&m.id.to_string())
+    }
+
+    /// Disks are sparse, so a guest can fill what it was given: refuse a size over
+    /// `max_storage`, or one that, written in full, would leave the host less than
+    /// `min_disk_free`.
+    fn check_storage(&self, storage: Option<ByteSize>) -> Result<()> {
+        if self.images.is_none() {
+            return Ok(());
+        }
+        let want = storage.unwrap_or(crate::images::DEFAULT_STORAGE);
+        let max = self.settings.max_storage;
+        if want > max {
+            return Err(Error::Invalid(format!(
+                "storage {want} is over the host's limit (allowed: up to {max}, the max_storage setting)"
+            )));
+        }
+        let dir = &self.settings.machines_dir;
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .map_err(|e| Error::io(format!("reading the free space of {}", dir.display()))(e.into()))?;
+        let keep = self.settings.min_disk_free.as_bytes();
+        if free < want.as_bytes().saturating_add(keep) {
+            return Err(Error::NoSpace(format!(
+                "storage {want} does not fit: {} free in {}, and {} must stay free (min_disk_free); allowed: at most {}",
+                ByteSize::bytes(free / (1 << 20) * (1 << 20)),
+                dir.display(),
+                self.settings.min_disk_free,
+                ByteSize::mib(free.saturating_sub(keep) >> 20)
+            )));
+        }
+        Ok(())
     }
 
     /// Bring a machine's link, VMM and rules up, or undo what was done. The caller holds its

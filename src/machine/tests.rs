@@ -615,3 +615,24 @@ async fn a_rebuild_during_a_slow_delete_does_not_bring_its_rules_back() {
     r.host.networks.delete("blue").await.unwrap();
     r.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn storage_over_the_limit_or_the_free_space_is_refused_before_anything_is_made() {
+    let r = rig().await;
+    let mut d = web(&[]);
+    d.storage = Some(ByteSize::bytes(300 << 30));
+    let e = r.deploy(d).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("max_storage"), "{e}");
+    let st = nix::sys::statvfs::statvfs(&r.dir).unwrap();
+    let free = st.blocks_available() * st.fragment_size();
+    let mut d = web(&[]);
+    // within max_storage only on a host with less than 254 GiB free
+    d.storage = Some(ByteSize::bytes((free + (1 << 30)).min(255 << 30)));
+    if free < 250 << 30 {
+        let e = r.deploy(d).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InsufficientStorage, "{e}");
+        assert!(e.to_string().contains("min_disk_free"), "{e}");
+    }
+    r.assert_nothing_left();
+}

@@ -325,6 +325,9 @@ async fn ports(State(h): State<AppState>) -> Result<Json<Vec<PortRow>>, Error> {
     Ok(Json(h.machines.ports()?.iter().map(convert::port_row).collect()))
 }
 
+/// Most audit entries one `history` call returns.
+const MAX_HISTORY_PAGE: u32 = 10_000;
+
 #[derive(serde::Deserialize)]
 struct HistoryQuery {
     limit: Option<u32>,
@@ -337,7 +340,7 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryEntry>>, Error> {
     Ok(Json(h.history(
-        q.limit.unwrap_or(50),
+        q.limit.unwrap_or(50).min(MAX_HISTORY_PAGE),
         q.action.as_deref(),
         q.target.as_deref(),
     )?))

@@ -204,11 +204,14 @@ impl Env {
         } else {
             "repair_interval_ms: 200\n"
         };
+        let path = self.dir.join("config.yml");
         std::fs::write(
-            self.dir.join("config.yml"),
+            &path,
             format!("netns_prefix: \"{}\"\n{repair}{extra}", self.prefix),
         )
         .unwrap();
+        // It may hold the API token: the daemon refuses a token others can read.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
 
     /// `nsenter` arguments that run this env's daemon in its namespace.
