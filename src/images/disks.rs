@@ -28,12 +28,20 @@ pub struct Disks {
 }
 
 impl Disks {
-    /// Disks for the image store in `data_dir`; images are built with `build`.
+    /// Disks for the image store in `data_dir`; images are built with `build`. Spares a crash
+    /// left half-made are removed.
     pub fn new(data_dir: &Path, build: BuildOptions) -> Disks {
+        let pool = data_dir.join("pool");
+        if let Ok(rd) = std::fs::read_dir(&pool) {
+            for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "filling")) {
+                tracing::warn!(file = %e.path().display(), "removing a half-made spare disk");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Disks {
             images: ImageStore::new(data_dir),
             build,
-            pool: data_dir.join("pool"),
+            pool,
             refilling: Default::default(),
         }
     }

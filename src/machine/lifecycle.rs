@@ -307,10 +307,23 @@ impl Machines {
         }
     }
 
-    /// Daemon start: re-adopt machines whose VMM survived, roll back interrupted deploys, and
-    /// mark machines whose VMM is gone as `error` with the reason.
+    /// Daemon start: re-adopt machines whose VMM survived, roll back interrupted deploys, mark
+    /// machines whose VMM is gone as `error` with the reason, and sweep machine directories no
+    /// row owns (a crash between a row's delete and its directory's).
     pub async fn readopt(&self) -> Result<()> {
         let machines = self.store.lock().machines()?;
+        let owned: std::collections::HashSet<String> = machines.iter().map(|m| m.id.to_string()).collect();
+        if let Ok(rd) = std::fs::read_dir(&self.settings.machines_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !owned.contains(&name) && uuid::Uuid::try_parse(&name).is_ok() {
+                    tracing::warn!(dir = %e.path().display(), "removing a machine directory no machine owns");
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        tracing::warn!(dir = %e.path().display(), error = %err, "could not remove it");
+                    }
+                }
+            }
+        }
         for m in machines {
             let alive = m.instance.as_ref().is_some_and(Instance::is_alive);
             match m.state {

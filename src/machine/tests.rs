@@ -583,6 +583,10 @@ async fn startup_rolls_back_an_interrupted_deploy() {
         )
         .unwrap();
     std::fs::create_dir_all(r.dir.join("machines").join(m.id.to_string())).unwrap();
+    // and a directory a crash left without any row
+    let orphan = r.dir.join("machines").join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("disk.raw"), b"x").unwrap();
     r.host.startup().await.unwrap();
     r.assert_nothing_left();
 }
