@@ -88,6 +88,9 @@ pub struct HistoryEntry {
     pub at: String,
     /// Caller's uid from the socket's peer credentials, if known.
     pub uid: Option<u32>,
+    /// A TCP API caller's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
     /// Action, e.g. `machine.expose`.
     pub action: String,
     /// What it acted on.

@@ -88,6 +88,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let t0 = Instant::now();
     // Everything the daemon writes is private to root unless made otherwise on purpose.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // Room for machines, netlink sockets and the TCP API's capped connections at once.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let _data_lock = private_data_dir(&cfg.data_dir)?;
     let listener = claim_socket(&cfg.socket)?;
     // Both listeners are bound before start-up: connections wait in the backlog until served.

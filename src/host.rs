@@ -10,7 +10,7 @@ use crate::machine::{Machines, Settings, desired_firewall, host_memory};
 use crate::net::firewall::{Firewall, FirewallDriver};
 use crate::net::link::HostLinks;
 use crate::networks::Networks;
-use crate::store::{SharedStore, Store};
+use crate::store::{Caller, SharedStore, Store};
 use std::sync::Arc;
 
 /// Daemon facts for `doctor` and `config`.
@@ -146,11 +146,11 @@ impl Host {
     }
 
     /// Append to the audit log.
-    pub fn record(&self, uid: Option<u32>, action: &str, target: &str, result: &str) {
+    pub fn record(&self, caller: &Caller, action: &str, target: &str, result: &str) {
         if let Err(e) = self
             .store
             .lock()
-            .record(uid, action, target, result, self.cfg.history_limit)
+            .record(caller, action, target, result, self.cfg.history_limit)
         {
             tracing::error!(error = %crate::error::chain(&e), action, target, "writing the audit log failed");
         }

@@ -33,7 +33,10 @@ impl Disks {
     pub fn new(data_dir: &Path, build: BuildOptions) -> Disks {
         let pool = data_dir.join("pool");
         if let Ok(rd) = std::fs::read_dir(&pool) {
-            for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "filling")) {
+            for e in rd
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "filling"))
+            {
                 tracing::warn!(file = %e.path().display(), "removing a half-made spare disk");
                 let _ = std::fs::remove_file(e.path());
             }

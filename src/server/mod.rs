@@ -2,11 +2,15 @@
 //! streams long operations as NDJSON events, and writes every change to the audit log.
 
 mod convert;
+mod tcp;
+
+pub use tcp::serve_tcp;
 
 use crate::api::*;
 use crate::error::{Error, chain};
 use crate::host::Host;
 use crate::spec::{HostPortSpec, SpecError};
+use crate::store::Caller;
 use axum::body::Body;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, State};
@@ -20,23 +24,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 
-/// The caller's uid, from the Unix socket's peer credentials.
+/// Who is calling: the uid from the Unix socket's peer credentials, or the TCP caller's address.
 #[derive(Clone, Debug)]
-pub struct Peer {
-    uid: Option<u32>,
-}
+pub struct Peer(Caller);
 
 impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(s: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        Peer {
+        Peer(Caller {
             uid: s.io().peer_cred().ok().map(|c| c.uid()),
-        }
-    }
-}
-
-impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
-    fn connect_info(_: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Peer { uid: None }
+            remote: None,
+        })
     }
 }
 
@@ -56,7 +53,7 @@ fn audited<T>(h: &Host, peer: &Peer, action: &str, target: &str, r: Result<T, Er
         Ok(_) => "ok".to_string(),
         Err(e) => chain(e),
     };
-    h.record(peer.uid, action, target, &result);
+    h.record(&peer.0, action, target, &result);
     r
 }
 
@@ -250,7 +247,7 @@ async fn exec(
             Ok(code) => format!("exit {code}"),
             Err(e) => chain(e),
         };
-        h.record(p.uid, "machine.exec", &format!("{name} {}", req.cmd), &result);
+        h.record(&p.0, "machine.exec", &format!("{name} {}", req.cmd), &result);
         // All output goes out before the last event.
         let _ = pump.await;
         let _ = tx
@@ -383,7 +380,7 @@ async fn image_remove(
 }
 
 /// The router.
-pub fn router(m: AppState) -> Router {
+fn router(m: AppState) -> Router {
     Router::new()
         .route("/v1/machines", get(list).post(deploy))
         .route("/v1/machines/{name}", get(status).delete(delete))
@@ -416,45 +413,4 @@ pub async fn serve(
     axum::serve(listener, router(m).into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// Serve the API on an opt-in TCP listener; every request needs `Authorization: Bearer <token>`.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
-    m: AppState,
-    token: String,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let expected = Arc::new(format!("Bearer {token}"));
-    let auth = axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
-        let expected = expected.clone();
-        async move {
-            let ok = req
-                .headers()
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
-            if ok {
-                next.run(req).await
-            } else {
-                let body = ErrorBody::new(
-                    ErrorKind::Unauthorized,
-                    "missing or wrong bearer token (allowed: Authorization: Bearer <token from the config>)",
-                );
-                (StatusCode::UNAUTHORIZED, Json(body)).into_response()
-            }
-        }
-    });
-    axum::serve(
-        listener,
-        router(m)
-            .layer(auth)
-            .into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -5,6 +5,8 @@ mod exposes;
 mod machines;
 mod networks;
 
+pub use networks::Caller;
+
 use crate::domain::{IfName, MachineName, MachineState, NetworkName, Subnet};
 use crate::spec::{ExposeSpec, HostPortSpec, PortRange};
 use rusqlite::Connection;
@@ -107,6 +109,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (network, ip)
      ) WITHOUT ROWID;
      CREATE INDEX released_ips_seq ON released_ips(network, seq);",
+    // 4: where a TCP API caller connected from
+    "ALTER TABLE history ADD COLUMN remote TEXT;",
 ];
 
 /// A named network: a bridge and a subnet.

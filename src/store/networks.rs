@@ -3,6 +3,15 @@
 
 use super::{Network, Result, Store, StoreError};
 use crate::api::HistoryEntry;
+
+/// Who made a change: the uid of a Unix-socket caller, or the address of a TCP API caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's uid, from the socket's peer credentials.
+    pub uid: Option<u32>,
+    /// The TCP API caller's address.
+    pub remote: Option<String>,
+}
 use crate::domain::{IfName, NetworkName, Subnet};
 use rusqlite::params;
 
@@ -105,18 +114,12 @@ impl Store {
 
     // ---- history ----
 
-    /// Append an audit entry, keeping at most `keep` entries (the oldest go).
-    pub fn record(
-        &self,
-        uid: Option<u32>,
-        action: &str,
-        target: &str,
-        result: &str,
-        keep: u32,
-    ) -> Result<()> {
+    /// Append an audit entry by a caller (`uid` on the socket, `remote` on the TCP API),
+    /// keeping at most `keep` entries (the oldest go).
+    pub fn record(&self, caller: &Caller, action: &str, target: &str, result: &str, keep: u32) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO history(uid, action, target, result) VALUES (?1, ?2, ?3, ?4)",
-            params![uid, action, target, result],
+            "INSERT INTO history(uid, remote, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![caller.uid, caller.remote, action, target, result],
         )?;
         // Cheap by the primary key; runs on every write so the log never grows past `keep`.
         self.conn.execute(
@@ -134,7 +137,7 @@ impl Store {
         target: Option<&str>,
     ) -> Result<Vec<HistoryEntry>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT at, uid, action, target, result FROM history
+            "SELECT at, uid, action, target, result, remote FROM history
              WHERE (?1 IS NULL OR action = ?1 OR action LIKE ?1 || '.%') AND (?2 IS NULL OR target = ?2)
              ORDER BY id DESC LIMIT ?3",
         )?;
@@ -145,6 +148,7 @@ impl Store {
                 action: r.get(2)?,
                 target: r.get(3)?,
                 result: r.get(4)?,
+                remote: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -172,15 +176,19 @@ mod tests {
     #[test]
     fn history_keeps_the_newest_entries() {
         let s = store();
+        let c = super::Caller {
+            uid: None,
+            remote: Some("10.0.0.9:41234".into()),
+        };
         for i in 0..10 {
-            s.record(Some(0), "machine.exec", &format!("t{i}"), "ok", 4)
-                .unwrap();
+            s.record(&c, "machine.exec", &format!("t{i}"), "ok", 4).unwrap();
         }
         let h = s.history(100, None, None).unwrap();
         assert_eq!(
             h.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
             ["t9", "t8", "t7", "t6"]
         );
+        assert_eq!(h[0].remote.as_deref(), Some("10.0.0.9:41234"));
     }
 
     #[test]
