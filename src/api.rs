@@ -206,7 +206,7 @@ pub struct ShellResponse {
 /// A network.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkInfo {
-    /// Unique name, at most 12 characters.
+    /// Unique name, at most 11 characters (its bridge is `sis-NAME`).
     pub name: String,
     /// Bridge interface.
     pub bridge: String,
@@ -295,15 +295,73 @@ pub struct ImageBuildRequest {
 }
 
 /// One streamed line of `exec` (NDJSON): output chunks as they come, then the exit code.
+/// Output is byte-exact: a chunk that is UTF-8 comes as text, any other as base64.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ExecEvent {
-    /// A chunk of standard output.
+    /// A chunk of standard output (UTF-8).
     Stdout(String),
-    /// A chunk of standard error.
+    /// A chunk of standard error (UTF-8).
     Stderr(String),
+    /// A chunk of standard output that is not UTF-8, base64-encoded.
+    StdoutB64(String),
+    /// A chunk of standard error that is not UTF-8, base64-encoded.
+    StderrB64(String),
     /// The command's exit code (last event).
     Exit(i32),
     /// Running the command failed (last event).
     Error(ErrorBody),
+}
+
+impl ExecEvent {
+    /// The event carrying `bytes` of standard output (`err`: standard error).
+    pub fn output(bytes: Vec<u8>, err: bool) -> ExecEvent {
+        use base64::Engine as _;
+        match (String::from_utf8(bytes), err) {
+            (Ok(s), false) => ExecEvent::Stdout(s),
+            (Ok(s), true) => ExecEvent::Stderr(s),
+            (Err(e), false) => {
+                ExecEvent::StdoutB64(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
+            }
+            (Err(e), true) => {
+                ExecEvent::StderrB64(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
+            }
+        }
+    }
+
+    /// The output bytes an event carries and whether they are standard error; `None` for the
+    /// exit and error events (and for base64 that does not decode).
+    pub fn bytes(&self) -> Option<(Vec<u8>, bool)> {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
+        match self {
+            ExecEvent::Stdout(s) => Some((s.clone().into_bytes(), false)),
+            ExecEvent::Stderr(s) => Some((s.clone().into_bytes(), true)),
+            ExecEvent::StdoutB64(s) => Some((b64(s)?, false)),
+            ExecEvent::StderrB64(s) => Some((b64(s)?, true)),
+            ExecEvent::Exit(_) | ExecEvent::Error(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_output_is_byte_exact_on_the_wire() {
+        for (bytes, err) in [
+            (b"hello \xc3\xa9".to_vec(), false),
+            (b"\xff\x00bin".to_vec(), true),
+        ] {
+            let line = serde_json::to_string(&ExecEvent::output(bytes.clone(), err)).unwrap();
+            let back: ExecEvent = serde_json::from_str(&line).unwrap();
+            assert_eq!(back.bytes(), Some((bytes, err)), "{line}");
+        }
+        assert_eq!(
+            serde_json::to_string(&ExecEvent::output(b"ok".to_vec(), false)).unwrap(),
+            r#"{"stdout":"ok"}"#,
+            "text stays text"
+        );
+    }
 }

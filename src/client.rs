@@ -45,18 +45,26 @@ struct Resp {
 }
 
 impl Resp {
-    /// Read the body, calling `on_line` for each complete line as it arrives.
-    fn read_lines(&mut self, mut on_line: impl FnMut(&str)) -> Result<String> {
+    /// Read the body, calling `on_line` for each complete line as it arrives, until it ends
+    /// or `on_line` says stop (false): the connection is then dropped, which tells the daemon.
+    /// The whole body is returned when `whole` or for an error status (a stream is never held
+    /// whole).
+    fn read_lines(&mut self, whole: bool, mut on_line: impl FnMut(&str) -> bool) -> Result<String> {
         let proto = |e: std::io::Error| ClientError::Protocol(e.to_string());
+        let keep = whole || self.status >= 400;
         let mut all = Vec::new();
         let mut pending = Vec::new();
+        let mut go = true;
         let mut feed = |bytes: &[u8], all: &mut Vec<u8>, pending: &mut Vec<u8>| {
-            all.extend_from_slice(bytes);
-            pending.extend_from_slice(bytes);
-            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=i).collect();
-                on_line(String::from_utf8_lossy(&line).trim_end());
+            if keep {
+                all.extend_from_slice(bytes);
             }
+            pending.extend_from_slice(bytes);
+            while go && let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                go = on_line(String::from_utf8_lossy(&line).trim_end());
+            }
+            go
         };
         if self.chunked {
             loop {
@@ -69,7 +77,9 @@ impl Resp {
                 }
                 let mut buf = vec![0; n + 2];
                 self.reader.read_exact(&mut buf).map_err(proto)?;
-                feed(&buf[..n], &mut all, &mut pending);
+                if !feed(&buf[..n], &mut all, &mut pending) {
+                    return Ok(String::new());
+                }
             }
         } else if let Some(n) = self.length {
             let mut buf = vec![0; n];
@@ -80,7 +90,7 @@ impl Resp {
             self.reader.read_to_end(&mut buf).map_err(proto)?;
             feed(&buf, &mut all, &mut pending);
         }
-        if !pending.is_empty() {
+        if go && !pending.is_empty() {
             on_line(String::from_utf8_lossy(&pending).trim_end());
         }
         Ok(String::from_utf8_lossy(&all).into_owned())
@@ -182,7 +192,7 @@ impl Client {
     ) -> Result<T> {
         let body = body.map(|b| serde_json::to_string(b).expect("serialisable"));
         let mut r = self.send(method, path, body)?;
-        let text = r.read_lines(|_| {})?;
+        let text = r.read_lines(true, |_| true)?;
         if r.status >= 400 {
             return Err(api_error(r.status, &text));
         }
@@ -192,7 +202,7 @@ impl Client {
     /// A plain-text GET.
     pub fn text(&self, path: &str) -> Result<String> {
         let mut r = self.send("GET", path, None)?;
-        let text = r.read_lines(|_| {})?;
+        let text = r.read_lines(true, |_| true)?;
         if r.status >= 400 {
             return Err(api_error(r.status, &text));
         }
@@ -204,12 +214,14 @@ impl Client {
         self.call("GET", path, None::<&()>)
     }
 
-    /// A streamed exec: each [`crate::api::ExecEvent`] goes to `on_event` as it arrives.
+    /// A streamed exec: each [`crate::api::ExecEvent`] goes to `on_event` as it arrives, until
+    /// the stream ends or `on_event` returns false (the connection is dropped, and the daemon
+    /// kills the command).
     pub fn exec(
         &self,
         path: &str,
         body: &impl Serialize,
-        mut on_event: impl FnMut(crate::api::ExecEvent),
+        mut on_event: impl FnMut(crate::api::ExecEvent) -> bool,
     ) -> Result<()> {
         let mut r = self.send(
             "POST",
@@ -217,13 +229,14 @@ impl Client {
             Some(serde_json::to_string(body).expect("serialisable")),
         )?;
         let status = r.status;
-        let text = r.read_lines(|line| {
+        let text = r.read_lines(false, |line| {
             if status < 400
                 && !line.is_empty()
                 && let Ok(ev) = serde_json::from_str::<crate::api::ExecEvent>(line)
             {
-                on_event(ev);
+                return on_event(ev);
             }
+            true
         })?;
         if status >= 400 {
             return Err(api_error(status, &text));
@@ -243,9 +256,9 @@ impl Client {
         let mut r = self.send(method, path, body)?;
         let status = r.status;
         let mut result: Option<Result<T>> = None;
-        let text = r.read_lines(|line| {
+        let text = r.read_lines(false, |line| {
             if status >= 400 || line.is_empty() {
-                return;
+                return true;
             }
             match serde_json::from_str::<Event<serde_json::Value>>(line) {
                 Ok(Event::Progress(p)) => progress(&p),
@@ -255,6 +268,7 @@ impl Client {
                 Ok(Event::Error(e)) => result = Some(Err(ClientError::Api(e))),
                 Err(e) => result = Some(Err(ClientError::Protocol(format!("{e}: {line}")))),
             }
+            true
         })?;
         if status >= 400 {
             return Err(api_error(status, &text));

@@ -1,7 +1,7 @@
 //! Daemon configuration, read in this one place: defaults, then the YAML file, then `SISTEMO_*`
 //! environment, then flags. Keys are Sistemo-compatible where they exist (`bridge_subnet`, `port`).
 
-use crate::domain::{HypervisorKind, IfName, Subnet, TableName};
+use crate::domain::{ByteSize, HypervisorKind, IfName, Subnet, TableName};
 use serde::{Deserialize, Serialize};
 use sistemo_vmm::image::{BuildOptions, DEFAULT_MIRROR, apt_mirror};
 use sistemo_vmm::qemu::{AccelChoice, QemuOptions};
@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// Default config file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/sistemo/config.yml";
+/// Shortest bearer token the TCP API accepts.
+pub const MIN_TOKEN_LEN: usize = 32;
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/sistemo/sistemo.sock";
 
@@ -52,6 +54,12 @@ pub struct Config {
     pub allow_metadata: bool,
     /// Drop machines' new connections to SMTP ports 25, 465 and 587.
     pub block_smtp: bool,
+    /// Entries the audit log keeps (the oldest go first).
+    pub history_limit: u32,
+    /// Largest `--storage` a machine may have.
+    pub max_storage: ByteSize,
+    /// Free space the data dir's file system must keep after a deploy's disk is counted.
+    pub min_disk_free: ByteSize,
     /// QEMU accelerator: `auto` (KVM when it can run the guest, else TCG), `kvm` or `tcg`.
     pub accel: AccelChoice,
     /// Appended to the guest kernel's command line (e.g. `loglevel=7` to debug a boot).
@@ -92,6 +100,9 @@ impl Default for Config {
             host_ports_for_machines: vec![],
             allow_metadata: false,
             block_smtp: true,
+            history_limit: 100_000,
+            max_storage: ByteSize::bytes(256 << 30),
+            min_disk_free: ByteSize::bytes(2 << 30),
             accel: AccelChoice::Auto,
             guest_cmdline_extra: None,
             debug_boot: false,
@@ -151,8 +162,24 @@ impl Config {
         };
         let mut cfg = match std::fs::read_to_string(&path) {
             Ok(text) if text.trim().is_empty() => Config::default(),
-            Ok(text) => yaml_serde::from_str(&text)
-                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?,
+            Ok(text) => {
+                let cfg: Config = yaml_serde::from_str(&text)
+                    .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+                if cfg.token.is_some() {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(&path)
+                        .map(|m| m.permissions().mode() & 0o777)
+                        .unwrap_or(0);
+                    if mode & 0o077 != 0 {
+                        return Err(ConfigError(format!(
+                            "config file {} holds the API token and is readable by others (mode {mode:o}); allowed: mode 600 (chmod 600 {})",
+                            path.display(),
+                            path.display()
+                        )));
+                    }
+                }
+                cfg
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
             Err(e) => return Err(ConfigError(format!("config file {}: {e}", path.display()))),
         };
@@ -244,10 +271,22 @@ impl Config {
 
     /// Check what the types cannot: combinations of keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.port.is_some() && self.token.as_deref().unwrap_or("").is_empty() {
-            return Err(ConfigError(
-                "port is set but token is empty: the TCP API needs a token".into(),
-            ));
+        if let Some(port) = self.port {
+            let token = self.token.as_deref().unwrap_or("");
+            if token.is_empty() {
+                return Err(ConfigError(
+                    "port is set but token is empty: the TCP API needs a token".into(),
+                ));
+            }
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(ConfigError(format!(
+                    "token is {} characters long (allowed: at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`) for the TCP API on port {port}",
+                    token.len()
+                )));
+            }
+        }
+        if self.history_limit == 0 {
+            return Err(ConfigError("history_limit 0 (allowed: 1 or more entries)".into()));
         }
         Ok(())
     }

@@ -8,7 +8,8 @@ use crate::net::firewall::nftables::Nftables;
 use crate::net::link::Links;
 use crate::store::Store;
 use anyhow::{Context, Result, bail};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,15 @@ fn claim_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
                 "another sistemo daemon is listening on {}; stop it or pass --socket",
+                path.display()
+            );
+        }
+        // Only a stale socket is ours to remove: `--socket` pointing at any other file (a typo,
+        // the database) is refused, never deleted.
+        let meta = std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it (allowed: a free path or a stale sistemo socket)",
                 path.display()
             );
         }
@@ -31,6 +41,44 @@ fn claim_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// Create the data dir with private modes and take its exclusive lock for the daemon's life:
+/// a second daemon on the same data dir would roll back this one's in-flight deploys.
+fn private_data_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let machines = dir.join("machines");
+    std::fs::create_dir_all(&machines).with_context(|| format!("creating data dir {}", dir.display()))?;
+    // 0711: a VMM running as its own user may traverse to its machine's directory, nothing more.
+    for (p, mode) in [
+        (dir.to_path_buf(), 0o711),
+        (machines, 0o711),
+        (dir.join("pool"), 0o700),
+    ] {
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("securing {}", p.display()))?;
+        }
+    }
+    for f in ["sistemo.db", "sistemo.db-wal", "sistemo.db-shm"] {
+        let p = dir.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("securing {}", p.display()))?;
+        }
+    }
+    let lock = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(|| format!("opening {}", lock.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another sistemo daemon uses the data dir {} ({e}); stop it, or pass another --data-dir",
+            dir.display()
+        )
+    })
+}
+
 /// Run the daemon in the foreground.
 pub async fn run(cfg: Config) -> Result<()> {
     cfg.validate()?;
@@ -38,8 +86,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         bail!("sistemo up must run as root (it manages bridges, nftables and VMs); try: sudo sistemo up");
     }
     let t0 = Instant::now();
-    std::fs::create_dir_all(cfg.data_dir.join("machines"))
-        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    // Everything the daemon writes is private to root unless made otherwise on purpose.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let _data_lock = private_data_dir(&cfg.data_dir)?;
     let listener = claim_socket(&cfg.socket)?;
     // Both listeners are bound before start-up: connections wait in the backlog until served.
     let tcp = match cfg.port {

@@ -189,8 +189,8 @@ name_type!(
     MachineName, "machine name", 63, Charset::LowerDash
 );
 name_type!(
-    /// A network's name: 1-12 of `[a-z0-9-]` (its bridge is `sis-NAME`, within IFNAMSIZ).
-    NetworkName, "network name", 12, Charset::LowerDash
+    /// A network's name: 1-11 of `[a-z0-9-]` (its bridge is `sis-NAME`: 15 bytes at most).
+    NetworkName, "network name", 11, Charset::LowerDash
 );
 name_type!(
     /// A local image's tag: 1-63 of `[a-z0-9-]`.
@@ -228,7 +228,7 @@ impl MachineName {
 impl FromStr for NetworkName {
     type Err = Invalid;
     fn from_str(s: &str) -> Result<Self, Invalid> {
-        check_name("network name", s, 12, Charset::LowerDash).map(|_| NetworkName(s.to_string()))
+        check_name("network name", s, 11, Charset::LowerDash).map(|_| NetworkName(s.to_string()))
     }
 }
 
@@ -266,9 +266,24 @@ impl FromStr for TableName {
 }
 
 /// A size in bytes, written like `512M`, `2G`, `2GB`, `10GiB`, `1024K` or `4096B`; a bare
-/// number means MiB (as `--memory 512`). Units are binary (1K = 1024).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// number means MiB (as `--memory 512`). Units are binary (1K = 1024). In configuration files
+/// it is written the same way (`max_storage: 256G`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ByteSize(u64);
+
+impl TryFrom<String> for ByteSize {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        ByteSize::parse("size", &s)
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(b: ByteSize) -> String {
+        b.to_string()
+    }
+}
 
 impl ByteSize {
     /// A size of `b` bytes.
@@ -441,7 +456,12 @@ mod tests {
         }
         let id = uuid::Uuid::new_v4().to_string();
         assert!(id.parse::<MachineName>().unwrap_err().0.contains("machine ID"));
-        assert!("abcdefghijklm".parse::<NetworkName>().is_err());
+        assert!(
+            "abcdefghijkl".parse::<NetworkName>().is_err(),
+            "sis- + 12 exceeds IFNAMSIZ"
+        );
+        let longest: NetworkName = "abcdefghijk".parse().unwrap();
+        longest.bridge().as_str().parse::<IfName>().unwrap();
         assert_eq!(
             "blue".parse::<NetworkName>().unwrap().bridge().as_str(),
             "sis-blue"

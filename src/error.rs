@@ -21,6 +21,9 @@ pub enum Error {
     /// Taken, in use, or in the wrong state.
     #[error("{0}")]
     Conflict(String),
+    /// Not enough room on the host's disk for what was asked.
+    #[error("{0}")]
+    NoSpace(String),
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -69,6 +72,7 @@ impl Error {
             Error::Invalid(_) => Some(ErrorKind::Invalid),
             Error::NotFound(_) => Some(ErrorKind::NotFound),
             Error::Conflict(_) => Some(ErrorKind::Conflict),
+            Error::NoSpace(_) => Some(ErrorKind::InsufficientStorage),
             Error::Store(e) => match e {
                 StoreError::NotFound(_) => Some(ErrorKind::NotFound),
                 StoreError::Conflict(_) | StoreError::WrongState { .. } | StoreError::Exhausted { .. } => {

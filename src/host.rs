@@ -66,6 +66,8 @@ impl Host {
             host_memory: host_memory(),
             dns: cfg.dns.clone(),
             api_port: cfg.port,
+            max_storage: cfg.max_storage,
+            min_disk_free: cfg.min_disk_free,
         };
         let hypervisor = backend.vmm.name();
         Host {
@@ -145,7 +147,11 @@ impl Host {
 
     /// Append to the audit log.
     pub fn record(&self, uid: Option<u32>, action: &str, target: &str, result: &str) {
-        if let Err(e) = self.store.lock().record(uid, action, target, result) {
+        if let Err(e) = self
+            .store
+            .lock()
+            .record(uid, action, target, result, self.cfg.history_limit)
+        {
             tracing::error!(error = %crate::error::chain(&e), action, target, "writing the audit log failed");
         }
     }

@@ -194,12 +194,19 @@ fn completion_offers_machine_names_from_the_daemon() {
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn tcp_api_is_opt_in_and_needs_the_token() {
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
     let mut env = Env::new("tcp");
     env.machine("web", &[]);
     let cfg = env.dir.join("config.yml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("port: 7443\ntoken: s3cret\n");
+    text.push_str(&format!("port: 7443\ntoken: {TOKEN}\n"));
     std::fs::write(&cfg, text).unwrap();
+    // step: a token file others can read is refused, naming the mode
+    env.kill_daemon("-TERM");
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let e = env.try_start_daemon();
+    assert!(e.contains("readable by others") && e.contains("644"), "{e}");
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     env.kill_daemon("-TERM");
     env.start_daemon();
     let code = |auth: &str| {
@@ -210,7 +217,7 @@ fn tcp_api_is_opt_in_and_needs_the_token() {
     };
     assert_eq!(code(""), "401");
     assert_eq!(code("-H 'Authorization: Bearer wrong'"), "401");
-    assert_eq!(code("-H 'Authorization: Bearer s3cret'"), "200");
+    assert_eq!(code(&format!("-H 'Authorization: Bearer {TOKEN}'")), "200");
     // the daemon's own port cannot be exposed
     let e = env.cli_err(&["machine", "expose", "web", "--port", "7443:80"]);
     assert!(e.contains("7443") && e.contains("API"), "{e}");

@@ -165,6 +165,28 @@ fn real_vm_page_examples() {
     assert_eq!(ls.matches("running").count(), 2, "{ls}");
     assert_eq!(qemu_pids(&env).len(), 2);
 
+    // a guest that powers itself off is noticed: `stopped`, its port closed, its VMM gone
+    let _ = env.cli(&["machine", "exec", "api", "systemctl poweroff --no-block"]);
+    poll("api stopped after its poweroff", Duration::from_secs(60), || {
+        env.cli_ok(&["machine", "status", "api"])
+            .contains("Status:   stopped")
+            .then_some(())
+    });
+    assert_eq!(qemu_pids(&env).len(), 1, "only web's VMM is left");
+    // a VMM that dies (killed, crashed) is noticed: `error` with the reason, port closed
+    let web_pid = qemu_pids(&env).pop().unwrap();
+    ok(&["kill", "-9", &web_pid]);
+    let st = poll(
+        "web in error after its VMM was killed",
+        Duration::from_secs(10),
+        || {
+            let st = env.cli_ok(&["machine", "status", "web"]);
+            st.contains("Status:   error").then_some(st)
+        },
+    );
+    assert!(st.contains("exited unexpectedly"), "{st}");
+    assert_eq!(curl(&env, 80), None, "a dead machine's port is closed");
+
     // delete: no VMM, TAP, rule, row or file left
     for m in ["web", "api"] {
         env.cli_ok(&["machine", "delete", m, "-y"]);

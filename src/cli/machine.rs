@@ -254,11 +254,10 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             };
             use std::io::Write;
             let (mut code, mut error) = (None, None);
-            let mut collected = ExecResponse {
-                code: 0,
-                stdout: String::new(),
-                stderr: String::new(),
-            };
+            // -o json collects the output (lossy where it is not UTF-8); otherwise it is written
+            // byte-exact as it comes.
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let mut broken = false;
             c.exec(
                 &format!("{}/exec", path(&name)),
                 &ExecRequest {
@@ -266,19 +265,46 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                     timeout_s: None,
                 },
                 |ev| match ev {
-                    ExecEvent::Stdout(s) if json => collected.stdout.push_str(&s),
-                    ExecEvent::Stderr(s) if json => collected.stderr.push_str(&s),
-                    ExecEvent::Stdout(s) => {
-                        let mut o = std::io::stdout();
-                        let _ = o.write_all(s.as_bytes()).and_then(|_| o.flush());
+                    ExecEvent::Exit(c) => {
+                        code = Some(c);
+                        true
                     }
-                    ExecEvent::Stderr(s) => {
-                        let _ = std::io::stderr().write_all(s.as_bytes());
+                    ExecEvent::Error(e) => {
+                        error = Some(e);
+                        true
                     }
-                    ExecEvent::Exit(c) => code = Some(c),
-                    ExecEvent::Error(e) => error = Some(e),
+                    // A reader of ours that went away (`| head`) ends the command too.
+                    ev => match (ev.bytes(), json) {
+                        (Some((b, false)), true) => {
+                            out.extend_from_slice(&b);
+                            true
+                        }
+                        (Some((b, true)), true) => {
+                            err.extend_from_slice(&b);
+                            true
+                        }
+                        (Some((b, false)), false) => {
+                            let mut o = std::io::stdout();
+                            broken = o.write_all(&b).and_then(|_| o.flush()).is_err();
+                            !broken
+                        }
+                        (Some((b, true)), false) => {
+                            broken = std::io::stderr().write_all(&b).is_err();
+                            !broken
+                        }
+                        (None, _) => true,
+                    },
                 },
             )?;
+            if broken {
+                // Our output closed under us: end quietly, as a shell pipeline's writer does.
+                return Ok(141);
+            }
+            let mut collected = ExecResponse {
+                code: 0,
+                stdout: String::from_utf8_lossy(&out).into_owned(),
+                stderr: String::from_utf8_lossy(&err).into_owned(),
+            };
             if let Some(e) = error {
                 return Err(crate::client::ClientError::Api(e).into());
             }

@@ -11,7 +11,7 @@ use clap::Subcommand;
 pub enum NetworkCmd {
     /// Create an isolated network with its own bridge.
     Create {
-        /// Name (a-z, 0-9, '-'; at most 12).
+        /// Name (a-z, 0-9, '-'; at most 11: its bridge is sis-NAME).
         name: String,
         /// Subnet, e.g. 10.201.0.0/24 (default: a free 10.x.0.0/24).
         #[arg(long)]

@@ -28,22 +28,42 @@ pub struct Disks {
 }
 
 impl Disks {
-    /// Disks for the image store in `data_dir`; images are built with `build`.
+    /// Disks for the image store in `data_dir`; images are built with `build`. Spares a crash
+    /// left half-made are removed.
     pub fn new(data_dir: &Path, build: BuildOptions) -> Disks {
+        let pool = data_dir.join("pool");
+        if let Ok(rd) = std::fs::read_dir(&pool) {
+            for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "filling")) {
+                tracing::warn!(file = %e.path().display(), "removing a half-made spare disk");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Disks {
             images: ImageStore::new(data_dir),
             build,
-            pool: data_dir.join("pool"),
+            pool,
             refilling: Default::default(),
         }
     }
 
+    /// The spare of image file `src`, named after the file itself (device, inode, size and
+    /// modification time), never after its name: two images called `root.ext4` in different
+    /// folders, or one file rewritten in place, never share a spare.
     fn spare(&self, src: &Path) -> PathBuf {
-        let stem = src
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(src)
+            .map(|m| {
+                format!(
+                    "{:x}-{:x}-{:x}-{:x}.{:x}",
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                )
+            })
             .unwrap_or_default();
-        self.pool.join(format!("{stem}.raw"))
+        self.pool.join(format!("{id}.raw"))
     }
 
     /// Take the image's spare disk if there is one (atomic rename: two deploys never share it).
@@ -159,5 +179,24 @@ impl ImageBackend for Disks {
         let r = self.images.remove(tag.as_str());
         self.prune();
         Ok(r?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_with_one_name_in_two_folders_have_two_spares() {
+        let dir = std::env::temp_dir().join(format!("sistemo-spare-{}", uuid::Uuid::new_v4()));
+        let (a, b) = (dir.join("a/root.ext4"), dir.join("b/root.ext4"));
+        for p in [&a, &b] {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, p.display().to_string()).unwrap();
+        }
+        let d = Disks::new(&dir, BuildOptions::default());
+        assert_ne!(d.spare(&a), d.spare(&b));
+        assert_eq!(d.spare(&a), d.spare(&a));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

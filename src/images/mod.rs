@@ -3,7 +3,7 @@
 
 mod disks;
 
-pub use disks::Disks;
+pub use disks::{DEFAULT_STORAGE, Disks};
 
 use crate::Progress;
 use crate::api::ErrorKind;

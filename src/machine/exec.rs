@@ -4,9 +4,8 @@
 use super::Machines;
 use crate::domain::MachineState;
 use crate::error::{Error, Result};
-use sistemo_vmm::{MachineSpec, OutputChunk};
+use sistemo_vmm::{MachineSpec, OutputSink};
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
 
 /// Most console output one `logs` call returns.
 const LOG_CHUNK: u64 = 4 << 20;
@@ -26,13 +25,7 @@ impl Machines {
 
     /// Run `cmd` through the guest's shell, sending its output to `out` as it comes; returns
     /// its exit code.
-    pub async fn exec(
-        &self,
-        name: &str,
-        cmd: &str,
-        timeout: Duration,
-        out: UnboundedSender<OutputChunk>,
-    ) -> Result<i32> {
+    pub async fn exec(&self, name: &str, cmd: &str, timeout: Duration, out: OutputSink) -> Result<i32> {
         let spec = self.running_spec(name)?;
         Ok(self.vmm.exec(&spec, cmd, timeout, out).await?)
     }

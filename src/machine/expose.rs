@@ -63,6 +63,7 @@ impl Machines {
         }
         if m.state == MachineState::Running {
             self.fw.remove(m.ip, &removed)?;
+            crate::net::conntrack::forget_exposes(m.ip, &removed).await; // iso-drift
         }
         self.get(&id.to_string())
     }

@@ -14,6 +14,10 @@ use uuid::Uuid;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a guest may take to power down before its VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// What Linux prints last when the guest powers itself off (`poweroff`, `shutdown -h`).
+const POWER_DOWN: &str = "reboot: Power down";
+/// How much of the console's end is read to tell a power-off from a crash.
+const CONSOLE_TAIL: u64 = 4096;
 
 impl Machines {
     /// Deploy: check everything first, then create and boot, undoing every step on failure.
@@ -39,6 +43,7 @@ impl Machines {
                 host.as_mib()
             )));
         }
+        self.check_storage(d.storage)?;
         self.precheck_exposes(&d.expose)?;
         let new = NewMachine {
             id: Uuid::new_v4(),
@@ -71,9 +76,41 @@ impl Machines {
             let _ = self.fw.unbind(&port);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
+            crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
             return Err(e);
         }
         self.get(&m.id.to_string())
+    }
+
+    /// Disks are sparse, so a guest can fill what it was given: refuse a size over
+    /// `max_storage`, or one that, written in full, would leave the host less than
+    /// `min_disk_free`.
+    fn check_storage(&self, storage: Option<ByteSize>) -> Result<()> {
+        if self.images.is_none() {
+            return Ok(());
+        }
+        let want = storage.unwrap_or(crate::images::DEFAULT_STORAGE);
+        let max = self.settings.max_storage;
+        if want > max {
+            return Err(Error::Invalid(format!(
+                "storage {want} is over the host's limit (allowed: up to {max}, the max_storage setting)"
+            )));
+        }
+        let dir = &self.settings.machines_dir;
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .map_err(|e| Error::io(format!("reading the free space of {}", dir.display()))(e.into()))?;
+        let keep = self.settings.min_disk_free.as_bytes();
+        if free < want.as_bytes().saturating_add(keep) {
+            return Err(Error::NoSpace(format!(
+                "storage {want} does not fit: {} free in {}, and {} must stay free (min_disk_free); allowed: at most {}",
+                ByteSize::bytes(free / (1 << 20) * (1 << 20)),
+                dir.display(),
+                self.settings.min_disk_free,
+                ByteSize::mib(free.saturating_sub(keep) >> 20)
+            )));
+        }
+        Ok(())
     }
 
     /// Bring a machine's link, VMM and rules up, or undo what was done. The caller holds its
@@ -201,6 +238,7 @@ impl Machines {
         let _ = self.fw.remove(m.ip, &ports);
         progress(&format!("stopping {}", m.name));
         self.teardown(m, m.instance.as_ref()).await;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
         let st = self.store.lock();
         st.set_instance(m.id, None)?;
         st.set_state(m.id, MachineState::Stopped, None)?;
@@ -249,6 +287,7 @@ impl Machines {
             return Err(Error::io(format!("removing {}", dir.display()))(e));
         }
         self.store.lock().delete_machine(m.id)?;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
         Ok(())
     }
 
@@ -268,10 +307,23 @@ impl Machines {
         }
     }
 
-    /// Daemon start: re-adopt machines whose VMM survived, roll back interrupted deploys, and
-    /// mark machines whose VMM is gone as `error` with the reason.
+    /// Daemon start: re-adopt machines whose VMM survived, roll back interrupted deploys, mark
+    /// machines whose VMM is gone as `error` with the reason, and sweep machine directories no
+    /// row owns (a crash between a row's delete and its directory's).
     pub async fn readopt(&self) -> Result<()> {
         let machines = self.store.lock().machines()?;
+        let owned: std::collections::HashSet<String> = machines.iter().map(|m| m.id.to_string()).collect();
+        if let Ok(rd) = std::fs::read_dir(&self.settings.machines_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !owned.contains(&name) && uuid::Uuid::try_parse(&name).is_ok() {
+                    tracing::warn!(dir = %e.path().display(), "removing a machine directory no machine owns");
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        tracing::warn!(dir = %e.path().display(), error = %err, "could not remove it");
+                    }
+                }
+            }
+        }
         for m in machines {
             let alive = m.instance.as_ref().is_some_and(Instance::is_alive);
             match m.state {
@@ -288,6 +340,7 @@ impl Machines {
                     self.teardown(&m, m.instance.as_ref()).await;
                     let _ = std::fs::remove_dir_all(self.machine_dir(m.id));
                     self.store.lock().delete_machine(m.id)?;
+                    crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
                 }
                 MachineState::Running => {
                     self.mark_dead(&m, "its VMM exited while the daemon was not running")
@@ -335,21 +388,57 @@ impl Machines {
                 continue;
             }
             let pid = m.instance.as_ref().map_or(0, |i| i.pid);
-            self.mark_dead(&m, &format!("its VMM (pid {pid}) exited unexpectedly"))
-                .await?;
+            // A guest that powered itself off ends like a stop; anything else is an error
+            // with what the console said last.
+            let tail = self.console_tail(m.id);
+            if tail.contains(POWER_DOWN) {
+                tracing::info!(machine = %m.name, "the guest powered off");
+                self.shutdown(&m, &|_| {}).await?;
+            } else {
+                let last = tail
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim();
+                let why = if last.is_empty() {
+                    format!("its VMM (pid {pid}) exited unexpectedly")
+                } else {
+                    format!("its VMM (pid {pid}) exited unexpectedly; the console's last line: {last}")
+                };
+                self.mark_dead(&m, &why).await?;
+            }
             n += 1;
         }
         Ok(n)
     }
 
+    /// The last few KiB of the machine's console, without terminal escapes.
+    fn console_tail(&self, id: Uuid) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
+            return String::new();
+        };
+        let _ = f.seek(SeekFrom::End(-(CONSOLE_TAIL as i64)));
+        let mut buf = Vec::new();
+        let _ = f.take(CONSOLE_TAIL).read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf)
+            .chars()
+            .filter(|c| !c.is_control() || *c == '\n')
+            .collect()
+    }
+
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
         tracing::warn!(machine = %m.name, reason = why, "machine is down");
         let ports = self.store.lock().exposes_of(m.id)?;
+        // iso-drift: out of `running` first, so the rebuild after a failed removal leaves it out.
+        self.store
+            .lock()
+            .set_state(m.id, MachineState::Error, Some(why))?;
         let _ = self.fw.remove(m.ip, &ports);
         self.teardown(m, None).await;
-        let st = self.store.lock();
-        st.set_instance(m.id, None)?;
-        st.set_state(m.id, MachineState::Error, Some(why))?;
+        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
+        self.store.lock().set_instance(m.id, None)?;
         Ok(())
     }
 }

@@ -67,6 +67,10 @@ pub struct Settings {
     pub dns: Vec<Ipv4Addr>,
     /// The API's own TCP port, which no expose may take.
     pub api_port: Option<u16>,
+    /// Largest disk a machine may have.
+    pub max_storage: ByteSize,
+    /// Free space the machines' file system keeps after a new disk is counted in full.
+    pub min_disk_free: ByteSize,
 }
 
 /// What machines are made with: the store, the host's links, the firewall, the hypervisor and

@@ -189,9 +189,11 @@ impl Hypervisor for FakeVmm {
         spec: &MachineSpec,
         cmd: &str,
         _: Duration,
-        out: tokio::sync::mpsc::UnboundedSender<OutputChunk>,
+        out: sistemo_vmm::OutputSink,
     ) -> Result<i32, VmmError> {
-        let _ = out.send(OutputChunk::Stdout(format!("ran {cmd}\n")));
+        let _ = out
+            .send(OutputChunk::Stdout(format!("ran {cmd}\n").into_bytes()))
+            .await;
         if self.hold_exec.load(Ordering::SeqCst) {
             let stopped = self.stopped.notified();
             if self.running.lock().unwrap().contains(&spec.id) {
@@ -475,7 +477,7 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
     let r = Arc::new(rig().await);
     r.deploy(web(&["48109:80"])).await.unwrap();
     r.vmm.hold_exec.store(true, Ordering::SeqCst);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = sistemo_vmm::output_queue();
     let r2 = r.clone();
     let exec = tokio::spawn(async move {
         r2.host
@@ -503,7 +505,7 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
             "web",
             "true",
             Duration::from_secs(5),
-            tokio::sync::mpsc::unbounded_channel().0,
+            sistemo_vmm::output_queue().0,
         )
         .await
         .unwrap_err();
@@ -581,6 +583,10 @@ async fn startup_rolls_back_an_interrupted_deploy() {
         )
         .unwrap();
     std::fs::create_dir_all(r.dir.join("machines").join(m.id.to_string())).unwrap();
+    // and a directory a crash left without any row
+    let orphan = r.dir.join("machines").join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("disk.raw"), b"x").unwrap();
     r.host.startup().await.unwrap();
     r.assert_nothing_left();
 }
@@ -611,5 +617,26 @@ async fn a_rebuild_during_a_slow_delete_does_not_bring_its_rules_back() {
     r.vmm.release_stop.notify_one();
     delete.await.unwrap().unwrap();
     r.host.networks.delete("blue").await.unwrap();
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn storage_over_the_limit_or_the_free_space_is_refused_before_anything_is_made() {
+    let r = rig().await;
+    let mut d = web(&[]);
+    d.storage = Some(ByteSize::bytes(300 << 30));
+    let e = r.deploy(d).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("max_storage"), "{e}");
+    let st = nix::sys::statvfs::statvfs(&r.dir).unwrap();
+    let free = st.blocks_available() * st.fragment_size();
+    let mut d = web(&[]);
+    // within max_storage only on a host with less than 254 GiB free
+    d.storage = Some(ByteSize::bytes((free + (1 << 30)).min(255 << 30)));
+    if free < 250 << 30 {
+        let e = r.deploy(d).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InsufficientStorage, "{e}");
+        assert!(e.to_string().contains("min_disk_free"), "{e}");
+    }
     r.assert_nothing_left();
 }

@@ -1,7 +1,8 @@
 //! Host networking: links over netlink ([`link`]), address planning ([`ipam`]) and the
-//! port-forwarding firewall ([`firewall`]).
+//! port-forwarding firewall ([`firewall`]) and its connection tracking ([`conntrack`]).
 //! Nothing outside this module creates links or talks to nftables.
 
+pub mod conntrack;
 pub mod firewall;
 pub mod ipam;
 pub mod link;

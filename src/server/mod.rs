@@ -60,16 +60,16 @@ fn audited<T>(h: &Host, peer: &Peer, action: &str, target: &str, r: Result<T, Er
     r
 }
 
-/// An NDJSON response of the events `rx` receives.
-fn ndjson<E: Serialize + Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<E>) -> Response {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let ev = rx.recv().await?;
-        let line = serde_json::to_string(&ev).unwrap_or_default() + "\n";
-        Some((Ok::<_, std::io::Error>(line), rx))
-    });
+/// An NDJSON response of `events`.
+fn ndjson<E: Serialize + Send + 'static>(
+    events: impl futures::Stream<Item = E> + Send + 'static,
+) -> Response {
+    use futures::StreamExt as _;
+    let lines =
+        events.map(|ev| Ok::<_, std::io::Error>(serde_json::to_string(&ev).unwrap_or_default() + "\n"));
     Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
+        .body(Body::from_stream(lines))
         .expect("valid response")
 }
 
@@ -93,7 +93,9 @@ where
             Err(e) => Event::Error(e.body()),
         });
     });
-    ndjson(rx)
+    ndjson(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (e, rx))
+    }))
 }
 
 async fn list(State(h): State<AppState>) -> Result<Json<Vec<MachineInfo>>, Error> {
@@ -209,35 +211,69 @@ async fn unexpose(
     Ok(Json(convert::machine_info(&v)))
 }
 
+/// Chunks of exec output that may wait for a slow client before the command is held back.
+const EXEC_EVENTS_QUEUE: usize = 16;
+/// How often a quiet exec stream sends a blank line.
+const EXEC_HEARTBEAT: Duration = Duration::from_secs(1);
+
 async fn exec(
     State(h): State<AppState>,
     ConnectInfo(p): ConnectInfo<Peer>,
     Path(name): Path<String>,
     Json(req): Json<ExecRequest>,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecEvent>();
-    let (otx, mut orx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
+    // Bounded end to end: a client that stops reading holds the command's output back; a
+    // client that goes away drops the stream, which kills the command.
+    let (tx, rx) = tokio::sync::mpsc::channel::<ExecEvent>(EXEC_EVENTS_QUEUE);
+    let (otx, mut orx) = sistemo_vmm::output_queue();
     let fwd = tx.clone();
     let pump = tokio::spawn(async move {
         while let Some(c) = orx.recv().await {
-            let _ = fwd.send(match c {
-                OutputChunk::Stdout(s) => ExecEvent::Stdout(s),
-                OutputChunk::Stderr(s) => ExecEvent::Stderr(s),
-            });
+            let ev = match c {
+                OutputChunk::Stdout(b) => ExecEvent::output(b, false),
+                OutputChunk::Stderr(b) => ExecEvent::output(b, true),
+            };
+            if fwd.send(ev).await.is_err() {
+                break;
+            }
         }
     });
     tokio::spawn(async move {
         let timeout = Duration::from_secs(req.timeout_s.unwrap_or(600));
-        let r = h.machines.exec(&name, &req.cmd, timeout, otx).await;
-        let r = audited(&h, &p, "machine.exec", &name, r);
+        // A client that goes away closes the event stream: the command is dropped, which
+        // kills it, even when it writes nothing.
+        let r = tokio::select! {
+            r = h.machines.exec(&name, &req.cmd, timeout, otx) => r,
+            () = tx.closed() => Err(crate::error::Error::Conflict("the client went away; the command was killed".into())),
+        };
+        let result = match &r {
+            Ok(code) => format!("exit {code}"),
+            Err(e) => chain(e),
+        };
+        h.record(p.uid, "machine.exec", &format!("{name} {}", req.cmd), &result);
         // All output goes out before the last event.
         let _ = pump.await;
-        let _ = tx.send(match r {
-            Ok(code) => ExecEvent::Exit(code),
-            Err(e) => ExecEvent::Error(e.body()),
-        });
+        let _ = tx
+            .send(match r {
+                Ok(code) => ExecEvent::Exit(code),
+                Err(e) => ExecEvent::Error(e.body()),
+            })
+            .await;
     });
-    ndjson(rx)
+    // A blank line every second while the command is quiet: writing is how a gone client is
+    // noticed (clients skip blank lines).
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        let line = match tokio::time::timeout(EXEC_HEARTBEAT, rx.recv()).await {
+            Ok(Some(ev)) => serde_json::to_string(&ev).unwrap_or_default() + "\n",
+            Ok(None) => return None,
+            Err(_) => "\n".to_string(),
+        };
+        Some((Ok::<_, std::io::Error>(line), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .expect("valid response")
 }
 
 async fn shell(State(h): State<AppState>, Path(name): Path<String>) -> Result<Json<ShellResponse>, Error> {
@@ -289,6 +325,9 @@ async fn ports(State(h): State<AppState>) -> Result<Json<Vec<PortRow>>, Error> {
     Ok(Json(h.machines.ports()?.iter().map(convert::port_row).collect()))
 }
 
+/// Most audit entries one `history` call returns.
+const MAX_HISTORY_PAGE: u32 = 10_000;
+
 #[derive(serde::Deserialize)]
 struct HistoryQuery {
     limit: Option<u32>,
@@ -301,7 +340,7 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryEntry>>, Error> {
     Ok(Json(h.history(
-        q.limit.unwrap_or(50),
+        q.limit.unwrap_or(50).min(MAX_HISTORY_PAGE),
         q.action.as_deref(),
         q.target.as_deref(),
     )?))

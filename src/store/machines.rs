@@ -63,8 +63,8 @@ impl Store {
         self.machine(&id.to_string())
     }
 
-    /// Insert a machine in state `creating`, leasing the lowest free address of its network
-    /// (from .2) and claiming its exposes, all in one transaction.
+    /// Insert a machine in state `creating`, leasing an address of its network (see
+    /// [`allocate_ip`]: never-used ones first) and claiming its exposes, all in one transaction.
     pub fn create_machine(&mut self, m: &NewMachine, exposes: &[ExposeSpec]) -> Result<Machine> {
         let tx = self
             .conn
@@ -177,10 +177,20 @@ impl Store {
         Ok(())
     }
 
-    /// Delete a machine with its exposes, claims and IP lease.
-    pub fn delete_machine(&self, id: Uuid) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM machines WHERE id = ?1", [id.to_string()])?;
+    /// Delete a machine with its exposes, claims and IP lease; the address is remembered as
+    /// released, so it is handed out again only after every never-used one.
+    pub fn delete_machine(&mut self, id: Uuid) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO released_ips(network, ip, seq)
+             SELECT network, ip, (SELECT COALESCE(MAX(seq), 0) + 1 FROM released_ips)
+             FROM machines WHERE id = ?1",
+            [id.to_string()],
+        )?;
+        tx.execute("DELETE FROM machines WHERE id = ?1", [id.to_string()])?;
+        tx.commit()?;
         Ok(())
     }
 }
@@ -192,25 +202,50 @@ pub(super) fn host_range(subnet: Subnet) -> std::ops::RangeInclusive<u32> {
     (base + 2)..=(bcast.saturating_sub(1))
 }
 
-/// Lowest free address from .2, found by the index (no row is loaded into the process).
+/// An address for a new machine: the lowest never-used one from .2 (neither leased nor
+/// released), else the least recently released one. A released address may still be in
+/// flows, caches and clients' minds of the old holder, so it comes back last. Both are found by
+/// the indexes (no row is loaded into the process); the lease drops the address from
+/// `released_ips`.
 fn allocate_ip(tx: &Transaction<'_>, network: &NetworkName, subnet: Subnet) -> Result<Ipv4Addr> {
     let range = host_range(subnet);
-    let first = *range.start();
-    let candidate: u32 = tx.query_row(
-        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM machines WHERE network = ?1 AND ip = ?2) THEN ?2
-         ELSE (SELECT m.ip + 1 FROM machines m WHERE m.network = ?1 AND m.ip >= ?2
-               AND NOT EXISTS (SELECT 1 FROM machines x WHERE x.network = ?1 AND x.ip = m.ip + 1)
-               ORDER BY m.ip LIMIT 1) END",
+    let (first, last) = (*range.start(), *range.end());
+    // The first used address that has no used successor, plus one (or .2 when unused).
+    let fresh: Option<u32> = tx.query_row(
+        "WITH used(ip) AS (
+            SELECT ip FROM machines WHERE network = ?1 AND ip >= ?2
+            UNION ALL SELECT ip FROM released_ips WHERE network = ?1 AND ip >= ?2)
+         SELECT CASE
+            WHEN NOT EXISTS (SELECT 1 FROM machines WHERE network = ?1 AND ip = ?2)
+             AND NOT EXISTS (SELECT 1 FROM released_ips WHERE network = ?1 AND ip = ?2) THEN ?2
+            ELSE (SELECT MIN(u.ip) + 1 FROM used u
+                  WHERE NOT EXISTS (SELECT 1 FROM machines x WHERE x.network = ?1 AND x.ip = u.ip + 1)
+                    AND NOT EXISTS (SELECT 1 FROM released_ips r WHERE r.network = ?1 AND r.ip = u.ip + 1))
+         END",
         params![network, first],
         |r| r.get(0),
     )?;
-    if !range.contains(&candidate) {
-        return Err(StoreError::Exhausted {
-            network: network.clone(),
-            subnet,
-        });
-    }
-    Ok(Ipv4Addr::from(candidate))
+    let ip = match fresh.filter(|c| range.contains(c)) {
+        Some(ip) => ip,
+        None => tx
+            .query_row(
+                "SELECT r.ip FROM released_ips r WHERE r.network = ?1 AND r.ip BETWEEN ?2 AND ?3
+                   AND NOT EXISTS (SELECT 1 FROM machines m WHERE m.network = ?1 AND m.ip = r.ip)
+                 ORDER BY r.seq LIMIT 1",
+                params![network, first, last],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::Exhausted {
+                network: network.clone(),
+                subnet,
+            })?,
+    };
+    tx.execute(
+        "DELETE FROM released_ips WHERE network = ?1 AND ip = ?2",
+        params![network, ip],
+    )?;
+    Ok(Ipv4Addr::from(ip))
 }
 
 #[cfg(test)]
@@ -220,7 +255,7 @@ mod tests {
     use crate::store::Network;
 
     #[test]
-    fn ip_sequential_and_reused() {
+    fn ip_sequential_and_released_ones_not_reused_while_fresh_ones_remain() {
         let mut s = store();
         let a = s.create_machine(&machine("a"), &[]).unwrap();
         let b = s.create_machine(&machine("b"), &[]).unwrap();
@@ -235,9 +270,70 @@ mod tests {
         );
         s.delete_machine(b.id).unwrap();
         let d = s.create_machine(&machine("d"), &[]).unwrap();
-        assert_eq!(d.ip, b.ip, "freed address is reused");
+        assert_eq!(
+            d.ip.to_string(),
+            "10.200.0.5",
+            "a released address is not reused first"
+        );
+        s.delete_machine(a.id).unwrap();
         let e = s.create_machine(&machine("e"), &[]).unwrap();
-        assert_eq!(e.ip.to_string(), "10.200.0.5");
+        assert_eq!(e.ip.to_string(), "10.200.0.6", "nor one released at .2");
+    }
+
+    fn tiny(s: &mut Store) {
+        s.create_network(&Network {
+            name: "tiny".parse().unwrap(),
+            bridge: "t0".parse().unwrap(),
+            subnet: "10.9.0.0/29".parse().unwrap(),
+        })
+        .unwrap();
+    }
+
+    fn on_tiny(name: &str) -> NewMachine {
+        let mut m = machine(name);
+        m.network = "tiny".parse().unwrap();
+        m
+    }
+
+    #[test]
+    fn released_ips_come_back_least_recently_released_first() {
+        let mut s = Store::in_memory().unwrap();
+        tiny(&mut s);
+        // .2 to .6: five addresses
+        let ms: Vec<Machine> = (0..5)
+            .map(|i| s.create_machine(&on_tiny(&format!("x{i}")), &[]).unwrap())
+            .collect();
+        // released in the order .5, .2, .4
+        for i in [3, 0, 2] {
+            s.delete_machine(ms[i].id).unwrap();
+        }
+        let next = |s: &mut Store, n: &str| s.create_machine(&on_tiny(n), &[]).unwrap().ip.to_string();
+        assert_eq!(next(&mut s, "y0"), "10.9.0.5", "least recently released first");
+        assert_eq!(next(&mut s, "y1"), "10.9.0.2");
+        // .2 is released again: it goes to the back of the queue, behind .4
+        let y1 = s.machine("y1").unwrap();
+        s.delete_machine(y1.id).unwrap();
+        assert_eq!(next(&mut s, "y2"), "10.9.0.4");
+        assert_eq!(next(&mut s, "y3"), "10.9.0.2");
+        assert!(matches!(
+            s.create_machine(&on_tiny("z"), &[]),
+            Err(StoreError::Exhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_fresh_address_above_released_ones_wins() {
+        let mut s = Store::in_memory().unwrap();
+        tiny(&mut s);
+        let a = s.create_machine(&on_tiny("a"), &[]).unwrap();
+        let b = s.create_machine(&on_tiny("b"), &[]).unwrap();
+        s.delete_machine(a.id).unwrap();
+        s.delete_machine(b.id).unwrap();
+        // everything leased is gone; .4 was never used
+        assert_eq!(
+            s.create_machine(&on_tiny("c"), &[]).unwrap().ip.to_string(),
+            "10.9.0.4"
+        );
     }
 
     #[test]

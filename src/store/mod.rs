@@ -99,6 +99,14 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: why a machine is in state `error`
     "ALTER TABLE machines ADD COLUMN error TEXT;",
+    // 3: addresses given back, so they are handed out again last (least recently released first)
+    "CREATE TABLE released_ips (
+        network TEXT NOT NULL,
+        ip INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (network, ip)
+     ) WITHOUT ROWID;
+     CREATE INDEX released_ips_seq ON released_ips(network, seq);",
 ];
 
 /// A named network: a bridge and a subnet.

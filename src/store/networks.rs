@@ -105,11 +105,23 @@ impl Store {
 
     // ---- history ----
 
-    /// Append an audit entry.
-    pub fn record(&self, uid: Option<u32>, action: &str, target: &str, result: &str) -> Result<()> {
+    /// Append an audit entry, keeping at most `keep` entries (the oldest go).
+    pub fn record(
+        &self,
+        uid: Option<u32>,
+        action: &str,
+        target: &str,
+        result: &str,
+        keep: u32,
+    ) -> Result<()> {
         self.conn.execute(
             "INSERT INTO history(uid, action, target, result) VALUES (?1, ?2, ?3, ?4)",
             params![uid, action, target, result],
+        )?;
+        // Cheap by the primary key; runs on every write so the log never grows past `keep`.
+        self.conn.execute(
+            "DELETE FROM history WHERE id <= (SELECT max(id) FROM history) - ?1",
+            [keep],
         )?;
         Ok(())
     }
@@ -155,6 +167,20 @@ mod tests {
         assert!(e.contains("web (10.200.0.2)"), "{e}");
         s.set_network_subnet(&def, &br, "10.200.0.0/24".parse().unwrap())
             .unwrap();
+    }
+
+    #[test]
+    fn history_keeps_the_newest_entries() {
+        let s = store();
+        for i in 0..10 {
+            s.record(Some(0), "machine.exec", &format!("t{i}"), "ok", 4)
+                .unwrap();
+        }
+        let h = s.history(100, None, None).unwrap();
+        assert_eq!(
+            h.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+            ["t9", "t8", "t7", "t6"]
+        );
     }
 
     #[test]

@@ -109,6 +109,12 @@ impl Env {
         Self::build(tag, args, "netns", None)
     }
 
+    /// A fresh environment whose config file also holds `extra` (YAML lines, e.g.
+    /// `"block_smtp: false\n"`); a `repair_interval_ms` in `extra` replaces the harness's 200.
+    pub fn with_config(tag: &str, extra: &str) -> Env {
+        Self::build_with(tag, &[], "netns", None, extra)
+    }
+
     /// An environment whose daemon runs real VMs (QEMU), its data dir seeded (hard links) from
     /// `seed` (kernel, initramfs and images prepared by `scripts/prepare-vm-assets`).
     pub fn qemu(tag: &str, seed: &std::path::Path) -> Env {
@@ -116,6 +122,16 @@ impl Env {
     }
 
     fn build(tag: &str, args: &[&str], hypervisor: &str, seed: Option<&std::path::Path>) -> Env {
+        Self::build_with(tag, args, hypervisor, seed, "")
+    }
+
+    fn build_with(
+        tag: &str,
+        args: &[&str],
+        hypervisor: &str,
+        seed: Option<&std::path::Path>,
+        config: &str,
+    ) -> Env {
         require_root();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}{}", tag, std::process::id() % 100000, n);
@@ -175,13 +191,27 @@ impl Env {
         env.csh(&format!(
             "ip addr add {CLIENT_IP}/24 dev {c} && ip link set {c} up && ip route add default via {HOST_LAN}"
         ));
-        std::fs::write(
-            env.dir.join("config.yml"),
-            format!("netns_prefix: \"{}\"\nrepair_interval_ms: 200\n", env.prefix),
-        )
-        .unwrap();
+        env.write_config(config);
         env.start_daemon();
         env
+    }
+
+    /// Write the config file: the harness's keys (namespace prefix, a 200 ms repair interval
+    /// unless `extra` sets one) and `extra`. Takes effect at the next daemon start.
+    pub fn write_config(&self, extra: &str) {
+        let repair = if extra.contains("repair_interval_ms") {
+            ""
+        } else {
+            "repair_interval_ms: 200\n"
+        };
+        let path = self.dir.join("config.yml");
+        std::fs::write(
+            &path,
+            format!("netns_prefix: \"{}\"\n{repair}{extra}", self.prefix),
+        )
+        .unwrap();
+        // It may hold the API token: the daemon refuses a token others can read.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
 
     /// `nsenter` arguments that run this env's daemon in its namespace.
@@ -439,5 +469,46 @@ impl Env {
             .unwrap();
         assert!(!o.status.success(), "daemon should have refused to start");
         String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// Start the daemon expecting it to refuse: return its output once it exits non-zero.
+    /// Panics if it answers on its socket instead (it is killed first) or is still starting
+    /// after `timeout`, so a daemon that wrongly starts cannot hang the test.
+    pub fn start_daemon_expecting_refusal(&mut self, timeout: Duration) -> String {
+        let args = self.daemon_args();
+        let mut child = Command::new("nsenter")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let sock = self.socket.clone();
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let o = child.wait_with_output().unwrap();
+                assert!(!st.success(), "daemon exited 0 instead of refusing");
+                return format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let up = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+            if up || Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "daemon should have refused to start, but {}",
+                    if up {
+                        "it answers on its socket"
+                    } else {
+                        "it is still running"
+                    }
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

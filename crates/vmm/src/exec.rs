@@ -1,20 +1,32 @@
 //! Running a command's process on the host for exec: one spawn helper for every backend that
-//! streams stdout and stderr as whole UTF-8 characters, the timeout, and the exit code.
+//! streams stdout and stderr byte-exact through a bounded queue, the timeout, and the exit code.
 
 use crate::{Hypervisor, MachineSpec, VmmError};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{Receiver, Sender};
 
-/// A piece of a command's output, as it comes. Each chunk holds whole UTF-8 characters (a
-/// character split across reads waits for its remaining bytes); invalid bytes become U+FFFD.
+/// A piece of a command's output, as it comes, byte-exact. Where the output is UTF-8 a chunk
+/// never ends inside a character (the rest of a split character waits for the next read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputChunk {
-    /// Text the command wrote to its standard output.
-    Stdout(String),
-    /// Text the command wrote to its standard error.
-    Stderr(String),
+    /// Bytes the command wrote to its standard output.
+    Stdout(Vec<u8>),
+    /// Bytes the command wrote to its standard error.
+    Stderr(Vec<u8>),
+}
+
+/// Where a command's output goes: a bounded queue, so a reader that stops reading stops the
+/// command's output (the pipe fills and the command waits), and a reader that goes away kills it.
+pub type OutputSink = Sender<OutputChunk>;
+
+/// Chunks (of up to 16 KiB) that may wait in an [`OutputSink`].
+pub const OUTPUT_QUEUE: usize = 16;
+
+/// A new output queue.
+pub fn output_queue() -> (OutputSink, Receiver<OutputChunk>) {
+    tokio::sync::mpsc::channel(OUTPUT_QUEUE)
 }
 
 /// Everything a command run in a machine produced, collected by [`exec_collect`].
@@ -22,9 +34,9 @@ pub enum OutputChunk {
 pub struct ExecOutput {
     /// Exit code of the command (128+signal when a signal killed it).
     pub code: i32,
-    /// Standard output, UTF-8 (invalid bytes replaced).
+    /// Standard output.
     pub stdout: Vec<u8>,
-    /// Standard error, UTF-8 (invalid bytes replaced).
+    /// Standard error.
     pub stderr: Vec<u8>,
 }
 
@@ -35,21 +47,18 @@ pub async fn exec_collect(
     cmd: &str,
     timeout: Duration,
 ) -> Result<ExecOutput, VmmError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let code = h.exec(spec, cmd, timeout, tx).await?;
-    Ok(collect(code, &mut rx))
+    let (tx, rx) = output_queue();
+    let (code, out) = tokio::join!(h.exec(spec, cmd, timeout, tx), collect(rx));
+    Ok(ExecOutput { code: code?, ..out })
 }
 
-/// Drain a channel whose senders are all gone into an [`ExecOutput`].
-pub(crate) fn collect(code: i32, rx: &mut tokio::sync::mpsc::UnboundedReceiver<OutputChunk>) -> ExecOutput {
-    let mut out = ExecOutput {
-        code,
-        ..Default::default()
-    };
-    while let Ok(c) = rx.try_recv() {
+/// Everything that arrives on `rx` until all its senders are gone.
+pub(crate) async fn collect(mut rx: Receiver<OutputChunk>) -> ExecOutput {
+    let mut out = ExecOutput::default();
+    while let Some(c) = rx.recv().await {
         match c {
-            OutputChunk::Stdout(s) => out.stdout.extend_from_slice(s.as_bytes()),
-            OutputChunk::Stderr(s) => out.stderr.extend_from_slice(s.as_bytes()),
+            OutputChunk::Stdout(b) => out.stdout.extend_from_slice(&b),
+            OutputChunk::Stderr(b) => out.stderr.extend_from_slice(&b),
         }
     }
     out
@@ -82,7 +91,7 @@ pub(crate) async fn run_streaming(
     name: &str,
     argv: &[String],
     timeout: Duration,
-    out: &UnboundedSender<OutputChunk>,
+    out: &OutputSink,
     spawn_err: impl FnOnce(std::io::Error) -> VmmError,
 ) -> Result<Finished, VmmError> {
     let mut child = tokio::process::Command::new(&argv[0])
@@ -90,22 +99,42 @@ pub(crate) async fn run_streaming(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(spawn_err)?;
+    // Until the command ends by itself, its whole process group dies with this call (a
+    // timeout, a reader gone, the caller dropping us): a shell's children included.
+    let mut group = Group(child.id());
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
     let run = async {
-        let (_, tail, status) = tokio::join!(
+        let (out_ok, (err_ok, tail)) = tokio::join!(
             pump(stdout, out, OutputChunk::Stdout, 0),
             pump(stderr, out, OutputChunk::Stderr, STDERR_TAIL),
-            child.wait(),
         );
-        (tail, status)
+        (out_ok.0 && err_ok, tail)
     };
-    match tokio::time::timeout(timeout, run).await {
-        Ok((stderr_tail, status)) => {
-            let status = status.map_err(VmmError::io(format!("waiting for {}", argv[0])))?;
+    let gone = |child: &mut tokio::process::Child| {
+        let _ = child.start_kill();
+        VmmError::Exec {
+            name: name.to_string(),
+            reason: "its output's reader went away; the command was killed".into(),
+        }
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    match tokio::time::timeout_at(deadline, run).await {
+        Ok((false, _)) => Err(gone(&mut child)),
+        Ok((true, stderr_tail)) => {
+            let status = tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .map_err(|_| VmmError::Exec {
+                    name: name.to_string(),
+                    reason: format!("command did not finish within {}s", timeout.as_secs()),
+                })?
+                .map_err(VmmError::io(format!("waiting for {}", argv[0])))?;
+            // It ended by itself: what it left running on purpose (`cmd &`) stays.
+            group.0 = None;
             Ok(Finished {
                 code: exit_code(status),
                 stderr_tail,
@@ -121,14 +150,29 @@ pub(crate) async fn run_streaming(
     }
 }
 
-/// Read `r` to its end, sending whole UTF-8 characters wrapped by `wrap` as they come; returns
-/// the last `keep` bytes read.
+/// A process group killed when dropped, unless disarmed (`.0 = None`).
+struct Group(Option<u32>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Read `r` to its end, sending its bytes wrapped by `wrap` as they come (never ending a chunk
+/// inside a UTF-8 character); returns whether the reader was there to the end, and the last
+/// `keep` bytes read.
 async fn pump(
     mut r: impl AsyncRead + Unpin,
-    out: &UnboundedSender<OutputChunk>,
-    wrap: fn(String) -> OutputChunk,
+    out: &OutputSink,
+    wrap: fn(Vec<u8>) -> OutputChunk,
     keep: usize,
-) -> Vec<u8> {
+) -> (bool, Vec<u8>) {
     let mut buf = vec![0u8; 16 << 10];
     let mut pending: Vec<u8> = Vec::new();
     let mut tail: Vec<u8> = Vec::new();
@@ -143,15 +187,14 @@ async fn pump(
         }
         pending.extend_from_slice(&buf[..n]);
         let valid = utf8_prefix_len(&pending);
-        if valid > 0 {
-            let chunk: Vec<u8> = pending.drain(..valid).collect();
-            let _ = out.send(wrap(String::from_utf8_lossy(&chunk).into_owned()));
+        if valid > 0 && out.send(wrap(pending.drain(..valid).collect())).await.is_err() {
+            return (false, tail);
         }
     }
-    if !pending.is_empty() {
-        let _ = out.send(wrap(String::from_utf8_lossy(&pending).into_owned()));
+    if !pending.is_empty() && out.send(wrap(pending)).await.is_err() {
+        return (false, tail);
     }
-    tail
+    (true, tail)
 }
 
 /// How much of `b` can be sent now: all of it, except a UTF-8 character cut short at the end
@@ -173,11 +216,92 @@ mod tests {
     }
 
     async fn run(script: &str, timeout: Duration) -> (Result<Finished, VmmError>, ExecOutput) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let r = run_streaming("m", &sh(script), timeout, &tx, VmmError::io("spawning")).await;
-        drop(tx);
-        let code = r.as_ref().map(|f| f.code).unwrap_or(-1);
-        (r, collect(code, &mut rx))
+        let (tx, rx) = output_queue();
+        let run =
+            async move { run_streaming("m", &sh(script), timeout, &tx, VmmError::io("spawning")).await };
+        tokio::join!(run, collect(rx))
+    }
+
+    #[tokio::test]
+    async fn binary_output_is_byte_exact() {
+        let (r, o) = run("printf 'a\\377\\000b\\303'", Duration::from_secs(10)).await;
+        r.unwrap();
+        assert_eq!(o.stdout, b"a\xff\x00b\xc3");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_exec_kills_the_command_and_its_children() {
+        let (tx, _rx) = output_queue();
+        let marker = format!("sleep 9{}", std::process::id() % 1000);
+        let script = format!("{marker}1; echo never");
+        let alive = |m: &str| {
+            std::process::Command::new("pgrep")
+                .args(["-f", m])
+                .status()
+                .unwrap()
+                .success()
+        };
+        let argv = sh(&script);
+        let run = run_streaming("m", &argv, Duration::from_secs(60), &tx, VmmError::io("spawning"));
+        // The caller gives up (the client went away) while the shell's child runs.
+        let dropped = tokio::time::timeout(Duration::from_millis(500), run).await;
+        assert!(dropped.is_err(), "the command cannot have ended");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(&marker) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell's child outlived the exec"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_goes_away_kills_the_command() {
+        let (tx, rx) = output_queue();
+        drop(rx);
+        let t = std::time::Instant::now();
+        let r = run_streaming(
+            "m",
+            &sh("yes"),
+            Duration::from_secs(30),
+            &tx,
+            VmmError::io("spawning"),
+        )
+        .await;
+        assert!(
+            matches!(&r, Err(VmmError::Exec { reason, .. }) if reason.contains("went away")),
+            "{r:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_reading_holds_the_output_bounded() {
+        // Nobody reads: the queue fills, the pipe fills, and the command waits instead of the
+        // daemon buffering its output.
+        let (tx, rx) = output_queue();
+        let cmd = tokio::spawn(async move {
+            run_streaming(
+                "m",
+                &sh("yes | head -c 100000000"),
+                Duration::from_secs(60),
+                &tx,
+                VmmError::io("spawning"),
+            )
+            .await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while rx.len() < OUTPUT_QUEUE {
+            assert!(std::time::Instant::now() < deadline, "the queue never filled");
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !cmd.is_finished(),
+            "the command could not have written 100 MB into a bounded queue"
+        );
+        drop(rx);
+        assert!(cmd.await.unwrap().is_err());
     }
 
     #[test]
@@ -227,7 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_program_is_a_spawn_error() {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = output_queue();
         let r = run_streaming(
             "m",
             &["/nonexistent/prog".into()],

@@ -27,7 +27,7 @@ mod shell;
 mod ssh;
 
 pub use error::VmmError;
-pub use exec::{ExecOutput, OutputChunk, exec_collect};
+pub use exec::{ExecOutput, OUTPUT_QUEUE, OutputChunk, OutputSink, exec_collect, output_queue};
 pub use shell::shell_quote;
 
 use async_trait::async_trait;
@@ -35,7 +35,6 @@ use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 /// A callback for short progress lines ("downloading linux-image-…", "ready after 4.2s").
@@ -179,7 +178,7 @@ pub trait Hypervisor: Send + Sync {
         spec: &MachineSpec,
         cmd: &str,
         timeout: Duration,
-        out: UnboundedSender<OutputChunk>,
+        out: OutputSink,
     ) -> Result<i32, VmmError>;
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).

@@ -3,7 +3,7 @@
 
 use crate::exec::run_streaming;
 use crate::shell::detach_background;
-use crate::{Hypervisor, Instance, LinkKind, MachineSpec, OutputChunk, Progress, VmmError, format_mac};
+use crate::{Hypervisor, Instance, LinkKind, MachineSpec, OutputSink, Progress, VmmError, format_mac};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -11,7 +11,6 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
-use tokio::sync::mpsc::UnboundedSender;
 
 /// Backend whose machines are network namespaces named `<prefix><first 12 hex of the ID>`.
 #[derive(Debug, Clone)]
@@ -166,7 +165,7 @@ impl Hypervisor for NetnsBackend {
         spec: &MachineSpec,
         cmd: &str,
         timeout: Duration,
-        out: UnboundedSender<OutputChunk>,
+        out: OutputSink,
     ) -> Result<i32, VmmError> {
         let mut argv = self.shell_command(spec);
         argv.extend(["-c".into(), detach_background(cmd)]);

@@ -374,7 +374,7 @@ async fn real_vm_boots_debian_and_execs() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
 
     // Streaming: the first line arrives while the command still runs.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = sistemo_vmm::output_queue();
     let streamed = {
         let (vm, spec) = (vm.clone(), spec.clone());
         tokio::spawn(async move {
@@ -388,7 +388,7 @@ async fn real_vm_boots_debian_and_execs() {
         })
     };
     let first = rx.recv().await;
-    assert_eq!(first, Some(OutputChunk::Stdout("first\n".into())));
+    assert_eq!(first, Some(OutputChunk::Stdout(b"first\n".to_vec())));
     assert!(!streamed.is_finished(), "the first line came only at the end");
     assert_eq!(streamed.await.unwrap().expect("streamed exec"), 0);
 

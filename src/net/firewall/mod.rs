@@ -5,7 +5,7 @@ pub mod netlink;
 pub mod nftables;
 mod reconcile;
 
-pub use reconcile::Firewall;
+pub use reconcile::{Firewall, mapping_drift};
 
 use crate::spec::{ExposeSpec, Protocol};
 use ipnet::Ipv4Net;
@@ -129,6 +129,15 @@ pub enum Health {
     Drifted(String),
 }
 
+/// What the kernel's maps hold, read back for the drift check.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    /// Mappings in sistemo's shape.
+    pub mappings: Vec<PortMapping>,
+    /// Elements of another shape (nobody but a foreign tool puts them there).
+    pub foreign: usize,
+}
+
 /// A firewall backend. Each call is one atomic transaction in the kernel.
 pub trait FirewallDriver: Send + Sync {
     /// Replace sistemo's whole table with `desired`, atomically.
@@ -144,6 +153,19 @@ pub trait FirewallDriver: Send + Sync {
     /// Whether the kernel still holds the table. The shallow check (table and chains present)
     /// is cheap and runs on a short timer; `deep` also verifies the rules.
     fn check(&self, deep: bool) -> Result<Health, FirewallError>;
+    /// Whether anything was committed to the kernel's ruleset since the driver's own last
+    /// commit or the last [`FirewallDriver::settle`]: `Some(generation)` when something was
+    /// (or the driver cannot tell), `None` when nothing was. One cheap kernel round trip.
+    fn changed(&self) -> Result<Option<u64>, FirewallError> {
+        Ok(Some(0))
+    }
+    /// Record that the ruleset as of `generation` (from [`FirewallDriver::changed`]) was checked.
+    fn settle(&self, _generation: u64) {}
+    /// The mappings the kernel's maps hold; `None` when the maps are missing (or the driver
+    /// cannot read them).
+    fn held(&self) -> Result<Option<Held>, FirewallError> {
+        Ok(None)
+    }
     /// Keep exposed ports reachable when another table's forward chain drops by policy.
     /// Returns the chains it had to (re)patch, for the log.
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;

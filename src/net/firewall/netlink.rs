@@ -1,18 +1,28 @@
 //! Map element changes straight over nf_tables netlink: one batch (one transaction) per expose
 //! or unexpose, no `nft` process and no cache fetch, so the cost does not grow with the map.
+//! Also the two reads the drift check needs: the ruleset generation (`NFT_MSG_GETGEN`, one
+//! round trip, bumped by every committed transaction) and a map's elements (`NFT_MSG_GETSETELEM`
+//! dump), parsed back into [`PortMapping`]s.
 
 use super::{FirewallError, PortMapping};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -40,6 +50,49 @@ pub enum Op {
 fn push_field(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
     out.resize(out.len().div_ceil(4) * 4, 0);
+}
+
+/// Inverse of [`push_field`]: the first `n` bytes of the next register-aligned field.
+fn take_field<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let padded = n.div_ceil(4) * 4;
+    if b.len() < padded {
+        return None;
+    }
+    let (f, rest) = b.split_at(padded);
+    *b = rest;
+    Some(&f[..n])
+}
+
+/// The mapping an element of a map holds: `key` and `value` as [`key`] and [`value`] write them
+/// (a key of 12 bytes is a bound one, of 8 a wildcard one). None for anything else.
+pub fn mapping_of(key: &[u8], value: &[u8]) -> Option<PortMapping> {
+    let mut k = key;
+    let bind = match key.len() {
+        12 => Some(std::net::Ipv4Addr::from(
+            <[u8; 4]>::try_from(take_field(&mut k, 4)?).ok()?,
+        )),
+        8 => None,
+        _ => return None,
+    };
+    let proto = match take_field(&mut k, 1)?[0] {
+        6 => crate::spec::Protocol::Tcp,
+        17 => crate::spec::Protocol::Udp,
+        _ => return None,
+    };
+    let host_port = u16::from_be_bytes(take_field(&mut k, 2)?.try_into().ok()?);
+    if value.len() != 8 {
+        return None;
+    }
+    let mut v = value;
+    let ip = std::net::Ipv4Addr::from(<[u8; 4]>::try_from(take_field(&mut v, 4)?).ok()?);
+    let machine_port = u16::from_be_bytes(take_field(&mut v, 2)?.try_into().ok()?);
+    Some(PortMapping {
+        bind,
+        proto,
+        host_port,
+        ip,
+        machine_port,
+    })
 }
 
 /// Key of a mapping in its map: `[addr .] proto . port`.
@@ -209,8 +262,191 @@ pub fn apply(table: &str, op: Op, groups: &[(&str, Vec<&PortMapping>)]) -> Resul
     }
 }
 
+/// Netlink attributes of `buf`: (type without flags, payload).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[(len.div_ceil(4) * 4).min(buf.len())..];
+        Some((ty, payload))
+    })
+}
+
+fn attr_of(buf: &[u8], ty: u16) -> Option<&[u8]> {
+    attrs(buf).find(|(t, _)| *t == ty).map(|(_, p)| p)
+}
+
+/// One netlink message of an answer: type, flags and payload after the `nfgenmsg` header.
+struct Reply<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    body: &'a [u8],
+}
+
+/// The messages of one received datagram.
+fn replies(buf: &[u8]) -> Vec<Reply<'_>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        out.push(Reply {
+            ty: u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes")),
+            flags: u16::from_ne_bytes(buf[off + 6..off + 8].try_into().expect("2 bytes")),
+            seq: u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes")),
+            body: &buf[off + 16..off + len],
+        });
+        off += len.div_ceil(4) * 4;
+    }
+    out
+}
+
+/// The error code of an `NLMSG_ERROR` body (0 is an acknowledgement).
+fn error_code(body: &[u8]) -> i32 {
+    body.get(..4)
+        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+}
+
+fn socket() -> Result<Socket, FirewallError> {
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    sock.bind_auto()?;
+    crate::sys::set_recv_timeout(&sock, ACK_TIMEOUT)?;
+    Ok(sock)
+}
+
+/// From a `NFT_MSG_NEWGEN` answer's body (after `nfgenmsg`): the generation id.
+pub fn parse_genid(body: &[u8]) -> Option<u32> {
+    attr_of(body, NFTA_GEN_ID)
+        .and_then(|p| p.get(..4))
+        .map(|p| u32::from_be_bytes(p.try_into().expect("4 bytes")))
+}
+
+/// The ruleset's generation id: the kernel bumps it on every committed transaction of any
+/// table in this network namespace, so an unchanged id means an unchanged ruleset.
+pub fn generation() -> Result<u32, FirewallError> {
+    let sock = socket()?;
+    let mut req = Vec::new();
+    message(
+        &mut req,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+        NLM_F_REQUEST,
+        1,
+        0,
+        0,
+        &[],
+    );
+    sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
+    let mut rx = vec![0u8; 4096];
+    loop {
+        let n = sock.recv(&mut &mut rx[..], 0)?;
+        for r in replies(&rx[..n]) {
+            if r.ty == NLMSG_ERROR {
+                let code = error_code(r.body);
+                if code != 0 {
+                    return Err(FirewallError::Io(std::io::Error::from_raw_os_error(-code)));
+                }
+            } else if r.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+                return parse_genid(r.body.get(4..).unwrap_or_default()).ok_or_else(|| {
+                    FirewallError::Io(std::io::Error::other("generation answer without NFTA_GEN_ID"))
+                });
+            }
+        }
+    }
+}
+
+/// The mappings of one element-list message's body (after `nfgenmsg`); elements that are not
+/// a mapping of sistemo's shape are returned as None.
+pub fn parse_elements(body: &[u8]) -> Vec<Option<PortMapping>> {
+    let Some(list) = attr_of(body, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+        return vec![];
+    };
+    attrs(list)
+        .filter(|(t, _)| *t == NFTA_LIST_ELEM)
+        .map(|(_, e)| {
+            let k = attr_of(e, NFTA_SET_ELEM_KEY).and_then(|k| attr_of(k, NFTA_DATA_VALUE))?;
+            let v = attr_of(e, NFTA_SET_ELEM_DATA).and_then(|d| attr_of(d, NFTA_DATA_VALUE))?;
+            mapping_of(k, v)
+        })
+        .collect()
+}
+
+/// What a map holds, read with one `NFT_MSG_GETSETELEM` dump.
+#[derive(Debug, Default)]
+pub struct Elements {
+    /// Elements of sistemo's shape.
+    pub mappings: Vec<PortMapping>,
+    /// Elements that are not (a foreign key or value layout).
+    pub foreign: usize,
+    /// The map changed while it was dumped (`NLM_F_DUMP_INTR`): read it again.
+    pub interrupted: bool,
+}
+
+/// The elements of map `map` of table `ip <table>`; `Ok(None)` when the table or map is missing.
+pub fn elements(table: &str, map: &str) -> Result<Option<Elements>, FirewallError> {
+    let sock = socket()?;
+    let mut body = Vec::new();
+    attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+    attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(map));
+    let mut req = Vec::new();
+    message(
+        &mut req,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        1,
+        NFPROTO_IPV4,
+        0,
+        &body,
+    );
+    sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
+    let mut out = Elements::default();
+    // The kernel sizes each dump datagram by the largest read buffer seen (up to 32 KiB).
+    let mut rx = vec![0u8; 64 << 10];
+    loop {
+        let n = sock.recv(&mut &mut rx[..], 0)?;
+        for r in replies(&rx[..n]) {
+            if r.seq != 1 {
+                continue;
+            }
+            if r.flags & NLM_F_DUMP_INTR != 0 {
+                out.interrupted = true;
+            }
+            match r.ty {
+                NLMSG_DONE => return Ok(Some(out)),
+                NLMSG_ERROR => {
+                    let code = error_code(r.body);
+                    if code == -libc::ENOENT {
+                        return Ok(None);
+                    }
+                    if code != 0 {
+                        return Err(FirewallError::Io(std::io::Error::from_raw_os_error(-code)));
+                    }
+                }
+                t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM => {
+                    for m in parse_elements(r.body.get(4..).unwrap_or_default()) {
+                        match m {
+                            Some(m) => out.mappings.push(m),
+                            None => out.foreign += 1,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::spec::Protocol;
 
@@ -231,5 +467,98 @@ mod tests {
             ..m
         };
         assert_eq!(key(&b), vec![127, 0, 0, 1, 17, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+    }
+
+    #[test]
+    fn parse_generation_and_elements() {
+        // NFTA_GEN_ID (be32 7), then NFTA_GEN_PROC_PID
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_GEN_ID, &7u32.to_be_bytes());
+        attr(&mut body, 2, &1234u32.to_be_bytes());
+        assert_eq!(parse_genid(&body), Some(7));
+        assert_eq!(parse_genid(&[]), None);
+
+        let m = PortMapping {
+            bind: Some("10.0.0.1".parse().unwrap()),
+            proto: Protocol::Udp,
+            host_port: 5353,
+            ip: "10.200.0.9".parse().unwrap(),
+            machine_port: 53,
+        };
+        let (buf, _) = batch("t", Op::Add, &[("expose_bound", vec![&m])], 1);
+        // the element-list message sits after the 20-byte batch-begin message
+        let msg = &replies(&buf)[1];
+        assert_eq!(parse_elements(&msg.body[4..]), vec![Some(m)]);
+        let any = PortMapping { bind: None, ..m };
+        assert_eq!(mapping_of(&key(&any), &value(&any)), Some(any));
+        assert_eq!(mapping_of(&[1, 2, 3], &value(&any)), None);
+        assert_eq!(mapping_of(&key(&any), &[0; 4]), None);
+    }
+
+    /// Runs `f` on a thread in a network namespace of its own (gone when the thread ends);
+    /// `nft` started from it runs there too.
+    pub(crate) fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            f()
+        })
+        .join()
+        .expect("test thread");
+    }
+
+    pub(crate) fn nft(script: &str) {
+        use std::io::Write as _;
+        let mut c = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success(), "nft -f failed: {script}");
+    }
+
+    #[test]
+    #[ignore = "needs root and network namespaces: run sudo scripts/test"]
+    fn generation_moves_once_per_commit_and_elements_read_back() {
+        in_private_netns(|| {
+            assert!(elements("t", "expose_any").unwrap().is_none(), "no table yet");
+            nft(
+                "table ip t { map expose_any { type inet_proto . inet_service : ipv4_addr . inet_service; }; }",
+            );
+            let g0 = generation().unwrap();
+            let ms: Vec<PortMapping> = (0..2500)
+                .map(|i| PortMapping {
+                    bind: None,
+                    proto: Protocol::Tcp,
+                    host_port: 10000 + i,
+                    ip: "10.200.0.2".parse().unwrap(),
+                    machine_port: 80,
+                })
+                .collect();
+            apply("t", Op::Add, &[("expose_any", ms.iter().collect())]).unwrap();
+            assert_eq!(
+                generation().unwrap(),
+                g0.wrapping_add(1),
+                "one batch, one generation"
+            );
+            let got = elements("t", "expose_any").unwrap().unwrap();
+            assert!(!got.interrupted);
+            assert_eq!(got.foreign, 0);
+            let mut have = got.mappings.clone();
+            have.sort_by_key(|m| m.host_port);
+            assert_eq!(have, ms, "2,500 elements over several dump datagrams");
+            // deleting one present and one absent element aborts the whole batch
+            let absent = PortMapping {
+                host_port: 9,
+                ..ms[0]
+            };
+            assert!(apply("t", Op::Delete, &[("expose_any", vec![&ms[0], &absent])]).is_err());
+            assert_eq!(
+                generation().unwrap(),
+                g0.wrapping_add(1),
+                "an aborted batch commits nothing"
+            );
+            assert_eq!(elements("t", "expose_any").unwrap().unwrap().mappings.len(), 2500);
+        });
     }
 }

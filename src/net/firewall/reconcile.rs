@@ -2,8 +2,13 @@
 //! applies one machine's exposes and port binding, and rebuilds from the database whenever an
 //! element change fails or the kernel drifted.
 
-use super::{BridgeNet, DesiredSource, FirewallDriver, FirewallError, Health, MachinePort, PortMapping};
+#[cfg(test)]
+use super::Desired;
+use super::{
+    BridgeNet, DesiredSource, FirewallDriver, FirewallError, Health, Held, MachinePort, PortMapping,
+};
 use crate::spec::ExposeSpec;
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -94,40 +99,64 @@ impl Firewall {
         Ok(())
     }
 
-    /// One self-repair pass: when the table drifted (a flush, a firewall reload), rebuild it
-    /// from the database. `deep` also verifies the rules. Returns whether it repaired.
+    /// One self-repair pass. Each pass reads the kernel's ruleset generation (one netlink
+    /// round trip); when nothing was committed since the daemon's own last commit or check, that
+    /// is all. Otherwise it checks the tables, their chains and their rules, then compares both
+    /// maps' elements with the database (read under the lock, so no element change of the
+    /// daemon is half-way), and rebuilds from the database on any difference. A change
+    /// elsewhere in the ruleset costs one comparison and no rebuild. When the generation cannot
+    /// be read, every pass checks the chains and `deep` passes do the rest. Returns whether it
+    /// repaired.
     pub fn repair_once(&self, deep: bool) -> Result<bool, FirewallError> {
-        // Checked without the lock: exposes are never delayed by a check; a rebuild takes it.
-        match self.driver.check(deep)? {
-            Health::Drifted(why) => {
-                tracing::warn!(reason = %why, "nftables drifted from the database; restoring");
-                let _g = self.locked();
-                let desired = (self.desired)().map_err(FirewallError::State)?;
-                // Without the guard, route_localnet would expose the host's loopback services
-                // to machines: off until the tables are back.
-                let localnet = |on| {
-                    for b in &desired.bridges {
-                        if let Err(e) = crate::net::link::set_route_localnet(&b.bridge, on) {
-                            tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
-                        }
-                    }
-                };
-                localnet(false);
-                self.driver.rebuild(&desired)?;
-                self.patch_foreign_chains(&desired.bridges)?;
-                localnet(true);
-                tracing::info!("nftables restored from the database");
-                Ok(true)
+        // Read without the lock: exposes are never delayed by an idle check.
+        let generation = match self.driver.changed() {
+            Ok(None) => return Ok(false),
+            Ok(Some(g)) => Some(g),
+            Err(e) => {
+                // Without a generation: the chains every pass, rules and elements when `deep`.
+                tracing::debug!(error = %e, "reading the ruleset generation failed");
+                None
             }
-            Health::InSync => {
-                if self.forward_compat {
-                    let _g = self.locked();
-                    let bridges = (self.desired)().map_err(FirewallError::State)?.bridges;
-                    self.patch_foreign_chains(&bridges)?;
+        };
+        let full = generation.is_some() || deep;
+        let health = self.driver.check(full)?;
+        let _g = self.locked();
+        let desired = (self.desired)().map_err(FirewallError::State)?;
+        let drift = match health {
+            Health::Drifted(why) => Some((why, true)),
+            Health::InSync if full => match self.driver.held()? {
+                Some(held) => mapping_drift(&held, &desired.mappings).map(|why| (why, false)),
+                None => None,
+            },
+            Health::InSync => None,
+        };
+        let Some((why, structural)) = drift else {
+            self.patch_foreign_chains(&desired.bridges)?;
+            if let Some(generation) = generation {
+                self.driver.settle(generation);
+            }
+            return Ok(false);
+        };
+        tracing::warn!(reason = %why, "nftables drifted from the database; restoring");
+        // Without the guard, route_localnet would expose the host's loopback services to
+        // machines: off until the tables are back (only a structural drift can lose the guard).
+        let localnet = |on| {
+            for b in &desired.bridges {
+                if let Err(e) = crate::net::link::set_route_localnet(&b.bridge, on) {
+                    tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
                 }
-                Ok(false)
             }
+        };
+        if structural {
+            localnet(false);
         }
+        self.driver.rebuild(&desired)?;
+        self.patch_foreign_chains(&desired.bridges)?;
+        if structural {
+            localnet(true);
+        }
+        tracing::info!("nftables restored from the database");
+        Ok(true)
     }
 
     /// Health as one line: `in sync`, or what drifted, or why it could not be checked.
@@ -152,5 +181,170 @@ impl Firewall {
         if let Err(e) = self.driver.remove_forward_compat() {
             tracing::warn!(error = %crate::error::chain(&e), "removing sistemo's rules from foreign chains failed");
         }
+    }
+}
+
+/// How the kernel's map elements differ from the mappings wanted, or None when they are equal
+/// (added, missing and changed elements all count; a changed one is one of each).
+pub fn mapping_drift(held: &Held, want: &[PortMapping]) -> Option<String> {
+    let have: HashSet<&PortMapping> = held.mappings.iter().collect();
+    let want: HashSet<&PortMapping> = want.iter().collect();
+    let extra: Vec<&&PortMapping> = have.difference(&want).collect();
+    let missing: Vec<&&PortMapping> = want.difference(&have).collect();
+    if extra.is_empty() && missing.is_empty() && held.foreign == 0 && held.mappings.len() == have.len() {
+        return None;
+    }
+    let show = |m: &PortMapping| {
+        format!(
+            "{}{}/{} -> {}:{}",
+            m.bind.map(|b| format!("{b}:")).unwrap_or_default(),
+            m.host_port,
+            m.proto,
+            m.ip,
+            m.machine_port
+        )
+    };
+    let mut why = vec![];
+    if !extra.is_empty() {
+        why.push(format!("{} unexpected (e.g. {})", extra.len(), show(extra[0])));
+    }
+    if !missing.is_empty() {
+        why.push(format!("{} missing (e.g. {})", missing.len(), show(missing[0])));
+    }
+    if held.foreign > 0 {
+        why.push(format!("{} of a foreign shape", held.foreign));
+    }
+    if why.is_empty() {
+        why.push("duplicate elements".into());
+    }
+    Some(format!("map elements: {}", why.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Protocol;
+
+    fn m(port: u16, ip: &str) -> PortMapping {
+        PortMapping {
+            bind: None,
+            proto: Protocol::Tcp,
+            host_port: port,
+            ip: ip.parse().unwrap(),
+            machine_port: 80,
+        }
+    }
+
+    #[test]
+    fn element_drift_added_missing_changed() {
+        let want = vec![m(8080, "10.200.0.2"), m(8081, "10.200.0.3")];
+        let same = Held {
+            mappings: vec![m(8081, "10.200.0.3"), m(8080, "10.200.0.2")],
+            foreign: 0,
+        };
+        assert_eq!(mapping_drift(&same, &want), None, "order does not matter");
+        let added = Held {
+            mappings: vec![
+                m(8080, "10.200.0.2"),
+                m(8081, "10.200.0.3"),
+                m(9000, "10.200.0.9"),
+            ],
+            foreign: 0,
+        };
+        assert_eq!(
+            mapping_drift(&added, &want).unwrap(),
+            "map elements: 1 unexpected (e.g. 9000/tcp -> 10.200.0.9:80)"
+        );
+        let missing = Held {
+            mappings: vec![m(8080, "10.200.0.2")],
+            foreign: 0,
+        };
+        assert!(
+            mapping_drift(&missing, &want)
+                .unwrap()
+                .contains("1 missing (e.g. 8081/tcp")
+        );
+        let changed = Held {
+            mappings: vec![m(8080, "10.200.0.2"), m(8081, "10.200.0.66")],
+            foreign: 0,
+        };
+        let why = mapping_drift(&changed, &want).unwrap();
+        assert!(why.contains("1 unexpected") && why.contains("1 missing"), "{why}");
+        let foreign = Held {
+            mappings: want.clone(),
+            foreign: 2,
+        };
+        assert!(
+            mapping_drift(&foreign, &want)
+                .unwrap()
+                .contains("2 of a foreign shape")
+        );
+        assert_eq!(mapping_drift(&Held::default(), &[]), None);
+    }
+
+    /// The repair loop against a real kernel table, in a private network namespace.
+    #[test]
+    #[ignore = "needs root and network namespaces: run sudo scripts/test"]
+    fn repair_loop_restores_elements_and_guard_and_ignores_foreign_tables() {
+        use crate::net::firewall::netlink::tests::{in_private_netns, nft};
+        use crate::net::firewall::nftables::Nftables;
+        in_private_netns(|| {
+            let desired = Desired {
+                bridges: vec![BridgeNet {
+                    bridge: "br0".into(),
+                    subnet: "10.200.0.0/16".parse().unwrap(),
+                }],
+                ports: vec![],
+                mappings: vec![m(8080, "10.200.0.2"), m(8081, "10.200.0.3")],
+            };
+            let d = desired.clone();
+            let fw = Firewall::new(
+                Box::new(Nftables::new("t", Default::default())),
+                Box::new(move || Ok(d.clone())),
+                false,
+            );
+            fw.rebuild().unwrap();
+            assert!(!fw.repair_once(false).unwrap(), "own rebuild is no drift");
+            assert_eq!(fw.driver.changed().unwrap(), None, "own rebuild is seen");
+            fw.add("10.200.0.4".parse().unwrap(), &[]).unwrap();
+            // a foreign element: added, then a changed one, then a missing one
+            for (script, what) in [
+                (
+                    "add element ip t expose_any { tcp . 9999 : 10.200.0.9 . 22 }",
+                    "added",
+                ),
+                (
+                    "delete element ip t expose_any { tcp . 8080 }\nadd element ip t expose_any { tcp . 8080 : 10.200.0.9 . 80 }",
+                    "changed",
+                ),
+                ("delete element ip t expose_any { tcp . 8081 }", "missing"),
+            ] {
+                nft(script);
+                assert!(fw.driver.changed().unwrap().is_some(), "{what}: generation moved");
+                assert!(fw.repair_once(false).unwrap(), "{what}: repaired");
+                let held = fw.driver.held().unwrap().unwrap();
+                assert_eq!(mapping_drift(&held, &desired.mappings), None, "{what}: restored");
+                assert_eq!(fw.driver.changed().unwrap(), None, "{what}: repair is seen");
+            }
+            // a foreign table: one comparison, no repair, then quiet
+            nft("table ip other { chain c { type filter hook input priority 0; policy accept; }; }");
+            assert!(!fw.repair_once(false).unwrap());
+            assert_eq!(fw.driver.changed().unwrap(), None);
+            // a flushed guard chain, or the bridge table's port filter, is repaired
+            for chain in ["ip t guard", "bridge t ports"] {
+                nft(&format!("flush chain {chain}"));
+                let name = chain.rsplit(' ').next().unwrap();
+                assert!(matches!(fw.driver.check(true).unwrap(), Health::Drifted(w) if w.contains(name)));
+                assert!(fw.repair_once(false).unwrap(), "{chain} repaired");
+                assert_eq!(fw.driver.check(true).unwrap(), Health::InSync);
+            }
+            // element changes of the daemon itself leave the loop quiet
+            let ip: std::net::Ipv4Addr = "10.200.0.5".parse().unwrap();
+            let spec: ExposeSpec = "7000:70".parse().unwrap();
+            fw.add(ip, std::slice::from_ref(&spec)).unwrap();
+            assert_eq!(fw.driver.changed().unwrap(), None, "own add is seen");
+            fw.remove(ip, std::slice::from_ref(&spec)).unwrap();
+            assert_eq!(fw.driver.changed().unwrap(), None, "own remove is seen");
+        });
     }
 }

@@ -18,7 +18,9 @@ use crate::proc::{failed, spawn_error};
 use crate::ssh::{
     ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias, is_ssh_failure, remote_command,
 };
-use crate::{ExecOutput, Hypervisor, Instance, LinkKind, MachineSpec, OutputChunk, Progress, VmmError};
+use crate::{
+    ExecOutput, Hypervisor, Instance, LinkKind, MachineSpec, OutputSink, Progress, VmmError, output_queue,
+};
 use accel::{detect_accel, host_tsc_khz};
 use async_trait::async_trait;
 use qmp::qmp_command;
@@ -26,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
-use tokio::sync::mpsc::UnboundedSender;
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -297,10 +298,14 @@ impl Qemu {
         let argv = self
             .ssh_target(spec)
             .argv(false, connect_s, &[remote.to_string()]);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let done = run_streaming(&spec.name, &argv, timeout, &tx, |e| spawn_error(e, &argv[0])).await?;
-        drop(tx);
-        Ok(collect(done.code, &mut rx))
+        let (tx, rx) = output_queue();
+        let run =
+            async move { run_streaming(&spec.name, &argv, timeout, &tx, |e| spawn_error(e, &argv[0])).await };
+        let (done, out) = tokio::join!(run, collect(rx));
+        Ok(ExecOutput {
+            code: done?.code,
+            ..out
+        })
     }
 }
 
@@ -586,7 +591,7 @@ impl Hypervisor for Qemu {
         spec: &MachineSpec,
         cmd: &str,
         timeout: Duration,
-        out: UnboundedSender<OutputChunk>,
+        out: OutputSink,
     ) -> Result<i32, VmmError> {
         let argv = self.ssh_target(spec).argv(false, 5, &[remote_command(cmd)]);
         let done = run_streaming(&spec.name, &argv, timeout, &out, |e| spawn_error(e, &argv[0])).await?;

@@ -114,3 +114,25 @@ pub(super) fn dnat_rules(json: &str, table: &str, chain: &str) -> usize {
         .filter(|r| r.expr.iter().any(|s| matches!(s, Statement::DNAT(_))))
         .count()
 }
+
+/// From `nft -j list table <family> <table>`: how many rules each chain of table `<table>`
+/// (of any family) holds, keyed `family chain` (chains without rules included, with 0).
+pub(super) fn rule_counts(json: &str, table: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for o in listing(json) {
+        match o {
+            NfListObject::Chain(c) if c.table == table => {
+                counts
+                    .entry(format!("{} {}", family_name(c.family), c.name))
+                    .or_insert(0);
+            }
+            NfListObject::Rule(r) if r.table == table => {
+                *counts
+                    .entry(format!("{} {}", family_name(r.family), r.chain))
+                    .or_insert(0) += 1;
+            }
+            _ => {}
+        }
+    }
+    counts
+}

@@ -27,13 +27,17 @@
 mod json;
 
 use super::{
-    BridgeNet, Desired, FirewallDriver, FirewallError, Health, MachinePort, Policy, PortMapping, netlink,
+    BridgeNet, Desired, FirewallDriver, FirewallError, Health, Held, MachinePort, Policy, PortMapping,
+    netlink,
 };
-use json::{ForeignChain, chain_names, dnat_rules, foreign_drop_forward, tagged};
+use json::{ForeignChain, chain_names, dnat_rules, foreign_drop_forward, rule_counts, tagged};
 use sistemo_vmm::format_mac;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Priority of the guard chain (raw: before conntrack).
 pub const PRIO_RAW: i32 = -300;
@@ -66,6 +70,9 @@ pub const PRIO_BRIDGE: i32 = -300;
 /// The nftables family of the table.
 pub const FAMILY: &str = "ip";
 
+/// `Nftables::seen` before the driver has seen any generation.
+const UNSEEN: u64 = u64::MAX;
+
 /// The nftables driver for one table name (an `ip` table for NAT and filtering, and a
 /// `bridge` table of the same name for the machine ports' anti-spoofing).
 #[derive(Debug, Clone)]
@@ -73,6 +80,11 @@ pub struct Nftables {
     table: String,
     policy: Policy,
     nft: String,
+    /// The ruleset generation after the driver's last own commit or checked state (see
+    /// [`FirewallDriver::changed`]); [`UNSEEN`] before the first.
+    seen: Arc<AtomicU64>,
+    /// Rules per chain of the table as last built, for the deep check.
+    expected_rules: Arc<Mutex<BTreeMap<String, usize>>>,
 }
 
 impl Nftables {
@@ -82,7 +94,31 @@ impl Nftables {
             table: table.into(),
             policy,
             nft: "nft".into(),
+            seen: Arc::new(AtomicU64::new(UNSEEN)),
+            expected_rules: Arc::default(),
         }
+    }
+
+    /// Run `commit` (one transaction of the driver's own) and keep the ruleset generation it
+    /// produced as seen, so the repair loop does not inspect the driver's own changes. Only a
+    /// generation exactly one past the one before counts (nothing else committed in between);
+    /// for an element change the generation before must also be the seen one (else a foreign
+    /// change before it is still unchecked). A `whole_table` rebuild replaces everything of
+    /// ours, so an earlier foreign change needs no check of its own.
+    fn committed<T>(
+        &self,
+        whole_table: bool,
+        commit: impl FnOnce() -> Result<T, FirewallError>,
+    ) -> Result<T, FirewallError> {
+        let before = netlink::generation().ok();
+        let r = commit()?;
+        if let (Some(before), Ok(after)) = (before, netlink::generation())
+            && after == before.wrapping_add(1)
+            && (whole_table || self.seen.load(Ordering::SeqCst) == u64::from(before))
+        {
+            self.seen.store(u64::from(after), Ordering::SeqCst);
+        }
+        Ok(r)
     }
 
     /// The comment tagging rules this daemon puts in foreign chains.
@@ -252,9 +288,16 @@ impl Nftables {
             s,
             "\tchain forward {{\n\t\ttype filter hook forward priority {PRIO_FILTER}; policy accept;\n\
              \t\toifname @{SET_BRIDGES} ct status dnat accept\n\
-             \t\toifname @{SET_BRIDGES} ct state established,related accept\n\
-             \t\toifname @{SET_BRIDGES} drop\n\
-             \t\tiifname @{SET_BRIDGES} ip saddr != @{SET_SUBNETS} drop"
+             \t\toifname @{SET_BRIDGES} ct state established,related accept"
+        );
+        // Machines of one network talk directly (bridged); with br_netfilter loaded (Docker
+        // hosts) that traffic passes this hook too, in and out of the same bridge.
+        for b in &desired.bridges {
+            let _ = writeln!(s, "\t\tiifname \"{0}\" oifname \"{0}\" accept", b.bridge);
+        }
+        let _ = writeln!(
+            s,
+            "\t\toifname @{SET_BRIDGES} drop\n\t\tiifname @{SET_BRIDGES} ip saddr != @{SET_SUBNETS} drop"
         );
         if !self.policy.allow_metadata {
             let _ = writeln!(s, "\t\tiifname @{SET_BRIDGES} ip daddr 169.254.0.0/16 drop");
@@ -361,6 +404,34 @@ impl Nftables {
         Health::InSync
     }
 
+    /// The deep check, from `nft -j list table ip <table>` and `… bridge <table>`: every chain
+    /// holds as many rules as the last rebuild put there (a flushed `guard` or bridge `ports`
+    /// chain, a deleted rule), and prerouting at least the two DNAT rules.
+    fn table_rules_health(&self, listings: &[String]) -> Health {
+        let mut held = BTreeMap::new();
+        for json in listings {
+            held.extend(rule_counts(json, &self.table));
+        }
+        let expected = self
+            .expected_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (chain, want) in &expected {
+            let have = held.get(chain).copied().unwrap_or(0);
+            if have != *want {
+                let (family, name) = chain.split_once(' ').unwrap_or((FAMILY, chain));
+                return Health::Drifted(format!(
+                    "chain {name} of table {family} {} holds {have} rules, not {want}",
+                    self.table
+                ));
+            }
+        }
+        listings
+            .first()
+            .map_or(Health::InSync, |ip| self.rules_health(ip))
+    }
+
     /// Forward base chains of other tables whose policy is drop.
     fn foreign_drop_forward_chains(&self) -> Result<Vec<ForeignChain>, FirewallError> {
         let Some(out) = self.query(&["-j", "list", "chains"])? else {
@@ -380,27 +451,30 @@ impl Nftables {
 
 impl FirewallDriver for Nftables {
     fn rebuild(&self, desired: &Desired) -> Result<(), FirewallError> {
-        self.apply(&self.rebuild_script(desired))
+        let text = self.table_text(desired) + &self.bridge_table_text();
+        self.committed(true, || self.apply(&self.rebuild_script(desired)))?;
+        *self.expected_rules.lock().unwrap_or_else(|p| p.into_inner()) = expected_rule_counts(&text);
+        Ok(())
     }
 
     fn add(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
-        self.change(netlink::Op::Add, mappings)
+        self.committed(false, || self.change(netlink::Op::Add, mappings))
     }
 
     fn remove(&self, mappings: &[PortMapping]) -> Result<(), FirewallError> {
-        self.change(netlink::Op::Delete, mappings)
+        self.committed(false, || self.change(netlink::Op::Delete, mappings))
     }
 
     fn bind(&self, ports: &[MachinePort]) -> Result<(), FirewallError> {
         let mut s = String::new();
         self.port_elements(&mut s, "add", ports);
-        self.apply(&s)
+        self.committed(false, || self.apply(&s))
     }
 
     fn unbind(&self, ports: &[MachinePort]) -> Result<(), FirewallError> {
         let mut s = String::new();
         self.port_elements(&mut s, "delete", ports);
-        self.apply(&s)
+        self.committed(false, || self.apply(&s))
     }
 
     fn check(&self, deep: bool) -> Result<Health, FirewallError> {
@@ -412,14 +486,54 @@ impl FirewallDriver for Nftables {
         if !deep || shallow != Health::InSync {
             return Ok(shallow);
         }
-        // Listing rules makes nft fetch every map element (tens of ms at 10,000 exposes), so
-        // rule flushes are checked on the slower deep cadence.
-        Ok(
-            match self.query(&["-j", "list", "chain", FAMILY, &self.table, "prerouting"])? {
-                None => Health::Drifted(format!("table {FAMILY} {} is missing", self.table)),
-                Some(json) => self.rules_health(&json),
-            },
-        )
+        // Listing rules makes nft fetch every map element (about 50 ms at 10,000 exposes), so
+        // the repair loop asks for it only when the ruleset generation moved.
+        let mut listings = vec![];
+        for family in [FAMILY, "bridge"] {
+            match self.query(&["-j", "-t", "list", "table", family, &self.table])? {
+                None => {
+                    return Ok(Health::Drifted(format!(
+                        "table {family} {} is missing",
+                        self.table
+                    )));
+                }
+                Some(json) => listings.push(json),
+            }
+        }
+        Ok(self.table_rules_health(&listings))
+    }
+
+    fn changed(&self) -> Result<Option<u64>, FirewallError> {
+        let now = u64::from(netlink::generation()?);
+        Ok((self.seen.load(Ordering::SeqCst) != now).then_some(now))
+    }
+
+    fn settle(&self, generation: u64) {
+        self.seen.store(generation, Ordering::SeqCst);
+    }
+
+    fn held(&self) -> Result<Option<Held>, FirewallError> {
+        let mut held = Held::default();
+        for map in [MAP_ANY, MAP_BOUND] {
+            // A dump that raced a change is read again; a map that keeps changing is reported.
+            let mut tries = 0;
+            let els = loop {
+                tries += 1;
+                match netlink::elements(&self.table, map)? {
+                    None => return Ok(None),
+                    Some(e) if e.interrupted && tries < 3 => continue,
+                    Some(e) if e.interrupted => {
+                        return Err(FirewallError::Rejected(format!(
+                            "map {map} kept changing while it was read"
+                        )));
+                    }
+                    Some(e) => break e,
+                }
+            };
+            held.mappings.extend(els.mappings);
+            held.foreign += els.foreign;
+        }
+        Ok(Some(held))
     }
 
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
@@ -452,7 +566,7 @@ impl FirewallDriver for Nftables {
                     let _ = writeln!(s, "insert rule {chain} {rule} comment \"{tag}\"");
                 }
             }
-            self.apply(&s)?;
+            self.committed(false, || self.apply(&s))?;
             patched.push(chain.to_string());
         }
         Ok(patched)
@@ -465,7 +579,7 @@ impl FirewallDriver for Nftables {
                 let _ = writeln!(s, "delete rule {chain} handle {h}");
             }
             if !s.is_empty() {
-                self.apply(&s)?;
+                self.committed(false, || self.apply(&s))?;
             }
         }
         Ok(())
@@ -474,6 +588,38 @@ impl FirewallDriver for Nftables {
     fn render(&self, desired: &Desired) -> String {
         self.table_text(desired) + &self.bridge_table_text()
     }
+}
+
+/// Rules per chain (`family chain`) of tables as [`Nftables::table_text`] and
+/// [`Nftables::bridge_table_text`] write them: one rule a line inside each `chain NAME {`
+/// block, after its `type … hook …` line.
+fn expected_rule_counts(text: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let mut chain: Option<String> = None;
+    let mut family = FAMILY;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("table ") {
+            family = if rest.starts_with("bridge ") {
+                "bridge"
+            } else {
+                FAMILY
+            };
+        } else if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix('{')) {
+            let name = format!("{family} {}", name.trim());
+            counts.insert(name.clone(), 0);
+            chain = Some(name);
+        } else if line == "}" {
+            chain = None;
+        } else if let Some(c) = &chain
+            && !line.is_empty()
+            && !line.starts_with("type ")
+            && !line.starts_with("policy ")
+            && !line.starts_with("comment ")
+        {
+            *counts.get_mut(c).expect("inserted at its header") += 1;
+        }
+    }
+    counts
 }
 
 #[cfg(test)]
