@@ -66,6 +66,11 @@ pub struct Config {
     pub guest_cmdline_extra: Option<String>,
     /// Report every failed readiness attempt while a guest boots.
     pub debug_boot: bool,
+    /// The unprivileged user QEMU switches to once it has opened its files (created at start
+    /// when missing), chrooted into an empty folder; `null` leaves QEMU running as root.
+    pub vmm_user: Option<String>,
+    /// Put each machine in its own cgroup (memory, CPU and task limits) where the host allows.
+    pub vmm_cgroups: bool,
     /// Debian archive for image builds (default: the host's apt configuration, else
     /// `http://deb.debian.org/debian`).
     pub debian_mirror: Option<String>,
@@ -101,6 +106,8 @@ impl Default for Config {
             accel: AccelChoice::Auto,
             guest_cmdline_extra: None,
             debug_boot: false,
+            vmm_user: Some(sistemo_vmm::qemu::DEFAULT_VMM_USER.into()),
+            vmm_cgroups: true,
             debian_mirror: None,
             debootstrap_cache: None,
             kernel_deb: None,
@@ -235,6 +242,8 @@ impl Config {
             accel: self.accel,
             cmdline_extra: self.guest_cmdline_extra.clone(),
             debug_boot: self.debug_boot,
+            vmm_user: self.vmm_user.clone(),
+            cgroups: self.vmm_cgroups,
         }
     }
 

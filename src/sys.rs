@@ -11,6 +11,8 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 
 #[repr(C)]
 struct IfReq {
@@ -19,8 +21,10 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Create a persistent TAP device `name` (kernel TAPs cannot be created over rtnetlink).
-pub fn create_persistent_tap(name: &str) -> std::io::Result<()> {
+/// Create a persistent TAP device `name` (kernel TAPs cannot be created over rtnetlink), owned
+/// by `owner` (uid, gid) when given: then that user may attach to it without `CAP_NET_ADMIN`,
+/// and no other unprivileged user may.
+pub fn create_persistent_tap(name: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -38,6 +42,16 @@ pub fn create_persistent_tap(name: &str) -> std::io::Result<()> {
     // which `IfReq` matches in layout and size (40 bytes) and which lives across the call.
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if let Some((uid, gid)) = owner {
+        // SAFETY: same descriptor; TUNSETOWNER and TUNSETGROUP take the uid and gid as integer
+        // arguments by value (the kernel reads them from the argument itself, not a pointer).
+        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETOWNER, libc::c_ulong::from(uid)) } < 0
+            // SAFETY: as above.
+            || unsafe { libc::ioctl(f.as_raw_fd(), TUNSETGROUP, libc::c_ulong::from(gid)) } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     // SAFETY: same descriptor; TUNSETPERSIST takes an integer argument by value.
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
@@ -69,6 +83,32 @@ mod tests {
     use nix::sys::socket::getsockopt;
     use std::os::unix::net::UnixDatagram;
     use std::time::Duration;
+
+    #[test]
+    fn a_tap_gets_its_owner_in_a_scratch_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating a TAP needs CAP_NET_ADMIN");
+            return;
+        }
+        // In a thread of its own, moved into a new network namespace: nothing touches the host's.
+        std::thread::spawn(|| {
+            // SAFETY: unshare takes a flag word and only changes this thread's namespaces.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            create_persistent_tap("sistemo-t0", Some((4321, 4322))).unwrap();
+            // `ip` forks from this thread, so it sees the new namespace.
+            let ip = std::process::Command::new("ip")
+                .args(["-d", "link", "show", "sistemo-t0"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&ip.stdout).into_owned();
+            assert!(
+                text.contains("user 4321") && text.contains("group 4322"),
+                "{text}"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn receive_timeout_is_set() {

@@ -74,10 +74,34 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
         true,
         match info.as_ref().map(|i| i.hypervisor.as_str()) {
             Ok("qemu-kvm") => "KVM runs the guest kernel".to_string(),
-            _ if reason.starts_with("TCG") => format!("{reason} (TCG fallback, slow)"),
+            _ if reason.starts_with("TCG") => format!(
+                "{reason}: machines run under TCG (slow), which QEMU's security policy does not \
+                 treat as an isolation boundary; run only trusted guests"
+            ),
             _ => reason,
         },
         "",
+    ));
+    let cfg = crate::config::Config::load(None).unwrap_or_default();
+    let cgroups = if cfg.vmm_cgroups {
+        sistemo_vmm::cgroup::Cgroups::probe()
+    } else {
+        sistemo_vmm::cgroup::Cgroups::Unavailable("disabled by vmm_cgroups: false".into())
+    };
+    checks.push(check(
+        "cgroups",
+        cgroups.available(),
+        cgroups.describe(),
+        "run on a host with cgroup v2 (memory, cpu and pids controllers), or v1 hierarchies for them",
+    ));
+    checks.push(check(
+        "vmm user",
+        cfg.vmm_user.is_some(),
+        match &cfg.vmm_user {
+            Some(u) => format!("QEMU runs as {u}, chrooted, under seccomp (-sandbox)"),
+            None => "vmm_user is null: QEMU runs as root, unconfined".into(),
+        },
+        "set vmm_user in config.yml (default sistemo-vmm)",
     ));
     // The daemon's data dir when it runs, else the configured one.
     let data_dir = match &info {

@@ -122,7 +122,7 @@ impl Machines {
             self.links.flush_neighbour(m.ip).await?;
             if self.vmm.link_kind() == LinkKind::Tap {
                 self.links
-                    .create_tap(&spec.net.host_ifname, &spec.net.bridge)
+                    .create_tap_owned(&spec.net.host_ifname, &spec.net.bridge, self.vmm.link_owner())
                     .await?;
             }
             progress(&format!("starting {} on {}", m.name, self.vmm.name()));

@@ -234,10 +234,11 @@ impl Links {
             .map_err(nl(format!("enabling hairpin on {name}")))
     }
 
-    /// Create a persistent TAP owned by root, enslaved to `bridge` and up.
-    pub async fn create_tap(&self, name: &str, bridge: &str) -> Result<()> {
+    /// Create a persistent TAP, owned by `owner` (the VMM's uid and gid) when given, else by
+    /// root; enslaved to `bridge` and up.
+    pub async fn create_tap(&self, name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<()> {
         if self.lookup(name).await?.is_none() {
-            crate::sys::create_persistent_tap(name).map_err(|source| LinkError::Io {
+            crate::sys::create_persistent_tap(name, owner).map_err(|source| LinkError::Io {
                 what: format!("creating TAP {name}"),
                 source,
             })?;
@@ -321,8 +322,13 @@ pub trait HostLinks: Send + Sync {
     async fn exists(&self, name: &str) -> Result<bool>;
     /// See [`Links::attach`].
     async fn attach(&self, name: &str, bridge: &str) -> Result<()>;
-    /// See [`Links::create_tap`].
+    /// See [`Links::create_tap`] (root-owned).
     async fn create_tap(&self, name: &str, bridge: &str) -> Result<()>;
+    /// See [`Links::create_tap`]; the default ignores `owner`.
+    async fn create_tap_owned(&self, name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<()> {
+        let _ = owner;
+        self.create_tap(name, bridge).await
+    }
     /// See [`Links::delete`].
     async fn delete(&self, name: &str) -> Result<()>;
     /// See [`Links::flush_neighbour`].
@@ -343,7 +349,10 @@ impl HostLinks for Links {
         Links::attach(self, name, bridge).await
     }
     async fn create_tap(&self, name: &str, bridge: &str) -> Result<()> {
-        Links::create_tap(self, name, bridge).await
+        Links::create_tap(self, name, bridge, None).await
+    }
+    async fn create_tap_owned(&self, name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<()> {
+        Links::create_tap(self, name, bridge, owner).await
     }
     async fn delete(&self, name: &str) -> Result<()> {
         Links::delete(self, name).await

@@ -15,6 +15,7 @@
 //! [`image::ensure_boot_assets`]). The machine manager only sees the trait: no QEMU flag leaks
 //! out of this crate.
 
+pub mod cgroup;
 mod cpio;
 mod error;
 mod exec;
@@ -141,6 +142,12 @@ pub trait Hypervisor: Send + Sync {
 
     /// Which host link the network layer prepares before [`Hypervisor::start`].
     fn link_kind(&self) -> LinkKind;
+
+    /// The (uid, gid) the network layer gives a TAP it creates for this backend (`TUNSETOWNER`);
+    /// `None`: root's.
+    fn link_owner(&self) -> Option<(u32, u32)> {
+        None
+    }
 
     /// Launch the machine. Returns once the VMM process runs (not when the guest is ready).
     /// The VMM must run in its own session so it survives a daemon restart.

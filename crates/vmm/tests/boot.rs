@@ -108,6 +108,7 @@ fn options() -> QemuOptions {
             .unwrap_or(AccelChoice::Auto),
         cmdline_extra: std::env::var("SISTEMO_GUEST_CMDLINE_EXTRA").ok(),
         debug_boot: std::env::var_os("SISTEMO_DEBUG_BOOT").is_some(),
+        ..QemuOptions::default()
     }
 }
 
@@ -117,6 +118,151 @@ fn kernel_deb() -> Option<PathBuf> {
 
 fn data_dir() -> PathBuf {
     PathBuf::from(std::env::var("SISTEMO_VM_TEST_DIR").unwrap_or_else(|_| "/var/tmp/sistemo-vmtest".into()))
+}
+
+/// Field `n` (1-based, after the command name) of `/proc/PID/stat`.
+fn stat_field(pid: i32, n: usize) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(n - 3).unwrap().to_string()
+}
+
+/// The running VMM is confined: an unprivileged uid, seccomp, an empty chroot, its own session,
+/// its machine's cgroup with the expected limits, and no way to open machine files as its uid.
+/// Prints its memory beyond guest RAM (the figure behind `VMM_OVERHEAD_MIB`).
+fn assert_confined(vm: &Qemu, spec: &MachineSpec, inst: &Instance) {
+    let pid = inst.pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or_else(|| panic!("no {k} in {status}"))
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let user = vm.vmm_user().expect("the backend confines QEMU by default");
+    let uid = field("Uid:");
+    assert!(
+        uid.iter().all(|u| u == &user.uid.to_string()),
+        "QEMU's uids {uid:?}, want {}",
+        user.uid
+    );
+    assert_ne!(uid[1], "0", "QEMU's effective uid is root");
+    let gid = field("Gid:");
+    assert!(
+        gid.iter().all(|g| g == &user.gid.to_string()),
+        "QEMU's gids {gid:?}"
+    );
+    assert!(field("Groups:").iter().all(|g| g != "0"), "QEMU keeps group root");
+    assert_eq!(field("Seccomp:"), ["2"], "QEMU has no seccomp filter");
+    assert_eq!(field("CapEff:"), ["0000000000000000"], "QEMU keeps capabilities");
+    // Chrooted into the machine's empty jail.
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    assert_eq!(root, spec.dir.join("jail"));
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "the jail is not empty"
+    );
+    // Its own session (survives the daemon), and the pid is QEMU's, not a launcher's.
+    assert_eq!(
+        stat_field(pid, 6),
+        pid.to_string(),
+        "QEMU does not lead its own session"
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(comm.starts_with("qemu-system"), "pid {pid} is {comm}");
+    // Its cgroup, with the machine's limits.
+    let cg = vm.cgroups();
+    assert!(
+        cg.available(),
+        "this host offers no cgroups for limits: {}",
+        cg.describe()
+    );
+    let name = Qemu::cgroup_name(spec);
+    assert!(
+        cg.contains(&name, pid),
+        "QEMU {pid} is not in {:?}",
+        cg.dirs(&name)
+    );
+    let want = vm.limits_for(spec);
+    assert_eq!(cg.limits(&name), Some(want));
+    assert_eq!(
+        want.memory_bytes,
+        (spec.memory_mib + sistemo_vmm::qemu::VMM_OVERHEAD_MIB) << 20
+    );
+    assert_eq!(want.cpu_quota_us, u64::from(spec.vcpus) * 100_000);
+    // As QEMU's uid, no machine file opens: not this machine's disk (QEMU opened it as root
+    // before switching users), and so not another machine's either (every machine folder is
+    // root's and 0700, and all VMMs share the uid). Nor can it list the folder.
+    let disk = spec.disk.as_ref().unwrap();
+    for (what, cmd) in [
+        ("read the disk", vec!["dd", "bs=512", "count=1", "of=/dev/null"]),
+        ("list the machine folder", vec!["ls"]),
+    ] {
+        let target = if what.contains("disk") {
+            format!("if={}", disk.display())
+        } else {
+            spec.dir.display().to_string()
+        };
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={}", user.uid),
+                &format!("--regid={}", user.gid),
+                "--clear-groups",
+                "--",
+            ])
+            .args(&cmd)
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "QEMU's uid could {what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Permission denied"), "{what}: {err}");
+    }
+    for f in ["disk.img", "initrd.img", "console.log", "qemu.log", "qmp.sock"] {
+        use std::os::unix::fs::MetadataExt;
+        let p = spec.dir.join(f);
+        if let Ok(m) = std::fs::symlink_metadata(&p) {
+            assert_eq!(m.uid(), 0, "{f} is not root's");
+            if m.is_file() {
+                assert_eq!(m.mode() & 0o077, 0, "{f} is {:o}", m.mode());
+            }
+        }
+    }
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&spec.dir).unwrap().mode() & 0o777, 0o700);
+    // Memory beyond guest RAM: RSS minus the resident part of the guest RAM mapping.
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let ram_kb = spec.memory_mib * 1024;
+    let (mut size, mut guest_rss) = (0u64, 0u64);
+    for l in smaps.lines() {
+        let kb = || {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        if l.starts_with("Size:") {
+            size = kb();
+        } else if l.starts_with("Rss:") && size == ram_kb {
+            guest_rss += kb();
+        }
+    }
+    let rss_kb: u64 = field("VmRSS:")[0].parse().unwrap();
+    eprintln!(
+        "VMM memory: RSS {} MiB (anon {} MiB, file {} MiB), guest RAM resident {} MiB, overhead {} MiB \
+         (limit allows {} MiB)",
+        rss_kb >> 10,
+        field("RssAnon:")[0].parse::<u64>().unwrap() >> 10,
+        field("RssFile:")[0].parse::<u64>().unwrap() >> 10,
+        guest_rss >> 10,
+        (rss_kb - guest_rss) >> 10,
+        sistemo_vmm::qemu::VMM_OVERHEAD_MIB
+    );
 }
 
 /// Panics at once, saying what is missing, unless running as root with the prepared assets
@@ -218,6 +364,8 @@ async fn real_vm_boots_debian_and_execs() {
     eprintln!("deploy → first exec: {:.2}s", t0.elapsed().as_secs_f64());
     assert_eq!(out.code, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    assert_confined(&vm, &spec, &inst);
 
     let out = exec_collect(&vm, &spec, "echo err >&2; exit 3", Duration::from_secs(30))
         .await
@@ -348,6 +496,9 @@ async fn real_vm_boots_debian_and_execs() {
     assert!(!inst.is_alive());
     vm.cleanup(&spec).await.unwrap();
     assert!(!dir.join("qmp.sock").exists());
+    for d in vm.cgroups().dirs(&Qemu::cgroup_name(&spec)) {
+        assert!(!d.exists(), "cgroup {} left after cleanup", d.display());
+    }
 
     // A second boot of the same machine: same pinned host key, files written by the first boot
     // are still on the disk, a stale SSH master does not get in the way.
@@ -358,6 +509,7 @@ async fn real_vm_boots_debian_and_execs() {
         .await
         .expect("ready again");
     eprintln!("restart → ready: {:.2}s", t0.elapsed().as_secs_f64());
+    assert_confined(&vm, &spec, &inst);
     let out = exec_collect(&vm, &spec, "echo again", Duration::from_secs(30))
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! QEMU's command line for one machine: the `-M microvm` argv (disk, TAP, console, QMP,
 //! pidfile) and the guest kernel's command line, which depends on the accelerator.
 
+use super::jail::{SANDBOX, jail_dir};
 use super::{Accel, Qemu, console_path, initrd_path, pid_path, qmp_path};
 use crate::{MachineSpec, format_mac};
 use std::path::{Path, PathBuf};
@@ -60,7 +61,12 @@ impl Qemu {
             // QEMU's default TCG CPU plus RDRAND (backed by the host's getrandom): the guest's
             // RNG is ready at once instead of after seconds of jitter entropy, and sshd no
             // longer blocks on getrandom() during the first connection.
-            Accel::Tcg => a.extend(["-accel", "tcg", "-cpu", "qemu64,+rdrand"].map(String::from)),
+            Accel::Tcg => a.extend([
+                "-accel".into(),
+                format!("tcg,tb-size={}", super::TCG_TB_MIB),
+                "-cpu".into(),
+                "qemu64,+rdrand".into(),
+            ]),
         }
         a.extend([
             "-smp".into(),
@@ -93,16 +99,23 @@ impl Qemu {
             "chardev:con0".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", escape_opt(&p(qmp_path(spec)))),
-            // With a log file QEMU keeps its stderr there after daemonizing (else /dev/null):
-            // its own errors and the guest's invalid device accesses.
-            "-D".into(),
-            p(spec.dir.join("qemu.log")),
+            // The guest's invalid device accesses, on stderr (qemu.log).
             "-d".into(),
             "guest_errors".into(),
             "-pidfile".into(),
             p(pid_path(spec)),
-            "-daemonize".into(),
+            "-sandbox".into(),
+            SANDBOX.into(),
         ]);
+        if let Some(u) = &self.user {
+            // Applied after every file above is open, just before the guest's first instruction.
+            a.extend([
+                "-chroot".into(),
+                p(jail_dir(&spec.dir)),
+                "-runas".into(),
+                format!("{}:{}", u.uid, u.gid),
+            ]);
+        }
         a
     }
 }
@@ -135,6 +148,12 @@ mod tests {
             tsc_khz: Some(2_100_000),
             netns: None,
             options: QemuOptions::default(),
+            user: Some(super::super::VmmUser {
+                name: "sistemo-vmm".into(),
+                uid: 998,
+                gid: 997,
+            }),
+            cgroups: crate::cgroup::Cgroups::Unavailable("test".into()),
         };
         let spec = MachineSpec {
             id: uuid::Uuid::nil(),
@@ -184,7 +203,7 @@ mod tests {
         let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
         for want in [
             "-M microvm,acpi=on",
-            "-accel tcg -cpu qemu64,+rdrand",
+            "-accel tcg,tb-size=128 -cpu qemu64,+rdrand",
             "-kernel /k/vmlinux",
             "-initrd /m/web/initrd.img",
             "file=/m/web/disk.raw,format=raw,if=none,id=d0",
@@ -193,10 +212,38 @@ mod tests {
             "virtio-net-device,netdev=n0,mac=52:54:00:00:00:02",
             "path=/m/web/console.log",
             "unix:/m/web/qmp.sock,server=on,wait=off",
-            "-pidfile /m/web/qemu.pid -daemonize",
+            "-pidfile /m/web/qemu.pid",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
         }
+    }
+
+    #[test]
+    fn qemu_is_sandboxed_chrooted_and_unprivileged() {
+        let (mut q, spec) = dummy(Accel::Tcg);
+        let argv = q.qemu_args(&spec, Path::new("/m/web/disk.raw"));
+        let a = argv.join(" ");
+        for want in [
+            "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+            "-chroot /m/web/jail",
+            "-runas 998:997",
+            "-accel tcg,tb-size=128",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        // A fork after the seccomp filter is fatal (spawn=deny): QEMU must not daemonize.
+        assert!(!argv.iter().any(|x| x == "-daemonize"), "{a}");
+        // -D would reopen a log by path; stderr is the log instead.
+        assert!(!argv.iter().any(|x| x == "-D"), "{a}");
+        q.user = None;
+        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        assert!(a.contains("-sandbox on,") && !a.contains("-runas") && !a.contains("-chroot"));
+        let (q, spec) = dummy(Accel::Kvm);
+        assert!(
+            q.qemu_args(&spec, Path::new("/d"))
+                .join(" ")
+                .contains("-accel kvm -cpu host")
+        );
     }
 
     #[test]
