@@ -49,7 +49,7 @@ impl Resp {
     /// or `on_line` says stop (false): the connection is then dropped, which tells the daemon.
     /// The whole body is returned when `whole` or for an error status (a stream is never held
     /// whole).
-    fn read_lines(&mut self, whole: bool, mut on_line: impl FnMut(&str) -> bool) -> Result<String> {
+    fn read_lines(&mut self, whole: bool, mut on_line: impl FnMut(&str) -> bool) -> Result<Vec<u8>> {
         let proto = |e: std::io::Error| ClientError::Protocol(e.to_string());
         let keep = whole || self.status >= 400;
         let mut all = Vec::new();
@@ -78,7 +78,7 @@ impl Resp {
                 let mut buf = vec![0; n + 2];
                 self.reader.read_exact(&mut buf).map_err(proto)?;
                 if !feed(&buf[..n], &mut all, &mut pending) {
-                    return Ok(String::new());
+                    return Ok(Vec::new());
                 }
             }
         } else if let Some(n) = self.length {
@@ -93,7 +93,7 @@ impl Resp {
         if go && !pending.is_empty() {
             on_line(String::from_utf8_lossy(&pending).trim_end());
         }
-        Ok(String::from_utf8_lossy(&all).into_owned())
+        Ok(all)
     }
 }
 
@@ -192,21 +192,27 @@ impl Client {
     ) -> Result<T> {
         let body = body.map(|b| serde_json::to_string(b).expect("serialisable"));
         let mut r = self.send(method, path, body)?;
-        let text = r.read_lines(true, |_| true)?;
+        let body = r.read_lines(true, |_| true)?;
+        let text = String::from_utf8_lossy(&body);
         if r.status >= 400 {
             return Err(api_error(r.status, &text));
         }
         serde_json::from_str(&text).map_err(|e| ClientError::Protocol(format!("{e}: {text}")))
     }
 
-    /// A plain-text GET.
-    pub fn text(&self, path: &str) -> Result<String> {
+    /// A GET of raw bytes.
+    pub fn bytes(&self, path: &str) -> Result<Vec<u8>> {
         let mut r = self.send("GET", path, None)?;
-        let text = r.read_lines(true, |_| true)?;
+        let body = r.read_lines(true, |_| true)?;
         if r.status >= 400 {
-            return Err(api_error(r.status, &text));
+            return Err(api_error(r.status, &String::from_utf8_lossy(&body)));
         }
-        Ok(text)
+        Ok(body)
+    }
+
+    /// A plain-text GET (lossy UTF-8).
+    pub fn text(&self, path: &str) -> Result<String> {
+        self.bytes(path).map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
     /// GET JSON.
@@ -239,7 +245,7 @@ impl Client {
             true
         })?;
         if status >= 400 {
-            return Err(api_error(status, &text));
+            return Err(api_error(status, &String::from_utf8_lossy(&text)));
         }
         Ok(())
     }
@@ -271,7 +277,7 @@ impl Client {
             true
         })?;
         if status >= 400 {
-            return Err(api_error(status, &text));
+            return Err(api_error(status, &String::from_utf8_lossy(&text)));
         }
         result.unwrap_or_else(|| {
             Err(ClientError::Protocol(

@@ -150,3 +150,31 @@ fn exec_output_is_byte_exact_and_a_client_that_leaves_ends_the_command() {
         (!running(&yes)).then_some(())
     });
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn console_logs_are_byte_exact_and_do_not_drive_the_terminal() {
+    let env = Env::new("logs");
+    env.machine("web", &[]);
+    let v: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    // What a guest could write to its console: a screen clear, a title, a clipboard write
+    // (OSC 52), colours, and bytes that are not UTF-8.
+    let guest: &[u8] = b"boot \x1b[2J\x1b]0;pwned\x07\x1b]52;c;aGk=\x1b\\\x1b[31mred\x1b[0m \xff\xfe end\n";
+    let log = env
+        .dir
+        .join("data/machines")
+        .join(v["id"].as_str().unwrap())
+        .join("console.log");
+    std::fs::write(&log, guest).unwrap();
+    let shown = env.cli(&["machine", "logs", "web"]);
+    assert!(shown.status.success());
+    assert_eq!(
+        shown.stdout,
+        b"boot red \xff\xfe end\n",
+        "{:?}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    let raw = env.cli(&["machine", "logs", "web", "--raw"]);
+    assert_eq!(raw.stdout, guest, "--raw passes the bytes exactly");
+}

@@ -106,6 +106,10 @@ pub enum MachineCmd {
         /// Keep printing new output as it arrives.
         #[arg(short, long)]
         follow: bool,
+        /// Pass the guest's terminal control sequences through (by default they are removed:
+        /// a guest must not drive your terminal).
+        #[arg(long)]
+        raw: bool,
         /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
@@ -329,13 +333,19 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
         MachineCmd::Logs {
             m: MachineArg { name },
             follow,
+            raw,
         } => {
             use std::io::Write;
             let mut offset = 0usize;
             loop {
-                let chunk = c.text(&format!("{}/logs?offset={offset}", path(&name)))?;
+                let chunk = c.bytes(&format!("{}/logs?offset={offset}", path(&name)))?;
                 offset += chunk.len();
-                std::io::stdout().write_all(chunk.as_bytes())?;
+                let shown = if raw {
+                    chunk
+                } else {
+                    super::output::without_escapes(&chunk)
+                };
+                std::io::stdout().write_all(&shown)?;
                 std::io::stdout().flush()?;
                 if !follow {
                     break;

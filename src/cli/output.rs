@@ -115,3 +115,59 @@ pub fn confirm(yes: bool, what: &str) -> Result<()> {
         bail!("not confirmed; nothing was changed")
     }
 }
+
+/// `b` without terminal control sequences (CSI, OSC and other escapes) and control characters
+/// other than newline, tab and carriage return: what a guest wrote cannot drive the terminal.
+pub fn without_escapes(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            0x1b => {
+                i += 1;
+                match b.get(i) {
+                    // CSI: parameters and intermediates up to a final byte in 0x40..=0x7e
+                    Some(b'[') => {
+                        i += 1;
+                        while i < b.len() && !(0x40..=0x7e).contains(&b[i]) {
+                            i += 1;
+                        }
+                    }
+                    // OSC, DCS, SOS, PM, APC: up to BEL or ESC \
+                    Some(b']' | b'P' | b'X' | b'^' | b'_') => {
+                        while i < b.len() && b[i] != 0x07 && !(b[i] == 0x1b && b.get(i + 1) == Some(&b'\\')) {
+                            i += 1;
+                        }
+                        if b.get(i) == Some(&0x1b) {
+                            i += 1;
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            b'\n' | b'\t' | b'\r' => {
+                out.push(b[i]);
+                i += 1;
+            }
+            c if c < 0x20 || c == 0x7f => i += 1,
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_escapes_are_removed() {
+        let guest = b"\x1b[2J\x1b[1;31mred\x1b[0m ok\x1b]0;title\x07 \x1b]52;c;aGk=\x1b\\done\x07\x08\n\tend";
+        assert_eq!(without_escapes(guest), b"red ok done\n\tend");
+        assert_eq!(without_escapes("é ✓".as_bytes()), "é ✓".as_bytes());
+    }
+}

@@ -36,20 +36,21 @@ impl Machines {
         Ok(self.vmm.shell_command(&spec))
     }
 
-    /// The machine's console log from byte `offset` on (for `logs -f`), at most 4 MiB.
-    pub fn logs(&self, name: &str, offset: u64) -> Result<String> {
+    /// The machine's console log from byte `offset` on (for `logs -f`), at most 4 MiB, as the
+    /// guest wrote it.
+    pub fn logs(&self, name: &str, offset: u64) -> Result<Vec<u8>> {
         use std::io::{Read, Seek};
         let m = self.store.lock().machine(name)?;
         let p = self.machine_dir(m.id).join("console.log");
         let mut f = match std::fs::File::open(&p) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(Error::io(format!("opening {}", p.display()))(e)),
         };
         let mut buf = Vec::new();
         f.seek(std::io::SeekFrom::Start(offset))
             .and_then(|_| f.take(LOG_CHUNK).read_to_end(&mut buf))
             .map_err(Error::io(format!("reading {}", p.display())))?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        Ok(buf)
     }
 }

@@ -288,7 +288,7 @@ async fn logs(
     State(h): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
-) -> Result<String, Error> {
+) -> Result<Vec<u8>, Error> {
     h.machines.logs(&name, q.offset.unwrap_or(0))
 }
 
