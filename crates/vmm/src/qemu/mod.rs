@@ -4,6 +4,7 @@
 mod accel;
 mod args;
 mod console;
+mod files;
 mod jail;
 mod qmp;
 
@@ -23,6 +24,7 @@ use crate::{
 };
 use accel::{detect_accel, host_tsc_khz};
 use async_trait::async_trait;
+use files::{console_path, ctl_path, initrd_path, pid_path, private_file, qmp_path};
 use qmp::qmp_command;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -90,23 +92,6 @@ pub struct Qemu {
     options: QemuOptions,
     user: Option<VmmUser>,
     cgroups: Cgroups,
-}
-
-/// Files of a machine in its folder.
-fn qmp_path(spec: &MachineSpec) -> PathBuf {
-    spec.dir.join("qmp.sock")
-}
-fn pid_path(spec: &MachineSpec) -> PathBuf {
-    spec.dir.join("qemu.pid")
-}
-fn console_path(spec: &MachineSpec) -> PathBuf {
-    spec.dir.join("console.log")
-}
-fn ctl_path(spec: &MachineSpec) -> PathBuf {
-    spec.dir.join("ssh.ctl")
-}
-fn initrd_path(spec: &MachineSpec) -> PathBuf {
-    spec.dir.join("initrd.img")
 }
 
 impl Qemu {
@@ -313,20 +298,6 @@ impl Qemu {
 /// execs the rest.
 const JOIN_AND_EXEC: &str =
     r#"for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; exec "$@""#;
-
-/// Create `path` if missing and make it 0600 (root's, like its folder); the open file.
-fn private_file(path: &Path) -> Result<std::fs::File, VmmError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(VmmError::io(format!("opening {}", path.display())))?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(VmmError::io(format!("setting the mode of {}", path.display())))?;
-    Ok(f)
-}
 
 /// True when `ifname` exists in this process's network namespace (`/proc/self/net/dev` follows
 /// the namespace even where `/sys` was not remounted).
@@ -610,50 +581,4 @@ impl Hypervisor for Qemu {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_launcher_joins_every_cgroup_then_execs_in_place() {
-        let dir = std::env::temp_dir().join(format!("sistemo-join-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (dir.join("a"), dir.join("b"));
-        let out = std::process::Command::new("sh")
-            .args(["-c", JOIN_AND_EXEC, "sh"])
-            .args([&a, &b])
-            .args(["--", "sh", "-c", "echo $$ \"$1\"", "x", "arg,with space"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        let (pid, arg) = text.trim().split_once(' ').unwrap();
-        assert_eq!(arg, "arg,with space");
-        assert_eq!(std::fs::read_to_string(&a).unwrap().trim(), pid);
-        assert_eq!(std::fs::read_to_string(&b).unwrap().trim(), pid);
-        // No cgroup: straight to the program; a cgroup that cannot be joined stops the launch.
-        let out = std::process::Command::new("sh")
-            .args(["-c", JOIN_AND_EXEC, "sh", "--", "echo", "ok"])
-            .output()
-            .unwrap();
-        assert_eq!(out.stdout, b"ok\n");
-        let st = std::process::Command::new("sh")
-            .args([
-                "-c",
-                JOIN_AND_EXEC,
-                "sh",
-                "/nonexistent/cgroup.procs",
-                "--",
-                "true",
-            ])
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert_eq!(st.code(), Some(125));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn loopback_exists() {
-        assert!(interface_exists("lo"));
-        assert!(!interface_exists("sistemo-no-such-if"));
-    }
-}
+mod tests;
