@@ -7,6 +7,8 @@ mod expose;
 mod lifecycle;
 
 #[cfg(test)]
+mod fakes;
+#[cfg(test)]
 mod tests;
 
 pub use expose::{desired_firewall, machine_port};
