@@ -54,9 +54,20 @@ impl Machines {
             memory_mib: mem.as_mib(),
             storage_bytes: d.storage.map_or(0, ByteSize::as_bytes),
         };
-        let m = self.store.lock().create_machine(&new, &d.expose)?;
-        let lock = self.lock_for(m.id);
+        // The machine's lock is held before its row exists: nothing can act on a half-made
+        // machine between the insert and the lock.
+        let lock = self.lock_for(new.id);
         let _g = lock.lock().await;
+        let m = match self.store.lock().create_machine(&new, &d.expose) {
+            Ok(m) => m,
+            Err(e) => {
+                self.locks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&new.id);
+                return Err(e.into());
+            }
+        };
         let dir = self.machine_dir(m.id);
         let port = machine_port(&m);
         let res: Result<()> = async {
@@ -313,6 +324,7 @@ impl Machines {
     pub async fn readopt(&self) -> Result<()> {
         let machines = self.store.lock().machines()?;
         let owned: std::collections::HashSet<String> = machines.iter().map(|m| m.id.to_string()).collect();
+        self.kill_orphan_vmms(&machines);
         if let Ok(rd) = std::fs::read_dir(&self.settings.machines_dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -411,6 +423,47 @@ impl Machines {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Kill VMM processes a crash left behind: any QEMU whose command line names a file in a
+    /// machine directory of ours, unless it is the recorded, live VMM of that machine.
+    fn kill_orphan_vmms(&self, machines: &[Machine]) {
+        use std::os::unix::ffi::OsStrExt;
+        let root = self.settings.machines_dir.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            let is_vmm = cmd
+                .split(|b| *b == 0)
+                .next()
+                .and_then(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)).file_name())
+                .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"));
+            if !is_vmm {
+                continue;
+            }
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let Some(rest) = cmd.split(&format!("{root}/")).nth(1) else {
+                continue;
+            };
+            let id = rest.split('/').next().unwrap_or("");
+            let owner = machines.iter().find(|m| m.id.to_string() == id);
+            let adopted =
+                owner.is_some_and(|m| m.instance.as_ref().is_some_and(|i| i.pid == pid && i.is_alive()));
+            if uuid::Uuid::try_parse(id).is_ok() && !adopted && pid != std::process::id() as i32 {
+                tracing::warn!(pid, machine = id, "killing a VMM process no machine owns");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 
     /// The last few KiB of the machine's console, without terminal escapes.

@@ -400,3 +400,41 @@ async fn storage_over_the_limit_or_the_free_space_is_refused_before_anything_is_
     }
     r.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn start_up_kills_a_vmm_no_machine_owns() {
+    let r = rig().await;
+    // A VMM a crash left behind: named like QEMU, its command line in a machine directory.
+    // (a shell under QEMU's name, waiting on its stdin: no child of its own to leak)
+    let qemu = r.dir.join("qemu-system-x86_64");
+    std::fs::copy("/bin/sh", &qemu).unwrap();
+    let disk = r
+        .dir
+        .join("machines")
+        .join(uuid::Uuid::new_v4().to_string())
+        .join("disk.raw");
+    let waiting = |prog: &std::path::Path| {
+        std::process::Command::new(prog)
+            .args(["-c", "read x"])
+            .arg(&disk)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut orphan = waiting(&qemu);
+    // and a process that only names a machine's file, which must live
+    let mut reader = waiting(std::path::Path::new("/bin/sh"));
+    assert!(orphan.try_wait().unwrap().is_none() && reader.try_wait().unwrap().is_none());
+    r.host.startup().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if orphan.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the orphan VMM still runs");
+        tokio::task::yield_now().await;
+    }
+    assert!(reader.try_wait().unwrap().is_none(), "only VMMs are killed");
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+}
