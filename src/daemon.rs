@@ -79,6 +79,9 @@ fn private_data_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     })
 }
 
+/// How long a clean stop waits for operations in flight.
+const DRAIN: Duration = Duration::from_secs(30);
+
 /// Run the daemon in the foreground.
 pub async fn run(cfg: Config) -> Result<()> {
     cfg.validate()?;
@@ -177,6 +180,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let host = m.clone();
     crate::server::serve(listener, m, stopped()).await?;
+    // Operations whose client went away still run: let them finish (or roll back) first.
+    if !host.drained(DRAIN).await {
+        tracing::warn!(
+            seconds = DRAIN.as_secs(),
+            "operations still running at exit; the next start rolls them back"
+        );
+    }
     host.shutdown();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())

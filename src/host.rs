@@ -28,6 +28,25 @@ pub struct Facts {
     pub bridges: Vec<(String, bool)>,
 }
 
+/// Operations in flight (deploys, lifecycle changes, image builds, execs), so a clean stop
+/// can let them finish or roll back instead of cutting them half-way.
+#[derive(Default)]
+pub struct InFlight {
+    n: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One operation in flight; done when dropped.
+pub struct Op(Arc<InFlight>);
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Every service of one daemon.
 pub struct Host {
     /// Machines: lifecycle, exposes, exec.
@@ -39,6 +58,7 @@ pub struct Host {
     store: Arc<SharedStore>,
     fw: Arc<Firewall>,
     cfg: Config,
+    in_flight: Arc<InFlight>,
 }
 
 impl Host {
@@ -84,7 +104,30 @@ impl Host {
             store,
             fw,
             cfg,
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Count an operation in flight until the returned guard is dropped.
+    pub fn begin(&self) -> Op {
+        self.in_flight.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Op(self.in_flight.clone())
+    }
+
+    /// Wait until no operation is in flight, at most `limit`; false when some still run.
+    pub async fn drained(&self, limit: std::time::Duration) -> bool {
+        let f = &self.in_flight;
+        tokio::time::timeout(limit, async {
+            loop {
+                let idle = f.idle.notified();
+                if f.n.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// The effective configuration.

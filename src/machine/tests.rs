@@ -438,3 +438,23 @@ async fn start_up_kills_a_vmm_no_machine_owns() {
     reader.kill().unwrap();
     reader.wait().unwrap();
 }
+
+#[tokio::test]
+async fn a_clean_stop_waits_for_operations_in_flight() {
+    let r = rig().await;
+    assert!(r.host.drained(Duration::from_millis(1)).await, "idle at once");
+    let op = r.host.begin();
+    assert!(
+        !r.host.drained(Duration::from_millis(20)).await,
+        "one operation runs"
+    );
+    let done = tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        drop(op);
+    });
+    assert!(
+        r.host.drained(Duration::from_secs(5)).await,
+        "drained once it ended"
+    );
+    done.await.unwrap();
+}

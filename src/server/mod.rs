@@ -83,7 +83,9 @@ where
     let progress: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(move |s: &str| {
         let _ = ptx.send(Event::Progress(s.to_string()));
     });
+    let op = h.begin();
     tokio::spawn(async move {
+        let _op = op;
         let r = audited(&h, &peer, action, &target, f(h.clone(), progress).await);
         let _ = tx.send(match r {
             Ok(v) => Event::Result(v),
@@ -235,7 +237,9 @@ async fn exec(
             }
         }
     });
+    let op = h.begin();
     tokio::spawn(async move {
+        let _op = op;
         let timeout = Duration::from_secs(req.timeout_s.unwrap_or(600));
         // A client that goes away closes the event stream: the command is dropped, which
         // kills it, even when it writes nothing.
