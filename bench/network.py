@@ -3,9 +3,9 @@
     sudo bench/network [--quick] [--bin target/release/sistemo] [--keep]
 
 This file owns the network measurements and their set-up: the client namespace and veth pair
-(NetEnv), the background exposes, the helpers run inside the client namespace (`--_probe`,
-`--_connrate`) and the figures below. The API client, the daemon's start/stop, namespace cleanup,
-the report and the exit status come from sistemo_bench.py.
+(NetEnv), the background exposes, the helpers (`--_probe`, `--_connrate`, run in the client
+namespace, the daemon's or the machine `tgt`) and the figures below. The API client, the
+daemon's start/stop, namespace cleanup, the report and the exit status come from sistemo_bench.py.
 
 Needs root, a release build (`cargo build --release`), iproute2 (`ip`, `nsenter`), nft and
 iperf3. Python 3 standard library only.
@@ -16,6 +16,24 @@ Everything runs in network namespaces this script creates and removes again:
   snb<pid>m-*   the machines' namespaces (created by the daemon, netns_prefix)
 Two machines are deployed (over the API): `bg` (holds the background exposes, as port ranges) and
 `tgt` (the machine the measurements talk to; it runs iperf3 and a TCP accept-and-close server).
+The client namespace runs the same two servers for the direct baselines (below).
+
+Direct baselines. sistemo drops NEW connections routed into a machine that are not DNATed (README,
+"Security model"), so the client cannot open a connection to the machine IP. The baselines use
+the path the product does allow across the same hops: a connection opened BY the machine `tgt` to
+the client namespace (machine -> bridge -> forward -> masquerade -> veth -> client). For
+throughput the bytes flow the same way as on the exposed path: iperf3 runs in `tgt` with -R, so
+the sender sits in the client namespace and the receiver in `tgt`, exactly as for the exposed
+test (client -> 10.201.0.1:<host port> -> DNAT -> forward -> bridge -> tgt). Per data packet both
+paths cross the same veth pairs, bridge, conntrack lookup, a destination rewrite (DNAT, or undoing
+the masquerade) and the forward chain; what only the exposed path has is the DNAT map lookup and
+the forward chain's `ct status dnat` accept. So throughput_ratio still drops when the DNAT or
+forward path regresses for exposed traffic; a slowdown common to both paths shows in the absolute
+throughput_exposed_gbps. Not chosen: direct from the daemon's namespace to the machine IP (the
+output path never crosses the forward chain, so it would not compare like with like); a bench-only
+accept rule in an earlier chain (a drop in any base chain is final, it cannot bypass sistemo's
+forward chain). The start-up checks the servers in `tgt` from the daemon's namespace (the host
+may reach machines) and logs that the client reaches the machine IP no more.
 
 Figures:
   expose_p50_ms_N      API round trip of POST /v1/machines/tgt/expose (one new port), fresh Unix
@@ -27,8 +45,10 @@ Figures:
   restore_ms_10000     `restore_ms=` logged by the daemon at start with 10,000 exposes
                        (SIGTERM, start again on the same data dir; median). Target <= 200 ms.
                        The script checks that all 10,000 map elements are back.
-  throughput_*_gbps    iperf3 (TCP, client in the client namespace, server in `tgt`):
-                       exposed = to 10.201.0.1:<host port> (DNAT path), direct = to the machine IP.
+  throughput_*_gbps    iperf3 (TCP, data from the client namespace to `tgt`):
+                       exposed = client -> 10.201.0.1:<host port> (DNAT path); direct = the same
+                       bytes client -> tgt over a connection tgt opened (iperf3 -R run in tgt,
+                       server in the client namespace; no DNAT, see "Direct baselines").
                        throughput_ratio = exposed/direct, target >= 0.95.
   repair_ms_element_drift_10000
                        with 10,000 exposes: time from a map element added, deleted or changed
@@ -40,6 +60,8 @@ Figures:
   connrate_*           new TCP connections per second through the exposed port (client connects,
                        waits for the server's close, closes with RST) with 1 and with 10,000
                        exposes present; connrate_ratio = 10k/1, target >= 0.9.
+                       connrate_direct_N: the same helper run in tgt, connecting to the server in
+                       the client namespace (machine-opened, masqueraded, no DNAT), same rounds.
 
 Exit status: 0 if everything ran (a missed target is reported as MISS, not a failure), 1 if
 something failed to run or to clean up (then no RESULT line is printed), 130 on Ctrl-C.
@@ -51,7 +73,9 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import socket
 import statistics
 import sys
@@ -83,9 +107,18 @@ def in_c(*args):
     return ["ip", "netns", "exec", CNS, *args]
 
 
-def helper(*args):
-    """This script run in the client namespace as a helper (`--_probe`, `--_connrate`)."""
-    return in_c(sys.executable, "-B", os.path.abspath(__file__), *args)
+def helper_argv(*args):
+    """This script as a helper (`--_probe`, `--_connrate`)."""
+    return [sys.executable, "-B", os.path.abspath(__file__), *args]
+
+
+def run_from(env, src, argv, timeout):
+    """argv run in the client namespace (src "client"), the daemon's ("host") or in machine src
+    (over the API's exec); returns (exit code, stdout, stderr)."""
+    if src in ("client", "host"):
+        r = run((in_c if src == "client" else in_d)(*argv), check=False, timeout=timeout)
+        return r.returncode, r.stdout, r.stderr
+    return env.api.exec(src, shlex.join(argv), timeout_s=int(timeout))
 
 
 class NetEnv(Env):
@@ -95,6 +128,7 @@ class NetEnv(Env):
         super().__init__(args.bin, args.keep, f"snb-{PID}", ns_prefixes=[MPREFIX])
         self.bg_ports = 0  # size of the background range on bg
         self.ips = {}
+        self.servers = []  # the direct baselines' servers in the client namespace (Popen)
 
     def setup_net(self):
         for ns in (DNS, CNS):
@@ -140,6 +174,25 @@ class NetEnv(Env):
             r = f"{BG_BASE}-{BG_BASE + n - 1}" if n > 1 else str(BG_BASE)
             self.api.expose("bg", [f"{r}:{r}"])
             self.bg_ports = n
+
+    def serve_client(self, name, *argv):
+        """A server in the client namespace, stopped at cleanup (its namespace's pids are
+        killed again when the namespace is removed)."""
+        with open(os.path.join(self.tmp, f"client-{name}.log"), "w") as f:
+            self.servers.append(subprocess.Popen(in_c(*argv), stdin=subprocess.DEVNULL, stdout=f,
+                                                 stderr=f, start_new_session=True))
+
+    def cleanup_children(self):
+        problems = []
+        for p in self.servers:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                problems.append(f"client-namespace server {p.pid} did not exit")
+        self.servers = []
+        return problems
 
     def map_elements(self):
         out = run(in_d("nft", "-j", "list", "map", "ip", TABLE, "expose_any")).stdout
@@ -318,45 +371,44 @@ def measure_drift(kind, bg_ip, timeout=10.0):
     raise BenchError(f"a foreign element {kind} (tcp . {port}) was not repaired within {timeout:.0f}s")
 
 
-def iperf(target, port, secs, attempts=3):
-    """Receiver-side Gbit/s of one iperf3 run; retried (the single-test server can be busy
-    finishing the previous test)."""
+def iperf(env, src, target, port, secs, reverse=False, attempts=3):
+    """Receiver-side Gbit/s of one iperf3 run, its client in src (see run_from); reverse: -R
+    (the server sends). Retried (the single-test server can be busy finishing the previous test)."""
     err = ""
+    argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(secs), "-J"] + (["-R"] if reverse else [])
     for a in range(attempts):
         if a:
-            log(f"  iperf3 to {target}:{port} failed ({err}); retrying")
+            log(f"  iperf3 from {src} to {target}:{port} failed ({err}); retrying")
             time.sleep(1)
-        r = run(in_c("iperf3", "-c", target, "-p", str(port), "-t", str(secs), "-J"), check=False,
-                timeout=secs + 30)
+        _, out, stderr = run_from(env, src, argv, secs + 30)
         try:
-            j = json.loads(r.stdout)
+            j = json.loads(out)
         except ValueError:
-            err = r.stderr.strip() or r.stdout[:300]
+            err = stderr.strip() or out[:300]
             continue
         if "error" in j:
             err = j["error"]
             continue
         time.sleep(0.2)
         return j["end"]["sum_received"]["bits_per_second"] / 1e9
-    raise BenchError(f"iperf3 to {target}:{port}: {err} (server log: {IPERF_LOG[0]})")
+    raise BenchError(f"iperf3 from {src} to {target}:{port}: {err} (server logs in {env.tmp})")
 
 
-IPERF_LOG = [""]
-
-
-def connrate(target, port, secs):
-    r = run(helper("--_connrate", target, str(port), str(secs)), timeout=secs + 60)
-    j = json.loads(r.stdout)
+def connrate(env, src, target, port, secs):
+    code, out, err = run_from(env, src, helper_argv("--_connrate", target, str(port), str(secs)), secs + 60)
+    if code != 0:
+        raise BenchError(f"connrate from {src} to {target}:{port} exited {code}: {(err or out).strip()[-300:]}")
+    j = json.loads(out)
     if j["errors"]:
-        raise BenchError(f"connrate to {target}:{port}: {j['errors']} of {j['n'] + j['errors']} "
+        raise BenchError(f"connrate from {src} to {target}:{port}: {j['errors']} of {j['n'] + j['errors']} "
                          f"connections failed: {j['kinds']}")
     return j["n"] / j["secs"]
 
 
-def probe(target, port, timeout=10):
-    r = run(helper("--_probe", target, str(port), str(timeout)), check=False, timeout=timeout + 10)
-    if r.returncode != 0:
-        raise BenchError(f"cannot connect from {CNS} to {target}:{port}: {r.stdout.strip()} {r.stderr.strip()}")
+def probe(env, target, port, timeout=10, src="client"):
+    code, out, err = run_from(env, src, helper_argv("--_probe", target, str(port), str(timeout)), timeout + 10)
+    if code != 0:
+        raise BenchError(f"cannot connect from {src} to {target}:{port}: {out.strip()} {err.strip()}")
 
 
 def measure(env, args):
@@ -385,11 +437,18 @@ def measure(env, args):
     srv = os.path.join(env.tmp, "connsrv.py")
     with open(srv, "w") as f:
         f.write(CONN_SERVER)
-    IPERF_LOG[0] = os.path.join(env.tmp, "iperf3-server.log")
-    env.mexec("tgt", f"iperf3 -s -p {IPERF_PORT} --logfile {IPERF_LOG[0]} &")
+    env.mexec("tgt", f"iperf3 -s -p {IPERF_PORT} --logfile {os.path.join(env.tmp, 'tgt-iperf3.log')} &")
     env.mexec("tgt", f"{sys.executable} {srv} {CONN_PORT} &")
-    probe(tgt_ip, IPERF_PORT)
-    probe(tgt_ip, CONN_PORT)
+    # the direct baselines' servers, in the client namespace (machine-opened connections)
+    env.serve_client("iperf3", "iperf3", "-s", "-p", str(IPERF_PORT))
+    env.serve_client("conn", sys.executable, srv, str(CONN_PORT))
+    env.mexec("tgt", "sysctl -qw net.ipv4.ip_local_port_range='10000 65000'")
+    for port in (IPERF_PORT, CONN_PORT):
+        probe(env, tgt_ip, port, src="host")  # the servers in tgt (the host may reach machines)
+        probe(env, C_IP, port, src="tgt")  # the client's servers, from the machine (egress)
+    code, out, _ = run_from(env, "client", helper_argv("--_probe", tgt_ip, str(CONN_PORT), "1"), 15)
+    log(f"client -> {tgt_ip}:{CONN_PORT} (routed, not DNATed): "
+        + ("connected: machines are NOT isolated from routed traffic" if code == 0 else "no connection (isolated)"))
 
     # 1. expose latency at 0, 1,000 and 10,000 existing exposes (background on bg, as ranges)
     log(f"expose latency: {samples} samples per level (API, then CLI)")
@@ -410,16 +469,17 @@ def measure(env, args):
     # 4. new-connection rate with 1 and with 10,000 exposes (the target port's plus 9,999)
     env.set_background(0)
     env.api.expose("tgt", [f"{CONN_HOST_PORT}:{CONN_PORT}"])
-    probe(D_IP, CONN_HOST_PORT)
-    connrate(D_IP, CONN_HOST_PORT, 0.2)  # warm-up
+    probe(env, D_IP, CONN_HOST_PORT)
+    connrate(env, "client", D_IP, CONN_HOST_PORT, 0.2)  # warm-up
+    connrate(env, "tgt", C_IP, CONN_PORT, 0.2)
     log(f"connection rate: {conn_reps} x {conn_secs}s of connections at 1 and 10,000 exposes "
-        f"(exposed port, then machine IP directly)")
+        f"(client -> exposed port, then direct: tgt -> client)")
     r = {(lv, path): [] for lv in (1, 10000) for path in ("ex", "di")}
     for i in range(conn_reps):
         for lv in ((1, 10000) if i % 2 == 0 else (10000, 1)):  # ABBA against drift
             env.set_background(0 if lv == 1 else 9999)
-            r[(lv, "ex")].append(connrate(D_IP, CONN_HOST_PORT, conn_secs))
-            r[(lv, "di")].append(connrate(tgt_ip, CONN_PORT, conn_secs))
+            r[(lv, "ex")].append(connrate(env, "client", D_IP, CONN_HOST_PORT, conn_secs))
+            r[(lv, "di")].append(connrate(env, "tgt", C_IP, CONN_PORT, conn_secs))
         log("  " + "  ".join(f"{lv}/{path}: {r[(lv, path)][-1]:.0f}/s" for lv, path in r))
     med = {k: statistics.median(v) for k, v in r.items()}
     sec = "new connections (conn/s)"
@@ -431,22 +491,23 @@ def measure(env, args):
     pairs = [a / b for a, b in zip(r[(10000, "ex")], r[(1, "ex")])]
     rep.add("connrate_ratio", statistics.median(pairs), "", sec, target=(">=", 0.9))
 
-    # 3. throughput: exposed port (DNAT) vs machine IP, few exposes; then exposed at 10,000
+    # 3. throughput client -> tgt: exposed port (DNAT) vs a connection tgt opened (direct), few
+    # exposes; then exposed at 10,000
     env.set_background(0)
     env.api.expose("tgt", [f"{IPERF_HOST_PORT}:{IPERF_PORT}"])
-    probe(D_IP, IPERF_HOST_PORT)
-    log(f"throughput: iperf3 -t {iperf_secs}, {iperf_reps} reps each")
+    probe(env, D_IP, IPERF_HOST_PORT)
+    log(f"throughput: iperf3 -t {iperf_secs}, {iperf_reps} reps each (direct: iperf3 -R run in tgt)")
     ex, di = [], []
-    iperf(tgt_ip, IPERF_PORT, 1)  # warm-up
+    iperf(env, "tgt", C_IP, IPERF_PORT, 1, reverse=True)  # warm-up
     for i in range(iperf_reps):
         for path in (("ex", "di") if i % 2 == 0 else ("di", "ex")):
             if path == "ex":
-                ex.append(iperf(D_IP, IPERF_HOST_PORT, iperf_secs))
+                ex.append(iperf(env, "client", D_IP, IPERF_HOST_PORT, iperf_secs))
             else:
-                di.append(iperf(tgt_ip, IPERF_PORT, iperf_secs))
+                di.append(iperf(env, "tgt", C_IP, IPERF_PORT, iperf_secs, reverse=True))
         log(f"  exposed {ex[-1]:.2f} Gbit/s  direct {di[-1]:.2f} Gbit/s")
     env.set_background(10000 - 2)
-    ex10k = [iperf(D_IP, IPERF_HOST_PORT, iperf_secs) for _ in range(iperf_reps)]
+    ex10k = [iperf(env, "client", D_IP, IPERF_HOST_PORT, iperf_secs) for _ in range(iperf_reps)]
     log(f"  exposed at 10,000 exposes: {' '.join(f'{x:.2f}' for x in ex10k)} Gbit/s")
     sec = "throughput (Gbit/s)"
     rep.add("throughput_exposed_gbps", statistics.median(ex), "Gbit/s", sec)
@@ -475,7 +536,7 @@ def measure(env, args):
         if got != 10000:
             raise BenchError(f"after restart expose_any holds {got} elements, expected 10000")
         log(f"  restore_ms={rs[-1]:.1f} (start to ready {ready_wall:.0f} ms), 10000 elements back")
-    probe(D_IP, CONN_HOST_PORT)  # the exposed port works after the restart
+    probe(env, D_IP, CONN_HOST_PORT)  # the exposed port works after the restart
     sec = "restore at start (ms)"
     rep.add("restore_ms_10000", statistics.median(rs), "ms", sec, target=("<=", 200.0))
     rep.add("daemon_start_ms_10000", statistics.median(readys), "ms", sec)

@@ -10,6 +10,8 @@
 //! Real-VM tests are named `real_vm_*` (one libtest filter selects or skips them all).
 #![allow(dead_code)]
 
+pub mod packets;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
