@@ -17,20 +17,9 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
     env.serve_tcp("m", 80, "m");
     expect_tcp(&env.ns, "127.0.0.1", 8080, "m"); // route_localnet is in effect for the DNAT path
     // a service on the host bound to 127.0.0.1
-    env.sh("socat TCP-LISTEN:7777,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo secret' >/dev/null 2>&1 &");
-    expect_tcp(&env.ns, "127.0.0.1", 7777, "secret");
-    // the attacker machine routes 127.0.0.1 to the host's bridge (CVE-2020-8558)
-    let ns = env.machine_namespaces().pop().unwrap();
-    ok(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns,
-        "sh",
-        "-c",
-        "sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 && \
-         ip addr del 127.0.0.1/8 dev lo && ip route add 127.0.0.1/32 via 10.200.0.1 dev eth0 src 10.200.0.2 onlink",
-    ]);
+    // a host service on 127.0.0.1, and the attacker machine routing 127.0.0.1 to the host's
+    // bridge (CVE-2020-8558)
+    let ns = loopback_attack(&env);
     assert_eq!(
         tcp_from(&ns, "127.0.0.1", 7777),
         None,

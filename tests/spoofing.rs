@@ -251,19 +251,7 @@ fn flushed_loopback_guard_is_repaired() {
     env.machine("m", &["--expose", "8080:80"]);
     env.serve_tcp("m", 80, "m");
     expect_tcp(&env.ns, "127.0.0.1", 8080, "m");
-    env.sh("socat TCP-LISTEN:7777,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo secret' >/dev/null 2>&1 &");
-    expect_tcp(&env.ns, "127.0.0.1", 7777, "secret");
-    let ns = env.machine_namespaces().pop().unwrap();
-    ok(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns,
-        "sh",
-        "-c",
-        "sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 && \
-         ip addr del 127.0.0.1/8 dev lo && ip route add 127.0.0.1/32 via 10.200.0.1 dev eth0 src 10.200.0.2 onlink",
-    ]);
+    let ns = loopback_attack(&env);
     assert_eq!(
         tcp_from(&ns, "127.0.0.1", 7777),
         None,

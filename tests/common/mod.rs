@@ -514,3 +514,22 @@ impl Env {
         }
     }
 }
+
+/// The CVE-2020-8558 set-up: a host service bound to 127.0.0.1:7777 answering `secret`, and the
+/// env's (only) machine routing 127.0.0.1 to the host's bridge; the machine's namespace.
+pub fn loopback_attack(env: &Env) -> String {
+    env.sh("socat TCP-LISTEN:7777,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo secret' >/dev/null 2>&1 &");
+    expect_tcp(&env.ns, "127.0.0.1", 7777, "secret");
+    let ns = env.machine_namespaces().pop().unwrap();
+    ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "sh",
+        "-c",
+        "sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 && \
+         ip addr del 127.0.0.1/8 dev lo && ip route add 127.0.0.1/32 via 10.200.0.1 dev eth0 src 10.200.0.2 onlink",
+    ]);
+    ns
+}
