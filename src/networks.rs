@@ -118,13 +118,13 @@ impl Networks {
             self.links
                 .ensure_bridge(net.bridge.as_str(), net.subnet.net(), net.gateway())
                 .await?;
-            self.rebuild_firewall()
+            self.rebuild_firewall().await
         }
         .await;
         if let Err(e) = r {
             let _ = self.links.delete(net.bridge.as_str()).await;
             let _ = self.store.lock().delete_network(net.name.as_str());
-            let _ = self.rebuild_firewall();
+            let _ = self.rebuild_firewall().await;
             return Err(e);
         }
         Ok(net)
@@ -137,7 +137,7 @@ impl Networks {
         }
         let n = self.store.lock().network(name)?;
         self.store.lock().delete_network(name)?;
-        self.rebuild_firewall()?;
+        self.rebuild_firewall().await?;
         self.links.delete(n.bridge.as_str()).await?;
         Ok(())
     }
@@ -153,8 +153,11 @@ impl Networks {
         Ok(out)
     }
 
-    /// Rebuild the firewall from the store (its bridges changed).
-    fn rebuild_firewall(&self) -> Result<()> {
-        Ok(self.fw.rebuild()?)
+    /// Rebuild the firewall from the store (its bridges changed), on the blocking pool.
+    async fn rebuild_firewall(&self) -> Result<()> {
+        let fw = self.fw.clone();
+        Ok(tokio::task::spawn_blocking(move || fw.rebuild())
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?)
     }
 }

@@ -260,6 +260,19 @@ fn tcp_api_is_opt_in_and_needs_the_token() {
         t.elapsed()
     );
     drop(holder);
+    // step: a client that never finishes its headers is cut off (no slow-loris)
+    let t = std::time::Instant::now();
+    let o = env.sh(
+        "python3 -c \"import socket; s=socket.create_connection(('127.0.0.1',7443)); \
+         s.sendall(b'GET /v1/machines HTTP/1.1\\r\\nHost: x\\r\\n'); s.settimeout(30); \
+         print(len(s.recv(100)))\"",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(25),
+        "the half-sent request was cut after {:?}",
+        t.elapsed()
+    );
     // the history names the TCP caller's address
     let o = env.sh(&format!(
         "curl -s -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {TOKEN}' \

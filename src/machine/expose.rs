@@ -25,7 +25,10 @@ impl Machines {
         let m = self.store.lock().machine_by_id(id)?;
         self.store.lock().add_exposes(id, specs)?;
         if m.state == MachineState::Running
-            && let Err(e) = self.fw.add(m.ip, specs)
+            && let Err(e) = {
+                let (ip, specs) = (m.ip, specs.to_vec());
+                self.firewall(move |fw| fw.add(ip, &specs)).await
+            }
         {
             let mut st = self.store.lock();
             for s in specs {
@@ -62,7 +65,8 @@ impl Machines {
             )));
         }
         if m.state == MachineState::Running {
-            self.fw.remove(m.ip, &removed)?;
+            let (ip, gone) = (m.ip, removed.clone());
+            self.firewall(move |fw| fw.remove(ip, &gone)).await?;
             crate::net::conntrack::forget_exposes(m.ip, &removed).await; // iso-drift
         }
         self.get(&id.to_string())

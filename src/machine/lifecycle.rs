@@ -72,7 +72,8 @@ impl Machines {
         let port = machine_port(&m);
         let res: Result<()> = async {
             // The port is bound to the machine's MAC and IP before its link exists.
-            self.fw.bind(&port)?;
+            let p = port.clone();
+            self.firewall(move |fw| fw.bind(&p)).await?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
             if let Some(images) = &self.images {
                 let (_, size) = images.create_disk(&d.image, &dir, d.storage, progress).await?;
@@ -84,7 +85,7 @@ impl Machines {
         if let Err(e) = res {
             progress("deploy failed; cleaning up");
             self.teardown(&m, None).await;
-            let _ = self.fw.unbind(&port);
+            let _ = self.firewall(move |fw| fw.unbind(&port)).await;
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
             crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
@@ -166,7 +167,8 @@ impl Machines {
             st.set_state(m.id, MachineState::Running, None)?;
             st.exposes_of(m.id)?
         };
-        if let Err(e) = self.fw.add(m.ip, &ports) {
+        let ip = m.ip;
+        if let Err(e) = self.firewall(move |fw| fw.add(ip, &ports)).await {
             let _ = self.store.lock().set_state(m.id, MachineState::Stopped, None);
             self.teardown(m, Some(&inst)).await;
             let _ = self.store.lock().set_instance(m.id, None);
@@ -246,7 +248,8 @@ impl Machines {
     async fn shutdown(&self, m: &Machine, progress: Progress<'_>) -> Result<()> {
         let ports = self.store.lock().exposes_of(m.id)?;
         // Absent elements (e.g. after a flush) are fine: the next rebuild reflects the store.
-        let _ = self.fw.remove(m.ip, &ports);
+        let ip = m.ip;
+        let _ = self.firewall(move |fw| fw.remove(ip, &ports)).await;
         progress(&format!("stopping {}", m.name));
         self.teardown(m, m.instance.as_ref()).await;
         crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
@@ -279,7 +282,8 @@ impl Machines {
         self.store.lock().set_state(id, MachineState::Deleting, None)?;
         if m.state == MachineState::Running {
             let ports = self.store.lock().exposes_of(id)?;
-            self.fw.remove(m.ip, &ports)?;
+            let ip = m.ip;
+            self.firewall(move |fw| fw.remove(ip, &ports)).await?;
             progress(&format!("stopping {}", m.name));
         }
         self.finish_delete(&m).await?;
@@ -290,7 +294,8 @@ impl Machines {
     /// The rest of a delete once the machine is `deleting` and its rules are out.
     async fn finish_delete(&self, m: &Machine) -> Result<()> {
         self.teardown(m, m.instance.as_ref()).await;
-        self.fw.unbind(&machine_port(m))?;
+        let port = machine_port(m);
+        self.firewall(move |fw| fw.unbind(&port)).await?;
         let dir = self.machine_dir(m.id);
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -488,7 +493,8 @@ impl Machines {
         self.store
             .lock()
             .set_state(m.id, MachineState::Error, Some(why))?;
-        let _ = self.fw.remove(m.ip, &ports);
+        let ip = m.ip;
+        let _ = self.firewall(move |fw| fw.remove(ip, &ports)).await;
         self.teardown(m, None).await;
         crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
         self.store.lock().set_instance(m.id, None)?;

@@ -108,6 +108,15 @@ impl Machines {
         }
     }
 
+    /// Run a firewall change on the blocking pool: it waits on netlink or on an `nft` process,
+    /// which must not hold up the async workers serving the API.
+    async fn firewall<T: Send + 'static>(&self, f: impl FnOnce(&Firewall) -> T + Send + 'static) -> T {
+        let fw = self.fw.clone();
+        tokio::task::spawn_blocking(move || f(&fw))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
     /// The hypervisor's name, e.g. `qemu-tcg`.
     pub fn hypervisor(&self) -> String {
         self.vmm.name()

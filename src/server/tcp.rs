@@ -1,90 +1,27 @@
 //! The opt-in TCP API: a bearer token on every request, a cap on open connections (so idle
-//! ones can never starve the daemon of file descriptors or the Unix socket of service), and
-//! the caller's address in the audit log.
+//! ones can never starve the daemon of file descriptors or the Unix socket of service), a
+//! deadline for a request's headers (no slow-loris), and the caller's address in the audit log.
 
 use super::{AppState, Peer, router};
 use crate::api::{ErrorBody, ErrorKind};
 use crate::store::Caller;
 use axum::Json;
-use axum::extract::connect_info::Connected;
+use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use std::net::SocketAddr;
-use std::pin::Pin;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// Most TCP API connections open at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// A TCP listener that holds one of a fixed number of slots per open connection.
-pub struct CappedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-}
-
-/// A connection with its slot, given back when it closes.
-pub struct CappedStream {
-    io: TcpStream,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
-        let slot = self.slots.clone().acquire_owned().await.expect("never closed");
-        loop {
-            match self.inner.accept().await {
-                Ok((io, addr)) => return (CappedStream { io, _slot: slot }, addr),
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a TCP API connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-impl AsyncRead for CappedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CappedStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-impl Connected<axum::serve::IncomingStream<'_, CappedListener>> for Peer {
-    fn connect_info(s: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
-        Peer(Caller {
-            uid: None,
-            remote: Some(s.remote_addr().to_string()),
-        })
-    }
-}
+/// How long a client may take to send a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a connection may last at most (its requests and their responses).
+pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Serve the API on an opt-in TCP listener; every request needs `Authorization: Bearer <token>`.
 pub async fn serve_tcp(
@@ -113,18 +50,41 @@ pub async fn serve_tcp(
             }
         }
     });
-    let listener = CappedListener {
-        inner: listener,
-        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-    };
-    axum::serve(
-        listener,
-        router(m)
-            .layer(auth)
-            .into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let app = router(m).layer(auth);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // A slot first: past the cap, connections wait in the listen backlog.
+        let slot = slots.clone().acquire_owned().await.expect("never closed");
+        let (io, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a TCP API connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let peer = Peer(Caller {
+            uid: None,
+            remote: Some(addr.to_string()),
+        });
+        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
+        let conn = http.serve_connection(TokioIo::new(io), svc);
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "TCP API connection ended"),
+                Err(_) => tracing::debug!(%addr, "TCP API connection closed at its deadline"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
