@@ -1,7 +1,7 @@
 //! Request and response types of the HTTP/JSON API, shared by the CLI, the server and tests,
 //! so client and server cannot drift apart. This is also the documented `-o json` schema.
 
-pub use crate::domain::MachineState;
+pub use crate::domain::{MachineState, RestartPolicy};
 use serde::{Deserialize, Serialize};
 
 /// API version prefix of every route.
@@ -142,6 +142,9 @@ pub struct MachineInfo {
     pub storage_bytes: u64,
     /// Exposed ports.
     pub ports: Vec<PortInfo>,
+    /// Restart policy: `no`, `on-failure` or `always`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
     /// Creation time (UTC).
     pub created_at: String,
 }
@@ -163,6 +166,9 @@ pub struct DeployRequest {
     pub expose: Vec<String>,
     /// Network name (default `default`).
     pub network: Option<String>,
+    /// Restart policy: `no` (default), `on-failure` or `always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
 }
 
 /// `POST /v1/machines/{name}/expose`.

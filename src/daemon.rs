@@ -128,8 +128,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         "sistemo daemon ready"
     );
 
-    // Self-repair: if anyone flushes the ruleset or deletes the table, restore it from the store;
-    // a machine whose VMM died shows state `error` and its rules leave the firewall.
+    // Self-repair: if anyone flushes the ruleset or deletes the table, restore it from the store.
     let rm = m.clone();
     let every = Duration::from_millis(cfg.repair_interval_ms.max(50));
     tokio::spawn(async move {
@@ -142,13 +141,24 @@ pub async fn run(cfg: Config) -> Result<()> {
             let rm = rm.clone();
             // Every 20th pass also verifies the rules (a flush of only sistemo's chains).
             let deep = n.is_multiple_of(20);
-            if let Err(e) = rm.machines.reap_dead().await {
-                tracing::error!(error = %chain(&e), "checking machines' VMMs failed");
-            }
             match tokio::task::spawn_blocking(move || rm.repair_once(deep)).await {
                 Ok(Err(e)) => tracing::error!(error = %chain(&e), "self-repair failed"),
                 Err(e) => tracing::error!(error = %e, "self-repair task failed"),
                 Ok(Ok(_)) => {}
+            }
+        }
+    });
+    // Liveness, on its own timer (an automatic restart boots a VM; repair must not wait for
+    // it): a machine whose VMM ended shows it, its rules leave the firewall, and its restart
+    // policy applies.
+    let rm = m.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = rm.machines.reap_dead().await {
+                tracing::error!(error = %chain(&e), "checking machines' VMMs failed");
             }
         }
     });

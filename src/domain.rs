@@ -73,6 +73,50 @@ impl FromStr for MachineState {
     }
 }
 
+/// What happens when a machine's VMM ends by itself (Docker's restart policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restarted: a dead machine stays `error`, a powered-off one `stopped`.
+    #[default]
+    No,
+    /// Restarted, with back-off, when its VMM died (not when the guest powered off).
+    OnFailure,
+    /// Restarted, with back-off, whenever its VMM ended by itself (not after `machine stop`).
+    Always,
+}
+
+impl RestartPolicy {
+    /// The name used in the API, the CLI and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::No => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RestartPolicy {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        [RestartPolicy::No, RestartPolicy::OnFailure, RestartPolicy::Always]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                Invalid(format!(
+                    "restart policy {s:?} is not known (allowed: no, on-failure, always)"
+                ))
+            })
+    }
+}
+
 /// Which hypervisor backend runs the machines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -47,6 +47,9 @@ pub enum MachineCmd {
         /// Network (default: default).
         #[arg(long)]
         network: Option<String>,
+        /// Restart when its VMM ends by itself: no, on-failure or always (with back-off).
+        #[arg(long, value_parser = ["no", "on-failure", "always"])]
+        restart: Option<String>,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -180,6 +183,7 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             storage,
             expose,
             network,
+            restart,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
@@ -191,6 +195,7 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 storage,
                 expose,
                 network,
+                restart,
             };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;

@@ -3,7 +3,7 @@
 
 use super::{Deploy, MachineView, Machines, machine_port};
 use crate::Progress;
-use crate::domain::{ByteSize, MachineName, MachineState, NetworkName};
+use crate::domain::{ByteSize, MachineName, MachineState, NetworkName, RestartPolicy};
 use crate::error::{Error, Result, chain};
 use crate::store::{Machine, NewMachine, StoreError};
 use sistemo_vmm::{Instance, LinkKind};
@@ -18,6 +18,21 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const POWER_DOWN: &str = "reboot: Power down";
 /// How much of the console's end is read to tell a power-off from a crash.
 const CONSOLE_TAIL: u64 = 4096;
+/// The first automatic restart waits this long; each next one in a row twice as long…
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+/// …up to this.
+const RESTART_MAX: Duration = Duration::from_secs(60);
+/// A machine that ran this long since its last automatic restart starts the back-off afresh.
+const RESTART_RESET: Duration = Duration::from_secs(300);
+
+/// A machine's automatic restarts: the next one's time (if one is due), how many came in a
+/// row, and when the last one happened.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Backoff {
+    due: Option<std::time::Instant>,
+    n: u32,
+    last: Option<std::time::Instant>,
+}
 
 impl Machines {
     /// Deploy: check everything first, then create and boot, undoing every step on failure.
@@ -53,6 +68,7 @@ impl Machines {
             vcpus,
             memory_mib: mem.as_mib(),
             storage_bytes: d.storage.map_or(0, ByteSize::as_bytes),
+            restart: d.restart,
         };
         // The machine's lock is held before its row exists: nothing can act on a half-made
         // machine between the insert and the lock.
@@ -288,6 +304,10 @@ impl Machines {
         }
         self.finish_delete(&m).await?;
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         Ok(())
     }
 
@@ -408,7 +428,8 @@ impl Machines {
             // A guest that powered itself off ends like a stop; anything else is an error
             // with what the console said last.
             let tail = self.console_tail(m.id);
-            if tail.contains(POWER_DOWN) {
+            let clean = tail.contains(POWER_DOWN);
+            if clean {
                 tracing::info!(machine = %m.name, "the guest powered off");
                 self.shutdown(&m, &|_| {}).await?;
             } else {
@@ -425,9 +446,67 @@ impl Machines {
                 };
                 self.mark_dead(&m, &why).await?;
             }
+            if m.restart == RestartPolicy::Always || (m.restart == RestartPolicy::OnFailure && !clean) {
+                self.schedule_restart(&m);
+            }
             n += 1;
         }
+        self.restart_due().await;
         Ok(n)
+    }
+
+    /// Plan the next automatic restart of `m`, with exponential back-off.
+    fn schedule_restart(&self, m: &Machine) {
+        let now = std::time::Instant::now();
+        let mut all = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+        let b = all.entry(m.id).or_insert(Backoff {
+            due: None,
+            n: 0,
+            last: None,
+        });
+        b.n = match b.last {
+            Some(last) if now.duration_since(last) < RESTART_RESET => b.n.saturating_add(1),
+            _ => 0,
+        };
+        let wait = RESTART_FIRST.saturating_mul(1 << b.n.min(16)).min(RESTART_MAX);
+        b.due = Some(now + wait);
+        tracing::info!(machine = %m.name, policy = %m.restart, wait_s = wait.as_secs_f64(), "restarting by its policy");
+    }
+
+    /// Start the machines whose automatic restart is due (still `error` or `stopped`: a user's
+    /// own start, stop or delete meanwhile wins).
+    async fn restart_due(&self) {
+        let now = std::time::Instant::now();
+        let due: Vec<Uuid> = {
+            let mut all = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+            all.iter_mut()
+                .filter(|(_, b)| b.due.is_some_and(|t| t <= now))
+                .map(|(id, b)| {
+                    b.due = None;
+                    b.last = Some(now);
+                    *id
+                })
+                .collect()
+        };
+        for id in due {
+            let m = match self.store.lock().machine_by_id(id) {
+                Ok(m) => m,
+                Err(_) => {
+                    self.restarts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    continue;
+                }
+            };
+            if !matches!(m.state, MachineState::Error | MachineState::Stopped) {
+                continue;
+            }
+            if let Err(e) = self.start(&id.to_string(), &|_| {}).await {
+                tracing::warn!(machine = %m.name, error = %chain(&e), "automatic restart failed");
+                self.schedule_restart(&m);
+            }
+        }
     }
 
     /// Kill VMM processes a crash left behind: any QEMU whose command line names a file in a

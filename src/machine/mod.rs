@@ -13,7 +13,7 @@ mod tests;
 
 pub use expose::{desired_firewall, machine_port};
 
-use crate::domain::{ByteSize, MachineName, NetworkName};
+use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
 use crate::error::Result;
 use crate::images::ImageBackend;
 use crate::net::firewall::Firewall;
@@ -54,6 +54,8 @@ pub struct Deploy {
     pub expose: Vec<ExposeSpec>,
     /// Network (default `default`).
     pub network: Option<NetworkName>,
+    /// What happens when its VMM ends by itself (default: nothing).
+    pub restart: RestartPolicy,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -85,6 +87,8 @@ pub struct Machines {
     images: Option<Arc<dyn ImageBackend>>,
     settings: Settings,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Machines waiting for an automatic restart: when, and how many came before.
+    restarts: Mutex<HashMap<Uuid, lifecycle::Backoff>>,
 }
 
 impl Machines {
@@ -105,6 +109,7 @@ impl Machines {
             images,
             settings,
             locks: Mutex::new(HashMap::new()),
+            restarts: Mutex::new(HashMap::new()),
         }
     }
 

@@ -7,7 +7,7 @@ use super::fakes::{Fail, FakeFirewall, FakeImages, FakeLinks, FakeVmm};
 use crate::api::ErrorKind;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::domain::{ByteSize, MachineState};
+use crate::domain::{ByteSize, MachineState, RestartPolicy};
 use crate::host::Host;
 use crate::net::firewall::{MachinePort, PortMapping};
 use crate::store::Store;
@@ -89,6 +89,7 @@ fn web(expose: &[&str]) -> Deploy {
         storage: None,
         expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
         network: None,
+        restart: RestartPolicy::No,
     }
 }
 
@@ -338,6 +339,7 @@ async fn startup_rolls_back_an_interrupted_deploy() {
                 vcpus: 1,
                 memory_mib: 512,
                 storage_bytes: 0,
+                restart: RestartPolicy::No,
             },
             &["47000".parse().unwrap()],
         )
@@ -457,4 +459,66 @@ async fn a_clean_stop_waits_for_operations_in_flight() {
         "drained once it ended"
     );
     done.await.unwrap();
+}
+
+/// Make `web`'s VMM look dead to the daemon (its process start time no longer matches).
+fn kill_vmm(r: &Rig, id: uuid::Uuid) {
+    let dead = Instance {
+        pid: std::process::id() as i32,
+        start_time: 1,
+    };
+    r.host
+        .machines
+        .store
+        .lock()
+        .set_instance(id, Some(&dead))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
+    let r = rig().await;
+    let mut d = web(&["48130:80"]);
+    d.restart = RestartPolicy::OnFailure;
+    let v = r.deploy(d).await.unwrap();
+    kill_vmm(&r, v.machine.id);
+    assert_eq!(r.host.machines.reap_dead().await.unwrap(), 1);
+    assert_eq!(
+        r.host.machines.get("web").unwrap().machine.state,
+        MachineState::Error
+    );
+    // back again after the first back-off (1 s), rules and all
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        r.host.machines.reap_dead().await.unwrap();
+        if r.host.machines.get("web").unwrap().machine.state == MachineState::Running {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(r.held.lock().unwrap().len(), 1, "its rule is back");
+    // a second death soon after waits longer (2 s): not restarted at once
+    kill_vmm(&r, v.machine.id);
+    r.host.machines.reap_dead().await.unwrap();
+    r.host.machines.reap_dead().await.unwrap();
+    assert_eq!(
+        r.host.machines.get("web").unwrap().machine.state,
+        MachineState::Error
+    );
+    // a machine with the default policy stays down
+    let mut d = web(&[]);
+    d.name = Some("plain".parse().unwrap());
+    let p = r.deploy(d).await.unwrap();
+    kill_vmm(&r, p.machine.id);
+    r.host.machines.reap_dead().await.unwrap();
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        r.host.machines.reap_dead().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        r.host.machines.get("plain").unwrap().machine.state,
+        MachineState::Error
+    );
 }

@@ -28,6 +28,7 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
         storage: size("storage", req.storage)?,
         expose: specs(&req.expose)?,
         network: req.network.map(|n| n.parse()).transpose()?,
+        restart: req.restart.map(|r| r.parse()).transpose()?.unwrap_or_default(),
         image: req.image,
     })
 }
@@ -58,6 +59,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         memory_mib: m.memory_mib,
         storage_bytes: m.storage_bytes,
         ports: v.ports.iter().map(port_info).collect(),
+        restart: m.restart,
         created_at: m.created_at.clone(),
     }
 }

@@ -90,8 +90,8 @@ impl Store {
         let ip = allocate_ip(&tx, &m.network, subnet)?;
         let id = m.id.to_string();
         tx.execute(
-            "INSERT INTO machines(id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO machines(id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, restart)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 id,
                 m.name,
@@ -101,7 +101,8 @@ impl Store {
                 u32::from(ip),
                 m.vcpus,
                 m.memory_mib,
-                m.storage_bytes
+                m.storage_bytes,
+                m.restart
             ],
         )?;
         for e in exposes {

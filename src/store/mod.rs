@@ -7,7 +7,7 @@ mod networks;
 
 pub use networks::Caller;
 
-use crate::domain::{IfName, MachineName, MachineState, NetworkName, Subnet};
+use crate::domain::{IfName, MachineName, MachineState, NetworkName, RestartPolicy, Subnet};
 use crate::spec::{ExposeSpec, HostPortSpec, PortRange};
 use rusqlite::Connection;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
@@ -111,6 +111,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX released_ips_seq ON released_ips(network, seq);",
     // 4: where a TCP API caller connected from
     "ALTER TABLE history ADD COLUMN remote TEXT;",
+    // 5: what happens when a machine's VMM ends by itself
+    "ALTER TABLE machines ADD COLUMN restart TEXT NOT NULL DEFAULT 'no';",
 ];
 
 /// A named network: a bridge and a subnet.
@@ -144,6 +146,8 @@ pub struct Machine {
     pub state: MachineState,
     /// Why it is in state `error`.
     pub error: Option<String>,
+    /// What happens when its VMM ends by itself.
+    pub restart: RestartPolicy,
     /// Its network.
     pub network: NetworkName,
     /// Leased address (kept across stop/start/restart, released on delete).
@@ -177,6 +181,8 @@ pub struct NewMachine {
     pub memory_mib: u64,
     /// Disk size in bytes, when known.
     pub storage_bytes: u64,
+    /// What happens when its VMM ends by itself.
+    pub restart: RestartPolicy,
 }
 
 /// The store: one SQLite connection.
@@ -219,10 +225,16 @@ macro_rules! sql_text {
         }
     )*};
 }
-sql_text!(MachineState, MachineName, NetworkName, IfName, Subnet);
+sql_text!(
+    MachineState,
+    MachineName,
+    NetworkName,
+    IfName,
+    Subnet,
+    RestartPolicy
+);
 
-const MACHINE_COLS: &str =
-    "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error";
+const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart";
 
 fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
     let id: String = r.get(0)?;
@@ -241,6 +253,7 @@ fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
         instance: instance.and_then(|s| serde_json::from_str(&s).ok()),
         created_at: r.get(10)?,
         error: r.get(11)?,
+        restart: r.get(12)?,
     })
 }
 
@@ -327,6 +340,7 @@ pub(crate) mod tests {
             vcpus: 1,
             memory_mib: 512,
             storage_bytes: 1 << 30,
+            restart: RestartPolicy::No,
         }
     }
 

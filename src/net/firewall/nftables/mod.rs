@@ -23,6 +23,9 @@
 //! of an answer is parsed on its own and one the schema cannot read is skipped (see `json::listing`):
 //! foreign tables hold whatever other tools wrote (iptables-nft's `xt` matches, expressions newer
 //! than the crate), and none of it may fail sistemo's health check or hide sistemo's own objects.
+//! Only chains and rules are read back that way; the crate (0.6) cannot read nft 1.0.6's maps
+//! with a concatenated data type (printed as one string), and map elements are read over
+//! netlink instead.
 
 mod json;
 mod rules;
