@@ -158,9 +158,20 @@ fn real_vm_page_examples() {
         curl(&env, 80).is_some_and(|p| p.contains("nginx")),
         "port answers while the daemon is down"
     );
+    // the bridge lost while the daemon is down: re-created, the machine's TAP attached again
+    env.sh("ip link del sistemo0");
     env.start_daemon();
     assert_eq!(env.cli_ok(&["machine", "status", "web"]), st);
     env.cli_ok(&["machine", "exec", "web", "true"]);
+    assert!(
+        poll(
+            "nginx after the bridge came back",
+            Duration::from_secs(30),
+            || curl(&env, 80)
+        )
+        .contains("nginx"),
+        "port answers through the re-created bridge"
+    );
 
     // two machines at once
     env.cli_ok(&["machine", "deploy", "debian", "--name", "api"]);

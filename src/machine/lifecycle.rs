@@ -366,10 +366,11 @@ impl Machines {
             match m.state {
                 MachineState::Running if alive => {
                     tracing::info!(machine = %m.name, "re-adopted running machine");
-                    // The link may have been lost with the bridge; re-attach it.
-                    if self.vmm.link_kind() == LinkKind::Veth {
-                        let spec = self.spec_of(&m)?;
-                        let _ = self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await;
+                    // The bridge may have been re-created (deleted while the daemon was down):
+                    // its ports, TAP or veth, are attached again.
+                    let spec = self.spec_of(&m)?;
+                    if let Err(e) = self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await {
+                        tracing::warn!(machine = %m.name, error = %chain(&e), "re-attaching its link failed");
                     }
                 }
                 MachineState::Creating => {
