@@ -67,7 +67,7 @@ impl Machines {
         if m.state == MachineState::Running {
             let (ip, gone) = (m.ip, removed.clone());
             self.firewall(move |fw| fw.remove(ip, &gone)).await?;
-            crate::net::conntrack::forget_exposes(m.ip, &removed).await; // iso-drift
+            crate::net::conntrack::forget_exposes(m.ip, &removed).await;
         }
         self.get(&id.to_string())
     }

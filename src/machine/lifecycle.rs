@@ -104,7 +104,7 @@ impl Machines {
             let _ = self.firewall(move |fw| fw.unbind(&port)).await;
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
-            crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
+            crate::net::conntrack::forget_machine(m.ip).await; // its address is released
             return Err(e);
         }
         self.get(&m.id.to_string())
@@ -268,7 +268,7 @@ impl Machines {
         let _ = self.firewall(move |fw| fw.remove(ip, &ports)).await;
         progress(&format!("stopping {}", m.name));
         self.teardown(m, m.instance.as_ref()).await;
-        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
+        crate::net::conntrack::forget_machine(m.ip).await;
         let st = self.store.lock();
         st.set_instance(m.id, None)?;
         st.set_state(m.id, MachineState::Stopped, None)?;
@@ -323,7 +323,7 @@ impl Machines {
             return Err(Error::io(format!("removing {}", dir.display()))(e));
         }
         self.store.lock().delete_machine(m.id)?;
-        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
+        crate::net::conntrack::forget_machine(m.ip).await; // its address is released
         Ok(())
     }
 
@@ -378,7 +378,7 @@ impl Machines {
                     self.teardown(&m, m.instance.as_ref()).await;
                     let _ = std::fs::remove_dir_all(self.machine_dir(m.id));
                     self.store.lock().delete_machine(m.id)?;
-                    crate::net::conntrack::forget_machine(m.ip).await; // iso-drift: address released
+                    crate::net::conntrack::forget_machine(m.ip).await; // its address is released
                 }
                 MachineState::Running => {
                     self.mark_dead(&m, "its VMM exited while the daemon was not running")
@@ -569,14 +569,14 @@ impl Machines {
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {
         tracing::warn!(machine = %m.name, reason = why, "machine is down");
         let ports = self.store.lock().exposes_of(m.id)?;
-        // iso-drift: out of `running` first, so the rebuild after a failed removal leaves it out.
+        // Out of `running` first, so the rebuild after a failed removal leaves it out.
         self.store
             .lock()
             .set_state(m.id, MachineState::Error, Some(why))?;
         let ip = m.ip;
         let _ = self.firewall(move |fw| fw.remove(ip, &ports)).await;
         self.teardown(m, None).await;
-        crate::net::conntrack::forget_machine(m.ip).await; // iso-drift
+        crate::net::conntrack::forget_machine(m.ip).await;
         self.store.lock().set_instance(m.id, None)?;
         Ok(())
     }
