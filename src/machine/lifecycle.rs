@@ -77,10 +77,7 @@ impl Machines {
         let m = match self.store.lock().create_machine(&new, &d.expose) {
             Ok(m) => m,
             Err(e) => {
-                self.locks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&new.id);
+                self.forget(new.id);
                 return Err(e.into());
             }
         };
@@ -105,9 +102,17 @@ impl Machines {
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
             crate::net::conntrack::forget_machine(m.ip).await; // its address is released
+            self.forget(m.id);
             return Err(e);
         }
         self.get(&m.id.to_string())
+    }
+
+    /// Forget what is kept in memory about machine `id` (its lock, a restart it waits for):
+    /// it is gone.
+    fn forget(&self, id: Uuid) {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.restarts.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
     /// Disks are sparse, so a guest can fill what it was given: refuse a size over
