@@ -154,7 +154,7 @@ pub struct MachineInfo {
 pub struct DeployRequest {
     /// Image: a tag (`debian`), a `*.ext4` path or an http(s) URL.
     pub image: String,
-    /// Name (generated when absent).
+    /// Name (default: after the image, `debian`, then `debian-2`, …).
     pub name: Option<String>,
     /// vCPUs (default 1).
     pub vcpus: Option<u32>,

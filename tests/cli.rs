@@ -86,6 +86,8 @@ fn exit_codes_prompts_and_aliases() {
     // 0, 1, 2
     step("exit codes");
     assert_eq!(env.cli(&["machine", "list"]).status.code(), Some(0));
+    // Sistemo's spellings: -v, machine info, machine remove|destroy
+    assert!(String::from_utf8_lossy(&env.cli(&["-v"]).stdout).starts_with("sistemo "));
     assert_eq!(env.cli(&["machine", "status", "nope"]).status.code(), Some(1));
     assert_eq!(env.cli(&["machine", "frobnicate"]).status.code(), Some(2));
     assert_eq!(env.cli(&["machine", "deploy"]).status.code(), Some(2));
@@ -116,6 +118,18 @@ fn exit_codes_prompts_and_aliases() {
         env.cli_ok(&["vm", "show", "web"]),
         env.cli_ok(&["machine", "status", "web"])
     );
+    assert_eq!(
+        env.cli_ok(&["machine", "info", "web"]),
+        env.cli_ok(&["machine", "status", "web"])
+    );
+    for alias in ["remove", "destroy"] {
+        env.machine(alias, &[]);
+        env.cli_ok(&["machine", alias, alias, "-y"]);
+        assert!(
+            env.cli_err(&["machine", "status", alias])
+                .contains("does not exist")
+        );
+    }
     let id = json(&env, &["machine", "status", "web", "-o", "json"])["id"]
         .as_str()
         .unwrap()
@@ -216,6 +230,13 @@ fn tcp_api_is_opt_in_and_needs_the_token() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert_eq!(code(""), "401");
+    // the probes answer without a token (as Sistemo's)
+    for probe in ["health", "ready"] {
+        let o = env.sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:7443/{probe}"
+        ));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "/{probe}");
+    }
     assert_eq!(code("-H 'Authorization: Bearer wrong'"), "401");
     assert_eq!(code(&format!("-H 'Authorization: Bearer {TOKEN}'")), "200");
     // step: 2,000 idle TCP connections starve neither the daemon nor its Unix socket

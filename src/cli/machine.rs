@@ -29,7 +29,7 @@ pub enum MachineCmd {
     Deploy {
         /// Image: a name (debian), a *.ext4 file or an http(s) URL.
         image: String,
-        /// Machine name (a-z, 0-9, '-').
+        /// Machine name (a-z, 0-9, '-'; default: after the image, debian, then debian-2, ...).
         #[arg(long)]
         name: Option<String>,
         /// Virtual CPUs.
@@ -55,7 +55,7 @@ pub enum MachineCmd {
     #[command(visible_alias = "ls")]
     List,
     /// Show a machine: ID, name, status, IP and ports.
-    #[command(visible_alias = "show")]
+    #[command(visible_aliases = ["show", "info"])]
     Status {
         /// The machine it acts on.
         #[command(flatten)]
@@ -80,7 +80,7 @@ pub enum MachineCmd {
         m: MachineArg,
     },
     /// Delete a machine with its rules, IP and files.
-    #[command(visible_alias = "rm")]
+    #[command(visible_aliases = ["rm", "remove", "destroy"])]
     Delete {
         /// The machine it acts on.
         #[command(flatten)]

@@ -63,6 +63,7 @@ pub enum Output {
     version,
     about,
     propagate_version = true,
+    disable_version_flag = true,
     after_help = "\
 Examples:
   sudo sistemo up
@@ -72,6 +73,9 @@ Examples:
   sistemo machine status web"
 )]
 pub struct Cli {
+    /// Print the version (`-v` as in Sistemo, `-V`, `--version`).
+    #[arg(short = 'v', short_alias = 'V', long, action = clap::ArgAction::Version, global = true)]
+    version: Option<bool>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,

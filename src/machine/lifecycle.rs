@@ -62,7 +62,10 @@ impl Machines {
         self.precheck_exposes(&d.expose)?;
         let new = NewMachine {
             id: Uuid::new_v4(),
-            name: d.name.unwrap_or_else(MachineName::generate),
+            name: match d.name {
+                Some(n) => n,
+                None => self.name_after(&d.image)?,
+            },
             image: d.image.clone(),
             network: d.network.unwrap_or_else(NetworkName::default_network),
             vcpus,
@@ -108,11 +111,39 @@ impl Machines {
         self.get(&m.id.to_string())
     }
 
+    /// A name for a machine deployed without one, after its image as Sistemo does: `debian`,
+    /// then `debian-2`, `debian-3`…; an image path or URL gives its file name's stem.
+    fn name_after(&self, image: &str) -> Result<MachineName> {
+        let file = image.rsplit('/').next().unwrap_or(image);
+        let stem = file.split('.').next().unwrap_or(file).to_ascii_lowercase();
+        let mut base: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        base.truncate(50);
+        let base = base.trim_matches('-').to_string();
+        let st = self.store.lock();
+        (1..1000)
+            .map(|i| {
+                if i == 1 {
+                    base.clone()
+                } else {
+                    format!("{base}-{i}")
+                }
+            })
+            .filter_map(|n| n.parse::<MachineName>().ok())
+            .find(|n| st.machine(n.as_str()).is_err())
+            .map_or_else(|| Ok(MachineName::generate()), Ok)
+    }
+
     /// Forget what is kept in memory about machine `id` (its lock, a restart it waits for):
     /// it is gone.
     fn forget(&self, id: Uuid) {
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        self.restarts.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     /// Disks are sparse, so a guest can fill what it was given: refuse a size over

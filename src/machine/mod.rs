@@ -42,7 +42,7 @@ pub struct MachineView {
 pub struct Deploy {
     /// Image reference: a tag, a `*.ext4` path or an http(s) URL.
     pub image: String,
-    /// Name (generated when absent).
+    /// Name (default: after the image, `debian`, then `debian-2`, …).
     pub name: Option<MachineName>,
     /// vCPUs (default 1).
     pub vcpus: Option<u32>,

@@ -522,3 +522,23 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
         MachineState::Error
     );
 }
+
+#[tokio::test]
+async fn a_machine_without_a_name_is_named_after_its_image() {
+    let r = rig().await;
+    let unnamed = |image: &str| Deploy {
+        image: image.into(),
+        name: None,
+        ..web(&[])
+    };
+    let mut names = vec![];
+    for image in [
+        "debian",
+        "debian",
+        "/srv/images/My_App.rootfs.ext4",
+        "https://example.org/x/alpine-3.20.ext4.gz",
+    ] {
+        names.push(r.deploy(unnamed(image)).await.unwrap().machine.name.to_string());
+    }
+    assert_eq!(names, ["debian", "debian-2", "my-app", "alpine-3"]);
+}

@@ -408,13 +408,26 @@ fn router(m: AppState) -> Router {
         .with_state(m)
 }
 
+/// Probes for load balancers and supervisors, without a token (as Sistemo's): `/health`
+/// answers while the daemon serves; `/ready` too, since it serves only once started up.
+fn probes() -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(|| async { "ready\n" }))
+}
+
 /// Serve the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     m: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(m).into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(m)
+            .merge(probes())
+            .into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

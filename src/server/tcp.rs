@@ -2,7 +2,7 @@
 //! ones can never starve the daemon of file descriptors or the Unix socket of service), a
 //! deadline for a request's headers (no slow-loris), and the caller's address in the audit log.
 
-use super::{AppState, Peer, router};
+use super::{AppState, Peer, probes, router};
 use crate::api::{ErrorBody, ErrorKind};
 use crate::store::Caller;
 use axum::Json;
@@ -50,7 +50,7 @@ pub async fn serve_tcp(
             }
         }
     });
-    let app = router(m).layer(auth);
+    let app = router(m).layer(auth).merge(probes());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
