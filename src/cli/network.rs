@@ -58,7 +58,11 @@ pub fn run(c: &Client, cmd: NetworkCmd, json: bool, yes: bool) -> Result<()> {
         }
         NetworkCmd::Delete { name } => {
             confirm(yes, &format!("delete network {name}"))?;
-            let v: serde_json::Value = c.call("DELETE", &format!("/v1/networks/{name}"), None::<&()>)?;
+            let v: serde_json::Value = c.call(
+                "DELETE",
+                &format!("/v1/networks/{}", super::urlencode(&name)),
+                None::<&()>,
+            )?;
             if json {
                 print_json(&v)?;
             } else {
