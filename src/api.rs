@@ -152,8 +152,17 @@ pub struct MachineInfo {
 /// `POST /v1/machines`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DeployRequest {
-    /// Image: a tag (`debian`), a `*.ext4` path or an http(s) URL.
+    /// Image: a tag (`debian`), an absolute `*.ext4` path under the daemon's `image_dirs`, or
+    /// an https URL (`.gz`/`.zst` are decompressed).
     pub image: String,
+    /// For a URL image: the sha256 (hex) the downloaded bytes must have (of the `.gz`/`.zst`
+    /// file as served, for a compressed one); a mismatch stores nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// For a URL image: accept plain `http://` (else only https, unless the daemon's
+    /// `allow_http_images` is set).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_http: bool,
     /// Name (default: after the image, `debian`, then `debian-2`, …).
     pub name: Option<String>,
     /// vCPUs (default 1).

@@ -35,7 +35,11 @@ pub async fn build(cfg: &Config) -> Result<Backend> {
             tracing::info!(accel = ?q.accel(), "QEMU backend ready");
             Ok(Backend {
                 vmm: Arc::new(q),
-                images: Some(Arc::new(Disks::new(&cfg.data_dir, cfg.build_options()))),
+                images: Some(Arc::new(Disks::new(
+                    &cfg.data_dir,
+                    cfg.build_options(),
+                    cfg.image_policy(),
+                ))),
             })
         }
     }
@@ -58,7 +62,11 @@ pub async fn prepare(cfg: &Config, data_dir: &Path, include: &[String]) -> Resul
         t.elapsed().as_secs_f64()
     );
     let store = ImageStore::new(data_dir);
-    if store.resolve("debian", 0, &progress).await.is_err() {
+    if store
+        .resolve("debian", &Default::default(), &progress)
+        .await
+        .is_err()
+    {
         let t = std::time::Instant::now();
         let info = store
             .build_debian("debian", &include, &cfg.build_options(), &progress)

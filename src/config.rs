@@ -3,7 +3,7 @@
 
 use crate::domain::{ByteSize, HypervisorKind, IfName, Subnet, TableName};
 use serde::{Deserialize, Serialize};
-use sistemo_vmm::image::{BuildOptions, DEFAULT_MIRROR, apt_mirror};
+use sistemo_vmm::image::{BuildOptions, DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MIRROR, ImagePolicy, apt_mirror};
 use sistemo_vmm::qemu::{AccelChoice, QemuOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -78,6 +78,12 @@ pub struct Config {
     pub debootstrap_cache: Option<PathBuf>,
     /// A guest kernel `.deb` to use instead of downloading `linux-image-cloud-amd64`.
     pub kernel_deb: Option<PathBuf>,
+    /// Folders whose regular files may be deployed as path images; empty: no host path.
+    pub image_dirs: Vec<PathBuf>,
+    /// Accept `http://` image URLs without `--insecure-http`.
+    pub allow_http_images: bool,
+    /// Largest image a URL may download (received and after decompression).
+    pub max_image_size: ByteSize,
 }
 
 impl Default for Config {
@@ -111,6 +117,9 @@ impl Default for Config {
             debian_mirror: None,
             debootstrap_cache: None,
             kernel_deb: None,
+            image_dirs: vec![],
+            allow_http_images: false,
+            max_image_size: ByteSize::bytes(DEFAULT_MAX_IMAGE_SIZE),
         }
     }
 }
@@ -260,6 +269,16 @@ impl Config {
         }
     }
 
+    /// What image references may name, and download bounds.
+    pub fn image_policy(&self) -> ImagePolicy {
+        ImagePolicy {
+            image_dirs: self.image_dirs.clone(),
+            allow_http: self.allow_http_images,
+            max_size: self.max_image_size.as_bytes(),
+            ..ImagePolicy::default()
+        }
+    }
+
     /// What machines may reach, for the firewall.
     pub fn policy(&self) -> crate::net::firewall::Policy {
         crate::net::firewall::Policy {
@@ -284,6 +303,18 @@ impl Config {
                     token.len()
                 )));
             }
+        }
+        if let Some(d) = self.image_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(ConfigError(format!(
+                "image_dirs: {} is relative (allowed: absolute folders)",
+                d.display()
+            )));
+        }
+        if self.max_image_size.as_bytes() < 1 << 20 {
+            return Err(ConfigError(format!(
+                "max_image_size {} is too small (allowed: 1M or more)",
+                self.max_image_size
+            )));
         }
         if self.history_limit == 0 {
             return Err(ConfigError("history_limit 0 (allowed: 1 or more entries)".into()));

@@ -86,6 +86,7 @@ impl Error {
                 _ => None,
             },
             Error::Vmm(VmmError::ImageNotFound { .. }) => Some(ErrorKind::NotFound),
+            Error::Vmm(VmmError::ImageRefused { .. }) => Some(ErrorKind::Invalid),
             Error::Image(e) => e.kind(),
             _ => None,
         };

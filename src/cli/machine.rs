@@ -27,8 +27,16 @@ pub enum MachineCmd {
         after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G"
     )]
     Deploy {
-        /// Image: a name (debian), a *.ext4 file or an http(s) URL.
+        /// Image: a name (debian), a *.ext4 file under the daemon's image_dirs (a relative path
+        /// is taken from this directory), or an https URL (.gz and .zst are decompressed).
         image: String,
+        /// For a URL: the sha256 the downloaded file must have (nothing is stored otherwise).
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// For a URL: accept plain http:// (its content can be changed on the way; pin it with
+        /// --sha256).
+        #[arg(long)]
+        insecure_http: bool,
         /// Machine name (a-z, 0-9, '-'; default: after the image, debian, then debian-2, ...).
         #[arg(long)]
         name: Option<String>,
@@ -140,6 +148,20 @@ pub enum MachineCmd {
     },
 }
 
+/// The image as the daemon must see it: a path (with a `/`, or ending in `.ext4`) made
+/// absolute against this process's working directory, since the daemon never uses its own;
+/// names and URLs unchanged. Symlinks are left for the daemon to judge.
+fn image_arg(image: &str) -> Result<String> {
+    if sistemo_vmm::image::is_url(image) || !(image.contains('/') || image.ends_with(".ext4")) {
+        return Ok(image.to_string());
+    }
+    let abs =
+        std::path::absolute(image).map_err(|e| anyhow::anyhow!("resolving the image path {image}: {e}"))?;
+    abs.into_os_string()
+        .into_string()
+        .map_err(|p| anyhow::anyhow!("image path {} is not UTF-8", p.display()))
+}
+
 /// Machine names for shell completion, asked from the daemon (nothing when it is not running).
 fn machine_names() -> Vec<CompletionCandidate> {
     let socket = std::env::var_os("SISTEMO_SOCKET").unwrap_or_else(|| DEFAULT_SOCKET.into());
@@ -177,6 +199,8 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
     match cmd {
         MachineCmd::Deploy {
             image,
+            sha256,
+            insecure_http,
             name,
             vcpus,
             memory,
@@ -188,7 +212,9 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
             let req = DeployRequest {
-                image,
+                image: image_arg(&image)?,
+                sha256,
+                insecure_http,
                 name,
                 vcpus,
                 memory,
@@ -393,4 +419,25 @@ fn check_specs(specs: &[String]) -> Result<()> {
         .map_err(Usage::new)?;
     crate::spec::check_no_duplicates(&parsed).map_err(Usage::new)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_image_paths_are_resolved_here_not_in_the_daemon() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(image_arg("debian").unwrap(), "debian");
+        assert_eq!(image_arg("https://h/a.ext4").unwrap(), "https://h/a.ext4");
+        assert_eq!(image_arg("/srv/a.ext4").unwrap(), "/srv/a.ext4");
+        assert_eq!(
+            image_arg("a.ext4").unwrap(),
+            cwd.join("a.ext4").display().to_string()
+        );
+        assert_eq!(
+            image_arg("./img/a.raw").unwrap(),
+            cwd.join("img/a.raw").display().to_string()
+        );
+    }
 }

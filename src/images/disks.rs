@@ -4,13 +4,13 @@
 use super::{ImageBackend, ImageError};
 use crate::Progress;
 use crate::domain::{ByteSize, ImageTag};
-use sistemo_vmm::image::{BuildOptions, ImageInfo, ImageStore, PackageName, clone_disk, grow_disk};
+use sistemo_vmm::image::{
+    BuildOptions, ImageInfo, ImagePolicy, ImageStore, PackageName, clone_disk, grow_disk,
+};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Largest image a URL may download (bytes).
-const MAX_DOWNLOAD: u64 = 16 << 30;
 /// Default disk size when `--storage` is not given.
 pub const DEFAULT_STORAGE: ByteSize = ByteSize::bytes(2 << 30);
 
@@ -22,15 +22,17 @@ pub const DEFAULT_STORAGE: ByteSize = ByteSize::bytes(2 << 30);
 pub struct Disks {
     images: ImageStore,
     build: BuildOptions,
+    /// What image references may name (`image_dirs`, http, size cap).
+    policy: ImagePolicy,
     pool: PathBuf,
     /// Images whose spare is being made (shared with the background task making it).
     refilling: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl Disks {
-    /// Disks for the image store in `data_dir`; images are built with `build`. Spares a crash
-    /// left half-made are removed.
-    pub fn new(data_dir: &Path, build: BuildOptions) -> Disks {
+    /// Disks for the image store in `data_dir`; images are built with `build`, references are
+    /// checked against `policy`. Spares a crash left half-made are removed.
+    pub fn new(data_dir: &Path, build: BuildOptions, policy: ImagePolicy) -> Disks {
         let pool = data_dir.join("pool");
         if let Ok(rd) = std::fs::read_dir(&pool) {
             for e in rd
@@ -44,6 +46,7 @@ impl Disks {
         Disks {
             images: ImageStore::new(data_dir),
             build,
+            policy,
             pool,
             refilling: Default::default(),
         }
@@ -135,7 +138,7 @@ impl ImageBackend for Disks {
         storage: Option<ByteSize>,
         progress: Progress<'_>,
     ) -> Result<(PathBuf, ByteSize), ImageError> {
-        let src = self.images.resolve(image, MAX_DOWNLOAD, progress).await?;
+        let src = self.images.resolve(image, &self.policy, progress).await?;
         let len = std::fs::metadata(&src)
             .map_err(io("reading the image's size"))?
             .len();
@@ -197,7 +200,7 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, p.display().to_string()).unwrap();
         }
-        let d = Disks::new(&dir, BuildOptions::default());
+        let d = Disks::new(&dir, BuildOptions::default(), ImagePolicy::default());
         assert_ne!(d.spare(&a), d.spare(&b));
         assert_eq!(d.spare(&a), d.spare(&a));
         std::fs::remove_dir_all(&dir).unwrap();

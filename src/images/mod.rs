@@ -48,6 +48,7 @@ impl ImageError {
         match self {
             ImageError::TooSmall { .. } => Some(ErrorKind::Invalid),
             ImageError::Vmm(VmmError::ImageNotFound { .. }) => Some(ErrorKind::NotFound),
+            ImageError::Vmm(VmmError::ImageRefused { .. }) => Some(ErrorKind::Invalid),
             _ => None,
         }
     }
@@ -57,7 +58,8 @@ impl ImageError {
 /// `netns` hypervisor) have none.
 #[async_trait::async_trait]
 pub trait ImageBackend: Send + Sync {
-    /// Resolve `image` (a tag, a `*.ext4` path, an http(s) URL) and create the machine's disk
+    /// Resolve `image` (a tag, a `*.ext4` path under `image_dirs`, an http(s) URL with
+    /// optional `#sha256=HEX&insecure_http`) and create the machine's disk
     /// in `dir`, `storage` large (default: the image's size, at least 2G). Returns its path
     /// and size.
     async fn create_disk(

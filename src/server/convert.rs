@@ -18,9 +18,38 @@ pub fn specs(ports: &[String]) -> Result<Vec<ExposeSpec>> {
         .collect()
 }
 
+/// The image reference with a request's URL options folded in as the fragment the image store
+/// reads (`URL#sha256=HEX&insecure_http`); they are refused on anything but a URL.
+pub fn image_reference(image: &str, sha256: Option<&str>, insecure_http: bool) -> Result<String> {
+    use sistemo_vmm::image::{is_sha256, is_url};
+    if sha256.is_none() && !insecure_http {
+        return Ok(image.to_string());
+    }
+    if !is_url(image) {
+        return Err(Error::Invalid(format!(
+            "sha256 and insecure_http apply to URL images, not {image:?} (allowed: an http(s) URL)"
+        )));
+    }
+    let mut opts = Vec::new();
+    if let Some(h) = sha256 {
+        if !is_sha256(h) {
+            return Err(Error::Invalid(format!(
+                "sha256 {h:?} is not a digest (allowed: 64 hex characters)"
+            )));
+        }
+        opts.push(format!("sha256={}", h.to_ascii_lowercase()));
+    }
+    if insecure_http {
+        opts.push("insecure_http".into());
+    }
+    let sep = if image.contains('#') { '&' } else { '#' };
+    Ok(format!("{image}{sep}{}", opts.join("&")))
+}
+
 /// Parse a deploy request.
 pub fn deploy(req: DeployRequest) -> Result<Deploy> {
     let size = |what: &str, v: Option<String>| v.map(|s| ByteSize::parse(what, &s)).transpose();
+    let image = image_reference(&req.image, req.sha256.as_deref(), req.insecure_http)?;
     Ok(Deploy {
         name: req.name.map(|n| n.parse()).transpose()?,
         vcpus: req.vcpus,
@@ -29,7 +58,7 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
         expose: specs(&req.expose)?,
         network: req.network.map(|n| n.parse()).transpose()?,
         restart: req.restart.map(|r| r.parse()).transpose()?.unwrap_or_default(),
-        image: req.image,
+        image,
     })
 }
 
@@ -113,5 +142,31 @@ pub fn info(f: Facts, cfg: &crate::config::Config) -> InfoResponse {
         database: f.database,
         machines: f.machines,
         bridges: f.bridges,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_options_fold_into_the_reference() {
+        let hex = "AB".repeat(32);
+        assert_eq!(image_reference("debian", None, false).unwrap(), "debian");
+        assert_eq!(
+            image_reference("https://h/i.gz", Some(&hex), false).unwrap(),
+            format!("https://h/i.gz#sha256={}", "ab".repeat(32))
+        );
+        assert_eq!(
+            image_reference("http://h/i", None, true).unwrap(),
+            "http://h/i#insecure_http"
+        );
+        let e = image_reference("debian", Some(&hex), false).unwrap_err();
+        assert_eq!(e.kind(), crate::api::ErrorKind::Invalid);
+        assert!(image_reference("/srv/i.ext4", None, true).is_err());
+        let e = image_reference("https://h/i", Some("abc"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"abc\"") && e.contains("64 hex"), "{e}");
     }
 }

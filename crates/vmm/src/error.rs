@@ -59,6 +59,16 @@ pub enum VmmError {
         /// The tag, hash, path or URL asked for.
         reference: String,
     },
+    /// An image reference or its content was refused: a path outside the allowed folders, a
+    /// device, plain http without the opt-in, a digest mismatch, a download over the size cap,
+    /// a file that is not ext4.
+    #[error("image {reference} refused: {reason}")]
+    ImageRefused {
+        /// The path or URL as given.
+        reference: String,
+        /// Why, and what is allowed.
+        reason: String,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

@@ -334,7 +334,7 @@ async fn real_vm_boots_debian_and_execs() {
         .await
         .expect("boot assets");
     let image = ImageStore::new(&data)
-        .resolve("debian", 0, &say)
+        .resolve("debian", &Default::default(), &say)
         .await
         .expect("the debian image: run `sistemo image prepare` first (see the module docs)");
 

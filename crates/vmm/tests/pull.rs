@@ -4,7 +4,7 @@
 //! `cargo test`, run by `sudo scripts/test`; included without them, it fails saying what is
 //! missing.
 
-use sistemo_vmm::image::{ImageStore, make_ext4};
+use sistemo_vmm::image::{ImagePolicy, ImageStore, make_ext4};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -87,22 +87,28 @@ fn pulls_an_image_over_http_once() {
     serve(listener, www.clone());
 
     let store = ImageStore::new(&dir.join("data"));
+    // Plain http on loopback, allowed explicitly; `max` bytes at most.
+    let policy = |max: u64| ImagePolicy {
+        allow_http: true,
+        max_size: max,
+        ..ImagePolicy::default()
+    };
     let url = "http://127.0.0.1:18093/img.ext4";
     let res = rt.block_on(async {
-        let a = store.resolve(url, 1 << 30, &|_| {}).await?;
+        let a = store.resolve(url, &policy(1 << 30), &|_| {}).await?;
         // Second time: served from the store, no download.
         let b = store
-            .resolve(url, 1 << 30, &|s| panic!("downloaded again: {s}"))
+            .resolve(url, &policy(1 << 30), &|s| panic!("downloaded again: {s}"))
             .await?;
         assert_eq!(a, b);
-        let too_big = store.resolve(url, 1024, &|_| {}).await;
+        let too_big = store.resolve(url, &policy(1024), &|_| {}).await;
         assert!(too_big.is_ok(), "cached, so the limit is not re-checked");
         let bad = store
-            .resolve("http://127.0.0.1:18093/not-ext4.img", 1 << 30, &|_| {})
+            .resolve("http://127.0.0.1:18093/not-ext4.img", &policy(1 << 30), &|_| {})
             .await;
         assert!(bad.is_err(), "a non-ext4 download is refused");
         let small = store
-            .resolve("http://127.0.0.1:18093/img.ext4?x", 1024, &|_| {})
+            .resolve("http://127.0.0.1:18093/img.ext4?x", &policy(1024), &|_| {})
             .await;
         assert!(small.is_err(), "the size limit holds");
         Ok::<_, sistemo_vmm::VmmError>(a)

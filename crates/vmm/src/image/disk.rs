@@ -147,6 +147,8 @@ pub async fn grow_disk(disk: &Path, size_bytes: u64) -> Result<(), VmmError> {
     if size_bytes <= len {
         return Ok(());
     }
+    // resize2fs and e2fsck parse the file system: never on something that is not one.
+    super::check_ext4(disk, &disk.display().to_string())?;
     std::fs::OpenOptions::new()
         .write(true)
         .open(disk)

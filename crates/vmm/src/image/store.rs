@@ -1,15 +1,14 @@
 //! The content-addressed image store (`data_dir/images`): ext4 files named by their sha256, a
 //! tag index under a lock, and resolving references (tag, hash prefix, path, URL download).
 
+use super::source::{ImagePolicy, UrlRef, check_ext4, check_path, is_url};
 use super::write_atomic;
-use crate::proc::run;
 use crate::{Progress, VmmError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use tokio::process::Command;
 
 /// One stored image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,6 +31,9 @@ struct Index {
     tags: BTreeMap<String, String>,
     /// sha256 → source
     sources: BTreeMap<String, String>,
+    /// URL → sha256 of the bytes as downloaded (compressed or not), for `#sha256=` pins.
+    #[serde(default)]
+    fetched: BTreeMap<String, String>,
 }
 
 /// Images under `data_dir/images`: `<sha256>.ext4` files and `index.json` (tags → hashes).
@@ -123,35 +125,41 @@ impl ImageStore {
         out
     }
 
-    /// The image a reference names: a tag (`debian`), a sha256 (or unique prefix of ≥12), a
-    /// path to a local `*.ext4` file, or an `http(s)://` URL (downloaded once, at most
-    /// `max_download` bytes, stored under the URL as tag).
+    /// The image a reference names: a tag (`debian`), a sha256 (or unique prefix of ≥12), an
+    /// absolute path to an ext4 file under one of `policy.image_dirs`, or an `http(s)://` URL
+    /// (downloaded once within the policy's bounds, stored under the URL as tag), optionally
+    /// with `#sha256=HEX` (the bytes as served must have that digest) and `#insecure_http`
+    /// (this request accepts plain http). Paths and downloads are checked to be ext4 before
+    /// anything else reads them.
     pub async fn resolve(
         &self,
         reference: &str,
-        max_download: u64,
+        policy: &ImagePolicy,
         progress: Progress<'_>,
     ) -> Result<PathBuf, VmmError> {
         let not_found = || VmmError::ImageNotFound {
             reference: reference.to_string(),
         };
-        if reference.starts_with("http://") || reference.starts_with("https://") {
-            if let Some(sha) = self.load().tags.get(reference)
+        if is_url(reference) {
+            let r = UrlRef::parse(reference)?;
+            r.check_scheme(policy)?;
+            let idx = self.load();
+            if let Some(sha) = idx.tags.get(&r.url)
                 && self.path_of(sha).exists()
+                && r.sha256
+                    .as_ref()
+                    .is_none_or(|pin| idx.fetched.get(&r.url) == Some(pin))
             {
                 return Ok(self.path_of(sha));
             }
-            return self
-                .download(reference, max_download, progress)
-                .await
-                .map(|i| i.path);
+            return self.download(&r, policy, progress).await.map(|i| i.path);
         }
         if reference.contains('/') || reference.ends_with(".ext4") {
-            let p = PathBuf::from(reference);
-            if p.is_file() {
-                return std::fs::canonicalize(&p).map_err(VmmError::io(format!("resolving {reference}")));
-            }
-            return Err(not_found());
+            let data_dir = self.dir.parent().unwrap_or(&self.dir);
+            let forbidden = [data_dir.join("machines"), data_dir.join("pool")];
+            let p = check_path(reference, policy, &forbidden)?;
+            check_ext4(&p, reference)?;
+            return Ok(p);
         }
         let idx = self.load();
         if let Some(sha) = idx.tags.get(reference) {
@@ -179,6 +187,7 @@ impl ImageStore {
         let Some(sha) = idx.tags.remove(tag) else {
             return Ok(false);
         };
+        idx.fetched.remove(tag);
         if !idx.tags.values().any(|s| *s == sha) {
             idx.sources.remove(&sha);
             let p = self.path_of(&sha);
@@ -231,51 +240,28 @@ impl ImageStore {
         Ok(p)
     }
 
-    async fn download(&self, url: &str, max: u64, progress: Progress<'_>) -> Result<ImageInfo, VmmError> {
+    async fn download(
+        &self,
+        r: &UrlRef,
+        policy: &ImagePolicy,
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo, VmmError> {
         let scratch = self.scratch("pull")?;
         let res = async {
             let file = scratch.join("image.ext4");
-            progress(&format!("downloading {url}"));
-            run(
-                Command::new("curl")
-                    .args([
-                        "-fsSL",
-                        "--proto",
-                        "=https,http",
-                        "--max-redirs",
-                        "5",
-                        "--max-filesize",
-                    ])
-                    .arg(max.to_string())
-                    .arg("-o")
-                    .arg(&file)
-                    .arg(url),
-                &format!("downloading {url}"),
-            )
-            .await?;
-            let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-            if len > max {
-                return Err(VmmError::Command {
-                    what: format!("downloading {url}"),
-                    reason: format!("larger than the limit of {max} bytes"),
-                });
-            }
-            let mut magic = [0u8; 2];
-            let ok = std::fs::File::open(&file)
-                .and_then(|mut f| {
-                    f.seek(SeekFrom::Start(1024 + 56))?;
-                    f.read_exact(&mut magic)
-                })
-                .is_ok();
-            if !ok || magic != [0x53, 0xef] {
-                return Err(VmmError::Command {
-                    what: format!("downloading {url}"),
-                    reason: "not an ext2/3/4 filesystem image".into(),
-                });
-            }
-            self.add(&file, url, url)
+            progress(&format!("downloading {}", r.url));
+            let raw = super::download::download(r, policy, &file, progress).await?;
+            // Before any host tool (e2fsck, resize2fs) parses it.
+            check_ext4(&file, &r.url)?;
+            let info = self.add(&file, &r.url, &r.url)?;
+            let _lock = self.lock()?;
+            let mut idx = self.load();
+            idx.fetched.insert(r.url.clone(), raw);
+            self.save(&idx)?;
+            Ok(info)
         }
         .await;
+        // Whatever happened, no partial file stays behind.
         let _ = std::fs::remove_dir_all(&scratch);
         res
     }
@@ -323,12 +309,26 @@ mod tests {
         make_ext4(&tree, &img, "t").await.unwrap();
         let store = ImageStore::new(&d);
         let info = store.add(&img, "t1", "test").unwrap();
-        assert_eq!(store.resolve("t1", 0, &|_| {}).await.unwrap(), info.path);
         assert_eq!(
-            store.resolve(&info.sha256[..12], 0, &|_| {}).await.unwrap(),
+            store
+                .resolve("t1", &ImagePolicy::default(), &|_| {})
+                .await
+                .unwrap(),
             info.path
         );
-        assert!(store.resolve("nope", 0, &|_| {}).await.is_err());
+        assert_eq!(
+            store
+                .resolve(&info.sha256[..12], &ImagePolicy::default(), &|_| {})
+                .await
+                .unwrap(),
+            info.path
+        );
+        assert!(
+            store
+                .resolve("nope", &ImagePolicy::default(), &|_| {})
+                .await
+                .is_err()
+        );
         assert_eq!(store.list().len(), 1);
         let disk = d.join("disk.img");
         clone_disk(&info.path, &disk, 512 << 20).await.unwrap();
