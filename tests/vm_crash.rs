@@ -84,7 +84,10 @@ fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     for c in ["memory", "pids", "cpu"] {
         let path = own
             .lines()
-            .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ':').skip(1);
+                f.next().zip(f.next())
+            })
             .find(|(ctl, _)| ctl.split(',').any(|x| x == c))
             .map_or("/", |(_, p)| p);
         out.push(
