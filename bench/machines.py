@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""sistemo machines benchmark: boot, deploy overhead, daemon memory, CLI latency. Run as
+"""sistemo machines benchmark: boot, deploy overhead, daemon memory, CLI latency, idle VMMs. Run as
 `bench/machines`.
 
     sudo bench/machines [--quick] [--bin target/release/sistemo] [--boots N] [--keep]
@@ -35,6 +35,22 @@ Figures (targets from the issue):
                          and "no machine" (both reported). Target <= 20 MB.
   cli_list_ms            p50 over 50 runs of `sistemo machine list` with one machine (process
                          start included). Target <= 10 ms.
+  vmm_overhead_mb        host memory per idle machine beyond its guest RAM, on --vmm-machines
+                         machines running at once (5; 2 with --quick), after they idled: for each
+                         machine's qemu-system-x86_64, the PSS of the whole process
+                         (/proc/<pid>/smaps) minus the PSS of its guest-RAM mapping (the anonymous
+                         mapping of exactly the guest's `-m` size: the part of the guest's RAM the
+                         guest has touched), averaged over the machines. PSS, not RSS, so the
+                         QEMU binary and libraries the machines share are counted once in all, not
+                         once per machine; and the guest RAM actually resident, not the configured
+                         size, because an idle guest touches only part of it and the rest costs the
+                         host nothing. What is left is QEMU's own: the TCG translation cache
+                         (tb-size, TCG only), its mapping of the guest kernel file, heap, device
+                         state and its share of code. The RSS-based figure and the guest RAM
+                         resident are reported too. The machines are the last boot machine and
+                         --vmm-machines - 1 more, deployed for this and deleted after.
+  idle_cpu_pct_per_machine  CPU (utime + stime, all threads) of those machines' QEMU processes
+                         over --idle-secs, after a settle time, in % of one core, per machine.
 
 Exit status: 0 if everything ran (a missed target shows as MISS), 1 if something failed to run or
 a deploy gave no boot/overhead figure or the cleanup had to kill a qemu (then no RESULT line is
@@ -340,6 +356,63 @@ def idle_rss(env, secs):
     return d
 
 
+def smaps(pid, ram_kb):
+    """Memory of one QEMU process from /proc/<pid>/smaps, in kB: the whole process's Pss and Rss,
+    and the Pss and Rss of its guest RAM: the anonymous mapping whose size is the guest's `-m`
+    (allowing a few pages of alignment); QEMU maps guest RAM in one piece on `-M microvm`."""
+    maps = []  # [path, size, rss, pss]
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", head[0]):
+                maps.append([head[5] if len(head) > 5 else "", 0, 0, 0])
+            elif head[0] in ("Size:", "Rss:", "Pss:"):
+                maps[-1][("Size:", "Rss:", "Pss:").index(head[0]) + 1] = int(head[1])
+    ram = [m for m in maps if not m[0] and ram_kb <= m[1] <= ram_kb + 4096]
+    if len(ram) != 1:
+        raise BenchError(f"qemu {pid}: expected one anonymous mapping of the guest RAM ({ram_kb} kB), "
+                         f"found {[(m[1], m[2]) for m in ram]}")
+    rest = sorted((m for m in maps if m is not ram[0]), key=lambda m: -m[2])
+    return dict(pss=sum(m[3] for m in maps), rss=sum(m[2] for m in maps), ram_pss=ram[0][3], ram_rss=ram[0][2],
+                top=[(m[0] or "[anon]", m[1], m[2]) for m in rest[:3]])
+
+
+def vmm_idle(env, n, settle, window):
+    """Run `n` machines at once (one is already running; n - 1 more are deployed), let them
+    idle `settle` s, then measure their QEMU processes' CPU over `window` s and their memory
+    (smaps) at its end. The extra machines are deleted again. Returns per-machine dicts."""
+    extra = [f"i{i + 1}" for i in range(n - 1)]
+    for name in extra:
+        log(f"vmm overhead: machine deploy debian --name {name} ({len(extra)} extra, {n} running)")
+        env.cli("machine", "deploy", "debian", "--name", name, timeout=400)
+    ms = env.machines()
+    if len(ms) != n or any(m["status"] != "running" for m in ms):
+        raise BenchError(f"expected {n} running machines, found {[(m['name'], m['status']) for m in ms]}")
+    by_id = {m["id"]: m for m in ms}
+    procs = {}
+    for pid, cmd in env.qemu_pids():
+        mid = next((i for i in by_id if f"/machines/{i}/" in cmd), None)
+        if mid is None or mid in procs:
+            raise BenchError(f"qemu {pid} is not the only VMM of one of our machines: {cmd[:200]}")
+        procs[mid] = pid
+    if len(procs) != n:
+        raise BenchError(f"expected {n} qemu processes, found {len(procs)}")
+    log(f"vmm overhead: {n} machines idle {settle:g}s, then CPU over {window:g}s")
+    time.sleep(settle)
+    c0 = {mid: cpu_ticks(pid) for mid, pid in procs.items()}
+    time.sleep(window)
+    out = []
+    for mid, pid in procs.items():
+        m = by_id[mid]
+        d = smaps(pid, m["memory_mib"] * 1024)
+        d.update(name=m["name"], pid=pid, memory_mib=m["memory_mib"],
+                 cpu_pct=(cpu_ticks(pid) - c0[mid]) / CLK_TCK / window * 100)
+        out.append(d)
+    for name in extra:
+        env.cli("machine", "delete", name, "-y", timeout=120)
+    return out
+
+
 def timed(fn, n):
     xs = []
     for _ in range(n):
@@ -442,6 +515,8 @@ def measure(env, args):
     list_json_ms = timed(lambda: env.cli("machine", "list", "-o", "json"), 20)
     api_ms = timed(lambda: env.api.ok("list"), args.list_runs)
     ver_ms = timed(lambda: run([env.bin, "--version"]), 20)
+    vmm_n = args.vmm_machines or (2 if args.quick else 5)
+    vmm = vmm_idle(env, vmm_n, 3 if args.quick else 5, args.idle_secs)
     runs[-1]["delete"] = delete(env, keep, runs[-1]["id"])
 
     # 2. deploy overhead: explicit --storage 2G, and an image that is 2 GB already
@@ -511,6 +586,14 @@ def measure(env, args):
     print(f"CLI/API latency with one machine (ms): machine list p50 {pct(list_ms, 50):.2f} p90 {pct(list_ms, 90):.2f} "
           f"max {max(list_ms):.2f}; list -o json p50 {pct(list_json_ms, 50):.2f}; "
           f"GET /v1/machines over the socket p50 {pct(api_ms, 50):.2f}; `sistemo --version` p50 {pct(ver_ms, 50):.2f}")
+    print(f"Idle machines' QEMU processes ({vmm_n} running at once; kB from /proc/<pid>/smaps; CPU over "
+          f"{args.idle_secs:g}s, % of one core):")
+    for d in vmm:
+        print(f"    {d['name']:<6} pid {d['pid']:<8} -m {d['memory_mib']}M  Pss {d['pss']:>7}  Rss {d['rss']:>7}  "
+              f"guest RAM resident {d['ram_rss']:>7} (Pss {d['ram_pss']:>7})  beyond it: Pss {d['pss'] - d['ram_pss']:>6}"
+              f"  Rss {d['rss'] - d['ram_rss']:>6}  CPU {d['cpu_pct']:.2f}%")
+        print("           largest other mappings (path, size kB, Rss kB): "
+              + "; ".join(f"{os.path.basename(p)} {sz} {r}" for p, sz, r in d["top"]))
     if env.notes:
         print()
         print("Notes:")
@@ -551,6 +634,12 @@ def measure(env, args):
     rep.add("daemon_rss_mb_fresh", rss0["VmRSS"] / 1024, "MB", sec)
     rep.add("daemon_hwm_mb", rss_end["VmHWM"] / 1024, "MB", sec)
     rep.add("daemon_idle_cpu_pct_1_machine", rss1["cpu_pct"], "%", sec)
+    sec = f"idle machines' VMMs ({vmm_n} machines)"
+    rep.add("vmm_overhead_mb", statistics.mean(d["pss"] - d["ram_pss"] for d in vmm) / 1024, "MB", sec)
+    rep.add("vmm_overhead_rss_mb", statistics.mean(d["rss"] - d["ram_rss"] for d in vmm) / 1024, "MB", sec)
+    rep.add("guest_ram_resident_mb", statistics.mean(d["ram_rss"] for d in vmm) / 1024, "MB", sec)
+    rep.add("idle_cpu_pct_per_machine", statistics.mean(d["cpu_pct"] for d in vmm), "%", sec)
+    rep.add("idle_cpu_pct_max_machine", max(d["cpu_pct"] for d in vmm), "%", sec)
     sec = "CLI, one machine"
     rep.add("cli_list_ms", pct(list_ms, 50), "ms", sec, ("<=", 10))
     rep.add("cli_list_ms_p90", pct(list_ms, 90), "ms", sec)
@@ -568,7 +657,10 @@ def main():
     ap.add_argument("--assets", default=DEFAULT_ASSETS, help="data dir with kernel/ and images/ to hard-link")
     ap.add_argument("--boots", type=int, default=None, help="deploys of `debian` for boot_to_exec (default 5, 2 with --quick)")
     ap.add_argument("--list-runs", type=int, default=50)
-    ap.add_argument("--idle-secs", type=float, default=5.0)
+    ap.add_argument("--idle-secs", type=float, default=5.0,
+                    help="idle window for the daemon's RSS/CPU and the machines' QEMU CPU")
+    ap.add_argument("--vmm-machines", type=int, default=None,
+                    help="machines running at once for vmm_overhead_mb / idle_cpu_pct_per_machine (default 5, 2 with --quick)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon log, data dir)")
     args = ap.parse_args()
     return main_with("machines", lambda: MachEnv(args), lambda env: measure(env, args))

@@ -547,7 +547,10 @@ impl Machines {
     }
 
     /// Kill VMM processes a crash left behind: any QEMU whose command line names a file in a
-    /// machine directory of ours, unless it is the recorded, live VMM of that machine.
+    /// machine directory of ours, unless it is the recorded, live VMM of that machine and start-up
+    /// keeps or stops it (`running`: re-adopted; `creating`, `stopping`, `deleting`: stopped by
+    /// the rollback or the finished operation). An interrupted start's VMM is killed: the machine
+    /// goes to `error`, which stops no VMM.
     fn kill_orphan_vmms(&self, machines: &[Machine]) {
         use std::os::unix::ffi::OsStrExt;
         let root = self.settings.machines_dir.display().to_string();
@@ -575,10 +578,23 @@ impl Machines {
             };
             let id = rest.split('/').next().unwrap_or("");
             let owner = machines.iter().find(|m| m.id.to_string() == id);
-            let adopted =
-                owner.is_some_and(|m| m.instance.as_ref().is_some_and(|i| i.pid == pid && i.is_alive()));
+            let adopted = owner.is_some_and(|m| {
+                matches!(
+                    m.state,
+                    MachineState::Running
+                        | MachineState::Creating
+                        | MachineState::Stopping
+                        | MachineState::Deleting
+                ) && m.instance.as_ref().is_some_and(|i| i.pid == pid && i.is_alive())
+            });
             if uuid::Uuid::try_parse(id).is_ok() && !adopted && pid != std::process::id() as i32 {
-                tracing::warn!(pid, machine = id, "killing a VMM process no machine owns");
+                let state = owner.map_or("none", |m| m.state.as_str());
+                tracing::warn!(
+                    pid,
+                    machine = id,
+                    state,
+                    "killing a VMM process no live machine owns"
+                );
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,

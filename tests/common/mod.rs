@@ -461,6 +461,12 @@ impl Env {
         self.extra_args = args.iter().map(|s| s.to_string()).collect();
     }
 
+    /// The running daemon's pid (`nsenter` execs it), e.g. to kill it from another thread at
+    /// a precise moment; `kill_daemon` still reaps it.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// Start the daemon expecting it to fail; return its output.
     pub fn try_start_daemon(&mut self) -> String {
         let args = self.daemon_args();
