@@ -119,7 +119,9 @@ class MachEnv(Env):
             if r.returncode != 0:  # another file system: copy (sparse)
                 run(["cp", "-a", "--sparse=always", os.path.join(src, p), self.data + "/"], timeout=600)
         with open(self.cfg, "w") as f:
-            f.write(f"nft_table: {TABLE}\n")
+            # the 2 GiB image is a path image made in the run's temp dir: that folder is the
+            # only place path images may come from (image_dirs)
+            f.write(f"nft_table: {TABLE}\nimage_dirs: [{self.tmp}]\n")
 
     def start(self):
         _, secs = self.start_daemon(NS, "--nft-table", TABLE, timeout=120)
