@@ -27,6 +27,9 @@ pub enum ClientError {
     /// The answer could not be read.
     #[error("bad answer from the daemon: {0}")]
     Protocol(String),
+    /// The daemon went away in the middle of its answer.
+    #[error("the daemon closed the connection mid-answer (it stopped or crashed; see `sistemo doctor`)")]
+    Closed,
 }
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -69,7 +72,9 @@ impl Resp {
         if self.chunked {
             loop {
                 let mut size = String::new();
-                self.reader.read_line(&mut size).map_err(proto)?;
+                if self.reader.read_line(&mut size).map_err(proto)? == 0 {
+                    return Err(ClientError::Closed);
+                }
                 let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
                     .map_err(|_| ClientError::Protocol(format!("bad chunk size {size:?}")))?;
                 if n == 0 {
