@@ -145,6 +145,9 @@ pub struct MachineInfo {
     /// Restart policy: `no`, `on-failure` or `always`.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// The VMM's process ID while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
     /// Creation time (UTC).
     pub created_at: String,
 }
@@ -299,6 +302,9 @@ pub struct ImageRow {
     pub size: u64,
     /// Where it came from.
     pub source: String,
+    /// Machines deployed from it (by one of its tags or its digest).
+    #[serde(default)]
+    pub used_by: Vec<String>,
 }
 
 /// `POST /v1/images/build`.

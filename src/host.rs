@@ -203,10 +203,25 @@ impl Host {
     pub fn history(
         &self,
         limit: u32,
+        offset: u32,
         action: Option<&str>,
         target: Option<&str>,
     ) -> Result<Vec<HistoryEntry>> {
-        Ok(self.store.lock().history(limit, action, target)?)
+        Ok(self.store.lock().history(limit, offset, action, target)?)
+    }
+
+    /// The public key machines trust for the daemon's SSH (`sistemo ssh-key`).
+    pub fn ssh_public_key(&self) -> Result<String> {
+        let p = self.cfg.data_dir.join("ssh/id_ed25519.pub");
+        match std::fs::read_to_string(&p) {
+            Ok(k) => Ok(k),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!(
+                "no SSH key in {} (the {} backend reaches machines without SSH, or none booted yet)",
+                p.display(),
+                self.machines.hypervisor()
+            ))),
+            Err(e) => Err(Error::io(format!("reading {}", p.display()))(e)),
+        }
     }
 
     /// Facts for `doctor` and `config`.

@@ -86,7 +86,21 @@ fn exit_codes_prompts_and_aliases() {
     // 0, 1, 2
     step("exit codes");
     assert_eq!(env.cli(&["machine", "list"]).status.code(), Some(0));
-    // Sistemo's spellings: -v, machine info, machine remove|destroy
+    // Sistemo's spellings: -v, machine info, machine remove|destroy, ssh-key; status shows
+    // the machine's image, network, size and creation after the page's block
+    let st = env.cli_ok(&["machine", "status", "web"]);
+    for line in [
+        "Image:    debian",
+        "Network:  default",
+        "vCPUs:    1",
+        "Memory:   512M",
+    ] {
+        assert!(st.lines().any(|l| l == line), "missing {line:?} in\n{st}");
+    }
+    assert!(
+        env.cli_err(&["ssh-key"]).contains("no SSH key"),
+        "the netns backend has none"
+    );
     assert!(String::from_utf8_lossy(&env.cli(&["-v"]).stdout).starts_with("sistemo "));
     assert_eq!(env.cli(&["machine", "status", "nope"]).status.code(), Some(1));
     assert_eq!(env.cli(&["machine", "frobnicate"]).status.code(), Some(2));
@@ -144,6 +158,19 @@ fn exit_codes_prompts_and_aliases() {
     // the audit log recorded who did what
     step("history");
     let h = json(&env, &["history", "--action", "machine.delete", "-o", "json"]);
+    let next = json(
+        &env,
+        &[
+            "history",
+            "--action",
+            "machine.delete",
+            "--offset",
+            "1",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(next[0], h[1], "--offset 1 starts at the second newest");
     assert_eq!(h[0]["uid"], 0);
     assert_eq!(h[0]["result"], "ok");
     // the daemon not running: say how to start it

@@ -173,6 +173,16 @@ fn real_vm_page_examples() {
         "port answers through the re-created bridge"
     );
 
+    // the key machines trust, and the image in use
+    assert!(env.cli_ok(&["ssh-key"]).starts_with("ssh-ed25519 "));
+    let images = env.cli_ok(&["image", "list"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with("debian") && l.contains(" web ")),
+        "{images}"
+    );
+
     // two machines at once
     env.cli_ok(&["machine", "deploy", "debian", "--name", "api"]);
     let ls = env.cli_ok(&["machine", "ls"]);

@@ -56,13 +56,18 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
                 print_json(&is)?;
             } else {
                 table(
-                    &["TAGS", "SHA256", "SIZE", "SOURCE"],
+                    &["TAGS", "SHA256", "SIZE", "USED BY", "SOURCE"],
                     is.into_iter()
                         .map(|i| {
                             vec![
                                 i.tags.join(","),
                                 i.sha256[..12.min(i.sha256.len())].to_string(),
                                 format!("{}M", i.size >> 20),
+                                if i.used_by.is_empty() {
+                                    "-".into()
+                                } else {
+                                    i.used_by.join(",")
+                                },
                                 i.source,
                             ]
                         })

@@ -121,6 +121,9 @@ pub enum Cmd {
         /// Most entries to show.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Skip this many of the newest entries (the next page).
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
         /// Only this action (e.g. `machine.expose`, or `machine`).
         #[arg(long)]
         action: Option<String>,
@@ -142,6 +145,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ServiceCmd,
     },
+    /// Print the public key machines trust for SSH (to authorise it elsewhere).
+    SshKey,
     /// Print a shell completion script.
     Completion {
         /// Shell: bash, zsh, fish, elvish or powershell.
@@ -179,6 +184,12 @@ pub enum ServiceCmd {
     Install,
     /// Stop, disable and remove the unit (machines keep running).
     Uninstall,
+    /// Show the daemon's log from the journal.
+    Logs {
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Show the unit's status.
     Status,
 }
@@ -228,10 +239,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::History {
             limit,
+            offset,
             action,
             target,
         } => {
-            let mut q = format!("/v1/history?limit={limit}");
+            let mut q = format!("/v1/history?limit={limit}&offset={offset}");
             if let Some(a) = action {
                 q.push_str(&format!("&action={}", urlencode(&a)));
             }
@@ -243,12 +255,16 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 print_json(&h)?;
             } else {
                 table(
-                    &["TIME", "UID", "ACTION", "TARGET", "RESULT"],
+                    &["TIME", "CALLER", "ACTION", "TARGET", "RESULT"],
                     h.into_iter()
                         .map(|e| {
                             vec![
                                 e.at,
-                                e.uid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+                                // the uid on the socket, the address on the TCP API
+                                e.uid
+                                    .map(|u| u.to_string())
+                                    .or(e.remote)
+                                    .unwrap_or_else(|| "-".into()),
                                 e.action,
                                 e.target,
                                 e.result,
@@ -285,7 +301,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
             ServiceCmd::Install => systemd::install()?,
             ServiceCmd::Uninstall => systemd::uninstall()?,
             ServiceCmd::Status => return systemd::status(),
+            ServiceCmd::Logs { follow } => return systemd::logs(follow),
         },
+        Cmd::SshKey => print!("{}", c.text("/v1/ssh-key")?),
         Cmd::Completion { shell } => {
             // Dynamic completion: the shell calls back into sistemo (machine names come from
             // the daemon), so print the registration script clap_complete generates for it.

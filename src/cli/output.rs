@@ -50,6 +50,23 @@ pub fn format_status(m: &MachineInfo) -> String {
             s.push_str(&format!("  {}\n", p.display));
         }
     }
+    // After the page's block, what a Sistemo user also finds there.
+    let disk = if m.storage_bytes == 0 {
+        "-".to_string()
+    } else {
+        crate::domain::ByteSize::bytes(m.storage_bytes).to_string()
+    };
+    s.push_str(&format!(
+        "Image:    {}\nNetwork:  {}\nvCPUs:    {}\nMemory:   {}\nDisk:     {disk}\nCreated:  {}\n",
+        m.image,
+        m.network,
+        m.vcpus,
+        crate::domain::ByteSize::mib(m.memory_mib),
+        m.created_at
+    ));
+    if let Some(pid) = m.pid {
+        s.push_str(&format!("PID:      {pid}\n"));
+    }
     s
 }
 

@@ -78,3 +78,16 @@ pub fn status() -> Result<i32> {
         .status()?;
     Ok(st.code().unwrap_or(1))
 }
+
+/// The daemon's log from the journal (`journalctl -u sistemo.service`); its exit code.
+pub fn logs(follow: bool) -> Result<i32> {
+    let mut cmd = std::process::Command::new("journalctl");
+    cmd.args(["--no-pager", "-u", "sistemo.service"]);
+    if follow {
+        cmd.arg("--follow");
+    }
+    let st = cmd
+        .status()
+        .context("running journalctl (is systemd's journal on this host?)")?;
+    Ok(st.code().unwrap_or(1))
+}

@@ -115,9 +115,21 @@ impl Images {
         })
     }
 
-    /// Images in the store.
-    pub fn list(&self) -> Result<Vec<ImageInfo>> {
-        Ok(self.backend()?.list())
+    /// Images in the store, each with the machines deployed from it (by a tag or its digest).
+    pub fn list(&self) -> Result<Vec<(ImageInfo, Vec<String>)>> {
+        let images = self.backend()?.list();
+        let machines = self.store.lock().machines()?;
+        Ok(images
+            .into_iter()
+            .map(|i| {
+                let users = machines
+                    .iter()
+                    .filter(|m| m.image == i.sha256 || i.tags.contains(&m.image))
+                    .map(|m| m.name.to_string())
+                    .collect();
+                (i, users)
+            })
+            .collect())
     }
 
     /// Build an image from Debian with extra packages, tagged `name` (default: the base).

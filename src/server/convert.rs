@@ -89,6 +89,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         storage_bytes: m.storage_bytes,
         ports: v.ports.iter().map(port_info).collect(),
         restart: m.restart,
+        pid: m.instance.as_ref().map(|i| i.pid),
         created_at: m.created_at.clone(),
     }
 }
@@ -118,13 +119,14 @@ pub fn network_info((n, machines): &(Network, usize)) -> NetworkInfo {
     }
 }
 
-/// An image of the store.
-pub fn image_row(i: &ImageInfo) -> ImageRow {
+/// An image of the store and the machines deployed from it.
+pub fn image_row((i, used_by): &(ImageInfo, Vec<String>)) -> ImageRow {
     ImageRow {
         sha256: i.sha256.clone(),
         tags: i.tags.clone(),
         size: i.size,
         source: i.source.clone(),
+        used_by: used_by.clone(),
     }
 }
 

@@ -332,6 +332,7 @@ const MAX_HISTORY_PAGE: u32 = 10_000;
 #[derive(serde::Deserialize)]
 struct HistoryQuery {
     limit: Option<u32>,
+    offset: Option<u32>,
     action: Option<String>,
     target: Option<String>,
 }
@@ -342,6 +343,7 @@ async fn history(
 ) -> Result<Json<Vec<HistoryEntry>>, Error> {
     Ok(Json(h.history(
         q.limit.unwrap_or(50).min(MAX_HISTORY_PAGE),
+        q.offset.unwrap_or(0),
         q.action.as_deref(),
         q.target.as_deref(),
     )?))
@@ -349,6 +351,10 @@ async fn history(
 
 async fn info(State(h): State<AppState>) -> Result<Json<InfoResponse>, Error> {
     Ok(Json(convert::info(h.facts().await?, h.config())))
+}
+
+async fn ssh_key(State(h): State<AppState>) -> Result<String, Error> {
+    h.ssh_public_key()
 }
 
 async fn firewall(State(h): State<AppState>) -> Result<String, Error> {
@@ -370,7 +376,7 @@ async fn image_build(
             .images
             .build(&req.base, req.name.as_deref(), &req.include, &*pr)
             .await?;
-        Ok(convert::image_row(&i))
+        Ok(convert::image_row(&(i, Vec::new())))
     })
 }
 
@@ -401,6 +407,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/ports", get(ports))
         .route("/v1/history", get(history))
         .route("/v1/info", get(info))
+        .route("/v1/ssh-key", get(ssh_key))
         .route("/v1/firewall", get(firewall))
         .route("/v1/images", get(images))
         .route("/v1/images/build", post(image_build))

@@ -133,15 +133,16 @@ impl Store {
     pub fn history(
         &self,
         limit: u32,
+        offset: u32,
         action: Option<&str>,
         target: Option<&str>,
     ) -> Result<Vec<HistoryEntry>> {
         let mut st = self.conn.prepare_cached(
             "SELECT at, uid, action, target, result, remote FROM history
              WHERE (?1 IS NULL OR action = ?1 OR action LIKE ?1 || '.%') AND (?2 IS NULL OR target = ?2)
-             ORDER BY id DESC LIMIT ?3",
+             ORDER BY id DESC LIMIT ?3 OFFSET ?4",
         )?;
-        let rows = st.query_map(params![action, target, limit], |r| {
+        let rows = st.query_map(params![action, target, limit, offset], |r| {
             Ok(HistoryEntry {
                 at: r.get(0)?,
                 uid: r.get(1)?,
@@ -183,12 +184,19 @@ mod tests {
         for i in 0..10 {
             s.record(&c, "machine.exec", &format!("t{i}"), "ok", 4).unwrap();
         }
-        let h = s.history(100, None, None).unwrap();
+        let h = s.history(100, 0, None, None).unwrap();
         assert_eq!(
             h.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
             ["t9", "t8", "t7", "t6"]
         );
         assert_eq!(h[0].remote.as_deref(), Some("10.0.0.9:41234"));
+        let page: Vec<_> = s
+            .history(2, 1, None, None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.target)
+            .collect();
+        assert_eq!(page, ["t8", "t7"], "--offset skips the newest");
     }
 
     #[test]
