@@ -128,6 +128,10 @@ pub struct MachineInfo {
     /// Why the machine is in state `error` (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set while a `running` machine is paused by its VMM because the host's disk is full: what
+    /// happened and when it resumes (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
     /// IPv4 address on its network.
     pub ip: String,
     /// Network name.
@@ -289,6 +293,9 @@ pub struct InfoResponse {
     pub machines: usize,
     /// sistemo's bridges and whether each exists in the daemon's network namespace.
     pub bridges: Vec<(String, bool)>,
+    /// Running machines paused because the host's disk is full (resumed when space returns).
+    #[serde(default)]
+    pub paused: Vec<String>,
 }
 
 /// An image in the local store.

@@ -26,6 +26,8 @@ pub struct Facts {
     pub machines: usize,
     /// sistemo's bridges and whether each exists.
     pub bridges: Vec<(String, bool)>,
+    /// Running machines paused because the host's disk is full.
+    pub paused: Vec<String>,
 }
 
 /// Operations in flight (deploys, lifecycle changes, image builds, execs), so a clean stop
@@ -239,6 +241,7 @@ impl Host {
             database,
             machines,
             bridges: self.networks.bridges().await?,
+            paused: self.machines.disk_paused_machines()?,
         })
     }
 }

@@ -181,6 +181,21 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
                     "free space in the data dir (at least 2 GiB)",
                 ));
             }
+            if !i.paused.is_empty() {
+                let keep = i.config["min_disk_free"].as_str().unwrap_or("2G");
+                checks.push(check(
+                    "disk",
+                    false,
+                    format!(
+                        "paused because the host's disk is full: {} (still running, their disk writes wait)",
+                        i.paused.join(", ")
+                    ),
+                    &format!(
+                        "free space in the data dir's file system: they resume by themselves once {keep} \
+                         (min_disk_free) is free"
+                    ),
+                ));
+            }
         }
         Err(e) => checks.push(check("daemon", false, e.to_string(), "start it: sudo sistemo up")),
     }

@@ -42,6 +42,9 @@ pub fn format_status(m: &MachineInfo) -> String {
     if let Some(e) = &m.error {
         s.push_str(&format!("Error:    {e}\n"));
     }
+    if let Some(p) = &m.paused {
+        s.push_str(&format!("Paused:   {p}\n"));
+    }
     if m.ports.is_empty() {
         s.push_str("Ports:    none\n");
     } else {

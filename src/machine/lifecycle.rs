@@ -489,6 +489,7 @@ impl Machines {
             n += 1;
         }
         self.restart_due().await;
+        self.disk_full_pass().await;
         Ok(n)
     }
 
@@ -631,5 +632,142 @@ impl Machines {
         crate::net::conntrack::forget_machine(m.ip).await;
         self.store.lock().set_instance(m.id, None)?;
         Ok(())
+    }
+}
+
+// ---- Machines paused because the host's disk is full ----------------------------------------
+//
+// Disks are sparse: when the host's file system runs out anyway, QEMU pauses the guest on its
+// failed write (`werror=enospc`, status `io-error`) rather than handing it an I/O error. The
+// liveness pass finds such machines, reports them (`machine status`, `doctor`) and resumes them
+// once `min_disk_free` is free again; they keep state `running` throughout.
+
+/// Every this many liveness passes, running machines' VMMs are asked whether they are paused
+/// on a full disk (about every 2 s at the default 500 ms interval).
+const DISK_CHECK_EVERY: u64 = 4;
+/// A paused machine is resumed only with at least this much free, even with a smaller
+/// `min_disk_free`, so a resume does not just pause it again at once.
+const RESUME_FLOOR: ByteSize = ByteSize::mib(64);
+
+/// Machines found paused on a full disk, by ID, with what `machine status` says. In memory
+/// only: after a daemon restart the next check finds them again. (Keyed by machine ID, so
+/// services in one process never see each other's machines.)
+static DISK_PAUSED: std::sync::Mutex<std::collections::BTreeMap<Uuid, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// Liveness passes so far, to space the checks.
+static DISK_PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn disk_paused_map() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<Uuid, String>> {
+    DISK_PAUSED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MachineView {
+    /// Why the machine's VMM paused it, when it is paused because the host's disk is full.
+    pub fn paused(&self) -> Option<String> {
+        if self.machine.state != MachineState::Running {
+            return None;
+        }
+        disk_paused_map().get(&self.machine.id).cloned()
+    }
+}
+
+impl Machines {
+    /// Names of the running machines paused because the host's disk is full.
+    pub fn disk_paused_machines(&self) -> Result<Vec<String>> {
+        let paused = disk_paused_map().clone();
+        if paused.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .store
+            .lock()
+            .machines()?
+            .into_iter()
+            .filter(|m| m.state == MachineState::Running && paused.contains_key(&m.id))
+            .map(|m| m.name.to_string())
+            .collect())
+    }
+
+    /// The free space threshold for a resume, and the free space of the machines' file system.
+    fn disk_free(&self) -> Option<(ByteSize, u64)> {
+        let keep = self.settings.min_disk_free.max(RESUME_FLOOR);
+        let free = nix::sys::statvfs::statvfs(&self.settings.machines_dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .ok()?;
+        Some((keep, free))
+    }
+
+    /// One liveness pass's share: every [`DISK_CHECK_EVERY`] passes, ask running machines'
+    /// VMMs whether a full disk paused them; resume the paused ones once the machines' file
+    /// system has `min_disk_free` free again.
+    async fn disk_full_pass(&self) {
+        let n = DISK_PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !n.is_multiple_of(DISK_CHECK_EVERY) {
+            return;
+        }
+        let Ok(machines) = self.store.lock().machines() else {
+            return;
+        };
+        let running: Vec<Machine> = machines
+            .into_iter()
+            .filter(|m| m.state == MachineState::Running && m.instance.is_some())
+            .collect();
+        // Asked all at once, each bounded: a stuck VMM must not hold up the liveness pass.
+        let asks = running.iter().map(|m| async move {
+            let spec = self.spec_of(m).ok()?;
+            let r = tokio::time::timeout(Duration::from_secs(2), self.vmm.disk_paused(&spec)).await;
+            Some((m, spec, r.ok()?.ok()?))
+        });
+        let answers: Vec<_> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let (keep, free) = self.disk_free().unwrap_or((RESUME_FLOOR, 0));
+        let dir = self.settings.machines_dir.display();
+        let mut paused = Vec::new();
+        {
+            let mut map = disk_paused_map();
+            // Machines gone, stopped or dead are forgotten.
+            map.retain(|id, _| running.iter().any(|m| m.id == *id));
+            for (m, spec, is_paused) in &answers {
+                if !*is_paused {
+                    map.remove(&m.id);
+                    continue;
+                }
+                if let std::collections::btree_map::Entry::Vacant(e) = map.entry(m.id) {
+                    tracing::warn!(
+                        machine = %m.name,
+                        free_mib = free >> 20,
+                        "machine paused: the host's disk is full (its VMM stopped it on a failed write); \
+                         it resumes when {keep} is free in {dir}"
+                    );
+                    e.insert(format!(
+                        "the host's disk is full (io-error); resumed when {keep} is free in {dir}"
+                    ));
+                }
+                paused.push(((*m).clone(), spec.clone()));
+            }
+        }
+        if paused.is_empty() || free < keep.as_bytes() {
+            return;
+        }
+        for (m, spec) in paused {
+            let lock = self.lock_for(m.id);
+            let Ok(_g) = lock.try_lock() else { continue };
+            match self.vmm.resume(&spec).await {
+                Ok(()) => {
+                    tracing::info!(
+                        machine = %m.name,
+                        free_mib = free >> 20,
+                        "machine resumed: the host's disk has space again"
+                    );
+                    disk_paused_map().remove(&m.id);
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %m.name, error = %chain(&e), "resuming the machine failed")
+                }
+            }
+        }
     }
 }

@@ -81,6 +81,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         name: m.name.to_string(),
         status: m.state,
         error: m.error.clone(),
+        paused: v.paused(),
         ip: m.ip.to_string(),
         network: m.network.to_string(),
         image: m.image.clone(),
@@ -144,6 +145,7 @@ pub fn info(f: Facts, cfg: &crate::config::Config) -> InfoResponse {
         database: f.database,
         machines: f.machines,
         bridges: f.bridges,
+        paused: f.paused,
     }
 }
 

@@ -183,4 +183,17 @@ pub trait Hypervisor: Send + Sync {
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String>;
+
+    /// True when the VMM paused the guest because a write to its disk failed for lack of space
+    /// on the host (QEMU's `werror=enospc`: status `io-error`). Backends without a disk never
+    /// pause: the default says no without asking anything.
+    async fn disk_paused(&self, _spec: &MachineSpec) -> Result<bool, VmmError> {
+        Ok(false)
+    }
+
+    /// Resume a guest paused by [`Hypervisor::disk_paused`]; the failed writes are retried (and
+    /// pause it again if the host is still full). The default has nothing to resume.
+    async fn resume(&self, _spec: &MachineSpec) -> Result<(), VmmError> {
+        Ok(())
+    }
 }

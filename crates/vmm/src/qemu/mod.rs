@@ -500,19 +500,25 @@ impl Hypervisor for Qemu {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
-        // Ask systemd over SSH (the images have no logind/acpid to act on the power button);
-        // the ACPI power button is the fallback for guests SSH cannot reach.
-        let asked = self
-            .ssh_run(spec, "systemctl poweroff --no-block", 2, Duration::from_secs(5))
-            .await
-            .is_ok_and(|o| o.code == 0);
-        if !asked {
-            let _ = qmp_command(&qmp_path(spec), "system_powerdown").await;
+        // A guest paused on a full host disk runs no code: it cannot power off, so waiting
+        // for it would only delay the kill.
+        if self.disk_paused(spec).await.unwrap_or(false) {
+            tracing::warn!(machine = %spec.name, "guest is paused on a full host disk; killing the VMM");
+        } else {
+            // Ask systemd over SSH (the images have no logind/acpid to act on the power
+            // button); the ACPI power button is the fallback for guests SSH cannot reach.
+            let asked = self
+                .ssh_run(spec, "systemctl poweroff --no-block", 2, Duration::from_secs(5))
+                .await
+                .is_ok_and(|o| o.code == 0);
+            if !asked {
+                let _ = qmp_command(&qmp_path(spec), "system_powerdown").await;
+            }
+            if wait_exit(inst, deadline).await {
+                return Ok(());
+            }
+            tracing::warn!(machine = %spec.name, "guest did not power off in time; killing the VMM");
         }
-        if wait_exit(inst, deadline).await {
-            return Ok(());
-        }
-        tracing::warn!(machine = %spec.name, "guest did not power off in time; killing the VMM");
         if inst.is_alive() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(inst.pid),
@@ -577,6 +583,15 @@ impl Hypervisor for Qemu {
 
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
         self.ssh_target(spec).argv(true, 10, &[])
+    }
+
+    async fn disk_paused(&self, spec: &MachineSpec) -> Result<bool, VmmError> {
+        let v = qmp_command(&qmp_path(spec), "query-status").await?;
+        Ok(qmp::is_io_error(&v))
+    }
+
+    async fn resume(&self, spec: &MachineSpec) -> Result<(), VmmError> {
+        qmp_command(&qmp_path(spec), "cont").await.map(|_| ())
     }
 }
 

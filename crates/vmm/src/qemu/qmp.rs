@@ -1,5 +1,6 @@
 //! QEMU's machine protocol (QMP) over the machine's `qmp.sock`: one command per connection,
-//! after the capabilities handshake; used for the ACPI power button.
+//! after the capabilities handshake; used for the ACPI power button, and to find (and resume) a
+//! guest QEMU paused because the host's disk is full.
 
 use crate::VmmError;
 use std::path::Path;
@@ -44,4 +45,26 @@ pub(crate) async fn qmp_command(socket: &Path, command: &str) -> Result<serde_js
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .map_err(|_| VmmError::io(ctx())(std::io::Error::other("timed out")))?
+}
+
+/// True for a `query-status` reply saying the guest is paused on a disk write error: the disk's
+/// default `werror=enospc` stops the VM when the host has no space left, instead of handing the
+/// guest an I/O error.
+pub(crate) fn is_io_error(reply: &serde_json::Value) -> bool {
+    reply["return"]["status"] == "io-error"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_io_error;
+
+    #[test]
+    fn only_the_io_error_status_is_a_full_disk() {
+        let status = |s: &str, running: bool| serde_json::json!({"return": {"status": s, "running": running, "singlestep": false}});
+        assert!(is_io_error(&status("io-error", false)));
+        for s in ["running", "paused", "shutdown", "internal-error"] {
+            assert!(!is_io_error(&status(s, s == "running")), "{s}");
+        }
+        assert!(!is_io_error(&serde_json::json!({"return": {}})));
+    }
 }
