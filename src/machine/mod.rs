@@ -2,9 +2,11 @@
 //! access ([`exec`]). Operations on one machine are serialised by its lock, every transition is
 //! a compare-and-set in the store, and every host-touching step has its undo.
 
+mod disk_full;
 mod exec;
 mod expose;
 mod lifecycle;
+mod restart;
 
 #[cfg(test)]
 mod fakes;
@@ -34,6 +36,8 @@ pub struct MachineView {
     pub machine: Machine,
     /// Its exposes, in the order they were added.
     pub ports: Vec<ExposeSpec>,
+    /// Why its VMM paused it, when the host's disk is full (it stays `running`).
+    pub paused: Option<String>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -88,7 +92,9 @@ pub struct Machines {
     settings: Settings,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Machines waiting for an automatic restart: when, and how many came before.
-    restarts: Mutex<HashMap<Uuid, lifecycle::Backoff>>,
+    restarts: Mutex<HashMap<Uuid, restart::Backoff>>,
+    /// Machines their VMM paused because the host's disk is full.
+    disk_pauses: disk_full::DiskPauses,
 }
 
 impl Machines {
@@ -110,6 +116,7 @@ impl Machines {
             settings,
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
+            disk_pauses: Default::default(),
         }
     }
 
@@ -166,12 +173,23 @@ impl Machines {
         })
     }
 
+    fn paused_reason(&self, m: &Machine) -> Option<String> {
+        (m.state == crate::domain::MachineState::Running)
+            .then(|| self.disk_pauses.reason(m.id))
+            .flatten()
+    }
+
     /// A machine and its exposes, by name or ID.
     pub fn get(&self, name_or_id: &str) -> Result<MachineView> {
         let st = self.store.lock();
         let machine = st.machine(name_or_id)?;
         let ports = st.exposes_of(machine.id)?;
-        Ok(MachineView { machine, ports })
+        let paused = self.paused_reason(&machine);
+        Ok(MachineView {
+            machine,
+            ports,
+            paused,
+        })
     }
 
     /// Every machine with its exposes, oldest first.
@@ -181,7 +199,12 @@ impl Machines {
             .into_iter()
             .map(|machine| {
                 let ports = st.exposes_of(machine.id)?;
-                Ok(MachineView { machine, ports })
+                let paused = self.paused_reason(&machine);
+                Ok(MachineView {
+                    machine,
+                    ports,
+                    paused,
+                })
             })
             .collect()
     }

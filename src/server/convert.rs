@@ -81,7 +81,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         name: m.name.to_string(),
         status: m.state,
         error: m.error.clone(),
-        paused: v.paused(),
+        paused: v.paused.clone(),
         ip: m.ip.to_string(),
         network: m.network.to_string(),
         image: m.image.clone(),
