@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod packets;
+pub mod vm_state;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
