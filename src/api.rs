@@ -152,8 +152,26 @@ pub struct MachineInfo {
     /// The VMM's process ID while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
+    /// The hypervisor running it, e.g. `qemu-kvm` or `qemu-tcg` (TCG is not an isolation
+    /// boundary).
+    #[serde(default)]
+    pub vmm: String,
+    /// The limits its VMM runs under, when the host enforces them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<MachineLimits>,
     /// Creation time (UTC).
     pub created_at: String,
+}
+
+/// What a machine's VMM may use (its cgroup).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachineLimits {
+    /// Memory (guest RAM and the VMM's own), MiB.
+    pub memory_mib: u64,
+    /// CPUs' worth of time.
+    pub cpus: f64,
+    /// Tasks (processes and threads).
+    pub pids: u64,
 }
 
 /// `POST /v1/machines`.

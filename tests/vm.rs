@@ -173,6 +173,27 @@ fn real_vm_page_examples() {
         "port answers through the re-created bridge"
     );
 
+    // the VMM and its limits are shown (TCG said to be no isolation boundary)
+    let st = env.cli_ok(&["machine", "status", "web"]);
+    let vmm = st
+        .lines()
+        .find(|l| l.starts_with("VMM:      qemu-"))
+        .unwrap_or_else(|| panic!("{st}"));
+    assert!(
+        !vmm.contains("tcg") || vmm.contains("not an isolation boundary"),
+        "{vmm}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    if !info["limits"].is_null() {
+        assert_eq!(
+            info["limits"]["memory_mib"],
+            512 + 256,
+            "guest RAM + the VMM's overhead"
+        );
+        assert!(st.contains("Limits:   memory 768M, 1 CPU, 256 tasks"), "{st}");
+    }
+
     // the key machines trust, and the image in use
     assert!(env.cli_ok(&["ssh-key"]).starts_with("ssh-ed25519 "));
     let images = env.cli_ok(&["image", "list"]);

@@ -70,6 +70,22 @@ pub fn format_status(m: &MachineInfo) -> String {
     if let Some(pid) = m.pid {
         s.push_str(&format!("PID:      {pid}\n"));
     }
+    if !m.vmm.is_empty() {
+        let note = if m.vmm.ends_with("tcg") {
+            " (TCG: emulated, not an isolation boundary)"
+        } else {
+            ""
+        };
+        s.push_str(&format!("VMM:      {}{note}\n", m.vmm));
+    }
+    if let Some(l) = &m.limits {
+        s.push_str(&format!(
+            "Limits:   memory {}, {} CPU, {} tasks\n",
+            crate::domain::ByteSize::mib(l.memory_mib),
+            l.cpus,
+            l.pids
+        ));
+    }
     s
 }
 

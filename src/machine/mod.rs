@@ -38,6 +38,10 @@ pub struct MachineView {
     pub ports: Vec<ExposeSpec>,
     /// Why its VMM paused it, when the host's disk is full (it stays `running`).
     pub paused: Option<String>,
+    /// The limits its VMM runs under, when the host enforces them.
+    pub limits: Option<sistemo_vmm::cgroup::Limits>,
+    /// The hypervisor running it, e.g. `qemu-tcg`.
+    pub vmm: String,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -173,6 +177,10 @@ impl Machines {
         })
     }
 
+    fn limits_of(&self, m: &Machine) -> Option<sistemo_vmm::cgroup::Limits> {
+        self.vmm.limits(&self.spec_of(m).ok()?)
+    }
+
     fn paused_reason(&self, m: &Machine) -> Option<String> {
         (m.state == crate::domain::MachineState::Running)
             .then(|| self.disk_pauses.reason(m.id))
@@ -181,32 +189,37 @@ impl Machines {
 
     /// A machine and its exposes, by name or ID.
     pub fn get(&self, name_or_id: &str) -> Result<MachineView> {
-        let st = self.store.lock();
-        let machine = st.machine(name_or_id)?;
-        let ports = st.exposes_of(machine.id)?;
-        let paused = self.paused_reason(&machine);
-        Ok(MachineView {
-            machine,
-            ports,
-            paused,
-        })
+        let (machine, ports) = {
+            let st = self.store.lock();
+            let machine = st.machine(name_or_id)?;
+            let ports = st.exposes_of(machine.id)?;
+            (machine, ports)
+        };
+        Ok(self.view(machine, ports))
     }
 
     /// Every machine with its exposes, oldest first.
     pub fn list(&self) -> Result<Vec<MachineView>> {
-        let st = self.store.lock();
-        st.machines()?
-            .into_iter()
-            .map(|machine| {
-                let ports = st.exposes_of(machine.id)?;
-                let paused = self.paused_reason(&machine);
-                Ok(MachineView {
-                    machine,
-                    ports,
-                    paused,
-                })
-            })
-            .collect()
+        let rows = {
+            let st = self.store.lock();
+            st.machines()?
+                .into_iter()
+                .map(|m| Ok((st.exposes_of(m.id)?, m)))
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(rows.into_iter().map(|(ports, m)| self.view(m, ports)).collect())
+    }
+
+    /// A machine with what the store does not hold (taken without the store's lock: the
+    /// machine's limits need its network's row).
+    fn view(&self, machine: Machine, ports: Vec<ExposeSpec>) -> MachineView {
+        MachineView {
+            paused: self.paused_reason(&machine),
+            limits: self.limits_of(&machine),
+            vmm: self.vmm.name(),
+            machine,
+            ports,
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! The API edge's translations: requests parsed into the services' typed inputs, and the
 //! services' rows turned into the wire types of [`crate::api`].
 
-use crate::api::{DeployRequest, ImageRow, InfoResponse, MachineInfo, NetworkInfo, PortInfo, PortRow};
+use crate::api::{
+    DeployRequest, ImageRow, InfoResponse, MachineInfo, MachineLimits, NetworkInfo, PortInfo, PortRow,
+};
 use crate::domain::{ByteSize, MachineState};
 use crate::error::{Error, Result};
 use crate::host::Facts;
@@ -91,6 +93,12 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         ports: v.ports.iter().map(port_info).collect(),
         restart: m.restart,
         pid: m.instance.as_ref().map(|i| i.pid),
+        vmm: v.vmm.clone(),
+        limits: v.limits.map(|l| MachineLimits {
+            memory_mib: l.memory_bytes >> 20,
+            cpus: l.cpu_quota_us as f64 / sistemo_vmm::cgroup::CPU_PERIOD_US as f64,
+            pids: l.pids,
+        }),
         created_at: m.created_at.clone(),
     }
 }

@@ -184,6 +184,11 @@ pub trait Hypervisor: Send + Sync {
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String>;
 
+    /// The limits the machine's VMM runs under (its cgroup), when the host enforces them.
+    fn limits(&self, _spec: &MachineSpec) -> Option<cgroup::Limits> {
+        None
+    }
+
     /// True when the VMM paused the guest because a write to its disk failed for lack of space
     /// on the host (QEMU's `werror=enospc`: status `io-error`). Backends without a disk never
     /// pause: the default says no without asking anything.

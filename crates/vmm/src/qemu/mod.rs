@@ -581,6 +581,10 @@ impl Hypervisor for Qemu {
         Ok(done.code)
     }
 
+    fn limits(&self, spec: &MachineSpec) -> Option<Limits> {
+        self.cgroups.available().then(|| self.limits_for(spec))
+    }
+
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
         self.ssh_target(spec).argv(true, 10, &[])
     }
