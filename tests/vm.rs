@@ -6,27 +6,9 @@
 //! missing; it never passes without booting.
 
 mod common;
+use common::vm_state::seed;
 use common::*;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// The prepared VM assets (kernel, initramfs, the `debian` image); panics saying how to make
-/// them.
-fn seed() -> PathBuf {
-    require_root();
-    let cache = std::env::var("SISTEMO_TEST_CACHE").unwrap_or_else(|_| "/var/cache/sistemo-test".into());
-    let dir = PathBuf::from(&cache).join("data");
-    let debian = std::fs::read_to_string(dir.join("images/index.json"))
-        .is_ok_and(|index| index.contains("\"debian\""));
-    if !debian || !dir.join("kernel/kernel.json").exists() {
-        panic!(
-            "VM assets missing in {}: run sudo scripts/prepare-vm-assets {cache} \
-             (sudo scripts/test does it; SISTEMO_VM_TESTS=0 scripts/test skips real-VM tests)",
-            dir.display()
-        );
-    }
-    dir
-}
 
 fn curl(env: &Env, port: u16) -> Option<String> {
     let o = env.sh(&format!("curl -s -m 3 http://localhost:{port}/"));

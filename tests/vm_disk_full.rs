@@ -5,27 +5,10 @@
 //! needed, as for `tests/vm.rs`.
 
 mod common;
+use common::vm_state::{cgroup_dirs, seed};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// The prepared VM assets (kernel, initramfs, the `debian` image); panics saying how to make
-/// them.
-fn seed() -> PathBuf {
-    require_root();
-    let cache = std::env::var("SISTEMO_TEST_CACHE").unwrap_or_else(|_| "/var/cache/sistemo-test".into());
-    let dir = PathBuf::from(&cache).join("data");
-    let debian = std::fs::read_to_string(dir.join("images/index.json"))
-        .is_ok_and(|index| index.contains("\"debian\""));
-    if !debian || !dir.join("kernel/kernel.json").exists() {
-        panic!(
-            "VM assets missing in {}: run sudo scripts/prepare-vm-assets {cache} \
-             (sudo scripts/test does it; SISTEMO_VM_TESTS=0 scripts/test skips real-VM tests)",
-            dir.display()
-        );
-    }
-    dir
-}
 
 /// A loop-mounted ext4 file system, unmounted (its loop device detached) and its backing file
 /// removed on drop; declared before the `Env` so it is dropped after it (the daemon and QEMU
@@ -120,32 +103,6 @@ impl Drop for LoopFs {
             }
         }
     }
-}
-
-/// Where the daemon puts a machine's cgroups (v2, or each v1 controller under the daemon's own
-/// cgroup, which is the test's: the daemon is its child).
-fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    let simple = id.replace('-', "");
-    let mut out = vec![PathBuf::from("/sys/fs/cgroup/sistemo").join(&simple)];
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    for c in ["memory", "pids", "cpu"] {
-        let path = own
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.splitn(3, ':').skip(1);
-                f.next().zip(f.next())
-            })
-            .find(|(ctl, _)| ctl.split(',').any(|x| x == c))
-            .map_or("/", |(_, p)| p);
-        out.push(
-            PathBuf::from("/sys/fs/cgroup")
-                .join(c)
-                .join(path.trim_start_matches('/'))
-                .join("sistemo")
-                .join(&simple),
-        );
-    }
-    out
 }
 
 /// A child process killed and reaped on drop.

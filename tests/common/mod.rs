@@ -10,6 +10,7 @@
 //! Real-VM tests are named `real_vm_*` (one libtest filter selects or skips them all).
 #![allow(dead_code)]
 
+pub mod elements;
 pub mod packets;
 pub mod vm_state;
 

@@ -86,55 +86,12 @@ pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     out
 }
 
-/// What the kernel's maps hold and what the database says they must hold, as
-/// `bind|proto|port -> ip:port` strings (as `tests/faults.rs` compares them).
+/// What the kernel's maps hold and what the database says they must hold.
 pub fn elements(env: &Env, machines: &[Value]) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut kernel = BTreeSet::new();
-    for map in ["expose_any", "expose_bound"] {
-        let o = env.sh(&format!("nft -j list map ip {} {map}", env.table));
-        assert!(
-            o.status.success(),
-            "nft list map {map}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        for e in v["nftables"][1]["map"]["elem"].as_array().into_iter().flatten() {
-            let k = e[0]["concat"].as_array().unwrap();
-            let d = e[1]["concat"].as_array().unwrap();
-            let (bind, k) = if k.len() == 3 {
-                (k[0].as_str().unwrap_or("?"), &k[1..])
-            } else {
-                ("*", &k[..])
-            };
-            kernel.insert(format!("{bind}|{}|{} -> {}:{}", k[0], k[1], d[0], d[1]).replace('"', ""));
-        }
-    }
-    let mut db = BTreeSet::new();
-    for r in json(env, &["ports", "-o", "json"]).as_array().unwrap() {
-        if r["state"] != "active" {
-            continue;
-        }
-        let m = machines
-            .iter()
-            .find(|m| m["name"] == r["machine"])
-            .unwrap_or_else(|| panic!("no machine for port row {r}"));
-        let range = |s: &str| match s.split_once('-') {
-            Some((a, b)) => (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap()),
-            None => (s.parse().unwrap(), s.parse().unwrap()),
-        };
-        let (h0, h1) = range(r["host_port"].as_str().unwrap());
-        let (m0, _) = range(r["machine_port"].as_str().unwrap());
-        for p in h0..=h1 {
-            db.insert(format!(
-                "{}|{}|{p} -> {}:{}",
-                r["bind"].as_str().unwrap_or("*"),
-                r["protocol"].as_str().unwrap(),
-                m["ip"].as_str().unwrap(),
-                m0 + (p - h0)
-            ));
-        }
-    }
-    (kernel, db)
+    (
+        super::elements::kernel_elements(env),
+        super::elements::database_elements(env, machines),
+    )
 }
 
 /// Every invariant between rounds; `Err` with the first that does not hold (yet). `seen` is
