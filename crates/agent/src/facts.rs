@@ -1,0 +1,80 @@
+//! What the guest reports about itself (`machine status`): uptime, memory, root file system
+//! use and addresses, read from /proc and the kernel without running any program.
+
+use crate::proto::Facts;
+
+/// The guest's facts now; what cannot be read stays zero or empty.
+pub fn collect() -> Facts {
+    let uptime_s = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let (disk_total, disk_used) = nix::sys::statvfs::statvfs("/")
+        .map(|s| {
+            let f = s.fragment_size() as u64;
+            let total = s.blocks() as u64 * f;
+            (total, total - s.blocks_free() as u64 * f)
+        })
+        .unwrap_or((0, 0));
+    let uname = nix::sys::utsname::uname().ok();
+    Facts {
+        agent: env!("CARGO_PKG_VERSION").into(),
+        hostname: uname
+            .as_ref()
+            .map(|u| u.nodename().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kernel: uname
+            .as_ref()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        uptime_s,
+        mem_total_kib: mem("MemTotal:"),
+        mem_available_kib: mem("MemAvailable:"),
+        disk_total,
+        disk_used,
+        addresses: addresses(),
+    }
+}
+
+fn addresses() -> Vec<String> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter(|a| a.interface_name != "lo")
+        .filter_map(|a| {
+            let ip = a.address?;
+            let v4 = ip.as_sockaddr_in()?;
+            let prefix = a
+                .netmask
+                .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
+                .unwrap_or(32);
+            Some(format!("{} {}/{prefix}", a.interface_name, v4.ip()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn facts_of_this_host_are_plausible() {
+        let f = super::collect();
+        assert!(f.mem_total_kib > 0 && f.mem_available_kib <= f.mem_total_kib);
+        assert!(f.disk_total >= f.disk_used && f.disk_total > 0);
+        assert!(!f.kernel.is_empty());
+    }
+}

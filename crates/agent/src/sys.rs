@@ -1,0 +1,55 @@
+//! The agent's only `unsafe`: what a child must do between fork and exec to own a terminal, and
+//! the terminal-size ioctl. Everything else goes through `nix` and the standard library.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::process::Command;
+
+/// Make the child a session leader whose controlling terminal is its stdin (a PTY slave).
+pub(crate) fn controlling_tty(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (setsid(2), ioctl(2)); it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Set the window size of the terminal `fd` (a PTY master); the foreground group gets SIGWINCH.
+pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `fd` is a live descriptor for the duration of the call and `ws` a valid winsize
+    // the kernel only reads.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Power the guest off: systemd's poweroff signal when systemd is PID 1 (an orderly shutdown),
+/// else sync and power off at once (an image with no init system has nothing to stop).
+pub(crate) fn power_off() {
+    let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    if pid1.trim() == "systemd" {
+        // SAFETY: kill(2) with a valid signal number; it touches no memory.
+        unsafe {
+            libc::kill(1, libc::SIGRTMIN() + 4);
+        }
+        return;
+    }
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+}
