@@ -141,7 +141,7 @@ where
         agent,
     });
     tokio::spawn(write_loop(wr, out_rx));
-    tokio::spawn(read_loop(rd, rest, inner.clone()));
+    tokio::spawn(read_loop(rd, rest, Arc::downgrade(&inner)));
     Ok(Client { inner })
 }
 
@@ -175,13 +175,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Fra
             break;
         }
     }
+    // Every client and session is gone: the agent sees the end of the stream and ends what
+    // still runs.
+    let _ = wr.shutdown().await;
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mut acc: BytesMut, inner: Arc<Inner>) {
+async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mut acc: BytesMut, inner: std::sync::Weak<Inner>) {
     'outer: loop {
         loop {
             match Codec.decode(&mut acc) {
-                Ok(Some(f)) => route(&inner, f),
+                Ok(Some(f)) => match inner.upgrade() {
+                    Some(i) => route(&i, f),
+                    None => break 'outer,
+                },
                 Ok(None) => break,
                 // A corrupt stream cannot be resynchronised mid-connection: end it (the host
                 // reconnects, and the agent resynchronises on the new hello).
@@ -193,9 +199,11 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mut acc: BytesMut, inner: Ar
             Ok(_) => {}
         }
     }
-    inner.closed.store(true, Ordering::SeqCst);
-    // Every session's event channel closes: their readers see the end of the connection.
-    inner.routes.lock().expect("routes").clear();
+    if let Some(inner) = inner.upgrade() {
+        inner.closed.store(true, Ordering::SeqCst);
+        // Every session's event channel closes: their readers see the end of the connection.
+        inner.routes.lock().expect("routes").clear();
+    }
 }
 
 fn route(inner: &Inner, f: Frame) {

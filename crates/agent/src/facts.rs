@@ -31,6 +31,7 @@ pub fn collect() -> Facts {
         })
         .unwrap_or((0, 0));
     let uname = nix::sys::utsname::uname().ok();
+    let (init, init_ready) = init_state();
     Facts {
         agent: env!("CARGO_PKG_VERSION").into(),
         hostname: uname
@@ -47,7 +48,30 @@ pub fn collect() -> Facts {
         disk_total,
         disk_used,
         addresses: addresses(),
+        init,
+        init_ready,
     }
+}
+
+/// PID 1's name, and whether it takes commands. Until the image's init runs, PID 1 is
+/// sistemo's own `/init` in the initramfs: its root is not ours.
+fn init_state() -> (String, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let comm = std::fs::read_to_string("/proc/1/comm")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let same_root = match (std::fs::metadata("/proc/1/root/"), std::fs::metadata("/")) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    };
+    let ready = same_root
+        && match comm.as_str() {
+            "systemd" => std::fs::metadata("/run/systemd/private").is_ok(),
+            "switch_root" | "" => false,
+            _ => true,
+        };
+    (comm, ready)
 }
 
 fn addresses() -> Vec<String> {

@@ -367,8 +367,8 @@ async fn run(
                 let _ = p.await;
             }
             stdin_task.abort();
-            // Whatever the process left running in its group goes with it.
-            runner::signal_group(pid, libc::SIGKILL);
+            // What it started in the background on purpose (`cmd &`) keeps running, as after
+            // `docker exec`; only a timeout or a departed host kill the whole group.
             match status {
                 Ok(st) => {
                     use std::os::unix::process::ExitStatusExt;

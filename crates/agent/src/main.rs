@@ -1,23 +1,42 @@
 //! `sistemo-agent`: started by sistemo's initramfs before the image's own init, it serves the
-//! host on the virtio-serial port named `sistemo.agent` for as long as the guest runs.
+//! host on the virtio-serial port named `sistemo.agent` for as long as the guest runs
+//! (`--port`), or one connection on a socket as its stdin (`--stdio`).
 
 use sistemo_agent::guest::{OnEof, serve};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let port = match (args.next().as_deref(), args.next()) {
-        (Some("--port"), Some(p)) => p,
-        _ => {
-            eprintln!("usage: sistemo-agent --port /dev/vportNpM");
-            std::process::exit(2);
-        }
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let port = match (args.next().as_deref(), args.next()) {
+        (Some("--port"), Some(p)) => p,
+        // One connection on stdin, a socket (the `netns` backend runs the agent this way).
+        (Some("--stdio"), None) => {
+            let res = rt.block_on(async {
+                use std::os::fd::AsFd;
+                let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
+                let sock = std::os::unix::net::UnixStream::from(fd);
+                sock.set_nonblocking(true)?;
+                let (rd, wr) = tokio::net::UnixStream::from_std(sock)?.into_split();
+                serve(rd, wr, OnEof::Return).await
+            });
+            if let Err(e) = res {
+                eprintln!("sistemo-agent: stdin: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        _ => {
+            eprintln!("usage: sistemo-agent --port /dev/vportNpM | --stdio");
+            std::process::exit(2);
+        }
+    };
     let res = rt.block_on(async {
         let dev = std::fs::OpenOptions::new().read(true).write(true).open(&port)?;
+        // Tells sistemo's init that the agent runs, in the image's root (see init.sh).
+        let _ = std::fs::write("/run/sistemo/agent.pid", format!("{}\n", std::process::id()));
         let rd = tokio::fs::File::from_std(dev.try_clone()?);
         let wr = tokio::fs::File::from_std(dev);
         serve(rd, wr, OnEof::Wait).await

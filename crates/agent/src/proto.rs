@@ -320,6 +320,14 @@ pub struct Facts {
     pub disk_used: u64,
     /// Addresses as `ifname addr/prefix`, loopback excluded.
     pub addresses: Vec<String>,
+    /// The name of the guest's PID 1 (`systemd`, ...); empty while the image's init has not
+    /// started.
+    #[serde(default)]
+    pub init: String,
+    /// True once the image's init takes commands: systemd has opened its control socket (so
+    /// `systemctl` works), or PID 1 is another init.
+    #[serde(default)]
+    pub init_ready: bool,
 }
 
 #[cfg(test)]

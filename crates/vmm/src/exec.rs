@@ -72,16 +72,11 @@ pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// How many bytes of the end of stderr [`run_streaming`] keeps for telling failures apart.
-const STDERR_TAIL: usize = 4096;
-
 /// What [`run_streaming`] returns besides the output it sent.
 #[derive(Debug)]
 pub(crate) struct Finished {
     /// Exit code (128+signal when killed).
     pub code: i32,
-    /// The last few KiB of stderr (e.g. `ssh`'s connection errors).
-    pub stderr_tail: Vec<u8>,
 }
 
 /// Run `argv` (stdin closed, stdout and stderr piped), sending its output to `out` as it comes,
@@ -109,11 +104,11 @@ pub(crate) async fn run_streaming(
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
     let run = async {
-        let (out_ok, (err_ok, tail)) = tokio::join!(
-            pump(stdout, out, OutputChunk::Stdout, 0),
-            pump(stderr, out, OutputChunk::Stderr, STDERR_TAIL),
+        let (out_ok, err_ok) = tokio::join!(
+            pump(stdout, out, OutputChunk::Stdout),
+            pump(stderr, out, OutputChunk::Stderr),
         );
-        (out_ok.0 && err_ok, tail)
+        out_ok && err_ok
     };
     let gone = |child: &mut tokio::process::Child| {
         let _ = child.start_kill();
@@ -124,8 +119,8 @@ pub(crate) async fn run_streaming(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     match tokio::time::timeout_at(deadline, run).await {
-        Ok((false, _)) => Err(gone(&mut child)),
-        Ok((true, stderr_tail)) => {
+        Ok(false) => Err(gone(&mut child)),
+        Ok(true) => {
             let status = tokio::time::timeout_at(deadline, child.wait())
                 .await
                 .map_err(|_| VmmError::Exec {
@@ -137,7 +132,6 @@ pub(crate) async fn run_streaming(
             group.0 = None;
             Ok(Finished {
                 code: exit_code(status),
-                stderr_tail,
             })
         }
         Err(_) => {
@@ -165,41 +159,29 @@ impl Drop for Group {
 }
 
 /// Read `r` to its end, sending its bytes wrapped by `wrap` as they come (never ending a chunk
-/// inside a UTF-8 character); returns whether the reader was there to the end, and the last
-/// `keep` bytes read.
-async fn pump(
-    mut r: impl AsyncRead + Unpin,
-    out: &OutputSink,
-    wrap: fn(Vec<u8>) -> OutputChunk,
-    keep: usize,
-) -> (bool, Vec<u8>) {
+/// inside a UTF-8 character); returns whether the reader was there to the end.
+async fn pump(mut r: impl AsyncRead + Unpin, out: &OutputSink, wrap: fn(Vec<u8>) -> OutputChunk) -> bool {
     let mut buf = vec![0u8; 16 << 10];
     let mut pending: Vec<u8> = Vec::new();
-    let mut tail: Vec<u8> = Vec::new();
     while let Ok(n) = r.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        if keep > 0 {
-            tail.extend_from_slice(&buf[..n]);
-            let extra = tail.len().saturating_sub(keep);
-            tail.drain(..extra);
-        }
         pending.extend_from_slice(&buf[..n]);
         let valid = utf8_prefix_len(&pending);
         if valid > 0 && out.send(wrap(pending.drain(..valid).collect())).await.is_err() {
-            return (false, tail);
+            return false;
         }
     }
     if !pending.is_empty() && out.send(wrap(pending)).await.is_err() {
-        return (false, tail);
+        return false;
     }
-    (true, tail)
+    true
 }
 
 /// How much of `b` can be sent now: all of it, except a UTF-8 character cut short at the end
 /// (kept for the next read). Invalid bytes elsewhere are sent (and replaced).
-fn utf8_prefix_len(b: &[u8]) -> usize {
+pub(crate) fn utf8_prefix_len(b: &[u8]) -> usize {
     match std::str::from_utf8(b) {
         Ok(_) => b.len(),
         Err(e) if e.error_len().is_none() => e.valid_up_to(),
@@ -317,7 +299,6 @@ mod tests {
         let (r, o) = run("echo out; echo err >&2; exit 3", Duration::from_secs(10)).await;
         let f = r.unwrap();
         assert_eq!(f.code, 3);
-        assert_eq!(f.stderr_tail, b"err\n");
         assert_eq!(o.stdout, b"out\n");
         assert_eq!(o.stderr, b"err\n");
     }
@@ -334,19 +315,6 @@ mod tests {
         let (r, _) = run("sleep 30", Duration::from_millis(300)).await;
         assert!(matches!(r, Err(VmmError::Exec { .. })), "{r:?}");
         assert!(t.elapsed() < Duration::from_secs(10));
-    }
-
-    #[tokio::test]
-    async fn only_the_end_of_stderr_is_kept() {
-        let (r, o) = run(
-            "head -c 10000 /dev/zero | tr '\\0' x >&2; echo END >&2",
-            Duration::from_secs(10),
-        )
-        .await;
-        let f = r.unwrap();
-        assert_eq!(f.stderr_tail.len(), STDERR_TAIL);
-        assert!(f.stderr_tail.ends_with(b"xEND\n"));
-        assert_eq!(o.stderr.len(), 10004);
     }
 
     #[tokio::test]

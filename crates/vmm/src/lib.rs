@@ -6,7 +6,9 @@
 //!   its own; used to test the network engine quickly and on hosts without any hypervisor.
 //! - [`qemu`]: real VMs with QEMU `-M microvm`, KVM when it can run the guest, else TCG.
 //! - [`image`]: kernel + initramfs for guests, the ext4 image store, Debian builds, disk clones.
-//! - `ssh` (private): keys and pinned `ssh` command lines used to reach guests.
+//! - `agent` (private): reaching a guest's `sistemo-agent` (exec, shell, copy, facts); the
+//!   agent binary itself ([`AGENT_BINARY`]) is packed into every guest's initramfs.
+//! - `ssh` (private): keys and pinned `ssh` command lines for `machine ssh` and `--wait ssh`.
 //! - `exec` (re-exported here): streaming a command's output; [`exec_collect`].
 //! - [`shell_quote`]: quoting for a POSIX shell, shared with the CLI.
 //!
@@ -15,6 +17,7 @@
 //! [`image::ensure_boot_assets`]). The machine manager only sees the trait: no QEMU flag leaks
 //! out of this crate.
 
+mod agent;
 pub mod cgroup;
 mod cpio;
 mod error;
@@ -26,9 +29,12 @@ pub mod qemu;
 mod shell;
 mod ssh;
 
+pub use agent::AGENT_BINARY;
 pub use error::VmmError;
 pub use exec::{ExecOutput, OUTPUT_QUEUE, OutputChunk, OutputSink, exec_collect, output_queue};
 pub use shell::shell_quote;
+pub use sistemo_agent::client::{Event as SessionEvent, Session};
+pub use sistemo_agent::proto::{Facts, Job, Start, WinSize};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -168,6 +174,25 @@ pub trait Hypervisor: Send + Sync {
     /// Remove what `start` left on the host after the VMM is gone (sockets, namespaces).
     async fn cleanup(&self, spec: &MachineSpec) -> Result<(), VmmError>;
 
+    /// Open a session in the guest through its agent: a command with its stdin, a terminal, or
+    /// a file copy. The session's process dies when the [`Session`] is dropped before its end.
+    async fn session(&self, spec: &MachineSpec, start: Start) -> Result<Session, VmmError>;
+
+    /// What the guest's agent reports about it (uptime, memory, disk, addresses); an error when
+    /// the agent does not answer.
+    async fn facts(&self, spec: &MachineSpec) -> Result<Facts, VmmError>;
+
+    /// Wait until the guest's own sshd answers (`deploy --wait ssh`); backends without SSH
+    /// return at once.
+    async fn wait_ssh(
+        &self,
+        _spec: &MachineSpec,
+        _timeout: Duration,
+        _progress: Progress<'_>,
+    ) -> Result<(), VmmError> {
+        Ok(())
+    }
+
     /// Run `cmd` through the guest's shell (`sh -c`), sending its output to `out` as it comes,
     /// and return its exit code (128+signal when a signal killed it). A trailing `&` leaves the
     /// process running without hanging. Not finishing within `timeout`, or failing to reach
@@ -179,7 +204,21 @@ pub trait Hypervisor: Send + Sync {
         cmd: &str,
         timeout: Duration,
         out: OutputSink,
-    ) -> Result<i32, VmmError>;
+    ) -> Result<i32, VmmError> {
+        let s = self.session(spec, agent::shell_start(cmd, timeout)).await?;
+        // The agent enforces the timeout; this one covers an agent that stops answering.
+        tokio::time::timeout(
+            timeout + Duration::from_secs(5),
+            agent::run_to_end(&spec.name, s, &out),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(VmmError::Exec {
+                name: spec.name.clone(),
+                reason: format!("command did not finish within {}s", timeout.as_secs()),
+            })
+        })
+    }
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String>;

@@ -1,9 +1,9 @@
 //! The `netns` backend: a machine that is a network namespace with a veth on the bridge.
 //! No kernel of its own; it exercises the whole network engine fast and runs where no hypervisor can.
 
-use crate::exec::run_streaming;
-use crate::shell::detach_background;
-use crate::{Hypervisor, Instance, LinkKind, MachineSpec, OutputSink, Progress, VmmError, format_mac};
+use crate::{
+    Facts, Hypervisor, Instance, LinkKind, MachineSpec, Progress, Session, Start, VmmError, format_mac,
+};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -37,6 +37,22 @@ impl NetnsBackend {
 async fn run(args: &[&str]) -> Result<String, VmmError> {
     let out = crate::proc::run(Command::new(args[0]).args(&args[1..]), &args.join(" ")).await?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The agent binary in the machine's folder (written when missing or outdated), 0700.
+fn install_agent(dir: &std::path::Path) -> Result<std::path::PathBuf, VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("agent");
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == crate::AGENT_BINARY.len() as u64) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir).map_err(VmmError::io(format!("creating {}", dir.display())))?;
+    let tmp = dir.join(".agent.tmp");
+    std::fs::write(&tmp, crate::AGENT_BINARY)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(VmmError::io(format!("installing {}", path.display())))?;
+    Ok(path)
 }
 
 /// SIGKILL a process, or a process group when `pid` is negative; an already gone target is fine.
@@ -160,17 +176,44 @@ impl Hypervisor for NetnsBackend {
         run(&["ip", "netns", "del", &ns]).await.map(|_| ())
     }
 
-    async fn exec(
-        &self,
-        spec: &MachineSpec,
-        cmd: &str,
-        timeout: Duration,
-        out: OutputSink,
-    ) -> Result<i32, VmmError> {
-        let mut argv = self.shell_command(spec);
-        argv.extend(["-c".into(), detach_background(cmd)]);
-        let done = run_streaming(&spec.name, &argv, timeout, &out, VmmError::io("spawning exec")).await?;
-        Ok(done.code)
+    async fn session(&self, spec: &MachineSpec, start: Start) -> Result<Session, VmmError> {
+        // The same agent as in a VM, one per session, on a socket pair inside the namespace.
+        let agent = install_agent(&spec.dir)?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(VmmError::io("creating a socket pair"))?;
+        let theirs = std::os::fd::OwnedFd::from(theirs);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name(spec)])
+            .arg(&agent)
+            .arg("--stdio")
+            .stdin(Stdio::from(
+                theirs.try_clone().map_err(VmmError::io("duplicating a socket"))?,
+            ))
+            .stdout(Stdio::from(theirs))
+            .stderr(Stdio::inherit())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(VmmError::io("starting the agent in the namespace"))?;
+        // Reaped in the background: it ends when the session's connection does.
+        tokio::spawn(async move { child.wait().await });
+        ours.set_nonblocking(true)
+            .map_err(VmmError::io("configuring a socket"))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(VmmError::io("registering a socket"))?;
+        let err = |reason: String| VmmError::Exec {
+            name: spec.name.clone(),
+            reason,
+        };
+        let c = sistemo_agent::client::connect(stream, Duration::from_secs(10))
+            .await
+            .map_err(|e| err(format!("the agent did not start: {e}")))?;
+        c.start(start).await.map_err(|e| err(e.to_string()))
+    }
+
+    async fn facts(&self, spec: &MachineSpec) -> Result<Facts, VmmError> {
+        Err(VmmError::Exec {
+            name: spec.name.clone(),
+            reason: "a netns machine has no guest of its own to report on".into(),
+        })
     }
 
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {

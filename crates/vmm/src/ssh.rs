@@ -2,7 +2,6 @@
 //! `known_hosts`, and the exact `ssh` argv used by exec, readiness checks and interactive shells.
 
 use crate::VmmError;
-use crate::shell::{detach_background, shell_quote};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::Command;
@@ -173,37 +172,6 @@ impl SshTarget {
     }
 }
 
-/// The remote command line for exec: `sh -c '<cmd>'`, with a trailing `&` detached from the
-/// session's pipes so exec returns at once.
-pub(crate) fn remote_command(cmd: &str) -> String {
-    format!("sh -c {}", shell_quote(&detach_background(cmd)))
-}
-
-/// True when `ssh` exited 255 because of the connection, not because the command did.
-pub(crate) fn is_ssh_failure(code: i32, stderr: &[u8]) -> bool {
-    if code != 255 {
-        return false;
-    }
-    let e = String::from_utf8_lossy(stderr);
-    [
-        "ssh: connect to host",
-        "Connection refused",
-        "Connection timed out",
-        "Connection closed by",
-        "Connection reset",
-        "No route to host",
-        "Host key verification failed",
-        "Permission denied (",
-        "kex_exchange_identification",
-        "Could not resolve",
-        "Network is unreachable",
-        "mux_client",
-        "Session open refused",
-    ]
-    .iter()
-    .any(|m| e.contains(m))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,37 +182,6 @@ mod tests {
             known_hosts_line("sistemo-ab", "ssh-ed25519 AAAAC3Nz host@x\n"),
             "sistemo-ab ssh-ed25519 AAAAC3Nz\n"
         );
-    }
-
-    #[test]
-    fn remote_command_is_quoted() {
-        assert_eq!(remote_command("echo 'a b'"), r"sh -c 'echo '\''a b'\'''");
-        assert_eq!(remote_command("true"), "sh -c true");
-        assert!(remote_command("sleep 100 &").contains("</dev/null >/dev/null 2>&1"));
-    }
-
-    /// `ssh` hands the remote line to root's login shell: it must run `cmd` exactly as
-    /// `sh -c cmd` would here.
-    #[test]
-    fn remote_command_survives_the_remote_shell() {
-        let cmds = [
-            "echo hi",
-            "true",
-            r#"printf '%s|' "a b" 'c'\''d' $((1+2)) \$x"#,
-            "echo \"$0\" | tr -d '\\n' >/dev/null; echo ok; exit 4",
-        ];
-        for cmd in cmds {
-            let run = |line: &str| {
-                std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(line)
-                    .output()
-                    .unwrap()
-            };
-            let (direct, remote) = (run(cmd), run(&remote_command(cmd)));
-            assert_eq!(direct.stdout, remote.stdout, "{cmd:?}");
-            assert_eq!(direct.status.code(), remote.status.code(), "{cmd:?}");
-        }
     }
 
     #[test]
@@ -264,15 +201,5 @@ mod tests {
         assert!(!a.iter().any(|x| x.contains("StrictHostKeyChecking=no")));
         assert_eq!(a.last().unwrap(), "true");
         assert_eq!(a[a.len() - 2], "root@10.0.0.2");
-    }
-
-    #[test]
-    fn ssh_failures_are_told_apart() {
-        assert!(is_ssh_failure(
-            255,
-            b"ssh: connect to host 1.2.3.4 port 22: Connection refused"
-        ));
-        assert!(!is_ssh_failure(255, b"my program failed"));
-        assert!(!is_ssh_failure(3, b"Connection refused"));
     }
 }

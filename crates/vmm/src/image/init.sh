@@ -62,7 +62,28 @@ ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_AD
 ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
 # Tell the bridge about our MAC at once (a previous machine may have had this address).
 arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
+# The guest agent (exec, shell, cp, readiness): started now, chrooted into the image, so the
+# host can reach it before the image's init has started anything. It lives on a tmpfs /run,
+# which the image's init keeps (systemd leaves an existing /run mount alone): nothing is written
+# to the image.
+mount -t tmpfs -o mode=0755,nosuid,nodev,size=20% tmpfs $R/run || fail "cannot mount a tmpfs on /run"
+mkdir -p $R/run/sistemo
+cp /sistemo/agent $R/run/sistemo/agent || fail "cannot install the guest agent"
+PORT=""
+i=0
+while [ -z "$PORT" ] && [ $i -lt 500 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name 2>/dev/null)" = sistemo.agent ] && PORT=/dev/${p##*/}
+  done
+  [ -n "$PORT" ] || { usleep 10000; i=$((i+1)); }
+done
+[ -n "$PORT" ] || fail "no virtio-serial port named sistemo.agent"
 log "switching to the root filesystem"
-umount /proc /sys
-mount --move /dev $R/dev
+# /dev, /proc and /sys move into the image (its init keeps mounted ones, as after any initramfs).
+for m in dev proc sys; do mount --move /$m $R/$m || fail "cannot move /$m into the image"; done
+chroot $R /run/sistemo/agent --port "$PORT" &
+# switch_root moves $R: the agent must have entered it first (it writes its pid once it has).
+i=0
+while [ ! -e $R/run/sistemo/agent.pid ] && [ $i -lt 500 ]; do usleep 2000; i=$((i+1)); done
+[ -e $R/run/sistemo/agent.pid ] || log "the guest agent did not start"
 exec switch_root $R /sbin/init

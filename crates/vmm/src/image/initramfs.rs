@@ -123,6 +123,8 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
     w.file("sistemo/config.env", 0o600, env.as_bytes());
     w.file("sistemo/authorized_keys", 0o600, keys.as_bytes());
     w.file("sistemo/ssh_host_ed25519_key", 0o600, &cfg.host_key_private);
+    // The guest agent: init.sh starts it before the image's own init.
+    w.file("sistemo/agent", 0o700, crate::AGENT_BINARY);
     w.file(
         "sistemo/ssh_host_ed25519_key.pub",
         0o644,

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 /// Bumped whenever the base initramfs layout or `/init` changes, so caches are rebuilt.
-const INITRAMFS_VERSION: u32 = 4;
+const INITRAMFS_VERSION: u32 = 5;
 
 /// The Debian metapackage whose dependency is the kernel we boot.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -23,6 +23,8 @@ const WANTED_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_net",
     "virtio_blk",
+    // The guest agent's virtio-serial port.
+    "virtio_console",
     // ACPI power button + input events: lets `system_powerdown` reach systemd-logind.
     "button",
     "evdev",
@@ -32,7 +34,13 @@ const WANTED_MODULES: &[&str] = &[
 ];
 
 /// Of [`WANTED_MODULES`], those without which no guest boots.
-const REQUIRED_MODULES: &[&str] = &["virtio_mmio", "virtio_net", "virtio_blk", "ext4"];
+const REQUIRED_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_console",
+    "ext4",
+];
 
 /// A kernel and base initramfs ready to boot guests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +59,10 @@ struct KernelCache {
     version: String,
     vmlinux: PathBuf,
     modules: Vec<PathBuf>,
+    /// [`WANTED_MODULES`] when the modules were selected: a cache made for another list is
+    /// made again.
+    #[serde(default)]
+    wanted: Vec<String>,
 }
 
 /// Make sure `data_dir/kernel/` holds a bootable kernel and base initramfs; fast when cached.
@@ -69,7 +81,13 @@ pub async fn ensure_boot_assets(
     let cached: Option<KernelCache> = std::fs::read(&cache_file)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|c: &KernelCache| c.vmlinux.exists() && c.modules.iter().all(|m| m.exists()));
+        .filter(|c: &KernelCache| c.vmlinux.exists() && c.modules.iter().all(|m| m.exists()))
+        .filter(|c| {
+            c.wanted
+                .iter()
+                .map(String::as_str)
+                .eq(WANTED_MODULES.iter().copied())
+        });
     let kernel = match cached {
         Some(c) => c,
         None => {
@@ -203,6 +221,7 @@ async fn fetch_kernel(
         version,
         vmlinux,
         modules,
+        wanted: WANTED_MODULES.iter().map(|m| m.to_string()).collect(),
     })
 }
 

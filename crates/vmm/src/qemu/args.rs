@@ -2,7 +2,7 @@
 //! pidfile) and the guest kernel's command line, which depends on the accelerator.
 
 use super::jail::{SANDBOX, jail_dir};
-use super::{Accel, Qemu, console_path, initrd_path, pid_path, qmp_path};
+use super::{Accel, Qemu, agent_path, console_path, initrd_path, pid_path, qmp_path};
 use crate::{MachineSpec, format_mac};
 use std::path::{Path, PathBuf};
 
@@ -99,6 +99,19 @@ impl Qemu {
             "chardev:con0".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", escape_opt(&p(qmp_path(spec)))),
+            // The guest agent's channel: a virtio-serial port on a Unix socket QEMU listens on.
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent0,path={},server=on,wait=off",
+                escape_opt(&p(agent_path(spec)))
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=agent0,name={}",
+                sistemo_agent::proto::PORT_NAME
+            ),
             // The guest's invalid device accesses, on stderr (qemu.log).
             "-d".into(),
             "guest_errors".into(),
@@ -154,6 +167,7 @@ mod tests {
                 gid: 997,
             }),
             cgroups: crate::cgroup::Cgroups::Unavailable("test".into()),
+            agents: Default::default(),
         };
         let spec = MachineSpec {
             id: uuid::Uuid::nil(),
@@ -212,6 +226,8 @@ mod tests {
             "virtio-net-device,netdev=n0,mac=52:54:00:00:00:02",
             "path=/m/web/console.log",
             "unix:/m/web/qmp.sock,server=on,wait=off",
+            "socket,id=agent0,path=/m/web/agent.sock,server=on,wait=off",
+            "virtserialport,chardev=agent0,name=sistemo.agent",
             "-pidfile /m/web/qemu.pid",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");

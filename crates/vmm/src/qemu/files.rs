@@ -1,5 +1,5 @@
-//! Where a machine's QEMU files live in its folder (QMP socket, pidfile, console, SSH control
-//! socket, initrd), and how they are created: private to root.
+//! Where a machine's QEMU files live in its folder (QMP and agent sockets, pidfile, console,
+//! SSH control socket, initrd), and how they are created: private to root.
 
 use crate::{MachineSpec, VmmError};
 use std::path::{Path, PathBuf};
@@ -13,6 +13,9 @@ pub(super) fn pid_path(spec: &MachineSpec) -> PathBuf {
 }
 pub(super) fn console_path(spec: &MachineSpec) -> PathBuf {
     spec.dir.join("console.log")
+}
+pub(super) fn agent_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("agent.sock")
 }
 pub(super) fn ctl_path(spec: &MachineSpec) -> PathBuf {
     spec.dir.join("ssh.ctl")

@@ -1,5 +1,7 @@
 //! The QEMU backend: real VMs on `-M microvm` (virtio-mmio described by ACPI), KVM when it can
-//! run the guest and TCG otherwise; guests are reached over SSH with pinned host keys.
+//! run the guest and TCG otherwise; guests are reached through their agent on a virtio-serial
+//! port (exec, shell, copy, readiness, shutdown), and over SSH with pinned host keys for
+//! `machine ssh`.
 
 mod accel;
 mod args;
@@ -12,22 +14,23 @@ pub use accel::{Accel, AccelChoice, accel_reason};
 pub use console::console_tail;
 pub use jail::{DEFAULT_VMM_USER, SANDBOX, VmmUser};
 
+use crate::agent::Agents;
 use crate::cgroup::{Cgroups, Limits, machine_limits};
 use crate::exec::{collect, run_streaming};
 use crate::image::{BootAssets, GuestConfig, write_machine_initrd};
 use crate::proc::{failed, spawn_error};
-use crate::ssh::{
-    ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias, is_ssh_failure, remote_command,
-};
+use crate::ssh::{ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias};
 use crate::{
-    ExecOutput, Hypervisor, Instance, LinkKind, MachineSpec, OutputSink, Progress, VmmError, output_queue,
+    ExecOutput, Facts, Hypervisor, Instance, LinkKind, MachineSpec, Progress, Session, Start, VmmError,
+    output_queue,
 };
 use accel::{detect_accel, host_tsc_khz};
 use async_trait::async_trait;
-use files::{console_path, ctl_path, initrd_path, pid_path, private_file, qmp_path};
+use files::{agent_path, console_path, ctl_path, initrd_path, pid_path, private_file, qmp_path};
 use qmp::qmp_command;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
 
@@ -92,6 +95,7 @@ pub struct Qemu {
     options: QemuOptions,
     user: Option<VmmUser>,
     cgroups: Cgroups,
+    agents: Arc<Agents>,
 }
 
 impl Qemu {
@@ -146,6 +150,7 @@ impl Qemu {
             options,
             user,
             cgroups,
+            agents: Default::default(),
         })
     }
 
@@ -387,6 +392,8 @@ impl Hypervisor for Qemu {
             let _ = std::fs::rename(&console, spec.dir.join("console.log.1"));
         }
         let _ = std::fs::remove_file(qmp_path(spec));
+        let _ = std::fs::remove_file(agent_path(spec));
+        self.agents.forget(spec);
         let _ = std::fs::remove_file(pid_path(spec));
         let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
         for f in [&initrd_path(spec), &disk, &console] {
@@ -443,22 +450,73 @@ impl Hypervisor for Qemu {
         let t0 = Instant::now();
         let deadline = t0 + timeout;
         progress(&format!("booting ({})", self.name()));
-        let mut switched = false;
         let mut last_why = String::new();
         loop {
             if !inst.is_alive() {
                 return Err(self.boot_error(spec, "the VM stopped while booting"));
             }
-            if !switched
-                && std::fs::read(console_path(spec))
-                    .is_ok_and(|c| c.windows(15).any(|w| w == b"switching to th"))
-            {
-                switched = true;
-                progress(&format!(
-                    "kernel up after {:.1}s, starting the image's init",
-                    t0.elapsed().as_secs_f64()
+            if Instant::now() >= deadline {
+                return Err(self.boot_error(
+                    spec,
+                    &format!("the guest agent did not answer within {}s", timeout.as_secs()),
                 ));
             }
+            // QEMU holds the greeting until the agent opens its port: one attempt waits for
+            // the whole boot, unless the VMM dies meanwhile.
+            // Ready once the agent answers and the image's init takes commands (`systemctl`
+            // works right after deploy, as it did when readiness meant sshd).
+            let state = match self.agents.get(spec, &agent_path(spec)).await {
+                Ok(c) => c.facts().await.map(|f| (c, f)).map_err(|e| VmmError::Exec {
+                    name: spec.name.clone(),
+                    reason: e.to_string(),
+                }),
+                Err(e) => Err(e),
+            };
+            match state {
+                Ok((c, f)) if f.init_ready => {
+                    progress(&format!(
+                        "ready after {:.1}s (agent {}, init {})",
+                        t0.elapsed().as_secs_f64(),
+                        c.agent_version(),
+                        f.init
+                    ));
+                    return Ok(());
+                }
+                Ok((_, f)) => {
+                    let why = format!("the image's init ({:?}) is starting", f.init);
+                    if why != last_why {
+                        progress(&format!(
+                            "agent up after {:.1}s, waiting for the image's init",
+                            t0.elapsed().as_secs_f64()
+                        ));
+                        last_why = why;
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if why != last_why {
+                        tracing::debug!(machine = %spec.name, "agent not ready: {why}");
+                        if self.options.debug_boot {
+                            progress(&format!("{:.1}s agent: {why}", t0.elapsed().as_secs_f64()));
+                        }
+                        last_why = why;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_ssh(
+        &self,
+        spec: &MachineSpec,
+        timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let deadline = t0 + timeout;
+        let mut last_why = String::new();
+        loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(self.boot_error(
@@ -472,7 +530,10 @@ impl Hypervisor for Qemu {
             if let Ok(o) = &attempt
                 && o.code == 0
             {
-                progress(&format!("ready after {:.1}s", t0.elapsed().as_secs_f64()));
+                progress(&format!(
+                    "sshd answers after {:.1}s more",
+                    t0.elapsed().as_secs_f64()
+                ));
                 return Ok(());
             }
             if let Ok(o) = &attempt
@@ -495,6 +556,27 @@ impl Hypervisor for Qemu {
         }
     }
 
+    async fn session(&self, spec: &MachineSpec, start: Start) -> Result<Session, VmmError> {
+        let c = self.agents.get(spec, &agent_path(spec)).await?;
+        c.start(start).await.map_err(|e| VmmError::Exec {
+            name: spec.name.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn facts(&self, spec: &MachineSpec) -> Result<Facts, VmmError> {
+        let err = |reason: String| VmmError::Exec {
+            name: spec.name.clone(),
+            reason,
+        };
+        let c = self.agents.get(spec, &agent_path(spec)).await?;
+        match tokio::time::timeout(Duration::from_secs(3), c.facts()).await {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(err(format!("the guest agent: {e}"))),
+            Err(_) => Err(err("the guest agent does not answer (3s)".into())),
+        }
+    }
+
     async fn stop(&self, spec: &MachineSpec, inst: &Instance, timeout: Duration) -> Result<(), VmmError> {
         if !inst.is_alive() {
             return Ok(());
@@ -505,12 +587,15 @@ impl Hypervisor for Qemu {
         if self.disk_paused(spec).await.unwrap_or(false) {
             tracing::warn!(machine = %spec.name, "guest is paused on a full host disk; killing the VMM");
         } else {
-            // Ask systemd over SSH (the images have no logind/acpid to act on the power
-            // button); the ACPI power button is the fallback for guests SSH cannot reach.
-            let asked = self
-                .ssh_run(spec, "systemctl poweroff --no-block", 2, Duration::from_secs(5))
-                .await
-                .is_ok_and(|o| o.code == 0);
+            // Ask the guest agent (the images have no logind/acpid to act on the power
+            // button); the ACPI power button is the fallback for a guest whose agent is gone.
+            let asked =
+                match tokio::time::timeout(Duration::from_secs(3), self.agents.get(spec, &agent_path(spec)))
+                    .await
+                {
+                    Ok(Ok(c)) => c.shutdown().await.is_ok(),
+                    _ => false,
+                };
             if !asked {
                 let _ = qmp_command(&qmp_path(spec), "system_powerdown").await;
             }
@@ -536,6 +621,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn cleanup(&self, spec: &MachineSpec) -> Result<(), VmmError> {
+        self.agents.forget(spec);
         self.close_master(spec).await;
         // An exited QEMU stays in its cgroup until it is reaped (by tokio, or by init after a
         // daemon restart), which may take a moment.
@@ -553,7 +639,13 @@ impl Hypervisor for Qemu {
             }
         }
         let _ = std::fs::remove_dir(jail::jail_dir(&spec.dir));
-        for p in [qmp_path(spec), pid_path(spec), initrd_path(spec), ctl_path(spec)] {
+        for p in [
+            qmp_path(spec),
+            agent_path(spec),
+            pid_path(spec),
+            initrd_path(spec),
+            ctl_path(spec),
+        ] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -561,24 +653,6 @@ impl Hypervisor for Qemu {
             }
         }
         Ok(())
-    }
-
-    async fn exec(
-        &self,
-        spec: &MachineSpec,
-        cmd: &str,
-        timeout: Duration,
-        out: OutputSink,
-    ) -> Result<i32, VmmError> {
-        let argv = self.ssh_target(spec).argv(false, 5, &[remote_command(cmd)]);
-        let done = run_streaming(&spec.name, &argv, timeout, &out, |e| spawn_error(e, &argv[0])).await?;
-        if is_ssh_failure(done.code, &done.stderr_tail) {
-            return Err(VmmError::Exec {
-                name: spec.name.clone(),
-                reason: String::from_utf8_lossy(&done.stderr_tail).trim().to_string(),
-            });
-        }
-        Ok(done.code)
     }
 
     fn limits(&self, spec: &MachineSpec) -> Option<Limits> {
