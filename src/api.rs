@@ -159,6 +159,12 @@ pub struct MachineInfo {
     /// The limits its VMM runs under, when the host enforces them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<MachineLimits>,
+    /// What the guest's agent reports (`machine status` of a running machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
+    /// Why a running machine is degraded: its agent does not answer (exec, shell and cp fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     /// Creation time (UTC).
     pub created_at: String,
 }
@@ -226,6 +232,92 @@ pub struct ExecRequest {
     pub cmd: String,
     /// Seconds before giving up (default 600).
     pub timeout_s: Option<u64>,
+}
+
+/// `POST /v1/machines/{name}/session` with `Upgrade: sistemo-session`: after `101 Switching
+/// Protocols` the connection carries the guest agent's frames (`sistemo_agent::proto`): the
+/// client sends stdin, its end, terminal sizes and signals; the daemon sends the output, then
+/// the exit (or failure) as the last frame. Closing the connection kills the session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRequest {
+    /// What to run.
+    pub job: SessionJob,
+    /// Environment entries `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory in the guest (absolute).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Guest user name or uid (default root).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Run on a terminal of this size.
+    #[serde(default)]
+    pub tty: Option<TermSize>,
+    /// Stream the client's stdin to the command.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Seconds before the command is killed (default: none).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// What a session runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SessionJob {
+    /// A program and its arguments.
+    Exec {
+        /// Argument vector.
+        argv: Vec<String>,
+    },
+    /// A command line run by the guest's `sh -c`.
+    Shell {
+        /// The command line.
+        cmd: String,
+    },
+    /// The user's login shell.
+    Login,
+    /// A tar archive of a guest path, sent as output (`machine cp NAME:SRC DST`).
+    CopyFrom {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// A tar archive read from stdin, unpacked at a guest path (`machine cp SRC NAME:DST`).
+    CopyTo {
+        /// Absolute guest path.
+        path: String,
+    },
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TermSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// What the guest's agent reports (`machine status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestInfo {
+    /// The agent's version.
+    pub agent: String,
+    /// Seconds since the guest booted.
+    pub uptime_s: u64,
+    /// Memory in use, KiB.
+    pub mem_used_kib: u64,
+    /// Total memory, KiB.
+    pub mem_total_kib: u64,
+    /// Root file system used, bytes.
+    pub disk_used: u64,
+    /// Root file system size, bytes.
+    pub disk_total: u64,
+    /// Addresses, `ifname addr/prefix`.
+    pub addresses: Vec<String>,
+    /// The guest's PID 1.
+    pub init: String,
 }
 
 /// Result of exec.

@@ -1,10 +1,11 @@
-//! Guest access: running commands in a running machine (output streamed as it comes), the argv
-//! of an interactive shell, and the console log.
+//! Guest access: running commands in a running machine (output streamed as it comes), sessions
+//! through the guest agent (stdin, terminals, file copy), the guest's own report, the argv of
+//! `machine ssh`, and the console log.
 
 use super::Machines;
 use crate::domain::MachineState;
 use crate::error::{Error, Result};
-use sistemo_vmm::{MachineSpec, OutputSink};
+use sistemo_vmm::{MachineSpec, OutputSink, Session, Start};
 use std::time::Duration;
 
 /// Most console output one `logs` call returns.
@@ -28,6 +29,22 @@ impl Machines {
     pub async fn exec(&self, name: &str, cmd: &str, timeout: Duration, out: OutputSink) -> Result<i32> {
         let spec = self.running_spec(name)?;
         Ok(self.vmm.exec(&spec, cmd, timeout, out).await?)
+    }
+
+    /// Open a session in a running machine through its agent.
+    pub async fn session(&self, name: &str, start: Start) -> Result<Session> {
+        let spec = self.running_spec(name)?;
+        Ok(self.vmm.session(&spec, start).await?)
+    }
+
+    /// A machine as [`Machines::get`] has it, plus what its guest agent reports when it runs.
+    pub async fn status(&self, name: &str) -> Result<super::MachineView> {
+        let mut v = self.get(name)?;
+        if v.machine.state == MachineState::Running && v.paused.is_none() {
+            let spec = self.spec_of(&v.machine)?;
+            v.guest = Some(self.vmm.facts(&spec).await.map_err(|e| e.to_string()));
+        }
+        Ok(v)
     }
 
     /// The argv of an interactive shell into a running machine.

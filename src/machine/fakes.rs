@@ -199,6 +199,18 @@ impl Hypervisor for FakeVmm {
         }
         Ok(0)
     }
+    async fn session(&self, spec: &MachineSpec, _: sistemo_vmm::Start) -> Result<sistemo_vmm::Session, VmmError> {
+        Err(VmmError::Exec {
+            name: spec.name.clone(),
+            reason: "the fake VMM has no guest agent".into(),
+        })
+    }
+    async fn facts(&self, spec: &MachineSpec) -> Result<sistemo_vmm::Facts, VmmError> {
+        Err(VmmError::Exec {
+            name: spec.name.clone(),
+            reason: "the fake VMM has no guest agent".into(),
+        })
+    }
     fn shell_command(&self, _: &MachineSpec) -> Vec<String> {
         vec!["true".into()]
     }

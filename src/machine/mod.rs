@@ -42,6 +42,9 @@ pub struct MachineView {
     pub limits: Option<sistemo_vmm::cgroup::Limits>,
     /// The hypervisor running it, e.g. `qemu-tcg`.
     pub vmm: String,
+    /// What its guest agent says (asked by [`Machines::status`] of a running machine): its
+    /// facts, or why it does not answer.
+    pub guest: Option<std::result::Result<sistemo_vmm::Facts, String>>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -217,6 +220,7 @@ impl Machines {
             paused: self.paused_reason(&machine),
             limits: self.limits_of(&machine),
             vmm: self.vmm.name(),
+            guest: None,
             machine,
             ports,
         }

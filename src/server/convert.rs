@@ -2,6 +2,7 @@
 //! services' rows turned into the wire types of [`crate::api`].
 
 use crate::api::{
+    GuestInfo, SessionJob, SessionRequest,
     DeployRequest, ImageRow, InfoResponse, MachineInfo, MachineLimits, NetworkInfo, PortInfo, PortRow,
 };
 use crate::domain::{ByteSize, MachineState};
@@ -99,8 +100,79 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
             cpus: l.cpu_quota_us as f64 / sistemo_vmm::cgroup::CPU_PERIOD_US as f64,
             pids: l.pids,
         }),
+        guest: match &v.guest {
+            Some(Ok(f)) => Some(GuestInfo {
+                agent: f.agent.clone(),
+                uptime_s: f.uptime_s,
+                mem_used_kib: f.mem_total_kib.saturating_sub(f.mem_available_kib),
+                mem_total_kib: f.mem_total_kib,
+                disk_used: f.disk_used,
+                disk_total: f.disk_total,
+                addresses: f.addresses.clone(),
+                init: f.init.clone(),
+            }),
+            _ => None,
+        },
+        degraded: match &v.guest {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        },
         created_at: m.created_at.clone(),
     }
+}
+
+/// A session request, checked: environment entries are `NAME=value`, guest paths absolute.
+pub fn session_start(r: &SessionRequest) -> Result<sistemo_vmm::Start> {
+    use sistemo_vmm::{Job, Start, WinSize};
+    let abs = |what: &str, p: &str| {
+        if p.starts_with('/') && !p.contains('\0') {
+            Ok(p.to_string())
+        } else {
+            Err(Error::Invalid(format!("{what} {p:?} is not an absolute guest path")))
+        }
+    };
+    let job = match &r.job {
+        SessionJob::Exec { argv } if argv.is_empty() => {
+            return Err(Error::Invalid("empty command (give a program, or use `machine shell`)".into()));
+        }
+        SessionJob::Exec { argv } => Job::Exec { argv: argv.clone() },
+        SessionJob::Shell { cmd } => Job::Exec {
+            argv: vec!["sh".into(), "-c".into(), cmd.clone()],
+        },
+        SessionJob::Login => Job::Exec { argv: Vec::new() },
+        SessionJob::CopyFrom { path } => Job::ReadArchive { path: abs("source", path)? },
+        SessionJob::CopyTo { path } => Job::WriteArchive { path: abs("destination", path)? },
+    };
+    let env = r
+        .env
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                Ok((k.to_string(), v.to_string()))
+            }
+            _ => Err(Error::Invalid(format!(
+                "environment entry {e:?} is not NAME=value (NAME: letters, digits, _)"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(w) = &r.workdir {
+        abs("working directory", w)?;
+    }
+    if r.user.as_deref().is_some_and(|u| u.is_empty() || u.contains(':') || u.contains('\n')) {
+        return Err(Error::Invalid(format!(
+            "user {:?} is not a user name or uid",
+            r.user.as_deref().unwrap_or("")
+        )));
+    }
+    Ok(Start {
+        job,
+        env,
+        cwd: r.workdir.clone(),
+        user: r.user.clone(),
+        tty: r.tty.map(|t| WinSize { rows: t.rows, cols: t.cols }),
+        stdin: r.stdin,
+        timeout_ms: r.timeout_s.map(|s| s.saturating_mul(1000)),
+    })
 }
 
 /// One row of `sistemo ports`.

@@ -2,6 +2,7 @@
 //! streams long operations as NDJSON events, and writes every change to the audit log.
 
 mod convert;
+mod session;
 mod tcp;
 
 pub use tcp::serve_tcp;
@@ -104,7 +105,7 @@ async fn list(State(h): State<AppState>) -> Result<Json<Vec<MachineInfo>>, Error
 }
 
 async fn status(State(h): State<AppState>, Path(name): Path<String>) -> Result<Json<MachineInfo>, Error> {
-    Ok(Json(convert::machine_info(&h.machines.get(&name)?)))
+    Ok(Json(convert::machine_info(&h.machines.status(&name).await?)))
 }
 
 async fn deploy(
@@ -398,6 +399,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/machines/{name}/unexpose", post(unexpose))
         .route("/v1/machines/{name}/exec", post(exec))
         .route("/v1/machines/{name}/shell", get(shell))
+        .route("/v1/machines/{name}/session", post(session::session))
         .route("/v1/machines/{name}/logs", get(logs))
         .route("/v1/machines/{name}/start", post(start))
         .route("/v1/machines/{name}/stop", post(stop))

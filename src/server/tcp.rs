@@ -75,7 +75,7 @@ pub async fn serve_tcp(
             remote: Some(addr.to_string()),
         });
         let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
-        let conn = http.serve_connection(TokioIo::new(io), svc);
+        let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::spawn(async move {
             let _slot = slot;
             match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {

@@ -340,6 +340,40 @@ impl Session {
         ev
     }
 
+    /// The session's input half, usable while another task reads its events.
+    pub fn input(&self) -> SessionInput {
+        SessionInput {
+            id: self.id,
+            client: self.client.clone(),
+            stdin_credit: self.stdin_credit.clone(),
+        }
+    }
+
+    /// Send bytes to the process's stdin, waiting for the agent's credit.
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ProtoError> {
+        self.input().write_stdin(data).await
+    }
+
+    /// No more stdin.
+    pub async fn close_stdin(&self) -> Result<(), ProtoError> {
+        self.input().close_stdin().await
+    }
+
+    /// Resize the session's terminal.
+    pub async fn resize(&self, size: WinSize) -> Result<(), ProtoError> {
+        self.input().resize(size).await
+    }
+}
+
+/// What a session's caller sends: stdin, its end, terminal sizes, signals.
+#[derive(Clone)]
+pub struct SessionInput {
+    id: u32,
+    client: Client,
+    stdin_credit: Arc<Semaphore>,
+}
+
+impl SessionInput {
     /// Send bytes to the process's stdin, waiting for the agent's credit.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ProtoError> {
         for c in data.chunks(CHUNK) {
@@ -349,32 +383,24 @@ impl Session {
                 .await
                 .map_err(|_| ProtoError::Io(std::io::ErrorKind::BrokenPipe.into()))?;
             permit.forget();
-            self.client
-                .send(Frame::data(Kind::Stdin, self.id, c.to_vec()))
-                .await?;
+            self.client.send(Frame::data(Kind::Stdin, self.id, c.to_vec())).await?;
         }
         Ok(())
     }
 
     /// No more stdin.
     pub async fn close_stdin(&self) -> Result<(), ProtoError> {
-        self.client
-            .send(Frame::control(self.id, &HostMsg::CloseStdin))
-            .await
+        self.client.send(Frame::control(self.id, &HostMsg::CloseStdin)).await
     }
 
     /// Resize the session's terminal.
     pub async fn resize(&self, size: WinSize) -> Result<(), ProtoError> {
-        self.client
-            .send(Frame::control(self.id, &HostMsg::Resize(size)))
-            .await
+        self.client.send(Frame::control(self.id, &HostMsg::Resize(size))).await
     }
 
     /// Signal the session's process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ProtoError> {
-        self.client
-            .send(Frame::control(self.id, &HostMsg::Signal { signal }))
-            .await
+        self.client.send(Frame::control(self.id, &HostMsg::Signal { signal })).await
     }
 }
 

@@ -95,12 +95,22 @@ fn account(user: Option<&str>) -> io::Result<Account> {
     }
 }
 
-/// Start `argv` as `start` says.
+/// Start `argv` as `start` says; an empty `argv` is the user's login shell.
 pub fn spawn(argv: &[String], start: &Start) -> io::Result<Spawned> {
-    let Some((prog, args)) = argv.split_first() else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
-    };
     let acct = account(start.user.as_deref())?;
+    let login;
+    let argv = if argv.is_empty() {
+        let shell = if acct.shell.ends_with("nologin") || !std::path::Path::new(&acct.shell).exists() {
+            "/bin/sh".to_string()
+        } else {
+            acct.shell.clone()
+        };
+        login = [shell, "-l".to_string()];
+        &login[..]
+    } else {
+        argv
+    };
+    let (prog, args) = argv.split_first().expect("not empty");
     let cwd = match &start.cwd {
         Some(c) => c.clone(),
         None if std::path::Path::new(&acct.home).is_dir() => acct.home.clone(),
