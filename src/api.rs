@@ -209,6 +209,13 @@ pub struct DeployRequest {
     /// Restart policy: `no` (default), `on-failure` or `always`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    /// What the deploy waits for: `agent` (default: the guest agent answers and the image's init
+    /// takes commands) or `ssh` (its sshd also answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
+    /// Seconds `wait` may take (default 180).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_timeout_s: Option<u64>,
 }
 
 /// `POST /v1/machines/{name}/expose`.

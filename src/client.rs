@@ -143,6 +143,11 @@ impl Client {
     }
 
     fn send(&self, method: &str, path: &str, body: Option<String>) -> Result<Resp> {
+        self.send_as(method, path, body, "Connection: close")
+    }
+
+    /// Send a request whose connection header is `connection`; read the status and headers.
+    fn send_as(&self, method: &str, path: &str, body: Option<String>, connection: &str) -> Result<Resp> {
         let unreachable = |e: std::io::Error| ClientError::Unreachable {
             socket: self.socket.display().to_string(),
             reason: e.to_string(),
@@ -150,7 +155,7 @@ impl Client {
         let mut s = UnixStream::connect(&self.socket).map_err(unreachable)?;
         let body = body.unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: sistemo\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: sistemo\r\n{connection}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).map_err(unreachable)?;
@@ -253,6 +258,24 @@ impl Client {
             return Err(api_error(status, &String::from_utf8_lossy(&text)));
         }
         Ok(())
+    }
+
+    /// Upgrade a POST of `body` to `path` to the protocol `upgrade`: the raw connection after
+    /// `101 Switching Protocols`, and whatever the daemon already sent after its headers.
+    pub fn upgrade(&self, path: &str, body: &impl Serialize, upgrade: &str) -> Result<(UnixStream, Vec<u8>)> {
+        let body = serde_json::to_string(body).expect("serialisable");
+        let mut r = self.send_as(
+            "POST",
+            path,
+            Some(body),
+            &format!("Connection: upgrade\r\nUpgrade: {upgrade}"),
+        )?;
+        if r.status == 101 {
+            let early = r.reader.buffer().to_vec();
+            return Ok((r.reader.into_inner(), early));
+        }
+        let body = r.read_lines(true, |_| true)?;
+        Err(api_error(r.status, &String::from_utf8_lossy(&body)))
     }
 
     /// A streamed operation: progress lines go to `progress`, the result is returned.

@@ -58,6 +58,13 @@ pub enum MachineCmd {
         /// Restart when its VMM ends by itself: no, on-failure or always (with back-off).
         #[arg(long, value_parser = ["no", "on-failure", "always"])]
         restart: Option<String>,
+        /// Ready when: agent (the guest agent answers and the image's init takes commands), or
+        /// ssh (its sshd answers too, for tools that need it).
+        #[arg(long, value_parser = ["agent", "ssh"], default_value = "agent")]
+        wait: String,
+        /// Seconds the wait may take.
+        #[arg(long, value_name = "SECONDS")]
+        wait_timeout: Option<u64>,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -94,19 +101,56 @@ pub enum MachineCmd {
         #[command(flatten)]
         m: MachineArg,
     },
-    /// Run a command in a machine; exits with its exit code.
+    /// Run a command in a machine (through its guest agent); exits with its exit code.
     #[command(
-        after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\""
+        after_help = "Examples:\n  sistemo machine exec web uname -a\n  sistemo machine exec web \"apt-get update && apt-get install -y nginx\"\n  sistemo machine exec api \"node server.js &\"\n  tar c src | sistemo machine exec -i web tar x -C /srv\n  sistemo machine exec -it -u www-data -w /var/www web bash"
     )]
     Exec {
         /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
+        /// Stream this command's stdin to it.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run it on a terminal (needs one here).
+        #[arg(short, long)]
+        tty: bool,
+        /// Set an environment variable, NAME=value (repeatable).
+        #[arg(short, long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Working directory in the guest.
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// Guest user name or uid (default root).
+        #[arg(short, long)]
+        user: Option<String>,
+        /// Kill the command after this many seconds (default 600 without -i/-t, else none).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
         /// Command; a single quoted string runs through the guest's shell.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
-    /// Interactive shell in a machine.
+    /// Interactive shell in a machine through its guest agent (no sshd needed).
+    Shell {
+        /// The machine it acts on.
+        #[command(flatten)]
+        m: MachineArg,
+        /// Guest user name or uid (default root).
+        #[arg(short, long)]
+        user: Option<String>,
+    },
+    /// Copy files or directories between a machine and this host (modes kept).
+    #[command(
+        after_help = "Examples:\n  sistemo machine cp ./site web:/var/www/html\n  sistemo machine cp web:/etc/nginx/nginx.conf ."
+    )]
+    Cp {
+        /// Source: a local path, or NAME:/guest/path.
+        src: String,
+        /// Destination: a local path, or NAME:/guest/path (into it when it is a directory).
+        dst: String,
+    },
+    /// Interactive shell in a machine over SSH (images that run sshd).
     Ssh {
         /// The machine it acts on.
         #[command(flatten)]
@@ -162,6 +206,22 @@ fn image_arg(image: &str) -> Result<String> {
         .map_err(|p| anyhow::anyhow!("image path {} is not UTF-8", p.display()))
 }
 
+/// The machine and guest path of a `machine cp` operand `NAME:/path`; `None` for a local path
+/// (one with a `/` before any `:`, or no `:` at all).
+fn guest_path(arg: &str) -> Result<Option<(String, String)>> {
+    match arg.split_once(':') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') => {
+            if !path.starts_with('/') {
+                bail!(Usage::new(std::io::Error::other(format!(
+                    "{arg:?}: the guest path must be absolute, as in {name}:/{path}"
+                ))));
+            }
+            Ok(Some((name.to_string(), path.to_string())))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Machine names for shell completion, asked from the daemon (nothing when it is not running).
 fn machine_names() -> Vec<CompletionCandidate> {
     let socket = std::env::var_os("SISTEMO_SOCKET").unwrap_or_else(|| DEFAULT_SOCKET.into());
@@ -186,7 +246,7 @@ fn lifecycle(c: &Client, machine_path: &str, op: &str) -> Result<MachineInfo> {
 }
 
 /// Run a `machine` subcommand; returns the exit code.
-pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
+pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
     let show = |m: &MachineInfo| -> Result<()> {
         if json {
             print_json(m)
@@ -208,6 +268,8 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             expose,
             network,
             restart,
+            wait,
+            wait_timeout,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
@@ -222,6 +284,8 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 expose,
                 network,
                 restart,
+                wait: Some(wait),
+                wait_timeout_s: wait_timeout,
             };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;
@@ -277,7 +341,103 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
         }
         MachineCmd::Exec {
             m: MachineArg { name },
+            interactive,
+            tty,
+            env,
+            workdir,
+            user,
+            timeout,
             cmd,
+        } if !json || interactive || tty || !env.is_empty() || workdir.is_some() || user.is_some() => {
+            use std::io::IsTerminal;
+            if tty && !std::io::stdin().is_terminal() {
+                bail!("-t needs a terminal on stdin (drop -t to pipe data with -i)");
+            }
+            let job = if cmd.len() == 1 {
+                SessionJob::Shell { cmd: cmd[0].clone() }
+            } else {
+                SessionJob::Exec { argv: cmd }
+            };
+            let req = SessionRequest {
+                job,
+                env,
+                workdir,
+                user,
+                tty: if tty {
+                    super::session::term_size().or(Some(TermSize { rows: 24, cols: 80 }))
+                } else {
+                    None
+                },
+                stdin: interactive || tty,
+                timeout_s: timeout,
+            };
+            // Output goes out byte-exact as it comes; `-o json` (below) collects it instead.
+            let local = match (tty, interactive) {
+                (true, _) => super::session::Local::Terminal,
+                (false, true) => super::session::Local::Stdin,
+                (false, false) => super::session::Local::Nothing,
+            };
+            return super::session::run(c, &name, &req, local).await;
+        }
+        MachineCmd::Shell {
+            m: MachineArg { name },
+            user,
+        } => {
+            use std::io::IsTerminal;
+            if !std::io::stdin().is_terminal() {
+                bail!(
+                    "machine shell needs a terminal; run a command with `sistemo machine exec -i {name} CMD`"
+                );
+            }
+            let req = SessionRequest {
+                job: SessionJob::Login,
+                env: Vec::new(),
+                workdir: None,
+                user,
+                tty: super::session::term_size().or(Some(TermSize { rows: 24, cols: 80 })),
+                stdin: true,
+                timeout_s: None,
+            };
+            return super::session::run(c, &name, &req, super::session::Local::Terminal).await;
+        }
+        MachineCmd::Cp { src, dst } => {
+            let (name, job, local) = match (guest_path(&src)?, guest_path(&dst)?) {
+                (Some((n, p)), None) => (
+                    n,
+                    SessionJob::CopyFrom { path: p },
+                    super::session::Local::Download(PathBuf::from(&dst)),
+                ),
+                (None, Some((n, p))) => {
+                    if !std::path::Path::new(&src).exists() {
+                        bail!("{src}: no such file or directory");
+                    }
+                    (
+                        n,
+                        SessionJob::CopyTo { path: p },
+                        super::session::Local::Upload(PathBuf::from(&src)),
+                    )
+                }
+                _ => bail!(Usage::new(std::io::Error::other(format!(
+                    "copy between a machine and this host: exactly one of {src:?} and {dst:?} must be NAME:/path"
+                )))),
+            };
+            let req = SessionRequest {
+                job,
+                env: Vec::new(),
+                workdir: None,
+                user: None,
+                tty: None,
+                stdin: matches!(local, super::session::Local::Upload(_)),
+                timeout_s: None,
+            };
+            let code = super::session::run(c, &name, &req, local).await?;
+            return Ok(code);
+        }
+        MachineCmd::Exec {
+            m: MachineArg { name },
+            timeout,
+            cmd,
+            ..
         } => {
             let line = if cmd.len() == 1 {
                 cmd[0].clone()
@@ -297,7 +457,7 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 &format!("{}/exec", path(&name)),
                 &ExecRequest {
                     cmd: line,
-                    timeout_s: None,
+                    timeout_s: timeout,
                 },
                 |ev| match ev {
                     ExecEvent::Exit(c) => {

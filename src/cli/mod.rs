@@ -7,6 +7,7 @@ mod image;
 mod machine;
 mod network;
 mod output;
+mod session;
 mod systemd;
 
 pub use image::ImageCmd;
@@ -212,7 +213,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             })?;
             crate::daemon::run(cfg).await?;
         }
-        Cmd::Machine { cmd } => return machine::run(&c, cmd, json, cli.yes),
+        Cmd::Machine { cmd } => return machine::run(&c, cmd, json, cli.yes).await,
         Cmd::Network { cmd } => network::run(&c, cmd, json, cli.yes)?,
         Cmd::Image { cmd } => image::run(&c, cmd, json, cli.yes).await?,
         Cmd::Ports => {

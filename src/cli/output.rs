@@ -35,10 +35,14 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 /// The page's status block.
 pub fn format_status(m: &MachineInfo) -> String {
+    let degraded = if m.degraded.is_some() { " (degraded)" } else { "" };
     let mut s = format!(
-        "ID:       {}\nName:     {}\nStatus:   {}\nIP:       {}\n",
+        "ID:       {}\nName:     {}\nStatus:   {}{degraded}\nIP:       {}\n",
         m.id, m.name, m.status, m.ip
     );
+    if let Some(d) = &m.degraded {
+        s.push_str(&format!("Degraded: {d}\n"));
+    }
     if let Some(e) = &m.error {
         s.push_str(&format!("Error:    {e}\n"));
     }
@@ -85,6 +89,22 @@ pub fn format_status(m: &MachineInfo) -> String {
             l.cpus,
             l.pids
         ));
+    }
+    if let Some(g) = &m.guest {
+        let b = crate::domain::ByteSize::bytes;
+        s.push_str(&format!(
+            "Guest:    up {}s, memory {} of {}, disk {} of {}, init {}, agent {}\n",
+            g.uptime_s,
+            b(g.mem_used_kib * 1024),
+            b(g.mem_total_kib * 1024),
+            b(g.disk_used),
+            b(g.disk_total),
+            g.init,
+            g.agent
+        ));
+        for a in &g.addresses {
+            s.push_str(&format!("  {a}\n"));
+        }
     }
     s
 }

@@ -199,7 +199,11 @@ impl Hypervisor for FakeVmm {
         }
         Ok(0)
     }
-    async fn session(&self, spec: &MachineSpec, _: sistemo_vmm::Start) -> Result<sistemo_vmm::Session, VmmError> {
+    async fn session(
+        &self,
+        spec: &MachineSpec,
+        _: sistemo_vmm::Start,
+    ) -> Result<sistemo_vmm::Session, VmmError> {
         Err(VmmError::Exec {
             name: spec.name.clone(),
             reason: "the fake VMM has no guest agent".into(),

@@ -80,7 +80,13 @@ impl Machines {
                 let (_, size) = images.create_disk(&d.image, &dir, d.storage, progress).await?;
                 self.store.lock().set_storage(m.id, size.as_bytes())?;
             }
-            self.boot(&m, progress).await
+            self.boot(&m, progress).await?;
+            if let Some(timeout) = d.wait_ssh {
+                progress("waiting for the guest's sshd (--wait ssh)");
+                let spec = self.spec_of(&m)?;
+                self.vmm.wait_ssh(&spec, timeout, progress).await?;
+            }
+            Ok(())
         }
         .await;
         if let Err(e) = res {

@@ -67,6 +67,8 @@ pub struct Deploy {
     pub network: Option<NetworkName>,
     /// What happens when its VMM ends by itself (default: nothing).
     pub restart: RestartPolicy,
+    /// Also wait for the guest's sshd (`--wait ssh`), at most this long.
+    pub wait_ssh: Option<std::time::Duration>,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.

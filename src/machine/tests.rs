@@ -90,6 +90,7 @@ fn web(expose: &[&str]) -> Deploy {
         expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
         network: None,
         restart: RestartPolicy::No,
+        wait_ssh: None,
     }
 }
 

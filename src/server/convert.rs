@@ -2,8 +2,8 @@
 //! services' rows turned into the wire types of [`crate::api`].
 
 use crate::api::{
-    GuestInfo, SessionJob, SessionRequest,
-    DeployRequest, ImageRow, InfoResponse, MachineInfo, MachineLimits, NetworkInfo, PortInfo, PortRow,
+    DeployRequest, GuestInfo, ImageRow, InfoResponse, MachineInfo, MachineLimits, NetworkInfo, PortInfo,
+    PortRow, SessionJob, SessionRequest,
 };
 use crate::domain::{ByteSize, MachineState};
 use crate::error::{Error, Result};
@@ -61,6 +61,15 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
         expose: specs(&req.expose)?,
         network: req.network.map(|n| n.parse()).transpose()?,
         restart: req.restart.map(|r| r.parse()).transpose()?.unwrap_or_default(),
+        wait_ssh: match req.wait.as_deref() {
+            None | Some("agent") => None,
+            Some("ssh") => Some(std::time::Duration::from_secs(req.wait_timeout_s.unwrap_or(180))),
+            Some(w) => {
+                return Err(Error::Invalid(format!(
+                    "wait {w:?} is not valid (allowed: agent, ssh)"
+                )));
+            }
+        },
         image,
     })
 }
@@ -128,20 +137,29 @@ pub fn session_start(r: &SessionRequest) -> Result<sistemo_vmm::Start> {
         if p.starts_with('/') && !p.contains('\0') {
             Ok(p.to_string())
         } else {
-            Err(Error::Invalid(format!("{what} {p:?} is not an absolute guest path")))
+            Err(Error::Invalid(format!(
+                "{what} {p:?} is not an absolute guest path"
+            )))
         }
     };
     let job = match &r.job {
         SessionJob::Exec { argv } if argv.is_empty() => {
-            return Err(Error::Invalid("empty command (give a program, or use `machine shell`)".into()));
+            return Err(Error::Invalid(
+                "empty command (give a program, or use `machine shell`)".into(),
+            ));
         }
         SessionJob::Exec { argv } => Job::Exec { argv: argv.clone() },
+        // A trailing `&` leaves the command running without holding the session's pipes.
         SessionJob::Shell { cmd } => Job::Exec {
-            argv: vec!["sh".into(), "-c".into(), cmd.clone()],
+            argv: vec!["sh".into(), "-c".into(), sistemo_vmm::detach_background(cmd)],
         },
         SessionJob::Login => Job::Exec { argv: Vec::new() },
-        SessionJob::CopyFrom { path } => Job::ReadArchive { path: abs("source", path)? },
-        SessionJob::CopyTo { path } => Job::WriteArchive { path: abs("destination", path)? },
+        SessionJob::CopyFrom { path } => Job::ReadArchive {
+            path: abs("source", path)?,
+        },
+        SessionJob::CopyTo { path } => Job::WriteArchive {
+            path: abs("destination", path)?,
+        },
     };
     let env = r
         .env
@@ -158,7 +176,10 @@ pub fn session_start(r: &SessionRequest) -> Result<sistemo_vmm::Start> {
     if let Some(w) = &r.workdir {
         abs("working directory", w)?;
     }
-    if r.user.as_deref().is_some_and(|u| u.is_empty() || u.contains(':') || u.contains('\n')) {
+    if r.user
+        .as_deref()
+        .is_some_and(|u| u.is_empty() || u.contains(':') || u.contains('\n'))
+    {
         return Err(Error::Invalid(format!(
             "user {:?} is not a user name or uid",
             r.user.as_deref().unwrap_or("")
@@ -169,7 +190,10 @@ pub fn session_start(r: &SessionRequest) -> Result<sistemo_vmm::Start> {
         env,
         cwd: r.workdir.clone(),
         user: r.user.clone(),
-        tty: r.tty.map(|t| WinSize { rows: t.rows, cols: t.cols }),
+        tty: r.tty.map(|t| WinSize {
+            rows: t.rows,
+            cols: t.cols,
+        }),
         stdin: r.stdin,
         timeout_ms: r.timeout_s.map(|s| s.saturating_mul(1000)),
     })

@@ -5,7 +5,7 @@
 //! ordinary HTTP error. After it, a client that goes away kills the session.
 
 use super::{AppState, Peer, convert};
-use crate::api::SessionRequest;
+use crate::api::{SessionJob, SessionRequest};
 use crate::error::Error;
 use axum::body::Body;
 use axum::extract::connect_info::ConnectInfo;
@@ -48,9 +48,15 @@ pub(super) async fn session(
     let sreq: SessionRequest =
         serde_json::from_slice(&body).map_err(|e| Error::Invalid(format!("bad session request: {e}")))?;
     let start = convert::session_start(&sreq)?;
-    let what = format!("{name} {}", serde_json::to_string(&sreq.job).unwrap_or_default());
+    let (action, what) = match &sreq.job {
+        SessionJob::Exec { argv } => ("machine.exec", argv.join(" ")),
+        SessionJob::Shell { cmd } => ("machine.exec", cmd.clone()),
+        SessionJob::Login => ("machine.shell", String::new()),
+        SessionJob::CopyFrom { path } => ("machine.cp", format!("from {path}")),
+        SessionJob::CopyTo { path } => ("machine.cp", format!("to {path}")),
+    };
     let opened = h.machines.session(&name, start).await;
-    let session = super::audited(&h, &p, "machine.session", &what, opened)?;
+    let session = super::audited(&h, &p, action, format!("{name} {what}").trim_end(), opened)?;
     let op = h.begin();
     tokio::spawn(async move {
         let _op = op;
@@ -103,9 +109,21 @@ async fn bridge<S: AsyncRead + AsyncWrite>(io: S, mut session: Session) {
                 Some(SessionEvent::Stdout(b)) => (Frame::data(Kind::Stdout, 1, b), false),
                 Some(SessionEvent::Stderr(b)) => (Frame::data(Kind::Stderr, 1, b), false),
                 Some(SessionEvent::Started(pid)) => (Frame::control(1, &GuestMsg::Started { pid }), false),
-                Some(SessionEvent::Exited { code, signal, timed_out }) => {
-                    (Frame::control(1, &GuestMsg::Exited { code, signal, timed_out }), true)
-                }
+                Some(SessionEvent::Exited {
+                    code,
+                    signal,
+                    timed_out,
+                }) => (
+                    Frame::control(
+                        1,
+                        &GuestMsg::Exited {
+                            code,
+                            signal,
+                            timed_out,
+                        },
+                    ),
+                    true,
+                ),
                 Some(SessionEvent::Failed(error)) => (Frame::control(1, &GuestMsg::Failed { error }), true),
                 Some(SessionEvent::Facts(_)) => continue,
                 None => (
@@ -119,7 +137,10 @@ async fn bridge<S: AsyncRead + AsyncWrite>(io: S, mut session: Session) {
                 ),
             };
             buf.clear();
-            if Codec.encode(frame, &mut buf).is_err() || wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            if Codec.encode(frame, &mut buf).is_err()
+                || wr.write_all(&buf).await.is_err()
+                || wr.flush().await.is_err()
+            {
                 return;
             }
             if last {

@@ -53,7 +53,27 @@ struct Inner {
     next: AtomicU32,
     closed: AtomicBool,
     agent: String,
+    /// When the agent last answered a ping (or its hello).
+    last_pong: Mutex<std::time::Instant>,
+    /// The reader and writer tasks, ended by [`Inner::close`].
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
+
+impl Inner {
+    /// End the connection: every session sees its end, the stream is dropped.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.routes.lock().expect("routes").clear();
+        for t in self.tasks.lock().expect("tasks").drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// How often a connection is checked.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// Silence after which the agent is taken for gone.
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connected agent. Cheap to clone; the channel closes when the stream does.
 #[derive(Clone)]
@@ -139,10 +159,36 @@ where
         next: AtomicU32::new(1),
         closed: AtomicBool::new(false),
         agent,
+        last_pong: Mutex::new(std::time::Instant::now()),
+        tasks: Mutex::new(Vec::new()),
     });
-    tokio::spawn(write_loop(wr, out_rx));
-    tokio::spawn(read_loop(rd, rest, Arc::downgrade(&inner)));
+    let w = tokio::spawn(write_loop(wr, out_rx)).abort_handle();
+    let r = tokio::spawn(read_loop(rd, rest, Arc::downgrade(&inner))).abort_handle();
+    inner.tasks.lock().expect("tasks").extend([w, r]);
+    tokio::spawn(keepalive(Arc::downgrade(&inner)));
     Ok(Client { inner })
+}
+
+/// Ping the agent; close the connection when it stays silent for [`PING_TIMEOUT`].
+async fn keepalive(inner: std::sync::Weak<Inner>) {
+    let mut n = 0u64;
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        let Some(i) = inner.upgrade() else {
+            return;
+        };
+        if i.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if i.last_pong.lock().expect("pong").elapsed() > PING_TIMEOUT {
+            i.close();
+            return;
+        }
+        n += 1;
+        let _ = i
+            .out
+            .try_send(Frame::control(proto::CHANNEL, &HostMsg::Ping { n }));
+    }
 }
 
 fn nonce() -> u128 {
@@ -207,6 +253,12 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mut acc: BytesMut, inner: st
 }
 
 fn route(inner: &Inner, f: Frame) {
+    if f.session == proto::CHANNEL {
+        if let Ok(GuestMsg::Pong { .. }) = f.message::<GuestMsg>() {
+            *inner.last_pong.lock().expect("pong") = std::time::Instant::now();
+        }
+        return;
+    }
     let mut routes = inner.routes.lock().expect("routes");
     let Some(r) = routes.get(&f.session) else {
         return;
@@ -235,7 +287,7 @@ fn route(inner: &Inner, f: Frame) {
                 r.stdin_credit.add_permits(bytes as usize);
                 return;
             }
-            Ok(GuestMsg::Hello { .. }) | Err(_) => return,
+            Ok(GuestMsg::Hello { .. } | GuestMsg::Pong { .. }) | Err(_) => return,
         },
     };
     let _ = r.events.send(ev);
@@ -383,24 +435,32 @@ impl SessionInput {
                 .await
                 .map_err(|_| ProtoError::Io(std::io::ErrorKind::BrokenPipe.into()))?;
             permit.forget();
-            self.client.send(Frame::data(Kind::Stdin, self.id, c.to_vec())).await?;
+            self.client
+                .send(Frame::data(Kind::Stdin, self.id, c.to_vec()))
+                .await?;
         }
         Ok(())
     }
 
     /// No more stdin.
     pub async fn close_stdin(&self) -> Result<(), ProtoError> {
-        self.client.send(Frame::control(self.id, &HostMsg::CloseStdin)).await
+        self.client
+            .send(Frame::control(self.id, &HostMsg::CloseStdin))
+            .await
     }
 
     /// Resize the session's terminal.
     pub async fn resize(&self, size: WinSize) -> Result<(), ProtoError> {
-        self.client.send(Frame::control(self.id, &HostMsg::Resize(size))).await
+        self.client
+            .send(Frame::control(self.id, &HostMsg::Resize(size)))
+            .await
     }
 
     /// Signal the session's process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ProtoError> {
-        self.client.send(Frame::control(self.id, &HostMsg::Signal { signal })).await
+        self.client
+            .send(Frame::control(self.id, &HostMsg::Signal { signal }))
+            .await
     }
 }
 

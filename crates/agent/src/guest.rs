@@ -183,6 +183,10 @@ async fn handle(f: Frame, out: &mut Out, sessions: &Sessions, current: &Arc<Atom
                     .await;
                 }
                 HostMsg::Shutdown if id == CHANNEL => crate::sys::power_off(),
+                HostMsg::Ping { n } => {
+                    let o = out.clone();
+                    tokio::spawn(async move { o.msg(CHANNEL, GuestMsg::Pong { n }).await });
+                }
                 HostMsg::Start(start) => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let credit = Arc::new(Semaphore::new(WINDOW as usize));
@@ -259,8 +263,9 @@ async fn pump(
     out: Out,
     credit: Arc<Semaphore>,
     mut exited: watch::Receiver<bool>,
-) {
+) -> std::io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
     loop {
         let n = if *exited.borrow() {
             match tokio::time::timeout(DRAIN_AFTER_EXIT, r.read(&mut buf)).await {
@@ -273,9 +278,11 @@ async fn pump(
                 _ = exited.changed() => continue,
             }
         };
-        // A PTY master reads EIO once the terminal's last user is gone.
         let n = match n {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
+            // A PTY master reads EIO once the terminal's last user is gone.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => return Err(e),
             Ok(n) => n,
         };
         match credit.acquire_many(n as u32).await {
@@ -283,7 +290,9 @@ async fn pump(
             Err(_) => break,
         }
         out.frame(Frame::data(kind, id, buf[..n].to_vec())).await;
+        total += n as u64;
     }
+    Ok(total)
 }
 
 /// Run one session to its end; returns its last message.
@@ -392,7 +401,7 @@ async fn run(
                 crate::archive::pack(std::path::Path::new(&path), w).map_err(|e| format!("{path}: {e}"))
             });
             let (_never, rx) = watch::channel(false);
-            pump(
+            let sent = pump(
                 Box::new(pipe_reader(r)),
                 Kind::Stdout,
                 id,
@@ -401,14 +410,20 @@ async fn run(
                 rx,
             )
             .await;
-            match packer.await {
-                Ok(Ok(())) => GuestMsg::Exited {
+            match (packer.await, sent) {
+                (_, Err(e)) => GuestMsg::Failed {
+                    error: format!("reading the archive: {e}"),
+                },
+                (Ok(Ok(())), Ok(0)) => GuestMsg::Failed {
+                    error: "the archive came out empty".into(),
+                },
+                (Ok(Ok(())), Ok(_)) => GuestMsg::Exited {
                     code: Some(0),
                     signal: None,
                     timed_out: false,
                 },
-                Ok(Err(e)) => GuestMsg::Failed { error: e },
-                Err(e) => GuestMsg::Failed { error: e.to_string() },
+                (Ok(Err(e)), _) => GuestMsg::Failed { error: e },
+                (Err(e), _) => GuestMsg::Failed { error: e.to_string() },
             }
         }
         Job::WriteArchive { path } => {

@@ -255,6 +255,12 @@ pub enum HostMsg {
     Facts,
     /// Power the guest off (session 0).
     Shutdown,
+    /// Are you there? (session 0; answered by [`GuestMsg::Pong`]). A guest whose agent died
+    /// keeps its port's socket open on the host: only silence tells.
+    Ping {
+        /// Echoed.
+        n: u64,
+    },
 }
 
 /// Guest to host.
@@ -297,6 +303,11 @@ pub enum GuestMsg {
     },
     /// Facts about the guest (the session's last message).
     Facts(Facts),
+    /// Answer to [`HostMsg::Ping`].
+    Pong {
+        /// The ping's number.
+        n: u64,
+    },
 }
 
 /// What the guest reports about itself for `machine status`.

@@ -262,3 +262,30 @@ async fn garbage_before_the_marker_is_skipped() {
     let (o, _, _) = drain(c.start(exec(&["echo", "ok"])).await.unwrap()).await;
     assert_eq!(o, b"ok\n");
 }
+
+#[tokio::test]
+async fn archives_of_directories_come_back_whole_every_time() {
+    let c = pair().await;
+    let t = std::env::temp_dir().join(format!("sistemo-agent-cp-many-{}", std::process::id()));
+    std::fs::create_dir_all(t.join("src/sub")).unwrap();
+    std::fs::write(t.join("src/sub/f"), b"hello").unwrap();
+    // A session left stalled (no credit granted) must not disturb the others.
+    let mut stalled = c.start(exec(&["sh", "-c", "exec yes"])).await.unwrap();
+    let mut got = 0;
+    while got < 2_000_000 {
+        if let Some(Event::Stdout(b)) = stalled.next().await {
+            got += b.len();
+        }
+    }
+    for i in 0..200 {
+        let mut st = exec(&[]);
+        st.job = Job::ReadArchive {
+            path: t.join("src").display().to_string(),
+        };
+        let (o, _, end) = drain(c.start(st).await.unwrap()).await;
+        assert_eq!(code(&end), (Some(0), None));
+        assert!(o.len() >= 2048, "round {i}: {} bytes", o.len());
+    }
+    drop(stalled);
+    std::fs::remove_dir_all(&t).unwrap();
+}

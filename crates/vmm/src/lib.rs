@@ -32,7 +32,7 @@ mod ssh;
 pub use agent::AGENT_BINARY;
 pub use error::VmmError;
 pub use exec::{ExecOutput, OUTPUT_QUEUE, OutputChunk, OutputSink, exec_collect, output_queue};
-pub use shell::shell_quote;
+pub use shell::{detach_background, shell_quote};
 pub use sistemo_agent::client::{Event as SessionEvent, Session};
 pub use sistemo_agent::proto::{Facts, Job, Start, WinSize};
 

@@ -16,7 +16,7 @@ pub fn shell_quote(w: &str) -> String {
 
 /// Wrap a command line so that a trailing `&` detaches it from exec's pipes (else the exec
 /// would wait for the background process to close them).
-pub(crate) fn detach_background(cmd: &str) -> String {
+pub fn detach_background(cmd: &str) -> String {
     let t = cmd.trim_end();
     if t.ends_with('&') && !t.ends_with("&&") {
         format!("{{ {t} }} </dev/null >/dev/null 2>&1")
