@@ -57,9 +57,9 @@ pub(super) async fn session(
     };
     let opened = h.machines.session(&name, start).await;
     let session = super::audited(&h, &p, action, format!("{name} {what}").trim_end(), opened)?;
-    let op = h.begin();
+    // Not an in-flight operation that a daemon stop waits for: an interactive session may last
+    // for hours, and the daemon's departure ends it (the agent kills its process).
     tokio::spawn(async move {
-        let _op = op;
         match upgrade.await {
             Ok(io) => bridge(TokioIo::new(io), session).await,
             Err(e) => tracing::debug!("session upgrade failed: {e}"),
