@@ -90,6 +90,9 @@ fn web(expose: &[&str]) -> Deploy {
         expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
         network: None,
         restart: RestartPolicy::No,
+        attach: vec![],
+        root_volume: None,
+        clone_of: None,
     }
 }
 
