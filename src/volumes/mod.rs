@@ -201,7 +201,8 @@ impl Volumes {
         self.test_pause("file made").await;
         std::fs::rename(&part, &path).map_err(Error::io(format!("placing {}", path.display())))?;
         self.test_pause("file placed").await;
-        match self.store.lock().insert_volume(&v) {
+        let inserted = self.store.lock().insert_volume(&v);
+        match inserted {
             Ok(v) => self.view(v),
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
