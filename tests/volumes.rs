@@ -27,7 +27,11 @@ fn names(env: &Env) -> BTreeSet<String> {
 }
 
 fn sha(path: &str) -> String {
-    ok(&["sha256sum", path]).split_whitespace().next().unwrap().to_string()
+    ok(&["sha256sum", path])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// `volumes/` holds exactly one `ID.raw` per listed volume and nothing else.
@@ -60,12 +64,18 @@ fn volumes_through_the_cli() {
     let env = Env::new("svol");
     step("create, list, show");
     let v = json(&env, &["volume", "create", "64M", "--name", "pgdata"]);
-    assert_eq!((v["kind"].as_str(), v["format"].as_str()), (Some("volume"), Some("ext4")));
+    assert_eq!(
+        (v["kind"].as_str(), v["format"].as_str()),
+        (Some("volume"), Some("ext4"))
+    );
     assert_eq!(v["size_bytes"], 64 << 20);
     let path = v["path"].as_str().unwrap().to_string();
     let md = std::fs::metadata(&path).unwrap();
     assert_eq!(md.permissions().mode() & 0o777, 0o600);
-    assert!(std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 32 << 20, "sparse");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 32 << 20,
+        "sparse"
+    );
     let dir = std::fs::metadata(env.dir.join("data/volumes")).unwrap();
     assert_eq!(dir.permissions().mode() & 0o777, 0o700);
     ok(&["e2fsck", "-fn", &path]);
@@ -74,27 +84,58 @@ fn volumes_through_the_cli() {
     assert!(gen_name.starts_with("vol-"), "{gen_name}");
     assert_eq!(raw["format"], "raw");
     for alias in ["show", "get", "info"] {
-        assert_eq!(json(&env, &["volume", alias, "pgdata"])["path"].as_str(), Some(path.as_str()));
+        assert_eq!(
+            json(&env, &["volume", alias, "pgdata"])["path"].as_str(),
+            Some(path.as_str())
+        );
     }
     assert!(env.cli_ok(&["volume", "ls"]).contains("pgdata"));
 
     step("bad input: one line, nothing changed");
     let before = names(&env);
     for (args, want, code) in [
-        (vec!["volume", "create", "0", "--name", "z"], "greater than zero", 2),
+        (
+            vec!["volume", "create", "0", "--name", "z"],
+            "greater than zero",
+            2,
+        ),
         (vec!["volume", "create", "-5G", "--name", "z"], "is not a size", 2),
-        (vec!["volume", "create", "lots", "--name", "z"], "is not a size", 2),
+        (
+            vec!["volume", "create", "lots", "--name", "z"],
+            "is not a size",
+            2,
+        ),
         (vec!["volume", "create", "300G", "--name", "z"], "max_storage", 2),
-        (vec!["volume", "create", "1M", "--name", "z"], "too small for ext4", 2),
+        (
+            vec!["volume", "create", "1M", "--name", "z"],
+            "too small for ext4",
+            2,
+        ),
         (vec!["volume", "create", "1G", "--name", "Bad"], "\"Bad\"", 2),
-        (vec!["volume", "create", "16M", "--name", "pgdata"], "already taken", 1),
+        (
+            vec!["volume", "create", "16M", "--name", "pgdata"],
+            "already taken",
+            1,
+        ),
         (vec!["volume", "show", "nope"], "\"nope\" does not exist", 1),
-        (vec!["volume", "resize", "nope", "1G"], "\"nope\" does not exist", 1),
+        (
+            vec!["volume", "resize", "nope", "1G"],
+            "\"nope\" does not exist",
+            1,
+        ),
         (vec!["volume", "resize", "pgdata", "32M"], "only grow", 2),
         (vec!["volume", "resize", "pgdata", "0"], "greater than zero", 2),
-        (vec!["volume", "snapshot", "nope", "s"], "\"nope\" does not exist", 1),
+        (
+            vec!["volume", "snapshot", "nope", "s"],
+            "\"nope\" does not exist",
+            1,
+        ),
         (vec!["volume", "clone", "nope", "c"], "\"nope\" does not exist", 1),
-        (vec!["-y", "volume", "delete", "nope"], "\"nope\" does not exist", 1),
+        (
+            vec!["-y", "volume", "delete", "nope"],
+            "\"nope\" does not exist",
+            1,
+        ),
     ] {
         refused(&env, &args, want, code);
     }
@@ -105,7 +146,11 @@ fn volumes_through_the_cli() {
     step("resize grows the file and its ext4");
     let blocks = |p: &str| -> u64 {
         let o = ok(&["dumpe2fs", "-h", p]);
-        let l = o.lines().find(|l| l.starts_with("Block count:")).unwrap().to_string();
+        let l = o
+            .lines()
+            .find(|l| l.starts_with("Block count:"))
+            .unwrap()
+            .to_string();
         l.split_whitespace().last().unwrap().parse().unwrap()
     };
     let b0 = blocks(&path);
@@ -126,23 +171,47 @@ fn volumes_through_the_cli() {
         "read-write to machine a",
         1,
     );
-    assert!(env.cli_err(&["machine", "status", "b"]).contains("does not exist"));
+    assert!(
+        env.cli_err(&["machine", "status", "b"])
+            .contains("does not exist")
+    );
     refused(
         &env,
         &["machine", "volume", "attach", "a", &gen_name],
         "hot-plug is not implemented",
         1,
     );
-    refused(&env, &["-y", "volume", "delete", "pgdata"], "attached to machine(s) a", 1);
-    refused(&env, &["volume", "resize", "pgdata", "256M"], "stop them first", 1);
+    refused(
+        &env,
+        &["-y", "volume", "delete", "pgdata"],
+        "attached to machine(s) a",
+        1,
+    );
+    refused(
+        &env,
+        &["volume", "resize", "pgdata", "256M"],
+        "stop them first",
+        1,
+    );
     refused(
         &env,
         &["machine", "volume", "attach", "a", "nope"],
         "\"nope\" does not exist",
         1,
     );
-    refused(&env, &["machine", "volume", "attach", "a", "pgdata", "--mount", "data"], "absolute", 2);
-    assert_eq!(json(&env, &["machine", "volume", "ls", "a"]).as_array().unwrap().len(), 1);
+    refused(
+        &env,
+        &["machine", "volume", "attach", "a", "pgdata", "--mount", "data"],
+        "absolute",
+        2,
+    );
+    assert_eq!(
+        json(&env, &["machine", "volume", "ls", "a"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     step("stopped: attach read-only, raw without a mount, detach");
     env.cli_ok(&["machine", "stop", "a"]);
@@ -156,8 +225,21 @@ fn volumes_through_the_cli() {
     let vs = json(&env, &["machine", "volume", "list", "a"]);
     assert_eq!(vs.as_array().unwrap().len(), 2);
     assert_eq!(vs[1]["readonly"], true);
-    env.cli_ok(&["machine", "deploy", "debian", "--name", "b", "--attach", &format!("{gen_name}:ro")]);
-    refused(&env, &["machine", "volume", "detach", "a", "nope"], "does not exist", 1);
+    env.cli_ok(&[
+        "machine",
+        "deploy",
+        "debian",
+        "--name",
+        "b",
+        "--attach",
+        &format!("{gen_name}:ro"),
+    ]);
+    refused(
+        &env,
+        &["machine", "volume", "detach", "a", "nope"],
+        "does not exist",
+        1,
+    );
     env.cli_ok(&["machine", "volume", "detach", "a", &gen_name]);
     env.cli_ok(&["machine", "start", "a"]);
 
@@ -166,10 +248,18 @@ fn volumes_through_the_cli() {
     let snap = json(&env, &["volume", "snapshot", "pgdata", "snap1"]);
     assert_eq!(snap["kind"], "snapshot");
     assert_eq!(sha(snap["path"].as_str().unwrap()), sha(&path));
-    refused(&env, &["machine", "volume", "attach", "a", "snap1"], "is a snapshot", 1);
+    refused(
+        &env,
+        &["machine", "volume", "attach", "a", "snap1"],
+        "is a snapshot",
+        1,
+    );
     refused(&env, &["volume", "resize", "snap1", "1G"], "is a snapshot", 2);
     let c = json(&env, &["volume", "clone", "snap1", "c1"]);
-    assert_eq!((c["kind"].as_str(), c["size_bytes"].as_u64()), (Some("volume"), Some(128 << 20)));
+    assert_eq!(
+        (c["kind"].as_str(), c["size_bytes"].as_u64()),
+        (Some("volume"), Some(128 << 20))
+    );
     assert!(c["source"].as_str().unwrap().contains("snap1"));
     ok(&["e2fsck", "-fn", c["path"].as_str().unwrap()]);
     // netns machines have no root disk (the real-VM test snapshots one)
@@ -178,14 +268,25 @@ fn volumes_through_the_cli() {
     step("machine delete keeps volumes; volume delete removes them");
     env.cli_ok(&["-y", "machine", "delete", "a"]);
     env.cli_ok(&["-y", "machine", "delete", "b"]);
-    assert!(json(&env, &["volume", "show", "pgdata"])["attached_to"].as_array().unwrap().is_empty());
+    assert!(
+        json(&env, &["volume", "show", "pgdata"])["attached_to"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     assert!(std::path::Path::new(&path).exists());
     env.cli_ok(&["-y", "volume", "rm", "pgdata"]);
     assert!(!std::path::Path::new(&path).exists());
     refused(&env, &["volume", "show", "pgdata"], "does not exist", 1);
     files_match_rows(&env);
     let h = json(&env, &["history", "--action", "volume"]);
-    assert!(h.as_array().unwrap().iter().any(|e| e["action"] == "volume.create"), "{h}");
+    assert!(
+        h.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "volume.create"),
+        "{h}"
+    );
 }
 
 /// How many times the daemon paused at `stage`.
@@ -223,21 +324,31 @@ fn killed_daemon_mid_volume_operation_loses_nothing() {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            poll(&format!("{op} pausing at {stage}"), Duration::from_secs(30), || {
-                (pauses(&env, stage) > n).then_some(())
-            });
+            poll(
+                &format!("{op} pausing at {stage}"),
+                Duration::from_secs(30),
+                || (pauses(&env, stage) > n).then_some(()),
+            );
             env.kill_daemon("-KILL");
             let _ = cli.wait();
             env.start_daemon();
             let listed = names(&env);
-            assert_eq!(listed, BTreeSet::from(["base".to_string()]), "nothing half-made listed");
+            assert_eq!(
+                listed,
+                BTreeSet::from(["base".to_string()]),
+                "nothing half-made listed"
+            );
             files_match_rows(&env);
             let b = json(&env, &["volume", "show", "base"]);
             if op == "resize" && stage == "file placed" {
                 grown = true;
             }
             let size: u64 = if grown { 128 << 20 } else { 64 << 20 };
-            assert_eq!(b["size_bytes"].as_u64(), Some(size), "the recorded size is the file's");
+            assert_eq!(
+                b["size_bytes"].as_u64(),
+                Some(size),
+                "the recorded size is the file's"
+            );
             assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
             if !grown {
                 assert_eq!(sha(&path), sum, "the source is intact");
@@ -245,5 +356,8 @@ fn killed_daemon_mid_volume_operation_loses_nothing() {
             ok(&["e2fsck", "-fn", &path]);
         }
     }
-    assert!(env.log().contains("removing a volume file a crash left half-made"));
+    assert!(
+        env.log()
+            .contains("removing a volume file a crash left half-made")
+    );
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// The guest's `/init`: load modules, mount the root disk, apply the machine's config inside it,
 /// and hand over to its `/sbin/init`. Any failure ends in a kernel panic, which stops the VMM.
-const INIT_SCRIPT: &str = include_str!("init.sh");
+pub(super) const INIT_SCRIPT: &str = include_str!("init.sh");
 
 /// True when `elf` is an ELF executable without a program interpreter (statically linked).
 fn is_static_elf(elf: &[u8]) -> bool {

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 /// Bumped whenever the base initramfs layout or `/init` changes, so caches are rebuilt.
-const INITRAMFS_VERSION: u32 = 5;
+const INITRAMFS_VERSION: u32 = 4;
 
 /// The Debian metapackage whose dependency is the kernel we boot.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -78,7 +78,16 @@ pub async fn ensure_boot_assets(
             c
         }
     };
-    let initramfs = kdir.join(format!("initramfs-{}-v{INITRAMFS_VERSION}.img", kernel.version));
+    // The name also carries a digest of `/init`: branches that change it never share a cache.
+    let init = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(super::initramfs::INIT_SCRIPT.as_bytes());
+        d.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let initramfs = kdir.join(format!(
+        "initramfs-{}-v{INITRAMFS_VERSION}-{init}.img",
+        kernel.version
+    ));
     if !initramfs.exists() {
         progress("building the base initramfs");
         let busybox = find_static_busybox()?;
