@@ -47,6 +47,13 @@ ROUTES = {
     "expose": ("POST", "/v1/machines/{name}/expose", "json"),
     "unexpose": ("POST", "/v1/machines/{name}/unexpose", "json"),
     "exec": ("POST", "/v1/machines/{name}/exec", "exec"),
+    "start": ("POST", "/v1/machines/{name}/start", "events"),
+    "stop": ("POST", "/v1/machines/{name}/stop", "events"),
+    "attach": ("POST", "/v1/machines/{name}/volumes", "json"),
+    "volume_create": ("POST", "/v1/volumes", "events"),
+    "volume_snapshot": ("POST", "/v1/volumes/{name}/snapshot", "events"),
+    "volume_clone": ("POST", "/v1/volumes/{name}/clone", "events"),
+    "volume_delete": ("DELETE", "/v1/volumes/{name}", "json"),
 }
 
 

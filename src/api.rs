@@ -167,6 +167,9 @@ pub struct MachineInfo {
     pub degraded: Option<String>,
     /// Creation time (UTC).
     pub created_at: String,
+    /// Its volumes (the root one first).
+    #[serde(default)]
+    pub volumes: Vec<VolumeAttachmentInfo>,
 }
 
 /// What a machine's VMM may use (its cgroup).
@@ -216,6 +219,12 @@ pub struct DeployRequest {
     /// Seconds `wait` may take (default 180).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_timeout_s: Option<u64>,
+    /// Volumes to attach: `NAME[:/MOUNT][:ro]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attach: Vec<String>,
+    /// Boot from this existing volume (its root file system) instead of an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 /// `POST /v1/machines/{name}/expose`.
@@ -413,6 +422,9 @@ pub struct InfoResponse {
     /// Running machines paused because the host's disk is full (resumed when space returns).
     #[serde(default)]
     pub paused: Vec<String>,
+    /// How volume snapshots and clones are made on the data dir (reflink or sparse copy).
+    #[serde(default)]
+    pub volume_copy: String,
 }
 
 /// An image in the local store.
@@ -440,6 +452,88 @@ pub struct ImageBuildRequest {
     pub name: Option<String>,
     /// Extra Debian packages baked in.
     pub include: Vec<String>,
+}
+
+/// A volume or snapshot (`volume list`, `volume show`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// UUID (names its file).
+    pub id: String,
+    /// Unique name among volumes and snapshots.
+    pub name: String,
+    /// `volume` or `snapshot`.
+    pub kind: String,
+    /// `ext4` or `raw`.
+    pub format: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// What it was made from (a volume, a snapshot, a machine and its configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Machines it is attached to.
+    pub attached_to: Vec<VolumeAttachmentInfo>,
+    /// Its file on the host.
+    pub path: String,
+    /// Creation time (UTC).
+    pub created_at: String,
+}
+
+/// One attachment of a volume to a machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeAttachmentInfo {
+    /// The volume.
+    pub volume: String,
+    /// The machine.
+    pub machine: String,
+    /// Where the guest mounts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<String>,
+    /// Read-only.
+    pub readonly: bool,
+    /// The machine boots from it.
+    pub root: bool,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeCreateRequest {
+    /// Size, e.g. `5G`.
+    pub size: String,
+    /// Name (default: generated, `vol-` and 8 hex digits).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `ext4` (default) or `raw`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeResizeRequest {
+    /// New size, larger than the current one.
+    pub size: String,
+}
+
+/// `POST /v1/volumes/{name}/snapshot`, `…/clone`, `/v1/machines/{name}/snapshot` and
+/// `…/clone`: the new object's name (optional for a machine snapshot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NameRequest {
+    /// Its name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/volumes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachRequest {
+    /// Volume name.
+    pub volume: String,
+    /// Where the guest mounts it (ext4 volumes).
+    #[serde(default)]
+    pub mount: Option<String>,
+    /// Read-only.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// One streamed line of `exec` (NDJSON): output chunks as they come, then the exit code.

@@ -84,6 +84,10 @@ pub struct Config {
     pub allow_http_images: bool,
     /// Largest image a URL may download (received and after decompression).
     pub max_image_size: ByteSize,
+    /// Tests only (`SISTEMO_TEST_VOLUME_PAUSE_MS`): volume operations pause this long at each
+    /// crash-relevant point, so a crash test can kill the daemon there. Never in a file.
+    #[serde(skip)]
+    pub test_volume_pause_ms: Option<u64>,
 }
 
 impl Default for Config {
@@ -120,6 +124,7 @@ impl Default for Config {
             image_dirs: vec![],
             allow_http_images: false,
             max_image_size: ByteSize::bytes(DEFAULT_MAX_IMAGE_SIZE),
+            test_volume_pause_ms: None,
         }
     }
 }
@@ -219,6 +224,9 @@ impl Config {
         cfg.debian_mirror = std::env::var("SISTEMO_DEBIAN_MIRROR").ok().or(cfg.debian_mirror);
         cfg.debootstrap_cache = path_var("SISTEMO_DEBOOTSTRAP_CACHE").or(cfg.debootstrap_cache);
         cfg.kernel_deb = path_var("SISTEMO_KERNEL_DEB").or(cfg.kernel_deb);
+        cfg.test_volume_pause_ms = std::env::var("SISTEMO_TEST_VOLUME_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok());
         Ok(cfg)
     }
 

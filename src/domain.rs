@@ -269,6 +269,58 @@ impl MachineName {
     }
 }
 
+/// A volume's (or snapshot's) name: the rules of a machine's name (1-63 of `[a-z0-9-]`, no
+/// `-` at either end, never a UUID).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VolumeName(MachineName);
+
+impl VolumeName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// A generated name, `vol-` and 8 hex digits.
+    pub fn generate() -> VolumeName {
+        VolumeName(MachineName(format!(
+            "vol-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )))
+    }
+}
+
+impl FromStr for VolumeName {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        s.parse::<MachineName>().map(VolumeName).map_err(|e| {
+            Invalid(
+                e.0.replacen("machine name", "volume name", 1)
+                    .replace("machine ID", "volume ID"),
+            )
+        })
+    }
+}
+
+impl fmt::Display for VolumeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for VolumeName {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        s.parse()
+    }
+}
+
+impl From<VolumeName> for String {
+    fn from(n: VolumeName) -> String {
+        n.as_str().to_string()
+    }
+}
+
 impl FromStr for NetworkName {
     type Err = Invalid;
     fn from_str(s: &str) -> Result<Self, Invalid> {

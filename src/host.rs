@@ -11,6 +11,7 @@ use crate::net::firewall::{Firewall, FirewallDriver};
 use crate::net::link::HostLinks;
 use crate::networks::Networks;
 use crate::store::{Caller, SharedStore, Store};
+use crate::volumes::{VolumeSettings, Volumes};
 use std::sync::Arc;
 
 /// Daemon facts for `doctor` and `config`.
@@ -28,6 +29,8 @@ pub struct Facts {
     pub bridges: Vec<(String, bool)>,
     /// Running machines paused because the host's disk is full.
     pub paused: Vec<String>,
+    /// How volume snapshots and clones are made on the data dir's file system.
+    pub volume_copy: String,
 }
 
 /// Operations in flight (deploys, lifecycle changes, image builds, execs), so a clean stop
@@ -57,6 +60,8 @@ pub struct Host {
     pub networks: Networks,
     /// Images and their builds.
     pub images: Images,
+    /// Volumes, snapshots and clones.
+    pub volumes: Arc<Volumes>,
     store: Arc<SharedStore>,
     fw: Arc<Firewall>,
     cfg: Config,
@@ -92,6 +97,15 @@ impl Host {
             min_disk_free: cfg.min_disk_free,
         };
         let hypervisor = backend.vmm.name();
+        let volumes = Arc::new(Volumes::new(
+            store.clone(),
+            VolumeSettings {
+                dir: cfg.data_dir.join("volumes"),
+                max_storage: cfg.max_storage,
+                min_disk_free: cfg.min_disk_free,
+                test_pause: cfg.test_volume_pause_ms.map(std::time::Duration::from_millis),
+            },
+        ));
         Host {
             machines: Machines::new(
                 store.clone(),
@@ -99,10 +113,12 @@ impl Host {
                 fw.clone(),
                 backend.vmm,
                 backend.images.clone(),
+                volumes.clone(),
                 settings,
             ),
             networks: Networks::new(store.clone(), links, fw.clone()),
             images: Images::new(store.clone(), backend.images, hypervisor),
+            volumes,
             store,
             fw,
             cfg,
@@ -144,6 +160,7 @@ impl Host {
             .ensure(&self.cfg.bridge, self.cfg.bridge_subnet)
             .await?;
         self.check_api_port()?;
+        self.volumes.startup()?;
         self.machines.readopt().await?;
         let t = std::time::Instant::now();
         self.fw.rebuild()?;
@@ -242,6 +259,7 @@ impl Host {
             machines,
             bridges: self.networks.bridges().await?,
             paused: self.machines.disk_paused_machines()?,
+            volume_copy: self.volumes.copy_method().describe().to_string(),
         })
     }
 }

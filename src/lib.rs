@@ -33,5 +33,6 @@ pub mod server;
 pub mod spec;
 pub mod store;
 pub mod sys;
+pub mod volumes;
 
 pub use sistemo_vmm::Progress;

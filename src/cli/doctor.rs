@@ -181,6 +181,9 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
                     "free space in the data dir (at least 2 GiB)",
                 ));
             }
+            if !i.volume_copy.is_empty() {
+                checks.push(check("volumes", true, i.volume_copy.clone(), ""));
+            }
             if !i.paused.is_empty() {
                 let keep = i.config["min_disk_free"].as_str().unwrap_or("2G");
                 checks.push(check(

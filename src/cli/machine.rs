@@ -29,7 +29,8 @@ pub enum MachineCmd {
     Deploy {
         /// Image: a name (debian), a *.ext4 file under the daemon's image_dirs (a relative path
         /// is taken from this directory), or an https URL (.gz and .zst are decompressed).
-        image: String,
+        #[arg(required_unless_present = "volume")]
+        image: Option<String>,
         /// For a URL: the sha256 the downloaded file must have (nothing is stored otherwise).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
@@ -65,6 +66,12 @@ pub enum MachineCmd {
         /// Seconds the wait may take.
         #[arg(long, value_name = "SECONDS")]
         wait_timeout: Option<u64>,
+        /// Attach a volume: NAME[:/MOUNT][:ro]. Repeatable, or comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        attach: Vec<String>,
+        /// Boot from an existing root volume instead of an image.
+        #[arg(long, conflicts_with_all = ["image", "storage"])]
+        volume: Option<String>,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -94,12 +101,37 @@ pub enum MachineCmd {
         #[command(flatten)]
         m: MachineArg,
     },
-    /// Delete a machine with its rules, IP and files.
+    /// Delete a machine with its rules, IP and files (attached volumes are only detached).
     #[command(visible_aliases = ["rm", "remove", "destroy"])]
     Delete {
         /// The machine it acts on.
         #[command(flatten)]
         m: MachineArg,
+        /// Keep the root disk as volume NAME-root.
+        #[arg(long)]
+        preserve_storage: bool,
+    },
+    /// Attach, detach or list a machine's volumes.
+    Volume {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: super::MachineVolumeCmd,
+    },
+    /// Snapshot a stopped machine's disks (root disk as SNAP, volumes as SNAP-VOLUME).
+    Snapshot {
+        /// The machine it acts on.
+        #[command(flatten)]
+        m: MachineArg,
+        /// The snapshot's name (default NAME-snap-N).
+        snapshot: Option<String>,
+    },
+    /// Clone a stopped machine into a new one (new ID, MAC and IP; no exposes) and boot it.
+    Clone {
+        /// The machine it acts on.
+        #[command(flatten)]
+        m: MachineArg,
+        /// The new machine's name.
+        new: String,
     },
     /// Run a command in a machine (through its guest agent); exits with its exit code.
     #[command(
@@ -270,11 +302,15 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             restart,
             wait,
             wait_timeout,
+            attach,
+            volume,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
             let req = DeployRequest {
-                image: image_arg(&image)?,
+                image: image.as_deref().map(image_arg).transpose()?.unwrap_or_default(),
+                attach,
+                volume,
                 sha256,
                 insecure_http,
                 name,
@@ -325,20 +361,46 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         } => show(&lifecycle(c, &path(&name), "restart")?)?,
         MachineCmd::Delete {
             m: MachineArg { name },
+            preserve_storage,
         } => {
             // Fail on an unknown machine before asking.
             let _: MachineInfo = c.get(&path(&name))?;
-            confirm(
-                yes,
-                &format!("delete machine {name} with its disk, IP and port rules"),
+            let what = if preserve_storage {
+                format!(
+                    "delete machine {name} with its IP and port rules, keeping its disk as volume {name}-root"
+                )
+            } else {
+                format!("delete machine {name} with its disk, IP and port rules")
+            };
+            confirm(yes, &what)?;
+            let q = if preserve_storage {
+                "?preserve_storage=true"
+            } else {
+                ""
+            };
+            let v: serde_json::Value = c.stream(
+                "DELETE",
+                &format!("{}{q}", path(&name)),
+                None::<&()>,
+                progress_printer(),
             )?;
-            let v: serde_json::Value = c.stream("DELETE", &path(&name), None::<&()>, progress_printer())?;
             if json {
                 print_json(&v)?;
+            } else if let Some(k) = v["kept_volume"].as_str() {
+                println!("machine {name} deleted; its root disk is volume {k}");
             } else {
                 println!("machine {name} deleted");
             }
         }
+        MachineCmd::Volume { cmd } => super::volume::run_machine(c, cmd, json)?,
+        MachineCmd::Snapshot {
+            m: MachineArg { name },
+            snapshot,
+        } => super::volume::machine_snapshot(c, &name, snapshot, json)?,
+        MachineCmd::Clone {
+            m: MachineArg { name },
+            new,
+        } => super::volume::machine_clone(c, &name, new, json)?,
         MachineCmd::Exec {
             m: MachineArg { name },
             interactive,

@@ -9,11 +9,13 @@ mod network;
 mod output;
 mod session;
 mod systemd;
+mod volume;
 
 pub use image::ImageCmd;
 pub use machine::{MachineArg, MachineCmd};
 pub use network::NetworkCmd;
 pub use output::format_status;
+pub use volume::{MachineVolumeCmd, VolumeCmd};
 
 use crate::api::*;
 use crate::client::{Client, ClientError};
@@ -108,6 +110,12 @@ pub enum Cmd {
         /// What to do.
         #[command(subcommand)]
         cmd: NetworkCmd,
+    },
+    /// Manage volumes, snapshots and clones.
+    Volume {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: VolumeCmd,
     },
     /// Manage images.
     Image {
@@ -215,6 +223,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Machine { cmd } => return machine::run(&c, cmd, json, cli.yes).await,
         Cmd::Network { cmd } => network::run(&c, cmd, json, cli.yes)?,
+        Cmd::Volume { cmd } => volume::run(&c, cmd, json, cli.yes)?,
         Cmd::Image { cmd } => image::run(&c, cmd, json, cli.yes).await?,
         Cmd::Ports => {
             let rows: Vec<PortRow> = c.get("/v1/ports")?;

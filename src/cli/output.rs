@@ -82,6 +82,19 @@ pub fn format_status(m: &MachineInfo) -> String {
         };
         s.push_str(&format!("VMM:      {}{note}\n", m.vmm));
     }
+    if !m.volumes.is_empty() {
+        s.push_str("Volumes:\n");
+        for v in &m.volumes {
+            let mut how = vec![if v.readonly { "ro" } else { "rw" }.to_string()];
+            if v.root {
+                how.push("root disk".into());
+            }
+            if let Some(p) = &v.mount {
+                how.push(format!("mounted at {p}"));
+            }
+            s.push_str(&format!("  {} ({})\n", v.volume, how.join(", ")));
+        }
+    }
     if let Some(l) = &m.limits {
         s.push_str(&format!(
             "Limits:   memory {}, {} CPU, {} tasks\n",

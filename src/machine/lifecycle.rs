@@ -22,7 +22,7 @@ const CONSOLE_TAIL: u64 = 4096;
 impl Machines {
     /// Deploy: check everything first, then create and boot, undoing every step on failure.
     pub async fn deploy(&self, d: Deploy, progress: Progress<'_>) -> Result<MachineView> {
-        if d.image.trim().is_empty() {
+        if d.image.trim().is_empty() && d.root_volume.is_none() {
             return Err(Error::Invalid(
                 "image is empty (allowed: an image name like debian, a *.ext4 file, or an http(s) URL)"
                     .into(),
@@ -43,16 +43,22 @@ impl Machines {
                 host.as_mib()
             )));
         }
-        self.check_storage(d.storage)?;
+        if d.root_volume.is_none() {
+            self.check_storage(d.storage)?;
+        }
+        self.check_deploy_volumes(&d)?;
         self.precheck_exposes(&d.expose)?;
         let new = NewMachine {
             id: Uuid::new_v4(),
-            name: match d.name {
+            name: match d.name.clone() {
                 Some(n) => n,
-                None => self.name_after(&d.image)?,
+                None => self.name_after(d.root_volume.as_ref().map_or(&d.image, |v| v.as_str()))?,
             },
-            image: d.image.clone(),
-            network: d.network.unwrap_or_else(NetworkName::default_network),
+            image: match &d.root_volume {
+                Some(v) => format!("volume:{v}"),
+                None => d.image.clone(),
+            },
+            network: d.network.clone().unwrap_or_else(NetworkName::default_network),
             vcpus,
             memory_mib: mem.as_mib(),
             storage_bytes: d.storage.map_or(0, ByteSize::as_bytes),
@@ -76,10 +82,7 @@ impl Machines {
             let p = port.clone();
             self.firewall(move |fw| fw.bind(&p)).await?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-            if let Some(images) = &self.images {
-                let (_, size) = images.create_disk(&d.image, &dir, d.storage, progress).await?;
-                self.store.lock().set_storage(m.id, size.as_bytes())?;
-            }
+            self.make_disks(&m, &d, &dir, progress).await?;
             self.boot(&m, progress).await?;
             if let Some(timeout) = d.wait_ssh {
                 progress("waiting for the guest's sshd (--wait ssh)");
@@ -181,7 +184,12 @@ impl Machines {
                     .await?;
             }
             progress(&format!("starting {} on {}", m.name, self.vmm.name()));
-            let inst = self.vmm.start(&spec).await?;
+            // Volume files are not replaced (resize) while the VMM opens them.
+            let inst = {
+                let vl = self.volumes.op_lock();
+                let _v = vl.lock().await;
+                self.vmm.start(&spec).await?
+            };
             self.store.lock().set_instance(m.id, Some(&inst))?;
             if self.vmm.link_kind() == LinkKind::Veth {
                 self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await?;
@@ -273,7 +281,7 @@ impl Machines {
         self.get(&id.to_string())
     }
 
-    async fn stop_locked(&self, id: Uuid, progress: Progress<'_>) -> Result<()> {
+    pub(super) async fn stop_locked(&self, id: Uuid, progress: Progress<'_>) -> Result<()> {
         self.store
             .lock()
             .transition(id, &[MachineState::Running], MachineState::Stopping)
@@ -321,6 +329,11 @@ impl Machines {
         let id = self.store.lock().machine(name)?.id;
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
+        self.delete_locked(id, progress).await
+    }
+
+    /// Delete machine `id`, whose lock the caller holds. Its volumes are only detached.
+    pub(super) async fn delete_locked(&self, id: Uuid, progress: Progress<'_>) -> Result<()> {
         let m = self.store.lock().machine_by_id(id)?;
         self.store.lock().set_state(id, MachineState::Deleting, None)?;
         if m.state == MachineState::Running {

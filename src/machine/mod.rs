@@ -7,6 +7,7 @@ mod exec;
 mod expose;
 mod lifecycle;
 mod restart;
+mod volumes;
 
 #[cfg(test)]
 mod fakes;
@@ -14,6 +15,7 @@ mod fakes;
 mod tests;
 
 pub use expose::{desired_firewall, machine_port};
+pub use volumes::{AttachSpec, check_mount};
 
 use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
 use crate::error::Result;
@@ -22,6 +24,7 @@ use crate::net::firewall::Firewall;
 use crate::net::link::HostLinks;
 use crate::spec::ExposeSpec;
 use crate::store::{Machine, SharedStore};
+use crate::volumes::Volumes;
 use sistemo_vmm::{Hypervisor, MachineSpec, NetAttachment};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -45,6 +48,8 @@ pub struct MachineView {
     /// What its guest agent says (asked by [`Machines::status`] of a running machine): its
     /// facts, or why it does not answer.
     pub guest: Option<std::result::Result<sistemo_vmm::Facts, String>>,
+    /// Its volumes, the root one first.
+    pub volumes: Vec<crate::store::Attachment>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -69,6 +74,12 @@ pub struct Deploy {
     pub restart: RestartPolicy,
     /// Also wait for the guest's sshd (`--wait ssh`), at most this long.
     pub wait_ssh: Option<std::time::Duration>,
+    /// Volumes to attach (`--attach`).
+    pub attach: Vec<AttachSpec>,
+    /// Boot from this existing volume instead of an image (`--volume`).
+    pub root_volume: Option<crate::domain::VolumeName>,
+    /// A copy of this (stopped) machine's disk instead of an image (`machine clone`).
+    pub clone_of: Option<Uuid>,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -98,6 +109,7 @@ pub struct Machines {
     fw: Arc<Firewall>,
     vmm: Arc<dyn Hypervisor>,
     images: Option<Arc<dyn ImageBackend>>,
+    volumes: Arc<Volumes>,
     settings: Settings,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Machines waiting for an automatic restart: when, and how many came before.
@@ -114,6 +126,7 @@ impl Machines {
         fw: Arc<Firewall>,
         vmm: Arc<dyn Hypervisor>,
         images: Option<Arc<dyn ImageBackend>>,
+        volumes: Arc<Volumes>,
         settings: Settings,
     ) -> Machines {
         Machines {
@@ -122,6 +135,7 @@ impl Machines {
             fw,
             vmm,
             images,
+            volumes,
             settings,
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
@@ -159,15 +173,18 @@ impl Machines {
 
     /// What the hypervisor needs to know about `m`.
     fn spec_of(&self, m: &Machine) -> Result<MachineSpec> {
-        let net = self.store.lock().network(m.network.as_str())?;
+        let (net, attached) = {
+            let st = self.store.lock();
+            (st.network(m.network.as_str())?, st.attachments_of_machine(m.id)?)
+        };
         let dir = self.machine_dir(m.id);
-        let disk = dir.join("disk.raw");
+        let (disk, volumes) = self.disks_of(&dir, &attached);
         Ok(MachineSpec {
             id: m.id,
             name: m.name.to_string(),
             vcpus: m.vcpus,
             memory_mib: m.memory_mib,
-            disk: disk.exists().then_some(disk),
+            disk,
             dir,
             net: NetAttachment {
                 host_ifname: crate::net::host_ifname(&m.id),
@@ -179,6 +196,7 @@ impl Machines {
                 dns: self.settings.dns.clone(),
             },
             ssh_pubkey: None,
+            volumes,
         })
     }
 
@@ -223,6 +241,11 @@ impl Machines {
             limits: self.limits_of(&machine),
             vmm: self.vmm.name(),
             guest: None,
+            volumes: self
+                .store
+                .lock()
+                .attachments_of_machine(machine.id)
+                .unwrap_or_default(),
             machine,
             ports,
         }

@@ -91,6 +91,9 @@ fn web(expose: &[&str]) -> Deploy {
         network: None,
         restart: RestartPolicy::No,
         wait_ssh: None,
+        attach: vec![],
+        root_volume: None,
+        clone_of: None,
     }
 }
 

@@ -53,6 +53,13 @@ pub fn image_reference(image: &str, sha256: Option<&str>, insecure_http: bool) -
 pub fn deploy(req: DeployRequest) -> Result<Deploy> {
     let size = |what: &str, v: Option<String>| v.map(|s| ByteSize::parse(what, &s)).transpose();
     let image = image_reference(&req.image, req.sha256.as_deref(), req.insecure_http)?;
+    if let Some(v) = &req.volume
+        && !image.trim().is_empty()
+    {
+        return Err(Error::Invalid(format!(
+            "image {image:?} and volume {v:?} were both given (allowed: an image, or --volume to boot from a volume)"
+        )));
+    }
     Ok(Deploy {
         name: req.name.map(|n| n.parse()).transpose()?,
         vcpus: req.vcpus,
@@ -70,6 +77,15 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
                 )));
             }
         },
+        attach: req
+            .attach
+            .iter()
+            .flat_map(|a| a.split(','))
+            .filter(|a| !a.is_empty())
+            .map(crate::machine::AttachSpec::parse)
+            .collect::<Result<_>>()?,
+        root_volume: req.volume.map(|v| v.parse()).transpose()?,
+        clone_of: None,
         image,
     })
 }
@@ -127,6 +143,33 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
             _ => None,
         },
         created_at: m.created_at.clone(),
+        volumes: v.volumes.iter().map(attachment_info).collect(),
+    }
+}
+
+/// One attachment as the API shows it.
+pub fn attachment_info(a: &crate::store::Attachment) -> crate::api::VolumeAttachmentInfo {
+    crate::api::VolumeAttachmentInfo {
+        volume: a.volume.name.to_string(),
+        machine: a.machine.to_string(),
+        mount: a.mount.clone(),
+        readonly: a.readonly,
+        root: a.root,
+    }
+}
+
+/// A volume as `volume show` shows it.
+pub fn volume_info(v: &crate::volumes::VolumeView) -> crate::api::VolumeInfo {
+    crate::api::VolumeInfo {
+        id: v.volume.id.to_string(),
+        name: v.volume.name.to_string(),
+        kind: v.volume.kind.to_string(),
+        format: v.volume.format.to_string(),
+        size_bytes: v.volume.size_bytes,
+        source: v.volume.source.clone(),
+        attached_to: v.attachments.iter().map(attachment_info).collect(),
+        path: v.path.display().to_string(),
+        created_at: v.volume.created_at.clone(),
     }
 }
 
@@ -250,6 +293,7 @@ pub fn info(f: Facts, cfg: &crate::config::Config) -> InfoResponse {
         machines: f.machines,
         bridges: f.bridges,
         paused: f.paused,
+        volume_copy: f.volume_copy,
     }
 }
 

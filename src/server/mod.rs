@@ -4,6 +4,7 @@
 mod convert;
 mod session;
 mod tcp;
+mod volumes;
 
 pub use tcp::serve_tcp;
 
@@ -169,13 +170,24 @@ async fn restart(
     lifecycle(h, p, n, Op::Restart)
 }
 
+#[derive(serde::Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    preserve_storage: bool,
+}
+
 async fn delete(
     State(h): State<AppState>,
     ConnectInfo(p): ConnectInfo<Peer>,
     Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
 ) -> Response {
     let n = name.clone();
     streamed(h, p, "machine.delete", name, move |h, pr| async move {
+        if q.preserve_storage {
+            let kept = h.machines.delete_preserving(&n, &*pr).await?;
+            return Ok(serde_json::json!({"deleted": n, "kept_volume": kept}));
+        }
         h.machines.delete(&n, &*pr).await?;
         Ok(serde_json::json!({"deleted": n}))
     })
@@ -414,6 +426,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/build", post(image_build))
         .route("/v1/images/{tag}", axum::routing::delete(image_remove))
+        .merge(volumes::routes())
         .with_state(m)
 }
 

@@ -4,8 +4,10 @@
 mod exposes;
 mod machines;
 mod networks;
+mod volumes;
 
 pub use networks::Caller;
+pub use volumes::{Attachment, NewAttachment, Volume, VolumeFormat, VolumeKind};
 
 use crate::domain::{IfName, MachineName, MachineState, NetworkName, RestartPolicy, Subnet};
 use crate::spec::{ExposeSpec, HostPortSpec, PortRange};
@@ -113,6 +115,27 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE history ADD COLUMN remote TEXT;",
     // 5: what happens when a machine's VMM ends by itself
     "ALTER TABLE machines ADD COLUMN restart TEXT NOT NULL DEFAULT 'no';",
+    // 6: volumes and snapshots (files in data_dir/volumes), and their attachments to machines;
+    // a volume cannot be deleted while attached, a machine's delete takes only its attachments
+    "CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        format TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        source TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now'))
+     );
+     CREATE TABLE volume_attachments (
+        volume_id TEXT NOT NULL REFERENCES volumes(id),
+        machine_id TEXT NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        mount TEXT,
+        readonly INTEGER NOT NULL DEFAULT 0,
+        root INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (volume_id, machine_id)
+     ) WITHOUT ROWID;
+     CREATE INDEX volume_attachments_machine ON volume_attachments(machine_id);",
 ];
 
 /// A named network: a bridge and a subnet.

@@ -97,6 +97,8 @@ pub struct Env {
     extra_args: Vec<String>,
     /// Hypervisor backend of the daemon.
     pub hypervisor: String,
+    /// Extra environment of the daemon (test hooks such as `SISTEMO_TEST_VOLUME_PAUSE_MS`).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 pub const HOST_LAN: &str = "10.201.0.1";
@@ -152,6 +154,7 @@ impl Env {
             daemon: None,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             hypervisor: hypervisor.to_string(),
+            daemon_env: vec![],
         };
         if let Some(seed) = seed {
             std::fs::create_dir_all(env.dir.join("data")).unwrap();
@@ -252,6 +255,7 @@ impl Env {
         let args = self.daemon_args();
         let child = Command::new("nsenter")
             .args(&args)
+            .envs(self.daemon_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

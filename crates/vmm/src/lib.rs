@@ -94,6 +94,22 @@ pub struct MachineSpec {
     pub net: NetAttachment,
     /// SSH public key the daemon uses to reach the guest (authorized for root).
     pub ssh_pubkey: Option<String>,
+    /// Extra disks (volumes), in the order the guest sees them after the root disk.
+    pub volumes: Vec<VolumeAttachment>,
+}
+
+/// A volume given to a machine as an extra virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeAttachment {
+    /// Its file on the host.
+    pub path: PathBuf,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// The disk's serial (at most 20 of `[a-z0-9-]`): the guest finds it in
+    /// `/sys/block/vdX/serial`, whatever its position.
+    pub serial: String,
+    /// Where the guest's init mounts it (ext4), if anywhere.
+    pub mount: Option<String>,
 }
 
 /// A running VMM process, identified so that a recycled pid is never mistaken for it.

@@ -62,6 +62,20 @@ ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_AD
 ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
 # Tell the bridge about our MAC at once (a previous machine may have had this address).
 arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
+# sistemo volumes: mount each volume with a mount point ($SISTEMO_VOLUMES: SERIAL:MOUNT:ro|rw),
+# found by its disk's serial, whatever its position among vdb, vdc, ...
+for v in $SISTEMO_VOLUMES; do
+  serial=${v%%:*}; rest=${v#*:}; mnt=${rest%:*}; mode=${rest##*:}; dev=""; i=0
+  while [ -z "$dev" ] && [ $i -lt 500 ]; do
+    for s in /sys/block/vd*/serial; do
+      [ "$(cat "$s" 2>/dev/null)" = "$serial" ] && { d=${s%/serial}; dev=/dev/${d##*/}; }
+    done
+    [ -n "$dev" ] || { usleep 10000; i=$((i+1)); }
+  done
+  [ -n "$dev" ] || { log "volume $serial: no disk with that serial"; continue; }
+  opts=rw; [ "$mode" = ro ] && opts=ro,noload
+  mkdir -p "$R$mnt" && mount -t ext4 -o "$opts,noatime" "$dev" "$R$mnt" || log "volume $serial: cannot mount $dev on $mnt"
+done
 # The guest agent (exec, shell, cp, readiness): started now, chrooted into the image, so the
 # host can reach it before the image's init has started anything. It lives on a tmpfs /run,
 # which the image's init keeps (systemd leaves an existing /run mount alone): nothing is written

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// The guest's `/init`: load modules, mount the root disk, apply the machine's config inside it,
 /// and hand over to its `/sbin/init`. Any failure ends in a kernel panic, which stops the VMM.
-const INIT_SCRIPT: &str = include_str!("init.sh");
+pub(super) const INIT_SCRIPT: &str = include_str!("init.sh");
 
 /// True when `elf` is an ELF executable without a program interpreter (statically linked).
 fn is_static_elf(elf: &[u8]) -> bool {
@@ -97,6 +97,24 @@ pub(crate) struct GuestConfig {
     pub(crate) host_key_private: Vec<u8>,
     /// The guest's SSH host public key line.
     pub(crate) host_key_public: String,
+    /// Volumes the guest's init mounts: `SERIAL:MOUNT:ro|rw` (see [`guest_volumes`]).
+    pub(crate) volumes: Vec<String>,
+}
+
+/// The `SISTEMO_VOLUMES` entries of a machine: each volume with a mount point, as
+/// `SERIAL:MOUNT:ro|rw` (serials and mount points hold no `:` or space).
+pub(crate) fn guest_volumes(spec: &crate::MachineSpec) -> Vec<String> {
+    spec.volumes
+        .iter()
+        .filter_map(|v| {
+            let m = v.mount.as_ref()?;
+            Some(format!(
+                "{}:{m}:{}",
+                v.serial,
+                if v.read_only { "ro" } else { "rw" }
+            ))
+        })
+        .collect()
 }
 
 /// The per-machine cpio (uncompressed newc) holding `/sistemo/config.env` and the keys.
@@ -108,13 +126,14 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
         .collect::<Vec<_>>()
         .join(" ");
     let env = format!(
-        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\n",
+        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\nSISTEMO_VOLUMES={}\n",
         shell_quote(&cfg.hostname),
         shell_quote(&cfg.machine_id),
         shell_quote(&format_mac(&cfg.mac)),
         shell_quote(&format!("{}/{}", cfg.ip, cfg.prefix)),
         shell_quote(&cfg.gateway.to_string()),
         shell_quote(&dns),
+        shell_quote(&cfg.volumes.join(" ")),
     );
     let mut keys = cfg.authorized_keys.join("\n");
     keys.push('\n');
@@ -169,11 +188,16 @@ mod tests {
             authorized_keys: vec!["ssh-ed25519 AAA k".into()],
             host_key_private: b"PRIV".to_vec(),
             host_key_public: "ssh-ed25519 BBB".into(),
+            volumes: vec!["sv-1:/data:rw".into(), "sv-2:/srv/ro:ro".into()],
         };
         let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
         assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));
         assert!(c.contains("SISTEMO_MAC=52:54:00:01:02:03\n"));
         assert!(c.contains("SISTEMO_ADDRESS=10.0.0.2/24\n"));
         assert!(c.contains("SISTEMO_DNS=1.1.1.1\n"));
+        assert!(
+            c.contains("SISTEMO_VOLUMES='sv-1:/data:rw sv-2:/srv/ro:ro'\n"),
+            "{c}"
+        );
     }
 }

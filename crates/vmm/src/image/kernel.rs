@@ -96,7 +96,16 @@ pub async fn ensure_boot_assets(
             c
         }
     };
-    let initramfs = kdir.join(format!("initramfs-{}-v{INITRAMFS_VERSION}.img", kernel.version));
+    // The name also carries a digest of `/init`: branches that change it never share a cache.
+    let init = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(super::initramfs::INIT_SCRIPT.as_bytes());
+        d.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let initramfs = kdir.join(format!(
+        "initramfs-{}-v{INITRAMFS_VERSION}-{init}.img",
+        kernel.version
+    ));
     if !initramfs.exists() {
         progress("building the base initramfs");
         let busybox = find_static_busybox()?;

@@ -120,6 +120,7 @@ impl Qemu {
             "-sandbox".into(),
             SANDBOX.into(),
         ]);
+        a.extend(volume_args(spec));
         if let Some(u) = &self.user {
             // Applied after every file above is open, just before the guest's first instruction.
             a.extend([
@@ -131,6 +132,25 @@ impl Qemu {
         }
         a
     }
+}
+
+/// One `-drive` and `virtio-blk-device` per volume, after the root disk (so the guest sees them
+/// as vdb, vdc, … in order), each with its serial for the guest to find it by.
+fn volume_args(spec: &MachineSpec) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let ro = if v.read_only { ",readonly=on" } else { "" };
+        a.extend([
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=v{i},cache=writeback{ro}",
+                escape_opt(&v.path.display().to_string())
+            ),
+            "-device".into(),
+            format!("virtio-blk-device,drive=v{i},serial={}", escape_opt(&v.serial)),
+        ]);
+    }
+    a
 }
 
 /// Escape a value for a QEMU option list (commas are doubled).
@@ -186,6 +206,7 @@ mod tests {
                 dns: vec![],
             },
             ssh_pubkey: None,
+            volumes: vec![],
         };
         (q, spec)
     }
@@ -259,6 +280,37 @@ mod tests {
             q.qemu_args(&spec, Path::new("/d"))
                 .join(" ")
                 .contains("-accel kvm -cpu host")
+        );
+    }
+
+    #[test]
+    fn volumes_are_extra_disks_with_serials() {
+        let (q, mut spec) = dummy(Accel::Tcg);
+        spec.volumes = vec![
+            crate::VolumeAttachment {
+                path: "/v/a.raw".into(),
+                read_only: false,
+                serial: "sv-a".into(),
+                mount: Some("/data".into()),
+            },
+            crate::VolumeAttachment {
+                path: "/v/b,c.raw".into(),
+                read_only: true,
+                serial: "sv-b".into(),
+                mount: None,
+            },
+        ];
+        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        for want in [
+            "-drive file=/v/a.raw,format=raw,if=none,id=v0,cache=writeback -device virtio-blk-device,drive=v0,serial=sv-a",
+            "file=/v/b,,c.raw,format=raw,if=none,id=v1,cache=writeback,readonly=on",
+            "virtio-blk-device,drive=v1,serial=sv-b",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        assert!(
+            a.find("id=d0").unwrap() < a.find("id=v0").unwrap(),
+            "the root disk stays vda"
         );
     }
 

@@ -17,7 +17,7 @@ pub use jail::{DEFAULT_VMM_USER, SANDBOX, VmmUser};
 use crate::agent::Agents;
 use crate::cgroup::{Cgroups, Limits, machine_limits};
 use crate::exec::{collect, run_streaming};
-use crate::image::{BootAssets, GuestConfig, write_machine_initrd};
+use crate::image::{BootAssets, GuestConfig, guest_volumes, write_machine_initrd};
 use crate::proc::{failed, spawn_error};
 use crate::ssh::{ClientKey, SshTarget, ensure_client_key, ensure_host_key, host_alias};
 use crate::{
@@ -217,6 +217,7 @@ impl Qemu {
             authorized_keys: keys,
             host_key_private: private,
             host_key_public: hk.public,
+            volumes: guest_volumes(spec),
         })
     }
 
