@@ -1,10 +1,13 @@
 //! The state store: the only code that speaks SQL. SQLite in WAL mode with numbered migrations;
-//! rows come out typed. Networks, machines (with IP lease), exposes with per-port claims, history.
+//! rows come out typed. Networks, machines (with IP lease), exposes with per-port claims, history,
+//! accounts (users, API tokens, sessions).
 
+mod accounts;
 mod exposes;
 mod machines;
 mod networks;
 
+pub use accounts::{Account, Role, SessionRow, TokenRow};
 pub use networks::Caller;
 
 use crate::domain::{IfName, MachineName, MachineState, NetworkName, RestartPolicy, Subnet};
@@ -113,6 +116,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE history ADD COLUMN remote TEXT;",
     // 5: what happens when a machine's VMM ends by itself
     "ALTER TABLE machines ADD COLUMN restart TEXT NOT NULL DEFAULT 'no';",
+    // 6 (accounts): users, API tokens and browser sessions; who made each change
+    accounts::MIGRATION,
 ];
 
 /// A named network: a bridge and a subnet.
