@@ -13,6 +13,7 @@
 pub mod elements;
 pub mod packets;
 pub mod vm_state;
+pub mod web;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
