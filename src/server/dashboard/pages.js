@@ -193,7 +193,8 @@ async function unexpose(name, p, btn) {
 
 PAGES.deploy = async () => {
   if (!isAdmin()) return {title: "Deploy", el: h("p", {}, "Viewers cannot deploy.")};
-  const [images, nets] = await Promise.all([api("GET", "/v1/images"), api("GET", "/v1/networks")]);
+  // The image list only helps typing: a backend without images still deploys.
+  const [images, nets] = await Promise.all([api("GET", "/v1/images").catch(() => []), api("GET", "/v1/networks")]);
   const list = h("datalist", {id: "image-tags"}, images.flatMap((i) => i.tags).map((t) => h("option", {value: t})));
   const f = {
     image: field("Image", h("input", {name: "image", list: "image-tags", required: true, autofocus: true, placeholder: "debian"}),
@@ -272,7 +273,11 @@ PAGES.networks = async () => {
 PAGES.images = async () => {
   const body = h("tbody");
   const draw = async () => {
-    const is = await api("GET", "/v1/images");
+    let is;
+    try { is = await api("GET", "/v1/images"); } catch (e) {
+      body.replaceChildren(h("tr", {}, h("td", {colspan: 6, class: "empty"}, e.message)));
+      return;
+    }
     body.replaceChildren(...is.map((i) => h("tr", {}, h("td", {}, i.tags.join(", ") || "-"),
       h("td", {class: "mono"}, i.sha256.slice(0, 12)), h("td", {}, bytes(i.size)), h("td", {}, i.source),
       h("td", {}, i.used_by.join(", ") || "-"),
