@@ -417,20 +417,36 @@ mod tests {
     fn listeners_default_to_loopback_and_need_tls_elsewhere() {
         let c = Config::default();
         assert_eq!(
-            c.listeners().unwrap().iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+            c.listeners()
+                .unwrap()
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>(),
             ["http://127.0.0.1:7777"]
         );
         let c: Config = yaml_serde::from_str("port: 8000").unwrap();
         assert_eq!(c.listeners().unwrap()[0].to_string(), "http://127.0.0.1:8000");
         let c: Config =
-            yaml_serde::from_str("listen: [\"0.0.0.0:7777\", \"[::1]:7778\", \"https://127.0.0.1:7779\"]").unwrap();
+            yaml_serde::from_str("listen: [\"0.0.0.0:7777\", \"[::1]:7778\", \"https://127.0.0.1:7779\"]")
+                .unwrap();
         assert_eq!(
-            c.listeners().unwrap().iter().map(|l| l.to_string()).collect::<Vec<_>>(),
-            ["https://0.0.0.0:7777", "http://[::1]:7778", "https://127.0.0.1:7779"]
+            c.listeners()
+                .unwrap()
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>(),
+            [
+                "https://0.0.0.0:7777",
+                "http://[::1]:7778",
+                "https://127.0.0.1:7779"
+            ]
         );
         let c: Config = yaml_serde::from_str("listen: [\"http://10.1.2.3:7777\"]").unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("http://10.1.2.3:7777") && e.contains("https://10.1.2.3:7777"), "{e}");
+        assert!(
+            e.contains("http://10.1.2.3:7777") && e.contains("https://10.1.2.3:7777"),
+            "{e}"
+        );
         let c: Config = yaml_serde::from_str("listen: []\nport: 1").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("both port"));
         let c: Config = yaml_serde::from_str("listen: []").unwrap();

@@ -58,7 +58,10 @@ fn share_with_group(path: &Path) -> Result<()> {
             && m.permissions().mode() & 0o011 == 0
         {
             let _ = std::os::unix::fs::chown(dir, None, Some(g.gid.as_raw()));
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(m.permissions().mode() | 0o010));
+            let _ = std::fs::set_permissions(
+                dir,
+                std::fs::Permissions::from_mode(m.permissions().mode() | 0o010),
+            );
         }
     }
     let mode = if group.is_some() { 0o660 } else { 0o600 };

@@ -123,7 +123,10 @@ mod tests {
     #[tokio::test]
     async fn machine_changes_become_events_without_polling() {
         let ev = Arc::new(Events::default());
-        let state = Arc::new(std::sync::Mutex::new(HashMap::from([("a".to_string(), "stopped".to_string())])));
+        let state = Arc::new(std::sync::Mutex::new(HashMap::from([(
+            "a".to_string(),
+            "stopped".to_string(),
+        )])));
         let mut rx = ev.subscribe();
         let (e2, s2) = (ev.clone(), state.clone());
         tokio::spawn(async move { e2.watch_machines(move || Some(s2.lock().unwrap().clone())).await });
@@ -133,7 +136,11 @@ mod tests {
         ev.dirty().notify_one();
         let mut got = vec![];
         for _ in 0..2 {
-            match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 HostEvent::Machine { name } => got.push(name),
                 e => panic!("{e:?}"),
             }
@@ -142,7 +149,10 @@ mod tests {
         assert_eq!(got, ["a", "b"]);
         state.lock().unwrap().remove("a");
         ev.dirty().notify_one();
-        let e = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(matches!(e, HostEvent::MachineRemoved { name } if name == "a"));
     }
 }

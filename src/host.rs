@@ -4,10 +4,10 @@
 
 use crate::api::HistoryEntry;
 use crate::auth::Auth;
-use crate::events::{Events, HostEvent};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::events::{Events, HostEvent};
 use crate::images::Images;
 use crate::machine::{Machines, Settings, desired_firewall, host_memory};
 use crate::net::firewall::{Firewall, FirewallDriver};
@@ -185,10 +185,7 @@ impl Host {
     /// Refuse to start when a stored expose claims the TCP API's port: DNAT would hand the
     /// API's requests, bearer token included, to that machine.
     fn check_api_port(&self) -> Result<()> {
-        let listeners = self
-            .cfg
-            .listeners()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let listeners = self.cfg.listeners().map_err(|e| Error::Invalid(e.to_string()))?;
         for l in listeners {
             let (port, api) = (l.addr.port(), l.addr.ip());
             let taken = self.machines.ports()?.into_iter().find(|(_, _, s)| {

@@ -20,7 +20,6 @@
 pub mod api;
 pub mod api_web;
 pub mod auth;
-pub mod events;
 pub mod backend;
 pub mod cli;
 pub mod client;
@@ -28,6 +27,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod host;
 pub mod images;
 pub mod machine;

@@ -55,10 +55,15 @@ fn dashboard_in_headless_chromium() {
 
     step("admin: log in, deploy, expose through the form, live updates, every page, log out");
     let out = scenario(&env, "admin", "ada", "ada-password");
-    let m: serde_json::Value = serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
     assert_eq!(m["status"], "running");
     assert!(
-        m["ports"].as_array().unwrap().iter().any(|p| p["spec"] == "8080:80/tcp"),
+        m["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["spec"] == "8080:80/tcp"),
         "{m}"
     );
     if let Some(ms) = out.lines().find_map(|l| l.strip_prefix("event_latency_ms ")) {
@@ -78,12 +83,16 @@ fn dashboard_in_headless_chromium() {
     let h: serde_json::Value =
         serde_json::from_str(&env.cli_ok(&["history", "--action", "machine.expose", "-o", "json"])).unwrap();
     assert!(
-        h.as_array().unwrap().iter().any(|e| e["actor"] == "user ada" && e["target"] == "web 8080:80"),
+        h.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "user ada" && e["target"] == "web 8080:80"),
         "{h}"
     );
 
     step("viewer: no mutating control, 403 from the API, log out");
     scenario(&env, "viewer", "val", "val-password");
-    let m: serde_json::Value = serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
     assert_eq!(m["status"], "running", "the viewer changed nothing");
 }

@@ -21,7 +21,7 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
     // bridge (CVE-2020-8558)
     let ns = loopback_attack(&env);
     assert_eq!(
-        tcp_from(&ns, "127.0.0.1", 7777),
+        tcp_from(&ns, "127.0.0.1", 7778),
         None,
         "machine reached a host loopback service"
     );
@@ -36,7 +36,7 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
         t = env.table
     ));
     assert_eq!(
-        tcp_from(&ns, "127.0.0.1", 7777).as_deref(),
+        tcp_from(&ns, "127.0.0.1", 7778).as_deref(),
         Some("secret"),
         "control: attack path works without the guard"
     );

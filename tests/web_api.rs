@@ -20,8 +20,15 @@ fn web_api_sessions_tokens_roles_and_csrf() {
     assert_eq!(r.json()["kind"], "unauthorized");
     assert_eq!(http(&env, "GET", "/health", &[], None).code, 200);
     let page = http(&env, "GET", "/", &[], None);
-    assert!(page.code == 200 && page.body.contains("/assets/app.js"), "{}", page.body);
-    assert!(page.headers.contains("content-security-policy: default-src 'self'"));
+    assert!(
+        page.code == 200 && page.body.contains("/assets/app.js"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.headers
+            .contains("content-security-policy: default-src 'self'")
+    );
 
     step("users from the CLI; bad values named, nothing stored");
     add_user(&env, "alice", "admin", "alice-password");
@@ -29,31 +36,80 @@ fn web_api_sessions_tokens_roles_and_csrf() {
     let o = cli_stdin(&env, &["user", "add", "Bad!", "--password-stdin"], "longenough\n");
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("\"Bad!\"") && e.contains("allowed") && e.lines().count() == 1, "{e}");
+    assert!(
+        e.contains("\"Bad!\"") && e.contains("allowed") && e.lines().count() == 1,
+        "{e}"
+    );
     let o = cli_stdin(&env, &["user", "add", "bob", "--password-stdin"], "short\n");
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
-    let users: serde_json::Value = serde_json::from_str(&env.cli_ok(&["user", "list", "-o", "json"])).unwrap();
-    let names: Vec<&str> = users.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
+    let users: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["user", "list", "-o", "json"])).unwrap();
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["alice", "vic"]);
 
     step("log-in: wrong password 401, right one a HttpOnly SameSite=Strict cookie");
-    let bad = http(&env, "POST", "/v1/login", &[], Some(r#"{"username":"alice","password":"nope-nope"}"#));
+    let bad = http(
+        &env,
+        "POST",
+        "/v1/login",
+        &[],
+        Some(r#"{"username":"alice","password":"nope-nope"}"#),
+    );
     assert_eq!(bad.code, 401);
     assert!(bad.cookie().is_none());
-    let ok = http(&env, "POST", "/v1/login", &[], Some(r#"{"username":"alice","password":"alice-password"}"#));
+    let ok = http(
+        &env,
+        "POST",
+        "/v1/login",
+        &[],
+        Some(r#"{"username":"alice","password":"alice-password"}"#),
+    );
     assert_eq!(ok.code, 200, "{}", ok.body);
-    let set = ok.headers.lines().find(|l| l.starts_with("set-cookie:")).unwrap().to_string();
-    assert!(set.contains("httponly") && set.contains("samesite=strict") && !set.contains("secure"), "{set}");
+    let set = ok
+        .headers
+        .lines()
+        .find(|l| l.starts_with("set-cookie:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        set.contains("httponly") && set.contains("samesite=strict") && !set.contains("secure"),
+        "{set}"
+    );
     let (cookie, csrf) = login(&env, "alice", "alice-password");
-    assert_eq!(http(&env, "GET", "/v1/machines", std::slice::from_ref(&cookie), None).code, 200);
+    assert_eq!(
+        http(&env, "GET", "/v1/machines", std::slice::from_ref(&cookie), None).code,
+        200
+    );
 
     step("CSRF: a change without or with a wrong token is refused");
-    let r = http(&env, "POST", "/v1/networks", std::slice::from_ref(&cookie), Some(NET));
+    let r = http(
+        &env,
+        "POST",
+        "/v1/networks",
+        std::slice::from_ref(&cookie),
+        Some(NET),
+    );
     assert_eq!(r.code, 403, "{}", r.body);
     assert!(r.body.contains("CSRF"), "{}", r.body);
-    let r = http(&env, "POST", "/v1/networks", &[cookie.clone(), "X-CSRF-Token: 00".into()], Some(NET));
+    let r = http(
+        &env,
+        "POST",
+        "/v1/networks",
+        &[cookie.clone(), "X-CSRF-Token: 00".into()],
+        Some(NET),
+    );
     assert_eq!(r.code, 403);
-    assert!(env.cli_ok(&["network", "list"]).lines().all(|l| !l.starts_with("swebnet")), "no state change");
+    assert!(
+        env.cli_ok(&["network", "list"])
+            .lines()
+            .all(|l| !l.starts_with("swebnet")),
+        "no state change"
+    );
     let with_csrf = [cookie.clone(), format!("X-CSRF-Token: {csrf}")];
     let r = http(&env, "POST", "/v1/networks", &with_csrf, Some(NET));
     assert_eq!(r.code, 200, "{}", r.body);
@@ -67,28 +123,50 @@ fn web_api_sessions_tokens_roles_and_csrf() {
     step("a viewer reads everything and changes nothing");
     let (vcookie, vcsrf) = login(&env, "vic", "vic-password");
     let vh = [vcookie.clone(), format!("X-CSRF-Token: {vcsrf}")];
-    for path in ["/v1/machines", "/v1/networks", "/v1/history", "/v1/system", "/v1/info", "/v1/ports"] {
+    for path in [
+        "/v1/machines",
+        "/v1/networks",
+        "/v1/history",
+        "/v1/system",
+        "/v1/info",
+        "/v1/ports",
+    ] {
         assert_eq!(http(&env, "GET", path, &vh, None).code, 200, "{path}");
     }
     let r = http(&env, "DELETE", "/v1/networks/swebnet", &vh, None);
     assert_eq!(r.code, 403, "{}", r.body);
     assert!(r.body.contains("viewer"), "{}", r.body);
-    let r = http(&env, "POST", "/v1/machines", &vh, Some(r#"{"image":"debian","expose":[]}"#));
+    let r = http(
+        &env,
+        "POST",
+        "/v1/machines",
+        &vh,
+        Some(r#"{"image":"debian","expose":[]}"#),
+    );
     assert_eq!(r.code, 403);
 
     step("API tokens: viewer, admin, revoked, expired, unknown");
     let viewer = token(&env, "ci-read", &["--role", "viewer"]);
     let admin = token(&env, "ci", &[]);
     let bearer = |t: &str| vec![format!("Authorization: Bearer {t}")];
-    assert_eq!(http(&env, "GET", "/v1/machines", &bearer(&viewer), None).code, 200);
-    assert_eq!(http(&env, "DELETE", "/v1/networks/swebnet", &bearer(&viewer), None).code, 403);
+    assert_eq!(
+        http(&env, "GET", "/v1/machines", &bearer(&viewer), None).code,
+        200
+    );
+    assert_eq!(
+        http(&env, "DELETE", "/v1/networks/swebnet", &bearer(&viewer), None).code,
+        403
+    );
     let r = http(&env, "DELETE", "/v1/networks/swebnet", &bearer(&admin), None);
     assert_eq!(r.code, 200, "{}", r.body);
     let h: serde_json::Value =
         serde_json::from_str(&env.cli_ok(&["history", "--action", "network.delete", "-o", "json"])).unwrap();
     assert_eq!(h[0]["actor"], "token ci", "{h}");
     let list = env.cli_ok(&["token", "list"]);
-    assert!(!list.contains(&admin[admin.len() - 16..]), "secrets are never listed: {list}");
+    assert!(
+        !list.contains(&admin[admin.len() - 16..]),
+        "secrets are never listed: {list}"
+    );
     env.cli_ok(&["token", "revoke", "ci"]);
     let r = http(&env, "GET", "/v1/machines", &bearer(&admin), None);
     assert_eq!(r.code, 403);
@@ -100,7 +178,10 @@ fn web_api_sessions_tokens_roles_and_csrf() {
     });
     assert_eq!(r.code, 403);
     assert!(r.body.contains("expired"), "{}", r.body);
-    assert_eq!(http(&env, "GET", "/v1/machines", &bearer("sis_0000_1111"), None).code, 401);
+    assert_eq!(
+        http(&env, "GET", "/v1/machines", &bearer("sis_0000_1111"), None).code,
+        401
+    );
     let e = env.cli_err(&["token", "create", "x", "--expires", "30x"]);
     assert!(e.contains("\"30x\""), "{e}");
 
@@ -110,7 +191,10 @@ fn web_api_sessions_tokens_roles_and_csrf() {
 
     step("log-out ends the session");
     assert_eq!(http(&env, "POST", "/v1/logout", &with_csrf, None).code, 200);
-    assert_eq!(http(&env, "GET", "/v1/machines", std::slice::from_ref(&cookie), None).code, 401);
+    assert_eq!(
+        http(&env, "GET", "/v1/machines", std::slice::from_ref(&cookie), None).code,
+        401
+    );
 
     step("the Unix socket works as before; history names the local account");
     env.cli_ok(&["network", "create", "swebsock"]);
@@ -121,20 +205,46 @@ fn web_api_sessions_tokens_roles_and_csrf() {
 
     step("user passwd and rm end sessions");
     let (c2, _) = login(&env, "alice", "alice-password");
-    let o = cli_stdin(&env, &["user", "passwd", "alice", "--password-stdin"], "new-password\n");
+    let o = cli_stdin(
+        &env,
+        &["user", "passwd", "alice", "--password-stdin"],
+        "new-password\n",
+    );
     assert!(o.status.success());
-    assert_eq!(http(&env, "GET", "/v1/machines", std::slice::from_ref(&c2), None).code, 401);
+    assert_eq!(
+        http(&env, "GET", "/v1/machines", std::slice::from_ref(&c2), None).code,
+        401
+    );
     login(&env, "alice", "new-password");
     env.cli_ok(&["user", "rm", "vic", "-y"]);
-    assert_eq!(http(&env, "GET", "/v1/machines", std::slice::from_ref(&vcookie), None).code, 401);
+    assert_eq!(
+        http(&env, "GET", "/v1/machines", std::slice::from_ref(&vcookie), None).code,
+        401
+    );
 
     step("failed log-ins are slowed down per user and per address");
     for _ in 0..6 {
-        http(&env, "POST", "/v1/login", &[], Some(r#"{"username":"alice","password":"wrong-wrong"}"#));
+        http(
+            &env,
+            "POST",
+            "/v1/login",
+            &[],
+            Some(r#"{"username":"alice","password":"wrong-wrong"}"#),
+        );
     }
-    let r = http(&env, "POST", "/v1/login", &[], Some(r#"{"username":"alice","password":"new-password"}"#));
+    let r = http(
+        &env,
+        "POST",
+        "/v1/login",
+        &[],
+        Some(r#"{"username":"alice","password":"new-password"}"#),
+    );
     assert_eq!(r.code, 429, "{}", r.body);
-    assert!(r.body.contains("alice") && r.body.contains("try again"), "{}", r.body);
+    assert!(
+        r.body.contains("alice") && r.body.contains("try again"),
+        "{}",
+        r.body
+    );
     let h: serde_json::Value =
         serde_json::from_str(&env.cli_ok(&["history", "--action", "user.login", "-o", "json"])).unwrap();
     assert!(h[0]["result"].as_str().unwrap().contains("too many"), "{h}");
@@ -180,18 +290,26 @@ fn web_api_events_stream_machine_changes() {
             }
         }
     };
-    wait("web running", &|v| v["type"] == "machine" && v["machine"]["status"] == "running");
+    wait("web running", &|v| {
+        v["type"] == "machine" && v["machine"]["status"] == "running"
+    });
     let t = std::time::Instant::now();
     env.cli_ok(&["machine", "expose", "web", "--port", "8080:80"]);
     wait("the expose", &|v| {
         v["type"] == "machine" && v["machine"]["ports"][0]["spec"].as_str() == Some("8080:80/tcp")
     });
     eprintln!("expose → event: {:?}", t.elapsed());
-    wait("its audit entry", &|v| v["type"] == "change" && v["entry"]["action"] == "machine.expose");
+    wait("its audit entry", &|v| {
+        v["type"] == "change" && v["entry"]["action"] == "machine.expose"
+    });
     env.cli_ok(&["machine", "stop", "web"]);
-    wait("web stopped", &|v| v["type"] == "machine" && v["machine"]["status"] == "stopped");
+    wait("web stopped", &|v| {
+        v["type"] == "machine" && v["machine"]["status"] == "stopped"
+    });
     env.cli_ok(&["machine", "delete", "web", "-y"]);
-    wait("web removed", &|v| v["type"] == "machine_removed" && v["name"] == "web");
+    wait("web removed", &|v| {
+        v["type"] == "machine_removed" && v["name"] == "web"
+    });
     let _ = ev.kill();
     let _ = ev.wait();
 }
@@ -223,12 +341,26 @@ fn web_api_tls_off_loopback_fingerprint_and_idle_connections() {
     let url = format!("https://{HOST_LAN}:7443");
     let r = http_in(&env.client, "GET", &format!("{url}/v1/machines"), &[], None, true);
     assert_eq!(r.code, 401, "TLS answers, and wants credentials: {}", r.body);
-    let plain = http_in(&env.client, "GET", &format!("http://{HOST_LAN}:7443/health"), &[], None, false);
+    let plain = http_in(
+        &env.client,
+        "GET",
+        &format!("http://{HOST_LAN}:7443/health"),
+        &[],
+        None,
+        false,
+    );
     assert_ne!(plain.code, 200, "no plain HTTP on the TLS listener");
     step("the fingerprint: in the log, in `sistemo config`, and the certificate served");
     let served = run(&[
-        "ip", "netns", "exec", &env.client, "sh", "-c",
-        &format!("openssl s_client -connect {HOST_LAN}:7443 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"),
+        "ip",
+        "netns",
+        "exec",
+        &env.client,
+        "sh",
+        "-c",
+        &format!(
+            "openssl s_client -connect {HOST_LAN}:7443 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        ),
     ]);
     let served = String::from_utf8_lossy(&served.stdout);
     let fp = served.trim().rsplit('=').next().unwrap().to_string();
@@ -241,15 +373,26 @@ fn web_api_tls_off_loopback_fingerprint_and_idle_connections() {
     env.kill_daemon("-TERM");
     env.start_daemon();
     let again = run(&[
-        "ip", "netns", "exec", &env.client, "sh", "-c",
-        &format!("openssl s_client -connect {HOST_LAN}:7443 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"),
+        "ip",
+        "netns",
+        "exec",
+        &env.client,
+        "sh",
+        "-c",
+        &format!(
+            "openssl s_client -connect {HOST_LAN}:7443 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        ),
     ]);
     assert!(String::from_utf8_lossy(&again.stdout).contains(&fp));
     step("a token works over TLS; cookies are Secure there");
     add_user(&env, "tina", "admin", "tina-password");
     let r = http_in(
-        &env.client, "POST", &format!("{url}/v1/login"), &[],
-        Some(r#"{"username":"tina","password":"tina-password"}"#), true,
+        &env.client,
+        "POST",
+        &format!("{url}/v1/login"),
+        &[],
+        Some(r#"{"username":"tina","password":"tina-password"}"#),
+        true,
     );
     assert_eq!(r.code, 200, "{}", r.body);
     assert!(r.headers.contains("; secure"), "{}", r.headers);
@@ -281,10 +424,18 @@ fn web_api_tls_off_loopback_fingerprint_and_idle_connections() {
     }
     let mut holder = Reap(holder);
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "open");
     let t = std::time::Instant::now();
     env.cli_ok(&["machine", "list"]);
-    assert!(t.elapsed() < Duration::from_secs(2), "the socket answered in {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the socket answered in {:?}",
+        t.elapsed()
+    );
     drop(holder);
 }

@@ -91,7 +91,11 @@ fn prompt_hidden(prompt: &str) -> Result<String> {
         .read(true)
         .write(true)
         .open("/dev/tty")
-        .map_err(|e| Usage::new(std::io::Error::other(format!("no terminal to read the password from ({e}); pass --password-stdin"))))?;
+        .map_err(|e| {
+            Usage::new(std::io::Error::other(format!(
+                "no terminal to read the password from ({e}); pass --password-stdin"
+            )))
+        })?;
     let old = tcgetattr(&tty).context("reading the terminal's settings")?;
     let mut quiet = old.clone();
     quiet.local_flags.remove(LocalFlags::ECHO);
@@ -151,7 +155,9 @@ pub fn run_user(c: &Client, cmd: UserCmd, json: bool, yes: bool) -> Result<()> {
             } else {
                 table(
                     &["NAME", "ROLE", "CREATED"],
-                    us.into_iter().map(|u| vec![u.name, u.role, u.created_at]).collect(),
+                    us.into_iter()
+                        .map(|u| vec![u.name, u.role, u.created_at])
+                        .collect(),
                 );
             }
         }
@@ -160,14 +166,17 @@ pub fn run_user(c: &Client, cmd: UserCmd, json: bool, yes: bool) -> Result<()> {
 }
 
 fn when(t: Option<i64>) -> String {
-    t.map_or_else(|| "-".into(), |t| {
-        let left = t - crate::auth::now();
-        if left > 0 {
-            format!("in {}", human(left))
-        } else {
-            format!("{} ago", human(-left))
-        }
-    })
+    t.map_or_else(
+        || "-".into(),
+        |t| {
+            let left = t - crate::auth::now();
+            if left > 0 {
+                format!("in {}", human(left))
+            } else {
+                format!("{} ago", human(-left))
+            }
+        },
+    )
 }
 
 fn human(s: i64) -> String {
@@ -200,7 +209,9 @@ pub fn run_token(c: &Client, cmd: TokenCmd, json: bool) -> Result<()> {
                     "token {} ({}) created, expires {}; it is shown only now",
                     t.info.name,
                     t.info.role,
-                    t.info.expires_at.map_or_else(|| "never".into(), |e| when(Some(e)))
+                    t.info
+                        .expires_at
+                        .map_or_else(|| "never".into(), |e| when(Some(e)))
                 );
             }
         }
@@ -264,11 +275,19 @@ fn describe(ev: &DaemonEvent) -> String {
                 "machine   {} {} {}",
                 machine.name,
                 machine.status,
-                if ports.is_empty() { String::new() } else { format!("ports {}", ports.join(",")) }
+                if ports.is_empty() {
+                    String::new()
+                } else {
+                    format!("ports {}", ports.join(","))
+                }
             )
         }
         DaemonEvent::MachineRemoved { name } => format!("machine   {name} removed"),
-        DaemonEvent::Progress { action, target, message } => format!("progress  {action} {target}: {message}"),
+        DaemonEvent::Progress {
+            action,
+            target,
+            message,
+        } => format!("progress  {action} {target}: {message}"),
         DaemonEvent::Change { entry } => format!(
             "change    {} {} by {}: {}",
             entry.action,

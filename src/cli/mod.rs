@@ -280,7 +280,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
                                 match (e.actor, e.remote) {
                                     (Some(a), Some(r)) => format!("{a} ({r})"),
                                     (Some(a), None) => a,
-                                    (None, r) => e.uid.map(|u| u.to_string()).or(r).unwrap_or_else(|| "-".into()),
+                                    (None, r) => {
+                                        e.uid.map(|u| u.to_string()).or(r).unwrap_or_else(|| "-".into())
+                                    }
                                 },
                                 e.action,
                                 e.target,
@@ -311,7 +313,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     if cfg.token.is_some() {
                         cfg.token = Some("<redacted>".into());
                     }
-                    let cert = cfg.tls_cert.clone().unwrap_or_else(|| crate::tls::generated_paths(&cfg.data_dir).0);
+                    let cert = cfg
+                        .tls_cert
+                        .clone()
+                        .unwrap_or_else(|| crate::tls::generated_paths(&cfg.data_dir).0);
                     let mut v = serde_json::to_value(&cfg)?;
                     if cfg.listeners()?.iter().any(|l| l.tls) {
                         v["tls_fingerprint"] = crate::tls::fingerprint_of_file(&cert).into();

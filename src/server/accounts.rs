@@ -17,9 +17,18 @@ async fn user_add(
     ConnectInfo(p): ConnectInfo<Peer>,
     Json(req): Json<UserAddRequest>,
 ) -> Result<Json<UserInfo>, Error> {
-    let r = h.auth.add_user(&req.name, req.role.as_deref(), req.password).await;
+    let r = h
+        .auth
+        .add_user(&req.name, req.role.as_deref(), req.password)
+        .await;
     let target = format!("{} {}", req.name, req.role.as_deref().unwrap_or("admin"));
-    Ok(Json(audited(&h, &p, "user.add", &target, r.map_err(Error::from))?))
+    Ok(Json(audited(
+        &h,
+        &p,
+        "user.add",
+        &target,
+        r.map_err(Error::from),
+    )?))
 }
 
 async fn user_passwd(
@@ -38,7 +47,13 @@ async fn user_rm(
     ConnectInfo(p): ConnectInfo<Peer>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
-    audited(&h, &p, "user.rm", &name, h.auth.remove_user(&name).map_err(Error::from))?;
+    audited(
+        &h,
+        &p,
+        "user.rm",
+        &name,
+        h.auth.remove_user(&name).map_err(Error::from),
+    )?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
 
@@ -55,7 +70,13 @@ async fn token_create(
         .auth
         .create_token(&req.name, req.role.as_deref(), req.expires.as_deref());
     let target = format!("{} {}", req.name, req.role.as_deref().unwrap_or("admin"));
-    Ok(Json(audited(&h, &p, "token.create", &target, r.map_err(Error::from))?))
+    Ok(Json(audited(
+        &h,
+        &p,
+        "token.create",
+        &target,
+        r.map_err(Error::from),
+    )?))
 }
 
 async fn token_revoke(
@@ -63,7 +84,13 @@ async fn token_revoke(
     ConnectInfo(p): ConnectInfo<Peer>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
-    audited(&h, &p, "token.revoke", &name, h.auth.revoke_token(&name).map_err(Error::from))?;
+    audited(
+        &h,
+        &p,
+        "token.revoke",
+        &name,
+        h.auth.revoke_token(&name).map_err(Error::from),
+    )?;
     Ok(Json(serde_json::json!({"revoked": name})))
 }
 

@@ -23,7 +23,10 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 pub struct Secure(pub bool);
 
 fn refuse(kind: ErrorKind, msg: impl Into<String>) -> Response {
-    let body = ErrorBody::new(kind, msg);
+    respond(ErrorBody::new(kind, msg))
+}
+
+fn respond(body: ErrorBody) -> Response {
     let code = StatusCode::from_u16(body.status).unwrap_or(StatusCode::FORBIDDEN);
     (code, Json(body)).into_response()
 }
@@ -46,25 +49,25 @@ fn is_read(m: &Method) -> bool {
 }
 
 /// Who is calling, from the request's credentials (401/403 as the API answers them).
-fn principal(h: &AppState, req: &Request) -> Result<Principal, Response> {
+fn principal(h: &AppState, req: &Request) -> Result<Principal, ErrorBody> {
     let headers = req.headers();
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let text = v.to_str().unwrap_or_default();
         let Some(token) = text.strip_prefix("Bearer ") else {
-            return Err(refuse(
+            return Err(ErrorBody::new(
                 ErrorKind::Unauthorized,
                 "the Authorization header is not a bearer token (allowed: Authorization: Bearer <API token>)",
             ));
         };
-        return h.auth.bearer(token.trim()).map_err(|e| Error::from(e).into_response());
+        return h.auth.bearer(token.trim()).map_err(|e| Error::from(e).body());
     }
     let Some(secret) = cookie(headers) else {
-        return Err(refuse(
+        return Err(ErrorBody::new(
             ErrorKind::Unauthorized,
             "not logged in (allowed: a session from POST /v1/login, or Authorization: Bearer <API token>)",
         ));
     };
-    let p = h.auth.session(&secret).map_err(|e| Error::from(e).into_response())?;
+    let p = h.auth.session(&secret).map_err(|e| Error::from(e).body())?;
     if !is_read(req.method()) {
         let Principal::User { csrf, .. } = &p else {
             unreachable!("sessions are users")
@@ -74,7 +77,7 @@ fn principal(h: &AppState, req: &Request) -> Result<Principal, Response> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if !constant_time_eq(sent.as_bytes(), csrf.as_bytes()) {
-            return Err(refuse(
+            return Err(ErrorBody::new(
                 ErrorKind::Forbidden,
                 "CSRF token missing or wrong (a browser session sends the X-CSRF-Token header given by GET /v1/session on every change)",
             ));
@@ -87,7 +90,7 @@ fn principal(h: &AppState, req: &Request) -> Result<Principal, Response> {
 pub async fn require(State(h): State<AppState>, mut req: Request, next: Next) -> Response {
     let p = match principal(&h, &req) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(b) => return respond(b),
     };
     let path = req.uri().path();
     if path.starts_with("/v1/users") || path.starts_with("/v1/tokens") {
@@ -199,12 +202,18 @@ mod tests {
     #[test]
     fn the_session_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; sistemo_session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; sistemo_session=abc; b=2"),
+        );
         assert_eq!(cookie(&h).as_deref(), Some("abc"));
         h.insert(header::COOKIE, HeaderValue::from_static("sistemo_session="));
         assert_eq!(cookie(&h), None);
         let c = session_cookie("x", 60, true);
         let c = c.to_str().unwrap();
-        assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.ends_with("; Secure"), "{c}");
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.ends_with("; Secure"),
+            "{c}"
+        );
     }
 }

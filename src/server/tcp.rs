@@ -50,7 +50,13 @@ pub async fn serve_tcp(
         } else {
             None
         };
-        tasks.spawn(accept_loop(l, app.clone(), slots.clone(), acceptor, shutdown.clone()));
+        tasks.spawn(accept_loop(
+            l,
+            app.clone(),
+            slots.clone(),
+            acceptor,
+            shutdown.clone(),
+        ));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())

@@ -69,8 +69,10 @@ async fn events(State(h): State<AppState>) -> Response {
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response();
     // A first comment at once, so a client knows it is subscribed.
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
@@ -162,4 +164,23 @@ pub fn dashboard() -> axum::Router {
             "/assets/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dashboard_first_load_is_small_and_has_no_third_party_code() {
+        let total = INDEX.len() + APP_JS.len() + PAGES_JS.len() + APP_CSS.len();
+        println!("RESULT dashboard_first_load_bytes={total}");
+        assert!(total <= 300 * 1024, "{total} bytes uncompressed");
+        for f in [INDEX, APP_JS, PAGES_JS] {
+            assert!(
+                !f.contains("http://") && !f.contains("https://"),
+                "nothing loaded from elsewhere"
+            );
+            assert!(!f.contains("innerHTML"), "text only, never markup from data");
+        }
+    }
 }

@@ -264,7 +264,14 @@ impl Store {
     }
 
     /// Open a session for `user`, keyed by the hash of its cookie; drops expired sessions.
-    pub fn create_session(&self, id_hash: &str, user: &str, csrf: &str, expires_at: i64, now: i64) -> Result<()> {
+    pub fn create_session(
+        &self,
+        id_hash: &str,
+        user: &str,
+        csrf: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<()> {
         self.conn
             .execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])?;
         self.conn.execute(
@@ -296,7 +303,8 @@ impl Store {
 
     /// End a session.
     pub fn delete_session(&self, id_hash: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM sessions WHERE id = ?1", [id_hash])?;
+        self.conn
+            .execute("DELETE FROM sessions WHERE id = ?1", [id_hash])?;
         Ok(())
     }
 
@@ -311,8 +319,9 @@ impl Store {
     /// Call `f` with the table's name after every row change (`machines`, `exposes`, …), from
     /// inside the change: it must not touch the store (it only wakes someone who will).
     pub fn on_change(&self, mut f: impl FnMut(&str) + Send + 'static) {
-        self.conn
-            .update_hook(Some(move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| f(table)));
+        self.conn.update_hook(Some(
+            move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| f(table),
+        ));
     }
 }
 
@@ -324,17 +333,26 @@ mod tests {
     fn users_tokens_sessions_round_trip() {
         let mut s = Store::in_memory().unwrap();
         s.create_user("alice", Role::Admin, "h1").unwrap();
-        let e = s.create_user("alice", Role::Viewer, "h2").unwrap_err().to_string();
+        let e = s
+            .create_user("alice", Role::Viewer, "h2")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("alice") && e.contains("exists"), "{e}");
         s.create_session("sid", "alice", "csrf", 100, 0).unwrap();
         assert_eq!(s.session("sid", 50).unwrap().unwrap().role, Role::Admin);
         assert!(s.session("sid", 100).unwrap().is_none(), "expired");
         s.set_user_hash("alice", "h3").unwrap();
-        assert!(s.session("sid", 50).unwrap().is_none(), "a new password ends sessions");
+        assert!(
+            s.session("sid", 50).unwrap().is_none(),
+            "a new password ends sessions"
+        );
         assert_eq!(s.user("alice").unwrap().unwrap().hash, "h3");
         s.create_session("sid2", "alice", "c", 100, 0).unwrap();
         s.delete_user("alice").unwrap();
-        assert!(s.session("sid2", 50).unwrap().is_none(), "sessions go with the user");
+        assert!(
+            s.session("sid2", 50).unwrap().is_none(),
+            "sessions go with the user"
+        );
         let t = TokenRow {
             name: "ci".into(),
             id: "abcd".into(),

@@ -31,12 +31,30 @@ impl Resp {
 
 /// A request from namespace `ns` to `url` with extra `headers` (`Name: value`) and a JSON
 /// `body`; `-k` when `insecure`.
-pub fn http_in(ns: &str, method: &str, url: &str, headers: &[String], body: Option<&str>, insecure: bool) -> Resp {
+pub fn http_in(
+    ns: &str,
+    method: &str,
+    url: &str,
+    headers: &[String],
+    body: Option<&str>,
+    insecure: bool,
+) -> Resp {
     let hfile = std::env::temp_dir().join(format!("sweb-h-{}-{}", std::process::id(), uuid_like()));
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, "curl", "-sS", "--max-time", "20", "-X", method, "-D"])
-        .arg(&hfile)
-        .args(["-w", "\n%{http_code}", url]);
+    c.args([
+        "netns",
+        "exec",
+        ns,
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-X",
+        method,
+        "-D",
+    ])
+    .arg(&hfile)
+    .args(["-w", "\n%{http_code}", url]);
     if insecure {
         c.arg("-k");
     }
@@ -49,7 +67,9 @@ pub fn http_in(ns: &str, method: &str, url: &str, headers: &[String], body: Opti
     let o = c.stdin(Stdio::null()).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let (body, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
-    let headers = std::fs::read_to_string(&hfile).unwrap_or_default().to_ascii_lowercase();
+    let headers = std::fs::read_to_string(&hfile)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let _ = std::fs::remove_file(&hfile);
     Resp {
         code: code.trim().parse().unwrap_or(0),
@@ -66,7 +86,14 @@ fn uuid_like() -> u64 {
 
 /// A request to the env's default listener (`http://127.0.0.1:7777`) from its host namespace.
 pub fn http(env: &Env, method: &str, path: &str, headers: &[String], body: Option<&str>) -> Resp {
-    http_in(&env.ns, method, &format!("http://127.0.0.1:7777{path}"), headers, body, false)
+    http_in(
+        &env.ns,
+        method,
+        &format!("http://127.0.0.1:7777{path}"),
+        headers,
+        body,
+        false,
+    )
 }
 
 /// Run the CLI with `input` on its standard input.
@@ -92,7 +119,11 @@ pub fn add_user(env: &Env, name: &str, role: &str, password: &str) {
         &["user", "add", name, "--role", role, "--password-stdin"],
         &format!("{password}\n"),
     );
-    assert!(o.status.success(), "user add: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "user add: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Log in; the cookie header and the CSRF token.
@@ -106,7 +137,10 @@ pub fn login(env: &Env, user: &str, password: &str) -> (String, String) {
     );
     assert_eq!(r.code, 200, "login {user}: {}", r.body);
     let cookie = r.cookie().expect("a session cookie");
-    (format!("Cookie: {cookie}"), r.json()["csrf"].as_str().unwrap().to_string())
+    (
+        format!("Cookie: {cookie}"),
+        r.json()["csrf"].as_str().unwrap().to_string(),
+    )
 }
 
 /// Create an API token with the CLI; its secret.

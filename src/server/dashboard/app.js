@@ -13,7 +13,7 @@ const PAGES = {};
 
 // ---- elements ----------------------------------------------------------------------------
 
-// h("button", {class: "x", onclick: f}, "text", child…): never innerHTML, so names and
+// h("button", {class: "x", onclick: f}, "text", child…): never parses markup, so names and
 // messages from the daemon are always text.
 function h(tag, attrs, ...kids) {
   const el = document.createElement(tag);
