@@ -318,12 +318,13 @@ fn two_daemons_in_one_namespace_do_not_interfere() {
     let env = Env::new("two");
     env.machine("a", &["--expose", "8080:80"]);
     env.serve_tcp("a", 80, "a");
-    // a second daemon beside the first: its own socket, data dir, bridge, subnet and table
+    // a second daemon beside the first: its own socket, data dir, bridge, subnet, table and
+    // TCP listener (the first holds 127.0.0.1:7777)
     let dir2 = env.dir.join("second");
     std::fs::create_dir_all(&dir2).unwrap();
     std::fs::write(
         dir2.join("config.yml"),
-        format!("netns_prefix: \"{}b-\"\n", env.prefix),
+        format!("netns_prefix: \"{}b-\"\nlisten: [\"127.0.0.1:7779\"]\n", env.prefix),
     )
     .unwrap();
     let sock2 = dir2.join("api.sock");

@@ -162,8 +162,9 @@ pub struct Auth {
     session_ttl: Duration,
     config_token: Option<String>,
     throttle: Mutex<Throttle>,
-    /// A hash verified against when the user does not exist, so both take as long.
-    dummy_hash: String,
+    /// A hash verified against when the user does not exist, so both take as long (made on
+    /// first use: start-up does not wait for it).
+    dummy_hash: Arc<std::sync::OnceLock<String>>,
 }
 
 /// Seconds since the epoch.
@@ -298,7 +299,7 @@ impl Auth {
             session_ttl,
             config_token,
             throttle: Mutex::default(),
-            dummy_hash: hash_password("not a password of anyone").expect("hashing"),
+            dummy_hash: Arc::default(),
         }
     }
 
@@ -366,10 +367,18 @@ impl Auth {
             }
         }
         let account = self.store.lock().user(user)?;
-        let hash = account
-            .as_ref()
-            .map_or_else(|| self.dummy_hash.clone(), |a| a.hash.clone());
-        let ok = blocking(move || verify_password(&password, &hash)).await && account.is_some();
+        let stored = account.as_ref().map(|a| a.hash.clone());
+        let dummy = self.dummy_hash.clone();
+        let ok = blocking(move || {
+            let hash = stored.unwrap_or_else(|| {
+                dummy
+                    .get_or_init(|| hash_password("not a password of anyone").unwrap_or_default())
+                    .clone()
+            });
+            verify_password(&password, &hash)
+        })
+        .await
+            && account.is_some();
         let mut t = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
         let Some(account) = account.filter(|_| ok) else {
             for k in &keys {
