@@ -324,7 +324,10 @@ fn two_daemons_in_one_namespace_do_not_interfere() {
     std::fs::create_dir_all(&dir2).unwrap();
     std::fs::write(
         dir2.join("config.yml"),
-        format!("netns_prefix: \"{}b-\"\nlisten: [\"127.0.0.1:7779\"]\n", env.prefix),
+        format!(
+            "netns_prefix: \"{}b-\"\nlisten: [\"127.0.0.1:7779\"]\n",
+            env.prefix
+        ),
     )
     .unwrap();
     let sock2 = dir2.join("api.sock");

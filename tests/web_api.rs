@@ -439,3 +439,57 @@ fn web_api_tls_off_loopback_fingerprint_and_idle_connections() {
     );
     drop(holder);
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn web_api_socket_group_members_use_the_cli_without_sudo() {
+    // The group `service install` creates; made here when missing and removed again.
+    struct Group(bool);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            if self.0 {
+                let _ = run(&["groupdel", "sistemo"]);
+            }
+        }
+    }
+    let made = run(&["getent", "group", "sistemo"]).stdout.is_empty();
+    if made {
+        ok(&["groupadd", "--system", "sistemo"]);
+    }
+    let _g = Group(made);
+    let env = Env::new("swebgrp");
+    let meta = std::fs::metadata(&env.socket).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let gid = String::from_utf8_lossy(&run(&["getent", "group", "sistemo"]).stdout)
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
+    assert_eq!(meta.gid(), gid);
+    let as_nobody = |groups: &str| {
+        let mut a = vec!["setpriv", "--reuid=nobody", "--regid=nogroup"];
+        a.push(groups);
+        a.extend([
+            env!("CARGO_BIN_EXE_sistemo"),
+            "--socket",
+            env.socket.to_str().unwrap(),
+        ]);
+        a.extend(["network", "create", "swebgrp"]);
+        run(&a)
+    };
+    step("outside the group: refused by the socket's mode");
+    let o = as_nobody("--clear-groups");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ermission denied"),
+        "{o:?}"
+    );
+    step("a member: works, and the audit log names the account");
+    let o = as_nobody("--groups=sistemo");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let h: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["history", "--action", "network.create", "-o", "json"])).unwrap();
+    assert_eq!(h[0]["actor"], "local nobody", "{h}");
+}
