@@ -1,6 +1,7 @@
 //! Request and response types of the HTTP/JSON API, shared by the CLI, the server and tests,
 //! so client and server cannot drift apart. This is also the documented `-o json` schema.
 
+pub use crate::api_web::*;
 pub use crate::domain::{MachineState, RestartPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +20,13 @@ pub enum ErrorKind {
     Conflict,
     /// The host's disk is full.
     InsufficientStorage,
-    /// The TCP API was called without the right token.
+    /// The TCP API was called without valid credentials (no or an unknown token or session).
     Unauthorized,
+    /// The caller is known but may not do this (a viewer changing something, a revoked or
+    /// expired token, a missing CSRF token).
+    Forbidden,
+    /// Too many failed log-ins: wait before trying again.
+    TooManyRequests,
     /// The host failed us (I/O, netlink, a VMM that did not boot).
     Internal,
 }
@@ -34,6 +40,8 @@ impl ErrorKind {
             ErrorKind::Conflict => 409,
             ErrorKind::InsufficientStorage => 507,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::TooManyRequests => 429,
             ErrorKind::Internal => 500,
         }
     }
@@ -43,6 +51,8 @@ impl ErrorKind {
         match status {
             400 | 422 => ErrorKind::Invalid,
             401 => ErrorKind::Unauthorized,
+            403 => ErrorKind::Forbidden,
+            429 => ErrorKind::TooManyRequests,
             404 => ErrorKind::NotFound,
             409 => ErrorKind::Conflict,
             507 => ErrorKind::InsufficientStorage,
@@ -91,6 +101,9 @@ pub struct HistoryEntry {
     /// A TCP API caller's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,
+    /// Who: `user alice`, `token ci`, or the local account behind the socket's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// Action, e.g. `machine.expose`.
     pub action: String,
     /// What it acted on.

@@ -278,6 +278,18 @@ impl Client {
         Err(api_error(r.status, &String::from_utf8_lossy(&body)))
     }
 
+    /// A streamed GET (server-sent events): each line goes to `on_line` as it arrives, until
+    /// the stream ends or `on_line` returns false.
+    pub fn lines(&self, path: &str, mut on_line: impl FnMut(&str) -> bool) -> Result<()> {
+        let mut r = self.send("GET", path, None)?;
+        let status = r.status;
+        let text = r.read_lines(false, |l| status >= 400 || on_line(l))?;
+        if status >= 400 {
+            return Err(api_error(status, &String::from_utf8_lossy(&text)));
+        }
+        Ok(())
+    }
+
     /// A streamed operation: progress lines go to `progress`, the result is returned.
     pub fn stream<T: DeserializeOwned>(
         &self,

@@ -33,11 +33,23 @@ pub struct Config {
     pub hypervisor: HypervisorKind,
     /// Prefix of namespace names of the `netns` backend.
     pub netns_prefix: String,
-    /// Optional TCP port for the API (needs `token`); off by default.
+    /// Sistemo's key: serve the API and dashboard on this port (of `listen_addr`); the same
+    /// as `listen: [listen_addr:port]`.
     pub port: Option<u16>,
-    /// Address of the TCP API listener.
+    /// The address `port` listens on.
     pub listen_addr: Ipv4Addr,
-    /// Bearer token required on the TCP listener.
+    /// TCP listeners of the API and the dashboard: `ADDR:PORT` (TLS unless loopback),
+    /// `https://ADDR:PORT` or `http://ADDR:PORT` (loopback only); `[]`: none. Default
+    /// `127.0.0.1:7777`.
+    pub listen: Option<Vec<String>>,
+    /// The TLS certificate (PEM, chain) of the listeners; default: self-signed, generated.
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// How long a browser session lasts, in hours.
+    pub session_hours: u32,
+    /// A shared bearer token accepted as an admin on the TCP listeners (API tokens, made with
+    /// `sistemo token create`, are the better way).
     pub token: Option<String>,
     /// Most vCPUs a machine may have (default: the host's CPU count).
     pub max_vcpus: Option<u32>,
@@ -102,6 +114,10 @@ impl Default for Config {
             netns_prefix: "sistemo-m-".into(),
             port: None,
             listen_addr: Ipv4Addr::LOCALHOST,
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            session_hours: 12,
             token: None,
             max_vcpus: None,
             dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
@@ -298,19 +314,22 @@ impl Config {
 
     /// Check what the types cannot: combinations of keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(port) = self.port {
-            let token = self.token.as_deref().unwrap_or("");
-            if token.is_empty() {
-                return Err(ConfigError(
-                    "port is set but token is empty: the TCP API needs a token".into(),
-                ));
-            }
-            if token.len() < MIN_TOKEN_LEN {
-                return Err(ConfigError(format!(
-                    "token is {} characters long (allowed: at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`) for the TCP API on port {port}",
-                    token.len()
-                )));
-            }
+        if let Some(token) = &self.token
+            && token.len() < MIN_TOKEN_LEN
+        {
+            return Err(ConfigError(format!(
+                "token is {} characters long (allowed: at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`; or none, and API tokens from `sistemo token create`)",
+                token.len()
+            )));
+        }
+        self.listeners()?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError(
+                "tls_cert and tls_key go together (allowed: both, or neither for a generated self-signed certificate)".into(),
+            ));
+        }
+        if self.session_hours == 0 {
+            return Err(ConfigError("session_hours 0 (allowed: 1 or more hours)".into()));
         }
         if let Some(d) = self.image_dirs.iter().find(|d| !d.is_absolute()) {
             return Err(ConfigError(format!(
@@ -331,9 +350,118 @@ impl Config {
     }
 }
 
+/// Default TCP listener of the API and the dashboard.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
+
+/// One TCP listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// Address and port.
+    pub addr: std::net::SocketAddr,
+    /// Whether it speaks TLS.
+    pub tls: bool,
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+}
+
+impl Config {
+    /// The TCP listeners: `listen`, else `listen_addr:port`, else [`DEFAULT_LISTEN`]. Plain
+    /// HTTP is refused off loopback, naming the address.
+    pub fn listeners(&self) -> Result<Vec<Listener>, ConfigError> {
+        let entries: Vec<String> = match (&self.listen, self.port) {
+            (Some(_), Some(p)) => {
+                return Err(ConfigError(format!(
+                    "both port ({p}) and listen are set (allowed: one of them; listen: [\"ADDR:PORT\", …] for several)"
+                )));
+            }
+            (Some(l), None) => l.clone(),
+            (None, Some(p)) => vec![format!("{}:{p}", self.listen_addr)],
+            (None, None) => vec![DEFAULT_LISTEN.into()],
+        };
+        let mut out: Vec<Listener> = Vec::new();
+        for e in entries {
+            let (scheme, rest) = match e.split_once("://") {
+                Some((s, r)) => (Some(s), r),
+                None => (None, e.as_str()),
+            };
+            let addr: std::net::SocketAddr = rest.parse().map_err(|_| {
+                ConfigError(format!(
+                    "listen {e:?} is not an address (allowed: ADDR:PORT, https://ADDR:PORT, http://127.0.0.1:PORT; IPv6 as [ADDR]:PORT)"
+                ))
+            })?;
+            let tls = match scheme {
+                None => !addr.ip().is_loopback(),
+                Some("https") => true,
+                Some("http") if addr.ip().is_loopback() => false,
+                Some("http") => {
+                    return Err(ConfigError(format!(
+                        "listen {e}: plain HTTP off loopback would send passwords and tokens in clear (allowed: https://{addr}, or http:// on a loopback address)"
+                    )));
+                }
+                Some(s) => {
+                    return Err(ConfigError(format!(
+                        "listen {e:?}: scheme {s:?} (allowed: http, https)"
+                    )));
+                }
+            };
+            if out.iter().any(|l| l.addr == addr) {
+                return Err(ConfigError(format!("listen {addr} is given twice")));
+            }
+            out.push(Listener { addr, tls });
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_default_to_loopback_and_need_tls_elsewhere() {
+        let c = Config::default();
+        assert_eq!(
+            c.listeners()
+                .unwrap()
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>(),
+            ["http://127.0.0.1:7777"]
+        );
+        let c: Config = yaml_serde::from_str("port: 8000").unwrap();
+        assert_eq!(c.listeners().unwrap()[0].to_string(), "http://127.0.0.1:8000");
+        let c: Config =
+            yaml_serde::from_str("listen: [\"0.0.0.0:7777\", \"[::1]:7778\", \"https://127.0.0.1:7779\"]")
+                .unwrap();
+        assert_eq!(
+            c.listeners()
+                .unwrap()
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>(),
+            [
+                "https://0.0.0.0:7777",
+                "http://[::1]:7778",
+                "https://127.0.0.1:7779"
+            ]
+        );
+        let c: Config = yaml_serde::from_str("listen: [\"http://10.1.2.3:7777\"]").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("http://10.1.2.3:7777") && e.contains("https://10.1.2.3:7777"),
+            "{e}"
+        );
+        let c: Config = yaml_serde::from_str("listen: []\nport: 1").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("both port"));
+        let c: Config = yaml_serde::from_str("listen: []").unwrap();
+        assert!(c.listeners().unwrap().is_empty());
+        let c: Config = yaml_serde::from_str("tls_cert: /x.pem").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("tls_key"));
+    }
 
     #[test]
     fn unknown_key_is_named() {

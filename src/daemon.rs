@@ -37,8 +37,36 @@ fn claim_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    share_with_group(path)?;
     Ok(l)
+}
+
+/// The group whose members may use the Unix socket without sudo (made by `service install`).
+pub const SOCKET_GROUP: &str = "sistemo";
+
+/// The socket is root's, 0660 with group [`SOCKET_GROUP`] when that group exists (its members
+/// run the CLI as the `docker` group's do), else 0600.
+fn share_with_group(path: &Path) -> Result<()> {
+    let group = nix::unistd::Group::from_name(SOCKET_GROUP).ok().flatten();
+    if let Some(g) = &group {
+        std::os::unix::fs::chown(path, Some(0), Some(g.gid.as_raw()))
+            .with_context(|| format!("giving {} to group {SOCKET_GROUP}", path.display()))?;
+        // Members must reach the socket: its folder may be traversed by them too.
+        if let Some(dir) = path.parent()
+            && dir != Path::new("/")
+            && let Ok(m) = std::fs::metadata(dir)
+            && m.permissions().mode() & 0o011 == 0
+        {
+            let _ = std::os::unix::fs::chown(dir, None, Some(g.gid.as_raw()));
+            let _ = std::fs::set_permissions(
+                dir,
+                std::fs::Permissions::from_mode(m.permissions().mode() | 0o010),
+            );
+        }
+    }
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
 }
 
 /// Create the data dir with private modes and take its exclusive lock for the daemon's life:
@@ -100,15 +128,24 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let _data_lock = private_data_dir(&cfg.data_dir)?;
     let listener = claim_socket(&cfg.socket)?;
-    // Both listeners are bound before start-up: connections wait in the backlog until served.
-    let tcp = match cfg.port {
-        Some(port) => Some((
-            port,
-            tokio::net::TcpListener::bind((cfg.listen_addr, port))
-                .await
-                .with_context(|| format!("binding the TCP API on {}:{port}", cfg.listen_addr))?,
-        )),
-        None => None,
+    // Every listener is bound before start-up: connections wait in the backlog until served.
+    let mut tcp = Vec::new();
+    for l in cfg.listeners()? {
+        let sock = tokio::net::TcpListener::bind(l.addr)
+            .await
+            .with_context(|| format!("binding the TCP listener {l}"))?;
+        tcp.push((sock, l));
+    }
+    let tls = if tcp.iter().any(|(_, l)| l.tls) {
+        let mut names = vec!["localhost".to_string()];
+        names.extend(tcp.iter().map(|(_, l)| l.addr.ip().to_string()));
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            names.push(h.trim().to_string());
+        }
+        let user = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
+        Some(crate::tls::load(&cfg.data_dir, user, names)?)
+    } else {
+        None
     };
     let store = Store::open(&cfg.data_dir.join("sistemo.db")).context("opening the database")?;
     let links = Arc::new(Links::new()?);
@@ -178,16 +215,35 @@ pub async fn run(cfg: Config) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    if let Some((port, tcp)) = tcp {
-        let token = cfg.token.clone().unwrap_or_default();
-        tracing::info!(addr = %cfg.listen_addr, port, "TCP API listening (bearer token required)");
+    let names: Vec<String> = tcp.iter().map(|(_, l)| l.to_string()).collect();
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    let _ = m.listeners.set((names.clone(), fingerprint.clone()));
+    if !tcp.is_empty() {
+        tracing::info!(
+            listeners = %names.join(" "),
+            "API and dashboard listening (log in with a user from `sistemo user add`, or an API token)"
+        );
+        if let Some(f) = &fingerprint {
+            // Printed plainly too: remote CLIs and browsers compare it.
+            eprintln!("TLS certificate SHA-256 fingerprint: {f}");
+            tracing::info!(fingerprint = %f, "TLS certificate");
+        }
         let (m2, s2) = (m.clone(), stopped());
+        let tls = tls.map(|t| t.config);
         tokio::spawn(async move {
-            if let Err(e) = crate::server::serve_tcp(tcp, m2, token, s2).await {
+            if let Err(e) = crate::server::serve_tcp(tcp, m2, tls, s2).await {
                 tracing::error!(error = %e, "TCP API failed");
             }
         });
     }
+    // Machine changes become events; event streams end when the daemon stops.
+    let w = m.clone();
+    tokio::spawn(async move { w.watch_machines().await });
+    let (e, s3) = (m.clone(), stopped());
+    tokio::spawn(async move {
+        s3.await;
+        e.events.close();
+    });
     let host = m.clone();
     crate::server::serve(listener, m, stopped()).await?;
     // Operations whose client went away still run: let them finish (or roll back) first.

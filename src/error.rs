@@ -39,6 +39,9 @@ pub enum Error {
     /// The image backend failed.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Accounts or authentication refused or failed.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// A file operation of the daemon's own failed.
     #[error("{what}")]
     Io {
@@ -88,6 +91,7 @@ impl Error {
             Error::Vmm(VmmError::ImageNotFound { .. }) => Some(ErrorKind::NotFound),
             Error::Vmm(VmmError::ImageRefused { .. }) => Some(ErrorKind::Invalid),
             Error::Image(e) => e.kind(),
+            Error::Auth(e) => e.kind(),
             _ => None,
         };
         own.unwrap_or_else(|| {

@@ -1,10 +1,13 @@
 //! [`Host`]: the services of one daemon wired together (machines, networks, images, the
-//! firewall), plus what spans them: start-up, self-repair, the audit log and daemon facts.
+//! firewall), plus what spans them: start-up, self-repair, the audit log, accounts, the event bus
+//! and daemon facts.
 
 use crate::api::HistoryEntry;
+use crate::auth::Auth;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::events::{Events, HostEvent};
 use crate::images::Images;
 use crate::machine::{Machines, Settings, desired_firewall, host_memory};
 use crate::net::firewall::{Firewall, FirewallDriver};
@@ -62,6 +65,13 @@ pub struct Host {
     pub images: Images,
     /// Volumes, snapshots and clones.
     pub volumes: Arc<Volumes>,
+    /// Users, API tokens and sessions.
+    pub auth: Auth,
+    /// The event bus.
+    pub events: Arc<Events>,
+    /// The TCP listeners (`https://0.0.0.0:7777`) and the TLS certificate's fingerprint, once
+    /// bound.
+    pub listeners: std::sync::OnceLock<(Vec<String>, Option<String>)>,
     store: Arc<SharedStore>,
     fw: Arc<Firewall>,
     cfg: Config,
@@ -92,7 +102,10 @@ impl Host {
             }),
             host_memory: host_memory(),
             dns: cfg.dns.clone(),
-            api_port: cfg.port,
+            api_ports: cfg
+                .listeners()
+                .map(|ls| ls.iter().map(|l| l.addr.port()).collect())
+                .unwrap_or_default(),
             max_storage: cfg.max_storage,
             min_disk_free: cfg.min_disk_free,
         };
@@ -106,6 +119,18 @@ impl Host {
                 test_pause: cfg.test_volume_pause_ms.map(std::time::Duration::from_millis),
             },
         ));
+        let events = Arc::new(Events::default());
+        let dirty = events.dirty();
+        store.lock().on_change(move |table| {
+            if table == "machines" || table == "exposes" {
+                dirty.notify_one();
+            }
+        });
+        let auth = Auth::new(
+            store.clone(),
+            std::time::Duration::from_secs(u64::from(cfg.session_hours) * 3600),
+            cfg.token.clone(),
+        );
         Host {
             machines: Machines::new(
                 store.clone(),
@@ -119,6 +144,9 @@ impl Host {
             networks: Networks::new(store.clone(), links, fw.clone()),
             images: Images::new(store.clone(), backend.images, hypervisor),
             volumes,
+            auth,
+            events,
+            listeners: std::sync::OnceLock::new(),
             store,
             fw,
             cfg,
@@ -174,26 +202,57 @@ impl Host {
     /// Refuse to start when a stored expose claims the TCP API's port: DNAT would hand the
     /// API's requests, bearer token included, to that machine.
     fn check_api_port(&self) -> Result<()> {
-        let Some(port) = self.cfg.port else {
-            return Ok(());
-        };
-        let api = self.cfg.listen_addr;
-        let taken = self.machines.ports()?.into_iter().find(|(_, _, s)| {
-            s.host.proto == crate::spec::Protocol::Tcp
-                && s.host.ports.ports().any(|p| p == port)
-                && s.host.bind.is_none_or(|b| b == api || api.is_unspecified())
-        });
-        match taken {
-            Some((m, _, s)) => Err(Error::Conflict(format!(
-                "the TCP API's port {port} is exposed by machine {m} ({s}); unexpose it or choose another `port`"
-            ))),
-            None => Ok(()),
+        let listeners = self.cfg.listeners().map_err(|e| Error::Invalid(e.to_string()))?;
+        for l in listeners {
+            let (port, api) = (l.addr.port(), l.addr.ip());
+            let taken = self.machines.ports()?.into_iter().find(|(_, _, s)| {
+                s.host.proto == crate::spec::Protocol::Tcp
+                    && s.host.ports.ports().any(|p| p == port)
+                    && s.host
+                        .bind
+                        .is_none_or(|b| std::net::IpAddr::V4(b) == api || api.is_unspecified())
+            });
+            if let Some((m, _, s)) = taken {
+                return Err(Error::Conflict(format!(
+                    "the TCP API's port {port} ({l}) is exposed by machine {m} ({s}); unexpose it or choose another `port`/`listen`"
+                )));
+            }
         }
+        Ok(())
+    }
+
+    /// Until the process ends: publish machine changes the store reports (see [`Events`]).
+    pub async fn watch_machines(&self) {
+        self.events
+            .watch_machines(|| {
+                let ms = self.machines.list().ok()?;
+                Some(
+                    ms.into_iter()
+                        .map(|v| {
+                            let ports: Vec<String> = v.ports.iter().map(|p| p.to_string()).collect();
+                            let fp = format!("{} {:?} {ports:?}", v.machine.state, v.machine.error);
+                            (v.machine.name.to_string(), fp)
+                        })
+                        .collect(),
+                )
+            })
+            .await;
     }
 
     /// One self-repair pass: restore the firewall if it drifted (`deep` also verifies rules).
     pub fn repair_once(&self, deep: bool) -> Result<bool> {
-        Ok(self.fw.repair_once(deep)?)
+        let repaired = self.fw.repair_once(deep)?;
+        if repaired {
+            self.events.publish(HostEvent::Firewall {
+                detail: format!("the firewall drifted and was restored; now {}", self.fw.health()),
+            });
+        }
+        Ok(repaired)
+    }
+
+    /// Firewall health: `in sync` or what drifted.
+    pub fn firewall_health(&self) -> String {
+        self.fw.health()
     }
 
     /// The firewall tables as they should be, as text.
@@ -209,12 +268,20 @@ impl Host {
 
     /// Append to the audit log.
     pub fn record(&self, caller: &Caller, action: &str, target: &str, result: &str) {
-        if let Err(e) = self
-            .store
-            .lock()
-            .record(caller, action, target, result, self.cfg.history_limit)
-        {
-            tracing::error!(error = %crate::error::chain(&e), action, target, "writing the audit log failed");
+        let r = {
+            let st = self.store.lock();
+            st.record(caller, action, target, result, self.cfg.history_limit)
+                .and_then(|()| st.history(1, 0, None, None))
+        };
+        match r {
+            Ok(mut e) => {
+                if let Some(e) = e.pop() {
+                    self.events.publish(HostEvent::Change(e));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error::chain(&e), action, target, "writing the audit log failed")
+            }
         }
     }
 

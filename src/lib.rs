@@ -11,12 +11,15 @@
 //! - [`net`]: links over netlink, address planning, the nftables firewall.
 //! - [`machine`] / [`networks`] / [`images`]: the services, each owning its state and lock.
 //! - [`host`]: the services of one daemon, start-up and self-repair.
+//! - [`auth`]: users, API tokens, browser sessions; [`events`]: the daemon's event bus.
 //! - [`backend`]: the hypervisor backend the configuration names.
 //! - [`config`]: daemon configuration (file, environment, flags), read in one place.
 //! - [`daemon`]: `sistemo up`: start-up restore, self-repair timer, API listeners.
 //! - [`sys`]: the only `unsafe` (TAP ioctls), each block justified.
 
 pub mod api;
+pub mod api_web;
+pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod client;
@@ -24,6 +27,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod host;
 pub mod images;
 pub mod machine;
@@ -33,6 +37,7 @@ pub mod server;
 pub mod spec;
 pub mod store;
 pub mod sys;
+pub mod tls;
 pub mod volumes;
 
 pub use sistemo_vmm::Progress;

@@ -21,7 +21,7 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
     // bridge (CVE-2020-8558)
     let ns = loopback_attack(&env);
     assert_eq!(
-        tcp_from(&ns, "127.0.0.1", 7777),
+        tcp_from(&ns, "127.0.0.1", 7778),
         None,
         "machine reached a host loopback service"
     );
@@ -36,7 +36,7 @@ fn loopback_services_of_the_host_are_not_reachable_from_machines() {
         t = env.table
     ));
     assert_eq!(
-        tcp_from(&ns, "127.0.0.1", 7777).as_deref(),
+        tcp_from(&ns, "127.0.0.1", 7778).as_deref(),
         Some("secret"),
         "control: attack path works without the guard"
     );
@@ -318,12 +318,16 @@ fn two_daemons_in_one_namespace_do_not_interfere() {
     let env = Env::new("two");
     env.machine("a", &["--expose", "8080:80"]);
     env.serve_tcp("a", 80, "a");
-    // a second daemon beside the first: its own socket, data dir, bridge, subnet and table
+    // a second daemon beside the first: its own socket, data dir, bridge, subnet, table and
+    // TCP listener (the first holds 127.0.0.1:7777)
     let dir2 = env.dir.join("second");
     std::fs::create_dir_all(&dir2).unwrap();
     std::fs::write(
         dir2.join("config.yml"),
-        format!("netns_prefix: \"{}b-\"\n", env.prefix),
+        format!(
+            "netns_prefix: \"{}b-\"\nlisten: [\"127.0.0.1:7779\"]\n",
+            env.prefix
+        ),
     )
     .unwrap();
     let sock2 = dir2.join("api.sock");

@@ -253,7 +253,7 @@ fn flushed_loopback_guard_is_repaired() {
     expect_tcp(&env.ns, "127.0.0.1", 8080, "m");
     let ns = loopback_attack(&env);
     assert_eq!(
-        tcp_from(&ns, "127.0.0.1", 7777),
+        tcp_from(&ns, "127.0.0.1", 7778),
         None,
         "machine reached a host loopback service"
     );
@@ -273,7 +273,7 @@ fn flushed_loopback_guard_is_repaired() {
     });
     eprintln!("guard restored after {:?}", t0.elapsed());
     assert_eq!(
-        tcp_from(&ns, "127.0.0.1", 7777),
+        tcp_from(&ns, "127.0.0.1", 7778),
         None,
         "machine reached a host loopback service after the guard was flushed"
     );

@@ -2,6 +2,7 @@
 //! output, one-line errors, exit codes 0 (ok), 1 (error), 2 (usage or bad value). An API
 //! client, except `up` (runs the daemon) and `image prepare` (fills a data dir, no daemon).
 
+mod accounts;
 mod doctor;
 mod image;
 mod machine;
@@ -11,6 +12,7 @@ mod session;
 mod systemd;
 mod volume;
 
+pub use accounts::{TokenCmd, UserCmd};
 pub use image::ImageCmd;
 pub use machine::{MachineArg, MachineCmd};
 pub use network::NetworkCmd;
@@ -156,6 +158,20 @@ pub enum Cmd {
     },
     /// Print the public key machines trust for SSH (to authorise it elsewhere).
     SshKey,
+    /// Manage users of the dashboard and the TCP API.
+    User {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Manage API tokens (for scripts and remote CLIs).
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Print the daemon's events as they happen (machines, exposes, progress, changes).
+    Events,
     /// Print a shell completion script.
     Completion {
         /// Shell: bash, zsh, fish, elvish or powershell.
@@ -270,11 +286,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
                         .map(|e| {
                             vec![
                                 e.at,
-                                // the uid on the socket, the address on the TCP API
-                                e.uid
-                                    .map(|u| u.to_string())
-                                    .or(e.remote)
-                                    .unwrap_or_else(|| "-".into()),
+                                // who (a local account, a user, a token), and from where
+                                match (e.actor, e.remote) {
+                                    (Some(a), Some(r)) => format!("{a} ({r})"),
+                                    (Some(a), None) => a,
+                                    (None, r) => {
+                                        e.uid.map(|u| u.to_string()).or(r).unwrap_or_else(|| "-".into())
+                                    }
+                                },
                                 e.action,
                                 e.target,
                                 e.result,
@@ -287,8 +306,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Cmd::Doctor => return doctor::run(&c, json),
         Cmd::Config { config } => {
             // The daemon's effective configuration when it runs, else what `up` would use.
-            let v = match c.get::<InfoResponse>("/v1/info") {
-                Ok(i) => i.config,
+            let mut v = match c.get::<InfoResponse>("/v1/info") {
+                Ok(i) => {
+                    let mut v = i.config;
+                    if let Ok(s) = c.get::<SystemInfo>("/v1/system") {
+                        v["tls_fingerprint"] = s.tls_fingerprint.into();
+                    }
+                    v
+                }
                 Err(_) => {
                     let mut cfg = Config::load(config.as_deref())?;
                     cfg.validate()?;
@@ -298,9 +323,20 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     if cfg.token.is_some() {
                         cfg.token = Some("<redacted>".into());
                     }
-                    serde_json::to_value(cfg)?
+                    let cert = cfg
+                        .tls_cert
+                        .clone()
+                        .unwrap_or_else(|| crate::tls::generated_paths(&cfg.data_dir).0);
+                    let mut v = serde_json::to_value(&cfg)?;
+                    if cfg.listeners()?.iter().any(|l| l.tls) {
+                        v["tls_fingerprint"] = crate::tls::fingerprint_of_file(&cert).into();
+                    }
+                    v
                 }
             };
+            if v.get("tls_fingerprint").is_some_and(|f| f.is_null()) {
+                v.as_object_mut().map(|o| o.remove("tls_fingerprint"));
+            }
             if json {
                 print_json(&v)?;
             } else {
@@ -314,6 +350,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
             ServiceCmd::Logs { follow } => return systemd::logs(follow),
         },
         Cmd::SshKey => print!("{}", c.text("/v1/ssh-key")?),
+        Cmd::User { cmd } => accounts::run_user(&c, cmd, json, cli.yes)?,
+        Cmd::Token { cmd } => accounts::run_token(&c, cmd, json)?,
+        Cmd::Events => accounts::run_events(&c, json)?,
         Cmd::Completion { shell } => {
             // Dynamic completion: the shell calls back into sistemo (machine names come from
             // the daemon), so print the registration script clap_complete generates for it.

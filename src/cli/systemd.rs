@@ -45,9 +45,28 @@ fn systemctl(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Create the group whose members may use the API socket without sudo (as the `docker`
+/// group's do), unless it exists.
+fn ensure_socket_group() -> Result<()> {
+    let g = crate::daemon::SOCKET_GROUP;
+    if nix::unistd::Group::from_name(g).ok().flatten().is_some() {
+        return Ok(());
+    }
+    let st = std::process::Command::new("groupadd")
+        .args(["--system", g])
+        .status()
+        .context("running groupadd")?;
+    if !st.success() {
+        bail!("groupadd --system {g} failed with {st}");
+    }
+    println!("created group {g}: its members use sistemo without sudo (sudo usermod -aG {g} USER)");
+    Ok(())
+}
+
 /// Install and start the unit.
 pub fn install() -> Result<()> {
     let exe = std::env::current_exe()?;
+    ensure_socket_group()?;
     std::fs::write(UNIT_PATH, unit(&exe)).with_context(|| format!("writing {UNIT_PATH} (run as root)"))?;
     systemctl(&["daemon-reload"])?;
     systemctl(&["enable", "--now", "sistemo.service"])?;

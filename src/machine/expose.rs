@@ -82,7 +82,7 @@ impl Machines {
         check_no_duplicates(specs).map_err(|e| Error::Invalid(e.to_string()))?;
         for s in specs {
             for p in s.host.ports.ports() {
-                if self.settings.api_port == Some(p) && s.host.proto == Protocol::Tcp {
+                if self.settings.api_ports.contains(&p) && s.host.proto == Protocol::Tcp {
                     return Err(Error::Conflict(format!(
                         "host port {p}/tcp is the sistemo API's own TCP port; choose another host port"
                     )));

@@ -93,8 +93,8 @@ pub struct Settings {
     pub host_memory: ByteSize,
     /// DNS servers given to machines.
     pub dns: Vec<Ipv4Addr>,
-    /// The API's own TCP port, which no expose may take.
-    pub api_port: Option<u16>,
+    /// The API's own TCP ports, which no expose may take.
+    pub api_ports: Vec<u16>,
     /// Largest disk a machine may have.
     pub max_storage: ByteSize,
     /// Free space the machines' file system keeps after a new disk is counted in full.

@@ -1,10 +1,14 @@
-//! The API server: HTTP/JSON over a root-only Unix socket (axum). Maps routes to the services,
-//! streams long operations as NDJSON events, and writes every change to the audit log.
+//! The API server: HTTP/JSON over the Unix socket and the TCP listeners (axum). Maps routes to
+//! the services, streams long operations as NDJSON events, and writes every change to the audit
+//! log; `auth.rs` is the one authorisation check of the TCP listeners.
 
+mod accounts;
+mod auth;
 mod convert;
 mod session;
 mod tcp;
 mod volumes;
+mod web;
 
 pub use tcp::serve_tcp;
 
@@ -35,6 +39,7 @@ impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
         Peer(Caller {
             uid: s.io().peer_cred().ok().map(|c| c.uid()),
             remote: None,
+            actor: None,
         })
     }
 }
@@ -82,7 +87,9 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event<T>>();
     let ptx = tx.clone();
+    let (bus, t) = (h.events.clone(), target.clone());
     let progress: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(move |s: &str| {
+        bus.progress(action, &t, s);
         let _ = ptx.send(Event::Progress(s.to_string()));
     });
     let op = h.begin();
@@ -427,6 +434,8 @@ fn router(m: AppState) -> Router {
         .route("/v1/images/build", post(image_build))
         .route("/v1/images/{tag}", axum::routing::delete(image_remove))
         .merge(volumes::routes())
+        .merge(accounts::routes())
+        .merge(web::routes())
         .with_state(m)
 }
 
@@ -447,6 +456,7 @@ pub async fn serve(
     axum::serve(
         listener,
         router(m)
+            .layer(axum::middleware::from_fn(auth::local))
             .merge(probes())
             .into_make_service_with_connect_info::<Peer>(),
     )

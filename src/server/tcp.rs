@@ -1,63 +1,83 @@
-//! The opt-in TCP API: a bearer token on every request, a cap on open connections (so idle
+//! The TCP listeners (API and dashboard): TLS where configured, the authorisation check of
+//! `auth.rs` on every API request, one cap on open connections across all listeners (so idle
 //! ones can never starve the daemon of file descriptors or the Unix socket of service), a
-//! deadline for a request's headers (no slow-loris), and the caller's address in the audit log.
+//! deadline for the TLS handshake and a request's headers (no slow-loris), and the caller's
+//! address in the audit log.
 
-use super::{AppState, Peer, probes, router};
-use crate::api::{ErrorBody, ErrorKind};
+use super::auth::{Secure, login, require};
+use super::{AppState, Peer, probes, router, web};
+use crate::config::Listener;
 use crate::store::Caller;
-use axum::Json;
 use axum::extract::ConnectInfo;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// Most TCP API connections open at once; more wait in the listen backlog.
+/// Most TCP connections open at once, all listeners together; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// How long a client may take to send a request's headers.
+/// How long a client may take to finish the TLS handshake, and to send a request's headers.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a connection may last at most (its requests and their responses).
 pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Serve the API on an opt-in TCP listener; every request needs `Authorization: Bearer <token>`.
+/// The app every TCP listener serves: the API behind the check, log-in, probes, dashboard.
+fn app(m: AppState) -> axum::Router {
+    let api = router(m.clone()).layer(axum::middleware::from_fn_with_state(m.clone(), require));
+    let login = axum::Router::new()
+        .route("/v1/login", axum::routing::post(login))
+        .with_state(m);
+    api.merge(login).merge(probes()).merge(web::dashboard())
+}
+
+/// Serve on bound TCP listeners until `shutdown` resolves; `tls` for those that need it.
 pub async fn serve_tcp(
-    listener: TcpListener,
+    listeners: Vec<(TcpListener, Listener)>,
     m: AppState,
-    token: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let expected = Arc::new(format!("Bearer {token}"));
-    let auth = axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
-        let expected = expected.clone();
-        async move {
-            let ok = req
-                .headers()
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
-            if ok {
-                next.run(req).await
-            } else {
-                let body = ErrorBody::new(
-                    ErrorKind::Unauthorized,
-                    "missing or wrong bearer token (allowed: Authorization: Bearer <token from the config>)",
-                );
-                (StatusCode::UNAUTHORIZED, Json(body)).into_response()
-            }
-        }
-    });
-    let app = router(m).layer(auth).merge(probes());
+    let app = app(m);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (l, how) in listeners {
+        let acceptor = if how.tls {
+            Some(acceptor.clone().expect("TLS configured for a TLS listener"))
+        } else {
+            None
+        };
+        tasks.spawn(accept_loop(
+            l,
+            app.clone(),
+            slots.clone(),
+            acceptor,
+            shutdown.clone(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    slots: Arc<Semaphore>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Unpin,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
     loop {
         // A slot first: past the cap, connections wait in the listen backlog.
-        let slot = slots.clone().acquire_owned().await.expect("never closed");
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
+            () = &mut shutdown => return,
+        };
         let (io, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -68,18 +88,24 @@ pub async fn serve_tcp(
                     continue;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => return,
         };
+        let _ = io.set_nodelay(true);
         let peer = Peer(Caller {
             uid: None,
             remote: Some(addr.to_string()),
+            actor: None,
         });
-        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
-        let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        let svc = app
+            .clone()
+            .layer(axum::Extension(ConnectInfo(peer)))
+            .layer(axum::Extension(Secure(tls.is_some())));
+        let (http, tls) = (http.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
-                Ok(Err(e)) => tracing::debug!(error = %e, "TCP API connection ended"),
+            let r = tokio::time::timeout(CONNECTION_TIMEOUT, serve_one(io, tls, http, svc)).await;
+            match r {
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TCP API connection ended"),
                 Err(_) => tracing::debug!(%addr, "TCP API connection closed at its deadline"),
                 Ok(Ok(())) => {}
             }
@@ -87,6 +113,27 @@ pub async fn serve_tcp(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+async fn serve_one(
+    io: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: hyper::server::conn::http1::Builder,
+    app: axum::Router,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let svc = TowerToHyperService::new(app);
+    match tls {
+        None => {
+            http.serve_connection(TokioIo::new(io), svc)
+                .with_upgrades()
+                .await?
+        }
+        Some(acceptor) => {
+            let stream = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(io))
+                .await
+                .map_err(|_| "the TLS handshake took too long")??;
+            http.serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
+                .await?
+        }
+    }
+    Ok(())
 }

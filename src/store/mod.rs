@@ -1,11 +1,14 @@
 //! The state store: the only code that speaks SQL. SQLite in WAL mode with numbered migrations;
-//! rows come out typed. Networks, machines (with IP lease), exposes with per-port claims, history.
+//! rows come out typed. Networks, machines (with IP lease), exposes with per-port claims, history,
+//! accounts (users, API tokens, sessions).
 
+mod accounts;
 mod exposes;
 mod machines;
 mod networks;
 mod volumes;
 
+pub use accounts::{Account, Role, SessionRow, TokenRow};
 pub use networks::Caller;
 pub use volumes::{Attachment, NewAttachment, Volume, VolumeFormat, VolumeKind};
 
@@ -136,6 +139,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (volume_id, machine_id)
      ) WITHOUT ROWID;
      CREATE INDEX volume_attachments_machine ON volume_attachments(machine_id);",
+    // 6 (accounts): users, API tokens and browser sessions; who made each change
+    accounts::MIGRATION,
 ];
 
 /// A named network: a bridge and a subnet.

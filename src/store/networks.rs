@@ -11,6 +11,8 @@ pub struct Caller {
     pub uid: Option<u32>,
     /// The TCP API caller's address.
     pub remote: Option<String>,
+    /// Who: `user alice`, `token ci`, or the local account of the socket's uid.
+    pub actor: Option<String>,
 }
 use crate::domain::{IfName, NetworkName, Subnet};
 use rusqlite::params;
@@ -118,8 +120,8 @@ impl Store {
     /// keeping at most `keep` entries (the oldest go).
     pub fn record(&self, caller: &Caller, action: &str, target: &str, result: &str, keep: u32) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO history(uid, remote, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![caller.uid, caller.remote, action, target, result],
+            "INSERT INTO history(uid, remote, action, target, result, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![caller.uid, caller.remote, action, target, result, caller.actor],
         )?;
         // Cheap by the primary key; runs on every write so the log never grows past `keep`.
         self.conn.execute(
@@ -138,7 +140,7 @@ impl Store {
         target: Option<&str>,
     ) -> Result<Vec<HistoryEntry>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT at, uid, action, target, result, remote FROM history
+            "SELECT at, uid, action, target, result, remote, actor FROM history
              WHERE (?1 IS NULL OR action = ?1 OR action LIKE ?1 || '.%') AND (?2 IS NULL OR target = ?2)
              ORDER BY id DESC LIMIT ?3 OFFSET ?4",
         )?;
@@ -150,6 +152,7 @@ impl Store {
                 target: r.get(3)?,
                 result: r.get(4)?,
                 remote: r.get(5)?,
+                actor: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -180,6 +183,7 @@ mod tests {
         let c = super::Caller {
             uid: None,
             remote: Some("10.0.0.9:41234".into()),
+            actor: None,
         };
         for i in 0..10 {
             s.record(&c, "machine.exec", &format!("t{i}"), "ok", 4).unwrap();

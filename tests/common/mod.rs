@@ -13,6 +13,7 @@
 pub mod elements;
 pub mod packets;
 pub mod vm_state;
+pub mod web;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -527,11 +528,11 @@ impl Env {
     }
 }
 
-/// The CVE-2020-8558 set-up: a host service bound to 127.0.0.1:7777 answering `secret`, and the
+/// The CVE-2020-8558 set-up: a host service bound to 127.0.0.1:7778 answering `secret` (7777 is the daemon's own API), and the
 /// env's (only) machine routing 127.0.0.1 to the host's bridge; the machine's namespace.
 pub fn loopback_attack(env: &Env) -> String {
-    env.sh("socat TCP-LISTEN:7777,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo secret' >/dev/null 2>&1 &");
-    expect_tcp(&env.ns, "127.0.0.1", 7777, "secret");
+    env.sh("socat TCP-LISTEN:7778,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo secret' >/dev/null 2>&1 &");
+    expect_tcp(&env.ns, "127.0.0.1", 7778, "secret");
     let ns = env.machine_namespaces().pop().unwrap();
     ok(&[
         "ip",

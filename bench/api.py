@@ -1,0 +1,186 @@
+"""sistemo web API benchmark (issue #13). Run as `bench/api`.
+
+    sudo bench/api [--quick] [--bin target/release/sistemo] [--machines N] [--samples N] [--keep]
+
+Figures:
+  list_p50_ms_tls      GET /v1/machines with N machines (default 100), over TCP+TLS with
+                       keep-alive and an API token (target <= 5 ms)
+  dashboard_gzip_bytes the dashboard's first load (page, scripts, stylesheet), gzip-compressed
+                       (target <= 300 KB)
+  event_latency_ms_p50 an expose made over the API until its `machine` event arrives on an open
+                       GET /v1/events stream (target <= 200 ms)
+
+Everything runs in one network namespace this script creates (`sab-<pid>-d`: the daemon, with
+`--hypervisor netns` machines `sab<pid>m-*`, listening on https://127.0.0.1:7443) and removes
+again. The client (`--_client`) runs inside that namespace and pins the certificate by the
+fingerprint the daemon printed. Python 3 standard library only.
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sistemo_bench import BenchError, Env, Report, log, main_with  # noqa: E402
+
+PID = os.getpid()
+DNS = f"sab-{PID}-d"
+MPREFIX = f"sab{PID}m-"
+TABLE = f"sab{PID}"
+PORT = 7443
+
+
+def client(args):
+    """Inside the daemon's namespace: the measurements over TLS; prints one JSON line."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # pinned by fingerprint below instead
+
+    def connect():
+        raw = socket.create_connection(("127.0.0.1", PORT))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle wait on the requests
+        s = ctx.wrap_socket(raw)
+        fp = hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest().upper()
+        if fp != args.fingerprint.replace(":", ""):
+            raise SystemExit(f"certificate fingerprint {fp} is not the pinned {args.fingerprint}")
+        return s
+
+    import http.client
+
+    class Pinned(http.client.HTTPSConnection):
+        def connect(self):
+            self.sock = connect()
+
+    auth = {"Authorization": f"Bearer {args.token}"}
+    c = Pinned("127.0.0.1", PORT)
+
+    def call(method, path, body=None):
+        hdrs = dict(auth)
+        if body is not None:
+            hdrs["Content-Type"] = "application/json"
+            body = json.dumps(body)
+        c.request(method, path, body=body, headers=hdrs)
+        r = c.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise SystemExit(f"{method} {path}: {r.status} {data[:200]!r}")
+        return data
+
+    out = {}
+    for _ in range(5):
+        call("GET", "/v1/machines")
+    times = []
+    for _ in range(args.samples):
+        t = time.perf_counter()
+        n = len(json.loads(call("GET", "/v1/machines")))
+        times.append((time.perf_counter() - t) * 1000)
+    out["list_machines"] = n
+    out["list_p50_ms"] = statistics.median(times)
+    out["list_p90_ms"] = sorted(times)[int(len(times) * 0.9) - 1]
+
+    raw = gz = 0
+    for p in ("/", "/assets/app.js", "/assets/pages.js", "/assets/app.css"):
+        c.request("GET", p)
+        body = c.getresponse().read()
+        raw += len(body)
+        gz += len(gzip.compress(body, 9))
+    out["dashboard_bytes"], out["dashboard_gzip_bytes"] = raw, gz
+
+    ev = connect()
+    ev.sendall(f"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {args.token}\r\n\r\n".encode())
+    buf = b""
+
+    def wait_for(pred, deadline):
+        nonlocal buf
+        ev.settimeout(max(0.01, deadline - time.monotonic()))
+        while True:
+            for m in re.finditer(rb"data: (\{.*?\})\n", buf):
+                d = json.loads(m.group(1))
+                if pred(d):
+                    buf = buf[m.end():]
+                    return d
+            buf = buf[-65536:]
+            chunk = ev.recv(65536)
+            if not chunk:
+                raise SystemExit("the event stream ended")
+            buf += chunk
+
+    lat = []
+    for i in range(args.samples):
+        port = 20000 + i
+        spec = f"{port}:80/tcp"
+        t = time.perf_counter()
+        call("POST", "/v1/machines/m0/expose", {"ports": [f"{port}:80"]})
+        wait_for(lambda d: d.get("type") == "machine" and d["machine"]["name"] == "m0"
+                 and any(p["spec"] == spec for p in d["machine"]["ports"]), time.monotonic() + 5)
+        lat.append((time.perf_counter() - t) * 1000)
+        call("POST", "/v1/machines/m0/unexpose", {"port": str(port)})
+    out["event_latency_ms_p50"] = statistics.median(lat)
+    out["event_latency_ms_max"] = max(lat)
+    print(json.dumps(out), flush=True)
+
+
+def measure(env, args):
+    n = args.machines or (20 if args.quick else 100)
+    samples = args.samples or (30 if args.quick else 200)
+    if not os.path.exists(env.bin):
+        raise BenchError(f"{env.bin} not found: build it with `cargo build --release`")
+    with open(env.cfg, "w") as f:
+        f.write(f'netns_prefix: "{MPREFIX}"\nlisten: ["https://127.0.0.1:{PORT}"]\n')
+    env.add_ns(DNS)
+    text, _ = env.start_daemon(DNS, "--nft-table", TABLE, "--hypervisor", "netns")
+    m = re.search(r"fingerprint: ([0-9A-F:]{95})", text)
+    if not m:
+        raise BenchError("the daemon printed no certificate fingerprint")
+    t = time.monotonic()
+    for i in range(n):
+        env.api.events("deploy", {"image": "debian", "name": f"m{i}", "expose": []})
+    log(f"deployed {n} machines in {time.monotonic() - t:.1f}s")
+    token = env.cli("token", "create", "bench").stdout.strip()
+    r = subprocess.run(["ip", "netns", "exec", DNS, sys.executable, "-B", os.path.abspath(__file__), "--_client",
+                        "--token", token, "--fingerprint", m.group(1), "--samples", str(samples)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise BenchError(f"the client failed: {r.stderr.strip() or r.stdout.strip()}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if out["list_machines"] != n:
+        raise BenchError(f"the list had {out['list_machines']} machines, not {n}")
+    rep = Report()
+    sec = f"TCP+TLS keep-alive, {n} machines, {samples} samples"
+    rep.add("list_p50_ms_tls", out["list_p50_ms"], "ms", sec, ("<=", 5))
+    rep.add("list_p90_ms_tls", out["list_p90_ms"], "ms", sec)
+    rep.add("dashboard_bytes", out["dashboard_bytes"], "B", "dashboard first load")
+    rep.add("dashboard_gzip_bytes", out["dashboard_gzip_bytes"], "B", "dashboard first load", ("<=", 300 * 1024))
+    rep.add("event_latency_ms_p50", out["event_latency_ms_p50"], "ms", "expose -> event", ("<=", 200))
+    rep.add("event_latency_ms_max", out["event_latency_ms_max"], "ms", "expose -> event")
+    return rep
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default="target/release/sistemo")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--machines", type=int)
+    p.add_argument("--samples", type=int)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--_client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--token", help=argparse.SUPPRESS)
+    p.add_argument("--fingerprint", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._client:
+        return client(args)
+    return main_with("api", lambda: Env(args.bin, args.keep, f"sab-{PID}", ns_prefixes=[MPREFIX]),
+                     lambda env: measure(env, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+//! What the dashboard needs beyond the API: the event stream (`GET /v1/events`, server-sent
+//! events), host figures (`GET /v1/system`) and the dashboard's own files, embedded in the binary.
+
+use super::{AppState, convert};
+use crate::api::{DaemonEvent, SystemInfo};
+use crate::error::Error;
+use crate::events::HostEvent;
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event as Sse, KeepAlive};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt as _;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+/// How often a quiet event stream sends a comment (keeps proxies and clients from timing out).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The wire event of a host event (a machine's whole view for a machine change).
+fn wire(h: &AppState, ev: HostEvent) -> Option<DaemonEvent> {
+    Some(match ev {
+        HostEvent::Machine { name } => match h.machines.get(&name) {
+            Ok(v) => DaemonEvent::Machine {
+                machine: Box::new(convert::machine_info(&v)),
+            },
+            // Deleted since: its removal event follows.
+            Err(_) => return None,
+        },
+        HostEvent::MachineRemoved { name } => DaemonEvent::MachineRemoved { name },
+        HostEvent::Progress {
+            action,
+            target,
+            message,
+        } => DaemonEvent::Progress {
+            action,
+            target,
+            message,
+        },
+        HostEvent::Change(entry) => DaemonEvent::Change { entry },
+        HostEvent::Firewall { detail } => DaemonEvent::Firewall { detail },
+    })
+}
+
+/// `GET /v1/events`: every event from now on, as server-sent events (`event:` the type,
+/// `data:` its JSON); a reader that falls behind gets `resync`.
+async fn events(State(h): State<AppState>) -> Response {
+    let rx = h.events.subscribe();
+    let closed = h.events.closed();
+    let stream = futures::stream::unfold((rx, h), |(mut rx, h)| async move {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => match wire(&h, ev) {
+                    Some(w) => w,
+                    None => continue,
+                },
+                Err(RecvError::Lagged(_)) => DaemonEvent::Resync,
+                Err(RecvError::Closed) => return None,
+            };
+            let sse = Sse::default()
+                .event(ev.name())
+                .data(serde_json::to_string(&ev).unwrap_or_default());
+            return Some((Ok::<_, std::convert::Infallible>(sse), (rx, h)));
+        }
+    })
+    .take_until(closed);
+    let mut r = axum::response::sse::Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    // A first comment at once, so a client knows it is subscribed.
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// `GET /v1/system`.
+async fn system(State(h): State<AppState>) -> Result<Json<SystemInfo>, Error> {
+    let (mem_total, mem_available) = meminfo();
+    let load1 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let (disk_total, disk_free) = nix::sys::statvfs::statvfs(&h.config().data_dir)
+        .map(|s| {
+            let f = s.fragment_size();
+            (s.blocks() * f, s.blocks_available() * f)
+        })
+        .unwrap_or((0, 0));
+    let (listeners, tls_fingerprint) = h.listeners.get().cloned().unwrap_or_default();
+    Ok(Json(SystemInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        hypervisor: h.machines.hypervisor(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        load1,
+        mem_total,
+        mem_available,
+        disk_total,
+        disk_free,
+        firewall: h.firewall_health(),
+        listeners,
+        tls_fingerprint,
+    }))
+}
+
+/// API routes of this module.
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/events", get(events))
+        .route("/v1/system", get(system))
+}
+
+/// The dashboard's files, in the binary.
+const INDEX: &str = include_str!("dashboard/index.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const PAGES_JS: &str = include_str!("dashboard/pages.js");
+const APP_CSS: &str = include_str!("dashboard/app.css");
+
+/// Only our own files run; nothing frames the dashboard; no referrer leaves it.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+fn asset(ctype: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The dashboard: `/` and its assets; no credentials needed (it logs in through the API).
+pub fn dashboard() -> axum::Router {
+    axum::Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route(
+            "/assets/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/assets/pages.js",
+            get(|| async { asset("text/javascript; charset=utf-8", PAGES_JS) }),
+        )
+        .route(
+            "/assets/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dashboard_first_load_is_small_and_has_no_third_party_code() {
+        let total = INDEX.len() + APP_JS.len() + PAGES_JS.len() + APP_CSS.len();
+        println!("RESULT dashboard_first_load_bytes={total}");
+        assert!(total <= 300 * 1024, "{total} bytes uncompressed");
+        for f in [INDEX, APP_JS, PAGES_JS] {
+            assert!(
+                !f.contains("http://") && !f.contains("https://"),
+                "nothing loaded from elsewhere"
+            );
+            assert!(!f.contains("innerHTML"), "text only, never markup from data");
+        }
+    }
+}

@@ -1,0 +1,165 @@
+// Drives Debian's chromium (headless, through playwright-core) through the dashboard, inside
+// the test's network namespace. Run by tests/dashboard.rs; one scenario per run:
+//   MODE=admin  log in, deploy through the form and see it running, expose a port through the
+//               form (and a bad spec shown next to the field), see CLI stops/starts live
+//               without reloading, visit every page (screenshots), log out.
+//   MODE=viewer log in, no mutating control on any page, its API calls get 403, log out.
+// Env: URL, USER, PASS, SHOTS (screenshot folder), SISTEMO (binary), SOCKET, CHROMIUM.
+// Prints "ok <check>" lines; exits 1 with "FAIL <reason>" on the first failure.
+import { chromium } from "playwright-core";
+import { execFileSync } from "node:child_process";
+import { mkdirSync } from "node:fs";
+
+const env = (k) => { const v = process.env[k]; if (!v) throw new Error("missing env " + k); return v; };
+const URL = env("URL"), MODE = env("MODE"), SHOTS = env("SHOTS");
+mkdirSync(SHOTS, { recursive: true });
+const ok = (what) => console.log("ok " + what);
+const fail = (what) => { throw new Error(what); };
+const cli = (...args) => execFileSync(env("SISTEMO"), ["--socket", env("SOCKET"), ...args], { encoding: "utf8" });
+const T = 20000;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+const page = await ctx.newPage();
+const consoleErrors = [];
+page.on("pageerror", (e) => consoleErrors.push(String(e)));
+const shot = async (name) => page.screenshot({ path: `${SHOTS}/${MODE}-${name}.png`, fullPage: true });
+const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
+const go = async (hash, title) => { await page.evaluate((h) => { location.hash = h; }, hash); await heading(title); };
+
+async function login() {
+  await page.goto(URL);
+  await page.getByLabel("User name").waitFor({ timeout: T });
+  await shot("login");
+  // Keyboard only: type, Tab to the password, Enter submits.
+  await page.getByLabel("User name").fill(env("USER"));
+  await page.keyboard.press("Tab");
+  await page.keyboard.type(env("PASS"));
+  await page.keyboard.press("Enter");
+  await heading("Overview");
+  ok("logged in as " + env("USER"));
+  await page.evaluate(() => { window.__noReload = 1; });
+}
+
+async function notReloaded(what) {
+  if ((await page.evaluate(() => window.__noReload)) !== 1) fail("the page reloaded during " + what);
+}
+
+async function waitState(name, state) {
+  await page.locator(`main .facts [data-state="${state}"]`).waitFor({ timeout: T });
+  ok(`${name} shows ${state} without reloading`);
+}
+
+async function admin() {
+  await login();
+  await shot("overview");
+  await page.getByRole("link", { name: "Deploy" }).first().click();
+  await heading("Deploy a machine");
+  await page.getByLabel("Image").fill("debian");
+  await page.getByLabel("Name").fill("web");
+  await shot("deploy");
+  await page.getByRole("button", { name: "Deploy" }).click();
+  await page.waitForFunction(() => location.hash === "#/machine/web", null, { timeout: 120000 });
+  await heading("web");
+  await waitState("web", "running");
+  await notReloaded("the deploy");
+  if ((await page.locator("[data-testid=progress] li").count()) === 0 &&
+      (await page.evaluate(() => document.body.innerText.includes("running"))) !== true) fail("no progress");
+
+  // A bad spec: the error is shown next to the field, nothing exposed.
+  const spec = page.getByLabel("Port", { exact: true });
+  await spec.fill("99999");
+  await spec.press("Enter");
+  const err = page.locator(".field-error", { hasText: "99999" });
+  await err.waitFor({ timeout: T });
+  if ((await spec.getAttribute("aria-invalid")) !== "true") fail("the bad field is not marked invalid");
+  ok("a bad spec is shown next to its field: " + (await err.innerText()));
+  await spec.fill("8080:80");
+  await page.getByRole("button", { name: "Expose" }).click();
+  await page.locator('tr[data-port="8080:80/tcp"]').waitFor({ timeout: T });
+  ok("exposed 8080:80 through the form");
+  await shot("machine");
+
+  // Changes made elsewhere (the CLI) arrive through the event stream.
+  const t0 = Date.now();
+  cli("machine", "expose", "web", "--port", "127.0.0.1:5353:53/udp");
+  await page.locator('tr[data-port="127.0.0.1:5353:53/udp"]').waitFor({ timeout: T });
+  console.log("event_latency_ms " + (Date.now() - t0));
+  cli("machine", "stop", "web");
+  await waitState("web", "stopped");
+  cli("machine", "start", "web");
+  await waitState("web", "running");
+  await notReloaded("CLI changes");
+
+  await go("#/machines", "Machines");
+  await page.locator('tr[data-machine="web"] [data-state="running"]').waitFor({ timeout: T });
+  await page.getByLabel("Filter machines").fill("nomatch");
+  await page.locator("td.empty").waitFor({ timeout: T });
+  await page.getByLabel("Filter machines").fill("web");
+  await shot("machines");
+  for (const [hash, title] of [["#/networks", "Networks"], ["#/images", "Images"], ["#/history", "History"], ["#/system", "System"], ["#/", "Overview"]]) {
+    await go(hash, title);
+    await shot(title.toLowerCase());
+  }
+  const running = await page.locator("[data-testid=count-running] .num").innerText();
+  if (running !== "1") fail("overview counts " + running + " running machines");
+  await page.setViewportSize({ width: 390, height: 844 });
+  await go("#/machine/web", "web");
+  await shot("machine-phone");
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await notReloaded("the tour");
+  await logout();
+}
+
+const MUTATING = ["Start", "Stop", "Restart", "Delete", "Expose", "Unexpose", "Deploy", "Create", "Build debian"];
+
+async function viewer() {
+  await login();
+  if (await page.locator("nav a", { hasText: "Deploy" }).count()) fail("the viewer's menu offers Deploy");
+  for (const [hash, title] of [["#/", "Overview"], ["#/machines", "Machines"], ["#/machine/web", "web"],
+    ["#/networks", "Networks"], ["#/images", "Images"], ["#/history", "History"], ["#/system", "System"], ["#/deploy", "Deploy"]]) {
+    await go(hash, title);
+    for (const name of MUTATING) {
+      const n = await page.getByRole("button", { name, exact: true }).count() +
+        await page.getByRole("link", { name, exact: true }).count();
+      if (n) fail(`the viewer sees a ${name} control on ${hash}`);
+    }
+    if (await page.locator("main form:not([role=search])").count()) fail("the viewer sees a form on " + hash);
+    await shot(title.toLowerCase());
+  }
+  ok("no mutating control on any page");
+  const codes = await page.evaluate(async () => {
+    const me = await (await fetch("/v1/session")).json();
+    const h = { "Content-Type": "application/json", "X-CSRF-Token": me.csrf };
+    const stop = await fetch("/v1/machines/web/stop", { method: "POST", headers: h });
+    const expose = await fetch("/v1/machines/web/expose", { method: "POST", headers: h, body: '{"ports":["9090:80"]}' });
+    const del = await fetch("/v1/machines/web", { method: "DELETE", headers: h });
+    return [stop.status, expose.status, del.status, (await stop.json()).kind];
+  });
+  if (codes.slice(0, 3).some((c) => c !== 403) || codes[3] !== "forbidden") fail("viewer API calls answered " + codes);
+  ok("the viewer's API calls get 403");
+  await logout();
+}
+
+async function logout() {
+  await page.getByRole("button", { name: "Log out" }).click();
+  await page.getByLabel("User name").waitFor({ timeout: T });
+  const code = await page.evaluate(async () => (await fetch("/v1/machines")).status);
+  if (code !== 401) fail("after log-out the API answered " + code);
+  ok("logged out");
+}
+
+try {
+  if (MODE === "admin") await admin(); else await viewer();
+  if (consoleErrors.length) fail("page errors: " + consoleErrors.join("; "));
+  console.log("PASS " + MODE);
+} catch (e) {
+  await shot("failure").catch(() => {});
+  console.log("FAIL " + e.message);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

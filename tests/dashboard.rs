@@ -1,0 +1,98 @@
+//! The dashboard in a real headless Chromium (Debian's, driven by playwright-core from
+//! tests/browser, installed by scripts/deps), browser and daemon inside the test's network
+//! namespace. Machines use the `netns` backend (a namespace running real servers), so a deploy
+//! takes a second. Screenshots of every page land in target/screenshots.
+
+mod common;
+use common::web::*;
+use common::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn browser_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Run one scenario of tests/browser/dashboard.mjs in the env's namespace; its output.
+fn scenario(env: &Env, mode: &str, user: &str, pass: &str) -> String {
+    let dir = browser_dir();
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed in {}: run scripts/deps (npm ci there)",
+        dir.display()
+    );
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    let o = std::process::Command::new("ip")
+        .args(["netns", "exec", &env.ns, "node"])
+        .arg(dir.join("dashboard.mjs"))
+        .env("URL", "http://127.0.0.1:7777/")
+        .env("MODE", mode)
+        .env("USER", user)
+        .env("PASS", pass)
+        .env("SHOTS", &shots)
+        .env("SISTEMO", env!("CARGO_BIN_EXE_sistemo"))
+        .env("SOCKET", &env.socket)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success() && out.contains(&format!("PASS {mode}")),
+        "the {mode} scenario failed (screenshot {}/{mode}-failure.png): {out}{}",
+        shots.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn dashboard_in_headless_chromium() {
+    let env = Env::new("swebui");
+    add_user(&env, "ada", "admin", "ada-password");
+    add_user(&env, "val", "viewer", "val-password");
+
+    step("admin: log in, deploy, expose through the form, live updates, every page, log out");
+    let out = scenario(&env, "admin", "ada", "ada-password");
+    let m: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    assert_eq!(m["status"], "running");
+    assert!(
+        m["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["spec"] == "8080:80/tcp"),
+        "{m}"
+    );
+    if let Some(ms) = out.lines().find_map(|l| l.strip_prefix("event_latency_ms ")) {
+        println!("RESULT event_latency_ms={ms}");
+    }
+
+    step("the port exposed in the browser answers curl inside the namespace");
+    env.serve_tcp("web", 80, "hello-from-web");
+    let body = poll("curl to the exposed port", Duration::from_secs(10), || {
+        let o = env.sh("curl -s --http0.9 --max-time 2 http://127.0.0.1:8080/");
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        s.starts_with("hello-from-web").then_some(s)
+    });
+    assert!(body.starts_with("hello-from-web"), "{body}");
+
+    step("the audit log names the browser's user");
+    let h: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["history", "--action", "machine.expose", "-o", "json"])).unwrap();
+    assert!(
+        h.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "user ada" && e["target"] == "web 8080:80"),
+        "{h}"
+    );
+
+    step("viewer: no mutating control, 403 from the API, log out");
+    scenario(&env, "viewer", "val", "val-password");
+    let m: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    assert_eq!(m["status"], "running", "the viewer changed nothing");
+}
