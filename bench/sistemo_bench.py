@@ -48,6 +48,7 @@ ROUTES = {
     "unexpose": ("POST", "/v1/machines/{name}/unexpose", "json"),
     "exec": ("POST", "/v1/machines/{name}/exec", "exec"),
     "start": ("POST", "/v1/machines/{name}/start", "events"),
+    "shell": ("GET", "/v1/machines/{name}/shell", "json"),
     "stop": ("POST", "/v1/machines/{name}/stop", "events"),
     "attach": ("POST", "/v1/machines/{name}/volumes", "json"),
     "volume_create": ("POST", "/v1/volumes", "events"),

@@ -421,7 +421,13 @@ pub fn elements(table: &str, map: &str) -> Result<Option<Elements>, FirewallErro
                 out.interrupted = true;
             }
             match r.ty {
-                NLMSG_DONE => return Ok(Some(out)),
+                NLMSG_DONE => {
+                    // A map's keys are unique, but a dump resumed across datagrams may repeat
+                    // the element it stopped at (seen under load): count each element once.
+                    let mut seen = std::collections::HashSet::with_capacity(out.mappings.len());
+                    out.mappings.retain(|m| seen.insert(*m));
+                    return Ok(Some(out));
+                }
                 NLMSG_ERROR => {
                     let code = error_code(r.body);
                     if code == -libc::ENOENT {
