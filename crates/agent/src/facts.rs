@@ -57,10 +57,11 @@ pub fn collect() -> Facts {
 /// sistemo's own `/init` in the initramfs: its root is not ours.
 fn init_state() -> (String, bool) {
     use std::os::unix::fs::MetadataExt;
-    let comm = std::fs::read_to_string("/proc/1/comm")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    // By its program, not its name: `/sbin/init` exec'd as `init` is systemd all the same.
+    let comm = std::fs::read_link("/proc/1/exe")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
     let same_root = match (std::fs::metadata("/proc/1/root/"), std::fs::metadata("/")) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
@@ -68,7 +69,8 @@ fn init_state() -> (String, bool) {
     let ready = same_root
         && match comm.as_str() {
             "systemd" => std::fs::metadata("/run/systemd/private").is_ok(),
-            "switch_root" | "" => false,
+            // switch_root between its chroot and its exec: its program was in the initramfs.
+            n if n.is_empty() || n.ends_with(" (deleted)") => false,
             _ => true,
         };
     (comm, ready)

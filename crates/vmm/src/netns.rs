@@ -60,6 +60,42 @@ fn sigkill(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
+impl NetnsBackend {
+    /// The same agent as in a VM, one process per connection, on a socket pair inside the
+    /// machine's namespace; it ends when the connection's last user drops it.
+    async fn agent(&self, spec: &MachineSpec) -> Result<sistemo_agent::client::Client, VmmError> {
+        let agent = install_agent(&spec.dir)?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(VmmError::io("creating a socket pair"))?;
+        let theirs = std::os::fd::OwnedFd::from(theirs);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name(spec)])
+            .arg(&agent)
+            .arg("--stdio")
+            .stdin(Stdio::from(
+                theirs.try_clone().map_err(VmmError::io("duplicating a socket"))?,
+            ))
+            .stdout(Stdio::from(theirs))
+            .stderr(Stdio::inherit())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(VmmError::io("starting the agent in the namespace"))?;
+        // Reaped in the background: it ends when the session's connection does.
+        tokio::spawn(async move { child.wait().await });
+        ours.set_nonblocking(true)
+            .map_err(VmmError::io("configuring a socket"))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(VmmError::io("registering a socket"))?;
+        let err = |reason: String| VmmError::Exec {
+            name: spec.name.clone(),
+            reason,
+        };
+        let c = sistemo_agent::client::connect(stream, Duration::from_secs(10))
+            .await
+            .map_err(|e| err(format!("the agent did not start: {e}")))?;
+        Ok(c)
+    }
+}
+
 #[async_trait]
 impl Hypervisor for NetnsBackend {
     fn name(&self) -> String {
@@ -177,42 +213,18 @@ impl Hypervisor for NetnsBackend {
     }
 
     async fn session(&self, spec: &MachineSpec, start: Start) -> Result<Session, VmmError> {
-        // The same agent as in a VM, one per session, on a socket pair inside the namespace.
-        let agent = install_agent(&spec.dir)?;
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(VmmError::io("creating a socket pair"))?;
-        let theirs = std::os::fd::OwnedFd::from(theirs);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns_name(spec)])
-            .arg(&agent)
-            .arg("--stdio")
-            .stdin(Stdio::from(
-                theirs.try_clone().map_err(VmmError::io("duplicating a socket"))?,
-            ))
-            .stdout(Stdio::from(theirs))
-            .stderr(Stdio::inherit())
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(VmmError::io("starting the agent in the namespace"))?;
-        // Reaped in the background: it ends when the session's connection does.
-        tokio::spawn(async move { child.wait().await });
-        ours.set_nonblocking(true)
-            .map_err(VmmError::io("configuring a socket"))?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(VmmError::io("registering a socket"))?;
-        let err = |reason: String| VmmError::Exec {
+        let c = self.agent(spec).await?;
+        c.start(start).await.map_err(|e| VmmError::Exec {
             name: spec.name.clone(),
-            reason,
-        };
-        let c = sistemo_agent::client::connect(stream, Duration::from_secs(10))
-            .await
-            .map_err(|e| err(format!("the agent did not start: {e}")))?;
-        c.start(start).await.map_err(|e| err(e.to_string()))
+            reason: e.to_string(),
+        })
     }
 
     async fn facts(&self, spec: &MachineSpec) -> Result<Facts, VmmError> {
-        Err(VmmError::Exec {
+        let c = self.agent(spec).await?;
+        c.facts().await.map_err(|e| VmmError::Exec {
             name: spec.name.clone(),
-            reason: "a netns machine has no guest of its own to report on".into(),
+            reason: e.to_string(),
         })
     }
 
