@@ -216,7 +216,9 @@ async fn handle(f: Frame, out: &mut Out, sessions: &Sessions, current: &Arc<Atom
                     }
                     let (o, s) = (out.clone(), sessions.clone());
                     tokio::spawn(async move {
-                        let last = run(id, start, &o, rx, credit).await;
+                        let last = run(id, start, &o, rx, credit.clone()).await;
+                        // Output tasks still waiting for credit the host will never grant end.
+                        credit.close();
                         // Output first, then the end; an ended connection's session says nothing.
                         if s.lock().expect("sessions").remove(&id).is_some() {
                             o.msg(id, last).await;
