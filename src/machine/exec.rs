@@ -40,7 +40,7 @@ impl Machines {
     /// A machine as [`Machines::get`] has it, plus what its guest agent reports when it runs.
     pub async fn status(&self, name: &str) -> Result<super::MachineView> {
         let mut v = self.get(name)?;
-        if v.machine.state == MachineState::Running && v.paused.is_none() {
+        if v.machine.state == MachineState::Running && v.paused.is_none() && self.vmm.has_guest() {
             let spec = self.spec_of(&v.machine)?;
             v.guest = Some(self.vmm.facts(&spec).await.map_err(|e| e.to_string()));
         }

@@ -72,8 +72,8 @@ impl Inner {
 
 /// How often a connection is checked.
 const PING_EVERY: Duration = Duration::from_secs(2);
-/// Silence after which the agent is taken for gone.
-const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence after which the agent is taken for gone (any frame from it counts as an answer).
+const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A connected agent. Cheap to clone; the channel closes when the stream does.
 #[derive(Clone)]
@@ -231,7 +231,11 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mut acc: BytesMut, inner: st
         loop {
             match Codec.decode(&mut acc) {
                 Ok(Some(f)) => match inner.upgrade() {
-                    Some(i) => route(&i, f),
+                    Some(i) => {
+                        // Whatever the agent sends shows it alive: a busy channel needs no pong.
+                        *i.last_pong.lock().expect("pong") = std::time::Instant::now();
+                        route(&i, f)
+                    }
                     None => break 'outer,
                 },
                 Ok(None) => break,
@@ -254,9 +258,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mut acc: BytesMut, inner: st
 
 fn route(inner: &Inner, f: Frame) {
     if f.session == proto::CHANNEL {
-        if let Ok(GuestMsg::Pong { .. }) = f.message::<GuestMsg>() {
-            *inner.last_pong.lock().expect("pong") = std::time::Instant::now();
-        }
+        // Pongs (and any other channel message) only refresh `last_pong`, done by the caller.
         return;
     }
     let mut routes = inner.routes.lock().expect("routes");

@@ -198,6 +198,12 @@ pub trait Hypervisor: Send + Sync {
     /// the agent does not answer.
     async fn facts(&self, spec: &MachineSpec) -> Result<Facts, VmmError>;
 
+    /// False for backends whose machines have no kernel of their own (their "guest" is the
+    /// host): `machine status` then asks no facts.
+    fn has_guest(&self) -> bool {
+        true
+    }
+
     /// Wait until the guest's own sshd answers (`deploy --wait ssh`); backends without SSH
     /// return at once.
     async fn wait_ssh(

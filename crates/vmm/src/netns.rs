@@ -228,6 +228,10 @@ impl Hypervisor for NetnsBackend {
         })
     }
 
+    fn has_guest(&self) -> bool {
+        false
+    }
+
     fn shell_command(&self, spec: &MachineSpec) -> Vec<String> {
         vec![
             "ip".into(),
