@@ -21,6 +21,8 @@ pub enum ErrorKind {
     InsufficientStorage,
     /// The TCP API was called without the right token.
     Unauthorized,
+    /// A TCP API caller went over `rate_limit_rps`.
+    TooManyRequests,
     /// The host failed us (I/O, netlink, a VMM that did not boot).
     Internal,
 }
@@ -34,6 +36,7 @@ impl ErrorKind {
             ErrorKind::Conflict => 409,
             ErrorKind::InsufficientStorage => 507,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::TooManyRequests => 429,
             ErrorKind::Internal => 500,
         }
     }
@@ -45,6 +48,7 @@ impl ErrorKind {
             401 => ErrorKind::Unauthorized,
             404 => ErrorKind::NotFound,
             409 => ErrorKind::Conflict,
+            429 => ErrorKind::TooManyRequests,
             507 => ErrorKind::InsufficientStorage,
             _ => ErrorKind::Internal,
         }
@@ -159,6 +163,10 @@ pub struct MachineInfo {
     /// The limits its VMM runs under, when the host enforces them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<MachineLimits>,
+    /// Its disk and network rate limits (0: none): `download_mbps`, `upload_mbps` (Mbit/s),
+    /// `iops`, `disk_bw_mbps` (MiB/s).
+    #[serde(default)]
+    pub io: sistemo_vmm::IoLimits,
     /// Creation time (UTC).
     pub created_at: String,
 }
@@ -203,6 +211,18 @@ pub struct DeployRequest {
     /// Restart policy: `no` (default), `on-failure` or `always`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    /// Download limit, Mbit/s (default: the daemon's `default_bandwidth_mbps`; 0 too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbps: Option<u32>,
+    /// Upload limit, Mbit/s (default: `default_upload_mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_mbps: Option<u32>,
+    /// Disk operations per second (default: `default_iops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u32>,
+    /// Disk bandwidth, MiB/s (default: `default_disk_bw_mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bw_mbps: Option<u32>,
 }
 
 /// `POST /v1/machines/{name}/expose`.

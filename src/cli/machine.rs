@@ -19,6 +19,23 @@ pub struct MachineArg {
     pub name: String,
 }
 
+/// A deploy's rate limits (Sistemo's API fields); each absent one is the daemon's default.
+#[derive(Debug, Args)]
+pub struct IoFlags {
+    /// Download (what the machine receives) in megabits per second.
+    #[arg(long, value_name = "MBIT")]
+    pub bandwidth_mbps: Option<u32>,
+    /// Upload (what the machine sends) in megabits per second.
+    #[arg(long, value_name = "MBIT")]
+    pub upload_mbps: Option<u32>,
+    /// Disk operations per second.
+    #[arg(long, value_name = "N")]
+    pub disk_iops: Option<u32>,
+    /// Disk bandwidth in MiB per second.
+    #[arg(long, value_name = "MIB")]
+    pub disk_bw_mbps: Option<u32>,
+}
+
 /// `machine` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MachineCmd {
@@ -58,6 +75,9 @@ pub enum MachineCmd {
         /// Restart when its VMM ends by itself: no, on-failure or always (with back-off).
         #[arg(long, value_parser = ["no", "on-failure", "always"])]
         restart: Option<String>,
+        /// Rate limits (default: the daemon's default_* settings).
+        #[command(flatten)]
+        io: IoFlags,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -208,6 +228,7 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
             expose,
             network,
             restart,
+            io,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
@@ -222,6 +243,10 @@ pub fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i32> {
                 expose,
                 network,
                 restart,
+                bandwidth_mbps: io.bandwidth_mbps,
+                upload_mbps: io.upload_mbps,
+                disk_iops: io.disk_iops,
+                disk_bw_mbps: io.disk_bw_mbps,
             };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;

@@ -14,6 +14,7 @@ mod fakes;
 mod tests;
 
 pub use expose::{desired_firewall, machine_port};
+pub use sistemo_vmm::IoLimits;
 
 use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
 use crate::error::Result;
@@ -42,6 +43,8 @@ pub struct MachineView {
     pub limits: Option<sistemo_vmm::cgroup::Limits>,
     /// The hypervisor running it, e.g. `qemu-tcg`.
     pub vmm: String,
+    /// Its disk and network rate limits.
+    pub io: IoLimits,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -64,6 +67,8 @@ pub struct Deploy {
     pub network: Option<NetworkName>,
     /// What happens when its VMM ends by itself (default: nothing).
     pub restart: RestartPolicy,
+    /// Rate limits; a 0 takes the host's default (`default_bandwidth_mbps` and friends).
+    pub io: IoLimits,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -83,6 +88,10 @@ pub struct Settings {
     pub max_storage: ByteSize,
     /// Free space the machines' file system keeps after a new disk is counted in full.
     pub min_disk_free: ByteSize,
+    /// How long a guest may take to answer after its VMM started.
+    pub ready_timeout: std::time::Duration,
+    /// Rate limits of machines deployed without their own.
+    pub io: IoLimits,
 }
 
 /// What machines are made with: the store, the host's links, the firewall, the hypervisor and
@@ -154,7 +163,10 @@ impl Machines {
 
     /// What the hypervisor needs to know about `m`.
     fn spec_of(&self, m: &Machine) -> Result<MachineSpec> {
-        let net = self.store.lock().network(m.network.as_str())?;
+        let (net, io) = {
+            let st = self.store.lock();
+            (st.network(m.network.as_str())?, st.io_of(m.id)?)
+        };
         let dir = self.machine_dir(m.id);
         let disk = dir.join("disk.raw");
         Ok(MachineSpec {
@@ -174,6 +186,7 @@ impl Machines {
                 dns: self.settings.dns.clone(),
             },
             ssh_pubkey: None,
+            io,
         })
     }
 
@@ -213,7 +226,9 @@ impl Machines {
     /// A machine with what the store does not hold (taken without the store's lock: the
     /// machine's limits need its network's row).
     fn view(&self, machine: Machine, ports: Vec<ExposeSpec>) -> MachineView {
+        let io = self.store.lock().io_of(machine.id).unwrap_or_default();
         MachineView {
+            io,
             paused: self.paused_reason(&machine),
             limits: self.limits_of(&machine),
             vmm: self.vmm.name(),

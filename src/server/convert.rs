@@ -60,6 +60,12 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
         expose: specs(&req.expose)?,
         network: req.network.map(|n| n.parse()).transpose()?,
         restart: req.restart.map(|r| r.parse()).transpose()?.unwrap_or_default(),
+        io: crate::machine::IoLimits {
+            download_mbps: req.bandwidth_mbps.unwrap_or(0),
+            upload_mbps: req.upload_mbps.unwrap_or(0),
+            iops: req.disk_iops.unwrap_or(0),
+            disk_bw_mbps: req.disk_bw_mbps.unwrap_or(0),
+        },
         image,
     })
 }
@@ -99,6 +105,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
             cpus: l.cpu_quota_us as f64 / sistemo_vmm::cgroup::CPU_PERIOD_US as f64,
             pids: l.pids,
         }),
+        io: v.io,
         created_at: m.created_at.clone(),
     }
 }

@@ -2,6 +2,7 @@
 //! streams long operations as NDJSON events, and writes every change to the audit log.
 
 mod convert;
+mod ratelimit;
 mod tcp;
 
 pub use tcp::serve_tcp;
@@ -391,6 +392,7 @@ async fn image_remove(
 
 /// The router.
 fn router(m: AppState) -> Router {
+    let limit = ratelimit::RateLimit::new(m.config().rate_limit_rps, m.config().rate_limit_burst);
     Router::new()
         .route("/v1/machines", get(list).post(deploy))
         .route("/v1/machines/{name}", get(status).delete(delete))
@@ -412,6 +414,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/build", post(image_build))
         .route("/v1/images/{tag}", axum::routing::delete(image_remove))
+        .layer(axum::middleware::from_fn_with_state(limit, ratelimit::limit))
         .with_state(m)
 }
 

@@ -2,6 +2,7 @@
 //! rows come out typed. Networks, machines (with IP lease), exposes with per-port claims, history.
 
 mod exposes;
+mod io_limits;
 mod machines;
 mod networks;
 
@@ -113,6 +114,14 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE history ADD COLUMN remote TEXT;",
     // 5: what happens when a machine's VMM ends by itself
     "ALTER TABLE machines ADD COLUMN restart TEXT NOT NULL DEFAULT 'no';",
+    // 6: a machine's I/O rate limits, fixed at deploy (0: no limit); no row: none
+    "CREATE TABLE machine_io (
+        machine_id TEXT PRIMARY KEY REFERENCES machines(id) ON DELETE CASCADE,
+        download_mbps INTEGER NOT NULL,
+        upload_mbps INTEGER NOT NULL,
+        iops INTEGER NOT NULL,
+        disk_bw_mbps INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// A named network: a bridge and a subnet.

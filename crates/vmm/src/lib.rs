@@ -88,6 +88,29 @@ pub struct MachineSpec {
     pub net: NetAttachment,
     /// SSH public key the daemon uses to reach the guest (authorized for root).
     pub ssh_pubkey: Option<String>,
+    /// Rate limits of its disk and network (the backend applies the disk's).
+    pub io: IoLimits,
+}
+
+/// A machine's I/O rate limits; 0 is no limit. Units are Sistemo's: network rates in megabits
+/// per second, disk bandwidth in MiB per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimits {
+    /// What the machine receives (its download), Mbit/s.
+    pub download_mbps: u32,
+    /// What the machine sends (its upload), Mbit/s.
+    pub upload_mbps: u32,
+    /// Disk operations per second, reads and writes together.
+    pub iops: u32,
+    /// Disk bandwidth, reads and writes together, MiB/s.
+    pub disk_bw_mbps: u32,
+}
+
+impl IoLimits {
+    /// True when nothing is limited.
+    pub fn is_unlimited(&self) -> bool {
+        *self == IoLimits::default()
+    }
 }
 
 /// A running VMM process, identified so that a recycled pid is never mistaken for it.

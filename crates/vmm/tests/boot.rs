@@ -96,6 +96,7 @@ fn spec(dir: &std::path::Path, disk: PathBuf) -> MachineSpec {
             dns: vec!["10.250.0.1".parse().unwrap()],
         },
         ssh_pubkey: None,
+        io: Default::default(),
     }
 }
 

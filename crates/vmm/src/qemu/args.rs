@@ -81,8 +81,9 @@ impl Qemu {
             self.kernel_cmdline(),
             "-drive".into(),
             format!(
-                "file={},format=raw,if=none,id=d0,cache=writeback",
-                escape_opt(&disk.display().to_string())
+                "file={},format=raw,if=none,id=d0,cache=writeback{}",
+                escape_opt(&disk.display().to_string()),
+                drive_throttling(&spec.io)
             ),
             "-device".into(),
             "virtio-blk-device,drive=d0".into(),
@@ -118,6 +119,22 @@ impl Qemu {
         }
         a
     }
+}
+
+/// The `-drive` options that throttle a disk to `io`'s limits (QEMU's leaky bucket, which lets
+/// a tenth of a second's worth through at once): empty when it is unlimited.
+fn drive_throttling(io: &crate::IoLimits) -> String {
+    let mut o = String::new();
+    if io.iops > 0 {
+        o.push_str(&format!(",throttling.iops-total={}", io.iops));
+    }
+    if io.disk_bw_mbps > 0 {
+        o.push_str(&format!(
+            ",throttling.bps-total={}",
+            u64::from(io.disk_bw_mbps) << 20
+        ));
+    }
+    o
 }
 
 /// Escape a value for a QEMU option list (commas are doubled).
@@ -172,6 +189,7 @@ mod tests {
                 dns: vec![],
             },
             ssh_pubkey: None,
+            io: crate::IoLimits::default(),
         };
         (q, spec)
     }
@@ -243,6 +261,23 @@ mod tests {
             q.qemu_args(&spec, Path::new("/d"))
                 .join(" ")
                 .contains("-accel kvm -cpu host")
+        );
+    }
+
+    #[test]
+    fn disk_limits_become_drive_throttling() {
+        let (q, mut spec) = dummy(Accel::Tcg);
+        let a = q.qemu_args(&spec, Path::new("/d")).join(" ");
+        assert!(!a.contains("throttling"), "{a}");
+        spec.io = crate::IoLimits {
+            iops: 300,
+            disk_bw_mbps: 8,
+            ..Default::default()
+        };
+        let a = q.qemu_args(&spec, Path::new("/d")).join(" ");
+        assert!(
+            a.contains("id=d0,cache=writeback,throttling.iops-total=300,throttling.bps-total=8388608 "),
+            "{a}"
         );
     }
 

@@ -93,6 +93,7 @@ mod tests {
                 dns: vec![],
             },
             ssh_pubkey: None,
+            io: crate::IoLimits::default(),
         };
         let d = console_diagnosis(&spec);
         assert!(d.starts_with("sistemo-init: FATAL: cannot mount"), "{d}");
