@@ -153,7 +153,7 @@ fn page(env: &Env, port: u16) -> String {
 #[ignore = "boots real VMs: run sudo scripts/test"]
 fn real_vm_readme_sequence() {
     let seed = seed();
-    let env = Env::qemu("sparseq", &seed);
+    let mut env = Env::qemu("sparseq", &seed);
 
     step("machine deploy debian: named after its image");
     env.cli_ok(&["machine", "deploy", "debian"]);
@@ -191,7 +191,7 @@ fn real_vm_readme_sequence() {
     assert_eq!(w["vcpus"], 2);
     assert_eq!(w["memory_mib"], 2048);
     assert_eq!(w["storage_bytes"], 10u64 << 30);
-    assert_eq!(w["ports"][0]["spec"], "80", "{w}");
+    assert_eq!(w["ports"][0]["spec"], "80:80/tcp", "{w}");
     let web_ip = w["ip"].as_str().unwrap().to_string();
     let cpus = env.cli_ok(&["machine", "exec", "web", "nproc"]);
     assert_eq!(cpus.trim(), "2", "the guest sees its vCPUs");
@@ -237,6 +237,18 @@ fn real_vm_readme_sequence() {
     assert_eq!(
         (w["status"].as_str(), w["ip"].as_str()),
         (Some("running"), Some(web_ip.as_str()))
+    );
+    page(&env, 8080);
+
+    step("a daemon restart (what install --upgrade does) keeps the machines running");
+    let pid = w["pid"].clone();
+    env.kill_daemon("-TERM");
+    env.start_daemon();
+    let w = json(&env, &["machine", "status", "web", "-o", "json"]);
+    assert_eq!(
+        (w["status"].as_str(), &w["pid"]),
+        (Some("running"), &pid),
+        "the same VMM: {w}"
     );
     page(&env, 8080);
 
@@ -304,4 +316,121 @@ fn real_vm_readme_sequence() {
         .filter_map(|m| m["name"].as_str())
         .collect();
     assert_eq!(names, ["app"]);
+}
+
+/// Run this build's CLI (or `bin`) with `args`.
+fn sistemo(bin: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `install --root` needs the prepared kernel (it would download one otherwise), so it runs with
+/// the real-VM tests' assets; it boots nothing. The host's apt, users and systemd are left alone
+/// by `--root`: those steps are only printed.
+#[test]
+#[ignore = "boots real VMs: run sudo scripts/test"]
+fn real_vm_assets_install_into_a_root_and_upgrade_by_rename() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let seed = seed();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_sistemo"));
+    let root = std::env::temp_dir().join(format!("sistemo-spar-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(root.clone());
+    let data = root.join("var/lib/sistemo");
+    std::fs::create_dir_all(&data).unwrap();
+    ok(&[
+        "cp",
+        "-al",
+        seed.join("kernel").to_str().unwrap(),
+        data.to_str().unwrap(),
+    ]);
+    let r = root.to_str().unwrap();
+
+    step("--dry-run changes nothing");
+    let dry = root.join("dry");
+    std::fs::create_dir_all(&dry).unwrap();
+    let o = sistemo(exe, &["install", "--dry-run", "--root", dry.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("would: write"),
+        "{o:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&dry).unwrap().count(),
+        0,
+        "dry run wrote something"
+    );
+
+    step("--upgrade before an install is refused");
+    let o = sistemo(exe, &["install", "--upgrade", "--root", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not installed"),
+        "{o:?}"
+    );
+
+    step("install --root: binary, kernel and initramfs, unit");
+    let o = sistemo(exe, &["install", "--root", r]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("systemctl: not run (--root)"), "{out}");
+    let bin = root.join("usr/local/bin/sistemo");
+    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(exe).unwrap());
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/sistemo.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/sistemo up") && unit.contains("KillMode=process"));
+    assert!(data.join("kernel/kernel.json").exists());
+    assert!(
+        std::fs::read_dir(data.join("kernel"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("initramfs-")),
+        "no initramfs"
+    );
+
+    step("--upgrade renames the new binary over the old one");
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::write(&bin, "#!/bin/sh\necho old\n").unwrap();
+    let old_inode = std::fs::metadata(&bin).unwrap().ino();
+    let held = std::fs::File::open(&bin).unwrap();
+    let o = sistemo(exe, &["install", "--upgrade", "--root", r]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(exe).unwrap());
+    assert_ne!(
+        std::fs::metadata(&bin).unwrap().ino(),
+        old_inode,
+        "replaced by a rename"
+    );
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut &held, &mut s).unwrap();
+    assert_eq!(
+        s, "#!/bin/sh\necho old\n",
+        "the old file is intact for whoever runs it"
+    );
+    let left: Vec<_> = std::fs::read_dir(bin.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["sistemo"], "no temporary file left");
+
+    step("the installed binary cannot upgrade itself");
+    let o = sistemo(&bin, &["install", "--upgrade", "--root", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("installed binary itself"),
+        "{o:?}"
+    );
 }
