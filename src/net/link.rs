@@ -250,15 +250,23 @@ impl Links {
         Ok(())
     }
 
-    /// Create an `ifb` link `name` (up) unless it exists: see `shaping`.
+    /// Create an `ifb` link `name` (up) unless it exists: see `shaping`. A link of that name
+    /// of another kind is not ours: an error.
     pub async fn ensure_ifb(&self, name: &str) -> Result<()> {
-        if self.lookup(name).await?.is_none() {
-            self.handle
+        match self.lookup(name).await? {
+            Some((_, Some(InfoKind::Ifb))) => {}
+            Some(_) => {
+                return Err(LinkError::Foreign(format!(
+                    "link {name} exists and is not an ifb; sistemo leaves it alone"
+                )));
+            }
+            None => self
+                .handle
                 .link()
                 .add(rtnetlink::LinkIfb::new(name).up().build())
                 .execute()
                 .await
-                .map_err(nl(format!("creating ifb {name}")))?;
+                .map_err(nl(format!("creating ifb {name}")))?,
         }
         Ok(())
     }

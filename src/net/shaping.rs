@@ -90,7 +90,11 @@ pub async fn apply(links: &Links, link: &str, io: &IoLimits) -> Result<(), LinkE
 
 /// Remove what [`apply`] added beside the machine's link (its `ifb`); absent is fine.
 pub async fn remove(links: &Links, link: &str) -> Result<(), LinkError> {
-    links.delete(&ifb_of(link)).await
+    let ifb = ifb_of(link);
+    match links.lookup(&ifb).await? {
+        Some((_, Some(rtnetlink::packet_route::link::InfoKind::Ifb))) => links.delete(&ifb).await,
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
