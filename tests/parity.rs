@@ -148,7 +148,12 @@ fn every_sistemo_key_is_read_and_the_tcp_api_is_rate_limited() {
     assert!(shaped(&env), "re-applied at start: {}", qdiscs(&env));
     env.kill_daemon("-TERM");
     env.start_daemon();
+    env.cli_ok(&["machine", "list"]); // answered once start-up (re-adoption) is done
     assert!(shaped(&env), "kept over a daemon restart: {}", qdiscs(&env));
+    let filters = String::from_utf8_lossy(&env.sh(&format!("tc filter show dev {link} ingress")).stdout)
+        .matches("Redirect to device")
+        .count();
+    assert_eq!(filters, 1, "re-applied, not added twice");
     step("deleted with the machine: no qdisc left behind");
     env.cli_ok(&["machine", "delete", "db", "-y"]);
     env.cli_ok(&["machine", "delete", "web", "-y"]);

@@ -91,7 +91,7 @@ fn real_vm_throttling() {
     near("disk_iops", bytes / 4096.0 / secs, IOPS);
 
     step("download: the guest reads from a server in the test's namespace");
-    let down_bytes = 6_000_000;
+    let down_bytes = 8_000_000;
     env.sh(&format!(
         "socat TCP-LISTEN:9000,reuseaddr,fork SYSTEM:'head -c {down_bytes} /dev/zero' >/dev/null 2>&1 &"
     ));
@@ -110,7 +110,7 @@ fn real_vm_throttling() {
     near("download_mbit_per_s", n * 8.0 / ms / 1000.0, DOWN_MBPS);
 
     step("upload: the guest writes to a server that answers once it has read everything");
-    let up_bytes = 3_000_000;
+    let up_bytes = 4_000_000;
     env.sh(&format!(
         "socat TCP-LISTEN:9001,reuseaddr,fork SYSTEM:'head -c {up_bytes} >/dev/null; echo done' >/dev/null 2>&1 &"
     ));

@@ -43,7 +43,8 @@ pub fn commands(link: &str, io: &IoLimits) -> Vec<Vec<String>> {
         c.push(tbf(&ifb, io.upload_mbps));
         c.push(format!("qdisc replace dev {link} handle ffff: ingress"));
         c.push(format!(
-            "filter replace dev {link} parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev {ifb}"
+            // With its handle named, a second replace replaces instead of adding a filter.
+            "filter replace dev {link} parent ffff: protocol all prio 1 handle 800::800 u32 match u32 0 0 action mirred egress redirect dev {ifb}"
         ));
     }
     c.into_iter()
@@ -77,10 +78,6 @@ async fn tc(args: &[String]) -> Result<(), LinkError> {
 pub async fn apply(links: &Links, link: &str, io: &IoLimits) -> Result<(), LinkError> {
     if io.upload_mbps > 0 {
         links.ensure_ifb(&ifb_of(link)).await?;
-    }
-    // A filter replaced with the same priority is added again: start from no ingress qdisc.
-    if links.lookup(link).await?.is_some() && io.upload_mbps > 0 {
-        let _ = tc(&["qdisc", "del", "dev", link, "ingress"].map(String::from)).await;
     }
     for args in commands(link, io) {
         tc(&args).await?;
@@ -116,7 +113,7 @@ mod tests {
                 "qdisc replace dev sm1 root handle 1: tbf rate 100mbit burst 250000 latency 50ms",
                 "qdisc replace dev sb1 root handle 1: tbf rate 8mbit burst 65536 latency 50ms",
                 "qdisc replace dev sm1 handle ffff: ingress",
-                "filter replace dev sm1 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev sb1",
+                "filter replace dev sm1 parent ffff: protocol all prio 1 handle 800::800 u32 match u32 0 0 action mirred egress redirect dev sb1",
             ]
         );
         // Disk limits are the VMM's business.
