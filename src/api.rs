@@ -178,6 +178,10 @@ pub struct MachineInfo {
     /// Why a running machine is degraded: its agent does not answer (exec, shell and cp fail).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// Its disk and network rate limits (0: none): `download_mbps`, `upload_mbps` (Mbit/s),
+    /// `iops`, `disk_bw_mbps` (MiB/s).
+    #[serde(default)]
+    pub io: sistemo_vmm::IoLimits,
     /// Creation time (UTC).
     pub created_at: String,
     /// Its volumes (the root one first).
@@ -238,6 +242,18 @@ pub struct DeployRequest {
     /// Boot from this existing volume (its root file system) instead of an image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// Download limit, Mbit/s (default: the daemon's `default_bandwidth_mbps`; 0 too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbps: Option<u32>,
+    /// Upload limit, Mbit/s (default: `default_upload_mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_mbps: Option<u32>,
+    /// Disk operations per second (default: `default_iops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u32>,
+    /// Disk bandwidth, MiB/s (default: `default_disk_bw_mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bw_mbps: Option<u32>,
 }
 
 /// `POST /v1/machines/{name}/expose`.

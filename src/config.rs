@@ -1,5 +1,8 @@
 //! Daemon configuration, read in this one place: defaults, then the YAML file, then `SISTEMO_*`
-//! environment, then flags. Keys are Sistemo-compatible where they exist (`bridge_subnet`, `port`).
+//! environment, then flags. Every key of Sistemo's `config.yml` is read with its meaning: those
+//! spelled alike as they are, the others renamed to ours by [`sistemo`].
+
+mod sistemo;
 
 use crate::domain::{ByteSize, HypervisorKind, IfName, Subnet, TableName};
 use serde::{Deserialize, Serialize};
@@ -100,6 +103,29 @@ pub struct Config {
     /// crash-relevant point, so a crash test can kill the daemon there. Never in a file.
     #[serde(skip)]
     pub test_volume_pause_ms: Option<u64>,
+    /// Largest `--memory` (default: the host's memory). Sistemo's `max_memory_mb`.
+    pub max_memory: Option<ByteSize>,
+    /// The host's uplink, Sistemo's NAT interface: checked to exist at start. Machines' traffic
+    /// is masqueraded on every interface that is not a sistemo bridge, this one included.
+    pub host_interface: Option<IfName>,
+    /// Machines' download rate, in megabits per second, unless a deploy sets one (0: unlimited).
+    pub default_bandwidth_mbps: u32,
+    /// Machines' upload rate, in megabits per second, unless a deploy sets one (0: unlimited).
+    pub default_upload_mbps: u32,
+    /// Machines' disk operations per second, unless a deploy sets one (0: unlimited).
+    pub default_iops: u32,
+    /// Machines' disk bandwidth, in MiB per second, unless a deploy sets one (0: unlimited).
+    pub default_disk_bw_mbps: u32,
+    /// Milliseconds between checks for machines whose VMM died (default: `repair_interval_ms`).
+    /// Sistemo's `reconciler_interval_sec`.
+    pub liveness_interval_ms: Option<u64>,
+    /// Seconds a guest may take to answer after its VMM started; past it the deploy or start
+    /// fails and is rolled back. Sistemo's `ssh_timeout_sec`.
+    pub ready_timeout_sec: u64,
+    /// Requests per second one client address may make on the TCP API (0: no limit).
+    pub rate_limit_rps: u32,
+    /// Requests one client address may make at once on the TCP API before `rate_limit_rps` applies.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for Config {
@@ -141,6 +167,16 @@ impl Default for Config {
             allow_http_images: false,
             max_image_size: ByteSize::bytes(DEFAULT_MAX_IMAGE_SIZE),
             test_volume_pause_ms: None,
+            max_memory: None,
+            host_interface: None,
+            default_bandwidth_mbps: 0,
+            default_upload_mbps: 0,
+            default_iops: 0,
+            default_disk_bw_mbps: 0,
+            liveness_interval_ms: None,
+            ready_timeout_sec: 180,
+            rate_limit_rps: 100,
+            rate_limit_burst: 200,
         }
     }
 }
@@ -193,7 +229,7 @@ impl Config {
         let mut cfg = match std::fs::read_to_string(&path) {
             Ok(text) if text.trim().is_empty() => Config::default(),
             Ok(text) => {
-                let cfg: Config = yaml_serde::from_str(&text)
+                let cfg = sistemo::parse(&text)
                     .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
                 if cfg.token.is_some() {
                     use std::os::unix::fs::PermissionsExt;
@@ -267,6 +303,15 @@ impl Config {
             self.hypervisor = v;
         }
         Ok(())
+    }
+
+    /// How often machines' VMMs are checked for having died.
+    pub fn liveness_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.liveness_interval_ms
+                .unwrap_or(self.repair_interval_ms)
+                .max(50),
+        )
     }
 
     /// Options of the QEMU backend.
@@ -345,6 +390,32 @@ impl Config {
         }
         if self.history_limit == 0 {
             return Err(ConfigError("history_limit 0 (allowed: 1 or more entries)".into()));
+        }
+        if self.max_vcpus == Some(0) {
+            return Err(ConfigError("max_vcpus 0 (allowed: 1 or more)".into()));
+        }
+        if let Some(m) = self.max_memory.filter(|m| *m < ByteSize::mib(64)) {
+            return Err(ConfigError(format!(
+                "max_memory {m} is too small (allowed: 64M or more)"
+            )));
+        }
+        if self.ready_timeout_sec == 0 {
+            return Err(ConfigError(
+                "ready_timeout_sec 0 (allowed: 1 or more seconds)".into(),
+            ));
+        }
+        if self.rate_limit_rps > 0 && self.rate_limit_burst == 0 {
+            return Err(ConfigError(format!(
+                "rate_limit_burst 0 with rate_limit_rps {} would refuse every request (allowed: 1 or more, or rate_limit_rps: 0 for no limit)",
+                self.rate_limit_rps
+            )));
+        }
+        if let Some(i) = &self.host_interface
+            && !Path::new("/sys/class/net").join(i.as_str()).exists()
+        {
+            return Err(ConfigError(format!(
+                "host_interface {i} does not exist on this host (allowed: an interface of `ip link`)"
+            )));
         }
         Ok(())
     }

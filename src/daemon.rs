@@ -189,6 +189,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     // it): a machine whose VMM ended shows it, its rules leave the firewall, and its restart
     // policy applies.
     let rm = m.clone();
+    let every = cfg.liveness_interval();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

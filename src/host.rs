@@ -100,7 +100,7 @@ impl Host {
             max_vcpus: cfg.max_vcpus.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
             }),
-            host_memory: host_memory(),
+            host_memory: cfg.max_memory.map_or_else(host_memory, |m| m.min(host_memory())),
             dns: cfg.dns.clone(),
             api_ports: cfg
                 .listeners()
@@ -108,6 +108,13 @@ impl Host {
                 .unwrap_or_default(),
             max_storage: cfg.max_storage,
             min_disk_free: cfg.min_disk_free,
+            ready_timeout: std::time::Duration::from_secs(cfg.ready_timeout_sec),
+            io: crate::machine::IoLimits {
+                download_mbps: cfg.default_bandwidth_mbps,
+                upload_mbps: cfg.default_upload_mbps,
+                iops: cfg.default_iops,
+                disk_bw_mbps: cfg.default_disk_bw_mbps,
+            },
         };
         let hypervisor = backend.vmm.name();
         let volumes = Arc::new(Volumes::new(

@@ -19,6 +19,23 @@ pub struct MachineArg {
     pub name: String,
 }
 
+/// A deploy's rate limits (Sistemo's API fields); each absent one is the daemon's default.
+#[derive(Debug, Args)]
+pub struct IoFlags {
+    /// Download (what the machine receives) in megabits per second.
+    #[arg(long, value_name = "MBIT")]
+    pub bandwidth_mbps: Option<u32>,
+    /// Upload (what the machine sends) in megabits per second.
+    #[arg(long, value_name = "MBIT")]
+    pub upload_mbps: Option<u32>,
+    /// Disk operations per second.
+    #[arg(long, value_name = "N")]
+    pub disk_iops: Option<u32>,
+    /// Disk bandwidth in MiB per second.
+    #[arg(long, value_name = "MIB")]
+    pub disk_bw_mbps: Option<u32>,
+}
+
 /// `machine` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MachineCmd {
@@ -72,6 +89,9 @@ pub enum MachineCmd {
         /// Boot from an existing root volume instead of an image.
         #[arg(long, conflicts_with_all = ["image", "storage"])]
         volume: Option<String>,
+        /// Rate limits (default: the daemon's default_* settings).
+        #[command(flatten)]
+        io: IoFlags,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -304,6 +324,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             wait_timeout,
             attach,
             volume,
+            io,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
@@ -322,6 +343,10 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
                 restart,
                 wait: Some(wait),
                 wait_timeout_s: wait_timeout,
+                bandwidth_mbps: io.bandwidth_mbps,
+                upload_mbps: io.upload_mbps,
+                disk_iops: io.disk_iops,
+                disk_bw_mbps: io.disk_bw_mbps,
             };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;

@@ -5,6 +5,7 @@
 mod accounts;
 mod doctor;
 mod image;
+mod install;
 mod machine;
 mod network;
 mod output;
@@ -147,6 +148,23 @@ pub enum Cmd {
     /// Print the effective configuration.
     Config {
         /// Config file to read (default /etc/sistemo/config.yml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Set the host up: prerequisites (apt), the binary in /usr/local/bin, kernel and
+    /// initramfs, the VMM's user, the systemd unit; --upgrade swaps the binary and restarts the
+    /// service (machines keep running).
+    Install {
+        /// Replace the installed binary with this one and restart the service.
+        #[arg(long)]
+        upgrade: bool,
+        /// Install under this folder instead of / (no apt, user or systemctl).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Config file (default /etc/sistemo/config.yml): its data_dir and kernel_deb.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -342,6 +360,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
             } else {
                 print!("{}", yaml_serde::to_string(&v)?);
             }
+        }
+        Cmd::Install {
+            upgrade,
+            root,
+            dry_run,
+            config,
+        } => {
+            install::install(
+                install::InstallOptions {
+                    upgrade,
+                    root,
+                    dry_run,
+                },
+                config.as_deref(),
+            )
+            .await?
         }
         Cmd::Service { cmd } => match cmd {
             ServiceCmd::Install => systemd::install()?,

@@ -95,6 +95,9 @@ pub fn format_status(m: &MachineInfo) -> String {
             s.push_str(&format!("  {} ({})\n", v.volume, how.join(", ")));
         }
     }
+    if let Some(io) = io_line(&m.io) {
+        s.push_str(&format!("I/O:      {io}\n"));
+    }
     if let Some(l) = &m.limits {
         s.push_str(&format!(
             "Limits:   memory {}, {} CPU, {} tasks\n",
@@ -120,6 +123,22 @@ pub fn format_status(m: &MachineInfo) -> String {
         }
     }
     s
+}
+
+/// A machine's rate limits in words, e.g. `download 100 Mbit/s, disk 300 IOPS`; `None` when
+/// nothing is limited.
+fn io_line(io: &sistemo_vmm::IoLimits) -> Option<String> {
+    let parts: Vec<String> = [
+        (io.download_mbps, "download", "Mbit/s"),
+        (io.upload_mbps, "upload", "Mbit/s"),
+        (io.iops, "disk", "IOPS"),
+        (io.disk_bw_mbps, "disk", "MiB/s"),
+    ]
+    .into_iter()
+    .filter(|(v, ..)| *v > 0)
+    .map(|(v, what, unit)| format!("{what} {v} {unit}"))
+    .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// Progress of a long operation on stderr: a spinner with elapsed time on a terminal, plain

@@ -10,8 +10,6 @@ use sistemo_vmm::{Instance, LinkKind};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// How long a guest may take to accept exec after its VMM started.
-const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a guest may take to power down before its VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// What Linux prints last when the guest powers itself off (`poweroff`, `shutdown -h`).
@@ -39,7 +37,7 @@ impl Machines {
         let host = self.settings.host_memory;
         if mem < ByteSize::mib(64) || mem > host {
             return Err(Error::Invalid(format!(
-                "memory {mem} is out of range (allowed: 64M to the host's {}M)",
+                "memory {mem} is out of range (allowed: 64M to {}M, the host's memory or max_memory)",
                 host.as_mib()
             )));
         }
@@ -82,6 +80,7 @@ impl Machines {
             let p = port.clone();
             self.firewall(move |fw| fw.bind(&p)).await?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+            self.store.lock().set_io(m.id, &self.io_for(&d.io))?;
             self.make_disks(&m, &d, &dir, progress).await?;
             self.boot(&m, progress).await?;
             if let Some(timeout) = d.wait_ssh {
@@ -103,6 +102,18 @@ impl Machines {
             return Err(e);
         }
         self.get(&m.id.to_string())
+    }
+
+    /// A deploy's rate limits: each one it sets, else the host's default (as Sistemo's).
+    fn io_for(&self, asked: &super::IoLimits) -> super::IoLimits {
+        let or = |a: u32, d: u32| if a > 0 { a } else { d };
+        let d = &self.settings.io;
+        super::IoLimits {
+            download_mbps: or(asked.download_mbps, d.download_mbps),
+            upload_mbps: or(asked.upload_mbps, d.upload_mbps),
+            iops: or(asked.iops, d.iops),
+            disk_bw_mbps: or(asked.disk_bw_mbps, d.disk_bw_mbps),
+        }
     }
 
     /// A name for a machine deployed without one, after its image as Sistemo does: `debian`,
@@ -194,7 +205,10 @@ impl Machines {
             if self.vmm.link_kind() == LinkKind::Veth {
                 self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await?;
             }
-            self.vmm.wait_ready(&spec, &inst, READY_TIMEOUT, progress).await?;
+            self.links.shape(&spec.net.host_ifname, &spec.io).await?;
+            self.vmm
+                .wait_ready(&spec, &inst, self.settings.ready_timeout, progress)
+                .await?;
             Ok(inst)
         }
         .await;
@@ -381,6 +395,9 @@ impl Machines {
         if let Err(e) = self.links.delete(&spec.net.host_ifname).await {
             tracing::warn!(machine = %m.name, error = %chain(&e), "deleting the machine's link failed");
         }
+        if let Err(e) = self.links.unshape(&spec.net.host_ifname).await {
+            tracing::warn!(machine = %m.name, error = %chain(&e), "deleting its upload shaper failed");
+        }
     }
 
     /// Daemon start: re-adopt machines whose VMM survived, roll back interrupted deploys, mark
@@ -411,6 +428,9 @@ impl Machines {
                     let spec = self.spec_of(&m)?;
                     if let Err(e) = self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await {
                         tracing::warn!(machine = %m.name, error = %chain(&e), "re-attaching its link failed");
+                    }
+                    if let Err(e) = self.links.shape(&spec.net.host_ifname, &spec.io).await {
+                        tracing::warn!(machine = %m.name, error = %chain(&e), "re-applying its rate limits failed");
                     }
                 }
                 MachineState::Creating => {

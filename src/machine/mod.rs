@@ -15,6 +15,7 @@ mod fakes;
 mod tests;
 
 pub use expose::{desired_firewall, machine_port};
+pub use sistemo_vmm::IoLimits;
 pub use volumes::{AttachSpec, check_mount};
 
 use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
@@ -50,6 +51,8 @@ pub struct MachineView {
     pub guest: Option<std::result::Result<sistemo_vmm::Facts, String>>,
     /// Its volumes, the root one first.
     pub volumes: Vec<crate::store::Attachment>,
+    /// Its disk and network rate limits.
+    pub io: IoLimits,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -80,6 +83,8 @@ pub struct Deploy {
     pub root_volume: Option<crate::domain::VolumeName>,
     /// A copy of this (stopped) machine's disk instead of an image (`machine clone`).
     pub clone_of: Option<Uuid>,
+    /// Rate limits; a 0 takes the host's default (`default_bandwidth_mbps` and friends).
+    pub io: IoLimits,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -99,6 +104,10 @@ pub struct Settings {
     pub max_storage: ByteSize,
     /// Free space the machines' file system keeps after a new disk is counted in full.
     pub min_disk_free: ByteSize,
+    /// How long a guest may take to answer after its VMM started.
+    pub ready_timeout: std::time::Duration,
+    /// Rate limits of machines deployed without their own.
+    pub io: IoLimits,
 }
 
 /// What machines are made with: the store, the host's links, the firewall, the hypervisor and
@@ -173,9 +182,13 @@ impl Machines {
 
     /// What the hypervisor needs to know about `m`.
     fn spec_of(&self, m: &Machine) -> Result<MachineSpec> {
-        let (net, attached) = {
+        let (net, attached, io) = {
             let st = self.store.lock();
-            (st.network(m.network.as_str())?, st.attachments_of_machine(m.id)?)
+            (
+                st.network(m.network.as_str())?,
+                st.attachments_of_machine(m.id)?,
+                st.io_of(m.id)?,
+            )
         };
         let dir = self.machine_dir(m.id);
         let (disk, volumes) = self.disks_of(&dir, &attached);
@@ -197,6 +210,7 @@ impl Machines {
             },
             ssh_pubkey: None,
             volumes,
+            io,
         })
     }
 
@@ -236,7 +250,9 @@ impl Machines {
     /// A machine with what the store does not hold (taken without the store's lock: the
     /// machine's limits need its network's row).
     fn view(&self, machine: Machine, ports: Vec<ExposeSpec>) -> MachineView {
+        let io = self.store.lock().io_of(machine.id).unwrap_or_default();
         MachineView {
+            io,
             paused: self.paused_reason(&machine),
             limits: self.limits_of(&machine),
             vmm: self.vmm.name(),

@@ -82,6 +82,7 @@ async fn rig() -> Rig {
 
 fn web(expose: &[&str]) -> Deploy {
     Deploy {
+        io: Default::default(),
         image: "debian".into(),
         name: Some("web".parse().unwrap()),
         vcpus: None,

@@ -394,6 +394,7 @@ impl Machines {
                 root_volume: None,
                 clone_of: Some(m.id),
                 wait_ssh: None,
+                io: sistemo_vmm::IoLimits::default(),
             };
             let res: Result<()> = async {
                 let attached = self.store.lock().attachments_of_machine(m.id)?;

@@ -250,6 +250,27 @@ impl Links {
         Ok(())
     }
 
+    /// Create an `ifb` link `name` (up) unless it exists: see `shaping`. A link of that name
+    /// of another kind is not ours: an error.
+    pub async fn ensure_ifb(&self, name: &str) -> Result<()> {
+        match self.lookup(name).await? {
+            Some((_, Some(InfoKind::Ifb))) => {}
+            Some(_) => {
+                return Err(LinkError::Foreign(format!(
+                    "link {name} exists and is not an ifb; sistemo leaves it alone"
+                )));
+            }
+            None => self
+                .handle
+                .link()
+                .add(rtnetlink::LinkIfb::new(name).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("creating ifb {name}")))?,
+        }
+        Ok(())
+    }
+
     /// Delete a link by name; absent is fine.
     pub async fn delete(&self, name: &str) -> Result<()> {
         if let Some((idx, _)) = self.lookup(name).await? {
@@ -335,6 +356,14 @@ pub trait HostLinks: Send + Sync {
     async fn flush_neighbour(&self, ip: Ipv4Addr) -> Result<()>;
     /// IPv4 networks the host routes.
     async fn routed_v4(&self) -> Result<Vec<Ipv4Net>>;
+    /// Put a machine's network rate limits on its host-side link `name` (idempotent).
+    async fn shape(&self, _name: &str, _io: &sistemo_vmm::IoLimits) -> Result<()> {
+        Ok(())
+    }
+    /// Remove what [`HostLinks::shape`] added beside the link `name`; absent is fine.
+    async fn unshape(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -359,6 +388,12 @@ impl HostLinks for Links {
     }
     async fn flush_neighbour(&self, ip: Ipv4Addr) -> Result<()> {
         Links::flush_neighbour(self, ip).await
+    }
+    async fn shape(&self, name: &str, io: &sistemo_vmm::IoLimits) -> Result<()> {
+        super::shaping::apply(self, name, io).await
+    }
+    async fn unshape(&self, name: &str) -> Result<()> {
+        super::shaping::remove(self, name).await
     }
     async fn routed_v4(&self) -> Result<Vec<Ipv4Net>> {
         Links::routed_v4(self).await

@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod firewall;
 pub mod ipam;
 pub mod link;
+pub mod shaping;
 
 /// A stable, locally administered unicast MAC derived from a machine ID.
 pub fn mac_for(id: &uuid::Uuid) -> [u8; 6] {

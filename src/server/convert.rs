@@ -86,6 +86,12 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
             .collect::<Result<_>>()?,
         root_volume: req.volume.map(|v| v.parse()).transpose()?,
         clone_of: None,
+        io: crate::machine::IoLimits {
+            download_mbps: req.bandwidth_mbps.unwrap_or(0),
+            upload_mbps: req.upload_mbps.unwrap_or(0),
+            iops: req.disk_iops.unwrap_or(0),
+            disk_bw_mbps: req.disk_bw_mbps.unwrap_or(0),
+        },
         image,
     })
 }
@@ -142,6 +148,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
             Some(Err(e)) => Some(e.clone()),
             _ => None,
         },
+        io: v.io,
         created_at: m.created_at.clone(),
         volumes: v.volumes.iter().map(attachment_info).collect(),
     }

@@ -5,6 +5,7 @@
 mod accounts;
 mod auth;
 mod convert;
+mod ratelimit;
 mod session;
 mod tcp;
 mod volumes;
@@ -411,6 +412,7 @@ async fn image_remove(
 
 /// The router.
 fn router(m: AppState) -> Router {
+    let limit = ratelimit::RateLimit::new(m.config().rate_limit_rps, m.config().rate_limit_burst);
     Router::new()
         .route("/v1/machines", get(list).post(deploy))
         .route("/v1/machines/{name}", get(status).delete(delete))
@@ -436,6 +438,7 @@ fn router(m: AppState) -> Router {
         .merge(volumes::routes())
         .merge(accounts::routes())
         .merge(web::routes())
+        .layer(axum::middleware::from_fn_with_state(limit, ratelimit::limit))
         .with_state(m)
 }
 

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod exposes;
+mod io_limits;
 mod machines;
 mod networks;
 mod volumes;
@@ -141,6 +142,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX volume_attachments_machine ON volume_attachments(machine_id);",
     // 6 (accounts): users, API tokens and browser sessions; who made each change
     accounts::MIGRATION,
+    // 6: a machine's I/O rate limits, fixed at deploy (0: no limit); no row: none
+    "CREATE TABLE machine_io (
+        machine_id TEXT PRIMARY KEY REFERENCES machines(id) ON DELETE CASCADE,
+        download_mbps INTEGER NOT NULL,
+        upload_mbps INTEGER NOT NULL,
+        iops INTEGER NOT NULL,
+        disk_bw_mbps INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// A named network: a bridge and a subnet.

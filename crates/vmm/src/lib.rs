@@ -96,6 +96,8 @@ pub struct MachineSpec {
     pub ssh_pubkey: Option<String>,
     /// Extra disks (volumes), in the order the guest sees them after the root disk.
     pub volumes: Vec<VolumeAttachment>,
+    /// Rate limits of its disk and network (the backend applies the disk's).
+    pub io: IoLimits,
 }
 
 /// A volume given to a machine as an extra virtio-blk disk.
@@ -110,6 +112,27 @@ pub struct VolumeAttachment {
     pub serial: String,
     /// Where the guest's init mounts it (ext4), if anywhere.
     pub mount: Option<String>,
+}
+
+/// A machine's I/O rate limits; 0 is no limit. Units are Sistemo's: network rates in megabits
+/// per second, disk bandwidth in MiB per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimits {
+    /// What the machine receives (its download), Mbit/s.
+    pub download_mbps: u32,
+    /// What the machine sends (its upload), Mbit/s.
+    pub upload_mbps: u32,
+    /// Disk operations per second, reads and writes together.
+    pub iops: u32,
+    /// Disk bandwidth, reads and writes together, MiB/s.
+    pub disk_bw_mbps: u32,
+}
+
+impl IoLimits {
+    /// True when nothing is limited.
+    pub fn is_unlimited(&self) -> bool {
+        *self == IoLimits::default()
+    }
 }
 
 /// A running VMM process, identified so that a recycled pid is never mistaken for it.

@@ -97,6 +97,7 @@ fn spec(dir: &std::path::Path, disk: PathBuf) -> MachineSpec {
         },
         ssh_pubkey: None,
         volumes: vec![],
+        io: Default::default(),
     }
 }
 

@@ -81,8 +81,9 @@ impl Qemu {
             self.kernel_cmdline(),
             "-drive".into(),
             format!(
-                "file={},format=raw,if=none,id=d0,cache=writeback",
-                escape_opt(&disk.display().to_string())
+                "file={},format=raw,if=none,id=d0,cache=writeback{}",
+                escape_opt(&disk.display().to_string()),
+                drive_throttling(&spec.io)
             ),
             "-device".into(),
             "virtio-blk-device,drive=d0".into(),
@@ -153,6 +154,22 @@ fn volume_args(spec: &MachineSpec) -> Vec<String> {
     a
 }
 
+/// The `-drive` options that throttle a disk to `io`'s limits (QEMU's leaky bucket, which lets
+/// a tenth of a second's worth through at once): empty when it is unlimited.
+fn drive_throttling(io: &crate::IoLimits) -> String {
+    let mut o = String::new();
+    if io.iops > 0 {
+        o.push_str(&format!(",throttling.iops-total={}", io.iops));
+    }
+    if io.disk_bw_mbps > 0 {
+        o.push_str(&format!(
+            ",throttling.bps-total={}",
+            u64::from(io.disk_bw_mbps) << 20
+        ));
+    }
+    o
+}
+
 /// Escape a value for a QEMU option list (commas are doubled).
 fn escape_opt(s: &str) -> String {
     s.replace(',', ",,")
@@ -207,6 +224,7 @@ mod tests {
             },
             ssh_pubkey: None,
             volumes: vec![],
+            io: crate::IoLimits::default(),
         };
         (q, spec)
     }
@@ -311,6 +329,23 @@ mod tests {
         assert!(
             a.find("id=d0").unwrap() < a.find("id=v0").unwrap(),
             "the root disk stays vda"
+        );
+    }
+
+    #[test]
+    fn disk_limits_become_drive_throttling() {
+        let (q, mut spec) = dummy(Accel::Tcg);
+        let a = q.qemu_args(&spec, Path::new("/d")).join(" ");
+        assert!(!a.contains("throttling"), "{a}");
+        spec.io = crate::IoLimits {
+            iops: 300,
+            disk_bw_mbps: 8,
+            ..Default::default()
+        };
+        let a = q.qemu_args(&spec, Path::new("/d")).join(" ");
+        assert!(
+            a.contains("id=d0,cache=writeback,throttling.iops-total=300,throttling.bps-total=8388608 "),
+            "{a}"
         );
     }
 
