@@ -5,6 +5,7 @@
 //! - [`proto`]: frames and messages, shared by both ends.
 //! - [`client`]: the host's end (used by `sistemo-vmm`): handshake, sessions, backpressure.
 //! - [`guest`]: the agent's end (the `sistemo-agent` binary): sessions run as processes.
+//! - [`port`]: the guest's virtio-serial port as non-blocking async I/O.
 //! - [`runner`]: starting a session's process (user, environment, pipes or a PTY).
 //! - [`archive`]: tar streams for `machine cp`, used on both ends.
 //! - [`facts`]: what the guest reports about itself.
@@ -14,6 +15,7 @@ pub mod archive;
 pub mod client;
 pub mod facts;
 pub mod guest;
+pub mod port;
 pub mod proto;
 pub mod runner;
 mod sys;

@@ -34,11 +34,10 @@ fn main() {
         }
     };
     let res = rt.block_on(async {
-        let dev = std::fs::OpenOptions::new().read(true).write(true).open(&port)?;
+        let port = sistemo_agent::port::Port::open(&port)?;
         // Tells sistemo's init that the agent runs, in the image's root (see init.sh).
         let _ = std::fs::write("/run/sistemo/agent.pid", format!("{}\n", std::process::id()));
-        let rd = tokio::fs::File::from_std(dev.try_clone()?);
-        let wr = tokio::fs::File::from_std(dev);
+        let (rd, wr) = port.split();
         serve(rd, wr, OnEof::Wait).await
     });
     if let Err(e) = res {

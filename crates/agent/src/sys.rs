@@ -1,5 +1,5 @@
-//! The agent's only `unsafe`: what a child must do between fork and exec to own a terminal, and
-//! the terminal-size ioctl. Everything else goes through `nix` and the standard library.
+//! The agent's only `unsafe`: what a child must do between fork and exec to own a terminal, the
+//! terminal-size ioctl, systemd's power-off signal and a descriptor's registration with tokio.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::process::Command;
@@ -52,4 +52,11 @@ pub(crate) fn power_off() {
     }
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+}
+
+/// Register `file` with tokio's reactor (it must be non-blocking).
+pub(crate) fn async_fd(file: std::fs::File) -> std::io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
+    // SAFETY: the `File` owns its descriptor, which stays open and unchanged for as long as the
+    // `AsyncFd` holds the `File` (it closes it only when dropped, after deregistering).
+    unsafe { tokio::io::unix::AsyncFd::register(file) }.map_err(std::io::Error::from)
 }
