@@ -180,6 +180,23 @@ pub fn volume_info(v: &crate::volumes::VolumeView) -> crate::api::VolumeInfo {
     }
 }
 
+/// True when `cmd` is words a shell would pass through unchanged: no quoting, expansion,
+/// redirection, globbing or operators, and not a shell builtin that only means something in a
+/// shell (`cd`, `export`, …: those are not programs).
+fn is_plain_words(cmd: &str) -> bool {
+    let first = cmd.split_whitespace().next().unwrap_or("");
+    !first.is_empty()
+        && ![
+            "cd", "export", "exit", "set", "unset", "source", ".", "exec", "eval", "ulimit", "umask",
+            "alias", "trap", "wait", "read",
+        ]
+        .contains(&first)
+        && !first.contains('=')
+        && cmd
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " \t-_./:,+@%=".contains(c))
+}
+
 /// A session request, checked: environment entries are `NAME=value`, guest paths absolute.
 pub fn session_start(r: &SessionRequest) -> Result<sistemo_vmm::Start> {
     use sistemo_vmm::{Job, Start, WinSize};
@@ -199,7 +216,12 @@ pub fn session_start(r: &SessionRequest) -> Result<sistemo_vmm::Start> {
             ));
         }
         SessionJob::Exec { argv } => Job::Exec { argv: argv.clone() },
-        // A trailing `&` leaves the command running without holding the session's pipes.
+        // Words with nothing a shell would interpret run as they are (one process less to
+        // start in the guest); anything else goes through `sh -c`, where a trailing `&` leaves
+        // the command running without holding the session's pipes.
+        SessionJob::Shell { cmd } if is_plain_words(cmd) => Job::Exec {
+            argv: cmd.split_whitespace().map(String::from).collect(),
+        },
         SessionJob::Shell { cmd } => Job::Exec {
             argv: vec!["sh".into(), "-c".into(), sistemo_vmm::detach_background(cmd)],
         },
@@ -327,5 +349,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"abc\"") && e.contains("64 hex"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::is_plain_words;
+
+    #[test]
+    fn only_words_a_shell_would_not_touch_skip_the_shell() {
+        for plain in [
+            "true",
+            "uname -a",
+            "ls /var/log",
+            "node --max-old-space-size=512 app.js",
+        ] {
+            assert!(is_plain_words(plain), "{plain}");
+        }
+        for shell in [
+            "echo $HOME",
+            "a && b",
+            "ls *.txt",
+            "echo 'x'",
+            "cd /tmp",
+            "FOO=1 env",
+            "exit 3",
+            "sleep 1 &",
+            "cat < f",
+            "",
+        ] {
+            assert!(!is_plain_words(shell), "{shell}");
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! virtio-serial port) kills every session of the previous one.
 
 use crate::proto::{
-    CHANNEL, CHUNK, Codec, Frame, GuestMsg, HostMsg, Job, Kind, RESYNC, Start, VERSION, WINDOW,
+    CHANNEL, CHUNK, Codec, Frame, GuestMsg, HEADER, HostMsg, Job, Kind, RESYNC, Start, VERSION, WINDOW,
+    data_header,
 };
 use crate::{facts, runner};
 use bytes::{Buf, Bytes, BytesMut};
@@ -57,6 +58,10 @@ impl Out {
     }
     async fn msg(&self, session: u32, m: GuestMsg) {
         self.frame(Frame::control(session, &m)).await
+    }
+    /// A frame already encoded.
+    async fn encoded(&self, b: Bytes) {
+        let _ = self.tx.send((self.epoch, b)).await;
     }
 }
 
@@ -127,27 +132,43 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<(u64, Bytes)>,
     current: Arc<AtomicU64>,
 ) {
-    let mut buf = Vec::with_capacity(256 << 10);
-    while let Some((epoch, b)) = rx.recv().await {
-        buf.clear();
-        if epoch == current.load(Ordering::SeqCst) {
-            buf.extend_from_slice(&b);
+    // Small frames (control messages, short output) are gathered into one write; a large one
+    // goes out as it is, without a copy.
+    let mut small = Vec::with_capacity(64 << 10);
+    let mut next = rx.recv().await;
+    while let Some((epoch, b)) = next.take() {
+        if epoch != current.load(Ordering::SeqCst) {
+            next = rx.recv().await;
+            continue;
         }
-        while buf.len() < 256 << 10 {
-            match rx.try_recv() {
-                Ok((epoch, b)) if epoch == current.load(Ordering::SeqCst) => buf.extend_from_slice(&b),
-                Ok(_) => {}
-                Err(_) => break,
+        let mut large = None;
+        if b.len() >= 16 << 10 {
+            large = Some(b);
+        } else {
+            small.extend_from_slice(&b);
+            while small.len() < 64 << 10 {
+                match rx.try_recv() {
+                    Ok((e, b)) if e != current.load(Ordering::SeqCst) => drop(b),
+                    Ok((_, b)) if b.len() >= 16 << 10 => {
+                        large = Some(b);
+                        break;
+                    }
+                    Ok((_, b)) => small.extend_from_slice(&b),
+                    Err(_) => break,
+                }
             }
         }
-        if buf.is_empty() {
-            continue;
+        // A virtio-serial write fails only while no host is connected; the next connection
+        // resynchronises.
+        if !small.is_empty() {
+            let _ = wr.write_all(&small).await;
+            small.clear();
         }
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-            // A virtio-serial write fails only while no host is connected; the next
-            // connection resynchronises.
-            continue;
+        if let Some(b) = large {
+            let _ = wr.write_all(&b).await;
         }
+        let _ = wr.flush().await;
+        next = rx.recv().await;
     }
 }
 
@@ -266,17 +287,18 @@ async fn pump(
     credit: Arc<Semaphore>,
     mut exited: watch::Receiver<bool>,
 ) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
+        // The payload is read right behind the frame's header: the frame leaves as it is.
+        let mut buf = vec![0u8; HEADER + CHUNK];
         let n = if *exited.borrow() {
-            match tokio::time::timeout(DRAIN_AFTER_EXIT, r.read(&mut buf)).await {
+            match tokio::time::timeout(DRAIN_AFTER_EXIT, r.read(&mut buf[HEADER..])).await {
                 Ok(r) => r,
                 Err(_) => break,
             }
         } else {
             tokio::select! {
-                r = r.read(&mut buf) => r,
+                r = r.read(&mut buf[HEADER..]) => r,
                 _ = exited.changed() => continue,
             }
         };
@@ -291,7 +313,9 @@ async fn pump(
             Ok(p) => p.forget(),
             Err(_) => break,
         }
-        out.frame(Frame::data(kind, id, buf[..n].to_vec())).await;
+        data_header(&mut buf[..HEADER], kind, id, n);
+        buf.truncate(HEADER + n);
+        out.encoded(Bytes::from(buf)).await;
         total += n as u64;
     }
     Ok(total)
@@ -309,6 +333,27 @@ async fn run(
         Job::Exec { argv } => {
             let mut sp = match runner::spawn(&argv, &start) {
                 Ok(sp) => sp,
+                // As a shell does: a program that is missing exits 127, one that cannot be run 126.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    let prog = argv.first().map(String::as_str).unwrap_or("");
+                    let msg = format!("sistemo-agent: {prog}: {e}\n");
+                    out.frame(Frame::data(Kind::Stderr, id, msg.into_bytes())).await;
+                    let code = if e.kind() == std::io::ErrorKind::NotFound {
+                        127
+                    } else {
+                        126
+                    };
+                    return GuestMsg::Exited {
+                        code: Some(code),
+                        signal: None,
+                        timed_out: false,
+                    };
+                }
                 Err(e) => {
                     return GuestMsg::Failed {
                         error: format!(

@@ -99,6 +99,17 @@ impl Frame {
     }
 }
 
+/// Bytes of a frame's header (length, kind, session).
+pub const HEADER: usize = 4 + 1 + 4;
+
+/// Write the header of a data frame of `kind` for `session` carrying `len` bytes into `dst`
+/// (which must be [`HEADER`] long): lets a reader put the payload right after it, unencoded.
+pub fn data_header(dst: &mut [u8], kind: Kind, session: u32, len: usize) {
+    dst[..4].copy_from_slice(&((5 + len) as u32).to_be_bytes());
+    dst[4] = kind as u8;
+    dst[5..9].copy_from_slice(&session.to_be_bytes());
+}
+
 /// Why the channel cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -119,8 +130,6 @@ pub enum ProtoError {
 /// The frame codec (for `tokio_util::codec::{FramedRead, FramedWrite}`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Codec;
-
-const HEADER: usize = 4 + 1 + 4;
 
 impl tokio_util::codec::Decoder for Codec {
     type Item = Frame;
