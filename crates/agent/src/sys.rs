@@ -40,13 +40,20 @@ pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::
 }
 
 /// Power the guest off: systemd's poweroff signal when systemd is PID 1 (an orderly shutdown),
+/// SIGTERM when the agent is PID 1 (it stops the workload, then powers off),
 /// else sync and power off at once (an image with no init system has nothing to stop).
 pub(crate) fn power_off() {
     let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
-    if pid1.trim() == "systemd" {
+    // The agent as PID 1 (an image's single program): it stops the program, then powers off.
+    if pid1.trim() == "systemd" || pid1.trim() == "agent" {
+        let sig = if pid1.trim() == "agent" {
+            libc::SIGTERM
+        } else {
+            libc::SIGRTMIN() + 4
+        };
         // SAFETY: kill(2) with a valid signal number; it touches no memory.
         unsafe {
-            libc::kill(1, libc::SIGRTMIN() + 4);
+            libc::kill(1, sig);
         }
         return;
     }

@@ -97,6 +97,9 @@ pub(crate) struct GuestConfig {
     pub(crate) host_key_private: Vec<u8>,
     /// The guest's SSH host public key line.
     pub(crate) host_key_public: String,
+    /// The image's single program as JSON (`sistemo_agent::init::Workload`), for images that
+    /// run one (OCI images): the agent runs it as PID 1 instead of the image's `/sbin/init`.
+    pub(crate) workload: Option<Vec<u8>>,
 }
 
 /// The per-machine cpio (uncompressed newc) holding `/sistemo/config.env` and the keys.
@@ -125,6 +128,9 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
     w.file("sistemo/ssh_host_ed25519_key", 0o600, &cfg.host_key_private);
     // The guest agent: init.sh starts it before the image's own init.
     w.file("sistemo/agent", 0o700, crate::AGENT_BINARY);
+    if let Some(wl) = &cfg.workload {
+        w.file("sistemo/workload.json", 0o600, wl);
+    }
     w.file(
         "sistemo/ssh_host_ed25519_key.pub",
         0o644,
@@ -169,11 +175,13 @@ mod tests {
             authorized_keys: vec!["ssh-ed25519 AAA k".into()],
             host_key_private: b"PRIV".to_vec(),
             host_key_public: "ssh-ed25519 BBB".into(),
+            workload: Some(br#"{"argv":["/bin/app"]}"#.to_vec()),
         };
         let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
         assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));
         assert!(c.contains("SISTEMO_MAC=52:54:00:01:02:03\n"));
         assert!(c.contains("SISTEMO_ADDRESS=10.0.0.2/24\n"));
         assert!(c.contains("SISTEMO_DNS=1.1.1.1\n"));
+        assert!(c.contains("sistemo/workload.json") && c.contains(r#"{"argv":["/bin/app"]}"#));
     }
 }

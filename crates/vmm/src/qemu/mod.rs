@@ -217,6 +217,7 @@ impl Qemu {
             authorized_keys: keys,
             host_key_private: private,
             host_key_public: hk.public,
+            workload: crate::image::oci::read_workload(&spec.dir)?,
         })
     }
 
