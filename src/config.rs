@@ -84,6 +84,9 @@ pub struct Config {
     pub allow_http_images: bool,
     /// Largest image a URL may download (received and after decompression).
     pub max_image_size: ByteSize,
+    /// OCI registries (`host` or `host:port`) that may be pulled from over plain http
+    /// (registries on loopback addresses always may).
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for Config {
@@ -120,6 +123,7 @@ impl Default for Config {
             image_dirs: vec![],
             allow_http_images: false,
             max_image_size: ByteSize::bytes(DEFAULT_MAX_IMAGE_SIZE),
+            insecure_registries: vec![],
         }
     }
 }
@@ -275,6 +279,7 @@ impl Config {
             image_dirs: self.image_dirs.clone(),
             allow_http: self.allow_http_images,
             max_size: self.max_image_size.as_bytes(),
+            insecure_registries: self.insecure_registries.clone(),
             ..ImagePolicy::default()
         }
     }

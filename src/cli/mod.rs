@@ -7,12 +7,14 @@ mod image;
 mod machine;
 mod network;
 mod output;
+mod registry;
 mod session;
 mod systemd;
 
 pub use image::ImageCmd;
 pub use machine::{MachineArg, MachineCmd};
 pub use network::NetworkCmd;
+pub use registry::RegistryCmd;
 pub use output::format_status;
 
 use crate::api::*;
@@ -115,6 +117,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Credentials for OCI registries.
+    Registry {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: RegistryCmd,
+    },
     /// List every exposed port on the host.
     Ports,
     /// Show the audit log.
@@ -216,6 +224,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Cmd::Machine { cmd } => return machine::run(&c, cmd, json, cli.yes).await,
         Cmd::Network { cmd } => network::run(&c, cmd, json, cli.yes)?,
         Cmd::Image { cmd } => image::run(&c, cmd, json, cli.yes).await?,
+        Cmd::Registry { cmd } => registry::run(&c, cmd, json)?,
         Cmd::Ports => {
             let rows: Vec<PortRow> = c.get("/v1/ports")?;
             if json {

@@ -2,6 +2,7 @@
 //! streams long operations as NDJSON events, and writes every change to the audit log.
 
 mod convert;
+mod oci;
 mod session;
 mod tcp;
 
@@ -414,6 +415,10 @@ fn router(m: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/build", post(image_build))
         .route("/v1/images/{tag}", axum::routing::delete(image_remove))
+        .route("/v1/images/pull", post(oci::pull))
+        .route("/v1/images/import", post(oci::import))
+        .route("/v1/images/prune", post(oci::prune))
+        .route("/v1/registries/login", post(oci::login))
         .with_state(m)
 }
 

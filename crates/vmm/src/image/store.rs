@@ -58,7 +58,7 @@ impl ImageStore {
     }
 
     /// The data dir the store lives in (registry credentials are kept there).
-    pub(crate) fn data_dir(&self) -> &Path {
+    pub fn data_dir(&self) -> &Path {
         self.dir.parent().unwrap_or(&self.dir)
     }
 
