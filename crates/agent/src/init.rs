@@ -103,6 +103,7 @@ pub fn command(w: &Workload, hostname: &str) -> Result<Command, String> {
     if uid != 0 || gid != 0 {
         cmd.uid(uid).gid(gid);
     }
+    crate::sys::unblock_signals(&mut cmd);
     Ok(cmd)
 }
 
@@ -187,7 +188,7 @@ pub fn run(port: Option<String>) -> ! {
         set.add(s);
     }
     // Blocked, the signals wait for `sigwait` (the kernel does not drop blocked signals sent
-    // to PID 1); children get an empty mask from `Command`.
+    // to PID 1); children are given an empty mask (`sys::unblock_signals`).
     if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
         log(&format!("cannot block signals: {e}"));
     }
@@ -255,8 +256,10 @@ pub fn run(port: Option<String>) -> ! {
                 if agent_restarts.len() < 5 {
                     agent_restarts.push(Instant::now());
                     log(&format!("the agent exited ({code}); restarting it"));
-                    agent = Command::new("/run/sistemo/agent")
-                        .args(["--port", port])
+                    let mut c = Command::new("/run/sistemo/agent");
+                    c.args(["--port", port]);
+                    crate::sys::unblock_signals(&mut c);
+                    agent = c
                         .spawn()
                         .ok()
                         .map(|c| c.id() as i32);
@@ -292,6 +295,22 @@ mod tests {
         };
         let out = command(&w, "h").unwrap().stdout(Stdio::piped()).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello from /tmp");
+        // PID 1 blocks the signals it waits for; the workload must not inherit that.
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGTERM);
+        nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&set), None).unwrap();
+        let w = Workload {
+            argv: vec!["grep".into(), "SigBlk".into(), "/proc/self/status".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+        };
+        let out = command(&w, "h").unwrap().stdout(Stdio::piped()).output().unwrap();
+        nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_UNBLOCK, Some(&set), None).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "SigBlk:\t0000000000000000"
+        );
         let none = Workload {
             argv: vec![],
             env: vec![],

@@ -22,6 +22,24 @@ pub(crate) fn controlling_tty(cmd: &mut Command) {
     }
 }
 
+/// Give the child an empty signal mask: PID 1 (`--init`) blocks the signals it waits for, and
+/// a child inherits the mask through fork and exec.
+pub(crate) fn unblock_signals(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // pthread_sigmask(2), which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Set the window size of the terminal `fd` (a PTY master); the foreground group gets SIGWINCH.
 pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::Result<()> {
     let ws = libc::winsize {
