@@ -217,7 +217,10 @@ pub async fn import(
             })
             .await
             .map_err(|e| VmmError::io("unpacking")(std::io::Error::other(e)))?
-            .map_err(|e| not_an_image(path, &e.to_string()))?;
+            .map_err(|e| match e {
+                VmmError::ImageRefused { reason, .. } => not_an_image(path, &reason),
+                e => not_an_image(path, &e.to_string()),
+            })?;
             dir
         } else {
             return Err(not_an_image(path, "neither a file nor a directory"));

@@ -101,7 +101,7 @@ fn client(r: &ImageRef, policy: &ImagePolicy) -> Client {
 }
 
 /// A registry error as one line, telling a missing image from an unreachable registry.
-fn registry_error(r: &ImageRef, e: OciDistributionError) -> VmmError {
+fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) -> VmmError {
     let text = chain(&e);
     let registry = r.registry().to_string();
     match &e {
@@ -127,6 +127,12 @@ fn registry_error(r: &ImageRef, e: OciDistributionError) -> VmmError {
         _ if text.contains("no entry found") || text.contains("platform") => VmmError::ImageRefused {
             reference: r.normalized(),
             reason: "its index has no linux/amd64 image (allowed: images for linux/amd64)".into(),
+        },
+        _ if !r.plain_http(insecure) => VmmError::Registry {
+            registry,
+            reason: format!(
+                "{text} (over https: plain http is allowed for loopback registries and those in insecure_registries)"
+            ),
         },
         _ => VmmError::Registry { registry, reason: text },
     }
@@ -202,7 +208,7 @@ pub async fn pull(
     let (manifest, digest, config) = c
         .pull_manifest_and_config(reference, &auth)
         .await
-        .map_err(|e| registry_error(r, e))?;
+        .map_err(|e| registry_error(r, &policy.insecure_registries, e))?;
     if let Some(pinned) = r.digest()
         && pinned != digest
     {
@@ -257,7 +263,7 @@ pub async fn pull(
                         reference: format!("blob {}", l.digest),
                         reason: format!("its content does not match its digest (corrupt or tampered): {d}"),
                     },
-                    e => registry_error(r, e),
+                    e => registry_error(r, &policy.insecure_registries, e),
                 });
             }
             blobs.commit(&tmp, &l.digest)?;
