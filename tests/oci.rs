@@ -319,3 +319,59 @@ fn oci_pull_import_convert_and_refusals() {
     env.cli_ok(&["-y", "image", "rm", "127.0.0.1:5078/private:1"]);
     env.cli_ok(&["image", "prune"]);
 }
+
+#[test]
+#[ignore = "boots real VMs: run sudo scripts/test"]
+fn real_vm_oci_busybox_serves_http_execs_and_stops_with_its_workload() {
+    let env = Env::qemu("socivm", &seed());
+    let work = env.dir.join("oci");
+    std::fs::create_dir_all(&work).unwrap();
+    let layout = build_layout(&work);
+    let _reg = Registry::start(&env.ns, &work, "reg", "127.0.0.1:5077", None);
+    push(&env, &layout, "web", "127.0.0.1:5077/web:1");
+
+    step("deploy REF pulls, converts and boots the entrypoint as the workload");
+    let o = env.cli(&[
+        "machine", "deploy", "127.0.0.1:5077/web:1", "--expose", "8080:8080",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "deploy: {err}");
+    assert!(err.contains("resolving 127.0.0.1:5077/web:1"), "pulled on deploy: {err}");
+    assert!(err.contains("init sistemo-agent"), "{err}");
+    let page = poll("the workload's web server", Duration::from_secs(60), || {
+        let o = env.sh("curl -s -m 3 http://localhost:8080/");
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        s.contains("hello from an OCI image").then_some(s)
+    });
+    assert_eq!(page.trim(), "hello from an OCI image");
+    let o = env.csh(&format!("curl -s -m 5 http://{HOST_LAN}:8080/"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hello from an OCI image"));
+
+    step("exec goes through the agent: no sshd, no systemd in the image");
+    let out = env.cli_ok(&[
+        "machine", "exec", "web", "cat /proc/1/comm; ls /usr/sbin/sshd /lib/systemd 2>&1; hostname",
+    ]);
+    assert!(out.starts_with("agent\n"), "{out}");
+    assert!(out.contains("No such file") && out.contains("web"), "{out}");
+    let st: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(st["guest"]["init"], "sistemo-agent", "{st}");
+
+    step("the workload's output is the machine's log");
+    let logs = poll("httpd's request log", Duration::from_secs(20), || {
+        let l = env.cli_ok(&["machine", "logs", "web"]);
+        l.contains("response:200").then_some(l)
+    });
+    assert!(logs.contains("sistemo-init: started [\"/bin/busybox\", \"httpd\""), "{logs}");
+
+    step("the workload exiting powers the machine off, its exit code logged");
+    let _ = env.cli(&["machine", "exec", "web", "kill $(cat /run/sistemo/workload.pid)"]);
+    poll("the machine to stop", Duration::from_secs(60), || {
+        let st: serde_json::Value =
+            serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+        (st["status"] == "stopped").then_some(())
+    });
+    let logs = env.cli_ok(&["machine", "logs", "web"]);
+    assert!(logs.contains("the workload exited with code 143"), "{logs}");
+}
