@@ -41,7 +41,19 @@ impl Registry {
             .expect("docker-registry (apt-get install docker-registry)");
         let url = format!("http://{addr}/v2/");
         poll("the registry", Duration::from_secs(30), || {
-            let o = run(&["ip", "netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+            let o = run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url,
+            ]);
             let code = String::from_utf8_lossy(&o.stdout).into_owned();
             (code == "200" || code == "401").then_some(())
         });
@@ -113,7 +125,11 @@ fn push(env: &Env, layout: &Path, tag: &str, dest: &str) {
         "skopeo copy --quiet --dest-tls-verify=false --dest-creds soci:sociPW oci:{}:{tag} docker://{dest}",
         layout.display()
     ));
-    assert!(o.status.success(), "skopeo: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn images(env: &Env) -> Vec<serde_json::Value> {
@@ -153,9 +169,17 @@ fn oci_pull_import_convert_and_refusals() {
     step("build images with umoci");
     let layout = build_layout(&work);
     let _reg = Registry::start(&env.ns, &work, "reg", "127.0.0.1:5077", None);
-    let pw = sh("/usr/bin/python3 -W ignore -c \"import crypt; print(crypt.crypt('sociPW', crypt.mksalt(crypt.METHOD_BLOWFISH)))\"");
+    let pw = sh(
+        "/usr/bin/python3 -W ignore -c \"import crypt; print(crypt.crypt('sociPW', crypt.mksalt(crypt.METHOD_BLOWFISH)))\"",
+    );
     std::fs::write(work.join("htpasswd"), format!("soci:{}", pw.trim())).unwrap();
-    let _auth = Registry::start(&env.ns, &work, "authreg", "127.0.0.1:5078", Some(&work.join("htpasswd")));
+    let _auth = Registry::start(
+        &env.ns,
+        &work,
+        "authreg",
+        "127.0.0.1:5078",
+        Some(&work.join("htpasswd")),
+    );
     let _lan = Registry::start(&env.ns, &work, "lanreg", &format!("{HOST_LAN}:5079"), None);
     for (tag, dest) in [
         ("web", "127.0.0.1:5077/web:1"),
@@ -175,7 +199,10 @@ fn oci_pull_import_convert_and_refusals() {
     }
     let o = env.cli(&["image", "pull", "127.0.0.1:5077/web:1"]);
     let out = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(out.contains("layer 1/1") && out.contains("cached"), "the shared layer is cached: {out}");
+    assert!(
+        out.contains("layer 1/1") && out.contains("cached"),
+        "the shared layer is cached: {out}"
+    );
     let list = images(&env);
     let web = list
         .iter()
@@ -186,7 +213,10 @@ fn oci_pull_import_convert_and_refusals() {
     assert_eq!(web["oci"]["exposed_ports"][0], "8080/tcp");
     assert_eq!(web["oci"]["command"][1], "httpd");
     let table = env.cli_ok(&["image", "list"]);
-    assert!(table.contains("DIGEST") && table.contains(&digest[..19]), "{table}");
+    assert!(
+        table.contains("DIGEST") && table.contains(&digest[..19]),
+        "{table}"
+    );
     // The same digest again, by digest: no conversion.
     let by_digest = format!("127.0.0.1:5077/web@{digest}");
     let out = String::from_utf8_lossy(&env.cli(&["image", "pull", &by_digest]).stderr).into_owned();
@@ -197,9 +227,15 @@ fn oci_pull_import_convert_and_refusals() {
     step("the converted tree, read back with debugfs (nothing mounted)");
     let img = image_file(&env, "127.0.0.1:5077/three:1");
     let ls_data = debugfs(&img, "ls /data");
-    assert!(!ls_data.contains("gone") && ls_data.contains("hard2"), "{ls_data}");
+    assert!(
+        !ls_data.contains("gone") && ls_data.contains("hard2"),
+        "{ls_data}"
+    );
     let opq = debugfs(&img, "ls /opq");
-    assert!(opq.contains("new") && !opq.contains("lower1") && !opq.contains("lowerdir"), "{opq}");
+    assert!(
+        opq.contains("new") && !opq.contains("lower1") && !opq.contains("lowerdir"),
+        "{opq}"
+    );
     let hard = debugfs(&img, "stat /data/hard");
     assert!(hard.contains("Links: 2"), "{hard}");
     let owned = debugfs(&img, "stat /etc/owned");
@@ -209,14 +245,20 @@ fn oci_pull_import_convert_and_refusals() {
     );
     assert!(debugfs(&img, "stat /bin/suid").contains("Mode:  04755"));
     let caps = debugfs(&img, "ea_list /bin/capped");
-    assert!(caps.contains("security.capability"), "file capability kept: {caps}");
+    assert!(
+        caps.contains("security.capability"),
+        "file capability kept: {caps}"
+    );
     assert!(debugfs(&img, "stat /bin/sh").contains("Type: symlink"));
 
     step("refusals leave nothing behind");
     let before = store_state(&env);
     let e = env.cli_err(&["image", "pull", "127.0.0.1:5077/web:nope"]);
     eprintln!("refusal: {e}");
-    assert!(e.contains("127.0.0.1:5077/web:nope") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("127.0.0.1:5077/web:nope") && e.contains("not found"),
+        "{e}"
+    );
     let e = env.cli_err(&["image", "pull", "127.0.0.1:5071/web:1"]);
     eprintln!("refusal: {e}");
     assert!(e.contains("127.0.0.1:5071"), "registry down: {e}");
@@ -229,7 +271,10 @@ fn oci_pull_import_convert_and_refusals() {
     let lan = format!("{HOST_LAN}:5079/web:1");
     let e = env.cli_err(&["image", "pull", &lan]);
     eprintln!("refusal: {e}");
-    assert!(e.contains(&format!("{HOST_LAN}:5079")), "plain http refused off loopback: {e}");
+    assert!(
+        e.contains(&format!("{HOST_LAN}:5079")),
+        "plain http refused off loopback: {e}"
+    );
     assert_eq!(store_state(&env), before, "nothing stored by failed pulls");
 
     step("corrupt blob: the digest mismatch is refused");
@@ -252,7 +297,10 @@ fn oci_pull_import_convert_and_refusals() {
         .unwrap()
         .to_string();
     let hex = fresh.strip_prefix("sha256:").unwrap();
-    let data = work.join(format!("reg/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let data = work.join(format!(
+        "reg/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
     let mut bytes = std::fs::read(&data).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
@@ -266,7 +314,14 @@ fn oci_pull_import_convert_and_refusals() {
     step("registry login, then the private pull works");
     let o = Command::new(env!("CARGO_BIN_EXE_sistemo"))
         .args(["--socket", env.socket.to_str().unwrap()])
-        .args(["registry", "login", "127.0.0.1:5078", "-u", "soci", "--password-stdin"])
+        .args([
+            "registry",
+            "login",
+            "127.0.0.1:5078",
+            "-u",
+            "soci",
+            "--password-stdin",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -279,7 +334,10 @@ fn oci_pull_import_convert_and_refusals() {
     assert!(o.status.success());
     let creds = env.dir.join("data/registries.json");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     env.cli_ok(&["image", "pull", "127.0.0.1:5078/private:1"]);
 
     step("insecure_registries allows plain http to a listed registry");
@@ -305,7 +363,13 @@ fn oci_pull_import_convert_and_refusals() {
         layout.display(),
         oci_dir.display()
     ));
-    env.cli_ok(&["image", "import", oci_dir.to_str().unwrap(), "--name", "fromlayout"]);
+    env.cli_ok(&[
+        "image",
+        "import",
+        oci_dir.to_str().unwrap(),
+        "--name",
+        "fromlayout",
+    ]);
     assert!(image_file(&env, "fromlayout").exists());
     let before = store_state(&env);
     let e = env.cli_err(&["image", "import", "/etc/hostname"]);
@@ -332,11 +396,18 @@ fn real_vm_oci_busybox_serves_http_execs_and_stops_with_its_workload() {
 
     step("deploy REF pulls, converts and boots the entrypoint as the workload");
     let o = env.cli(&[
-        "machine", "deploy", "127.0.0.1:5077/web:1", "--expose", "8080:8080",
+        "machine",
+        "deploy",
+        "127.0.0.1:5077/web:1",
+        "--expose",
+        "8080:8080",
     ]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "deploy: {err}");
-    assert!(err.contains("resolving 127.0.0.1:5077/web:1"), "pulled on deploy: {err}");
+    assert!(
+        err.contains("resolving 127.0.0.1:5077/web:1"),
+        "pulled on deploy: {err}"
+    );
     assert!(err.contains("init sistemo-agent"), "{err}");
     let page = poll("the workload's web server", Duration::from_secs(60), || {
         let o = env.sh("curl -s -m 3 http://localhost:8080/");
@@ -349,7 +420,10 @@ fn real_vm_oci_busybox_serves_http_execs_and_stops_with_its_workload() {
 
     step("exec goes through the agent: no sshd, no systemd in the image");
     let out = env.cli_ok(&[
-        "machine", "exec", "web", "cat /proc/1/comm; ls /usr/sbin/sshd /lib/systemd 2>&1; hostname",
+        "machine",
+        "exec",
+        "web",
+        "cat /proc/1/comm; ls /usr/sbin/sshd /lib/systemd 2>&1; hostname",
     ]);
     assert!(out.starts_with("agent\n"), "{out}");
     assert!(out.contains("No such file") && out.contains("web"), "{out}");
@@ -363,7 +437,10 @@ fn real_vm_oci_busybox_serves_http_execs_and_stops_with_its_workload() {
         let l = env.cli_ok(&["machine", "logs", "web"]);
         l.contains("response:200").then_some(l)
     });
-    assert!(logs.contains("sistemo-init: started [\"/bin/busybox\", \"httpd\""), "{logs}");
+    assert!(
+        logs.contains("sistemo-init: started [\"/bin/busybox\", \"httpd\""),
+        "{logs}"
+    );
 
     step("the workload exiting powers the machine off, its exit code logged");
     let _ = env.cli(&["machine", "exec", "web", "kill $(cat /run/sistemo/workload.pid)"]);

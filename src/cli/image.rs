@@ -87,7 +87,9 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
                             let (digest, created) = match &i.oci {
                                 Some(o) => (
                                     o.digest.chars().take(19).collect(),
-                                    o.created.as_deref().map_or("-".into(), |c| c.chars().take(19).collect()),
+                                    o.created
+                                        .as_deref()
+                                        .map_or("-".into(), |c| c.chars().take(19).collect()),
                                 ),
                                 None => (i.sha256[..12.min(i.sha256.len())].to_string(), "-".into()),
                             };
@@ -144,7 +146,10 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
             if json {
                 print_json(&v)?;
             } else {
-                println!("{} MiB of unused layers removed", v["freed_bytes"].as_u64().unwrap_or(0) >> 20);
+                println!(
+                    "{} MiB of unused layers removed",
+                    v["freed_bytes"].as_u64().unwrap_or(0) >> 20
+                );
             }
         }
         ImageCmd::Prepare { data_dir, include } => {
@@ -169,7 +174,12 @@ fn print_image(r: &ImageRow, json: bool) -> Result<()> {
     if json {
         return print_json(r);
     }
-    println!("image {}: sha256 {}, {}M", r.tags.join(","), r.sha256, r.size >> 20);
+    println!(
+        "image {}: sha256 {}, {}M",
+        r.tags.join(","),
+        r.sha256,
+        r.size >> 20
+    );
     if let Some(o) = &r.oci {
         println!("digest:  {}", o.digest);
         if !o.command.is_empty() {

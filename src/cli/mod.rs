@@ -14,8 +14,8 @@ mod systemd;
 pub use image::ImageCmd;
 pub use machine::{MachineArg, MachineCmd};
 pub use network::NetworkCmd;
-pub use registry::RegistryCmd;
 pub use output::format_status;
+pub use registry::RegistryCmd;
 
 use crate::api::*;
 use crate::client::{Client, ClientError};

@@ -201,16 +201,31 @@ impl ImageBackend for Disks {
         self.images.lookup(reference)
     }
 
-    async fn pull(&self, r: &ImageRef, tags: &[String], progress: Progress<'_>) -> Result<ImageInfo, ImageError> {
+    async fn pull(
+        &self,
+        r: &ImageRef,
+        tags: &[String],
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo, ImageError> {
         Ok(oci::pull::pull(&self.images, r, &self.policy, tags, progress).await?)
     }
 
-    async fn import(&self, path: &Path, tags: &[String], progress: Progress<'_>) -> Result<ImageInfo, ImageError> {
+    async fn import(
+        &self,
+        path: &Path,
+        tags: &[String],
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo, ImageError> {
         Ok(oci::import::import(&self.images, path, tags, &self.policy, progress).await?)
     }
 
     fn login(&self, registry: &str, user: &str, password: &str) -> Result<(), ImageError> {
-        Ok(oci::pull::Credentials::store(self.images.data_dir(), registry, user, password)?)
+        Ok(oci::pull::Credentials::store(
+            self.images.data_dir(),
+            registry,
+            user,
+            password,
+        )?)
     }
 
     fn prune(&self) -> Result<u64, ImageError> {

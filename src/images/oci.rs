@@ -33,7 +33,12 @@ fn tags_for(r: &ImageRef, name: Option<&str>) -> Result<Vec<String>> {
 impl Images {
     /// Pull an OCI image (`nginx`, `ghcr.io/o/r:tag`, `…@sha256:…`), tagged with its normalized
     /// reference and `name`.
-    pub async fn pull(&self, reference: &str, name: Option<&str>, progress: Progress<'_>) -> Result<ImageInfo> {
+    pub async fn pull(
+        &self,
+        reference: &str,
+        name: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo> {
         let r = ImageRef::parse(reference).map_err(|e| Error::Invalid(e.to_string()))?;
         let tags = tags_for(&r, name)?;
         Ok(self.backend()?.pull(&r, &tags, progress).await?)
@@ -58,13 +63,21 @@ impl Images {
     /// Remember credentials for `registry` (`host[:port]`, as written in references).
     pub fn login(&self, registry: &str, user: &str, password: &str) -> Result<()> {
         let probe = format!("{registry}/x");
-        if registry.contains('/') || ImageRef::parse(&probe).map(|r| r.registry().to_string()).ok().as_deref() != Some(registry) {
+        if registry.contains('/')
+            || ImageRef::parse(&probe)
+                .map(|r| r.registry().to_string())
+                .ok()
+                .as_deref()
+                != Some(registry)
+        {
             return Err(Error::Invalid(format!(
                 "registry {registry:?} is not valid (allowed: HOST or HOST:PORT, e.g. ghcr.io or 127.0.0.1:5000)"
             )));
         }
         if user.is_empty() || password.is_empty() {
-            return Err(Error::Invalid("registry username and password must not be empty".into()));
+            return Err(Error::Invalid(
+                "registry username and password must not be empty".into(),
+            ));
         }
         Ok(self.backend()?.login(registry, user, password)?)
     }

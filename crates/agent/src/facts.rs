@@ -25,9 +25,9 @@ pub fn collect() -> Facts {
     };
     let (disk_total, disk_used) = nix::sys::statvfs::statvfs("/")
         .map(|s| {
-            let f = s.fragment_size() as u64;
-            let total = s.blocks() as u64 * f;
-            (total, total - s.blocks_free() as u64 * f)
+            let f = s.fragment_size();
+            let total = s.blocks() * f;
+            (total, total - s.blocks_free() * f)
         })
         .unwrap_or((0, 0));
     let uname = nix::sys::utsname::uname().ok();

@@ -259,10 +259,7 @@ pub fn run(port: Option<String>) -> ! {
                     let mut c = Command::new("/run/sistemo/agent");
                     c.args(["--port", port]);
                     crate::sys::unblock_signals(&mut c);
-                    agent = c
-                        .spawn()
-                        .ok()
-                        .map(|c| c.id() as i32);
+                    agent = c.spawn().ok().map(|c| c.id() as i32);
                 }
             }
         }
@@ -277,12 +274,29 @@ mod tests {
     fn users_resolve_like_docker() {
         let passwd = "root:x:0:0::/root:/bin/sh\nwww:x:33:34::/var/www:/bin/false\n";
         let group = "root:x:0:\nweb:x:99:\n";
-        assert_eq!(resolve_user("www", passwd, group).unwrap(), (33, 34, "/var/www".into()));
+        assert_eq!(
+            resolve_user("www", passwd, group).unwrap(),
+            (33, 34, "/var/www".into())
+        );
         assert_eq!(resolve_user("www:web", passwd, group).unwrap().1, 99);
-        assert_eq!(resolve_user("1000:1000", passwd, group).unwrap(), (1000, 1000, "/".into()));
-        assert_eq!(resolve_user("33:5", passwd, group).unwrap(), (33, 5, "/var/www".into()));
-        assert!(resolve_user("nobody", passwd, group).unwrap_err().contains("nobody"));
-        assert!(resolve_user("www:nogroup", passwd, group).unwrap_err().contains("nogroup"));
+        assert_eq!(
+            resolve_user("1000:1000", passwd, group).unwrap(),
+            (1000, 1000, "/".into())
+        );
+        assert_eq!(
+            resolve_user("33:5", passwd, group).unwrap(),
+            (33, 5, "/var/www".into())
+        );
+        assert!(
+            resolve_user("nobody", passwd, group)
+                .unwrap_err()
+                .contains("nobody")
+        );
+        assert!(
+            resolve_user("www:nogroup", passwd, group)
+                .unwrap_err()
+                .contains("nogroup")
+        );
     }
 
     #[test]
@@ -306,7 +320,8 @@ mod tests {
             user: None,
         };
         let out = command(&w, "h").unwrap().stdout(Stdio::piped()).output().unwrap();
-        nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_UNBLOCK, Some(&set), None).unwrap();
+        nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_UNBLOCK, Some(&set), None)
+            .unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             "SigBlk:\t0000000000000000"

@@ -256,7 +256,13 @@ impl ImageStore {
 
     /// The image converted from OCI manifest `digest`, if the store has it.
     pub fn oci_image(&self, digest: &str) -> Option<ImageInfo> {
-        let sha = self.load().oci.iter().find(|(_, m)| m.digest == digest)?.0.clone();
+        let sha = self
+            .load()
+            .oci
+            .iter()
+            .find(|(_, m)| m.digest == digest)?
+            .0
+            .clone();
         self.list().into_iter().find(|i| i.sha256 == sha)
     }
 
@@ -321,7 +327,10 @@ impl ImageStore {
 
     /// Store a converted OCI image under `tags` (at least one) with its metadata.
     pub(crate) fn add_oci(&self, file: &Path, tags: &[String], meta: OciMeta) -> Result<ImageInfo, VmmError> {
-        let first = tags.first().map(String::as_str).unwrap_or(meta.reference.as_str());
+        let first = tags
+            .first()
+            .map(String::as_str)
+            .unwrap_or(meta.reference.as_str());
         let info = self.add(file, first, &meta.reference)?;
         {
             let _lock = self.lock()?;

@@ -51,9 +51,7 @@ impl Blobs {
     pub fn temp(&self) -> Result<PathBuf, VmmError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(VmmError::io(format!("creating {}", self.dir.display())))?;
-        Ok(self
-            .dir
-            .join(format!(".tmp-{}", uuid::Uuid::new_v4().simple())))
+        Ok(self.dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple())))
     }
 
     /// Move `tmp` into the cache as `digest`, after checking that its bytes have that digest
@@ -84,7 +82,8 @@ impl Blobs {
         let res = (|| {
             let mut f = std::fs::File::create(&tmp).map_err(VmmError::io("creating a blob"))?;
             std::io::copy(&mut r, &mut f).map_err(VmmError::io(format!("writing blob {digest}")))?;
-            f.flush().map_err(VmmError::io(format!("writing blob {digest}")))?;
+            f.flush()
+                .map_err(VmmError::io(format!("writing blob {digest}")))?;
             Ok(())
         })();
         if let Err(e) = res {

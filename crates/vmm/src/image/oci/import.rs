@@ -74,7 +74,8 @@ fn not_an_image(path: &Path, why: &str) -> VmmError {
 
 fn read_json<T: for<'a> Deserialize<'a>>(p: &Path, archive: &Path) -> Result<T, VmmError> {
     let b = std::fs::read(p).map_err(|_| not_an_image(archive, &format!("no readable {}", p.display())))?;
-    serde_json::from_slice(&b).map_err(|e| not_an_image(archive, &format!("{} is not valid: {e}", p.display())))
+    serde_json::from_slice(&b)
+        .map_err(|e| not_an_image(archive, &format!("{} is not valid: {e}", p.display())))
 }
 
 /// A blob of an OCI layout, its digest checked.
@@ -171,7 +172,10 @@ fn find_docker(dir: &Path, archive: &Path) -> Result<Found, VmmError> {
 
 fn hex(b: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 fn check_bytes(b: &[u8], digest: &str) -> Result<(), VmmError> {
@@ -250,7 +254,11 @@ pub async fn import(
             });
         }
         if let Some(i) = store.oci_image(&found.digest) {
-            progress(&format!("{} is {}, already converted", path.display(), found.digest));
+            progress(&format!(
+                "{} is {}, already converted",
+                path.display(),
+                found.digest
+            ));
             return store.tag(&i.sha256, &names);
         }
         let (cfg, created) = ImageConfig::parse(&found.config).map_err(|reason| VmmError::ImageRefused {

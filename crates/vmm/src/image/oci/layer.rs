@@ -158,7 +158,9 @@ pub fn apply_layer(root: &Path, layer: impl Read, name: &str, opts: ApplyOptions
                 let Some((tlast, tdirs)) = tparts.split_last() else {
                     return Err(refused(format!("hard link {shown:?} points at the root")));
                 };
-                let src = resolve_dir(root, tdirs).map_err(io("resolving the target of"))?.join(tlast);
+                let src = resolve_dir(root, tdirs)
+                    .map_err(io("resolving the target of"))?
+                    .join(tlast);
                 match std::fs::symlink_metadata(&src) {
                     Ok(m) if !m.is_dir() => {}
                     _ => {

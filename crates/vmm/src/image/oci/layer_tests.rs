@@ -148,7 +148,10 @@ fn whiteouts_and_opaque_directories_hide_lower_layers_only() {
         .apply(&root)
         .unwrap();
     assert!(!root.join("a/old").exists(), "whiteout removes");
-    assert!(!root.join("a/.wh.old").exists(), "the marker itself is not a file");
+    assert!(
+        !root.join("a/.wh.old").exists(),
+        "the marker itself is not a file"
+    );
     assert!(root.join("a/keep").exists());
     let names = |d: &str| {
         let mut v: Vec<String> = std::fs::read_dir(root.join(d))
@@ -216,7 +219,10 @@ fn nothing_is_written_outside_the_tree() {
     std::fs::write(outside.join("secret"), "s").unwrap();
     refused(Layer::new().hardlink("h", "abs/secret"));
     // A whiteout through a symlink removes inside the tree only.
-    Layer::new().file("abs/.wh.secret", 0o644, "").apply(&root).unwrap();
+    Layer::new()
+        .file("abs/.wh.secret", 0o644, "")
+        .apply(&root)
+        .unwrap();
     assert!(outside.join("secret").exists());
     // A symlink loop is an error, not a hang.
     Layer::new().symlink("loop", "loop").apply(&root).unwrap();
@@ -228,7 +234,8 @@ fn nothing_is_written_outside_the_tree() {
 fn xattrs_and_compression() {
     let root = tmp("xattr");
     let mut l = Layer::new();
-    l.pax("SCHILY.xattr.user.sistemo", b"yes").file("f", 0o644, "data");
+    l.pax("SCHILY.xattr.user.sistemo", b"yes")
+        .file("f", 0o644, "data");
     let tar = l.bytes();
     // gzip and zstd, recognised by their magic bytes.
     let gz = {
@@ -251,7 +258,12 @@ fn xattrs_and_compression() {
         }
     }
     // Garbage is refused, naming the layer.
-    let e = apply_layer(&root, &b"not a tar at all, just some bytes"[..], "sha256:abc", opts());
+    let e = apply_layer(
+        &root,
+        &b"not a tar at all, just some bytes"[..],
+        "sha256:abc",
+        opts(),
+    );
     assert!(e.is_err());
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -6,7 +6,7 @@
 use super::blobs::Blobs;
 use super::reference::ImageRef;
 use super::{ImageConfig, OciMeta};
-use crate::image::{ImagePolicy, ImageInfo, ImageStore, write_atomic};
+use crate::image::{ImageInfo, ImagePolicy, ImageStore, write_atomic};
 use crate::{Progress, VmmError};
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::errors::OciDistributionError;
@@ -109,10 +109,13 @@ fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) ->
             reference: r.normalized(),
         },
         OciDistributionError::RegistryError { envelope, .. }
-            if envelope
-                .errors
-                .iter()
-                .any(|x| matches!(x.code, oci_client::errors::OciErrorCode::ManifestUnknown | oci_client::errors::OciErrorCode::NameUnknown)) =>
+            if envelope.errors.iter().any(|x| {
+                matches!(
+                    x.code,
+                    oci_client::errors::OciErrorCode::ManifestUnknown
+                        | oci_client::errors::OciErrorCode::NameUnknown
+                )
+            }) =>
         {
             VmmError::ImageNotFound {
                 reference: r.normalized(),
@@ -121,7 +124,10 @@ fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) ->
         OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
             VmmError::Registry {
                 registry,
-                reason: format!("authentication failed (check `sistemo registry login {}`): {text}", r.registry()),
+                reason: format!(
+                    "authentication failed (check `sistemo registry login {}`): {text}",
+                    r.registry()
+                ),
             }
         }
         _ if text.contains("no entry found") || text.contains("platform") => VmmError::ImageRefused {
@@ -134,7 +140,10 @@ fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) ->
                 "{text} (over https: plain http is allowed for loopback registries and those in insecure_registries)"
             ),
         },
-        _ => VmmError::Registry { registry, reason: text },
+        _ => VmmError::Registry {
+            registry,
+            reason: text,
+        },
     }
 }
 
@@ -164,7 +173,11 @@ struct Counting<'a> {
 }
 
 impl AsyncWrite for Counting<'_> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
         self.done += n as u64;
         if self.total > 0 && self.done >= self.next && self.done < self.total {
@@ -237,7 +250,12 @@ pub async fn pull(
                 ),
             });
         }
-        let label = format!("layer {}/{n} {} ({} MiB)", i + 1, short(&l.digest), l.size.max(0) >> 20);
+        let label = format!(
+            "layer {}/{n} {} ({} MiB)",
+            i + 1,
+            short(&l.digest),
+            l.size.max(0) >> 20
+        );
         let dest = blobs.path(&l.digest)?;
         if blobs.has(&l.digest) {
             progress(&format!("{label}: cached"));
@@ -267,7 +285,10 @@ pub async fn pull(
                 });
             }
             blobs.commit(&tmp, &l.digest)?;
-            progress(&format!("{label}: downloaded in {:.1}s", t.elapsed().as_secs_f64()));
+            progress(&format!(
+                "{label}: downloaded in {:.1}s",
+                t.elapsed().as_secs_f64()
+            ));
         }
         layers.push((l.digest.clone(), dest));
     }

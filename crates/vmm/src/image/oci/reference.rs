@@ -60,10 +60,7 @@ impl ImageRef {
         } else {
             r.split(':').next().unwrap_or_default()
         };
-        host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
     /// Whether the registry may be reached over plain http: loopback, or listed in
@@ -116,7 +113,10 @@ mod tests {
         assert!(!h.plain_http(&["other.lan".into()]));
         for bad in ["", "UPPER/Case", "a:b:c", "x@sha256:12", "-lead"] {
             let e = ImageRef::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("image reference") && e.contains("allowed"), "{bad}: {e}");
+            assert!(
+                e.contains("image reference") && e.contains("allowed"),
+                "{bad}: {e}"
+            );
         }
     }
 }
