@@ -285,3 +285,108 @@ pub async fn import(
     let _ = std::fs::remove_dir_all(&scratch);
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Write `data` as a blob of layout `dir`; its digest.
+    fn blob(dir: &Path, data: &[u8]) -> String {
+        let h = hex(data);
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("blobs/sha256").join(&h), data).unwrap();
+        format!("sha256:{h}")
+    }
+
+    /// An image manifest for `arch` with one gzip layer holding `/hello`; its descriptor.
+    fn image(dir: &Path, arch: &str, payload: &str) -> serde_json::Value {
+        let mut t = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("hello").unwrap();
+        let content = format!("{arch}{payload}");
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append(&h, content.as_bytes()).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&t.into_inner().unwrap()).unwrap();
+        let layer = blob(dir, &gz.finish().unwrap());
+        let config = blob(
+            dir,
+            format!(r#"{{"architecture":"{arch}","os":"linux","config":{{"Cmd":["/hello"]}}}}"#).as_bytes(),
+        );
+        let m = serde_json::json!({"schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 1},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": 1}]});
+        let d = blob(dir, m.to_string().as_bytes());
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": 1,
+            "platform": {"architecture": arch, "os": "linux"}})
+    }
+
+    /// A layout whose index.json points at a nested multi-arch index of `arches`.
+    fn layout(dir: &Path, arches: &[&str], payload: &str) {
+        let manifests: Vec<serde_json::Value> = arches.iter().map(|a| image(dir, a, payload)).collect();
+        let nested = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+        let d = blob(dir, nested.to_string().as_bytes());
+        let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": 1,
+            "annotations": {"org.opencontainers.image.ref.name": "multi:1"}}]});
+        std::fs::write(dir.join("index.json"), top.to_string()).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_multi_arch_index_resolves_to_amd64_and_one_without_it_is_refused() {
+        if std::process::Command::new("mkfs.ext4")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            return;
+        }
+        let d = std::env::temp_dir().join(format!("sistemo-import-{}", uuid::Uuid::new_v4().simple()));
+        let store = ImageStore::new(&d.join("data"));
+        let multi = d.join("multi");
+        layout(&multi, &["arm64", "amd64"], "");
+        let i = import(&store, &multi, &[], &ImagePolicy::default(), &|_| {})
+            .await
+            .unwrap();
+        assert_eq!(i.tags, ["docker.io/library/multi:1"]);
+        let meta = i.oci.unwrap();
+        assert_eq!(meta.config.cmd, ["/hello"]);
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "cat /hello"])
+            .arg(&i.path)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "amd64");
+        let arm = d.join("arm");
+        layout(&arm, &["arm64"], "");
+        let e = import(&store, &arm, &[], &ImagePolicy::default(), &|_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no linux/amd64"), "{e}");
+        // A blob whose bytes do not match its digest.
+        let bad = d.join("bad");
+        layout(&bad, &["amd64"], " tampered");
+        for e in std::fs::read_dir(bad.join("blobs/sha256")).unwrap().flatten() {
+            let b = std::fs::read(e.path()).unwrap();
+            if b.starts_with(&[0x1f, 0x8b]) {
+                let mut b = b;
+                let n = b.len() - 10;
+                b[n] ^= 0xff;
+                std::fs::write(e.path(), b).unwrap();
+            }
+        }
+        let e = import(&store, &bad, &["bad".into()], &ImagePolicy::default(), &|_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("corrupt"), "{e}");
+        assert_eq!(store.list().len(), 1, "nothing stored by failed imports");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -300,12 +300,14 @@ fn remove(p: &Path) -> std::io::Result<()> {
 fn set_meta<R: Read>(p: &Path, entry: &mut tar::Entry<'_, R>, opts: ApplyOptions) -> std::io::Result<()> {
     let h = entry.header();
     let is_link = h.entry_type().is_symlink();
+    // An empty numeric field (some writers leave them blank) means 0, or the usual mode.
     if opts.privileged {
-        let uid = h.uid().map_err(std::io::Error::other)? as u32;
-        let gid = h.gid().map_err(std::io::Error::other)? as u32;
+        let uid = h.uid().unwrap_or(0) as u32;
+        let gid = h.gid().unwrap_or(0) as u32;
         std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
     }
-    let mode = h.mode().map_err(std::io::Error::other)? & 0o7777;
+    let default_mode = if h.entry_type().is_dir() { 0o755 } else { 0o644 };
+    let mode = h.mode().unwrap_or(default_mode) & 0o7777;
     let mtime = h.mtime().unwrap_or(0);
     if !is_link {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
