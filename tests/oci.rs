@@ -418,6 +418,17 @@ fn real_vm_oci_busybox_serves_http_execs_and_stops_with_its_workload() {
     let o = env.csh(&format!("curl -s -m 5 http://{HOST_LAN}:8080/"));
     assert!(String::from_utf8_lossy(&o.stdout).contains("hello from an OCI image"));
 
+    step("image rm refuses an image in use, by any of its names");
+    let e = env.cli_err(&["-y", "image", "rm", "127.0.0.1:5077/web:1"]);
+    assert!(e.contains("used by machine(s) web"), "{e}");
+    let used: Vec<serde_json::Value> =
+        serde_json::from_str(&env.cli_ok(&["image", "list", "-o", "json"])).unwrap();
+    assert!(
+        used.iter()
+            .any(|i| i["oci"].is_object() && i["used_by"][0] == "web"),
+        "{used:?}"
+    );
+
     step("exec goes through the agent: no sshd, no systemd in the image");
     let out = env.cli_ok(&[
         "machine",

@@ -74,8 +74,7 @@ fn init_state() -> (String, bool) {
     }
     // systemd started as /sbin/init is `init` until it renames itself: its binary tells.
     let systemd = comm == "systemd"
-        || std::fs::read_link("/proc/1/exe")
-            .is_ok_and(|p| p.file_name().is_some_and(|n| n == "systemd"));
+        || std::fs::read_link("/proc/1/exe").is_ok_and(|p| p.file_name().is_some_and(|n| n == "systemd"));
     let ready = same_root
         && match comm.as_str() {
             _ if systemd => std::fs::metadata("/run/systemd/private").is_ok(),
