@@ -470,6 +470,58 @@ pub struct ImageRow {
     /// Machines deployed from it (by one of its tags or its digest).
     #[serde(default)]
     pub used_by: Vec<String>,
+    /// For an OCI image: its reference, manifest digest, creation time and exposed ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciImageRow>,
+}
+
+/// What `image list` shows of an OCI image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OciImageRow {
+    /// Normalized reference, e.g. `docker.io/library/nginx:latest`.
+    pub reference: String,
+    /// Manifest digest (`sha256:…`).
+    pub digest: String,
+    /// The image's creation time (RFC 3339), when it says.
+    #[serde(default)]
+    pub created: Option<String>,
+    /// `ExposedPorts` (hints; `--expose` publishes).
+    #[serde(default)]
+    pub exposed_ports: Vec<String>,
+    /// The command it runs (Entrypoint + Cmd), empty when it boots its own init.
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// `POST /v1/images/pull`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImagePullRequest {
+    /// OCI reference: `nginx`, `ghcr.io/o/r:tag`, `REPO@sha256:…`.
+    pub reference: String,
+    /// An extra tag for it.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/images/import`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageImportRequest {
+    /// Absolute path (on the daemon's host) of a `docker save` tar or an OCI layout.
+    pub path: String,
+    /// Tag (default: the names the archive carries).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/registries/login`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistryLoginRequest {
+    /// `host[:port]` as written in references.
+    pub registry: String,
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
 }
 
 /// `POST /v1/images/build`.

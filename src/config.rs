@@ -126,6 +126,9 @@ pub struct Config {
     pub rate_limit_rps: u32,
     /// Requests one client address may make at once on the TCP API before `rate_limit_rps` applies.
     pub rate_limit_burst: u32,
+    /// OCI registries (`host` or `host:port`) that may be pulled from over plain http
+    /// (registries on loopback addresses always may).
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for Config {
@@ -177,6 +180,7 @@ impl Default for Config {
             ready_timeout_sec: 180,
             rate_limit_rps: 100,
             rate_limit_burst: 200,
+            insecure_registries: vec![],
         }
     }
 }
@@ -344,6 +348,7 @@ impl Config {
             image_dirs: self.image_dirs.clone(),
             allow_http: self.allow_http_images,
             max_size: self.max_image_size.as_bytes(),
+            insecure_registries: self.insecure_registries.clone(),
             ..ImagePolicy::default()
         }
     }

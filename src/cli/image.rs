@@ -1,5 +1,5 @@
-//! `sistemo image list|build|prepare|rm`: local images; `prepare` fills a data dir without a
-//! daemon (boot assets and the `debian` image).
+//! `sistemo image list|build|pull|import|prepare|rm|prune`: local images; `prepare` fills a data
+//! dir without a daemon (boot assets and the `debian` image).
 
 use super::output::{confirm, print_json, progress_printer, table};
 use super::urlencode;
@@ -15,12 +15,13 @@ pub enum ImageCmd {
     /// List local images.
     #[command(visible_alias = "ls")]
     List,
-    /// Build an image from Debian's archive with debootstrap.
+    /// Build an image from Debian's archive with debootstrap, or pull an OCI image and tag it
+    /// with its repository's last component (`node:20` → `node`).
     #[command(
-        after_help = "Examples:\n  sistemo image build debian\n  sistemo image build debian --name web-image --include nginx,nodejs"
+        after_help = "Examples:\n  sistemo image build debian\n  sistemo image build debian --name web-image --include nginx,nodejs\n  sistemo image build node:20          # then: sistemo machine deploy node --name api"
     )]
     Build {
-        /// Base (debian).
+        /// Base: debian, or an OCI image reference.
         base: String,
         /// Tag of the new image (default: the base's name).
         #[arg(long)]
@@ -39,6 +40,30 @@ pub enum ImageCmd {
         #[arg(long, value_delimiter = ',')]
         include: Vec<String>,
     },
+    /// Pull an OCI image from a registry (Docker Hub by default) and convert it.
+    #[command(
+        after_help = "Examples:\n  sistemo image pull nginx\n  sistemo image pull ghcr.io/org/app:1.2 --name app\n  sistemo image pull 127.0.0.1:5000/web@sha256:<digest>"
+    )]
+    Pull {
+        /// Reference: [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST].
+        reference: String,
+        /// An extra local tag.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Import a `docker save` archive or an OCI image layout (directory or tar).
+    #[command(
+        after_help = "Examples:\n  sistemo image import ./app.tar\n  sistemo image import ./layout-dir --name app"
+    )]
+    Import {
+        /// The archive or layout directory (read by the daemon).
+        file: PathBuf,
+        /// Tag (default: the names the archive carries).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove cached layers no image uses.
+    Prune,
     /// Remove an image tag (refused while a machine uses it).
     #[command(visible_alias = "rm")]
     Remove {
@@ -56,13 +81,23 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
                 print_json(&is)?;
             } else {
                 table(
-                    &["TAGS", "SHA256", "SIZE", "USED BY", "SOURCE"],
+                    &["NAME", "DIGEST", "SIZE", "CREATED", "USED BY", "SOURCE"],
                     is.into_iter()
                         .map(|i| {
+                            let (digest, created) = match &i.oci {
+                                Some(o) => (
+                                    o.digest.chars().take(19).collect(),
+                                    o.created
+                                        .as_deref()
+                                        .map_or("-".into(), |c| c.chars().take(19).collect()),
+                                ),
+                                None => (i.sha256[..12.min(i.sha256.len())].to_string(), "-".into()),
+                            };
                             vec![
                                 i.tags.join(","),
-                                i.sha256[..12.min(i.sha256.len())].to_string(),
+                                digest,
                                 format!("{}M", i.size >> 20),
+                                created,
                                 if i.used_by.is_empty() {
                                     "-".into()
                                 } else {
@@ -82,14 +117,38 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
                 Some(&ImageBuildRequest { base, name, include }),
                 progress_printer(),
             )?;
+            print_image(&r, json)?;
+        }
+        ImageCmd::Pull { reference, name } => {
+            let r: ImageRow = c.stream(
+                "POST",
+                "/v1/images/pull",
+                Some(&ImagePullRequest { reference, name }),
+                progress_printer(),
+            )?;
+            print_image(&r, json)?;
+        }
+        ImageCmd::Import { file, name } => {
+            let path = std::path::absolute(&file)?
+                .to_str()
+                .ok_or_else(|| anyhow::anyhow!("path {} is not UTF-8", file.display()))?
+                .to_string();
+            let r: ImageRow = c.stream(
+                "POST",
+                "/v1/images/import",
+                Some(&ImageImportRequest { path, name }),
+                progress_printer(),
+            )?;
+            print_image(&r, json)?;
+        }
+        ImageCmd::Prune => {
+            let v: serde_json::Value = c.call("POST", "/v1/images/prune", None::<&()>)?;
             if json {
-                print_json(&r)?;
+                print_json(&v)?;
             } else {
                 println!(
-                    "image {} built: sha256 {}, {}M",
-                    r.tags.join(","),
-                    r.sha256,
-                    r.size >> 20
+                    "{} MiB of unused layers removed",
+                    v["freed_bytes"].as_u64().unwrap_or(0) >> 20
                 );
             }
         }
@@ -105,6 +164,32 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
             } else {
                 println!("image {tag} removed");
             }
+        }
+    }
+    Ok(())
+}
+
+/// One image built, pulled or imported.
+fn print_image(r: &ImageRow, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "image {}: sha256 {}, {}M",
+        r.tags.join(","),
+        r.sha256,
+        r.size >> 20
+    );
+    if let Some(o) = &r.oci {
+        println!("digest:  {}", o.digest);
+        if !o.command.is_empty() {
+            println!("command: {}", o.command.join(" "));
+        }
+        if !o.exposed_ports.is_empty() {
+            println!(
+                "exposes: {} (publish with `machine deploy --expose HOST:PORT`)",
+                o.exposed_ports.join(", ")
+            );
         }
     }
     Ok(())

@@ -248,7 +248,14 @@ pub enum MachineCmd {
 /// absolute against this process's working directory, since the daemon never uses its own;
 /// names and URLs unchanged. Symlinks are left for the daemon to judge.
 fn image_arg(image: &str) -> Result<String> {
-    if sistemo_vmm::image::is_url(image) || !(image.contains('/') || image.ends_with(".ext4")) {
+    // A path: absolute, `./`/`../`, `*.ext4`, or an existing file; anything else with a `/`
+    // is an OCI reference (`127.0.0.1:5000/web:1`, `ghcr.io/o/r`).
+    let is_path = image.starts_with('/')
+        || image.starts_with("./")
+        || image.starts_with("../")
+        || image.ends_with(".ext4")
+        || (image.contains('/') && std::path::Path::new(image).exists());
+    if sistemo_vmm::image::is_url(image) || !is_path {
         return Ok(image.to_string());
     }
     let abs =
@@ -682,6 +689,8 @@ mod tests {
             image_arg("a.ext4").unwrap(),
             cwd.join("a.ext4").display().to_string()
         );
+        assert_eq!(image_arg("127.0.0.1:5000/web:1").unwrap(), "127.0.0.1:5000/web:1");
+        assert_eq!(image_arg("ghcr.io/o/r").unwrap(), "ghcr.io/o/r");
         assert_eq!(
             image_arg("./img/a.raw").unwrap(),
             cwd.join("img/a.raw").display().to_string()

@@ -9,6 +9,7 @@ mod install;
 mod machine;
 mod network;
 mod output;
+mod registry;
 mod session;
 mod systemd;
 mod volume;
@@ -18,6 +19,7 @@ pub use image::ImageCmd;
 pub use machine::{MachineArg, MachineCmd};
 pub use network::NetworkCmd;
 pub use output::format_status;
+pub use registry::RegistryCmd;
 pub use volume::{MachineVolumeCmd, VolumeCmd};
 
 use crate::api::*;
@@ -125,6 +127,12 @@ pub enum Cmd {
         /// What to do.
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// Credentials for OCI registries.
+    Registry {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: RegistryCmd,
     },
     /// List every exposed port on the host.
     Ports,
@@ -259,6 +267,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Cmd::Network { cmd } => network::run(&c, cmd, json, cli.yes)?,
         Cmd::Volume { cmd } => volume::run(&c, cmd, json, cli.yes)?,
         Cmd::Image { cmd } => image::run(&c, cmd, json, cli.yes).await?,
+        Cmd::Registry { cmd } => registry::run(&c, cmd, json)?,
         Cmd::Ports => {
             let rows: Vec<PortRow> = c.get("/v1/ports")?;
             if json {

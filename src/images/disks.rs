@@ -4,6 +4,7 @@
 use super::{ImageBackend, ImageError};
 use crate::Progress;
 use crate::domain::{ByteSize, ImageTag};
+use sistemo_vmm::image::oci::{self, reference::ImageRef};
 use sistemo_vmm::image::{
     BuildOptions, ImageInfo, ImagePolicy, ImageStore, PackageName, clone_disk, grow_disk,
 };
@@ -161,6 +162,11 @@ impl ImageBackend for Disks {
             progress("cloning the image into the machine's disk");
             clone_disk(&src, &dest, size).await?;
         }
+        // An image that runs one program (an OCI image's entrypoint) gives the machine its
+        // workload, which every boot hands to the guest.
+        if let Some(w) = self.images.oci_meta(&src).and_then(|m| m.config.workload()) {
+            oci::write_workload(dir, &w)?;
+        }
         self.refill(src);
         Ok((dest, ByteSize::bytes(size)))
     }
@@ -182,9 +188,48 @@ impl ImageBackend for Disks {
     }
 
     fn remove(&self, tag: &ImageTag) -> Result<bool, ImageError> {
-        let r = self.images.remove(tag.as_str());
+        self.remove_tag(tag.as_str())
+    }
+
+    fn remove_tag(&self, tag: &str) -> Result<bool, ImageError> {
+        let r = self.images.remove(tag);
         self.prune();
         Ok(r?)
+    }
+
+    fn lookup(&self, reference: &str) -> Option<ImageInfo> {
+        self.images.lookup(reference)
+    }
+
+    async fn pull(
+        &self,
+        r: &ImageRef,
+        tags: &[String],
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo, ImageError> {
+        Ok(oci::pull::pull(&self.images, r, &self.policy, tags, progress).await?)
+    }
+
+    async fn import(
+        &self,
+        path: &Path,
+        tags: &[String],
+        progress: Progress<'_>,
+    ) -> Result<ImageInfo, ImageError> {
+        Ok(oci::import::import(&self.images, path, tags, &self.policy, progress).await?)
+    }
+
+    fn login(&self, registry: &str, user: &str, password: &str) -> Result<(), ImageError> {
+        Ok(oci::pull::Credentials::store(
+            self.images.data_dir(),
+            registry,
+            user,
+            password,
+        )?)
+    }
+
+    fn prune(&self) -> Result<u64, ImageError> {
+        Ok(self.images.prune_blobs())
     }
 }
 

@@ -1,7 +1,9 @@
 //! Images and machine disks: the [`ImageBackend`] trait the services use, its typed error, and
-//! [`Images`], the service behind `image list|build|rm` (refusing to remove what machines use).
+//! [`Images`], the service behind `image list|build|pull|import|rm|prune` (refusing to remove
+//! what machines use) and `registry login`.
 
 mod disks;
+mod oci;
 
 pub use disks::{DEFAULT_STORAGE, Disks};
 
@@ -11,8 +13,10 @@ use crate::domain::{ByteSize, ImageTag};
 use crate::error::{Error, Result};
 use crate::store::SharedStore;
 use sistemo_vmm::VmmError;
+use sistemo_vmm::image::oci::reference::ImageRef;
 use sistemo_vmm::image::{ImageInfo, PackageName};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 
 /// Errors of an image backend.
@@ -31,6 +35,9 @@ pub enum ImageError {
     /// The image store or the disk copy failed (a missing image, a full disk, a bad download).
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    /// The backend has no such operation (its hypervisor has no images, or no registry).
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
     /// A file operation failed.
     #[error("{what}")]
     Io {
@@ -49,6 +56,8 @@ impl ImageError {
             ImageError::TooSmall { .. } => Some(ErrorKind::Invalid),
             ImageError::Vmm(VmmError::ImageNotFound { .. }) => Some(ErrorKind::NotFound),
             ImageError::Vmm(VmmError::ImageRefused { .. }) => Some(ErrorKind::Invalid),
+            ImageError::Vmm(VmmError::Invalid { .. }) => Some(ErrorKind::Invalid),
+            ImageError::Unsupported(_) => Some(ErrorKind::Invalid),
             _ => None,
         }
     }
@@ -83,6 +92,48 @@ pub trait ImageBackend: Send + Sync {
 
     /// Remove a tag (and the image when no tag is left); false when unknown.
     fn remove(&self, tag: &ImageTag) -> std::result::Result<bool, ImageError>;
+
+    /// The stored image `reference` names (a tag, a digest prefix, an OCI reference already
+    /// pulled), without fetching anything.
+    fn lookup(&self, _reference: &str) -> Option<ImageInfo> {
+        None
+    }
+
+    /// Pull OCI image `reference` (pulled once per manifest digest) and point `tags` at it.
+    async fn pull(
+        &self,
+        _reference: &ImageRef,
+        _tags: &[String],
+        _progress: Progress<'_>,
+    ) -> std::result::Result<ImageInfo, ImageError> {
+        Err(ImageError::Unsupported("pulling OCI images"))
+    }
+
+    /// Import a `docker save` archive or an OCI layout (directory or tar) at `path`; tagged
+    /// `tags`, or the archive's own names when empty.
+    async fn import(
+        &self,
+        _path: &Path,
+        _tags: &[String],
+        _progress: Progress<'_>,
+    ) -> std::result::Result<ImageInfo, ImageError> {
+        Err(ImageError::Unsupported("importing OCI images"))
+    }
+
+    /// Remove a stored tag that is not an [`ImageTag`] (an OCI reference); false when unknown.
+    fn remove_tag(&self, _tag: &str) -> std::result::Result<bool, ImageError> {
+        Err(ImageError::Unsupported("removing OCI images"))
+    }
+
+    /// Remember credentials for an OCI registry.
+    fn login(&self, _registry: &str, _user: &str, _password: &str) -> std::result::Result<(), ImageError> {
+        Err(ImageError::Unsupported("registry credentials"))
+    }
+
+    /// Remove cached layer blobs no image uses; returns the bytes freed.
+    fn prune(&self) -> std::result::Result<u64, ImageError> {
+        Ok(0)
+    }
 }
 
 /// The image service.
@@ -117,15 +168,24 @@ impl Images {
 
     /// Images in the store, each with the machines deployed from it (by a tag or its digest).
     pub fn list(&self) -> Result<Vec<(ImageInfo, Vec<String>)>> {
-        let images = self.backend()?.list();
+        let b = self.backend()?;
+        let images = b.list();
         let machines = self.store.lock().machines()?;
+        // What each machine's image reference names now (an OCI reference by its pulled form).
+        let named: Vec<(String, Option<String>)> = machines
+            .iter()
+            .map(|m| (m.name.to_string(), b.lookup(&m.image).map(|i| i.sha256)))
+            .collect();
         Ok(images
             .into_iter()
             .map(|i| {
                 let users = machines
                     .iter()
-                    .filter(|m| m.image == i.sha256 || i.tags.contains(&m.image))
-                    .map(|m| m.name.to_string())
+                    .zip(&named)
+                    .filter(|(m, (_, sha))| {
+                        m.image == i.sha256 || i.tags.contains(&m.image) || sha.as_ref() == Some(&i.sha256)
+                    })
+                    .map(|(_, (n, _))| n.clone())
                     .collect();
                 (i, users)
             })
@@ -141,9 +201,17 @@ impl Images {
         progress: Progress<'_>,
     ) -> Result<ImageInfo> {
         if base != "debian" {
-            return Err(Error::Invalid(format!(
-                "base image {base:?} cannot be built (allowed: debian)"
-            )));
+            // Sistemo's spelling: `image build node:20` pulls and tags it `node`.
+            let r = ImageRef::parse(base).map_err(|_| {
+                Error::Invalid(format!(
+                    "base image {base:?} cannot be built (allowed: debian, or an OCI image reference like node:20)"
+                ))
+            })?;
+            let tag: ImageTag = match name {
+                Some(n) => n.parse()?,
+                None => r.short_name().parse()?,
+            };
+            return self.pull(base, Some(tag.as_str()), progress).await;
         }
         let tag: ImageTag = name.unwrap_or(base).parse()?;
         let include = include
@@ -158,6 +226,12 @@ impl Images {
 
     /// Remove an image tag; refused, naming them, while machines use it.
     pub fn remove(&self, tag: &str) -> Result<()> {
+        // An OCI reference (`nginx` once pulled is `docker.io/library/nginx:latest`).
+        if let Some(t) = oci::stored_tag(self.backend()?.as_ref(), tag)
+            && (t != tag || ImageTag::from_str(tag).is_err())
+        {
+            return self.remove_oci(&t);
+        }
         let tag: ImageTag = tag.parse()?;
         let users = self.store.lock().machines_using_image(tag.as_str())?;
         if !users.is_empty() {

@@ -120,6 +120,8 @@ impl Machines {
     /// then `debian-2`, `debian-3`…; an image path or URL gives its file name's stem.
     fn name_after(&self, image: &str) -> Result<MachineName> {
         let file = image.rsplit('/').next().unwrap_or(image);
+        // An OCI reference's tag or digest is not part of the name (`web:1` → `web`).
+        let file = file.split(['@', ':']).next().unwrap_or(file);
         let stem = file.split('.').next().unwrap_or(file).to_ascii_lowercase();
         let mut base: String = stem
             .chars()

@@ -304,6 +304,13 @@ pub fn image_row((i, used_by): &(ImageInfo, Vec<String>)) -> ImageRow {
         size: i.size,
         source: i.source.clone(),
         used_by: used_by.clone(),
+        oci: i.oci.as_ref().map(|m| crate::api::OciImageRow {
+            reference: m.reference.clone(),
+            digest: m.digest.clone(),
+            created: m.created.clone(),
+            exposed_ports: m.config.exposed_ports.clone(),
+            command: m.config.workload().map(|w| w.argv).unwrap_or_default(),
+        }),
     }
 }
 

@@ -5,6 +5,7 @@
 mod accounts;
 mod auth;
 mod convert;
+mod oci;
 mod ratelimit;
 mod session;
 mod tcp;
@@ -435,6 +436,10 @@ fn router(m: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/build", post(image_build))
         .route("/v1/images/{tag}", axum::routing::delete(image_remove))
+        .route("/v1/images/pull", post(oci::pull))
+        .route("/v1/images/import", post(oci::import))
+        .route("/v1/images/prune", post(oci::prune))
+        .route("/v1/registries/login", post(oci::login))
         .merge(volumes::routes())
         .merge(accounts::routes())
         .merge(web::routes())

@@ -66,6 +66,13 @@ fn init_state() -> (String, bool) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     };
+    // sistemo's own init running an image's single program: ready once the program runs.
+    if same_root && comm == "agent" {
+        return (
+            "sistemo-agent".into(),
+            std::path::Path::new(crate::init::WORKLOAD_PID).exists(),
+        );
+    }
     let ready = same_root
         && match comm.as_str() {
             "systemd" => std::fs::metadata("/run/systemd/private").is_ok(),

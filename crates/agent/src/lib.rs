@@ -9,12 +9,14 @@
 //! - [`runner`]: starting a session's process (user, environment, pipes or a PTY).
 //! - [`archive`]: tar streams for `machine cp`, used on both ends.
 //! - [`facts`]: what the guest reports about itself.
+//! - [`init`]: the agent as PID 1 running an image's single program (OCI images).
 //! - `sys` (private): the crate's only `unsafe`.
 
 pub mod archive;
 pub mod client;
 pub mod facts;
 pub mod guest;
+pub mod init;
 pub mod port;
 pub mod proto;
 pub mod runner;

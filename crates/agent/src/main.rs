@@ -1,11 +1,23 @@
 //! `sistemo-agent`: started by sistemo's initramfs before the image's own init, it serves the
 //! host on the virtio-serial port named `sistemo.agent` for as long as the guest runs
-//! (`--port`), or one connection on a socket as its stdin (`--stdio`).
+//! (`--port`), or one connection on a socket as its stdin (`--stdio`). With `--init` it is PID 1
+//! of an image that runs one program (an OCI image's entrypoint): see `sistemo_agent::init`.
 
 use sistemo_agent::guest::{OnEof, serve};
 
 fn main() {
     let mut args = std::env::args().skip(1);
+    if std::env::args().nth(1).as_deref() == Some("--init") {
+        if std::process::id() != 1 {
+            eprintln!("sistemo-agent: --init runs only as PID 1");
+            std::process::exit(2);
+        }
+        let port = match (std::env::args().nth(2).as_deref(), std::env::args().nth(3)) {
+            (Some("--port"), Some(p)) => Some(p),
+            _ => None,
+        };
+        sistemo_agent::init::run(port);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -29,7 +41,7 @@ fn main() {
             return;
         }
         _ => {
-            eprintln!("usage: sistemo-agent --port /dev/vportNpM | --stdio");
+            eprintln!("usage: sistemo-agent --port /dev/vportNpM | --stdio | --init [--port /dev/vportNpM]");
             std::process::exit(2);
         }
     };

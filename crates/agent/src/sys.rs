@@ -22,6 +22,24 @@ pub(crate) fn controlling_tty(cmd: &mut Command) {
     }
 }
 
+/// Give the child an empty signal mask: PID 1 (`--init`) blocks the signals it waits for, and
+/// a child inherits the mask through fork and exec.
+pub(crate) fn unblock_signals(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // pthread_sigmask(2), which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Set the window size of the terminal `fd` (a PTY master); the foreground group gets SIGWINCH.
 pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::Result<()> {
     let ws = libc::winsize {
@@ -40,13 +58,20 @@ pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::
 }
 
 /// Power the guest off: systemd's poweroff signal when systemd is PID 1 (an orderly shutdown),
+/// SIGTERM when the agent is PID 1 (it stops the workload, then powers off),
 /// else sync and power off at once (an image with no init system has nothing to stop).
 pub(crate) fn power_off() {
     let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
-    if pid1.trim() == "systemd" {
+    // The agent as PID 1 (an image's single program): it stops the program, then powers off.
+    if pid1.trim() == "systemd" || pid1.trim() == "agent" {
+        let sig = if pid1.trim() == "agent" {
+            libc::SIGTERM
+        } else {
+            libc::SIGRTMIN() + 4
+        };
         // SAFETY: kill(2) with a valid signal number; it touches no memory.
         unsafe {
-            libc::kill(1, libc::SIGRTMIN() + 4);
+            libc::kill(1, sig);
         }
         return;
     }

@@ -69,6 +69,14 @@ pub enum VmmError {
         /// Why, and what is allowed.
         reason: String,
     },
+    /// An OCI registry could not be reached or refused a request (not a missing image).
+    #[error("registry {registry}: {reason}")]
+    Registry {
+        /// The registry host (`127.0.0.1:5000`, `docker.io`).
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

@@ -16,7 +16,11 @@ while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do usleep 10000; i=$((i+1)); done
 [ -b /dev/vda ] || fail "no root disk /dev/vda"
 mount -t ext4 -o rw,noatime /dev/vda /newroot || fail "cannot mount /dev/vda as ext4"
 R=/newroot
-[ -e $R/sbin/init ] || [ -L $R/sbin/init ] || fail "the image has no /sbin/init"
+# An image that runs one program (an OCI image's entrypoint) brings its workload in the machine
+# config; any other image must have an init.
+if [ ! -f /sistemo/workload.json ]; then
+  [ -e $R/sbin/init ] || [ -L $R/sbin/init ] || fail "the image has no /sbin/init"
+fi
 mkdir -p $R/etc $R/root/.ssh $R/etc/ssh $R/etc/systemd/network
 echo "$SISTEMO_HOSTNAME" > $R/etc/hostname
 printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost ip6-loopback\n' "$SISTEMO_HOSTNAME" > $R/etc/hosts
@@ -80,6 +84,7 @@ done
 # host can reach it before the image's init has started anything. It lives on a tmpfs /run,
 # which the image's init keeps (systemd leaves an existing /run mount alone): nothing is written
 # to the image.
+[ -f /sistemo/workload.json ] && mkdir -p $R/run $R/dev $R/proc $R/sys
 mount -t tmpfs -o mode=0755,nosuid,nodev,size=20% tmpfs $R/run || fail "cannot mount a tmpfs on /run"
 mkdir -p $R/run/sistemo
 cp /sistemo/agent $R/run/sistemo/agent || fail "cannot install the guest agent"
@@ -100,4 +105,9 @@ chroot $R /run/sistemo/agent --port "$PORT" &
 i=0
 while [ ! -e $R/run/sistemo/agent.pid ] && [ $i -lt 500 ]; do usleep 2000; i=$((i+1)); done
 [ -e $R/run/sistemo/agent.pid ] || log "the guest agent did not start"
+# The workload's image: the agent becomes PID 1 and runs the program (see sistemo_agent::init).
+if [ -f /sistemo/workload.json ]; then
+  cp /sistemo/workload.json $R/run/sistemo/workload.json || fail "cannot install the workload"
+  exec switch_root $R /run/sistemo/agent --init --port "$PORT"
+fi
 exec switch_root $R /sbin/init

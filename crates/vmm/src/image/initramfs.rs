@@ -97,6 +97,9 @@ pub(crate) struct GuestConfig {
     pub(crate) host_key_private: Vec<u8>,
     /// The guest's SSH host public key line.
     pub(crate) host_key_public: String,
+    /// The image's single program as JSON (`sistemo_agent::init::Workload`), for images that
+    /// run one (OCI images): the agent runs it as PID 1 instead of the image's `/sbin/init`.
+    pub(crate) workload: Option<Vec<u8>>,
     /// Volumes the guest's init mounts: `SERIAL:MOUNT:ro|rw` (see [`guest_volumes`]).
     pub(crate) volumes: Vec<String>,
 }
@@ -144,6 +147,9 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
     w.file("sistemo/ssh_host_ed25519_key", 0o600, &cfg.host_key_private);
     // The guest agent: init.sh starts it before the image's own init.
     w.file("sistemo/agent", 0o700, crate::AGENT_BINARY);
+    if let Some(wl) = &cfg.workload {
+        w.file("sistemo/workload.json", 0o600, wl);
+    }
     w.file(
         "sistemo/ssh_host_ed25519_key.pub",
         0o644,
@@ -189,6 +195,7 @@ mod tests {
             host_key_private: b"PRIV".to_vec(),
             host_key_public: "ssh-ed25519 BBB".into(),
             volumes: vec!["sv-1:/data:rw".into(), "sv-2:/srv/ro:ro".into()],
+            workload: Some(br#"{"argv":["/bin/app"]}"#.to_vec()),
         };
         let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
         assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));
@@ -199,5 +206,6 @@ mod tests {
             c.contains("SISTEMO_VOLUMES='sv-1:/data:rw sv-2:/srv/ro:ro'\n"),
             "{c}"
         );
+        assert!(c.contains("sistemo/workload.json") && c.contains(r#"{"argv":["/bin/app"]}"#));
     }
 }

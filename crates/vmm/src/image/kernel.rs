@@ -12,7 +12,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 /// Bumped whenever the base initramfs layout or `/init` changes, so caches are rebuilt.
-const INITRAMFS_VERSION: u32 = 5;
+const INITRAMFS_VERSION: u32 = 6;
 
 /// The Debian metapackage whose dependency is the kernel we boot.
 const KERNEL_META: &str = "linux-image-cloud-amd64";

@@ -6,6 +6,7 @@ mod disk;
 mod download;
 mod initramfs;
 mod kernel;
+pub mod oci;
 mod source;
 mod store;
 

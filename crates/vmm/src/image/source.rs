@@ -30,6 +30,9 @@ pub struct ImagePolicy {
     pub retries: u32,
     /// Wait before the first retry; doubled for each next one.
     pub backoff: Duration,
+    /// OCI registries (`host` or `host:port`) that may be reached over plain http
+    /// (`insecure_registries`); loopback registries always may.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for ImagePolicy {
@@ -42,6 +45,7 @@ impl Default for ImagePolicy {
             total_timeout: Duration::from_secs(3600),
             retries: 3,
             backoff: Duration::from_secs(1),
+            insecure_registries: Vec::new(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The content-addressed image store (`data_dir/images`): ext4 files named by their sha256, a
 //! tag index under a lock, and resolving references (tag, hash prefix, path, URL download).
 
+use super::oci::OciMeta;
 use super::source::{ImagePolicy, UrlRef, check_ext4, check_path, is_url};
 use super::write_atomic;
 use crate::{Progress, VmmError};
@@ -21,8 +22,11 @@ pub struct ImageInfo {
     pub path: PathBuf,
     /// Size in bytes of the file.
     pub size: u64,
-    /// Where it came from (`debootstrap bookworm +pkgs`, a path, a URL).
+    /// Where it came from (`debootstrap bookworm +pkgs`, a path, a URL, an OCI reference).
     pub source: String,
+    /// For an OCI image: its reference, manifest digest, creation time and config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciMeta>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -34,6 +38,9 @@ struct Index {
     /// URL → sha256 of the bytes as downloaded (compressed or not), for `#sha256=` pins.
     #[serde(default)]
     fetched: BTreeMap<String, String>,
+    /// sha256 of an ext4 converted from an OCI image → that image's metadata.
+    #[serde(default)]
+    oci: BTreeMap<String, OciMeta>,
 }
 
 /// Images under `data_dir/images`: `<sha256>.ext4` files and `index.json` (tags → hashes).
@@ -48,6 +55,11 @@ impl ImageStore {
         ImageStore {
             dir: data_dir.join("images"),
         }
+    }
+
+    /// The data dir the store lives in (registry credentials are kept there).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.parent().unwrap_or(&self.dir)
     }
 
     fn index_path(&self) -> PathBuf {
@@ -119,6 +131,7 @@ impl ImageStore {
                 path: e.path(),
                 size: e.metadata().map(|m| m.len()).unwrap_or(0),
                 source: idx.sources.get(sha).cloned().unwrap_or_default(),
+                oci: idx.oci.get(sha).cloned(),
             });
         }
         out.sort_by(|a, b| a.tags.cmp(&b.tags).then(a.sha256.cmp(&b.sha256)));
@@ -154,7 +167,7 @@ impl ImageStore {
             }
             return self.download(&r, policy, progress).await.map(|i| i.path);
         }
-        if reference.contains('/') || reference.ends_with(".ext4") {
+        if reference.starts_with('/') || reference.ends_with(".ext4") {
             let data_dir = self.dir.parent().unwrap_or(&self.dir);
             let forbidden = [data_dir.join("machines"), data_dir.join("pool")];
             let p = check_path(reference, policy, &forbidden)?;
@@ -176,7 +189,16 @@ impl ImageStore {
                 return Ok(hits[0].path.clone());
             }
         }
-        Err(not_found())
+        // An OCI reference: pulled once, then found by its normalized form or digest.
+        let Ok(r) = super::oci::reference::ImageRef::parse(reference) else {
+            return Err(not_found());
+        };
+        if let Some(i) = self.lookup(reference) {
+            return Ok(i.path);
+        }
+        super::oci::pull::pull(self, &r, policy, &[r.normalized()], progress)
+            .await
+            .map(|i| i.path)
     }
 
     /// Remove a tag; the file goes when no tag points at it any more. Returns whether the
@@ -190,6 +212,7 @@ impl ImageStore {
         idx.fetched.remove(tag);
         if !idx.tags.values().any(|s| *s == sha) {
             idx.sources.remove(&sha);
+            idx.oci.remove(&sha);
             let p = self.path_of(&sha);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(VmmError::io(format!("removing {}", p.display())))?;
@@ -216,6 +239,7 @@ impl ImageStore {
         // from it are independent copies, so running machines are unaffected.
         if let Some(old) = previous.filter(|o| *o != sha && !idx.tags.values().any(|s| s == o)) {
             idx.sources.remove(&old);
+            idx.oci.remove(&old);
             let _ = std::fs::remove_file(self.path_of(&old));
         }
         self.save(&idx)?;
@@ -226,11 +250,111 @@ impl ImageStore {
             path: dest,
             size,
             source: source.to_string(),
+            oci: None,
         })
     }
 
+    /// The image converted from OCI manifest `digest`, if the store has it.
+    pub fn oci_image(&self, digest: &str) -> Option<ImageInfo> {
+        let sha = self
+            .load()
+            .oci
+            .iter()
+            .find(|(_, m)| m.digest == digest)?
+            .0
+            .clone();
+        self.list().into_iter().find(|i| i.sha256 == sha)
+    }
+
+    /// The OCI metadata of a store image file (`None` for other images and paths).
+    pub fn oci_meta(&self, image: &Path) -> Option<OciMeta> {
+        if image.parent() != Some(self.dir.as_path()) {
+            return None;
+        }
+        let sha = image.file_name()?.to_str()?.strip_suffix(".ext4")?;
+        self.load().oci.get(sha).cloned()
+    }
+
+    /// The store's layer blob cache.
+    pub fn blobs(&self) -> super::oci::blobs::Blobs {
+        super::oci::blobs::Blobs::new(&self.dir)
+    }
+
+    /// The image `reference` names without fetching anything: a tag, a sha256 prefix, or an
+    /// OCI reference already pulled (by its normalized form or its pinned digest).
+    pub fn lookup(&self, reference: &str) -> Option<ImageInfo> {
+        let all = self.list();
+        let by_tag = |t: &str| all.iter().find(|i| i.tags.iter().any(|x| x == t)).cloned();
+        if let Some(i) = by_tag(reference) {
+            return Some(i);
+        }
+        if reference.len() >= 12 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
+            let r = reference.to_ascii_lowercase();
+            let hits: Vec<&ImageInfo> = all.iter().filter(|i| i.sha256.starts_with(&r)).collect();
+            if hits.len() == 1 {
+                return Some(hits[0].clone());
+            }
+        }
+        let r = super::oci::reference::ImageRef::parse(reference).ok()?;
+        if let Some(d) = r.digest() {
+            return self.oci_image(d);
+        }
+        by_tag(&r.normalized())
+    }
+
+    /// Point each of `tags` at stored image `sha` (an image a tag pointed at before goes when
+    /// nothing names it any more).
+    pub(crate) fn tag(&self, sha: &str, tags: &[String]) -> Result<ImageInfo, VmmError> {
+        let _lock = self.lock()?;
+        let mut idx = self.load();
+        for t in tags {
+            let previous = idx.tags.insert(t.clone(), sha.to_string());
+            if let Some(old) = previous.filter(|o| o != sha && !idx.tags.values().any(|s| s == o)) {
+                idx.sources.remove(&old);
+                idx.oci.remove(&old);
+                let _ = std::fs::remove_file(self.path_of(&old));
+            }
+        }
+        self.save(&idx)?;
+        drop(_lock);
+        self.list()
+            .into_iter()
+            .find(|i| i.sha256 == sha)
+            .ok_or_else(|| VmmError::ImageNotFound {
+                reference: sha.to_string(),
+            })
+    }
+
+    /// Store a converted OCI image under `tags` (at least one) with its metadata.
+    pub(crate) fn add_oci(&self, file: &Path, tags: &[String], meta: OciMeta) -> Result<ImageInfo, VmmError> {
+        let first = tags
+            .first()
+            .map(String::as_str)
+            .unwrap_or(meta.reference.as_str());
+        let info = self.add(file, first, &meta.reference)?;
+        {
+            let _lock = self.lock()?;
+            let mut idx = self.load();
+            idx.oci.insert(info.sha256.clone(), meta);
+            self.save(&idx)?;
+        }
+        self.tag(&info.sha256, tags)
+    }
+
+    /// Remove cached layer blobs no stored OCI image uses; returns the bytes freed.
+    pub fn prune_blobs(&self) -> u64 {
+        let _lock = self.lock();
+        let keep: Vec<String> = self
+            .load()
+            .oci
+            .values()
+            .flat_map(|m| m.layers.iter().cloned())
+            .collect();
+        self.blobs().prune(&keep)
+    }
+
     /// A fresh private folder in the store for a build or a download (the caller removes it).
-    pub(super) fn scratch(&self, what: &str) -> Result<PathBuf, VmmError> {
+    pub(crate) fn scratch(&self, what: &str) -> Result<PathBuf, VmmError> {
         let p = self.dir.join(format!(
             ".{what}-{}-{}",
             std::process::id(),

@@ -218,6 +218,7 @@ impl Qemu {
             host_key_private: private,
             host_key_public: hk.public,
             volumes: guest_volumes(spec),
+            workload: crate::image::oci::read_workload(&spec.dir)?,
         })
     }
 

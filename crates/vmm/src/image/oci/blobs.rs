@@ -1,0 +1,164 @@
+//! Layer blobs cached by digest (`data_dir/images/blobs/sha256/HEX`), shared between images:
+//! a blob enters the cache only once its bytes hash to its name.
+
+use crate::VmmError;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The blob cache.
+#[derive(Debug, Clone)]
+pub struct Blobs {
+    dir: PathBuf,
+}
+
+/// The hex of a `sha256:HEX` digest, when it is one.
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// A digest sistemo cannot verify (another algorithm, or malformed) is refused.
+pub fn check_digest(digest: &str) -> Result<&str, VmmError> {
+    sha256_hex(digest).ok_or_else(|| VmmError::Invalid {
+        what: "digest",
+        value: digest.to_string(),
+        allowed: "sha256: and 64 lowercase hex digits",
+    })
+}
+
+impl Blobs {
+    /// The cache under the image store's folder.
+    pub fn new(images_dir: &Path) -> Blobs {
+        Blobs {
+            dir: images_dir.join("blobs").join("sha256"),
+        }
+    }
+
+    /// Where blob `digest` is (or would be).
+    pub fn path(&self, digest: &str) -> Result<PathBuf, VmmError> {
+        Ok(self.dir.join(check_digest(digest)?))
+    }
+
+    /// True when the cache holds `digest`.
+    pub fn has(&self, digest: &str) -> bool {
+        self.path(digest).is_ok_and(|p| p.is_file())
+    }
+
+    /// A new temporary file in the cache's folder (same file system as the blobs, so that
+    /// [`Blobs::commit`] is a rename).
+    pub fn temp(&self) -> Result<PathBuf, VmmError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(VmmError::io(format!("creating {}", self.dir.display())))?;
+        Ok(self.dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple())))
+    }
+
+    /// Move `tmp` into the cache as `digest`, after checking that its bytes have that digest
+    /// (the file is removed either way).
+    pub fn commit(&self, tmp: &Path, digest: &str) -> Result<PathBuf, VmmError> {
+        let dest = self.path(digest)?;
+        let got = sha256_file(tmp);
+        let res = match got {
+            Ok(h) if format!("sha256:{h}") == digest => std::fs::rename(tmp, &dest)
+                .map(|_| dest)
+                .map_err(VmmError::io(format!("storing blob {digest}"))),
+            Ok(h) => Err(VmmError::ImageRefused {
+                reference: format!("blob {digest}"),
+                reason: format!("its content has digest sha256:{h} (corrupt or tampered)"),
+            }),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(tmp);
+        res
+    }
+
+    /// Copy `r` into the cache as `digest`, verified.
+    pub fn insert(&self, mut r: impl Read, digest: &str) -> Result<PathBuf, VmmError> {
+        if self.has(digest) {
+            return self.path(digest);
+        }
+        let tmp = self.temp()?;
+        let res = (|| {
+            let mut f = std::fs::File::create(&tmp).map_err(VmmError::io("creating a blob"))?;
+            std::io::copy(&mut r, &mut f).map_err(VmmError::io(format!("writing blob {digest}")))?;
+            f.flush()
+                .map_err(VmmError::io(format!("writing blob {digest}")))?;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.commit(&tmp, digest)
+    }
+
+    /// Every cached digest.
+    pub fn list(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                    .filter(|d| sha256_hex(d).is_some())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Remove blobs not in `keep` (and stale temporary files); returns the bytes freed.
+    pub fn prune(&self, keep: &[String]) -> u64 {
+        let mut freed = 0;
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        for e in rd.flatten() {
+            let name = format!("sha256:{}", e.file_name().to_string_lossy());
+            if !keep.contains(&name) {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        freed
+    }
+}
+
+/// sha256 of a file, hex.
+pub(crate) fn sha256_file(p: &Path) -> Result<String, VmmError> {
+    let mut f = std::fs::File::open(p).map_err(VmmError::io(format!("opening {}", p.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(VmmError::io(format!("reading {}", p.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_verified_before_they_enter() {
+        let d = std::env::temp_dir().join(format!("sistemo-blobs-{}", uuid::Uuid::new_v4().simple()));
+        let b = Blobs::new(&d);
+        let good = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; // "hello"
+        b.insert(&b"hello"[..], good).unwrap();
+        assert!(b.has(good));
+        let bad = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+        let e = b.insert(&b"hello"[..], bad).unwrap_err().to_string();
+        assert!(e.contains("corrupt") && e.contains(bad), "{e}");
+        assert!(!b.has(bad));
+        assert!(b.path("sha512:abc").is_err());
+        assert!(b.path("sha256:../../etc").is_err());
+        assert_eq!(b.list(), [good]);
+        assert_eq!(b.prune(&[]), 5);
+        assert!(b.list().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
