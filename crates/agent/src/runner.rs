@@ -68,7 +68,9 @@ pub fn lookup_user(passwd: &str, user: &str) -> Option<Account> {
 
 fn account(user: Option<&str>) -> io::Result<Account> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let want = user.unwrap_or("root");
+    // No user asked: whoever the agent runs as (root in a guest).
+    let me = nix::unistd::geteuid().as_raw().to_string();
+    let want = user.unwrap_or(&me);
     if let Some(a) = lookup_user(&passwd, want) {
         return Ok(a);
     }
@@ -113,7 +115,12 @@ pub fn spawn(argv: &[String], start: &Start) -> io::Result<Spawned> {
     let (prog, args) = argv.split_first().expect("not empty");
     let cwd = match &start.cwd {
         Some(c) => c.clone(),
-        None if std::path::Path::new(&acct.home).is_dir() => acct.home.clone(),
+        // A home it can enter (as the user it runs as), else the root.
+        None if nix::unistd::access(acct.home.as_str(), nix::unistd::AccessFlags::X_OK).is_ok()
+            && std::path::Path::new(&acct.home).is_dir() =>
+        {
+            acct.home.clone()
+        }
         None => "/".into(),
     };
     let mut cmd = std::process::Command::new(prog);
@@ -129,7 +136,7 @@ pub fn spawn(argv: &[String], start: &Start) -> io::Result<Spawned> {
     cmd.envs(start.env.iter().map(|(k, v)| (k, v)));
     {
         use std::os::unix::process::CommandExt;
-        if acct.uid != 0 || acct.gid != 0 {
+        if acct.uid != nix::unistd::geteuid().as_raw() || acct.gid != nix::unistd::getegid().as_raw() {
             cmd.uid(acct.uid).gid(acct.gid);
         }
     }
