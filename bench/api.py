@@ -97,7 +97,18 @@ def client(args):
 
     ev = connect()
     ev.sendall(f"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {args.token}\r\n\r\n".encode())
+    # The daemon subscribes this stream before it answers: wait for its headers, or an expose
+    # made before the subscription is never seen (this race made the bench time out now and then).
     buf = b""
+    ev.settimeout(10)
+    while b"\r\n\r\n" not in buf:
+        chunk = ev.recv(65536)
+        if not chunk:
+            raise SystemExit("the event stream closed before its headers")
+        buf += chunk
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"GET /v1/events answered {head[:100]!r}")
 
     def wait_for(pred, deadline):
         nonlocal buf
@@ -109,7 +120,10 @@ def client(args):
                     buf = buf[m.end():]
                     return d
             buf = buf[-65536:]
-            chunk = ev.recv(65536)
+            try:
+                chunk = ev.recv(65536)
+            except TimeoutError:
+                raise SystemExit("no matching event within the deadline")
             if not chunk:
                 raise SystemExit("the event stream ended")
             buf += chunk
@@ -120,8 +134,11 @@ def client(args):
         spec = f"{port}:80/tcp"
         t = time.perf_counter()
         call("POST", "/v1/machines/m0/expose", {"ports": [f"{port}:80"]})
-        wait_for(lambda d: d.get("type") == "machine" and d["machine"]["name"] == "m0"
-                 and any(p["spec"] == spec for p in d["machine"]["ports"]), time.monotonic() + 5)
+        try:
+            wait_for(lambda d: d.get("type") == "machine" and d["machine"]["name"] == "m0"
+                     and any(p["spec"] == spec for p in d["machine"]["ports"]), time.monotonic() + 5)
+        except SystemExit as e:
+            raise SystemExit(f"expose {spec} (sample {i}): {e}") from None
         lat.append((time.perf_counter() - t) * 1000)
         call("POST", "/v1/machines/m0/unexpose", {"port": str(port)})
     out["event_latency_ms_p50"] = statistics.median(lat)
@@ -137,10 +154,18 @@ def measure(env, args):
     with open(env.cfg, "w") as f:
         f.write(f'netns_prefix: "{MPREFIX}"\nlisten: ["https://127.0.0.1:{PORT}"]\n')
     env.add_ns(DNS)
-    text, _ = env.start_daemon(DNS, "--nft-table", TABLE, "--hypervisor", "netns")
-    m = re.search(r"fingerprint: ([0-9A-F:]{95})", text)
-    if not m:
-        raise BenchError("the daemon printed no certificate fingerprint")
+    env.start_daemon(DNS, "--nft-table", TABLE, "--hypervisor", "netns")
+    # The fingerprint is printed just after the "ready" line start_daemon waits for: poll the
+    # log for it (reading it once lost that race now and then).
+    deadline = time.monotonic() + 10
+    while True:
+        with open(env.daemon_log, errors="replace") as f:
+            m = re.search(r"fingerprint: ([0-9A-F:]{95})", f.read())
+        if m:
+            break
+        if time.monotonic() > deadline:
+            raise BenchError("the daemon printed no certificate fingerprint within 10 s")
+        time.sleep(0.02)
     t = time.monotonic()
     for i in range(n):
         env.api.events("deploy", {"image": "debian", "name": f"m{i}", "expose": []})
