@@ -164,10 +164,15 @@ fn rt() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Block this thread on `f`. Outside tokio's budget: called from inside a task of the CLI's
+/// runtime, a budget used up by earlier reads would make every later poll "yield" forever.
+fn block_on<F: Future>(f: F) -> F::Output {
+    futures::executor::block_on(tokio::task::unconstrained(f))
+}
+
 /// Run `f` on the client's runtime and wait for it (from any thread, in a runtime or not).
 fn wait<T: Send + 'static>(f: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-    futures::executor::block_on(rt().spawn(f))
-        .map_err(|e| ClientError::Protocol(format!("the client's task failed: {e}")))?
+    block_on(rt().spawn(f)).map_err(|e| ClientError::Protocol(format!("the client's task failed: {e}")))?
 }
 
 /// A connection: the Unix socket, or TCP with or without TLS.
@@ -348,7 +353,7 @@ impl Resp {
         let mut all = Vec::new();
         let mut pending = Vec::new();
         let mut go = true;
-        while let Some(chunk) = futures::executor::block_on(self.chunks.recv()) {
+        while let Some(chunk) = block_on(self.chunks.recv()) {
             let bytes = chunk?;
             if keep {
                 all.extend_from_slice(&bytes);

@@ -9,6 +9,7 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const URL: &str = "https://127.0.0.1:7443";
 
@@ -116,6 +117,16 @@ fn remote_cli_pins_the_certificate_and_runs_the_usual_commands() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(err_line(&o, "plain HTTP off loopback").contains("in clear"));
+    let o = remote(
+        &env,
+        &h,
+        &admin,
+        &pinned,
+        &["machine", "deploy", "img/x.ext4"],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err_line(&o, "a relative image path").contains("\"img/x.ext4\""));
     let o = remote(&env, &h, "", &pinned, &["machine", "list"], b"");
     assert!(err_line(&o, "no token").contains("SISTEMO_TOKEN"));
 
@@ -152,6 +163,16 @@ fn remote_cli_pins_the_certificate_and_runs_the_usual_commands() {
         (o.stdout.as_slice(), o.stderr.as_slice()),
         (&b"out\n"[..], &b"err\n"[..])
     );
+    // Many chunks in one answer (each a read of the stream): the socket and TLS alike.
+    let many = ["machine", "exec", "-o", "json", "web", "seq 1 1000000"];
+    for o in [run(&many, b""), env.cli(&many)] {
+        let out = ok_out(&o, "a long exec -o json");
+        assert!(
+            out.contains("\\n999999\\n1000000\\n"),
+            "{}",
+            &out[out.len().saturating_sub(200)..]
+        );
+    }
     let src = env.dir.join("cp-src");
     std::fs::create_dir_all(src.join("d")).unwrap();
     let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -169,13 +190,92 @@ fn remote_cli_pins_the_certificate_and_runs_the_usual_commands() {
         "cp down",
     );
     assert_eq!(std::fs::read(back.join("cp-src/d/blob")).unwrap(), blob);
+    step("a terminal session (machine shell) and exec -t over TLS");
+    let on_tty = |args: &str, input: &str| {
+        let cmd = format!(
+            "ip netns exec {} {} --host {URL} {args}",
+            env.ns,
+            env!("CARGO_BIN_EXE_sistemo")
+        );
+        let mut c = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("HOME", &h)
+            .env("SISTEMO_FINGERPRINT", &fp)
+            .env("SISTEMO_TOKEN", &admin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let o = on_tty("machine shell web", "echo sistemo-$((6*7)); tty; exit 5\n");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("sistemo-42") && text.contains("/dev/pts/"),
+        "{text}"
+    );
+    assert_eq!(o.status.code(), Some(5), "{text}");
+    let o = on_tty("machine exec -t web 'test -t 0 && echo on-a-tty'", "");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success() && text.contains("on-a-tty"), "{text}");
+
+    step("events and logs stream over TLS");
+    let mut events = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &env.ns,
+            env!("CARGO_BIN_EXE_sistemo"),
+            "--host",
+            URL,
+            "events",
+            "-o",
+            "json",
+        ])
+        .env("HOME", &h)
+        .env("SISTEMO_FINGERPRINT", &fp)
+        .env("SISTEMO_TOKEN", &admin)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = events.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    // Until the stream is subscribed an expose may go unseen: each try exposes a new port.
+    let mut n = 0;
+    let seen = poll(
+        "a machine event on the remote stream",
+        Duration::from_secs(20),
+        || {
+            n += 1;
+            env.cli_ok(&["machine", "expose", "web", "--port", &format!("{}:80", 9000 + n)]);
+            let spec = format!("\"{}:80/tcp\"", 9000 + n);
+            let end = Instant::now() + Duration::from_millis(500);
+            while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                if l.contains(&spec) {
+                    return Some(l);
+                }
+            }
+            None
+        },
+    );
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(seen.contains("\"web\""), "{seen}");
+    ok_out(&run(&["machine", "logs", "web"], b""), "logs");
+
     let hist: Value =
         serde_json::from_str(&env.cli_ok(&["history", "--action", "machine.expose", "-o", "json"])).unwrap();
     assert!(
-        hist[0]["actor"] == "token ci"
-            && hist[0]["remote"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("127.0.0.1:")),
+        hist.as_array().unwrap().iter().any(|e| e["actor"] == "token ci"
+            && e["target"] == "web 8080:80"
+            && e["remote"].as_str().is_some_and(|r| r.starts_with("127.0.0.1:"))),
         "history names the token and its address: {hist}"
     );
     step("a viewer's token reads, and its changes are refused");

@@ -307,6 +307,14 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
+            if c.is_remote()
+                && let Some(i) = image.as_deref()
+                && image_arg(i)? != i
+            {
+                bail!(Usage::new(std::io::Error::other(format!(
+                    "image {i:?} is a relative path, but a remote daemon reads image files on its own host (allowed: a tag, an https URL, or an absolute path under that host's image_dirs)"
+                ))));
+            }
             let req = DeployRequest {
                 image: image.as_deref().map(image_arg).transpose()?.unwrap_or_default(),
                 attach,
