@@ -127,6 +127,9 @@ fn remote_cli_pins_the_certificate_and_runs_the_usual_commands() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(err_line(&o, "a relative image path").contains("\"img/x.ext4\""));
+    let o = remote(&env, &h, &admin, &pinned, &["machine", "ssh", "web"], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err_line(&o, "ssh from another host").contains("machine shell"));
     let o = remote(&env, &h, "", &pinned, &["machine", "list"], b"");
     assert!(err_line(&o, "no token").contains("SISTEMO_TOKEN"));
 

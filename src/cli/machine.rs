@@ -585,6 +585,11 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         MachineCmd::Ssh {
             m: MachineArg { name },
         } => {
+            if c.is_remote() {
+                bail!(Usage::new(std::io::Error::other(
+                    "machine ssh runs ssh on the daemon's host, with its key: from another host use `sistemo machine shell NAME` (through the guest agent)"
+                )));
+            }
             let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;
             let st = std::process::Command::new(&s.argv[0])
                 .args(&s.argv[1..])
