@@ -15,6 +15,11 @@ fn browser_dir() -> PathBuf {
 
 /// Run one scenario of tests/browser/dashboard.mjs in the env's namespace; its output.
 fn scenario(env: &Env, mode: &str, user: &str, pass: &str) -> String {
+    scenario_at(env, "http://127.0.0.1:7777/", mode, user, pass)
+}
+
+/// [`scenario`] with the dashboard at `url` (an https one is the env's self-signed listener).
+fn scenario_at(env: &Env, url: &str, mode: &str, user: &str, pass: &str) -> String {
     let dir = browser_dir();
     assert!(
         dir.join("node_modules/playwright-core").exists(),
@@ -25,7 +30,7 @@ fn scenario(env: &Env, mode: &str, user: &str, pass: &str) -> String {
     let o = std::process::Command::new("ip")
         .args(["netns", "exec", &env.ns, "node"])
         .arg(dir.join("dashboard.mjs"))
-        .env("URL", "http://127.0.0.1:7777/")
+        .env("URL", url)
         .env("MODE", mode)
         .env("USER", user)
         .env("PASS", pass)
@@ -120,7 +125,10 @@ fn terminal_handshake(env: &Env, headers: &[String]) -> Resp {
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
 fn terminal_in_headless_chromium_admins_only_same_origin() {
-    let env = Env::new("sterm");
+    let env = Env::with_config(
+        "sterm",
+        "listen: [\"127.0.0.1:7777\", \"https://127.0.0.1:7443\"]\n",
+    );
     add_user(&env, "ada", "admin", "ada-password");
     add_user(&env, "val", "viewer", "val-password");
     env.machine("web", &[]);
@@ -168,8 +176,8 @@ fn terminal_in_headless_chromium_admins_only_same_origin() {
         "{h}"
     );
 
-    step("admin: the terminal in the browser");
-    scenario(&env, "terminal", "ada", "ada-password");
+    step("admin: the terminal in the browser, over TLS (wss, Secure cookie)");
+    scenario_at(&env, "https://127.0.0.1:7443/", "terminal", "ada", "ada-password");
     step("viewer: no terminal");
     scenario(&env, "viewer", "val", "val-password");
 }

@@ -25,7 +25,8 @@ const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
 });
-const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+// An https URL is the daemon's self-signed listener (its fingerprint is pinned by the CLI tests).
+const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, ignoreHTTPSErrors: URL.startsWith("https:") });
 const page = await ctx.newPage();
 const consoleErrors = [];
 page.on("pageerror", (e) => consoleErrors.push(String(e)));
@@ -187,11 +188,12 @@ async function typeLine(line) {
 
 async function terminal() {
   await login();
+  const secure = await page.evaluate(() => location.protocol === "https:");
   await go("#/machine/web", "web");
   await page.locator("[data-testid=terminal-open]").click();
   await heading("web — terminal");
   await page.locator("[data-testid=terminal][data-state=open]").waitFor({ timeout: T });
-  ok("the terminal connected");
+  ok("the terminal connected" + (secure ? " (wss)" : ""));
   await typeLine("echo sistemo-$((6*7))");
   await waitScreen("echo", "sistemo-42");
   ok("ran a command in the terminal and saw its output");
