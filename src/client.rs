@@ -49,7 +49,7 @@ pub enum ClientError {
     },
     /// The remote daemon's certificate is not the one pinned.
     #[error(
-        "the certificate of the sistemo daemon at {authority} changed: it is now {seen}, but {expected} is pinned {source_of_pin} (if the daemon's certificate was replaced, check the new one with `sistemo config` on that host, then pin it)"
+        "the certificate of the sistemo daemon at {authority} changed: it is now {seen}, but {expected} is pinned {source_of_pin}; nothing was sent (if it was replaced on purpose, compare the new one with `sistemo config` on that host, then pass --fingerprint with it or delete the host's line from your known_hosts)"
     )]
     CertificateChanged {
         /// `HOST:PORT`.
