@@ -1,28 +1,26 @@
 //! The API client used by the CLI: HTTP/1.1 (hyper) over the daemon's Unix socket, or over TLS
-//! to a remote daemon (`--host`) whose certificate is pinned (`client/pin.rs`). Blocking
-//! methods for the CLI, NDJSON and line streams, and upgrades (sessions).
+//! to a remote daemon (`--host`) whose certificate is pinned (`client/pin.rs`; connections in
+//! `client/conn.rs`). Blocking methods for the CLI, NDJSON and line streams, and upgrades.
 
+mod conn;
 mod pin;
+
+use conn::{Connector, Remote, Target, connect, unreachable};
 
 use crate::api::{ErrorBody, ErrorKind, Event};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::http::{Request, Uri, header};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-/// How long connecting (and the TLS handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle kept-alive connection stays open.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,38 +103,6 @@ impl ClientError {
 #[error("{0}")]
 pub struct BadRemote(String);
 
-/// Where the daemon is.
-#[derive(Debug)]
-enum Target {
-    Unix(PathBuf),
-    Remote(Remote),
-}
-
-/// A daemon reached over TCP.
-#[derive(Debug)]
-struct Remote {
-    /// `https://HOST:PORT` (or `http://` on loopback).
-    base: String,
-    host: String,
-    port: u16,
-    tls: bool,
-    token: Option<String>,
-    /// The pinned fingerprint, once known; where it came from.
-    pin: Mutex<Option<(String, String)>>,
-    /// Given with --fingerprint (never asked, never stored).
-    given: bool,
-}
-
-impl Remote {
-    fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
 /// A client of one daemon.
 #[derive(Clone)]
 pub struct Client {
@@ -173,136 +139,6 @@ fn block_on<F: Future>(f: F) -> F::Output {
 /// Run `f` on the client's runtime and wait for it (from any thread, in a runtime or not).
 fn wait<T: Send + 'static>(f: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
     block_on(rt().spawn(f)).map_err(|e| ClientError::Protocol(format!("the client's task failed: {e}")))?
-}
-
-/// A connection: the Unix socket, or TCP with or without TLS.
-enum Io {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
-
-impl Connection for Io {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-/// Opens connections to the target for hyper's pool.
-#[derive(Clone)]
-struct Connector(Arc<Target>);
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Io>;
-    type Error = ClientError;
-    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<Io>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let target = self.0.clone();
-        Box::pin(async move {
-            let io = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target))
-                .await
-                .unwrap_or_else(|_| Err(unreachable(&target, "timed out")))?;
-            Ok(TokioIo::new(io))
-        })
-    }
-}
-
-fn unreachable(target: &Target, reason: impl std::fmt::Display) -> ClientError {
-    match target {
-        Target::Unix(p) => ClientError::Unreachable {
-            socket: p.display().to_string(),
-            reason: reason.to_string(),
-        },
-        Target::Remote(r) => ClientError::RemoteUnreachable {
-            url: r.base.clone(),
-            reason: reason.to_string(),
-        },
-    }
-}
-
-async fn connect(target: &Target) -> Result<Io> {
-    let r = match target {
-        Target::Unix(p) => {
-            return tokio::net::UnixStream::connect(p)
-                .await
-                .map(Io::Unix)
-                .map_err(|e| unreachable(target, e));
-        }
-        Target::Remote(r) => r,
-    };
-    let tcp = tokio::net::TcpStream::connect((r.host.as_str(), r.port))
-        .await
-        .map_err(|e| unreachable(target, e))?;
-    let _ = tcp.set_nodelay(true);
-    if !r.tls {
-        return Ok(Io::Tcp(tcp));
-    }
-    let expected = r.pin.lock().expect("pin").clone();
-    let verifier = pin::PinVerifier::new(expected.as_ref().map(|p| p.0.clone()), pin::provider());
-    let config = pin::client_config(verifier.clone())?;
-    let name = rustls::pki_types::ServerName::try_from(r.host.clone())
-        .map_err(|e| ClientError::Protocol(format!("host {:?}: {e}", r.host)))?;
-    match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
-        Ok(s) => Ok(Io::Tls(Box::new(s))),
-        Err(e) => Err(match (verifier.seen(), expected) {
-            (Some(seen), Some((expected, source_of_pin))) if seen != expected => {
-                ClientError::CertificateChanged {
-                    authority: r.authority(),
-                    expected,
-                    seen,
-                    source_of_pin,
-                }
-            }
-            (Some(seen), None) => ClientError::UnknownCertificate {
-                authority: r.authority(),
-                seen,
-            },
-            _ => unreachable(target, format!("TLS: {e}")),
-        }),
-    }
 }
 
 /// The error of a response with `status` and `body` (a daemon too old to send `kind` is
