@@ -11,7 +11,7 @@ use crate::api::{ErrorBody, ErrorKind, Event};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper::http::{Request, Uri, header};
+use hyper::http::{Request, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -278,32 +278,7 @@ impl Client {
         fingerprint: Option<&str>,
         token: Option<String>,
     ) -> std::result::Result<Client, BadRemote> {
-        let bad = || {
-            BadRemote(format!(
-                "--host {url:?} is not a daemon's address (allowed: https://HOST[:PORT], or http://127.0.0.1:PORT on loopback)"
-            ))
-        };
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            return Err(bad());
-        };
-        let rest = rest.trim_end_matches('/');
-        let uri: Uri = format!("http://{rest}/").parse().map_err(|_| bad())?;
-        let host = uri.host().ok_or_else(bad)?;
-        if rest.contains('/') || rest.contains('@') || host.is_empty() {
-            return Err(bad());
-        }
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = uri.port_u16().unwrap_or(7777);
-        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
-        if !tls && !loopback {
-            return Err(BadRemote(format!(
-                "--host {url:?}: plain HTTP off loopback would send the token in clear (allowed: https://{rest})"
-            )));
-        }
+        let (tls, host, port) = conn::parse_host(url).map_err(BadRemote)?;
         let given = match fingerprint {
             Some(f) => Some(pin::normalize(f).ok_or_else(|| {
                 BadRemote(format!(
@@ -312,8 +287,8 @@ impl Client {
             })?),
             None => None,
         };
-        let remote = Remote {
-            base: format!("{}://{rest}", if tls { "https" } else { "http" }),
+        let mut remote = Remote {
+            base: String::new(),
             host,
             port,
             tls,
@@ -321,6 +296,7 @@ impl Client {
             pin: Mutex::new(given.clone().map(|g| (g, "by --fingerprint".to_string()))),
             given: given.is_some(),
         };
+        remote.base = format!("{}://{}", if tls { "https" } else { "http" }, remote.authority());
         Ok(Client::with_target(Target::Remote(remote)))
     }
 

@@ -38,6 +38,43 @@ pub(super) struct Remote {
     pub(super) given: bool,
 }
 
+/// The daemon's default port.
+const DEFAULT_PORT: u16 = 7777;
+
+/// `--host`: whether TLS, the host (an IPv6 address without brackets) and the port.
+pub(super) fn parse_host(url: &str) -> std::result::Result<(bool, String, u16), String> {
+    let bad = || {
+        format!(
+            "--host {url:?} is not a daemon's address (allowed: https://HOST[:PORT], or http://127.0.0.1:PORT on loopback)"
+        )
+    };
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(bad());
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '@', '?', '#']) {
+        return Err(bad());
+    }
+    let uri: Uri = format!("http://{rest}/").parse().map_err(|_| bad())?;
+    let host = uri.host().ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.is_empty() || (rest.contains(':') && uri.port().is_none() && !rest.ends_with(']')) {
+        return Err(bad());
+    }
+    let port = uri.port_u16().unwrap_or(DEFAULT_PORT);
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+    if !tls && !loopback {
+        return Err(format!(
+            "--host {url:?}: plain HTTP off loopback would send the token in clear (allowed: https://{rest})"
+        ));
+    }
+    Ok((tls, host, port))
+}
+
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token.
@@ -184,5 +221,37 @@ pub(super) async fn connect(target: &Target) -> Result<Io> {
             },
             _ => unreachable(target, format!("TLS: {e}")),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_urls_are_checked() {
+        let ok = |u: &str| parse_host(u).unwrap();
+        assert_eq!(ok("https://h.example:7443"), (true, "h.example".into(), 7443));
+        assert_eq!(ok("https://h.example/"), (true, "h.example".into(), 7777));
+        assert_eq!(ok("https://[::1]:9"), (true, "::1".into(), 9));
+        assert_eq!(ok("http://127.0.0.1:7777"), (false, "127.0.0.1".into(), 7777));
+        assert_eq!(ok("http://localhost"), (false, "localhost".into(), 7777));
+        for bad in [
+            "h.example:7443",
+            "ftp://h",
+            "https://",
+            "https://h/v1",
+            "https://u@h",
+            "https://h:port",
+            "https://h:99999",
+        ] {
+            let e = parse_host(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        assert!(
+            parse_host("http://10.1.2.3:7777")
+                .unwrap_err()
+                .contains("in clear")
+        );
     }
 }
