@@ -9,6 +9,8 @@ Figures:
                        (target <= 300 KB)
   event_latency_ms_p50 an expose made over the API until its `machine` event arrives on an open
                        GET /v1/events stream (target <= 200 ms)
+  terminal_echo_ms_p50 a keystroke sent on the browser terminal's WebSocket until the shell's
+                       echo of it comes back (machine m0's login shell, through its agent)
 
 Everything runs in one network namespace this script creates (`sab-<pid>-d`: the daemon, with
 `--hypervisor netns` machines `sab<pid>m-*`, listening on https://127.0.0.1:7443) and removes
@@ -17,6 +19,7 @@ fingerprint the daemon printed. Python 3 standard library only.
 """
 
 import argparse
+import base64
 import gzip
 import hashlib
 import json
@@ -143,7 +146,74 @@ def client(args):
         call("POST", "/v1/machines/m0/unexpose", {"port": str(port)})
     out["event_latency_ms_p50"] = statistics.median(lat)
     out["event_latency_ms_max"] = max(lat)
+    out["terminal_echo_ms_p50"], out["terminal_echo_ms_max"] = terminal_echo(connect, args)
     print(json.dumps(out), flush=True)
+
+
+def terminal_echo(connect, args):
+    """Keystrokes on GET /v1/machines/m0/terminal (a WebSocket, spoken by hand: the standard
+    library has no client) until the shell echoes each; (p50, max) in ms."""
+    ws = connect()
+    key = base64.b64encode(os.urandom(16)).decode()
+    ws.sendall((f"GET /v1/machines/m0/terminal?rows=24&cols=80 HTTP/1.1\r\nHost: 127.0.0.1:{PORT}\r\n"
+                f"Authorization: Bearer {args.token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n").encode())
+    ws.settimeout(10)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = ws.recv(65536)
+        if not chunk:
+            raise SystemExit("the terminal closed before its handshake")
+        buf += chunk
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise SystemExit(f"the terminal answered {head[:200]!r}")
+
+    def send(data):
+        mask = os.urandom(4)
+        n = len(data)
+        hdr = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big")
+        ws.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def frame():
+        nonlocal buf
+        while True:
+            if len(buf) >= 2:
+                n, at = buf[1] & 0x7F, 2
+                if n == 126:
+                    n, at = int.from_bytes(buf[2:4], "big"), 4
+                elif n == 127:
+                    n, at = int.from_bytes(buf[2:10], "big"), 10
+                if len(buf) >= at + n:
+                    op, data, buf = buf[0] & 0x0F, buf[at:at + n], buf[at + n:]
+                    if op == 1:
+                        raise SystemExit(f"the terminal ended: {data.decode(errors='replace')}")
+                    if op == 2:
+                        return data
+                    continue
+            chunk = ws.recv(65536)
+            if not chunk:
+                raise SystemExit("the terminal closed")
+            buf += chunk
+
+    # In step with the shell: a command whose output cannot be its echo, then its next prompt.
+    send(b"echo READY-$((6*7))\r")
+    seen = b""
+    while b"READY-42\r\n" not in seen:
+        seen = (seen + frame())[-4096:]
+    seen = seen.split(b"READY-42\r\n", 1)[1]
+    while not re.search(rb"[#$] $", seen):
+        seen = (seen + frame())[-4096:]
+    times = []
+    for _ in range(args.samples):
+        t = time.perf_counter()
+        send(b"Q")
+        while b"Q" not in frame():
+            pass
+        times.append((time.perf_counter() - t) * 1000)
+    send(b"\x15exit\r")
+    ws.close()
+    return statistics.median(times), max(times)
 
 
 def measure(env, args):
@@ -187,6 +257,8 @@ def measure(env, args):
     rep.add("dashboard_gzip_bytes", out["dashboard_gzip_bytes"], "B", "dashboard first load", ("<=", 300 * 1024))
     rep.add("event_latency_ms_p50", out["event_latency_ms_p50"], "ms", "expose -> event", ("<=", 200))
     rep.add("event_latency_ms_max", out["event_latency_ms_max"], "ms", "expose -> event")
+    rep.add("terminal_echo_ms_p50", out["terminal_echo_ms_p50"], "ms", "browser terminal keystroke -> echo")
+    rep.add("terminal_echo_ms_max", out["terminal_echo_ms_max"], "ms", "browser terminal keystroke -> echo")
     return rep
 
 
