@@ -281,6 +281,12 @@ fn remote_cli_pins_the_certificate_and_runs_the_usual_commands() {
             && e["remote"].as_str().is_some_and(|r| r.starts_with("127.0.0.1:"))),
         "history names the token and its address: {hist}"
     );
+    let c: Value = serde_json::from_str(&ok_out(&run(&["config", "-o", "json"], b""), "config")).unwrap();
+    assert_eq!(
+        c["tls_fingerprint"],
+        fp.as_str(),
+        "the remote daemon's configuration: {c}"
+    );
     step("a viewer's token reads, and its changes are refused");
     let o = remote(
         &env,
