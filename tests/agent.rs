@@ -367,47 +367,58 @@ fn pty_resize(env: &Env) {
     let (mut s, early) = c
         .upgrade("/v1/machines/web/session", &req, "sistemo-session")
         .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut acc = BytesMut::from(&early[..]);
     let mut out = Vec::new();
-    let next = |s: &mut std::os::unix::net::UnixStream, acc: &mut BytesMut| loop {
-        if let Some(f) = Codec.decode(acc).unwrap() {
-            return f;
+    async fn next(s: &mut Box<dyn sistemo::client::Duplex>, acc: &mut BytesMut) -> Frame {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(f) = Codec.decode(acc).unwrap() {
+                return f;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(60), s.read_buf(acc))
+                .await
+                .expect("session output within 60 s")
+                .unwrap();
+            assert!(n > 0, "session closed early");
         }
-        let mut b = [0u8; 4096];
-        let n = s.read(&mut b).unwrap();
-        assert!(n > 0, "session closed early");
-        acc.extend_from_slice(&b[..n]);
-    };
-    let send = |s: &mut std::os::unix::net::UnixStream, f: Frame| {
+    }
+    async fn send(s: &mut Box<dyn sistemo::client::Duplex>, f: Frame) {
+        use tokio::io::AsyncWriteExt;
         let mut b = BytesMut::new();
         Codec.encode(f, &mut b).unwrap();
-        s.write_all(&b).unwrap();
-    };
-    while !String::from_utf8_lossy(&out).contains("30 100") {
-        let f = next(&mut s, &mut acc);
-        if f.kind == Kind::Stdout {
-            out.extend_from_slice(&f.payload);
-        }
+        s.write_all(&b).await.unwrap();
     }
-    send(
-        &mut s,
-        Frame::control(1, &HostMsg::Resize(WinSize { rows: 50, cols: 132 })),
-    );
-    send(&mut s, Frame::data(Kind::Stdin, 1, b"go\r".to_vec()));
-    loop {
-        let f = next(&mut s, &mut acc);
-        match f.kind {
-            Kind::Stdout => out.extend_from_slice(&f.payload),
-            Kind::Control => {
-                if let Ok(GuestMsg::Exited { code, .. }) = f.message::<GuestMsg>() {
-                    assert_eq!(code, Some(0));
-                    break;
-                }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        while !String::from_utf8_lossy(&out).contains("30 100") {
+            let f = next(&mut s, &mut acc).await;
+            if f.kind == Kind::Stdout {
+                out.extend_from_slice(&f.payload);
             }
-            _ => {}
         }
-    }
+        send(
+            &mut s,
+            Frame::control(1, &HostMsg::Resize(WinSize { rows: 50, cols: 132 })),
+        )
+        .await;
+        send(&mut s, Frame::data(Kind::Stdin, 1, b"go\r".to_vec())).await;
+        loop {
+            let f = next(&mut s, &mut acc).await;
+            match f.kind {
+                Kind::Stdout => out.extend_from_slice(&f.payload),
+                Kind::Control => {
+                    if let Ok(GuestMsg::Exited { code, .. }) = f.message::<GuestMsg>() {
+                        assert_eq!(code, Some(0));
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains("50 132"), "{text}");
 }

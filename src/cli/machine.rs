@@ -335,6 +335,14 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
+            if c.is_remote()
+                && let Some(i) = image.as_deref()
+                && image_arg(i)? != i
+            {
+                bail!(Usage::new(std::io::Error::other(format!(
+                    "image {i:?} is a relative path, but a remote daemon reads image files on its own host (allowed: a tag, an https URL, or an absolute path under that host's image_dirs)"
+                ))));
+            }
             let req = DeployRequest {
                 image: image.as_deref().map(image_arg).transpose()?.unwrap_or_default(),
                 attach,
@@ -609,6 +617,11 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         MachineCmd::Ssh {
             m: MachineArg { name },
         } => {
+            if c.is_remote() {
+                bail!(Usage::new(std::io::Error::other(
+                    "machine ssh runs ssh on the daemon's host, with its key: from another host use `sistemo machine shell NAME` (through the guest agent)"
+                )));
+            }
             let s: ShellResponse = c.get(&format!("{}/shell", path(&name)))?;
             let st = std::process::Command::new(&s.argv[0])
                 .args(&s.argv[1..])

@@ -93,6 +93,14 @@ pub struct Cli {
     /// The daemon's API socket.
     #[arg(long, global = true, env = "SISTEMO_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// A remote daemon, https://HOST[:PORT] (its API token in SISTEMO_TOKEN); its certificate
+    /// is pinned on first use (~/.config/sistemo/known_hosts).
+    #[arg(long, global = true, env = "SISTEMO_HOST", value_name = "URL")]
+    pub host: Option<String>,
+    /// The remote daemon's certificate fingerprint (SHA-256, the `tls_fingerprint` of
+    /// `sistemo config` on that host); needed without a terminal to confirm it on first use.
+    #[arg(long, global = true, env = "SISTEMO_FINGERPRINT", value_name = "SHA256")]
+    pub fingerprint: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -248,7 +256,13 @@ pub enum ServiceCmd {
 /// Run a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
     let socket = cli.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
-    let c = Client::new(&socket);
+    let c = match &cli.host {
+        Some(url) if !matches!(cli.cmd, Cmd::Up(_)) => {
+            let token = std::env::var("SISTEMO_TOKEN").ok().filter(|t| !t.is_empty());
+            Client::remote(url, cli.fingerprint.as_deref(), token).map_err(Usage::new)?
+        }
+        _ => Client::new(&socket),
+    };
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(a) => {
@@ -334,6 +348,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Cmd::Config { config } => {
             // The daemon's effective configuration when it runs, else what `up` would use.
             let mut v = match c.get::<InfoResponse>("/v1/info") {
+                // A remote daemon's configuration, or its error (never this host's file).
+                Err(e) if c.is_remote() => return Err(e.into()),
                 Ok(i) => {
                     let mut v = i.config;
                     if let Ok(s) = c.get::<SystemInfo>("/v1/system") {

@@ -60,9 +60,8 @@ impl Drop for RawMode {
 /// (128+signal when a signal killed it).
 pub async fn run(c: &Client, name: &str, req: &SessionRequest, local: Local) -> Result<i32> {
     let path = format!("/v1/machines/{}/session", super::urlencode(name));
-    let (sock, early) = c.upgrade(&path, req, "sistemo-session")?;
-    sock.set_nonblocking(true)?;
-    let (mut rd, mut wr) = tokio::net::UnixStream::from_std(sock)?.into_split();
+    let (conn, early) = c.upgrade(&path, req, "sistemo-session")?;
+    let (mut rd, mut wr) = tokio::io::split(conn);
     let (tx, mut rx) = mpsc::channel::<Frame>(16);
     let writer = tokio::spawn(async move {
         let mut buf = BytesMut::new();

@@ -9,6 +9,7 @@ mod oci;
 mod ratelimit;
 mod session;
 mod tcp;
+mod terminal;
 mod volumes;
 mod web;
 
@@ -422,6 +423,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/machines/{name}/exec", post(exec))
         .route("/v1/machines/{name}/shell", get(shell))
         .route("/v1/machines/{name}/session", post(session::session))
+        .route("/v1/machines/{name}/terminal", get(terminal::terminal))
         .route("/v1/machines/{name}/logs", get(logs))
         .route("/v1/machines/{name}/start", post(start))
         .route("/v1/machines/{name}/stop", post(stop))

@@ -129,11 +129,12 @@ const APP_JS: &str = include_str!("dashboard/app.js");
 const PAGES_JS: &str = include_str!("dashboard/pages.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
 
-/// Only our own files run; nothing frames the dashboard; no referrer leaves it.
-const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+/// Only our own files run; nothing frames the dashboard; no referrer leaves it. Inline styles
+/// are allowed (not scripts): xterm.js styles its terminal with `<style>` elements it makes.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-fn asset(ctype: &'static str, body: &'static str) -> Response {
+pub(super) fn asset(ctype: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, ctype),
@@ -164,6 +165,7 @@ pub fn dashboard() -> axum::Router {
             "/assets/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
         )
+        .merge(super::terminal::assets())
 }
 
 #[cfg(test)]

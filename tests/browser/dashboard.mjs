@@ -3,7 +3,10 @@
 //   MODE=admin  log in, deploy through the form and see it running, expose a port through the
 //               form (and a bad spec shown next to the field), see CLI stops/starts live
 //               without reloading, visit every page (screenshots), log out.
-//   MODE=viewer log in, no mutating control on any page, its API calls get 403, log out.
+//   MODE=viewer log in, no mutating control on any page, its API calls get 403, no terminal,
+//               log out.
+//   MODE=terminal  (admin, a running machine "web") open the machine's terminal, run a command
+//               and see its output, follow a resize, exit and reconnect, leaving ends the shell.
 // Env: URL, USER, PASS, SHOTS (screenshot folder), SISTEMO (binary), SOCKET, CHROMIUM.
 // Prints "ok <check>" lines; exits 1 with "FAIL <reason>" on the first failure.
 import { chromium } from "playwright-core";
@@ -22,10 +25,13 @@ const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
 });
-const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+// An https URL is the daemon's self-signed listener (its fingerprint is pinned by the CLI tests).
+const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, ignoreHTTPSErrors: URL.startsWith("https:") });
 const page = await ctx.newPage();
 const consoleErrors = [];
 page.on("pageerror", (e) => consoleErrors.push(String(e)));
+// A blocked style or script (the terminal's styles need the policy's inline styles) is a failure.
+page.on("console", (m) => { if (m.type() === "error" && /Content Security Policy/.test(m.text())) consoleErrors.push(m.text()); });
 const shot = async (name) => page.screenshot({ path: `${SHOTS}/${MODE}-${name}.png`, fullPage: true });
 const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
 const go = async (hash, title) => { await page.evaluate((h) => { location.hash = h; }, hash); await heading(title); };
@@ -141,6 +147,86 @@ async function viewer() {
   });
   if (codes.slice(0, 3).some((c) => c !== 403) || codes[3] !== "forbidden") fail("viewer API calls answered " + codes);
   ok("the viewer's API calls get 403");
+  await viewerTerminal();
+  await logout();
+}
+
+// The viewer gets no terminal: no link, the page says so, the route answers 403.
+async function viewerTerminal() {
+  await go("#/machine/web", "web");
+  if (await page.locator("[data-testid=terminal-open]").count()) fail("the viewer is offered a terminal");
+  await page.locator("[data-testid=no-terminal]").waitFor({ timeout: T });
+  await go("#/terminal/web", "Terminal");
+  if (await page.locator(".xterm").count()) fail("the viewer's terminal page shows a terminal");
+  const code = await page.evaluate(async () => (await fetch("/v1/machines/web/terminal")).status);
+  if (code !== 403) fail("the viewer's terminal request answered " + code);
+  const opened = await page.evaluate(() => new Promise((resolve) => {
+    const ws = new WebSocket("ws://" + location.host + "/v1/machines/web/terminal");
+    ws.onopen = () => { ws.close(); resolve(true); };
+    ws.onerror = () => resolve(false);
+  }));
+  if (opened) fail("the viewer opened a terminal WebSocket");
+  ok("the viewer gets no terminal (no link, 403, no WebSocket)");
+}
+
+// The terminal's visible text.
+const screenText = () => page.evaluate(() => (document.querySelector(".xterm-rows") || {}).textContent || "");
+
+// Wait until the terminal's text matches the regular expression `re` and does not contain `not`.
+async function waitScreen(what, re, not) {
+  await page.waitForFunction(([re, not]) => {
+    const t = (document.querySelector(".xterm-rows") || {}).textContent || "";
+    return new RegExp(re).test(t) && !(not && t.includes(not));
+  }, [re, not], { timeout: T }).catch(async () => fail(`${what}: the terminal shows ${JSON.stringify(await screenText())}`));
+}
+
+async function typeLine(line) {
+  await page.locator("[data-testid=terminal-screen]").click();
+  await page.keyboard.type(line);
+  await page.keyboard.press("Enter");
+}
+
+async function terminal() {
+  await login();
+  const secure = await page.evaluate(() => location.protocol === "https:");
+  await go("#/machine/web", "web");
+  await page.locator("[data-testid=terminal-open]").click();
+  await heading("web — terminal");
+  await page.locator("[data-testid=terminal][data-state=open]").waitFor({ timeout: T });
+  ok("the terminal connected" + (secure ? " (wss)" : ""));
+  await typeLine("echo sistemo-$((6*7))");
+  await waitScreen("echo", "sistemo-42");
+  ok("ran a command in the terminal and saw its output");
+  await typeLine("stty size | sed 's/^/size=/; s/ /x/'");
+  await waitScreen("stty size", "size=\\d+x\\d+");
+  const before = (await screenText()).match(/size=(\d+x\d+)/)[1];
+  await shot("terminal");
+  await page.setViewportSize({ width: 900, height: 600 });
+  await typeLine("clear; stty size | sed 's/^/size=/; s/ /x/'");
+  await waitScreen("stty size after a resize", "size=\\d+x\\d+", "size=" + before);
+  const after = (await screenText()).match(/size=(\d+x\d+)/)[1];
+  ok(`the terminal followed the window: ${before} -> ${after}`);
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await typeLine("exit");
+  await page.locator("[data-testid=terminal][data-state=closed]").waitFor({ timeout: T });
+  const status = await page.locator(".term-status").innerText();
+  if (!status.includes("exit 0")) fail("after exit the terminal says " + status);
+  await page.getByRole("button", { name: "Reconnect" }).click();
+  await page.locator("[data-testid=terminal][data-state=open]").waitFor({ timeout: T });
+  await typeLine("echo again-$((6*7))");
+  await waitScreen("echo after reconnecting", "again-42");
+  ok("exit, then Reconnect opened a new shell");
+  await typeLine("sleep 4242");
+  await waitScreen("sleep", "sleep 4242");
+  const sleeping = () => cli("machine", "exec", "web", "pgrep -f '^sleep 4242$' || true").trim();
+  const until = Date.now() + T;
+  while (!sleeping() && Date.now() < until) await page.waitForTimeout(100);
+  if (!sleeping()) fail("the terminal's sleep is not running in the machine");
+  await go("#/machines", "Machines");
+  const end = Date.now() + T;
+  while (sleeping() && Date.now() < end) await page.waitForTimeout(100);
+  if (sleeping()) fail("the shell outlived the terminal page");
+  ok("leaving the page ended the shell");
   await logout();
 }
 
@@ -153,7 +239,9 @@ async function logout() {
 }
 
 try {
-  if (MODE === "admin") await admin(); else await viewer();
+  if (MODE === "admin") await admin();
+  else if (MODE === "terminal") await terminal();
+  else await viewer();
   if (consoleErrors.length) fail("page errors: " + consoleErrors.join("; "));
   console.log("PASS " + MODE);
 } catch (e) {

@@ -176,7 +176,7 @@ const NAV = [
 ];
 
 function layout(title, content) {
-  const here = "#/" + (location.hash.slice(2).split(/[/?]/)[0] || "").replace(/^machine$/, "machines");
+  const here = "#/" + (location.hash.slice(2).split(/[/?]/)[0] || "").replace(/^(machine|terminal)$/, "machines");
   const nav = h("nav", {class: "nav", "aria-label": "Main"},
     h("a", {class: "brand", href: "#/"}, "sistemo"),
     h("ul", {}, NAV.filter(([, , admin]) => !admin || isAdmin()).map(([href, label]) =>
@@ -187,6 +187,8 @@ function layout(title, content) {
       h("button", {class: "link", onclick: logout, "data-testid": "logout"}, "Log out")));
   return h("div", {class: "shell"}, nav, h("main", {id: "main"}, h("h1", {}, title), content));
 }
+
+let routeSeq = 0;
 
 async function route() {
   const root = document.getElementById("app");
@@ -200,25 +202,46 @@ async function route() {
   const name = parts[0] || "overview";
   const page = PAGES[name] || PAGES.notfound;
   S.page = null;
+  // A newer route (the hash changed while this page loaded) wins over this one.
+  const seq = ++routeSeq;
   try {
     const p = await page(parts.slice(1));
+    if (seq !== routeSeq) return;
     S.page = p;
     root.replaceChildren(layout(p.title, p.el));
     const first = root.querySelector("main [autofocus]");
     if (first) first.focus();
   } catch (e) {
-    if (!S.me) return;
+    if (!S.me || seq !== routeSeq) return;
     root.replaceChildren(layout("Error", h("p", {class: "error"}, e.message)));
   }
 }
 
-// The browser terminal plugs in here once the guest agent lands: it will open a WebSocket to
-// /v1/machines/{name}/terminal (authorised like the API, origin checked) and attach xterm.js.
-// Until then the machine page shows a placeholder.
+// ---- the browser terminal -----------------------------------------------------------------
+// Admins only (it is a root shell). Its page (#/terminal/NAME) loads terminal.js and xterm.js
+// on demand, so the dashboard's first load stays small; terminal.js does the rest.
+
 function terminalSeam(name) {
-  return h("div", {class: "placeholder", "data-testid": "terminal"},
-    h("p", {}, "The browser terminal arrives with the guest agent."),
-    h("p", {class: "hint"}, "Meanwhile: ", h("code", {}, "sistemo machine ssh " + name)));
+  if (!isAdmin()) return h("p", {class: "hint", "data-testid": "no-terminal"}, "The terminal is for admins.");
+  return h("p", {}, h("a", {class: "button", href: "#/terminal/" + encodeURIComponent(name),
+    "data-testid": "terminal-open"}, "Open terminal"),
+    " ", h("span", {class: "hint"}, "a login shell in the machine, in this browser"));
 }
+
+function loadScript(src) {
+  return new Promise((resolve, reject) => {
+    if (document.querySelector(`script[src="${src}"]`)) { resolve(); return; }
+    const s = h("script", {src});
+    s.addEventListener("load", resolve);
+    s.addEventListener("error", () => { s.remove(); reject(new Error("could not load " + src)); });
+    document.head.append(s);
+  });
+}
+
+PAGES.terminal = async ([name]) => {
+  if (!isAdmin()) return {title: "Terminal", el: h("p", {"data-testid": "no-terminal"}, "The terminal is for admins.")};
+  await loadScript("/assets/terminal.js");
+  return window.sistemoTerminal(name);
+};
 
 document.addEventListener("DOMContentLoaded", start);
