@@ -391,8 +391,8 @@ impl ImageStore {
     }
 }
 
-/// sha256 of a file, hex.
-fn sha256_file(p: &Path) -> Result<String, VmmError> {
+/// sha256 of a file, hex (also the blob cache's check).
+pub(crate) fn sha256_file(p: &Path) -> Result<String, VmmError> {
     let mut f = std::fs::File::open(p).map_err(VmmError::io(format!("opening {}", p.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -2,7 +2,6 @@
 //! a blob enters the cache only once its bytes hash to its name.
 
 use crate::VmmError;
-use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -122,22 +121,7 @@ impl Blobs {
     }
 }
 
-/// sha256 of a file, hex.
-pub(crate) fn sha256_file(p: &Path) -> Result<String, VmmError> {
-    let mut f = std::fs::File::open(p).map_err(VmmError::io(format!("opening {}", p.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(VmmError::io(format!("reading {}", p.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
+pub(crate) use crate::image::store::sha256_file;
 
 #[cfg(test)]
 mod tests {
