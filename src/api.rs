@@ -187,6 +187,9 @@ pub struct MachineInfo {
     /// Its volumes (the root one first).
     #[serde(default)]
     pub volumes: Vec<VolumeAttachmentInfo>,
+    /// The template it was restored from (`image warm`); absent when it booted cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// What a machine's VMM may use (its cgroup).
@@ -254,6 +257,9 @@ pub struct DeployRequest {
     /// Disk bandwidth, MiB/s (default: `default_disk_bw_mbps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bw_mbps: Option<u32>,
+    /// Boot cold even when a template of the image and shape exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 /// `POST /v1/machines/{name}/expose`.
@@ -473,6 +479,43 @@ pub struct ImageRow {
     /// For an OCI image: its reference, manifest digest, creation time and exposed ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<OciImageRow>,
+    /// Its templates (`image warm`): saved machines new deploys of this shape start from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<TemplateRow>,
+}
+
+/// A template of an image (`image warm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRow {
+    /// Its key.
+    pub key: String,
+    /// The image's sha256.
+    pub image_sha256: String,
+    /// The reference it was made from.
+    pub image: String,
+    /// vCPUs of the machines it starts.
+    pub vcpus: u32,
+    /// Their memory, MiB.
+    pub memory_mib: u64,
+    /// Their disk size, bytes.
+    pub storage_bytes: u64,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// Bytes it takes on the host's disk (RAM file, state, frozen disk).
+    pub bytes: u64,
+}
+
+/// `POST /v1/images/warm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageWarmRequest {
+    /// The image (a tag or an OCI reference).
+    pub image: String,
+    /// vCPUs (default 1).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory, e.g. `512M` (default 512M).
+    #[serde(default)]
+    pub memory: Option<String>,
 }
 
 /// What `image list` shows of an OCI image.

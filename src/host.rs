@@ -115,6 +115,7 @@ impl Host {
                 iops: cfg.default_iops,
                 disk_bw_mbps: cfg.default_disk_bw_mbps,
             },
+            templates_dir: cfg.data_dir.join("templates"),
         };
         let hypervisor = backend.vmm.name();
         let volumes = Arc::new(Volumes::new(

@@ -92,6 +92,9 @@ pub enum MachineCmd {
         /// Rate limits (default: the daemon's default_* settings).
         #[command(flatten)]
         io: IoFlags,
+        /// Boot the kernel even when a template of this image and shape exists (`image warm`).
+        #[arg(long)]
+        cold: bool,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -332,6 +335,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             attach,
             volume,
             io,
+            cold,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
@@ -362,6 +366,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
                 upload_mbps: io.upload_mbps,
                 disk_iops: io.disk_iops,
                 disk_bw_mbps: io.disk_bw_mbps,
+                cold,
             };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;

@@ -82,6 +82,12 @@ pub fn format_status(m: &MachineInfo) -> String {
         };
         s.push_str(&format!("VMM:      {}{note}\n", m.vmm));
     }
+    if let Some(t) = &m.template {
+        s.push_str(&format!(
+            "Started:  from template {} (warm; `image list` shows it)\n",
+            &t[..t.len().min(12)]
+        ));
+    }
     if !m.volumes.is_empty() {
         s.push_str("Volumes:\n");
         for v in &m.volumes {

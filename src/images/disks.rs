@@ -28,6 +28,8 @@ pub struct Disks {
     pool: PathBuf,
     /// Images whose spare is being made (shared with the background task making it).
     refilling: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Templates' frozen disks, whose spares are kept as well as the images'.
+    extra: Mutex<HashSet<PathBuf>>,
 }
 
 impl Disks {
@@ -50,6 +52,7 @@ impl Disks {
             policy,
             pool,
             refilling: Default::default(),
+            extra: Default::default(),
         }
     }
 
@@ -110,9 +113,16 @@ impl Disks {
         });
     }
 
-    /// Remove spares whose image is gone.
+    /// Remove spares whose image (or template) is gone.
     fn prune(&self) {
-        let live: Vec<PathBuf> = self.images.list().iter().map(|i| self.spare(&i.path)).collect();
+        let mut live: Vec<PathBuf> = self.images.list().iter().map(|i| self.spare(&i.path)).collect();
+        live.extend(
+            self.extra
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|p| self.spare(p)),
+        );
         if let Ok(rd) = std::fs::read_dir(&self.pool) {
             for e in rd.flatten() {
                 if !live.contains(&e.path()) {
@@ -230,6 +240,37 @@ impl ImageBackend for Disks {
 
     fn prune(&self) -> Result<u64, ImageError> {
         Ok(self.images.prune_blobs())
+    }
+
+    async fn disk_from(
+        &self,
+        src: &Path,
+        dir: &Path,
+        progress: Progress<'_>,
+    ) -> Result<ByteSize, ImageError> {
+        let size = std::fs::metadata(src)
+            .map_err(io("reading the template disk's size"))?
+            .len();
+        let dest = dir.join("disk.raw");
+        if !self.take_spare(src, &dest) {
+            progress("copying the template's disk");
+            clone_disk(src, &dest, size).await?;
+        }
+        self.prepare_spare(src);
+        Ok(ByteSize::bytes(size))
+    }
+
+    fn prepare_spare(&self, src: &Path) {
+        self.extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(src.to_path_buf());
+        self.refill(src.to_path_buf());
+    }
+
+    fn forget_spare(&self, src: &Path) {
+        self.extra.lock().unwrap_or_else(|p| p.into_inner()).remove(src);
+        let _ = std::fs::remove_file(self.spare(src));
     }
 }
 

@@ -130,6 +130,23 @@ pub trait ImageBackend: Send + Sync {
         Err(ImageError::Unsupported("registry credentials"))
     }
 
+    /// A machine disk `dir/disk.raw` copied from `src` (a template's frozen disk), taken from
+    /// the spare pool when one is ready; returns its size.
+    async fn disk_from(
+        &self,
+        _src: &Path,
+        _dir: &Path,
+        _progress: Progress<'_>,
+    ) -> std::result::Result<ByteSize, ImageError> {
+        Err(ImageError::Unsupported("disks from templates"))
+    }
+
+    /// Keep a spare copy of `src` (a template's frozen disk) ready for its next clone.
+    fn prepare_spare(&self, _src: &Path) {}
+
+    /// Drop the spare of `src` and stop keeping one (its template is removed).
+    fn forget_spare(&self, _src: &Path) {}
+
     /// Remove cached layer blobs no image uses; returns the bytes freed.
     fn prune(&self) -> std::result::Result<u64, ImageError> {
         Ok(0)
@@ -164,6 +181,11 @@ impl Images {
                 self.hypervisor
             ))
         })
+    }
+
+    /// The stored image `reference` names (a tag, a digest prefix, an OCI reference), if any.
+    pub fn lookup(&self, reference: &str) -> Option<ImageInfo> {
+        self.backend.as_ref()?.lookup(reference)
     }
 
     /// Images in the store, each with the machines deployed from it (by a tag or its digest).

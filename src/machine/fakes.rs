@@ -44,6 +44,9 @@ impl HostLinks for FakeLinks {
         self.links.lock().unwrap().insert(name.into());
         Ok(())
     }
+    async fn create_detached_tap(&self, name: &str, _: Option<(u32, u32)>) -> Result<(), LinkError> {
+        self.create_tap(name, "").await
+    }
     async fn delete(&self, name: &str) -> Result<(), LinkError> {
         self.links.lock().unwrap().remove(name);
         Ok(())

@@ -26,21 +26,7 @@ impl Machines {
                     .into(),
             ));
         }
-        let vcpus = d.vcpus.unwrap_or(1);
-        let max = self.settings.max_vcpus;
-        if vcpus == 0 || vcpus > max {
-            return Err(Error::Invalid(format!(
-                "vcpus {vcpus} is out of range (allowed: 1-{max})"
-            )));
-        }
-        let mem = d.memory.unwrap_or(ByteSize::mib(512));
-        let host = self.settings.host_memory;
-        if mem < ByteSize::mib(64) || mem > host {
-            return Err(Error::Invalid(format!(
-                "memory {mem} is out of range (allowed: 64M to {}M, the host's memory or max_memory)",
-                host.as_mib()
-            )));
-        }
+        let (vcpus, memory_mib) = self.check_shape(d.vcpus, d.memory)?;
         if d.root_volume.is_none() {
             self.check_storage(d.storage)?;
         }
@@ -58,7 +44,7 @@ impl Machines {
             },
             network: d.network.clone().unwrap_or_else(NetworkName::default_network),
             vcpus,
-            memory_mib: mem.as_mib(),
+            memory_mib,
             storage_bytes: d.storage.map_or(0, ByteSize::as_bytes),
             restart: d.restart,
         };
@@ -81,8 +67,28 @@ impl Machines {
             self.firewall(move |fw| fw.bind(&p)).await?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
             self.store.lock().set_io(m.id, &self.io_for(&d.io))?;
-            self.make_disks(&m, &d, &dir, progress).await?;
-            self.boot(&m, progress).await?;
+            let mut warm = false;
+            if let Some((tdir, t)) = self.template_for(&d, vcpus, memory_mib) {
+                progress(&format!("starting from template {} (warm)", &t.key[..12]));
+                let r = async {
+                    self.disk_from_template(&m, &tdir, &dir, progress).await?;
+                    self.store.lock().set_template(m.id, Some(&t.key))?;
+                    self.boot_from(&m, Some(&tdir), progress).await
+                }
+                .await;
+                match r {
+                    Ok(()) => warm = true,
+                    Err(e) => {
+                        self.warm_failed(&m, &e, progress);
+                        self.store.lock().set_template(m.id, None)?;
+                        let _ = std::fs::remove_file(dir.join("disk.raw"));
+                    }
+                }
+            }
+            if !warm {
+                self.make_disks(&m, &d, &dir, progress).await?;
+                self.boot(&m, progress).await?;
+            }
             if let Some(timeout) = d.wait_ssh {
                 progress("waiting for the guest's sshd (--wait ssh)");
                 let spec = self.spec_of(&m)?;
@@ -153,6 +159,26 @@ impl Machines {
             .remove(&id);
     }
 
+    /// A machine's vCPUs and memory (MiB), defaults applied, checked against the host.
+    pub(super) fn check_shape(&self, vcpus: Option<u32>, memory: Option<ByteSize>) -> Result<(u32, u64)> {
+        let vcpus = vcpus.unwrap_or(1);
+        let max = self.settings.max_vcpus;
+        if vcpus == 0 || vcpus > max {
+            return Err(Error::Invalid(format!(
+                "vcpus {vcpus} is out of range (allowed: 1-{max})"
+            )));
+        }
+        let mem = memory.unwrap_or(ByteSize::mib(512));
+        let host = self.settings.host_memory;
+        if mem < ByteSize::mib(64) || mem > host {
+            return Err(Error::Invalid(format!(
+                "memory {mem} is out of range (allowed: 64M to {}M, the host's memory or max_memory)",
+                host.as_mib()
+            )));
+        }
+        Ok((vcpus, mem.as_mib()))
+    }
+
     /// Disks are sparse, so a guest can fill what it was given: refuse a size over
     /// `max_storage`, or one that, written in full, would leave the host less than
     /// `min_disk_free`.
@@ -187,30 +213,67 @@ impl Machines {
     /// Bring a machine's link, VMM and rules up, or undo what was done. The caller holds its
     /// lock; on success the machine is `running`, on failure it has no VMM, link or rules.
     async fn boot(&self, m: &Machine, progress: Progress<'_>) -> Result<()> {
+        self.boot_from(m, None, progress).await
+    }
+
+    /// [`Machines::boot`], cold, or restored from the template in `template`: then its TAP
+    /// joins the bridge only once the guest has taken its own identity.
+    pub(super) async fn boot_from(
+        &self,
+        m: &Machine,
+        template: Option<&std::path::Path>,
+        progress: Progress<'_>,
+    ) -> Result<()> {
         let spec = self.spec_of(m)?;
         let res: Result<Instance> = async {
             // A reused address may have a stale neighbour entry pointing at the old MAC.
             self.links.flush_neighbour(m.ip).await?;
-            if self.vmm.link_kind() == LinkKind::Tap {
-                self.links
-                    .create_tap_owned(&spec.net.host_ifname, &spec.net.bridge, self.vmm.link_owner())
-                    .await?;
+            let warm = match template {
+                Some(t) => Some((
+                    t,
+                    self.vmm.templates().ok_or_else(|| {
+                        Error::Invalid(format!("the {} backend has no templates", self.vmm.name()))
+                    })?,
+                )),
+                None => None,
+            };
+            match (self.vmm.link_kind(), warm) {
+                (LinkKind::Tap, Some(_)) => {
+                    self.links
+                        .create_detached_tap(&spec.net.host_ifname, self.vmm.link_owner())
+                        .await?
+                }
+                (LinkKind::Tap, None) => {
+                    self.links
+                        .create_tap_owned(&spec.net.host_ifname, &spec.net.bridge, self.vmm.link_owner())
+                        .await?
+                }
+                (LinkKind::Veth, _) => {}
             }
             progress(&format!("starting {} on {}", m.name, self.vmm.name()));
             // Volume files are not replaced (resize) while the VMM opens them.
             let inst = {
                 let vl = self.volumes.op_lock();
                 let _v = vl.lock().await;
-                self.vmm.start(&spec).await?
+                match warm {
+                    Some((t, w)) => w.restore(&spec, t).await?,
+                    None => self.vmm.start(&spec).await?,
+                }
             };
             self.store.lock().set_instance(m.id, Some(&inst))?;
-            if self.vmm.link_kind() == LinkKind::Veth {
+            if let Some((_, w)) = warm {
+                let steps = w.set_identity(&spec, self.settings.ready_timeout).await?;
+                tracing::debug!(machine = %m.name, ?steps, "identity applied");
+            }
+            if self.vmm.link_kind() == LinkKind::Veth || warm.is_some() {
                 self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await?;
             }
             self.links.shape(&spec.net.host_ifname, &spec.io).await?;
-            self.vmm
-                .wait_ready(&spec, &inst, self.settings.ready_timeout, progress)
-                .await?;
+            if warm.is_none() {
+                self.vmm
+                    .wait_ready(&spec, &inst, self.settings.ready_timeout, progress)
+                    .await?;
+            }
             Ok(inst)
         }
         .await;

@@ -8,6 +8,7 @@ mod expose;
 mod lifecycle;
 mod restart;
 mod volumes;
+mod warm;
 
 #[cfg(test)]
 mod fakes;
@@ -17,6 +18,7 @@ mod tests;
 pub use expose::{desired_firewall, machine_port};
 pub use sistemo_vmm::IoLimits;
 pub use volumes::{AttachSpec, check_mount};
+pub use warm::TemplateInfo;
 
 use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
 use crate::error::Result;
@@ -53,6 +55,8 @@ pub struct MachineView {
     pub volumes: Vec<crate::store::Attachment>,
     /// Its disk and network rate limits.
     pub io: IoLimits,
+    /// The template it was restored from, if it was.
+    pub template: Option<String>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -85,6 +89,8 @@ pub struct Deploy {
     pub clone_of: Option<Uuid>,
     /// Rate limits; a 0 takes the host's default (`default_bandwidth_mbps` and friends).
     pub io: IoLimits,
+    /// Boot cold even when a template fits (`--cold`).
+    pub cold: bool,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -108,6 +114,8 @@ pub struct Settings {
     pub ready_timeout: std::time::Duration,
     /// Rate limits of machines deployed without their own.
     pub io: IoLimits,
+    /// Where templates live (`data_dir/templates/KEY`).
+    pub templates_dir: PathBuf,
 }
 
 /// What machines are made with: the store, the host's links, the firewall, the hypervisor and
@@ -125,6 +133,8 @@ pub struct Machines {
     restarts: Mutex<HashMap<Uuid, restart::Backoff>>,
     /// Machines their VMM paused because the host's disk is full.
     disk_pauses: disk_full::DiskPauses,
+    /// Held while a template is made (one at a time: each boots a VM).
+    warming: tokio::sync::Mutex<()>,
 }
 
 impl Machines {
@@ -149,6 +159,7 @@ impl Machines {
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
             disk_pauses: Default::default(),
+            warming: Default::default(),
         }
     }
 
@@ -252,6 +263,7 @@ impl Machines {
     fn view(&self, machine: Machine, ports: Vec<ExposeSpec>) -> MachineView {
         let io = self.store.lock().io_of(machine.id).unwrap_or_default();
         MachineView {
+            template: self.store.lock().template_of(machine.id).unwrap_or_default(),
             io,
             paused: self.paused_reason(&machine),
             limits: self.limits_of(&machine),

@@ -95,6 +95,7 @@ fn web(expose: &[&str]) -> Deploy {
         attach: vec![],
         root_volume: None,
         clone_of: None,
+        cold: false,
     }
 }
 

@@ -393,6 +393,7 @@ impl Machines {
                 attach: vec![],
                 root_volume: None,
                 clone_of: Some(m.id),
+                cold: true,
                 wait_ssh: None,
                 io: sistemo_vmm::IoLimits::default(),
             };

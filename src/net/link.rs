@@ -250,6 +250,18 @@ impl Links {
         Ok(())
     }
 
+    /// Create a persistent TAP on no bridge and down (a template's, or a restored clone's until
+    /// it has its own identity), owned by `owner` when given.
+    pub async fn create_detached_tap(&self, name: &str, owner: Option<(u32, u32)>) -> Result<()> {
+        if self.lookup(name).await?.is_none() {
+            crate::sys::create_persistent_tap(name, owner).map_err(|source| LinkError::Io {
+                what: format!("creating TAP {name}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Create an `ifb` link `name` (up) unless it exists: see `shaping`. A link of that name
     /// of another kind is not ours: an error.
     pub async fn ensure_ifb(&self, name: &str) -> Result<()> {
@@ -350,6 +362,8 @@ pub trait HostLinks: Send + Sync {
         let _ = owner;
         self.create_tap(name, bridge).await
     }
+    /// See [`Links::create_detached_tap`]; [`HostLinks::attach`] puts it on its bridge.
+    async fn create_detached_tap(&self, name: &str, owner: Option<(u32, u32)>) -> Result<()>;
     /// See [`Links::delete`].
     async fn delete(&self, name: &str) -> Result<()>;
     /// See [`Links::flush_neighbour`].
@@ -382,6 +396,9 @@ impl HostLinks for Links {
     }
     async fn create_tap_owned(&self, name: &str, bridge: &str, owner: Option<(u32, u32)>) -> Result<()> {
         Links::create_tap(self, name, bridge, owner).await
+    }
+    async fn create_detached_tap(&self, name: &str, owner: Option<(u32, u32)>) -> Result<()> {
+        Links::create_detached_tap(self, name, owner).await
     }
     async fn delete(&self, name: &str) -> Result<()> {
         Links::delete(self, name).await

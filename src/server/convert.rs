@@ -86,6 +86,7 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
             .collect::<Result<_>>()?,
         root_volume: req.volume.map(|v| v.parse()).transpose()?,
         clone_of: None,
+        cold: req.cold,
         io: crate::machine::IoLimits {
             download_mbps: req.bandwidth_mbps.unwrap_or(0),
             upload_mbps: req.upload_mbps.unwrap_or(0),
@@ -151,6 +152,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         io: v.io,
         created_at: m.created_at.clone(),
         volumes: v.volumes.iter().map(attachment_info).collect(),
+        template: v.template.clone(),
     }
 }
 
@@ -304,6 +306,7 @@ pub fn image_row((i, used_by): &(ImageInfo, Vec<String>)) -> ImageRow {
         size: i.size,
         source: i.source.clone(),
         used_by: used_by.clone(),
+        templates: Vec::new(),
         oci: i.oci.as_ref().map(|m| crate::api::OciImageRow {
             reference: m.reference.clone(),
             digest: m.digest.clone(),
@@ -387,5 +390,19 @@ mod session_tests {
         ] {
             assert!(!is_plain_words(shell), "{shell}");
         }
+    }
+}
+
+/// A template as the API shows it.
+pub fn template_row(t: &crate::machine::TemplateInfo) -> crate::api::TemplateRow {
+    crate::api::TemplateRow {
+        key: t.key.clone(),
+        image_sha256: t.image_sha256.clone(),
+        image: t.image.clone(),
+        vcpus: t.vcpus,
+        memory_mib: t.memory_mib,
+        storage_bytes: t.storage_bytes,
+        created_at: t.created_at.clone(),
+        bytes: t.bytes,
     }
 }

@@ -385,7 +385,21 @@ async fn firewall(State(h): State<AppState>) -> Result<String, Error> {
 }
 
 async fn images(State(h): State<AppState>) -> Result<Json<Vec<ImageRow>>, Error> {
-    Ok(Json(h.images.list()?.iter().map(convert::image_row).collect()))
+    let templates = h.machines.templates();
+    Ok(Json(
+        h.images
+            .list()?
+            .iter()
+            .map(|i| ImageRow {
+                templates: templates
+                    .iter()
+                    .filter(|t| t.image_sha256 == i.0.sha256)
+                    .map(convert::template_row)
+                    .collect(),
+                ..convert::image_row(i)
+            })
+            .collect(),
+    ))
 }
 
 async fn image_build(
@@ -408,8 +422,36 @@ async fn image_remove(
     ConnectInfo(p): ConnectInfo<Peer>,
     Path(tag): Path<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
+    let sha = h.images.lookup(&tag).map(|i| i.sha256);
     audited(&h, &p, "image.rm", &tag, h.images.remove(&tag))?;
-    Ok(Json(serde_json::json!({"deleted": tag})))
+    // Its templates go with the image, once no tag names it any more.
+    let mut templates = Vec::new();
+    if let Some(sha) = sha
+        && !h.images.list()?.iter().any(|(i, _)| i.sha256 == sha)
+    {
+        templates = h.machines.remove_templates(|t| t.image_sha256 != sha)?;
+    }
+    Ok(Json(serde_json::json!({
+        "deleted": tag,
+        "templates_removed": templates.iter().map(|t| &t.key).collect::<Vec<_>>(),
+    })))
+}
+
+async fn warm(
+    State(h): State<AppState>,
+    ConnectInfo(p): ConnectInfo<Peer>,
+    Json(req): Json<ImageWarmRequest>,
+) -> Response {
+    let target = req.image.clone();
+    streamed(h, p, "image.warm", target, move |h, pr| async move {
+        let memory = req
+            .memory
+            .as_deref()
+            .map(|m| crate::domain::ByteSize::parse("memory", m))
+            .transpose()?;
+        let t = h.machines.warm(&req.image, req.vcpus, memory, &*pr).await?;
+        Ok(convert::template_row(&t))
+    })
 }
 
 /// The router.
@@ -441,6 +483,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/images/pull", post(oci::pull))
         .route("/v1/images/import", post(oci::import))
         .route("/v1/images/prune", post(oci::prune))
+        .route("/v1/images/warm", post(warm))
         .route("/v1/registries/login", post(oci::login))
         .merge(volumes::routes())
         .merge(accounts::routes())

@@ -45,7 +45,11 @@ pub(super) async fn prune(
     ConnectInfo(p): ConnectInfo<Peer>,
 ) -> Result<Json<serde_json::Value>, Error> {
     let freed = audited(&h, &p, "image.prune", "blobs", h.images.prune())?;
-    Ok(Json(serde_json::json!({ "freed_bytes": freed })))
+    let templates = audited(&h, &p, "image.prune", "templates", h.machines.prune_templates())?;
+    Ok(Json(serde_json::json!({
+        "freed_bytes": freed,
+        "templates_removed": templates.iter().map(|t| &t.key).collect::<Vec<_>>(),
+    })))
 }
 
 pub(super) async fn login(

@@ -125,7 +125,7 @@ async fn bridge<S: AsyncRead + AsyncWrite>(io: S, mut session: Session) {
                     true,
                 ),
                 Some(SessionEvent::Failed(error)) => (Frame::control(1, &GuestMsg::Failed { error }), true),
-                Some(SessionEvent::Facts(_)) => continue,
+                Some(SessionEvent::Facts(_) | SessionEvent::Applied(_)) => continue,
                 None => (
                     Frame::control(
                         1,

@@ -188,7 +188,9 @@ async fn bridge(socket: WebSocket, mut session: Session) {
                     Message::Text(serde_json::json!({ "error": error }).to_string().into()),
                     true,
                 ),
-                Some(SessionEvent::Started(_) | SessionEvent::Facts(_)) => continue,
+                Some(SessionEvent::Started(_) | SessionEvent::Facts(_) | SessionEvent::Applied(_)) => {
+                    continue;
+                }
                 None => (
                     Message::Text(
                         serde_json::json!({"error": "the connection to the guest agent broke"})

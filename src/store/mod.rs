@@ -8,6 +8,7 @@ mod io_limits;
 mod machines;
 mod networks;
 mod volumes;
+mod warm;
 
 pub use accounts::{Account, Role, SessionRow, TokenRow};
 pub use networks::Caller;
@@ -150,6 +151,8 @@ const MIGRATIONS: &[&str] = &[
         iops INTEGER NOT NULL,
         disk_bw_mbps INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 8: the template a machine was restored from
+    warm::MIGRATION,
 ];
 
 /// A named network: a bridge and a subnet.

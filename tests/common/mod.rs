@@ -274,7 +274,7 @@ impl Env {
                     std::fs::read_to_string(&logp).unwrap_or_default()
                 );
             }
-            std::os::unix::net::UnixStream::connect(&sock).ok().map(|_| ())
+            answers(&sock).then_some(())
         });
     }
 
@@ -510,7 +510,7 @@ impl Env {
                     String::from_utf8_lossy(&o.stderr)
                 );
             }
-            let up = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+            let up = answers(&sock);
             if up || Instant::now() > end {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -545,4 +545,21 @@ pub fn loopback_attack(env: &Env) -> String {
          ip addr del 127.0.0.1/8 dev lo && ip route add 127.0.0.1/32 via 10.200.0.1 dev eth0 src 10.200.0.2 onlink",
     ]);
     ns
+}
+
+/// True when a daemon serves requests on `sock`: a connection alone proves nothing, the socket
+/// is bound (and queues connections) before start-up has finished or refused.
+pub fn answers(sock: &std::path::Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: sistemo\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/"))
 }

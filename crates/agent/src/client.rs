@@ -40,6 +40,8 @@ pub enum Event {
     Failed(String),
     /// The guest's facts.
     Facts(Facts),
+    /// An identity was applied: the steps done.
+    Applied(Vec<String>),
 }
 
 struct Route {
@@ -285,6 +287,7 @@ fn route(inner: &Inner, f: Frame) {
             ),
             Ok(GuestMsg::Failed { error }) => (Event::Failed(error), true),
             Ok(GuestMsg::Facts(facts)) => (Event::Facts(facts), true),
+            Ok(GuestMsg::Applied { steps }) => (Event::Applied(steps), true),
             Ok(GuestMsg::Credit { bytes }) => {
                 r.stdin_credit.add_permits(bytes as usize);
                 return;
@@ -357,6 +360,19 @@ impl Client {
         }
     }
 
+    /// Give the guest a new identity (a machine restored from a template); returns the steps
+    /// the agent took.
+    pub async fn identity(&self, identity: proto::Identity) -> Result<Vec<String>, ProtoError> {
+        let (id, mut events, _) = self.open();
+        self.send(Frame::control(id, &HostMsg::Identity(Box::new(identity))))
+            .await?;
+        match events.recv().await {
+            Some(Event::Applied(steps)) => Ok(steps),
+            Some(Event::Failed(e)) => Err(ProtoError::BadMessage(e)),
+            _ => Err(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        }
+    }
+
     /// Ask the guest to power off.
     pub async fn shutdown(&self) -> Result<(), ProtoError> {
         self.send(Frame::control(proto::CHANNEL, &HostMsg::Shutdown))
@@ -388,7 +404,9 @@ impl Session {
         let ev = self.events.recv().await;
         match &ev {
             Some(Event::Stdout(b) | Event::Stderr(b)) => self.owed += b.len() as u32,
-            Some(Event::Exited { .. } | Event::Failed(_) | Event::Facts(_)) => self.done = true,
+            Some(Event::Exited { .. } | Event::Failed(_) | Event::Facts(_) | Event::Applied(_)) => {
+                self.done = true
+            }
             _ => {}
         }
         ev

@@ -255,6 +255,16 @@ async fn handle(f: Frame, out: &mut Out, sessions: &Sessions, current: &Arc<Atom
                         o.msg(id, GuestMsg::Facts(f)).await
                     });
                 }
+                HostMsg::Identity(identity) => {
+                    let o = out.clone();
+                    tokio::spawn(async move {
+                        let m = match crate::identity::apply(&identity).await {
+                            Ok(steps) => GuestMsg::Applied { steps },
+                            Err(error) => GuestMsg::Failed { error },
+                        };
+                        o.msg(id, m).await
+                    });
+                }
                 HostMsg::Credit { bytes } => {
                     if let Some(h) = sessions.lock().expect("sessions").get(&id) {
                         h.credit.add_permits(bytes as usize);

@@ -9,6 +9,7 @@
 //! - [`runner`]: starting a session's process (user, environment, pipes or a PTY).
 //! - [`archive`]: tar streams for `machine cp`, used on both ends.
 //! - [`facts`]: what the guest reports about itself.
+//! - [`identity`]: a restored clone taking its own identity (clock, RNG, addresses, keys).
 //! - [`init`]: the agent as PID 1 running an image's single program (OCI images).
 //! - `sys` (private): the crate's only `unsafe`.
 
@@ -16,6 +17,7 @@ pub mod archive;
 pub mod client;
 pub mod facts;
 pub mod guest;
+pub mod identity;
 pub mod init;
 pub mod port;
 pub mod proto;

@@ -264,6 +264,9 @@ pub enum HostMsg {
     Facts,
     /// Power the guest off (session 0).
     Shutdown,
+    /// Take this identity (a machine restored from a template): answered by
+    /// [`GuestMsg::Applied`] or [`GuestMsg::Failed`] on the frame's session.
+    Identity(Box<Identity>),
     /// Are you there? (session 0; answered by [`GuestMsg::Pong`]). A guest whose agent died
     /// keeps its port's socket open on the host: only silence tells.
     Ping {
@@ -312,11 +315,49 @@ pub enum GuestMsg {
     },
     /// Facts about the guest (the session's last message).
     Facts(Facts),
+    /// The identity is in place (the session's last message).
+    Applied {
+        /// What was done, in order, one short line each.
+        steps: Vec<String>,
+    },
     /// Answer to [`HostMsg::Ping`].
     Pong {
         /// The ping's number.
         n: u64,
     },
+}
+
+/// Who a machine restored from a template is: everything that would otherwise be the
+/// template's (its clock, random state, addresses, names and keys), applied by the agent before
+/// the machine joins its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The host's wall clock: seconds since the epoch.
+    pub time_s: i64,
+    /// And nanoseconds.
+    pub time_ns: u32,
+    /// Host entropy mixed into the kernel's RNG, which is then reseeded.
+    pub entropy: Vec<u8>,
+    /// The template's MAC (how the interface is found).
+    pub from_mac: String,
+    /// The machine's MAC, `52:54:00:..`.
+    pub mac: String,
+    /// Its address with prefix, `10.0.0.5/24`.
+    pub address: String,
+    /// Its default gateway.
+    pub gateway: String,
+    /// DNS servers for `/etc/resolv.conf`.
+    pub dns: Vec<String>,
+    /// Hostname.
+    pub hostname: String,
+    /// `/etc/machine-id` (32 hex digits).
+    pub machine_id: String,
+    /// root's `authorized_keys` lines.
+    pub authorized_keys: Vec<String>,
+    /// The SSH host key (OpenSSH private key file).
+    pub host_key_private: String,
+    /// Its public half.
+    pub host_key_public: String,
 }
 
 /// What the guest reports about itself for `machine status`.

@@ -1,5 +1,5 @@
-//! The agent's only `unsafe`: what a child must do between fork and exec to own a terminal, the
-//! terminal-size ioctl, systemd's power-off signal and a descriptor's registration with tokio.
+//! The agent's only `unsafe`: a child's set-up between fork and exec (terminal, signal mask),
+//! the terminal-size and RNG-reseed ioctls, systemd's power-off signal, descriptor registration.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::process::Command;
@@ -84,4 +84,20 @@ pub(crate) fn async_fd(file: std::fs::File) -> std::io::Result<tokio::io::unix::
     // SAFETY: the `File` owns its descriptor, which stays open and unchanged for as long as the
     // `AsyncFd` holds the `File` (it closes it only when dropped, after deregistering).
     unsafe { tokio::io::unix::AsyncFd::register(file) }.map_err(std::io::Error::from)
+}
+
+/// Mix `entropy` into the kernel's RNG and reseed its CRNG at once (`RNDRESEEDCRNG`), so
+/// `/dev/urandom`, UUIDs and TCP secrets of a clone differ from its template's.
+pub(crate) fn reseed_rng(entropy: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
+    let mut f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    f.write_all(entropy)?;
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory; `f` is a live
+    // descriptor of /dev/urandom for the duration of the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

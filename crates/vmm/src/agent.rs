@@ -108,7 +108,7 @@ pub(crate) async fn run_to_end(name: &str, mut s: Session, out: &OutputSink) -> 
                     }
                 }
             }
-            Some(Event::Started(_)) | Some(Event::Facts(_)) => {}
+            Some(Event::Started(_)) | Some(Event::Facts(_)) | Some(Event::Applied(_)) => {}
             Some(Event::Exited {
                 code,
                 signal,

@@ -39,7 +39,7 @@ pub use sistemo_agent::proto::{Facts, Job, Start, WinSize};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -179,6 +179,41 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The MAC a template boots with; each clone's agent changes it to the clone's own.
+pub const TEMPLATE_MAC: [u8; 6] = [0x02, 0x5e, 0x00, 0x00, 0x00, 0x01];
+
+/// Warm starts: a guest booted once as a template (with no identity), saved, and restored for
+/// each new machine of the same image and shape, which then takes its own identity.
+#[async_trait]
+pub trait Templates: Send + Sync {
+    /// The key of a template of `image_digest` with this shape: it also covers everything of the
+    /// backend a restore depends on (VMM binary and version, kernel, initramfs, agent,
+    /// accelerator), so any change gives a different key and a cold boot, never a broken restore.
+    fn template_key(&self, image_digest: &str, vcpus: u32, memory_mib: u64) -> String;
+
+    /// The files a complete template in `dir` consists of (all must exist to use it).
+    fn template_files(&self, dir: &Path) -> Vec<PathBuf>;
+
+    /// Boot `spec` (its folder is the template's, its link on no bridge, its MAC
+    /// [`TEMPLATE_MAC`]) as a template, wait until it is ready and settled, save it into its
+    /// folder and end its VMM.
+    async fn make_template(
+        &self,
+        spec: &MachineSpec,
+        timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<(), VmmError>;
+
+    /// Start `spec` from the template in `template` (its disk must be a copy of the template's
+    /// frozen disk): the guest runs with the template's identity; its link must stay off the
+    /// bridge until [`Templates::set_identity`] succeeded.
+    async fn restore(&self, spec: &MachineSpec, template: &Path) -> Result<Instance, VmmError>;
+
+    /// Give a restored guest its own identity (clock, RNG, MAC, address, hostname,
+    /// machine-id, SSH keys); returns the steps taken.
+    async fn set_identity(&self, spec: &MachineSpec, timeout: Duration) -> Result<Vec<String>, VmmError>;
+}
+
 /// One hypervisor driver. Implementations must be cheap to share (`Arc<dyn Hypervisor>`).
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
@@ -263,6 +298,11 @@ pub trait Hypervisor: Send + Sync {
                 reason: format!("command did not finish within {}s", timeout.as_secs()),
             })
         })
+    }
+
+    /// Warm starts from templates, for backends that have them.
+    fn templates(&self) -> Option<&dyn Templates> {
+        None
     }
 
     /// Argument vector of an interactive shell into the machine (run by the CLI on a terminal).

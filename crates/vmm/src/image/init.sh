@@ -25,7 +25,8 @@ mkdir -p $R/etc $R/root/.ssh $R/etc/ssh $R/etc/systemd/network
 echo "$SISTEMO_HOSTNAME" > $R/etc/hostname
 printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost ip6-loopback\n' "$SISTEMO_HOSTNAME" > $R/etc/hosts
 echo "$SISTEMO_MACHINE_ID" > $R/etc/machine-id
-{
+# A template gets no network identity: its clones get theirs from the agent.
+[ "$SISTEMO_TEMPLATE" = 1 ] || {
   echo "[Match]"
   echo "MACAddress=$SISTEMO_MAC"
   echo "[Network]"
@@ -61,11 +62,13 @@ for k in all default "$IF"; do
   echo 0 > /proc/sys/net/ipv6/conf/$k/accept_ra 2>/dev/null
   echo 0 > /proc/sys/net/ipv6/conf/$k/autoconf 2>/dev/null
 done
-ip link set dev "$IF" up
-ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_ADDRESS"
-ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
-# Tell the bridge about our MAC at once (a previous machine may have had this address).
-arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
+if [ "$SISTEMO_TEMPLATE" != 1 ]; then
+  ip link set dev "$IF" up
+  ip addr add "$SISTEMO_ADDRESS" dev "$IF" || fail "cannot set address $SISTEMO_ADDRESS"
+  ip route add default via "$SISTEMO_GATEWAY" proto static || log "no default route via $SISTEMO_GATEWAY"
+  # Tell the bridge about our MAC at once (a previous machine may have had this address).
+  arping -U -c 1 -w 1 -I "$IF" "${SISTEMO_ADDRESS%/*}" >/dev/null 2>&1 &
+fi
 # sistemo volumes: mount each volume with a mount point ($SISTEMO_VOLUMES: SERIAL:MOUNT:ro|rw),
 # found by its disk's serial, whatever its position among vdb, vdc, ...
 for v in $SISTEMO_VOLUMES; do

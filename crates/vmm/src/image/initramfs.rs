@@ -102,6 +102,9 @@ pub(crate) struct GuestConfig {
     pub(crate) workload: Option<Vec<u8>>,
     /// Volumes the guest's init mounts: `SERIAL:MOUNT:ro|rw` (see [`guest_volumes`]).
     pub(crate) volumes: Vec<String>,
+    /// Boot as a template: no address, route or network file (clones get theirs from the
+    /// agent), the interface left down.
+    pub(crate) template: bool,
 }
 
 /// The `SISTEMO_VOLUMES` entries of a machine: each volume with a mount point, as
@@ -129,7 +132,7 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
         .collect::<Vec<_>>()
         .join(" ");
     let env = format!(
-        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\nSISTEMO_VOLUMES={}\n",
+        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\nSISTEMO_VOLUMES={}\nSISTEMO_TEMPLATE={}\n",
         shell_quote(&cfg.hostname),
         shell_quote(&cfg.machine_id),
         shell_quote(&format_mac(&cfg.mac)),
@@ -137,6 +140,7 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
         shell_quote(&cfg.gateway.to_string()),
         shell_quote(&dns),
         shell_quote(&cfg.volumes.join(" ")),
+        u8::from(cfg.template),
     );
     let mut keys = cfg.authorized_keys.join("\n");
     keys.push('\n');
@@ -196,6 +200,7 @@ mod tests {
             host_key_public: "ssh-ed25519 BBB".into(),
             volumes: vec!["sv-1:/data:rw".into(), "sv-2:/srv/ro:ro".into()],
             workload: Some(br#"{"argv":["/bin/app"]}"#.to_vec()),
+            template: false,
         };
         let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
         assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));

@@ -40,7 +40,7 @@ impl Qemu {
     }
 
     /// QEMU's argument vector for `spec` (without the program).
-    pub(crate) fn qemu_args(&self, spec: &MachineSpec, disk: &Path) -> Vec<String> {
+    pub(crate) fn qemu_args(&self, spec: &MachineSpec, disk: &Path, boot: Boot<'_>) -> Vec<String> {
         let p = |x: PathBuf| x.display().to_string();
         let mut a: Vec<String> = vec![
             "-name".into(),
@@ -51,7 +51,11 @@ impl Qemu {
             "none".into(),
             "-no-reboot".into(),
             "-M".into(),
-            "microvm,acpi=on".into(),
+            match boot {
+                Boot::Cold => "microvm,acpi=on".into(),
+                // Guest RAM in a file: what `x-ignore-shared` leaves out of the saved state.
+                Boot::Template { .. } | Boot::Restore { .. } => "microvm,acpi=on,memory-backend=ram".into(),
+            },
             // Modern (virtio 1.x) devices on virtio-mmio, as QEMU's microvm docs recommend.
             "-global".into(),
             "virtio-mmio.force-legacy=false".into(),
@@ -68,17 +72,47 @@ impl Qemu {
                 "qemu64,+rdrand".into(),
             ]),
         }
+        let mib = spec.memory_mib.max(128);
         a.extend([
             "-smp".into(),
             spec.vcpus.max(1).to_string(),
             "-m".into(),
-            format!("{}M", spec.memory_mib.max(128)),
-            "-kernel".into(),
-            p(self.assets.kernel.clone()),
-            "-initrd".into(),
-            p(initrd_path(spec)),
-            "-append".into(),
-            self.kernel_cmdline(),
+            format!("{mib}M"),
+        ]);
+        match boot {
+            Boot::Cold | Boot::Template { .. } => a.extend([
+                "-kernel".into(),
+                p(self.assets.kernel.clone()),
+                "-initrd".into(),
+                p(initrd_path(spec)),
+                "-append".into(),
+                self.kernel_cmdline(),
+            ]),
+            // The kernel is in the saved RAM already; loading it again would write over it.
+            Boot::Restore { .. } => {}
+        }
+        match boot {
+            Boot::Cold => {}
+            // The template writes its RAM into the file (shared); a clone maps the same file
+            // privately: copy on write, the file never changes.
+            Boot::Template { ram } | Boot::Restore { ram } => a.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=ram,size={mib}M,mem-path={},share={}",
+                    escape_opt(&ram.display().to_string()),
+                    if matches!(boot, Boot::Template { .. }) {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                ),
+            ]),
+        }
+        if let Boot::Restore { .. } = boot {
+            // The state arrives on stdin once QMP has set the migration's capabilities.
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
+        a.extend([
             "-drive".into(),
             format!(
                 "file={},format=raw,if=none,id=d0,cache=writeback{}",
@@ -133,6 +167,23 @@ impl Qemu {
         }
         a
     }
+}
+
+/// How a machine's VMM starts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Boot<'a> {
+    /// A fresh boot of the kernel.
+    Cold,
+    /// A fresh boot whose RAM lives in the file `ram`, to be saved as a template.
+    Template {
+        /// The RAM file.
+        ram: &'a Path,
+    },
+    /// Restored from a template whose RAM is the file `ram`.
+    Restore {
+        /// The template's RAM file.
+        ram: &'a Path,
+    },
 }
 
 /// One `-drive` and `virtio-blk-device` per volume, after the root disk (so the guest sees them
@@ -205,6 +256,8 @@ mod tests {
             }),
             cgroups: crate::cgroup::Cgroups::Unavailable("test".into()),
             agents: Default::default(),
+            qemu_version: "QEMU emulator version 7.2.0".into(),
+            environment: Default::default(),
         };
         let spec = MachineSpec {
             id: uuid::Uuid::nil(),
@@ -253,7 +306,9 @@ mod tests {
     #[test]
     fn qemu_argv_wires_disk_tap_console_and_qmp() {
         let (q, spec) = dummy(Accel::Tcg);
-        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        let a = q
+            .qemu_args(&spec, Path::new("/m/web/disk.raw"), Boot::Cold)
+            .join(" ");
         for want in [
             "-M microvm,acpi=on",
             "-accel tcg,tb-size=128 -cpu qemu64,+rdrand",
@@ -276,7 +331,7 @@ mod tests {
     #[test]
     fn qemu_is_sandboxed_chrooted_and_unprivileged() {
         let (mut q, spec) = dummy(Accel::Tcg);
-        let argv = q.qemu_args(&spec, Path::new("/m/web/disk.raw"));
+        let argv = q.qemu_args(&spec, Path::new("/m/web/disk.raw"), Boot::Cold);
         let a = argv.join(" ");
         for want in [
             "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
@@ -291,11 +346,13 @@ mod tests {
         // -D would reopen a log by path; stderr is the log instead.
         assert!(!argv.iter().any(|x| x == "-D"), "{a}");
         q.user = None;
-        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        let a = q
+            .qemu_args(&spec, Path::new("/m/web/disk.raw"), Boot::Cold)
+            .join(" ");
         assert!(a.contains("-sandbox on,") && !a.contains("-runas") && !a.contains("-chroot"));
         let (q, spec) = dummy(Accel::Kvm);
         assert!(
-            q.qemu_args(&spec, Path::new("/d"))
+            q.qemu_args(&spec, Path::new("/d"), Boot::Cold)
                 .join(" ")
                 .contains("-accel kvm -cpu host")
         );
@@ -318,7 +375,9 @@ mod tests {
                 mount: None,
             },
         ];
-        let a = q.qemu_args(&spec, Path::new("/m/web/disk.raw")).join(" ");
+        let a = q
+            .qemu_args(&spec, Path::new("/m/web/disk.raw"), Boot::Cold)
+            .join(" ");
         for want in [
             "-drive file=/v/a.raw,format=raw,if=none,id=v0,cache=writeback -device virtio-blk-device,drive=v0,serial=sv-a",
             "file=/v/b,,c.raw,format=raw,if=none,id=v1,cache=writeback,readonly=on",
@@ -335,14 +394,14 @@ mod tests {
     #[test]
     fn disk_limits_become_drive_throttling() {
         let (q, mut spec) = dummy(Accel::Tcg);
-        let a = q.qemu_args(&spec, Path::new("/d")).join(" ");
+        let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
         assert!(!a.contains("throttling"), "{a}");
         spec.io = crate::IoLimits {
             iops: 300,
             disk_bw_mbps: 8,
             ..Default::default()
         };
-        let a = q.qemu_args(&spec, Path::new("/d")).join(" ");
+        let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
         assert!(
             a.contains("id=d0,cache=writeback,throttling.iops-total=300,throttling.bps-total=8388608 "),
             "{a}"

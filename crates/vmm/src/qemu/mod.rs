@@ -9,10 +9,12 @@ mod console;
 mod files;
 mod jail;
 mod qmp;
+mod template;
 
 pub use accel::{Accel, AccelChoice, accel_reason};
 pub use console::console_tail;
 pub use jail::{DEFAULT_VMM_USER, SANDBOX, VmmUser};
+pub use template::DISK as TEMPLATE_DISK;
 
 use crate::agent::Agents;
 use crate::cgroup::{Cgroups, Limits, machine_limits};
@@ -25,6 +27,7 @@ use crate::{
     output_queue,
 };
 use accel::{detect_accel, host_tsc_khz};
+use args::Boot;
 use async_trait::async_trait;
 use files::{agent_path, console_path, ctl_path, initrd_path, pid_path, private_file, qmp_path};
 use qmp::qmp_command;
@@ -96,6 +99,10 @@ pub struct Qemu {
     user: Option<VmmUser>,
     cgroups: Cgroups,
     agents: Arc<Agents>,
+    /// `qemu-system-x86_64 --version`'s first line.
+    qemu_version: String,
+    /// What templates depend on besides their image and shape (see `template.rs`).
+    environment: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Qemu {
@@ -151,6 +158,12 @@ impl Qemu {
             user,
             cgroups,
             agents: Default::default(),
+            qemu_version: String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            environment: Default::default(),
         })
     }
 
@@ -197,7 +210,7 @@ impl Qemu {
         }
     }
 
-    async fn guest_config(&self, spec: &MachineSpec) -> Result<GuestConfig, VmmError> {
+    async fn guest_config(&self, spec: &MachineSpec, template: bool) -> Result<GuestConfig, VmmError> {
         let hk = ensure_host_key(&spec.dir, &host_alias(&spec.id)).await?;
         let private = std::fs::read(&hk.private).map_err(VmmError::io("reading the machine's host key"))?;
         let mut keys = vec![self.client.public.clone()];
@@ -219,6 +232,7 @@ impl Qemu {
             host_key_public: hk.public,
             volumes: guest_volumes(spec),
             workload: crate::image::oci::read_workload(&spec.dir)?,
+            template,
         })
     }
 
@@ -278,6 +292,111 @@ impl Qemu {
             tracing::warn!(machine = %spec.name, pid, child = ?child.id(), "QEMU's pidfile names another process than the one started");
         }
         Instance::of_pid(pid).ok_or_else(|| self.boot_error(spec, "QEMU exited right after starting"))
+    }
+
+    /// Spawn QEMU for `spec` as `boot` says, `stdin` its standard input (a restore's saved
+    /// state), and wait until its monitor answers.
+    pub(crate) async fn spawn_vmm(
+        &self,
+        spec: &MachineSpec,
+        boot: Boot<'_>,
+        stdin: Stdio,
+    ) -> Result<Instance, VmmError> {
+        let disk = spec.disk.clone().ok_or_else(|| VmmError::Boot {
+            name: spec.name.clone(),
+            reason: "a QEMU machine needs a root disk".into(),
+        })?;
+        if !disk.exists() {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!("root disk {} does not exist", disk.display()),
+            });
+        }
+        // Without the network layer's TAP, QEMU would create a fresh one off the bridge and the
+        // guest would boot unreachable.
+        if self.netns.is_none() && !interface_exists(&spec.net.host_ifname) {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!(
+                    "TAP device {} does not exist (the network layer creates it)",
+                    spec.net.host_ifname
+                ),
+            });
+        }
+        std::fs::create_dir_all(&spec.dir)
+            .map_err(VmmError::io(format!("creating {}", spec.dir.display())))?;
+        // Never two VMMs for one machine (QEMU's image lock also refuses a second writer).
+        if let Ok(pid) = std::fs::read_to_string(pid_path(spec))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+            && let Some(inst) = Instance::of_pid(pid)
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&pid_path(spec).display().to_string()))
+        {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: format!("already running as pid {}", inst.pid),
+            });
+        }
+        // Keys, the SSH control socket, the disk and QEMU's sockets live here: 0700, root's.
+        jail::prepare(&spec.dir)?;
+        self.close_master(spec).await;
+        if !matches!(boot, Boot::Restore { .. }) {
+            let cfg = self
+                .guest_config(spec, matches!(boot, Boot::Template { .. }))
+                .await?;
+            write_machine_initrd(&self.assets.initramfs, &cfg, &initrd_path(spec))?;
+        }
+        let console = console_path(spec);
+        if console.exists() {
+            let _ = std::fs::rename(&console, spec.dir.join("console.log.1"));
+        }
+        let _ = std::fs::remove_file(qmp_path(spec));
+        let _ = std::fs::remove_file(agent_path(spec));
+        self.agents.forget(spec);
+        let _ = std::fs::remove_file(pid_path(spec));
+        let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
+        for f in [&initrd_path(spec), &disk, &console] {
+            private_file(f)?;
+        }
+        // QEMU's own messages (stderr, and `-d guest_errors`) go to qemu.log.
+        let log = private_file(&spec.dir.join("qemu.log"))?;
+        let procs = if self.cgroups.available() {
+            let limits = self.limits_for(spec);
+            self.cgroups
+                .create(&Self::cgroup_name(spec), limits)
+                .map_err(|e| self.boot_error(spec, &format!("creating the machine's cgroup: {e}")))?
+        } else {
+            Vec::new()
+        };
+        // `sh` joins the cgroup before QEMU exists (so all of QEMU's memory and threads are
+        // charged to it), `setsid` gives QEMU its own session (it outlives the daemon), and all
+        // of them (and `ip netns exec`) exec, so the child's pid is QEMU's. The cgroup is joined
+        // before `ip netns exec`, which remounts /sys without the cgroup file systems.
+        // `-daemonize` is out: `-sandbox spawn=deny` forbids its fork.
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(JOIN_AND_EXEC).arg("sh").args(&procs).arg("--");
+        if let Some(ns) = &self.netns {
+            cmd.args(["ip", "netns", "exec", ns]);
+        }
+        cmd.arg("setsid")
+            .arg(&self.binary)
+            .args(self.qemu_args(spec, &disk, boot))
+            .stdin(stdin)
+            .stdout(log.try_clone().map_err(VmmError::io("duplicating qemu.log"))?)
+            .stderr(log)
+            .kill_on_drop(false);
+        let res = self.launch(spec, cmd).await;
+        if res.is_err() {
+            // Nothing runs in it (QEMU exited or was killed): no cgroup outlives a failed start.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for _ in 0..20 {
+                if self.cgroups.remove(&Self::cgroup_name(spec)).is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        res
     }
 
     async fn ssh_run(
@@ -349,97 +468,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn start(&self, spec: &MachineSpec) -> Result<Instance, VmmError> {
-        let disk = spec.disk.clone().ok_or_else(|| VmmError::Boot {
-            name: spec.name.clone(),
-            reason: "a QEMU machine needs a root disk".into(),
-        })?;
-        if !disk.exists() {
-            return Err(VmmError::Boot {
-                name: spec.name.clone(),
-                reason: format!("root disk {} does not exist", disk.display()),
-            });
-        }
-        // Without the network layer's TAP, QEMU would create a fresh one off the bridge and the
-        // guest would boot unreachable.
-        if self.netns.is_none() && !interface_exists(&spec.net.host_ifname) {
-            return Err(VmmError::Boot {
-                name: spec.name.clone(),
-                reason: format!(
-                    "TAP device {} does not exist (the network layer creates it)",
-                    spec.net.host_ifname
-                ),
-            });
-        }
-        std::fs::create_dir_all(&spec.dir)
-            .map_err(VmmError::io(format!("creating {}", spec.dir.display())))?;
-        // Never two VMMs for one machine (QEMU's image lock also refuses a second writer).
-        if let Ok(pid) = std::fs::read_to_string(pid_path(spec))
-            && let Ok(pid) = pid.trim().parse::<i32>()
-            && let Some(inst) = Instance::of_pid(pid)
-            && std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&pid_path(spec).display().to_string()))
-        {
-            return Err(VmmError::Boot {
-                name: spec.name.clone(),
-                reason: format!("already running as pid {}", inst.pid),
-            });
-        }
-        // Keys, the SSH control socket, the disk and QEMU's sockets live here: 0700, root's.
-        jail::prepare(&spec.dir)?;
-        self.close_master(spec).await;
-        let cfg = self.guest_config(spec).await?;
-        write_machine_initrd(&self.assets.initramfs, &cfg, &initrd_path(spec))?;
-        let console = console_path(spec);
-        if console.exists() {
-            let _ = std::fs::rename(&console, spec.dir.join("console.log.1"));
-        }
-        let _ = std::fs::remove_file(qmp_path(spec));
-        let _ = std::fs::remove_file(agent_path(spec));
-        self.agents.forget(spec);
-        let _ = std::fs::remove_file(pid_path(spec));
-        let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
-        for f in [&initrd_path(spec), &disk, &console] {
-            private_file(f)?;
-        }
-        // QEMU's own messages (stderr, and `-d guest_errors`) go to qemu.log.
-        let log = private_file(&spec.dir.join("qemu.log"))?;
-        let procs = if self.cgroups.available() {
-            let limits = self.limits_for(spec);
-            self.cgroups
-                .create(&Self::cgroup_name(spec), limits)
-                .map_err(|e| self.boot_error(spec, &format!("creating the machine's cgroup: {e}")))?
-        } else {
-            Vec::new()
-        };
-        // `sh` joins the cgroup before QEMU exists (so all of QEMU's memory and threads are
-        // charged to it), `setsid` gives QEMU its own session (it outlives the daemon), and all
-        // of them (and `ip netns exec`) exec, so the child's pid is QEMU's. The cgroup is joined
-        // before `ip netns exec`, which remounts /sys without the cgroup file systems.
-        // `-daemonize` is out: `-sandbox spawn=deny` forbids its fork.
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(JOIN_AND_EXEC).arg("sh").args(&procs).arg("--");
-        if let Some(ns) = &self.netns {
-            cmd.args(["ip", "netns", "exec", ns]);
-        }
-        cmd.arg("setsid")
-            .arg(&self.binary)
-            .args(self.qemu_args(spec, &disk))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(VmmError::io("duplicating qemu.log"))?)
-            .stderr(log)
-            .kill_on_drop(false);
-        let res = self.launch(spec, cmd).await;
-        if res.is_err() {
-            // Nothing runs in it (QEMU exited or was killed): no cgroup outlives a failed start.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            for _ in 0..20 {
-                if self.cgroups.remove(&Self::cgroup_name(spec)).is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        res
+        self.spawn_vmm(spec, Boot::Cold, Stdio::null()).await
     }
 
     async fn wait_ready(
@@ -655,6 +684,10 @@ impl Hypervisor for Qemu {
             }
         }
         Ok(())
+    }
+
+    fn templates(&self) -> Option<&dyn crate::Templates> {
+        Some(self)
     }
 
     fn limits(&self, spec: &MachineSpec) -> Option<Limits> {
