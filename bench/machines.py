@@ -58,6 +58,14 @@ Figures (targets from the issue):
                          --vmm-machines - 1 more, deployed for this and deleted after.
   idle_cpu_pct_per_machine  CPU (utime + stime, all threads) of those machines' QEMU processes
                          over --idle-secs, after a settle time, in % of one core, per machine.
+  warm_deploy_to_exec_s_median  after `image warm debian` (image_warm_s), wall time from starting
+                         `sistemo machine deploy debian` (restored from the template) until the
+                         first `machine exec NAME true` succeeds, CLI included; median over 5 (2
+                         with --quick) deploys, each deleted before the next. Target <= 0.6 s,
+                         side by side with the cold boot_to_exec_s_median of the same run.
+  warm_deploy_rss_mb     host memory a fresh clone adds: its QEMU's Pss (smaps_rollup) right
+                         after the first exec; the guest RAM it shares with the template's file
+                         (page cache) counts in part.
 
 Exit status: 0 if everything ran (a missed target shows as MISS), 1 if something failed to run or
 a deploy gave no boot/overhead figure or the cleanup had to kill a qemu (then no RESULT line is
@@ -475,6 +483,53 @@ def disk_reference(env, img2g):
 
 # ---------------------------------------------------------------- main
 
+def warm_deploys(env, n):
+    """`image warm debian`, then n deploys restored from that template, each timed from the start of
+    `machine deploy` until `machine exec NAME true` succeeds (CLI included), and the host memory
+    the fresh clone's QEMU adds (its Pss: pages shared with the template's RAM file or other
+    clones count in part). Each clone is deleted before the next (the spare disk is refilled)."""
+    t = time.monotonic()
+    r = env.cli("image", "warm", "debian", "-o", "json", check=False, timeout=400)
+    if r.returncode != 0:
+        raise BenchError(f"`image warm debian` failed: {r.stderr.strip()[-800:]}")
+    warm_s = time.monotonic() - t
+    tmpl = json.loads(r.stdout)
+    runs = []
+    for i in range(n):
+        name = f"w{i + 1}"
+        # the spare copy of the template's disk is refilled after each deploy: wait for it
+        pool = os.path.join(env.data, "pool")
+        end = time.monotonic() + 60
+        while time.monotonic() < end and os.path.isdir(pool) and any(
+                f.endswith(".filling") for f in os.listdir(pool)):
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        d = env.cli("machine", "deploy", "debian", "--name", name, check=False, timeout=120)
+        if d.returncode != 0:
+            raise BenchError(f"warm deploy of {name} failed: {d.stderr.strip()[-800:]}")
+        t_deploy = time.monotonic() - t0
+        while True:
+            e = env.cli("machine", "exec", name, "true", check=False, timeout=60)
+            if e.returncode == 0:
+                break
+            if time.monotonic() - t0 > 60:
+                raise BenchError(f"`machine exec {name} true` fails 60 s after a warm deploy: {e.stderr.strip()}")
+        total = time.monotonic() - t0
+        st = json.loads(env.cli("machine", "status", name, "-o", "json").stdout)
+        if st.get("template") != tmpl["key"]:
+            raise BenchError(f"{name} was not restored from the template: {st.get('template')}")
+        q = [pid for pid, c in env.qemu_pids() if st["id"] in c]
+        pss = 0
+        if q:
+            for line in open(f"/proc/{q[0]}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+        runs.append(dict(name=name, deploy=t_deploy, total=total, pss_kb=pss))
+        log(f"warm {name}: deploy {t_deploy:.3f}s, exec-ready {total:.3f}s, qemu Pss {pss} kB")
+        delete(env, name, st["id"])
+    return dict(warm_s=warm_s, bytes=tmpl.get("bytes", 0), runs=runs)
+
+
 def measure(env, args):
     boots = args.boots or (2 if args.quick else 5)
     extra = 1 if args.quick else 2
@@ -548,6 +603,8 @@ def measure(env, args):
         log(describe(r))
         r["delete"] = delete(env, name, r["id"])
 
+    warm = warm_deploys(env, 2 if args.quick else 5)
+
     ref = disk_reference(env, img2g)
     log("disk reference (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in ref.items()))
     rss_end = idle_rss(env, args.idle_secs)
@@ -618,6 +675,15 @@ def measure(env, args):
     rep.add("guest_boot_s_median", statistics.median(r["boot"] for r in runs), "s",
             "boot (deploy debian -> exec true)")
     rep.add("boot_to_exec_s_ssh", wssh["total"], "s", "boot (deploy debian -> exec true)")
+    sec = "warm deploys (restored from a template, image warm debian)"
+    wt = [r["total"] for r in warm["runs"]]
+    rep.add("warm_deploy_to_exec_s_median", statistics.median(wt), "s", sec, ("<=", 0.6))
+    rep.add("warm_deploy_to_exec_s_min", min(wt), "s", sec)
+    rep.add("warm_deploy_to_exec_s_max", max(wt), "s", sec)
+    rep.add("warm_deploy_s_median", statistics.median(r["deploy"] for r in warm["runs"]), "s", sec)
+    rep.add("warm_deploy_rss_mb", statistics.median(r["pss_kb"] for r in warm["runs"]) / 1024, "MB", sec)
+    rep.add("image_warm_s", warm["warm_s"], "s", sec)
+    rep.add("template_mb", warm["bytes"] / (1 << 20), "MB", sec)
     sec = "exec: guest agent vs sshd, same machine"
     rep.add("exec_ms_median", pct(ex["agent_ms"], 50), "ms", sec, ("<=", 50))
     rep.add("exec_ms_ssh_median", pct(ex["ssh_ms"], 50), "ms", sec)

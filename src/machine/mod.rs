@@ -262,8 +262,9 @@ impl Machines {
     /// machine's limits need its network's row).
     fn view(&self, machine: Machine, ports: Vec<ExposeSpec>) -> MachineView {
         let io = self.store.lock().io_of(machine.id).unwrap_or_default();
+        let template = self.store.lock().template_of(machine.id).unwrap_or_default();
         MachineView {
-            template: self.store.lock().template_of(machine.id).unwrap_or_default(),
+            template,
             io,
             paused: self.paused_reason(&machine),
             limits: self.limits_of(&machine),

@@ -113,9 +113,11 @@ impl Qemu {
             a.extend(["-incoming".into(), "defer".into()]);
         }
         a.extend([
+            // `auto-read-only=off`: QEMU would otherwise reopen the disk by its path when a save
+            // drops write access, which fails once it is chrooted and unprivileged.
             "-drive".into(),
             format!(
-                "file={},format=raw,if=none,id=d0,cache=writeback{}",
+                "file={},format=raw,if=none,id=d0,cache=writeback,auto-read-only=off{}",
                 escape_opt(&disk.display().to_string()),
                 drive_throttling(&spec.io)
             ),
