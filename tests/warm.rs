@@ -47,7 +47,7 @@ fn real_vm_templates_give_each_clone_its_own_identity() {
         .flat_map(|i| i["templates"].as_array().cloned().unwrap_or_default())
         .map(|t| t["key"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(listed, [key.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&key));
     let tdir = env.dir.join("data/templates").join(&key);
     let state_sum = ok(&["sha256sum", tdir.join("state").to_str().unwrap()]);
     // Warming again finds it.

@@ -285,6 +285,51 @@ mod tests {
     }
 
     #[test]
+    fn templates_keep_ram_in_a_file_and_restores_load_no_kernel() {
+        let (q, spec) = dummy(Accel::Tcg);
+        let ram = Path::new("/t/ram");
+        let t = q
+            .qemu_args(&spec, Path::new("/d"), Boot::Template { ram })
+            .join(" ");
+        assert!(
+            t.contains("memory-backend=ram") && t.contains("mem-path=/t/ram,share=on"),
+            "{t}"
+        );
+        assert!(t.contains("-kernel") && !t.contains("-incoming"), "{t}");
+        let r = q
+            .qemu_args(&spec, Path::new("/d"), Boot::Restore { ram })
+            .join(" ");
+        assert!(
+            r.contains("mem-path=/t/ram,share=off") && r.contains("-incoming defer"),
+            "{r}"
+        );
+        // The kernel is in the saved RAM: loading it again would overwrite the running guest.
+        assert!(!r.contains("-kernel") && !r.contains("-initrd"), "{r}");
+        let c = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
+        assert!(!c.contains("memory-backend") && !c.contains("-incoming"), "{c}");
+    }
+
+    #[test]
+    fn a_template_key_changes_with_the_shape_and_the_qemu() {
+        use crate::Templates;
+        let (q, _) = dummy(Accel::Tcg);
+        let k = q.template_key("abc", 1, 512);
+        assert_eq!(k, q.template_key("abc", 1, 512));
+        assert_ne!(k, q.template_key("abd", 1, 512));
+        assert_ne!(k, q.template_key("abc", 2, 512));
+        assert_ne!(k, q.template_key("abc", 1, 1024));
+        let (mut other, _) = dummy(Accel::Tcg);
+        other.qemu_version = "QEMU emulator version 8.2.0".into();
+        assert_ne!(
+            k,
+            other.template_key("abc", 1, 512),
+            "another QEMU must not restore it"
+        );
+        let (kvm, _) = dummy(Accel::Kvm);
+        assert_ne!(k, kvm.template_key("abc", 1, 512));
+    }
+
+    #[test]
     fn tcg_gets_the_tsc_workarounds_and_kvm_does_not() {
         let (q, _) = dummy(Accel::Tcg);
         let c = q.kernel_cmdline();
@@ -405,7 +450,7 @@ mod tests {
         };
         let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
         assert!(
-            a.contains("id=d0,cache=writeback,throttling.iops-total=300,throttling.bps-total=8388608 "),
+            a.contains("id=d0,cache=writeback,auto-read-only=off,throttling.iops-total=300,throttling.bps-total=8388608 "),
             "{a}"
         );
     }
