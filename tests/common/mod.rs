@@ -546,3 +546,11 @@ pub fn loopback_attack(env: &Env) -> String {
     ]);
     ns
 }
+
+impl Env {
+    /// An environment whose daemon runs real VMs (see [`Env::qemu`]) with `extra` in its
+    /// config file (see [`Env::with_config`]).
+    pub fn qemu_with_config(tag: &str, seed: &std::path::Path, extra: &str) -> Env {
+        Self::build_with(tag, &[], "qemu", Some(seed), extra)
+    }
+}
