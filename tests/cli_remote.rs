@@ -28,7 +28,10 @@ fn cli_over_tls_prints_what_the_socket_prints() {
     let st = |n: &str| env.cli_socket_ok(&["machine", "status", n]);
 
     step("deploy over TLS shows the machine as the socket does");
-    let d = out(&env.cli(&["machine", "deploy", "debian", "--name", "web"]), "deploy");
+    let d = out(
+        &env.cli(&["machine", "deploy", "debian", "--name", "web"]),
+        "deploy",
+    );
     assert_eq!(d, st("web"));
     let d = out(
         &env.cli(&["machine", "deploy", "debian", "--name", "api", "-o", "json"]),
@@ -48,14 +51,25 @@ fn cli_over_tls_prints_what_the_socket_prints() {
 
     step("expose and unexpose over TLS; the port works");
     let e = out(
-        &env.cli(&["machine", "expose", "web", "--port", "8080:80", "--port", "5353:53/udp"]),
+        &env.cli(&[
+            "machine",
+            "expose",
+            "web",
+            "--port",
+            "8080:80",
+            "--port",
+            "5353:53/udp",
+        ]),
         "expose",
     );
     assert_eq!(e, st("web"));
     assert!(e.contains("host:8080 → machine:80 (tcp)"), "{e}");
     env.serve_tcp("web", 80, "web");
     expect_tcp(&env.client, HOST_LAN, 8080, "web");
-    let u = out(&env.cli(&["machine", "unexpose", "web", "--port", "5353/udp"]), "unexpose");
+    let u = out(
+        &env.cli(&["machine", "unexpose", "web", "--port", "5353/udp"]),
+        "unexpose",
+    );
     assert_eq!(u, st("web"));
     let bad = env.cli_both(&["machine", "expose", "web", "--port", "70000"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -68,7 +82,8 @@ fn cli_over_tls_prints_what_the_socket_prints() {
     env.cli_both(&["machine", "exec", "nope", "true"]);
 
     step("logs, and logs -f follows over TLS");
-    let v: serde_json::Value = serde_json::from_str(&env.cli_socket_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&env.cli_socket_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
     let log = env
         .dir
         .join("data/machines")
@@ -126,7 +141,10 @@ fn cli_over_tls_prints_what_the_socket_prints() {
     assert!(!e.status.success());
     let e = String::from_utf8_lossy(&e.stderr);
     assert!(e.contains("attached") && e.contains("api"), "{e}");
-    out(&env.cli(&["machine", "volume", "detach", "api", "data"]), "detach");
+    out(
+        &env.cli(&["machine", "volume", "detach", "api", "data"]),
+        "detach",
+    );
     out(&env.cli(&["volume", "resize", "data", "128M"]), "resize");
     out(&env.cli(&["volume", "delete", "data-c1", "-y"]), "delete");
     env.cli_both(&["volume", "list", "-o", "json"]);
@@ -135,9 +153,13 @@ fn cli_over_tls_prints_what_the_socket_prints() {
     env.cli_both(&["history", "--limit", "100", "-o", "json"]);
     env.cli_both(&["history", "--action", "volume.create"]);
     let h: serde_json::Value =
-        serde_json::from_str(&env.cli_socket_ok(&["history", "--action", "machine.deploy", "-o", "json"])).unwrap();
+        serde_json::from_str(&env.cli_socket_ok(&["history", "--action", "machine.deploy", "-o", "json"]))
+            .unwrap();
     assert!(
-        h.as_array().unwrap().iter().all(|e| e["actor"] == "token remote-cli"),
+        h.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["actor"] == "token remote-cli"),
         "{h}"
     );
 }

@@ -20,7 +20,14 @@ fn remote(env: &Env, cwd: &Path, token: &str, args: &[&str]) -> Output {
     let c: Value = serde_json::from_str(&env.cli_ok(&["config", "-o", "json"])).unwrap();
     let fp = c["tls_fingerprint"].as_str().unwrap().to_string();
     Command::new("ip")
-        .args(["netns", "exec", &env.ns, env!("CARGO_BIN_EXE_sistemo"), "--host", URL])
+        .args([
+            "netns",
+            "exec",
+            &env.ns,
+            env!("CARGO_BIN_EXE_sistemo"),
+            "--host",
+            URL,
+        ])
         .args(args)
         .current_dir(cwd)
         .env("HOME", cwd)
@@ -84,7 +91,14 @@ fn ext4(dir: &Path, name: &str, mib: u32, text: &str) -> PathBuf {
     std::fs::write(tree.join("hello"), text).unwrap();
     let p = dir.join(name);
     ok(&["truncate", "-s", &format!("{mib}M"), p.to_str().unwrap()]);
-    ok(&["mkfs.ext4", "-q", "-F", "-d", tree.to_str().unwrap(), p.to_str().unwrap()]);
+    ok(&[
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-d",
+        tree.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
     p
 }
 
@@ -111,7 +125,12 @@ fn remote_deploy_uploads_a_local_ext4_image() {
     let sha = sha256(&img);
 
     step("a relative image path is uploaded, stored by sha256 and deployed by its digest");
-    let o = remote(&env, &work, &admin, &["machine", "deploy", "./my.ext4", "-o", "json"]);
+    let o = remote(
+        &env,
+        &work,
+        &admin,
+        &["machine", "deploy", "./my.ext4", "-o", "json"],
+    );
     let (out, err) = ok_out(&o, "deploy ./my.ext4");
     let m: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(m["name"], "my", "named after the file: {m}");
@@ -120,20 +139,32 @@ fn remote_deploy_uploads_a_local_ext4_image() {
     let stored = env.dir.join(format!("data/images/{sha}.ext4"));
     assert_eq!(sha256(&stored), sha, "the same bytes in the store");
     assert_eq!(store(&env), vec![format!("{sha}.ext4")], "no scratch left");
-    let hist: Value = serde_json::from_str(&env.cli_ok(&["history", "--action", "image.upload", "-o", "json"])).unwrap();
+    let hist: Value =
+        serde_json::from_str(&env.cli_ok(&["history", "--action", "image.upload", "-o", "json"])).unwrap();
     let entries = hist.as_array().unwrap();
     assert_eq!(entries.len(), 1, "{hist}");
     assert_eq!(entries[0]["actor"], "token ci");
     assert_eq!(entries[0]["target"], sha.as_str());
 
     step("the same image again is not sent again; an absolute path is uploaded too");
-    let o = remote(&env, &env.dir, &admin, &["machine", "deploy", img.to_str().unwrap()]);
+    let o = remote(
+        &env,
+        &env.dir,
+        &admin,
+        &["machine", "deploy", img.to_str().unwrap()],
+    );
     let (_, err) = ok_out(&o, "deploy again");
     assert!(err.contains("already has"), "{err}");
-    let hist: Value = serde_json::from_str(&env.cli_ok(&["history", "--action", "image.upload", "-o", "json"])).unwrap();
+    let hist: Value =
+        serde_json::from_str(&env.cli_ok(&["history", "--action", "image.upload", "-o", "json"])).unwrap();
     assert_eq!(hist.as_array().unwrap().len(), 1, "one upload only: {hist}");
     let list: Value = serde_json::from_str(&env.cli_ok(&["machine", "list", "-o", "json"])).unwrap();
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["my", "my-2"]);
 
     step("refusals: a viewer, a file that is not ext4, a missing file, over the size cap");
@@ -208,16 +239,30 @@ fn remote_image_import_uploads_an_archive() {
     assert_eq!(store(&env), before, "nothing stored, no scratch left");
 
     step("the archive is uploaded and imported under the given tag");
-    let o = remote(&env, &work, &admin, &["image", "import", "./app.tar", "--name", "upapp", "-o", "json"]);
+    let o = remote(
+        &env,
+        &work,
+        &admin,
+        &["image", "import", "./app.tar", "--name", "upapp", "-o", "json"],
+    );
     let (out, err) = ok_out(&o, "import");
     assert!(err.contains("uploading ./app.tar: 100%"), "{err}");
     let row: Value = serde_json::from_str(&out).unwrap();
-    let tags: Vec<&str> = row["tags"].as_array().unwrap().iter().filter_map(|t| t.as_str()).collect();
+    let tags: Vec<&str> = row["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
     assert!(tags.contains(&"upapp"), "{row}");
     let sha = row["sha256"].as_str().unwrap();
     let file = env.dir.join(format!("data/images/{sha}.ext4"));
     let o = run(&["debugfs", "-R", "cat /hello", file.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "up\n", "the archive's file in the image");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "up\n",
+        "the archive's file in the image"
+    );
     assert!(
         !store(&env).iter().any(|n| n.starts_with(".upload-")),
         "the upload is removed: {:?}",

@@ -51,7 +51,9 @@ fn sha256_of(p: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", p.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", p.display()))?;
         if n == 0 {
             break;
         }
@@ -65,8 +67,10 @@ fn upload_progress(what: String) -> impl FnMut(u64, u64) + Send + 'static {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("uploading {msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "uploading {msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.set_message(what.clone());
         b
@@ -84,7 +88,11 @@ fn upload_progress(what: String) -> impl FnMut(u64, u64) + Send + 'static {
             let q = (sent * 4).checked_div(total).unwrap_or(4);
             if q > quarter {
                 quarter = q;
-                eprintln!("… uploading {what}: {}% of {} MiB", q * 25, total.div_ceil(1 << 20));
+                eprintln!(
+                    "… uploading {what}: {}% of {} MiB",
+                    q * 25,
+                    total.div_ceil(1 << 20)
+                );
             }
         }
     }
@@ -110,7 +118,13 @@ fn name_after(c: &Client, file: &Path) -> Result<String> {
         .map(|m| m.name)
         .collect();
     Ok((1..1000)
-        .map(|i| if i == 1 { base.clone() } else { format!("{base}-{i}") })
+        .map(|i| {
+            if i == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{i}")
+            }
+        })
         .find(|n| !n.is_empty() && !taken.contains(n))
         .unwrap_or(base))
 }
@@ -129,7 +143,10 @@ pub fn deploy_image(c: &Client, arg: &str, name: Option<String>) -> Result<(Stri
             &file,
             upload_progress(arg.to_string()),
         )?;
-        eprintln!("… uploaded {arg} ({} bytes, sha256 {})", info.size_bytes, info.sha256);
+        eprintln!(
+            "… uploaded {arg} ({} bytes, sha256 {})",
+            info.size_bytes, info.sha256
+        );
     }
     let name = match name {
         Some(n) => Some(n),

@@ -27,7 +27,10 @@ impl hyper::body::Body for FileBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
         self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 
@@ -68,7 +71,12 @@ fn file_body(file: &Path, mut progress: impl FnMut(u64, u64) + Send + 'static) -
 
 impl Client {
     /// POST the file at `file` as the body of `path`; its answer.
-    fn post_file(&self, path: &str, file: &Path, progress: impl FnMut(u64, u64) + Send + 'static) -> Result<Resp> {
+    fn post_file(
+        &self,
+        path: &str,
+        file: &Path,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<Resp> {
         self.pinned()?;
         let (base, token) = match &*self.target {
             Target::Unix(_) => ("http://sistemo", None),

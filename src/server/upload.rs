@@ -115,9 +115,9 @@ fn admit(h: &AppState, n: u64) -> Result<(), Error> {
 
 /// Answer a `check`: whether an upload of the given size would be admitted.
 fn check(h: &AppState, q: &UploadQuery) -> Result<Json<UploadInfo>, Error> {
-    let n = q.size.ok_or_else(|| {
-        Error::Invalid("check needs size (allowed: check=true&size=BYTES)".into())
-    })?;
+    let n = q
+        .size
+        .ok_or_else(|| Error::Invalid("check needs size (allowed: check=true&size=BYTES)".into()))?;
     admit(h, n)?;
     Ok(Json(UploadInfo {
         sha256: q.sha256.clone().unwrap_or_default(),
@@ -286,10 +286,16 @@ async fn upload_import(
     .await;
     let up = audited(&h, &p, "image.import", &target, up)?;
     Ok(streamed(h, p, "image.import", target, move |h, pr| async move {
-        let path = up.file.to_str().map(String::from).ok_or_else(|| {
-            Error::Invalid(format!("upload path {} is not UTF-8", up.file.display()))
-        })?;
-        pr(&format!("received {} (sha256 {})", ByteSize::bytes(up.size), up.sha256));
+        let path = up
+            .file
+            .to_str()
+            .map(String::from)
+            .ok_or_else(|| Error::Invalid(format!("upload path {} is not UTF-8", up.file.display())))?;
+        pr(&format!(
+            "received {} (sha256 {})",
+            ByteSize::bytes(up.size),
+            up.sha256
+        ));
         let i = h.images.import(&path, q.name.as_deref(), &*pr).await;
         drop(up);
         Ok(convert::image_row(&(i?, Vec::new())))

@@ -80,14 +80,21 @@ impl RemoteCli {
         let home = env.dir.join("remote-home");
         std::fs::create_dir_all(&home).unwrap();
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &env.ns, env!("CARGO_BIN_EXE_sistemo"), "--host", URL])
-            .args(args)
-            .env("HOME", &home)
-            .env_remove("SISTEMO_SOCKET")
-            .env_remove("XDG_CONFIG_HOME")
-            .env("SISTEMO_FINGERPRINT", &self.fingerprint)
-            .env("SISTEMO_TOKEN", &self.token)
-            .stdin(Stdio::null());
+        c.args([
+            "netns",
+            "exec",
+            &env.ns,
+            env!("CARGO_BIN_EXE_sistemo"),
+            "--host",
+            URL,
+        ])
+        .args(args)
+        .env("HOME", &home)
+        .env_remove("SISTEMO_SOCKET")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("SISTEMO_FINGERPRINT", &self.fingerprint)
+        .env("SISTEMO_TOKEN", &self.token)
+        .stdin(Stdio::null());
         c
     }
 }
