@@ -269,3 +269,59 @@ fn remote_image_import_uploads_an_archive() {
         store(&env)
     );
 }
+
+#[test]
+#[ignore = "boots real VMs: run sudo scripts/test"]
+fn real_vm_remote_deploy_of_an_uploaded_image_boots() {
+    let env = Env::qemu_with_config("hr2vm", &seed(), LISTEN);
+    let admin = token(&env, "ci", &[]);
+    let work = env.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    step("a copy of the debian image with a marker file, made on the client's side");
+    let images: Value = serde_json::from_str(&env.cli_ok(&["image", "list", "-o", "json"])).unwrap();
+    let debian = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["tags"].as_array().unwrap().iter().any(|t| t == "debian"))
+        .expect("the debian image")["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let img = work.join("custom.ext4");
+    ok(&[
+        "cp",
+        "--sparse=always",
+        env.dir.join(format!("data/images/{debian}.ext4")).to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    std::fs::write(work.join("marker"), "uploaded-by-hr2\n").unwrap();
+    std::fs::write(
+        work.join("cmds"),
+        format!("cd /etc\nwrite {} hr2-marker\n", work.join("marker").display()),
+    )
+    .unwrap();
+    ok(&["debugfs", "-w", "-f", work.join("cmds").to_str().unwrap(), img.to_str().unwrap()]);
+    let sha = sha256(&img);
+
+    step("deployed from the client's file over TLS: uploaded, stored, booted");
+    let o = remote(&env, &work, &admin, &["machine", "deploy", "./custom.ext4", "-o", "json"]);
+    let (out, err) = ok_out(&o, "deploy ./custom.ext4");
+    assert!(err.contains("uploading ./custom.ext4: 100%"), "{err}");
+    let m: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((m["name"].as_str(), m["status"].as_str()), (Some("custom"), Some("running")), "{m}");
+    assert_eq!(m["image"], sha.as_str());
+    assert_eq!(
+        env.cli_ok(&["machine", "exec", "custom", "cat /etc/hr2-marker"]),
+        "uploaded-by-hr2\n",
+        "the machine runs the uploaded bytes"
+    );
+    let _ = std::fs::remove_file(&img);
+
+    step("the uploaded image is listed, kept while used, removable by its digest after");
+    let e = env.cli_err(&["image", "rm", &sha[..12], "-y"]);
+    assert!(e.contains("custom"), "{e}");
+    env.cli_ok(&["machine", "delete", "custom", "-y"]);
+    env.cli_ok(&["image", "rm", &sha[..12], "-y"]);
+    assert!(!env.dir.join(format!("data/images/{sha}.ext4")).exists());
+}
