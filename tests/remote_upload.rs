@@ -292,7 +292,10 @@ fn real_vm_remote_deploy_of_an_uploaded_image_boots() {
     ok(&[
         "cp",
         "--sparse=always",
-        env.dir.join(format!("data/images/{debian}.ext4")).to_str().unwrap(),
+        env.dir
+            .join(format!("data/images/{debian}.ext4"))
+            .to_str()
+            .unwrap(),
         img.to_str().unwrap(),
     ]);
     std::fs::write(work.join("marker"), "uploaded-by-hr2\n").unwrap();
@@ -301,15 +304,30 @@ fn real_vm_remote_deploy_of_an_uploaded_image_boots() {
         format!("cd /etc\nwrite {} hr2-marker\n", work.join("marker").display()),
     )
     .unwrap();
-    ok(&["debugfs", "-w", "-f", work.join("cmds").to_str().unwrap(), img.to_str().unwrap()]);
+    ok(&[
+        "debugfs",
+        "-w",
+        "-f",
+        work.join("cmds").to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let sha = sha256(&img);
 
     step("deployed from the client's file over TLS: uploaded, stored, booted");
-    let o = remote(&env, &work, &admin, &["machine", "deploy", "./custom.ext4", "-o", "json"]);
+    let o = remote(
+        &env,
+        &work,
+        &admin,
+        &["machine", "deploy", "./custom.ext4", "-o", "json"],
+    );
     let (out, err) = ok_out(&o, "deploy ./custom.ext4");
     assert!(err.contains("uploading ./custom.ext4: 100%"), "{err}");
     let m: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((m["name"].as_str(), m["status"].as_str()), (Some("custom"), Some("running")), "{m}");
+    assert_eq!(
+        (m["name"].as_str(), m["status"].as_str()),
+        (Some("custom"), Some("running")),
+        "{m}"
+    );
     assert_eq!(m["image"], sha.as_str());
     assert_eq!(
         env.cli_ok(&["machine", "exec", "custom", "cat /etc/hr2-marker"]),

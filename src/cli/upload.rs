@@ -167,3 +167,24 @@ pub fn import(c: &Client, arg: &Path, name: Option<&str>) -> Result<ImageRow> {
     }
     Ok(c.upload_stream(&path, &file, upload_progress(shown), progress_printer())?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_files_are_told_from_tags_urls_and_references() {
+        for p in ["./my.ext4", "../x", "/srv/a.ext4", "a.ext4", "img/b.ext4"] {
+            assert!(is_local_path(p), "{p}");
+        }
+        for r in [
+            "debian",
+            "https://h/a.ext4",
+            "127.0.0.1:5000/web:1",
+            "ghcr.io/o/r",
+            "node:20",
+        ] {
+            assert!(!is_local_path(r), "{r}");
+        }
+    }
+}

@@ -259,10 +259,7 @@ impl Images {
         if reference.len() < 12 || !reference.chars().all(|c| c.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        Ok(self
-            .backend()?
-            .lookup(reference)
-            .filter(|i| i.tags.is_empty()))
+        Ok(self.backend()?.lookup(reference).filter(|i| i.tags.is_empty()))
     }
 
     /// Remove an untagged image's file; refused while machines were deployed from it.
