@@ -710,6 +710,16 @@ impl ExecEvent {
     }
 }
 
+/// `POST /v1/images/upload`: an ext4 image received and stored under its sha256 (deploy it by
+/// that digest).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadInfo {
+    /// sha256 of the file (hex): its name in the image store.
+    pub sha256: String,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 mod conn;
 mod pin;
+mod upload;
 
 use conn::{Connector, Remote, Target, connect, unreachable};
 
@@ -513,33 +514,38 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&impl Serialize>,
-        mut progress: impl FnMut(&str),
+        progress: impl FnMut(&str),
     ) -> Result<T> {
         let body = body.map(|b| serde_json::to_string(b).expect("serialisable"));
-        let mut r = self.respond(method, path, body)?;
-        let status = r.status;
-        let mut result: Option<Result<T>> = None;
-        let text = r.read_lines(false, |line| {
-            if status >= 400 || line.is_empty() {
-                return true;
-            }
-            match serde_json::from_str::<Event<serde_json::Value>>(line) {
-                Ok(Event::Progress(p)) => progress(&p),
-                Ok(Event::Result(v)) => {
-                    result = Some(serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string())))
-                }
-                Ok(Event::Error(e)) => result = Some(Err(ClientError::Api(e))),
-                Err(e) => result = Some(Err(ClientError::Protocol(format!("{e}: {line}")))),
-            }
-            true
-        })?;
-        if status >= 400 {
-            return Err(api_error(status, &String::from_utf8_lossy(&text)));
-        }
-        result.unwrap_or_else(|| {
-            Err(ClientError::Protocol(
-                "the daemon closed the stream without a result".into(),
-            ))
-        })
+        let r = self.respond(method, path, body)?;
+        read_stream(r, progress)
     }
+}
+
+/// Read a streamed operation's answer: progress lines go to `progress`, the result is returned.
+fn read_stream<T: DeserializeOwned>(mut r: Resp, mut progress: impl FnMut(&str)) -> Result<T> {
+    let status = r.status;
+    let mut result: Option<Result<T>> = None;
+    let text = r.read_lines(false, |line| {
+        if status >= 400 || line.is_empty() {
+            return true;
+        }
+        match serde_json::from_str::<Event<serde_json::Value>>(line) {
+            Ok(Event::Progress(p)) => progress(&p),
+            Ok(Event::Result(v)) => {
+                result = Some(serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string())))
+            }
+            Ok(Event::Error(e)) => result = Some(Err(ClientError::Api(e))),
+            Err(e) => result = Some(Err(ClientError::Protocol(format!("{e}: {line}")))),
+        }
+        true
+    })?;
+    if status >= 400 {
+        return Err(api_error(status, &String::from_utf8_lossy(&text)));
+    }
+    result.unwrap_or_else(|| {
+        Err(ClientError::Protocol(
+            "the daemon closed the stream without a result".into(),
+        ))
+    })
 }

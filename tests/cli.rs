@@ -239,7 +239,11 @@ fn tcp_api_is_opt_in_and_needs_the_token() {
     let mut env = Env::new("tcp");
     env.machine("web", &[]);
     let cfg = env.dir.join("config.yml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    // This test sets the TCP listener itself (a remote run's own listener gives way).
+    env.remote = None;
+    let mut text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(common::remote::LISTEN, "");
     text.push_str(&format!("port: 7443\ntoken: {TOKEN}\n"));
     std::fs::write(&cfg, text).unwrap();
     // step: a token file others can read is refused, naming the mode

@@ -56,7 +56,8 @@ pub enum ImageCmd {
         after_help = "Examples:\n  sistemo image import ./app.tar\n  sistemo image import ./layout-dir --name app"
     )]
     Import {
-        /// The archive or layout directory (read by the daemon).
+        /// The archive or layout directory (read by the daemon; with --host an archive is
+        /// uploaded).
         file: PathBuf,
         /// Tag (default: the names the archive carries).
         #[arg(long)]
@@ -161,6 +162,10 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
                 Some(&ImagePullRequest { reference, name }),
                 progress_printer(),
             )?;
+            print_image(&r, json)?;
+        }
+        ImageCmd::Import { file, name } if c.is_remote() => {
+            let r = super::upload::import(c, &file, name.as_deref())?;
             print_image(&r, json)?;
         }
         ImageCmd::Import { file, name } => {

@@ -45,7 +45,8 @@ pub enum MachineCmd {
     )]
     Deploy {
         /// Image: a name (debian), a *.ext4 file under the daemon's image_dirs (a relative path
-        /// is taken from this directory), or an https URL (.gz and .zst are decompressed).
+        /// is taken from this directory; with --host the local file is uploaded), or an https
+        /// URL (.gz and .zst are decompressed).
         #[arg(required_unless_present = "volume")]
         image: Option<String>,
         /// For a URL: the sha256 the downloaded file must have (nothing is stored otherwise).
@@ -339,14 +340,14 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
-            if c.is_remote()
-                && let Some(i) = image.as_deref()
-                && image_arg(i)? != i
-            {
-                bail!(Usage::new(std::io::Error::other(format!(
-                    "image {i:?} is a relative path, but a remote daemon reads image files on its own host (allowed: a tag, an https URL, or an absolute path under that host's image_dirs)"
-                ))));
-            }
+            // A remote daemon never reads the caller's paths: a local image file is uploaded.
+            let (image, name) = match image {
+                Some(i) if c.is_remote() && super::upload::is_local_path(&i) => {
+                    let (sha, name) = super::upload::deploy_image(c, &i, name)?;
+                    (Some(sha), name)
+                }
+                i => (i, name),
+            };
             let req = DeployRequest {
                 image: image.as_deref().map(image_arg).transpose()?.unwrap_or_default(),
                 attach,

@@ -12,6 +12,7 @@ mod output;
 mod registry;
 mod session;
 mod systemd;
+mod upload;
 mod volume;
 
 pub use accounts::{TokenCmd, UserCmd};

@@ -248,6 +248,9 @@ impl Images {
 
     /// Remove an image tag; refused, naming them, while machines use it.
     pub fn remove(&self, tag: &str) -> Result<()> {
+        if let Some(i) = self.untagged(tag)? {
+            return self.remove_untagged(&i);
+        }
         // An OCI reference (`nginx` once pulled is `docker.io/library/nginx:latest`).
         if let Some(t) = oci::stored_tag(self.backend()?.as_ref(), tag)
             && (t != tag || ImageTag::from_str(tag).is_err())
@@ -270,5 +273,37 @@ impl Images {
                 tag.as_str()
             )))
         }
+    }
+
+    /// The untagged image (an upload, stored by its sha256) that `reference` names by a digest
+    /// prefix of at least 12 hex digits, if any.
+    fn untagged(&self, reference: &str) -> Result<Option<ImageInfo>> {
+        if reference.len() < 12 || !reference.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        Ok(self.backend()?.lookup(reference).filter(|i| i.tags.is_empty()))
+    }
+
+    /// Remove an untagged image's file; refused while machines were deployed from it.
+    fn remove_untagged(&self, i: &ImageInfo) -> Result<()> {
+        let users: Vec<String> = self
+            .store
+            .lock()
+            .machines()?
+            .into_iter()
+            .filter(|m| m.image == i.sha256)
+            .map(|m| m.name.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "image {} is used by machine(s) {}; delete them first",
+                i.sha256,
+                users.join(", ")
+            )));
+        }
+        std::fs::remove_file(&i.path).map_err(Error::io(format!("removing {}", i.path.display())))?;
+        // Its spare disk goes with it (no tag names it, so nothing else is removed).
+        let _ = self.backend()?.remove_tag(&i.sha256);
+        Ok(())
     }
 }

@@ -10,6 +10,7 @@ mod ratelimit;
 mod session;
 mod tcp;
 mod terminal;
+mod upload;
 mod volumes;
 mod web;
 
@@ -486,6 +487,7 @@ fn router(m: AppState) -> Router {
         .route("/v1/images/warm", post(warm))
         .route("/v1/registries/login", post(oci::login))
         .merge(volumes::routes())
+        .merge(upload::routes())
         .merge(accounts::routes())
         .merge(web::routes())
         .layer(axum::middleware::from_fn_with_state(limit, ratelimit::limit))

@@ -12,6 +12,7 @@
 
 pub mod elements;
 pub mod packets;
+pub mod remote;
 pub mod vm_state;
 pub mod web;
 
@@ -100,6 +101,8 @@ pub struct Env {
     pub hypervisor: String,
     /// Extra environment of the daemon (test hooks such as `SISTEMO_TEST_VOLUME_PAUSE_MS`).
     pub daemon_env: Vec<(String, String)>,
+    /// When set, the chosen CLI commands go over TLS with a token (see `remote.rs`).
+    pub remote: Option<remote::RemoteCli>,
 }
 
 pub const HOST_LAN: &str = "10.201.0.1";
@@ -156,6 +159,7 @@ impl Env {
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             hypervisor: hypervisor.to_string(),
             daemon_env: vec![],
+            remote: None,
         };
         if let Some(seed) = seed {
             std::fs::create_dir_all(env.dir.join("data")).unwrap();
@@ -199,8 +203,16 @@ impl Env {
         env.csh(&format!(
             "ip addr add {CLIENT_IP}/24 dev {c} && ip link set {c} up && ip route add default via {HOST_LAN}"
         ));
-        env.write_config(config);
+        let over_tls = remote::wanted() && !config.contains("listen");
+        if over_tls {
+            env.write_config(&format!("{config}{}", remote::LISTEN));
+        } else {
+            env.write_config(config);
+        }
         env.start_daemon();
+        if over_tls {
+            env.go_remote(remote::DEFAULT_COMMANDS);
+        }
         env
     }
 
@@ -291,8 +303,19 @@ impl Env {
         }
     }
 
-    /// Run the CLI against this daemon.
+    /// Run the CLI against this daemon: over TLS when the env is remote and `args` is one of
+    /// its chosen commands, else over the socket.
     pub fn cli(&self, args: &[&str]) -> Output {
+        if let Some(r) = &self.remote
+            && r.covers(args)
+        {
+            return r.command(self, args).output().unwrap();
+        }
+        self.cli_socket(args)
+    }
+
+    /// Run the CLI against this daemon over its Unix socket.
+    pub fn cli_socket(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_sistemo"))
             .arg("--socket")
             .arg(&self.socket)
@@ -305,6 +328,18 @@ impl Env {
     /// Run the CLI and require success; return stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "sistemo {args:?} failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Run the CLI over the socket and require success; return stdout.
+    pub fn cli_socket_ok(&self, args: &[&str]) -> String {
+        let o = self.cli_socket(args);
         assert!(
             o.status.success(),
             "sistemo {args:?} failed ({}): {}",
@@ -562,4 +597,12 @@ pub fn answers(sock: &std::path::Path) -> bool {
     }
     let mut buf = [0u8; 12];
     matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/"))
+}
+
+impl Env {
+    /// An environment whose daemon runs real VMs (see [`Env::qemu`]) with `extra` in its
+    /// config file (see [`Env::with_config`]).
+    pub fn qemu_with_config(tag: &str, seed: &std::path::Path, extra: &str) -> Env {
+        Self::build_with(tag, &[], "qemu", Some(seed), extra)
+    }
 }

@@ -172,7 +172,7 @@ async function start() {
 
 const NAV = [
   ["#/", "Overview"], ["#/machines", "Machines"], ["#/deploy", "Deploy", true], ["#/networks", "Networks"],
-  ["#/images", "Images"], ["#/history", "History"], ["#/system", "System"],
+  ["#/images", "Images"], ["#/volumes", "Volumes"], ["#/history", "History"], ["#/system", "System"],
 ];
 
 function layout(title, content) {
