@@ -6,7 +6,7 @@ mod common;
 use common::vm_state::seed;
 use common::*;
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
@@ -33,7 +33,39 @@ const TOUCH: &str = "timeout 3 bash -c 'echo > /dev/tcp/IP/22' 2>/dev/null";
 #[ignore = "boots real VMs: run sudo scripts/test"]
 fn real_vm_templates_give_each_clone_its_own_identity() {
     let seed = seed();
-    let env = Env::qemu("warm", &seed);
+    let mut env = Env::qemu("warm", &seed);
+
+    step("a daemon killed while it makes a template leaves nothing behind at its next start");
+    let templates = env.dir.join("data/templates");
+    let mut warm = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["image", "warm", "debian", "--memory", "256M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let vmm_of_template = || {
+        let o = run(&["pgrep", "-f", &format!("qemu-system.*{}", templates.display())]);
+        o.status.success()
+    };
+    poll("the template's VMM", Duration::from_secs(60), || {
+        vmm_of_template().then_some(())
+    });
+    env.kill_daemon("-KILL");
+    let _ = warm.wait();
+    env.start_daemon();
+    poll(
+        "the half-made template's VMM gone",
+        Duration::from_secs(10),
+        || (!vmm_of_template()).then_some(()),
+    );
+    let left: Vec<_> = std::fs::read_dir(&templates)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", templates.display());
+    let links = String::from_utf8_lossy(&env.sh("ip -o link show").stdout).into_owned();
+    assert!(!links.contains("st-t"), "a template's TAP was left: {links}");
 
     step("image warm makes a template; image list shows it with its size");
     let t = json(&env.cli_ok(&["image", "warm", "debian", "--memory", "384M", "-o", "json"]));

@@ -472,6 +472,7 @@ impl Machines {
         let machines = self.store.lock().machines()?;
         let owned: std::collections::HashSet<String> = machines.iter().map(|m| m.id.to_string()).collect();
         self.kill_orphan_vmms(&machines);
+        self.sweep_templates().await;
         if let Ok(rd) = std::fs::read_dir(&self.settings.machines_dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -588,31 +589,8 @@ impl Machines {
     /// the rollback or the finished operation). An interrupted start's VMM is killed: the machine
     /// goes to `error`, which stops no VMM.
     fn kill_orphan_vmms(&self, machines: &[Machine]) {
-        use std::os::unix::ffi::OsStrExt;
-        let root = self.settings.machines_dir.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            let is_vmm = cmd
-                .split(|b| *b == 0)
-                .next()
-                .and_then(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)).file_name())
-                .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"));
-            if !is_vmm {
-                continue;
-            }
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let Some(rest) = cmd.split(&format!("{root}/")).nth(1) else {
-                continue;
-            };
-            let id = rest.split('/').next().unwrap_or("");
+        for (pid, id) in vmm_processes(&self.settings.machines_dir) {
+            let id = id.as_str();
             let owner = machines.iter().find(|m| m.id.to_string() == id);
             let adopted = owner.is_some_and(|m| {
                 matches!(
@@ -668,4 +646,36 @@ impl Machines {
         self.store.lock().set_instance(m.id, None)?;
         Ok(())
     }
+}
+
+/// QEMU processes whose command line names a file under `root`, with the first path component
+/// below `root` (a machine's ID, a template's folder).
+pub(super) fn vmm_processes(root: &std::path::Path) -> Vec<(i32, String)> {
+    use std::os::unix::ffi::OsStrExt;
+    let root = root.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let is_vmm = cmd
+            .split(|b| *b == 0)
+            .next()
+            .and_then(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)).file_name())
+            .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"));
+        if !is_vmm {
+            continue;
+        }
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if let Some(rest) = cmd.split(&format!("{root}/")).nth(1) {
+            found.push((pid, rest.split('/').next().unwrap_or("").to_string()));
+        }
+    }
+    found
 }

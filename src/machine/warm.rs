@@ -40,6 +40,11 @@ pub struct TemplateInfo {
 
 const META: &str = "template.json";
 
+/// The TAP of a template being made in folder `ID.making`.
+fn template_tap(making_id: &str) -> String {
+    format!("st-t{}", &making_id[..making_id.len().min(10)])
+}
+
 /// Bytes a folder's files take on disk (sparse files count what they hold).
 fn allocated(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -109,7 +114,8 @@ impl Machines {
         let (vcpus, memory_mib) = self.check_shape(vcpus, memory)?;
         let _g = self.warming.lock().await;
         let root = self.templates_dir();
-        let making = root.join(format!("{}.making", uuid::Uuid::new_v4().simple()));
+        let making_id = uuid::Uuid::new_v4().simple().to_string();
+        let making = root.join(format!("{making_id}.making"));
         std::fs::create_dir_all(&making).map_err(Error::io(format!("creating {}", making.display())))?;
         // The image is built or pulled on first use, as a deploy would.
         let made = async {
@@ -146,7 +152,7 @@ impl Machines {
             return Ok(ti);
         }
         let _ = std::fs::remove_dir_all(&dir);
-        let tap = format!("st-t{}", &key[..8]);
+        let tap = template_tap(&making_id);
         let res: Result<TemplateInfo> = async {
             self.links
                 .create_detached_tap(&tap, self.vmm.link_owner())
@@ -264,15 +270,8 @@ impl Machines {
 
     /// Remove templates that can never be used again: their image is gone, the backend changed
     /// (another QEMU, kernel, initramfs or agent gives another key), or files of theirs are
-    /// missing; and folders a crash left half-made.
+    /// missing (half-made ones are the daemon start's to sweep).
     pub fn prune_templates(&self) -> Result<Vec<TemplateInfo>> {
-        if let Ok(rd) = std::fs::read_dir(self.templates_dir()) {
-            for e in rd.flatten() {
-                if e.path().extension().is_some_and(|x| x == "making") {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
         let (Some(t), Some(images)) = (self.vmm.templates(), self.images.as_ref()) else {
             return Ok(Vec::new());
         };
@@ -283,6 +282,34 @@ impl Machines {
                 && t.template_key(&ti.image_sha256, ti.vcpus, ti.memory_mib) == ti.key
                 && t.template_files(&root.join(&ti.key)).iter().all(|f| f.exists())
         })
+    }
+
+    /// Daemon start: a template being made when the daemon stopped is abandoned: its VMM killed,
+    /// its TAP and its folder removed (each logged).
+    pub(super) async fn sweep_templates(&self) {
+        let root = self.templates_dir();
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            return;
+        };
+        let vmms = super::lifecycle::vmm_processes(&root);
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".making") else {
+                continue;
+            };
+            tracing::warn!(dir = %e.path().display(), "removing a template a crash left half-made");
+            for (pid, _) in vmms.iter().filter(|(_, d)| *d == name) {
+                tracing::warn!(pid, "killing the VMM of a half-made template");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Err(err) = self.links.delete(&template_tap(id)).await {
+                tracing::warn!(error = %chain(&err), "deleting the half-made template's TAP failed");
+            }
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 
     /// A deploy's disk from a template's frozen disk, through the spare pool.
