@@ -187,6 +187,28 @@ pub struct MachineInfo {
     /// Its volumes (the root one first).
     #[serde(default)]
     pub volumes: Vec<VolumeAttachmentInfo>,
+    /// The one program it runs (an OCI image's workload, with the deploy's overrides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadInfo>,
+    /// How its workload ended, when that stopped it (`stopped`, cleared by the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// A machine's workload as `machine status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadInfo {
+    /// The effective command: entrypoint and arguments.
+    pub command: Vec<String>,
+    /// Names of its environment entries (the values are not shown).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory (absent: `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// User (absent: root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// What a machine's VMM may use (its cgroup).
@@ -254,6 +276,22 @@ pub struct DeployRequest {
     /// Disk bandwidth, MiB/s (default: `default_disk_bw_mbps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bw_mbps: Option<u32>,
+    /// OCI images: environment entries `K=V` added to (or replacing) the image's `Env`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// OCI images: the program to run instead of the image's `Entrypoint` (its `Cmd` is
+    /// dropped too, as Docker does; `""` clears the entrypoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<String>,
+    /// OCI images: working directory instead of the image's `WorkingDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// OCI images: `USER[:GROUP]` (names or IDs) instead of the image's `User`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// OCI images: arguments replacing the image's `Cmd`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
 }
 
 /// `POST /v1/machines/{name}/expose`.

@@ -13,6 +13,7 @@ mod registry;
 mod session;
 mod systemd;
 mod volume;
+mod workload;
 
 pub use accounts::{TokenCmd, UserCmd};
 pub use image::ImageCmd;

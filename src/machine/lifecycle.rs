@@ -46,6 +46,7 @@ impl Machines {
         }
         self.check_deploy_volumes(&d)?;
         self.precheck_exposes(&d.expose)?;
+        self.check_workload(&d)?;
         let new = NewMachine {
             id: Uuid::new_v4(),
             name: match d.name.clone() {
@@ -492,9 +493,11 @@ impl Machines {
             // with what the console said last.
             let tail = self.console_tail(m.id);
             let clean = tail.contains(POWER_DOWN);
+            let mut failed = !clean;
             if clean {
                 tracing::info!(machine = %m.name, "the guest powered off");
                 self.shutdown(&m, &|_| {}).await?;
+                failed = self.workload_exited(&m, &tail, clean)?.is_some_and(|c| c != 0);
             } else {
                 let last = tail
                     .lines()
@@ -509,7 +512,7 @@ impl Machines {
                 };
                 self.mark_dead(&m, &why).await?;
             }
-            if m.restart == RestartPolicy::Always || (m.restart == RestartPolicy::OnFailure && !clean) {
+            if m.restart == RestartPolicy::Always || (m.restart == RestartPolicy::OnFailure && failed) {
                 self.schedule_restart(&m);
             }
             n += 1;

@@ -8,6 +8,7 @@ mod expose;
 mod lifecycle;
 mod restart;
 mod volumes;
+mod workload;
 
 #[cfg(test)]
 mod fakes;
@@ -17,6 +18,7 @@ mod tests;
 pub use expose::{desired_firewall, machine_port};
 pub use sistemo_vmm::IoLimits;
 pub use volumes::{AttachSpec, check_mount};
+pub use workload::{Overrides, exit_code};
 
 use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
 use crate::error::Result;
@@ -53,6 +55,8 @@ pub struct MachineView {
     pub volumes: Vec<crate::store::Attachment>,
     /// Its disk and network rate limits.
     pub io: IoLimits,
+    /// The one program it runs (an OCI image's workload, with the deploy's overrides).
+    pub workload: Option<sistemo_vmm::image::oci::Workload>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -85,6 +89,8 @@ pub struct Deploy {
     pub clone_of: Option<Uuid>,
     /// Rate limits; a 0 takes the host's default (`default_bandwidth_mbps` and friends).
     pub io: IoLimits,
+    /// Overrides of an OCI image's config (`--env`, `--entrypoint`, `-- CMD`, …).
+    pub workload: Overrides,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -257,6 +263,7 @@ impl Machines {
             limits: self.limits_of(&machine),
             vmm: self.vmm.name(),
             guest: None,
+            workload: workload::read(&self.machine_dir(machine.id)),
             volumes: self
                 .store
                 .lock()
