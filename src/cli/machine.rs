@@ -94,7 +94,7 @@ pub enum MachineCmd {
         io: IoFlags,
         /// OCI image overrides (Docker's flags).
         #[command(flatten)]
-        oci: super::workload::WorkloadFlags,
+        oci: Box<super::workload::WorkloadFlags>,
     },
     /// List machines.
     #[command(visible_alias = "ls")]

@@ -13,7 +13,7 @@ use uuid::Uuid;
 /// How long a guest may take to power down before its VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// What Linux prints last when the guest powers itself off (`poweroff`, `shutdown -h`).
-const POWER_DOWN: &str = "reboot: Power down";
+pub(super) const POWER_DOWN: &str = "reboot: Power down";
 /// How much of the console's end is read to tell a power-off from a crash.
 const CONSOLE_TAIL: u64 = 4096;
 
@@ -218,6 +218,7 @@ impl Machines {
         let inst = match res {
             Ok(i) => i,
             Err(e) => {
+                let exited = self.workload_exit_of(m.id);
                 let inst = self
                     .store
                     .lock()
@@ -226,6 +227,9 @@ impl Machines {
                     .and_then(|m| m.instance);
                 self.teardown(m, inst.as_ref()).await;
                 let _ = self.store.lock().set_instance(m.id, None);
+                if let Some(code) = exited {
+                    return self.stopped_by_workload(m, code, progress);
+                }
                 return Err(e);
             }
         };
@@ -493,11 +497,14 @@ impl Machines {
             // with what the console said last.
             let tail = self.console_tail(m.id);
             let clean = tail.contains(POWER_DOWN);
-            let mut failed = !clean;
             if clean {
                 tracing::info!(machine = %m.name, "the guest powered off");
                 self.shutdown(&m, &|_| {}).await?;
-                failed = self.workload_exited(&m, &tail, clean)?.is_some_and(|c| c != 0);
+                if let Some(code) = self.workload_exit_of(m.id) {
+                    self.stopped_by_workload(&m, code, &|_| {})?;
+                    n += 1;
+                    continue;
+                }
             } else {
                 let last = tail
                     .lines()
@@ -512,7 +519,7 @@ impl Machines {
                 };
                 self.mark_dead(&m, &why).await?;
             }
-            if m.restart == RestartPolicy::Always || (m.restart == RestartPolicy::OnFailure && failed) {
+            if m.restart == RestartPolicy::Always || (m.restart == RestartPolicy::OnFailure && !clean) {
                 self.schedule_restart(&m);
             }
             n += 1;
@@ -580,7 +587,7 @@ impl Machines {
     }
 
     /// The last few KiB of the machine's console, without terminal escapes.
-    fn console_tail(&self, id: Uuid) -> String {
+    pub(super) fn console_tail(&self, id: Uuid) -> String {
         use std::io::{Read, Seek, SeekFrom};
         let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
             return String::new();

@@ -3,7 +3,8 @@
 //! reports on the console when the workload ends (the machine then stops, its policy applies).
 
 use super::{Deploy, Machines};
-use crate::domain::MachineState;
+use crate::Progress;
+use crate::domain::{MachineState, RestartPolicy};
 use crate::error::{Error, Result};
 use crate::store::Machine;
 use sistemo_vmm::image::oci::{ImageConfig, WORKLOAD_FILE, Workload};
@@ -235,17 +236,26 @@ impl Machines {
         Ok(())
     }
 
-    /// After the reaper found `m`'s guest powered off: when its console says the workload
-    /// ended, the stopped machine keeps the code as its reason. Returns the code.
-    pub(super) fn workload_exited(&self, m: &Machine, tail: &str, clean: bool) -> Result<Option<i32>> {
-        let code = exit_from_console(tail).filter(|_| clean);
-        if let Some(c) = code {
-            tracing::info!(machine = %m.name, code = c, "the workload exited");
-            self.store
-                .lock()
-                .set_state(m.id, MachineState::Stopped, Some(&format!("{EXIT_REASON}{c}")))?;
+    /// The code of the workload that ended machine `id`'s guest, when its console says so
+    /// and that the guest then powered off.
+    pub(super) fn workload_exit_of(&self, id: uuid::Uuid) -> Option<i32> {
+        let tail = self.console_tail(id);
+        exit_from_console(&tail).filter(|_| tail.contains(super::lifecycle::POWER_DOWN))
+    }
+
+    /// `m`'s workload ended with `code` and its guest powered off (the VMM is down): the
+    /// machine is stopped with the code as its reason, and its restart policy applies
+    /// (`on-failure`: a non-zero code).
+    pub(super) fn stopped_by_workload(&self, m: &Machine, code: i32, progress: Progress<'_>) -> Result<()> {
+        tracing::info!(machine = %m.name, code, "the workload exited");
+        progress(&format!("{}: the workload exited with code {code}; stopped", m.name));
+        self.store
+            .lock()
+            .set_state(m.id, MachineState::Stopped, Some(&format!("{EXIT_REASON}{code}")))?;
+        if m.restart == RestartPolicy::Always || (m.restart == RestartPolicy::OnFailure && code != 0) {
+            self.schedule_restart(m);
         }
-        Ok(code)
+        Ok(())
     }
 }
 
