@@ -539,6 +539,24 @@ pub struct ImagePullRequest {
     /// An extra tag for it.
     #[serde(default)]
     pub name: Option<String>,
+    /// Credentials for this pull only (not stored), e.g. from the caller's Docker `config.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RegistryCredentials>,
+}
+
+/// A registry's username and password (the password is never shown by `Debug`).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RegistryCredentials {
+    /// Username.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryCredentials({}, <hidden>)", self.username)
+    }
 }
 
 /// `POST /v1/images/import`.

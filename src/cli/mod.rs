@@ -3,6 +3,7 @@
 //! client, except `up` (runs the daemon) and `image prepare` (fills a data dir, no daemon).
 
 mod accounts;
+mod docker_config;
 mod doctor;
 mod image;
 mod install;

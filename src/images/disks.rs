@@ -205,9 +205,10 @@ impl ImageBackend for Disks {
         &self,
         r: &ImageRef,
         tags: &[String],
+        login: Option<(&str, &str)>,
         progress: Progress<'_>,
     ) -> Result<ImageInfo, ImageError> {
-        Ok(oci::pull::pull(&self.images, r, &self.policy, tags, progress).await?)
+        Ok(oci::pull::pull(&self.images, r, &self.policy, tags, login, progress).await?)
     }
 
     async fn import(
@@ -229,7 +230,7 @@ impl ImageBackend for Disks {
     }
 
     fn prune(&self) -> Result<u64, ImageError> {
-        Ok(self.images.prune_blobs())
+        Ok(self.images.prune_blobs()?)
     }
 }
 
