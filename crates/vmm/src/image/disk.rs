@@ -109,9 +109,38 @@ fn zero_skipping_copy(src: &mut std::fs::File, dest: &mut std::fs::File) -> std:
     dest.set_len(len)
 }
 
+/// How a disk copy runs: at the daemon's priority on a deploy's path, or at the lowest CPU and
+/// I/O priority (`nice -n 19 ionice -c 3`) for a spare made in the background, so that the
+/// machines starting meanwhile do not wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A deploy waits for it.
+    Normal,
+    /// Nothing waits for it.
+    Idle,
+}
+
+/// `prog` run at `prio`.
+fn command(prog: &str, prio: Priority) -> Command {
+    match prio {
+        Priority::Normal => Command::new(prog),
+        Priority::Idle => {
+            let mut c = Command::new("nice");
+            c.args(["-n", "19", "ionice", "-c", "3", prog]);
+            c
+        }
+    }
+}
+
 /// Make `dest` a private copy of `image` (reflink when the filesystem can, else a sparse copy),
 /// grown to `size_bytes` with its ext4 resized to fill it. Never mounts anything.
 pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<(), VmmError> {
+    clone_disk_at(image, dest, size_bytes, Priority::Normal).await
+}
+
+/// [`clone_disk`] at `prio`. The copy runs off the async workers (on the blocking pool, or as
+/// `cp --reflink=auto --sparse=always` at [`Priority::Idle`]).
+pub async fn clone_disk_at(image: &Path, dest: &Path, size_bytes: u64, prio: Priority) -> Result<(), VmmError> {
     let ctx = |what: &str| format!("{what} {} to {}", image.display(), dest.display());
     let img_len = std::fs::metadata(image)
         .map_err(VmmError::io(ctx("cloning")))?
@@ -123,15 +152,37 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
         });
     }
     let tmp = dest.with_extension("cloning");
-    {
-        let mut src = std::fs::File::open(image).map_err(VmmError::io(ctx("opening")))?;
-        let mut out = std::fs::File::create(&tmp).map_err(VmmError::io(ctx("creating")))?;
-        if reflink(&src, &out).is_err() {
-            sparse_copy(&mut src, &mut out).map_err(VmmError::io(ctx("copying")))?;
+    let copied = match prio {
+        Priority::Normal => {
+            let (src, out) = (image.to_path_buf(), tmp.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut src = std::fs::File::open(&src)?;
+                let mut out = std::fs::File::create(&out)?;
+                if reflink(&src, &out).is_err() {
+                    sparse_copy(&mut src, &mut out)?;
+                }
+                // No fsync: a disk half-written by a crash belongs to a deploy that start-up
+                // rolls back.
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(VmmError::io(ctx("copying")))
         }
-        // No fsync: a disk half-written by a crash belongs to a deploy that start-up rolls back.
-    }
-    if let Err(e) = grow_disk(&tmp, size_bytes).await {
+        Priority::Idle => run(
+            command("cp", prio)
+                .args(["--reflink=auto", "--sparse=always"])
+                .arg(image)
+                .arg(&tmp),
+            "cp",
+        )
+        .await
+        .map(|_| ()),
+    };
+    if let Err(e) = match copied {
+        Ok(()) => grow_disk_at(&tmp, size_bytes, prio).await,
+        Err(e) => Err(e),
+    } {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
@@ -141,6 +192,10 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
 /// Grow a raw ext4 disk file to `size_bytes` and its file system to fill it (no-op when it is
 /// that size already). Never mounts anything.
 pub async fn grow_disk(disk: &Path, size_bytes: u64) -> Result<(), VmmError> {
+    grow_disk_at(disk, size_bytes, Priority::Normal).await
+}
+
+async fn grow_disk_at(disk: &Path, size_bytes: u64, prio: Priority) -> Result<(), VmmError> {
     let len = std::fs::metadata(disk)
         .map_err(VmmError::io(format!("reading {}", disk.display())))?
         .len();
@@ -154,11 +209,11 @@ pub async fn grow_disk(disk: &Path, size_bytes: u64) -> Result<(), VmmError> {
         .open(disk)
         .and_then(|f| f.set_len(size_bytes))
         .map_err(VmmError::io(format!("growing {}", disk.display())))?;
-    let first = Command::new("resize2fs").arg(disk).output().await;
+    let first = command("resize2fs", prio).arg(disk).output().await;
     if !matches!(&first, Ok(o) if o.status.success()) {
         // Images that were mounted before want a check first.
-        let _ = Command::new("e2fsck").arg("-fp").arg(disk).output().await;
-        run(Command::new("resize2fs").arg(disk), "resize2fs").await?;
+        let _ = command("e2fsck", prio).arg("-fp").arg(disk).output().await;
+        run(command("resize2fs", prio).arg(disk), "resize2fs").await?;
     }
     Ok(())
 }
