@@ -138,8 +138,8 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
     clone_disk_at(image, dest, size_bytes, Priority::Normal).await
 }
 
-/// [`clone_disk`] at `prio`. The copy runs off the async workers (on the blocking pool, or as
-/// `cp --reflink=auto --sparse=always` at [`Priority::Idle`]).
+/// [`clone_disk`] at `prio`. The copy runs off the async workers: on the blocking pool, or at
+/// [`Priority::Idle`] as `cp --reflink=always`, else `dd conv=sparse oflag=direct`.
 pub async fn clone_disk_at(image: &Path, dest: &Path, size_bytes: u64, prio: Priority) -> Result<(), VmmError> {
     let ctx = |what: &str| format!("{what} {} to {}", image.display(), dest.display());
     let img_len = std::fs::metadata(image)
@@ -169,15 +169,46 @@ pub async fn clone_disk_at(image: &Path, dest: &Path, size_bytes: u64, prio: Pri
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(VmmError::io(ctx("copying")))
         }
-        Priority::Idle => run(
-            command("cp", prio)
-                .args(["--reflink=auto", "--sparse=always"])
+        Priority::Idle => {
+            let reflinked = Command::new("cp")
+                .arg("--reflink=always")
                 .arg(image)
-                .arg(&tmp),
-            "cp",
-        )
-        .await
-        .map(|_| ()),
+                .arg(&tmp)
+                .output()
+                .await
+                .is_ok_and(|o| o.status.success());
+            if reflinked {
+                Ok(())
+            } else {
+                // O_DIRECT: the copy leaves no dirty pages behind, which the fsyncs of a deploy
+                // starting meanwhile (its initrd, its workload) would otherwise wait for.
+                let mut of = std::ffi::OsString::from("of=");
+                of.push(&tmp);
+                let mut inf = std::ffi::OsString::from("if=");
+                inf.push(image);
+                let direct = run(
+                    command("dd", prio)
+                        .arg(inf)
+                        .arg(of)
+                        .args(["bs=64K", "conv=sparse", "oflag=direct", "status=none"]),
+                    "dd",
+                )
+                .await;
+                match direct {
+                    Ok(_) => Ok(()),
+                    // A file system without O_DIRECT: a plain sparse copy.
+                    Err(_) => run(
+                        command("cp", prio)
+                            .arg("--sparse=always")
+                            .arg(image)
+                            .arg(&tmp),
+                        "cp",
+                    )
+                    .await
+                    .map(|_| ()),
+                }
+            }
+        }
     };
     if let Err(e) = match copied {
         Ok(()) => grow_disk_at(&tmp, size_bytes, prio).await,
@@ -260,6 +291,25 @@ mod tests {
         zero_skipping_copy(&mut src, &mut dst).unwrap();
         drop(dst);
         assert_eq!(std::fs::read(d.join("b")).unwrap(), data);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_clone_keeps_content_and_holes() {
+        let d = tmpdir("idle");
+        let a = d.join("a");
+        {
+            let mut f = std::fs::File::create(&a).unwrap();
+            f.write_all(b"head").unwrap();
+            f.seek(SeekFrom::Start(10 << 20)).unwrap();
+            f.write_all(b"tail").unwrap();
+        }
+        let len = std::fs::metadata(&a).unwrap().len();
+        clone_disk_at(&a, &d.join("b"), len, Priority::Idle).await.unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(d.join("b")).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(d.join("b")).unwrap().blocks() * 512 < 1 << 20);
+        assert!(!d.join("b.cloning").exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
