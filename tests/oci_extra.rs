@@ -90,9 +90,15 @@ fn real_vm_oci_overrides_exit_codes_and_on_failure_restarts() {
         "status shows the effective command: {out}"
     );
     let want = "ov: hi from-file /tmp uid=1000";
-    poll("the overridden workload's output", Duration::from_secs(30), || {
-        env.cli_ok(&["machine", "logs", "ov"]).contains(want).then_some(())
-    });
+    poll(
+        "the overridden workload's output",
+        Duration::from_secs(30),
+        || {
+            env.cli_ok(&["machine", "logs", "ov"])
+                .contains(want)
+                .then_some(())
+        },
+    );
     poll("its web server", Duration::from_secs(30), || {
         let o = env.sh("curl -s -m 3 http://localhost:8080/");
         String::from_utf8_lossy(&o.stdout)
@@ -114,7 +120,9 @@ fn real_vm_oci_overrides_exit_codes_and_on_failure_restarts() {
     step("the overrides are kept across a restart");
     env.cli_ok(&["machine", "restart", "ov"]);
     poll("the output after the restart", Duration::from_secs(30), || {
-        env.cli_ok(&["machine", "logs", "ov"]).contains(want).then_some(())
+        env.cli_ok(&["machine", "logs", "ov"])
+            .contains(want)
+            .then_some(())
     });
     env.cli_ok(&["-y", "machine", "delete", "ov"]);
 
@@ -236,7 +244,12 @@ fn oci_docker_config_credentials_and_concurrent_pulls() {
     };
     let (a, b) = (spawn("127.0.0.1:5077/web:1"), spawn("127.0.0.1:5077/three:1"));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(a.status.success() && b.status.success(), "{}\n{}", text(&a), text(&b));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
     let both = text(&a) + &text(&b);
     let downloads = both
         .lines()
@@ -247,7 +260,12 @@ fn oci_docker_config_credentials_and_concurrent_pulls() {
     step("the same image pulled twice at once: one conversion, both succeed");
     let (a, b) = (spawn("127.0.0.1:5077/four:1"), spawn("127.0.0.1:5077/four:1"));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(a.status.success() && b.status.success(), "{}\n{}", text(&a), text(&b));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
     let both = text(&a) + &text(&b);
     assert_eq!(
         both.matches("making the ext4").count(),
@@ -257,7 +275,13 @@ fn oci_docker_config_credentials_and_concurrent_pulls() {
     assert_eq!(both.matches("already converted").count(), 1, "{both}");
     let fours = images(&env)
         .into_iter()
-        .filter(|i| i["tags"].as_array().unwrap().iter().any(|t| t == "127.0.0.1:5077/four:1"))
+        .filter(|i| {
+            i["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t == "127.0.0.1:5077/four:1")
+        })
         .count();
     assert_eq!(fours, 1);
     let oci = images(&env).into_iter().filter(|i| i["oci"].is_object()).count();
@@ -281,7 +305,11 @@ fn oci_docker_config_credentials_and_concurrent_pulls() {
     assert!(e.contains("127.0.0.1:5078"), "anonymous is refused: {e}");
     let o = pull_with(
         &env,
-        &["127.0.0.1:5078/private:1", "--docker-config", cfg.to_str().unwrap()],
+        &[
+            "127.0.0.1:5078/private:1",
+            "--docker-config",
+            cfg.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -304,7 +332,10 @@ fn oci_docker_config_credentials_and_concurrent_pulls() {
     step("wrong credentials, a credential helper, a broken file: one line each");
     std::fs::write(
         home.join(".docker/config.json"),
-        format!(r#"{{"auths":{{"127.0.0.1:5078":{{"auth":"{}"}}}}}}"#, b64("soci:wrong")),
+        format!(
+            r#"{{"auths":{{"127.0.0.1:5078":{{"auth":"{}"}}}}}}"#,
+            b64("soci:wrong")
+        ),
     )
     .unwrap();
     env.cli_ok(&["-y", "image", "rm", "127.0.0.1:5078/private:2"]);

@@ -63,7 +63,10 @@ fn parse(file: &Path, text: &str, registry: &str) -> Result<Option<RegistryCrede
         anyhow::anyhow!("docker config {f} is not valid JSON ({e}); allowed: Docker's config.json")
     })?;
     let entry = cfg.auths.iter().find(|(k, _)| registry_of(k) == registry);
-    match entry.and_then(|(_, e)| e.auth.as_deref()).filter(|a| !a.is_empty()) {
+    match entry
+        .and_then(|(_, e)| e.auth.as_deref())
+        .filter(|a| !a.is_empty())
+    {
         Some(a) => {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(a.trim())
@@ -136,7 +139,10 @@ mod tests {
         assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cr:t"));
         assert!(parse(f, text, "quay.io").unwrap().is_none());
         let e = parse(f, text, "gcr.io").unwrap_err().to_string();
-        assert!(e.contains("gcloud") && e.contains("gcr.io") && e.contains("allowed"), "{e}");
+        assert!(
+            e.contains("gcloud") && e.contains("gcr.io") && e.contains("allowed"),
+            "{e}"
+        );
         let e = parse(f, text, "bad.io").unwrap_err().to_string();
         assert!(e.contains("bad.io") && e.contains("base64"), "{e}");
         let e = parse(f, "{", "x").unwrap_err().to_string();

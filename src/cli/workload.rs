@@ -66,8 +66,12 @@ impl WorkloadFlags {
     pub fn request(self) -> Result<DeployRequest> {
         let mut env = Vec::new();
         for f in &self.env_file {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("env file {} cannot be read (allowed: a readable text file)", f.display()))?;
+            let text = std::fs::read_to_string(f).with_context(|| {
+                format!(
+                    "env file {} cannot be read (allowed: a readable text file)",
+                    f.display()
+                )
+            })?;
             env.extend(env_file(&f.display().to_string(), &text)?);
         }
         env.extend(self.env.iter().filter_map(|e| entry(e)));
@@ -120,7 +124,9 @@ mod tests {
     fn env_files_read_like_docker() {
         let got = env_file("f", "# c\n\nA=1\n  B=x y\nSISTEMO_SURELY_UNSET\n").unwrap();
         assert_eq!(got, ["A=1", "B=x y"]);
-        let e = env_file("/tmp/app.env", "A=1\nBAD KEY=2\n").unwrap_err().to_string();
+        let e = env_file("/tmp/app.env", "A=1\nBAD KEY=2\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/tmp/app.env line 2") && e.contains("BAD KEY"), "{e}");
     }
 
@@ -133,6 +139,9 @@ mod tests {
             user: None,
         };
         let s = status_lines(&w);
-        assert!(s.starts_with("Command:  sh -c 'exit 3'\n") && s.contains("Workdir:  /app"), "{s}");
+        assert!(
+            s.starts_with("Command:  sh -c 'exit 3'\n") && s.contains("Workdir:  /app"),
+            "{s}"
+        );
     }
 }

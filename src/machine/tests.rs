@@ -559,6 +559,9 @@ async fn oci_overrides_on_an_image_with_an_init_system_are_refused_and_leave_not
         ..web(&["8080:80"])
     };
     let e = r.deploy(d).await.unwrap_err().to_string();
-    assert!(e.contains("\"debian\"") && e.contains("--env") && e.contains("OCI"), "{e}");
+    assert!(
+        e.contains("\"debian\"") && e.contains("--env") && e.contains("OCI"),
+        "{e}"
+    );
     r.assert_nothing_left();
 }

@@ -136,7 +136,13 @@ impl Overrides {
     /// The workload of an image with config `c` under these overrides, as Docker runs it.
     pub fn apply(&self, image: &str, c: &ImageConfig) -> Result<Workload> {
         if c.runs_init_system() {
-            let init = c.entrypoint.iter().chain(&c.cmd).next().cloned().unwrap_or_default();
+            let init = c
+                .entrypoint
+                .iter()
+                .chain(&c.cmd)
+                .next()
+                .cloned()
+                .unwrap_or_default();
             return Err(self.refused(image, &format!("boots its init system ({init})")));
         }
         let (entrypoint, cmd) = match &self.entrypoint {
@@ -248,7 +254,10 @@ impl Machines {
     /// (`on-failure`: a non-zero code).
     pub(super) fn stopped_by_workload(&self, m: &Machine, code: i32, progress: Progress<'_>) -> Result<()> {
         tracing::info!(machine = %m.name, code, "the workload exited");
-        progress(&format!("{}: the workload exited with code {code}; stopped", m.name));
+        progress(&format!(
+            "{}: the workload exited with code {code}; stopped",
+            m.name
+        ));
         self.store
             .lock()
             .set_state(m.id, MachineState::Stopped, Some(&format!("{EXIT_REASON}{code}")))?;
@@ -274,7 +283,13 @@ mod tests {
         }
     }
 
-    fn o(env: &[&str], ep: Option<&str>, wd: Option<&str>, user: Option<&str>, cmd: &[&str]) -> Result<Overrides> {
+    fn o(
+        env: &[&str],
+        ep: Option<&str>,
+        wd: Option<&str>,
+        user: Option<&str>,
+        cmd: &[&str],
+    ) -> Result<Overrides> {
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect();
         Overrides::parse(
             v(env),
@@ -296,15 +311,27 @@ mod tests {
         assert_eq!(w.cwd.as_deref(), Some("/tmp"));
         assert_eq!(w.user.as_deref(), Some("1000:1000"));
         // A command replaces Cmd, keeps the entrypoint.
-        let w = o(&[], None, None, None, &["sh", "-c", "exit 3"]).unwrap().apply("web", &cfg()).unwrap();
+        let w = o(&[], None, None, None, &["sh", "-c", "exit 3"])
+            .unwrap()
+            .apply("web", &cfg())
+            .unwrap();
         assert_eq!(w.argv, ["/bin/busybox", "sh", "-c", "exit 3"]);
         assert_eq!(w.cwd.as_deref(), Some("/www"));
         // An entrypoint drops the image's Cmd; an empty one clears it.
-        let w = o(&[], Some("/bin/sh"), None, None, &[]).unwrap().apply("web", &cfg()).unwrap();
+        let w = o(&[], Some("/bin/sh"), None, None, &[])
+            .unwrap()
+            .apply("web", &cfg())
+            .unwrap();
         assert_eq!(w.argv, ["/bin/sh"]);
-        let w = o(&[], Some(""), None, None, &["/bin/true"]).unwrap().apply("web", &cfg()).unwrap();
+        let w = o(&[], Some(""), None, None, &["/bin/true"])
+            .unwrap()
+            .apply("web", &cfg())
+            .unwrap();
         assert_eq!(w.argv, ["/bin/true"]);
-        let e = o(&[], Some(""), None, None, &[]).unwrap().apply("web", &cfg()).unwrap_err();
+        let e = o(&[], Some(""), None, None, &[])
+            .unwrap()
+            .apply("web", &cfg())
+            .unwrap_err();
         assert!(e.to_string().contains("no command"), "{e}");
     }
 
@@ -324,9 +351,15 @@ mod tests {
         let mut init = cfg();
         init.entrypoint.clear();
         init.cmd = vec!["/sbin/init".into()];
-        let e = o(&["A=1"], None, None, None, &[]).unwrap().apply("deb", &init).unwrap_err();
+        let e = o(&["A=1"], None, None, None, &[])
+            .unwrap()
+            .apply("deb", &init)
+            .unwrap_err();
         let e = e.to_string();
-        assert!(e.contains("deb") && e.contains("/sbin/init") && e.contains("--env"), "{e}");
+        assert!(
+            e.contains("deb") && e.contains("/sbin/init") && e.contains("--env"),
+            "{e}"
+        );
     }
 
     #[test]

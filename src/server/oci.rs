@@ -20,7 +20,10 @@ pub(super) async fn pull(
             .credentials
             .as_ref()
             .map(|c| (c.username.as_str(), c.password.as_str()));
-        let i = h.images.pull(&req.reference, req.name.as_deref(), login, &*pr).await?;
+        let i = h
+            .images
+            .pull(&req.reference, req.name.as_deref(), login, &*pr)
+            .await?;
         Ok(convert::image_row(&(i, Vec::new())))
     })
 }

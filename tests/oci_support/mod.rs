@@ -131,4 +131,3 @@ pub fn push(env: &Env, layout: &Path, tag: &str, dest: &str) {
 pub fn images(env: &Env) -> Vec<serde_json::Value> {
     serde_json::from_str(&env.cli_ok(&["image", "list", "-o", "json"])).unwrap()
 }
-

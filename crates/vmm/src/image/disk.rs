@@ -140,7 +140,12 @@ pub async fn clone_disk(image: &Path, dest: &Path, size_bytes: u64) -> Result<()
 
 /// [`clone_disk`] at `prio`. The copy runs off the async workers: on the blocking pool, or at
 /// [`Priority::Idle`] as `cp --reflink=always`, else `dd conv=sparse oflag=direct`.
-pub async fn clone_disk_at(image: &Path, dest: &Path, size_bytes: u64, prio: Priority) -> Result<(), VmmError> {
+pub async fn clone_disk_at(
+    image: &Path,
+    dest: &Path,
+    size_bytes: u64,
+    prio: Priority,
+) -> Result<(), VmmError> {
     let ctx = |what: &str| format!("{what} {} to {}", image.display(), dest.display());
     let img_len = std::fs::metadata(image)
         .map_err(VmmError::io(ctx("cloning")))?
@@ -187,10 +192,12 @@ pub async fn clone_disk_at(image: &Path, dest: &Path, size_bytes: u64, prio: Pri
                 let mut inf = std::ffi::OsString::from("if=");
                 inf.push(image);
                 let direct = run(
-                    command("dd", prio)
-                        .arg(inf)
-                        .arg(of)
-                        .args(["bs=64K", "conv=sparse", "oflag=direct", "status=none"]),
+                    command("dd", prio).arg(inf).arg(of).args([
+                        "bs=64K",
+                        "conv=sparse",
+                        "oflag=direct",
+                        "status=none",
+                    ]),
                     "dd",
                 )
                 .await;
@@ -198,10 +205,7 @@ pub async fn clone_disk_at(image: &Path, dest: &Path, size_bytes: u64, prio: Pri
                     Ok(_) => Ok(()),
                     // A file system without O_DIRECT: a plain sparse copy.
                     Err(_) => run(
-                        command("cp", prio)
-                            .arg("--sparse=always")
-                            .arg(image)
-                            .arg(&tmp),
+                        command("cp", prio).arg("--sparse=always").arg(image).arg(&tmp),
                         "cp",
                     )
                     .await
@@ -305,7 +309,9 @@ mod tests {
             f.write_all(b"tail").unwrap();
         }
         let len = std::fs::metadata(&a).unwrap().len();
-        clone_disk_at(&a, &d.join("b"), len, Priority::Idle).await.unwrap();
+        clone_disk_at(&a, &d.join("b"), len, Priority::Idle)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(d.join("b")).unwrap());
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(d.join("b")).unwrap().blocks() * 512 < 1 << 20);
