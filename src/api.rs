@@ -190,6 +190,28 @@ pub struct MachineInfo {
     /// The template it was restored from (`image warm`); absent when it booted cold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// The one program it runs (an OCI image's workload, with the deploy's overrides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadInfo>,
+    /// How its workload ended, when that stopped it (`stopped`, cleared by the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// A machine's workload as `machine status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadInfo {
+    /// The effective command: entrypoint and arguments.
+    pub command: Vec<String>,
+    /// Names of its environment entries (the values are not shown).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory (absent: `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// User (absent: root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// What a machine's VMM may use (its cgroup).
@@ -260,6 +282,22 @@ pub struct DeployRequest {
     /// Boot cold even when a template of the image and shape exists.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold: bool,
+    /// OCI images: environment entries `K=V` added to (or replacing) the image's `Env`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// OCI images: the program to run instead of the image's `Entrypoint` (its `Cmd` is
+    /// dropped too, as Docker does; `""` clears the entrypoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<String>,
+    /// OCI images: working directory instead of the image's `WorkingDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// OCI images: `USER[:GROUP]` (names or IDs) instead of the image's `User`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// OCI images: arguments replacing the image's `Cmd`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
 }
 
 /// `POST /v1/machines/{name}/expose`.
@@ -544,6 +582,24 @@ pub struct ImagePullRequest {
     /// An extra tag for it.
     #[serde(default)]
     pub name: Option<String>,
+    /// Credentials for this pull only (not stored), e.g. from the caller's Docker `config.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RegistryCredentials>,
+}
+
+/// A registry's username and password (the password is never shown by `Debug`).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RegistryCredentials {
+    /// Username.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryCredentials({}, <hidden>)", self.username)
+    }
 }
 
 /// `POST /v1/images/import`.

@@ -42,7 +42,7 @@ pub enum ImageCmd {
     },
     /// Pull an OCI image from a registry (Docker Hub by default) and convert it.
     #[command(
-        after_help = "Examples:\n  sistemo image pull nginx\n  sistemo image pull ghcr.io/org/app:1.2 --name app\n  sistemo image pull 127.0.0.1:5000/web@sha256:<digest>"
+        after_help = "Examples:\n  sistemo image pull nginx\n  sistemo image pull ghcr.io/org/app:1.2 --name app\n  sistemo image pull 127.0.0.1:5000/web@sha256:<digest>\n  sistemo image pull ghcr.io/org/private:1 --docker-config"
     )]
     Pull {
         /// Reference: [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST].
@@ -50,6 +50,10 @@ pub enum ImageCmd {
         /// An extra local tag.
         #[arg(long)]
         name: Option<String>,
+        /// Use the registry's credentials from a Docker config.json (default
+        /// ~/.docker/config.json) for this pull only; `auths` entries only, no credential helpers.
+        #[arg(long, value_name = "PATH", num_args = 0..=1)]
+        docker_config: Option<Option<PathBuf>>,
     },
     /// Import a `docker save` archive or an OCI image layout (directory or tar).
     #[command(
@@ -155,11 +159,23 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
             )?;
             print_image(&r, json)?;
         }
-        ImageCmd::Pull { reference, name } => {
+        ImageCmd::Pull {
+            reference,
+            name,
+            docker_config,
+        } => {
+            let credentials = match docker_config {
+                Some(path) => super::docker_config::credentials(&reference, path)?,
+                None => None,
+            };
             let r: ImageRow = c.stream(
                 "POST",
                 "/v1/images/pull",
-                Some(&ImagePullRequest { reference, name }),
+                Some(&ImagePullRequest {
+                    reference,
+                    name,
+                    credentials,
+                }),
                 progress_printer(),
             )?;
             print_image(&r, json)?;

@@ -41,7 +41,7 @@ pub struct IoFlags {
 pub enum MachineCmd {
     /// Create and boot a machine.
     #[command(
-        after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G"
+        after_help = "Examples:\n  sistemo machine deploy debian --name web --expose 80\n  sistemo machine deploy debian --expose 8080:3000 --expose 53/udp --memory 1G\n  sistemo machine deploy nginx --env MODE=dev --workdir /srv -- nginx -g 'daemon off;'"
     )]
     Deploy {
         /// Image: a name (debian), a *.ext4 file under the daemon's image_dirs (a relative path
@@ -96,6 +96,9 @@ pub enum MachineCmd {
         /// Boot the kernel even when a template of this image and shape exists (`image warm`).
         #[arg(long)]
         cold: bool,
+        /// OCI image overrides (Docker's flags).
+        #[command(flatten)]
+        oci: Box<super::workload::WorkloadFlags>,
     },
     /// List machines.
     #[command(visible_alias = "ls")]
@@ -337,6 +340,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             volume,
             io,
             cold,
+            oci,
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
@@ -368,6 +372,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
                 disk_iops: io.disk_iops,
                 disk_bw_mbps: io.disk_bw_mbps,
                 cold,
+                ..oci.request()?
             };
             let m: MachineInfo = c.stream("POST", "/v1/machines", Some(&req), progress_printer())?;
             show(&m)?;

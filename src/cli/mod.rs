@@ -3,6 +3,7 @@
 //! client, except `up` (runs the daemon) and `image prepare` (fills a data dir, no daemon).
 
 mod accounts;
+mod docker_config;
 mod doctor;
 mod image;
 mod install;
@@ -14,6 +15,7 @@ mod session;
 mod systemd;
 mod upload;
 mod volume;
+mod workload;
 
 pub use accounts::{TokenCmd, UserCmd};
 pub use image::ImageCmd;

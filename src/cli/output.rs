@@ -35,7 +35,11 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 /// The page's status block.
 pub fn format_status(m: &MachineInfo) -> String {
-    let degraded = if m.degraded.is_some() { " (degraded)" } else { "" };
+    let degraded = match (&m.degraded, m.exit_code) {
+        (Some(_), _) => " (degraded)".to_string(),
+        (None, Some(c)) => format!(" (workload exited with code {c})"),
+        _ => String::new(),
+    };
     let mut s = format!(
         "ID:       {}\nName:     {}\nStatus:   {}{degraded}\nIP:       {}\n",
         m.id, m.name, m.status, m.ip
@@ -73,6 +77,9 @@ pub fn format_status(m: &MachineInfo) -> String {
     ));
     if let Some(pid) = m.pid {
         s.push_str(&format!("PID:      {pid}\n"));
+    }
+    if let Some(w) = &m.workload {
+        s.push_str(&super::workload::status_lines(w));
     }
     if !m.vmm.is_empty() {
         let note = if m.vmm.ends_with("tcg") {

@@ -6,11 +6,16 @@ use crate::Progress;
 use crate::domain::{ByteSize, ImageTag};
 use sistemo_vmm::image::oci::{self, reference::ImageRef};
 use sistemo_vmm::image::{
-    BuildOptions, ImageInfo, ImagePolicy, ImageStore, PackageName, clone_disk, grow_disk,
+    BuildOptions, ImageInfo, ImagePolicy, ImageStore, PackageName, Priority, clone_disk, clone_disk_at,
+    grow_disk,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+/// How long a deploy waits for the spare disk being made for its image before copying the
+/// image itself.
+const SPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Default disk size when `--storage` is not given.
 pub const DEFAULT_STORAGE: ByteSize = ByteSize::bytes(2 << 30);
@@ -26,8 +31,9 @@ pub struct Disks {
     /// What image references may name (`image_dirs`, http, size cap).
     policy: ImagePolicy,
     pool: PathBuf,
-    /// Images whose spare is being made (shared with the background task making it).
-    refilling: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Images whose spare is being made, each with what wakes the deploys waiting for it
+    /// (shared with the background task making it).
+    refilling: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Notify>>>>,
     /// Templates' frozen disks, whose spares are kept as well as the images'.
     extra: Mutex<HashSet<PathBuf>>,
 }
@@ -81,17 +87,39 @@ impl Disks {
         std::fs::rename(self.spare(src), dest).is_ok()
     }
 
-    /// Make a new spare for `src` in the background, unless one exists or is being made.
-    fn refill(&self, src: PathBuf) {
+    /// Take the image's spare, waiting up to [`SPARE_WAIT`] for one being made: it is further
+    /// along than a copy this deploy would start.
+    async fn take_spare_or_wait(&self, src: &Path, dest: &Path) -> bool {
+        let making = self
+            .refilling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(src)
+            .cloned();
+        let Some(done) = making else {
+            return self.take_spare(src, dest);
+        };
+        let woken = done.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if self.take_spare(src, dest) {
+            return true;
+        }
+        let _ = tokio::time::timeout(SPARE_WAIT, woken).await;
+        self.take_spare(src, dest)
+    }
+
+    /// Make a new spare for `src` in the background, unless one exists or is being made: at
+    /// `prio`, [`Priority::Idle`] after a deploy (which then boots undisturbed).
+    fn refill(&self, src: PathBuf, prio: Priority) {
         let spare = self.spare(&src);
-        if spare.exists()
-            || !self
-                .refilling
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(src.clone())
+        let done = Arc::new(tokio::sync::Notify::new());
         {
-            return;
+            let mut r = self.refilling.lock().unwrap_or_else(|p| p.into_inner());
+            if spare.exists() || r.contains_key(&src) {
+                return;
+            }
+            r.insert(src.clone(), done.clone());
         }
         let (pool, refilling) = (self.pool.clone(), self.refilling.clone());
         tokio::spawn(async move {
@@ -101,7 +129,7 @@ impl Disks {
                 .unwrap_or(DEFAULT_STORAGE.as_bytes());
             let r: Result<(), ImageError> = async {
                 std::fs::create_dir_all(&pool).map_err(io("creating the disk pool"))?;
-                clone_disk(&src, &tmp, size).await?;
+                clone_disk_at(&src, &tmp, size, prio).await?;
                 std::fs::rename(&tmp, &spare).map_err(io("placing a spare disk"))
             }
             .await;
@@ -110,7 +138,17 @@ impl Disks {
                 tracing::warn!(error = %crate::error::chain(&e), "making a spare disk failed");
             }
             refilling.lock().unwrap_or_else(|p| p.into_inner()).remove(&src);
+            done.notify_waiters();
         });
+    }
+
+    /// Keep a spare of `src` (a template's disk) from now on, made at `prio`.
+    fn keep_spare(&self, src: &Path, prio: Priority) {
+        self.extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(src.to_path_buf());
+        self.refill(src.to_path_buf(), prio);
     }
 
     /// Remove spares whose image (or template) is gone.
@@ -166,7 +204,7 @@ impl ImageBackend for Disks {
             None => default,
         };
         let dest = dir.join("disk.raw");
-        if size >= default && self.take_spare(&src, &dest) {
+        if size >= default && self.take_spare_or_wait(&src, &dest).await {
             grow_disk(&dest, size).await?;
         } else {
             progress("cloning the image into the machine's disk");
@@ -177,7 +215,7 @@ impl ImageBackend for Disks {
         if let Some(w) = self.images.oci_meta(&src).and_then(|m| m.config.workload()) {
             oci::write_workload(dir, &w)?;
         }
-        self.refill(src);
+        self.refill(src, Priority::Idle);
         Ok((dest, ByteSize::bytes(size)))
     }
 
@@ -215,9 +253,14 @@ impl ImageBackend for Disks {
         &self,
         r: &ImageRef,
         tags: &[String],
+        login: Option<(&str, &str)>,
         progress: Progress<'_>,
     ) -> Result<ImageInfo, ImageError> {
-        Ok(oci::pull::pull(&self.images, r, &self.policy, tags, progress).await?)
+        let info = oci::pull::pull(&self.images, r, &self.policy, tags, login, progress).await?;
+        // The first deploy of a pulled image takes a spare too (made at once: nothing boots
+        // because of a pull).
+        self.refill(info.path.clone(), Priority::Normal);
+        Ok(info)
     }
 
     async fn import(
@@ -226,7 +269,9 @@ impl ImageBackend for Disks {
         tags: &[String],
         progress: Progress<'_>,
     ) -> Result<ImageInfo, ImageError> {
-        Ok(oci::import::import(&self.images, path, tags, &self.policy, progress).await?)
+        let info = oci::import::import(&self.images, path, tags, &self.policy, progress).await?;
+        self.refill(info.path.clone(), Priority::Normal);
+        Ok(info)
     }
 
     fn login(&self, registry: &str, user: &str, password: &str) -> Result<(), ImageError> {
@@ -239,7 +284,7 @@ impl ImageBackend for Disks {
     }
 
     fn prune(&self) -> Result<u64, ImageError> {
-        Ok(self.images.prune_blobs())
+        Ok(self.images.prune_blobs()?)
     }
 
     async fn disk_from(
@@ -252,20 +297,16 @@ impl ImageBackend for Disks {
             .map_err(io("reading the template disk's size"))?
             .len();
         let dest = dir.join("disk.raw");
-        if !self.take_spare(src, &dest) {
+        if !self.take_spare_or_wait(src, &dest).await {
             progress("copying the template's disk");
             clone_disk(src, &dest, size).await?;
         }
-        self.prepare_spare(src);
+        self.keep_spare(src, Priority::Idle);
         Ok(ByteSize::bytes(size))
     }
 
     fn prepare_spare(&self, src: &Path) {
-        self.extra
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(src.to_path_buf());
-        self.refill(src.to_path_buf());
+        self.keep_spare(src, Priority::Normal);
     }
 
     fn forget_spare(&self, src: &Path) {

@@ -99,11 +99,13 @@ pub trait ImageBackend: Send + Sync {
         None
     }
 
-    /// Pull OCI image `reference` (pulled once per manifest digest) and point `tags` at it.
+    /// Pull OCI image `reference` (pulled once per manifest digest) and point `tags` at it;
+    /// `login` (user, password) is for this pull only.
     async fn pull(
         &self,
         _reference: &ImageRef,
         _tags: &[String],
+        _login: Option<(&str, &str)>,
         _progress: Progress<'_>,
     ) -> std::result::Result<ImageInfo, ImageError> {
         Err(ImageError::Unsupported("pulling OCI images"))
@@ -233,7 +235,7 @@ impl Images {
                 Some(n) => n.parse()?,
                 None => r.short_name().parse()?,
             };
-            return self.pull(base, Some(tag.as_str()), progress).await;
+            return self.pull(base, Some(tag.as_str()), None, progress).await;
         }
         let tag: ImageTag = name.unwrap_or(base).parse()?;
         let include = include

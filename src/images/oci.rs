@@ -32,16 +32,24 @@ fn tags_for(r: &ImageRef, name: Option<&str>) -> Result<Vec<String>> {
 
 impl Images {
     /// Pull an OCI image (`nginx`, `ghcr.io/o/r:tag`, `…@sha256:…`), tagged with its normalized
-    /// reference and `name`.
+    /// reference and `name`; `login` (user, password, e.g. from the caller's Docker
+    /// `config.json`) is used for this pull only, never stored.
     pub async fn pull(
         &self,
         reference: &str,
         name: Option<&str>,
+        login: Option<(&str, &str)>,
         progress: Progress<'_>,
     ) -> Result<ImageInfo> {
         let r = ImageRef::parse(reference).map_err(|e| Error::Invalid(e.to_string()))?;
         let tags = tags_for(&r, name)?;
-        Ok(self.backend()?.pull(&r, &tags, progress).await?)
+        if login.is_some_and(|(u, p)| u.is_empty() || p.is_empty()) {
+            return Err(Error::Invalid(format!(
+                "the credentials for {} have an empty username or password (allowed: both set)",
+                r.registry()
+            )));
+        }
+        Ok(self.backend()?.pull(&r, &tags, login, progress).await?)
     }
 
     /// Import an archive at `path` (absolute, read by the daemon) as `name` (default: the

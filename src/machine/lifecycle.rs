@@ -13,7 +13,7 @@ use uuid::Uuid;
 /// How long a guest may take to power down before its VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// What Linux prints last when the guest powers itself off (`poweroff`, `shutdown -h`).
-const POWER_DOWN: &str = "reboot: Power down";
+pub(super) const POWER_DOWN: &str = "reboot: Power down";
 /// How much of the console's end is read to tell a power-off from a crash.
 const CONSOLE_TAIL: u64 = 4096;
 
@@ -32,6 +32,7 @@ impl Machines {
         }
         self.check_deploy_volumes(&d)?;
         self.precheck_exposes(&d.expose)?;
+        self.check_workload(&d)?;
         let new = NewMachine {
             id: Uuid::new_v4(),
             name: match d.name.clone() {
@@ -280,6 +281,7 @@ impl Machines {
         let inst = match res {
             Ok(i) => i,
             Err(e) => {
+                let exited = self.workload_exit_of(m.id);
                 let inst = self
                     .store
                     .lock()
@@ -288,6 +290,9 @@ impl Machines {
                     .and_then(|m| m.instance);
                 self.teardown(m, inst.as_ref()).await;
                 let _ = self.store.lock().set_instance(m.id, None);
+                if let Some(code) = exited {
+                    return self.stopped_by_workload(m, code, progress);
+                }
                 return Err(e);
             }
         };
@@ -559,6 +564,11 @@ impl Machines {
             if clean {
                 tracing::info!(machine = %m.name, "the guest powered off");
                 self.shutdown(&m, &|_| {}).await?;
+                if let Some(code) = self.workload_exit_of(m.id) {
+                    self.stopped_by_workload(&m, code, &|_| {})?;
+                    n += 1;
+                    continue;
+                }
             } else {
                 let last = tail
                     .lines()
@@ -618,7 +628,7 @@ impl Machines {
     }
 
     /// The last few KiB of the machine's console, without terminal escapes.
-    fn console_tail(&self, id: Uuid) -> String {
+    pub(super) fn console_tail(&self, id: Uuid) -> String {
         use std::io::{Read, Seek, SeekFrom};
         let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
             return String::new();

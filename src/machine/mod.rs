@@ -9,6 +9,7 @@ mod lifecycle;
 mod restart;
 mod volumes;
 mod warm;
+mod workload;
 
 #[cfg(test)]
 mod fakes;
@@ -19,6 +20,7 @@ pub use expose::{desired_firewall, machine_port};
 pub use sistemo_vmm::IoLimits;
 pub use volumes::{AttachSpec, check_mount};
 pub use warm::TemplateInfo;
+pub use workload::{Overrides, exit_code};
 
 use crate::domain::{ByteSize, MachineName, NetworkName, RestartPolicy};
 use crate::error::Result;
@@ -57,6 +59,8 @@ pub struct MachineView {
     pub io: IoLimits,
     /// The template it was restored from, if it was.
     pub template: Option<String>,
+    /// The one program it runs (an OCI image's workload, with the deploy's overrides).
+    pub workload: Option<sistemo_vmm::image::oci::Workload>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -91,6 +95,8 @@ pub struct Deploy {
     pub io: IoLimits,
     /// Boot cold even when a template fits (`--cold`).
     pub cold: bool,
+    /// Overrides of an OCI image's config (`--env`, `--entrypoint`, `-- CMD`, …).
+    pub workload: Overrides,
 }
 
 /// The host's limits and settings that machines are checked against and configured with.
@@ -270,6 +276,7 @@ impl Machines {
             limits: self.limits_of(&machine),
             vmm: self.vmm.name(),
             guest: None,
+            workload: workload::read(&self.machine_dir(machine.id)),
             volumes: self
                 .store
                 .lock()

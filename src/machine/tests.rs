@@ -96,6 +96,7 @@ fn web(expose: &[&str]) -> Deploy {
         root_volume: None,
         clone_of: None,
         cold: false,
+        workload: Default::default(),
     }
 }
 
@@ -549,4 +550,19 @@ async fn a_machine_without_a_name_is_named_after_its_image() {
         names.push(r.deploy(unnamed(image)).await.unwrap().machine.name.to_string());
     }
     assert_eq!(names, ["debian", "debian-2", "my-app", "alpine-3"]);
+}
+
+#[tokio::test]
+async fn oci_overrides_on_an_image_with_an_init_system_are_refused_and_leave_nothing() {
+    let r = rig().await;
+    let d = Deploy {
+        workload: crate::machine::Overrides::parse(vec!["A=1".into()], None, None, None, vec![]).unwrap(),
+        ..web(&["8080:80"])
+    };
+    let e = r.deploy(d).await.unwrap_err().to_string();
+    assert!(
+        e.contains("\"debian\"") && e.contains("--env") && e.contains("OCI"),
+        "{e}"
+    );
+    r.assert_nothing_left();
 }

@@ -2,7 +2,7 @@
 //! implemented), the disks a machine boots with, deploy `--attach`/`--volume`, delete
 //! `--preserve-storage`, and machine snapshots and clones.
 
-use super::{Deploy, MachineView, Machines};
+use super::{Deploy, MachineView, Machines, workload};
 use crate::Progress;
 use crate::domain::{MachineName, MachineState, VolumeName};
 use crate::error::{Error, Result};
@@ -186,9 +186,14 @@ impl Machines {
                 .await?;
             let size = std::fs::metadata(&from).map(|m| m.len()).unwrap_or(0);
             self.store.lock().set_storage(m.id, size)?;
+            // An OCI machine's copy runs the same workload.
+            if let Some(w) = workload::read(&self.machine_dir(src)) {
+                sistemo_vmm::image::oci::write_workload(dir, &w)?;
+            }
             return Ok(());
         }
         let (_, size) = images.create_disk(&d.image, dir, d.storage, progress).await?;
+        self.apply_workload(d, dir)?;
         self.store.lock().set_storage(m.id, size.as_bytes())?;
         Ok(())
     }
@@ -396,6 +401,7 @@ impl Machines {
                 cold: true,
                 wait_ssh: None,
                 io: sistemo_vmm::IoLimits::default(),
+                workload: Default::default(),
             };
             let res: Result<()> = async {
                 let attached = self.store.lock().attachments_of_machine(m.id)?;

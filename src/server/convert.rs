@@ -93,6 +93,13 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
             iops: req.disk_iops.unwrap_or(0),
             disk_bw_mbps: req.disk_bw_mbps.unwrap_or(0),
         },
+        workload: crate::machine::Overrides::parse(
+            req.env,
+            req.entrypoint,
+            req.workdir,
+            req.user,
+            req.command,
+        )?,
         image,
     })
 }
@@ -111,11 +118,12 @@ fn port_info(s: &ExposeSpec) -> PortInfo {
 /// A machine as `machine status` shows it.
 pub fn machine_info(v: &MachineView) -> MachineInfo {
     let m = &v.machine;
+    let exit_code = crate::machine::exit_code(m.state, m.error.as_deref());
     MachineInfo {
         id: m.id.to_string(),
         name: m.name.to_string(),
         status: m.state,
-        error: m.error.clone(),
+        error: m.error.clone().filter(|_| exit_code.is_none()),
         paused: v.paused.clone(),
         ip: m.ip.to_string(),
         network: m.network.to_string(),
@@ -153,6 +161,17 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         created_at: m.created_at.clone(),
         volumes: v.volumes.iter().map(attachment_info).collect(),
         template: v.template.clone(),
+        workload: v.workload.as_ref().map(|w| crate::api::WorkloadInfo {
+            command: w.argv.clone(),
+            env: w
+                .env
+                .iter()
+                .map(|kv| kv.split_once('=').map_or(kv.as_str(), |(k, _)| k).to_string())
+                .collect(),
+            workdir: w.cwd.clone(),
+            user: w.user.clone(),
+        }),
+        exit_code,
     }
 }
 

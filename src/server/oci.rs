@@ -16,7 +16,14 @@ pub(super) async fn pull(
 ) -> Response {
     let target = req.reference.clone();
     streamed(h, p, "image.pull", target, move |h, pr| async move {
-        let i = h.images.pull(&req.reference, req.name.as_deref(), &*pr).await?;
+        let login = req
+            .credentials
+            .as_ref()
+            .map(|c| (c.username.as_str(), c.password.as_str()));
+        let i = h
+            .images
+            .pull(&req.reference, req.name.as_deref(), login, &*pr)
+            .await?;
         Ok(convert::image_row(&(i, Vec::new())))
     })
 }

@@ -11,7 +11,7 @@ mod source;
 mod store;
 
 pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, apt_mirror};
-pub use disk::{clone_disk, grow_disk, make_ext4};
+pub use disk::{Priority, clone_disk, clone_disk_at, grow_disk, make_ext4};
 pub(crate) use initramfs::{GuestConfig, guest_volumes, write_machine_initrd};
 pub use kernel::{BootAssets, ensure_boot_assets};
 pub use source::{DEFAULT_MAX_IMAGE_SIZE, ImagePolicy, UrlRef, check_ext4, check_path, is_sha256, is_url};

@@ -196,7 +196,7 @@ impl ImageStore {
         if let Some(i) = self.lookup(reference) {
             return Ok(i.path);
         }
-        super::oci::pull::pull(self, &r, policy, &[r.normalized()], progress)
+        super::oci::pull::pull(self, &r, policy, &[r.normalized()], None, progress)
             .await
             .map(|i| i.path)
     }
@@ -342,7 +342,14 @@ impl ImageStore {
     }
 
     /// Remove cached layer blobs no stored OCI image uses; returns the bytes freed.
-    pub fn prune_blobs(&self) -> u64 {
+    pub fn prune_blobs(&self) -> Result<u64, VmmError> {
+        let Some(_alone) = self.blobs().try_hold_cache_alone()? else {
+            return Err(VmmError::Invalid {
+                what: "prune",
+                value: "while a pull or import runs".into(),
+                allowed: "prune once no pull or import runs",
+            });
+        };
         let _lock = self.lock();
         let keep: Vec<String> = self
             .load()
@@ -350,7 +357,7 @@ impl ImageStore {
             .values()
             .flat_map(|m| m.layers.iter().cloned())
             .collect();
-        self.blobs().prune(&keep)
+        Ok(self.blobs().prune(&keep))
     }
 
     /// A fresh private folder in the store for a build or a download (the caller removes it).

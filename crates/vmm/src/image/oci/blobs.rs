@@ -1,5 +1,7 @@
 //! Layer blobs cached by digest (`data_dir/images/blobs/sha256/HEX`), shared between images:
-//! a blob enters the cache only once its bytes hash to its name.
+//! a blob enters the cache only once its bytes hash to its name. Pulls and imports at once are
+//! serialised per digest by file locks (`blobs/locks/HEX.lock`): a manifest is converted once, a
+//! layer downloaded once; prune waits for no one and removes nothing while they run.
 
 use crate::VmmError;
 use std::io::{Read, Write};
@@ -27,7 +29,66 @@ pub fn check_digest(digest: &str) -> Result<&str, VmmError> {
     })
 }
 
+/// A file lock, released when dropped.
+#[derive(Debug)]
+pub struct Held(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+fn open_lock(p: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map_err(VmmError::io(format!("opening {}", p.display())))
+}
+
+/// Lock `p` with `arg`, waiting on the blocking pool.
+async fn lock(p: PathBuf, arg: nix::fcntl::FlockArg) -> Result<Held, VmmError> {
+    tokio::task::spawn_blocking(move || {
+        let f = open_lock(&p)?;
+        nix::fcntl::Flock::lock(f, arg)
+            .map(Held)
+            .map_err(|(_, e)| VmmError::io(format!("locking {}", p.display()))(e.into()))
+    })
+    .await
+    .map_err(|e| VmmError::io("waiting for a lock")(std::io::Error::other(e)))?
+}
+
 impl Blobs {
+    fn locks(&self) -> Result<PathBuf, VmmError> {
+        let d = self.dir.with_file_name("locks");
+        std::fs::create_dir_all(&d).map_err(VmmError::io(format!("creating {}", d.display())))?;
+        Ok(d)
+    }
+
+    /// Held (shared) by a pull or import for its whole run: [`Blobs::prune`]'s caller takes it
+    /// exclusively, so no blob an image being made needs is removed under it.
+    pub async fn hold_cache(&self) -> Result<Held, VmmError> {
+        lock(self.locks()?.join("cache.lock"), nix::fcntl::FlockArg::LockShared).await
+    }
+
+    /// The cache to itself (for a prune), or `None` while a pull or import runs.
+    pub fn try_hold_cache_alone(&self) -> Result<Option<Held>, VmmError> {
+        let p = self.locks()?.join("cache.lock");
+        match nix::fcntl::Flock::lock(open_lock(&p)?, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(Held(l))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(VmmError::io(format!("locking {}", p.display()))(e.into())),
+        }
+    }
+
+    /// Digest `digest` (a manifest's or a layer's) to this caller until dropped: whoever comes
+    /// next finds the work done. Take it while holding [`Blobs::hold_cache`], after any manifest
+    /// lock and before one layer's at a time, so that no two callers wait on each other.
+    pub async fn hold_digest(&self, digest: &str) -> Result<Held, VmmError> {
+        let hex = check_digest(digest)?;
+        lock(
+            self.locks()?.join(format!("{hex}.lock")),
+            nix::fcntl::FlockArg::LockExclusive,
+        )
+        .await
+    }
+
     /// The cache under the image store's folder.
     pub fn new(images_dir: &Path) -> Blobs {
         Blobs {
@@ -104,7 +165,8 @@ impl Blobs {
             .unwrap_or_default()
     }
 
-    /// Remove blobs not in `keep` (and stale temporary files); returns the bytes freed.
+    /// Remove blobs not in `keep` (and stale temporary files); returns the bytes freed. The
+    /// caller holds the cache alone ([`Blobs::try_hold_cache_alone`]).
     pub fn prune(&self, keep: &[String]) -> u64 {
         let mut freed = 0;
         let Ok(rd) = std::fs::read_dir(&self.dir) else {

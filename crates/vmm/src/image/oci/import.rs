@@ -253,6 +253,9 @@ pub async fn import(
                 allowed: "an archive that names its image, or --name TAG",
             });
         }
+        let blobs = store.blobs();
+        let _cache = blobs.hold_cache().await?;
+        let _converting = blobs.hold_digest(&found.digest).await?;
         if let Some(i) = store.oci_image(&found.digest) {
             progress(&format!(
                 "{} is {}, already converted",
@@ -265,7 +268,6 @@ pub async fn import(
             reference: path.display().to_string(),
             reason,
         })?;
-        let blobs = store.blobs();
         let mut layers = Vec::new();
         for (i, (digest, file)) in found.layers.iter().enumerate() {
             progress(&format!("layer {}/{} {digest}", i + 1, found.layers.len()));

@@ -144,6 +144,16 @@ impl ImageConfig {
         ))
     }
 
+    /// Whether the image's command (`Entrypoint` + `Cmd`) is an init system, which boots as
+    /// for any other image rather than as a workload.
+    pub fn runs_init_system(&self) -> bool {
+        self.entrypoint
+            .iter()
+            .chain(&self.cmd)
+            .next()
+            .is_some_and(|p| INIT_SYSTEMS.contains(&p.as_str()))
+    }
+
     /// The machine's main process: `Entrypoint` + `Cmd` with the config's environment, working
     /// directory and user. `None` when the image has no command, or its command is an init
     /// system: the image's `/sbin/init` boots as for any other image.

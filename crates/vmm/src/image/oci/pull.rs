@@ -200,14 +200,16 @@ fn short(digest: &str) -> &str {
     &hex[..12.min(hex.len())]
 }
 
-/// Pull `r` and store it under `tags`. A manifest digest the store already converted is only
-/// tagged; layers already in the blob cache are not downloaded again. Nothing partial stays in
-/// the store on failure.
+/// Pull `r` and store it under `tags`, with `login` (user, password) for this pull only, else
+/// the stored credentials of `registry login`, else anonymously. A manifest digest the store
+/// already converted is only tagged; layers already in the blob cache are not downloaded again.
+/// Nothing partial stays in the store on failure.
 pub async fn pull(
     store: &ImageStore,
     r: &ImageRef,
     policy: &ImagePolicy,
     tags: &[String],
+    login: Option<(&str, &str)>,
     progress: Progress<'_>,
 ) -> Result<ImageInfo, VmmError> {
     let started = Instant::now();
@@ -215,7 +217,10 @@ pub async fn pull(
         tracing::debug!(registry = r.registry(), "pulling over https");
     }
     let c = client(r, policy);
-    let auth = Credentials::load(store.data_dir()).auth_for(r.registry());
+    let auth = match login {
+        Some((u, p)) => RegistryAuth::Basic(u.to_string(), p.to_string()),
+        None => Credentials::load(store.data_dir()).auth_for(r.registry()),
+    };
     let reference: &Reference = &r.0;
     progress(&format!("resolving {r}"));
     let (manifest, digest, config) = c
@@ -233,11 +238,18 @@ pub async fn pull(
         progress(&format!("{r} is {digest}, already converted"));
         return store.tag(&i.sha256, tags);
     }
+    // Another pull of this digest may be under way: wait for it, then find it converted.
+    let blobs: Blobs = store.blobs();
+    let _cache = blobs.hold_cache().await?;
+    let _converting = blobs.hold_digest(&digest).await?;
+    if let Some(i) = store.oci_image(&digest) {
+        progress(&format!("{r} is {digest}, already converted"));
+        return store.tag(&i.sha256, tags);
+    }
     let (cfg, created) = ImageConfig::parse(config.as_bytes()).map_err(|reason| VmmError::ImageRefused {
         reference: r.normalized(),
         reason,
     })?;
-    let blobs: Blobs = store.blobs();
     let n = manifest.layers.len();
     let mut layers = Vec::with_capacity(n);
     for (i, l) in manifest.layers.iter().enumerate() {
@@ -257,6 +269,11 @@ pub async fn pull(
             l.size.max(0) >> 20
         );
         let dest = blobs.path(&l.digest)?;
+        let _downloading = if blobs.has(&l.digest) {
+            None
+        } else {
+            Some(blobs.hold_digest(&l.digest).await?)
+        };
         if blobs.has(&l.digest) {
             progress(&format!("{label}: cached"));
         } else {
