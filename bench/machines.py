@@ -501,12 +501,17 @@ def warm_deploys(env, n):
         pool = os.path.join(env.data, "pool")
         end = time.monotonic() + 60
         while time.monotonic() < end and os.path.isdir(pool) and any(
-                f.endswith(".filling") for f in os.listdir(pool)):
+                f.endswith((".filling", ".cloning")) for f in os.listdir(pool)):
             time.sleep(0.05)
         t0 = time.monotonic()
-        d = env.cli("machine", "deploy", "debian", "--name", name, check=False, timeout=120)
-        if d.returncode != 0:
-            raise BenchError(f"warm deploy of {name} failed: {d.stderr.strip()[-800:]}")
+        p = subprocess.Popen([env.bin, "--socket", env.sock, "machine", "deploy", "debian", "--name", name],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env.children.add(p)
+        lines = [(time.monotonic() - t0, l.rstrip("\n")) for l in p.stderr]
+        p.wait(timeout=120)
+        env.children.discard(p)
+        if p.returncode != 0:
+            raise BenchError(f"warm deploy of {name} failed: " + " | ".join(l for _, l in lines[-8:]))
         t_deploy = time.monotonic() - t0
         while True:
             e = env.cli("machine", "exec", name, "true", check=False, timeout=60)
@@ -525,7 +530,8 @@ def warm_deploys(env, n):
                 if line.startswith("Pss:"):
                     pss = int(line.split()[1])
         runs.append(dict(name=name, deploy=t_deploy, total=total, pss_kb=pss))
-        log(f"warm {name}: deploy {t_deploy:.3f}s, exec-ready {total:.3f}s, qemu Pss {pss} kB")
+        log(f"warm {name}: deploy {t_deploy:.3f}s, exec-ready {total:.3f}s, qemu Pss {pss} kB; progress: "
+            + " | ".join(f"+{t * 1000:.0f} ms {l.strip('… ')}" for t, l in lines))
         delete(env, name, st["id"])
     return dict(warm_s=warm_s, bytes=tmpl.get("bytes", 0), runs=runs)
 

@@ -253,6 +253,7 @@ impl Machines {
             }
             progress(&format!("starting {} on {}", m.name, self.vmm.name()));
             // Volume files are not replaced (resize) while the VMM opens them.
+            let t0 = std::time::Instant::now();
             let inst = {
                 let vl = self.volumes.op_lock();
                 let _v = vl.lock().await;
@@ -263,8 +264,14 @@ impl Machines {
             };
             self.store.lock().set_instance(m.id, Some(&inst))?;
             if let Some((_, w)) = warm {
+                let restored = t0.elapsed();
                 let steps = w.set_identity(&spec, self.settings.ready_timeout).await?;
-                tracing::debug!(machine = %m.name, ?steps, "identity applied");
+                progress(&format!(
+                    "restored in {} ms, own identity in {} ms ({})",
+                    restored.as_millis(),
+                    (t0.elapsed() - restored).as_millis(),
+                    steps.join(", ")
+                ));
             }
             if self.vmm.link_kind() == LinkKind::Veth || warm.is_some() {
                 self.links.attach(&spec.net.host_ifname, &spec.net.bridge).await?;

@@ -324,9 +324,11 @@ impl Machines {
             .images
             .as_ref()
             .ok_or_else(|| Error::Invalid("this backend has no disks".into()))?;
+        let t0 = std::time::Instant::now();
         let size = images
             .disk_from(&template.join(sistemo_vmm::qemu::TEMPLATE_DISK), dir, progress)
             .await?;
+        progress(&format!("disk ready in {} ms", t0.elapsed().as_millis()));
         self.store.lock().set_storage(m.id, size.as_bytes())?;
         Ok(())
     }

@@ -282,7 +282,8 @@ impl Qemu {
                 let _ = child.wait().await;
                 return Err(self.boot_error(spec, "QEMU did not start within 30s"));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // QEMU is up within tens of milliseconds: a restored machine waits on this.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let pid: i32 = std::fs::read_to_string(pid_path(spec))
             .ok()

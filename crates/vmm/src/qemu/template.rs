@@ -211,10 +211,15 @@ impl Templates for Qemu {
             "opening the template in {}",
             template.display()
         )))?;
-        let inst = self
-            .spawn_vmm(spec, Boot::Restore { ram: &ram }, Stdio::from(state))
-            .await?;
+        // The machine's SSH host key (a program run) is made while QEMU starts, ready for
+        // `set_identity`.
+        let (inst, cfg) = tokio::join!(
+            self.spawn_vmm(spec, Boot::Restore { ram: &ram }, Stdio::from(state)),
+            self.guest_config(spec, false)
+        );
+        let inst = inst?;
         let res = async {
+            cfg?;
             let mut q = Qmp::connect(&qmp_path(spec)).await?;
             q.execute(
                 "migrate-set-capabilities",
