@@ -438,6 +438,17 @@ fn interface_exists(ifname: &str) -> bool {
         .unwrap_or(true)
 }
 
+/// SIGKILL `inst` (if it still runs) and wait up to 5 s for it to be gone; true when it is.
+async fn kill_vmm(inst: &Instance) -> bool {
+    if inst.is_alive() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(inst.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_exit(inst, Instant::now() + Duration::from_secs(5)).await
+}
+
 /// Poll until `inst` is gone or `deadline` passes; true when it is gone.
 async fn wait_exit(inst: &Instance, deadline: Instant) -> bool {
     loop {
@@ -636,13 +647,7 @@ impl Hypervisor for Qemu {
             }
             tracing::warn!(machine = %spec.name, "guest did not power off in time; killing the VMM");
         }
-        if inst.is_alive() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(inst.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if wait_exit(inst, Instant::now() + Duration::from_secs(5)).await {
+        if kill_vmm(inst).await {
             Ok(())
         } else {
             Err(VmmError::Boot {

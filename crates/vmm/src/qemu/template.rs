@@ -11,7 +11,7 @@
 use super::args::Boot;
 use super::files::{agent_path, private_file, qmp_path};
 use super::qmp::Qmp;
-use super::{Qemu, wait_exit};
+use super::{Qemu, kill_vmm, wait_exit};
 use crate::{Hypervisor, Instance, MachineSpec, Progress, TEMPLATE_MAC, Templates, VmmError, format_mac};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
@@ -126,11 +126,7 @@ impl Qemu {
         }
         let _ = q.execute("quit", None).await;
         if !wait_exit(inst, Instant::now() + Duration::from_secs(10)).await {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(inst.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            wait_exit(inst, Instant::now() + Duration::from_secs(5)).await;
+            kill_vmm(inst).await;
         }
         Ok(())
     }
@@ -194,12 +190,8 @@ impl Templates for Qemu {
             self.save(spec, &inst, &spec.dir).await
         }
         .await;
-        if res.is_err() && inst.is_alive() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(inst.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            wait_exit(&inst, Instant::now() + Duration::from_secs(5)).await;
+        if res.is_err() {
+            kill_vmm(&inst).await;
         }
         let _ = self.cleanup(spec).await;
         res
@@ -249,11 +241,7 @@ impl Templates for Qemu {
         match res {
             Ok(()) => Ok(inst),
             Err(e) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(inst.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                wait_exit(&inst, Instant::now() + Duration::from_secs(5)).await;
+                kill_vmm(&inst).await;
                 Err(e)
             }
         }
