@@ -4,6 +4,7 @@
 mod debian;
 mod disk;
 mod download;
+mod embedded;
 mod initramfs;
 mod kernel;
 pub mod oci;
