@@ -265,22 +265,8 @@ mod tests {
         let mut bytes = w.finish();
         bytes.push(0);
         std::fs::write(&base, &bytes).unwrap();
-        let cfg = GuestConfig {
-            hostname: "web".into(),
-            machine_id: "0".repeat(32),
-            mac: [0x52, 0x54, 0, 1, 2, 3],
-            ip: "10.0.0.2".parse().unwrap(),
-            prefix: 24,
-            gateway: "10.0.0.1".parse().unwrap(),
-            dns: vec![],
-            authorized_keys: vec![],
-            host_key_private: b"PRIV".to_vec(),
-            host_key_public: "ssh-ed25519 BBB".into(),
-            volumes: vec![],
-            workload: None,
-        };
         let out = dir.join("initrd.img");
-        write_machine_initrd(&base, &cfg, &out).unwrap();
+        write_machine_initrd(&base, &test_config(), &out).unwrap();
         let data = std::fs::read(&out).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(data.starts_with(&bytes) && data.len().is_multiple_of(4));
@@ -296,6 +282,88 @@ mod tests {
         assert!(
             agent.1 == crate::AGENT_BINARY,
             "the agent in the initrd differs from the embedded one"
+        );
+    }
+
+    fn test_config() -> GuestConfig {
+        GuestConfig {
+            hostname: "web".into(),
+            machine_id: "0".repeat(32),
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            ip: "10.0.0.2".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.0.0.1".parse().unwrap(),
+            dns: vec![],
+            authorized_keys: vec![],
+            host_key_private: b"PRIV".to_vec(),
+            host_key_public: "ssh-ed25519 BBB".into(),
+            volumes: vec![],
+            workload: None,
+        }
+    }
+
+    /// How many of the pages holding `data` are mapped in this process (`/proc/self/pagemap`,
+    /// bit 63 of each page's entry), and how many there are.
+    fn resident_pages(data: &[u8]) -> (usize, usize) {
+        use std::os::unix::fs::FileExt;
+        let (first, last) = (
+            data.as_ptr() as u64 / 4096,
+            (data.as_ptr() as u64 + data.len() as u64 - 1) / 4096,
+        );
+        let n = (last - first + 1) as usize;
+        let mut buf = vec![0u8; n * 8];
+        std::fs::File::open("/proc/self/pagemap")
+            .unwrap()
+            .read_exact_at(&mut buf, first * 8)
+            .unwrap();
+        let present = buf
+            .chunks(8)
+            .filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1)
+            .count();
+        (present, n)
+    }
+
+    /// Writing a machine's initrd must not map the embedded agent into the daemon (2 MiB of
+    /// RSS for good). Measured in a child process running only this test, so that no other
+    /// test has touched those pages.
+    #[test]
+    fn writing_an_initrd_leaves_the_embedded_agent_out_of_memory() {
+        const NAME: &str =
+            "image::initramfs::tests::writing_an_initrd_leaves_the_embedded_agent_out_of_memory";
+        if std::env::var_os("SISTEMO_TEST_PAGES_CHILD").is_some() {
+            let dir = std::env::temp_dir().join(format!("sistemo-pages-test-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("base.img"), CpioWriter::new().finish()).unwrap();
+            write_machine_initrd(&dir.join("base.img"), &test_config(), &dir.join("initrd.img")).unwrap();
+            let len = std::fs::metadata(dir.join("initrd.img")).unwrap().len();
+            std::fs::remove_dir_all(&dir).unwrap();
+            assert!(len > crate::AGENT_BINARY.len() as u64);
+            let (present, total) = resident_pages(crate::AGENT_BINARY);
+            println!("RESIDENT {present} OF {total}");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("SISTEMO_TEST_PAGES_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (present, total) = text
+            .lines()
+            .find_map(|l| {
+                let (p, t) = l.split_once("RESIDENT ")?.1.split_once(" OF ")?;
+                Some((p.parse::<usize>().ok()?, t.trim().parse::<usize>().ok()?))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no RESIDENT line from the child: {text} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        // Fault-around may map a few pages at the edges of the agent (neighbouring data).
+        assert!(
+            present * 10 < total,
+            "{present} of the embedded agent's {total} pages are mapped after writing an initrd"
         );
     }
 
