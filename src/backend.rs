@@ -62,10 +62,25 @@ pub async fn prepare(cfg: &Config, data_dir: &Path, include: &[String]) -> Resul
         t.elapsed().as_secs_f64()
     );
     let store = ImageStore::new(data_dir);
-    if store
-        .resolve("debian", &Default::default(), &progress)
-        .await
-        .is_err()
+    // A `debian` image built by an older recipe is built again (the tag moves to the new one
+    // and the old file goes): prepared caches follow changes to how images boot.
+    let stale = store
+        .list()
+        .into_iter()
+        .find(|i| i.tags.iter().any(|t| t == "debian"))
+        .filter(|i| sistemo_vmm::image::is_stale_build(&i.source));
+    if let Some(i) = &stale {
+        eprintln!(
+            "… the debian image {} predates image recipe {}: building it again",
+            &i.sha256[..12],
+            sistemo_vmm::image::RECIPE
+        );
+    }
+    if stale.is_some()
+        || store
+            .resolve("debian", &Default::default(), &progress)
+            .await
+            .is_err()
     {
         let t = std::time::Instant::now();
         let info = store

@@ -22,6 +22,13 @@ impl CpioWriter {
     }
 
     fn entry_rdev(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        self.header(name, mode, data.len(), rdev);
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    /// An entry's header and name, padded: its `size` bytes of data come next.
+    fn header(&mut self, name: &str, mode: u32, size: usize, rdev: (u32, u32)) {
         let name = name.trim_start_matches('/');
         let namesize = name.len() + 1;
         let header = format!(
@@ -32,7 +39,7 @@ impl CpioWriter {
             0, // gid
             1, // nlink
             0, // mtime: fixed, so archives are reproducible
-            data.len(),
+            size,
             0, // devmajor
             0, // devminor
             rdev.0,
@@ -44,8 +51,6 @@ impl CpioWriter {
         self.buf.extend_from_slice(header.as_bytes());
         self.buf.extend_from_slice(name.as_bytes());
         self.buf.push(0);
-        self.pad();
-        self.buf.extend_from_slice(data);
         self.pad();
     }
 
@@ -73,6 +78,20 @@ impl CpioWriter {
     /// Add a character device node (e.g. `dev/console`, 5:1).
     pub(crate) fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
         self.entry_rdev(name, 0o020000 | (perm & 0o7777), &[], (major, minor));
+    }
+
+    /// Add the header of a regular file of `size` bytes and return the archive so far, open:
+    /// the caller writes the file's data after it, pads it to 4 bytes and closes the archive
+    /// (an empty archive's [`finish`](Self::finish) is its trailer). For data streamed from a
+    /// file rather than held in memory.
+    pub(crate) fn file_header(&mut self, name: &str, perm: u32, size: usize) -> &mut Self {
+        self.header(name, 0o100000 | (perm & 0o7777), size, (0, 0));
+        self
+    }
+
+    /// The archive's bytes so far, without a trailer (see [`file_header`](Self::file_header)).
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.buf
     }
 
     /// Close the archive (the `TRAILER!!!` entry) and return its bytes.
@@ -105,6 +124,27 @@ mod tests {
         let pos = text.find("etc/hostname").unwrap();
         let hdr = &text[pos - 110..pos];
         assert_eq!(&hdr[54..62], "00000004");
+    }
+
+    #[test]
+    fn a_streamed_file_is_the_same_archive() {
+        let data = b"hello, agent";
+        let mut a = CpioWriter::new();
+        a.dir("d", 0o700);
+        a.file("d/f", 0o700, data);
+        let whole = a.finish();
+        let mut b = CpioWriter::new();
+        b.dir("d", 0o700);
+        b.file_header("d/f", 0o700, data.len());
+        let mut streamed = b.into_bytes();
+        streamed.extend_from_slice(data);
+        streamed.resize(streamed.len().next_multiple_of(4), 0);
+        // A trailer of its own: the inode numbers differ from `whole`'s from here on.
+        streamed.extend_from_slice(&CpioWriter::new().finish());
+        assert_eq!(streamed.len(), whole.len());
+        let trailer = CpioWriter::new().finish();
+        let cut = whole.len() - trailer.len();
+        assert_eq!(streamed[..cut], whole[..cut]);
     }
 
     #[test]

@@ -4,13 +4,14 @@
 mod debian;
 mod disk;
 mod download;
+mod embedded;
 mod initramfs;
 mod kernel;
 pub mod oci;
 mod source;
 mod store;
 
-pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, apt_mirror};
+pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, RECIPE, apt_mirror, is_stale_build};
 pub use disk::{Priority, clone_disk, clone_disk_at, grow_disk, make_ext4};
 pub(crate) use initramfs::{GuestConfig, guest_volumes, write_machine_initrd};
 pub use kernel::{BootAssets, ensure_boot_assets};

@@ -29,6 +29,18 @@ const BASE_PACKAGES: &[&str] = &[
     "ca-certificates",
 ];
 
+/// The version of what [`tree`] makes of a debootstrap tree, recorded in every built image's
+/// source (`... (recipe N)`). Bumped whenever a change alters how built images boot, so that
+/// prepared data dirs (the tests' and CI's cache, `image prepare`) build theirs again
+/// ([`is_stale_build`]). 2: the idle SysV and rc.local generators masked.
+pub const RECIPE: u32 = 2;
+
+/// True when `source` (an [`ImageInfo`]'s) names a Debian build made by an older [`RECIPE`];
+/// false for any other image (a path, a URL, an OCI reference).
+pub fn is_stale_build(source: &str) -> bool {
+    source.starts_with(&format!("debootstrap {SUITE} ")) && !source.ends_with(&format!(" (recipe {RECIPE})"))
+}
+
 /// How Debian images are built; `Default` uses [`DEFAULT_MIRROR`] and no cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOptions {
@@ -123,7 +135,8 @@ impl ImageStore {
             progress("mkfs.ext4 -d (no mount)");
             make_ext4(&root, &img, "sistemo-root").await?;
             progress("hashing and storing the image");
-            self.add(&img, tag, &format!("debootstrap {SUITE} +{}", pkgs.join(",")))
+            let source = format!("debootstrap {SUITE} +{} (recipe {RECIPE})", pkgs.join(","));
+            self.add(&img, tag, &source)
         }
         .await;
         let _ = std::fs::remove_dir_all(&scratch);
@@ -230,6 +243,17 @@ mod tests {
         assert_eq!(a, cache_file(d, "http://m", &["a".into(), "b".into()]));
         assert_ne!(a, cache_file(d, "http://other", &["a".into(), "b".into()]));
         assert!(a.starts_with(d) && a.to_string_lossy().ends_with(".tar"));
+    }
+
+    #[test]
+    fn builds_of_an_older_recipe_are_stale() {
+        assert!(is_stale_build("debootstrap bookworm +systemd-sysv,udev,nginx"));
+        assert!(is_stale_build("debootstrap bookworm +udev (recipe 1)"));
+        assert!(!is_stale_build(&format!(
+            "debootstrap bookworm +udev (recipe {RECIPE})"
+        )));
+        assert!(!is_stale_build("/srv/images/root.ext4"));
+        assert!(!is_stale_build("docker.io/library/alpine:3"));
     }
 
     #[test]

@@ -91,6 +91,9 @@ fn client(r: &ImageRef, policy: &ImagePolicy) -> Client {
     } else {
         ClientProtocol::Https
     };
+    // Registry TLS is rustls (no OpenSSL in the daemon: 1.7 MB of its memory) with the
+    // process's crypto provider, ring as for the API's TLS; one installed before is kept.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::new(ClientConfig {
         protocol,
         platform_resolver: Some(Box::new(linux_amd64_resolver)),
