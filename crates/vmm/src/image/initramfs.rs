@@ -303,6 +303,7 @@ mod tests {
             host_key_public: "ssh-ed25519 BBB".into(),
             volumes: vec![],
             workload: None,
+            template: false,
         }
     }
 
