@@ -13,9 +13,10 @@ fn json(env: &Env, args: &[&str]) -> Value {
     serde_json::from_str(&env.cli_ok(args)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-/// Sistemo's README sample `config.yml`, its `port: 9090` left out: here the TCP API needs a
-/// token as well, so `port` alone is refused (see `tcp_api_is_opt_in_and_needs_the_token`).
+/// Sistemo's README sample `config.yml`, whole: `port: 9090` serves the API and dashboard on
+/// 127.0.0.1:9090 (accounts or a token to get in, as every TCP listener).
 const SISTEMO_README_SAMPLE: &str = "# All settings are optional — these are example overrides, not defaults.\n\
+port: 9090                      # default: 7777\n\
 bridge_subnet: \"10.50.0.0/16\"  # default: 10.200.0.0/16\n\
 max_vcpus: 8                    # default: 64\n\
 default_bandwidth_mbps: 100     # default: 0 (unlimited)\n";
@@ -43,6 +44,14 @@ fn sistemo_readme_config_starts_the_daemon_with_its_meaning() {
     assert_eq!(c["bridge_subnet"], "10.50.0.0/16");
     assert_eq!(c["max_vcpus"], 8);
     assert_eq!(c["default_bandwidth_mbps"], 100);
+    let probe = |path: &str| {
+        let o = env.sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:9090{path}"
+        ));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(probe("/health"), "200", "port: 9090 serves the API");
+    assert_eq!(probe("/v1/machines"), "401", "and wants credentials there");
     let ip = env.machine("web", &[]);
     assert_eq!(ip, "10.50.0.2", "machines get addresses of bridge_subnet");
     let e = env.cli_err(&["machine", "deploy", "debian", "--name", "big", "--vcpus", "9"]);

@@ -85,8 +85,9 @@ fn show(v: &Value) -> String {
 mod tests {
     use super::*;
 
-    /// Sistemo's README sample (its `port` aside: the TCP API needs a token here).
+    /// Sistemo's README sample.
     const README_SAMPLE: &str = "# All settings are optional\n\
+        port: 9090\n\
         bridge_subnet: \"10.50.0.0/16\"  # default: 10.200.0.0/16\n\
         max_vcpus: 8\n\
         default_bandwidth_mbps: 100\n";
@@ -98,6 +99,7 @@ mod tests {
         assert_eq!(c.max_vcpus, Some(8));
         assert_eq!(c.default_bandwidth_mbps, 100);
         c.validate().unwrap();
+        assert_eq!(c.listeners().unwrap()[0].to_string(), "http://127.0.0.1:9090");
     }
 
     #[test]
