@@ -125,7 +125,15 @@ impl Firewall {
         let drift = match health {
             Health::Drifted(why) => Some((why, true)),
             Health::InSync if full => match self.driver.held()? {
-                Some(held) => mapping_drift(&held, &desired.mappings).map(|why| (why, false)),
+                // A dump racing the kernel's resize of a hash set (deferred, after a bulk
+                // insert) can skip or repeat elements: a difference counts when a second read
+                // shows it too.
+                Some(held) => mapping_drift(&held, &desired.mappings)
+                    .and_then(|_| {
+                        let again = self.driver.held().ok().flatten()?;
+                        mapping_drift(&again, &desired.mappings)
+                    })
+                    .map(|why| (why, false)),
                 None => None,
             },
             Health::InSync => None,

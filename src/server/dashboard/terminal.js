@@ -26,6 +26,7 @@ async function loadXterm() {
 }
 
 window.sistemoTerminal = async (name) => {
+  const route = location.hash;
   await loadXterm();
   const m = S.machines.get(name);
   const status = h("span", {class: "term-status", role: "status"});
@@ -86,14 +87,15 @@ window.sistemoTerminal = async (name) => {
   term.onResize(({rows, cols}) => send(JSON.stringify({resize: {rows, cols}})));
   again.addEventListener("click", connect);
   const refit = () => { if (el.isConnected) fit.fit(); };
-  // Leaving the page ends the shell.
-  const leave = () => setTimeout(() => {
-    if (el.isConnected) return;
+  // Leaving the page ends the shell: as soon as the address names another page, whenever the
+  // router gets to replacing this one (it may first wait for that page's data).
+  const leave = () => {
+    if (location.hash === route) return;
     if (ws) ws.close();
     term.dispose();
     window.removeEventListener("resize", refit);
     window.removeEventListener("hashchange", leave);
-  }, 0);
+  };
   window.addEventListener("resize", refit);
   window.addEventListener("hashchange", leave);
   // The page is in the document once the router has placed it.
