@@ -73,7 +73,14 @@ fn init_state() -> (String, bool) {
             std::path::Path::new(crate::init::WORKLOAD_PID).exists(),
         );
     }
+    // PID 1's program must come from the image: between switch_root's chroot and its exec,
+    // PID 1 is still the initramfs's busybox (not always shown as deleted yet).
+    let exe_in_image = match (std::fs::metadata("/proc/1/exe"), std::fs::metadata("/")) {
+        (Ok(e), Ok(r)) => e.dev() == r.dev(),
+        _ => false,
+    };
     let ready = same_root
+        && exe_in_image
         && match comm.as_str() {
             "systemd" => std::fs::metadata("/run/systemd/private").is_ok(),
             // switch_root between its chroot and its exec: its program was in the initramfs.

@@ -418,9 +418,13 @@ async fn run(
                         Some(Input::Resize(s)) => {
                             if let Some(p) = &sp.pty { let _ = runner::resize(p, s); }
                         }
-                        Some(Input::Signal(s)) => runner::signal_group(pid, s),
+                        Some(Input::Signal(s)) => {
+                            if let Some(p) = &sp.pty { runner::signal_foreground(p, s); }
+                            runner::signal_group(pid, s);
+                        }
                         // The host is gone or gave up on this session.
                         None => {
+                            if let Some(p) = &sp.pty { runner::signal_foreground(p, libc::SIGKILL); }
                             runner::signal_group(pid, libc::SIGKILL);
                             let _ = sp.child.wait().await;
                             return GuestMsg::Failed { error: "the host went away".into() };

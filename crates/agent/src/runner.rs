@@ -192,6 +192,14 @@ pub fn resize(pty: &OwnedFd, size: WinSize) -> io::Result<()> {
     crate::sys::set_winsize(pty.as_fd(), size.rows, size.cols)
 }
 
+/// Send `signal` to the terminal's foreground process group: with job control, the command
+/// the shell runs has a group of its own, which a signal to the shell's group misses.
+pub fn signal_foreground(pty: &OwnedFd, signal: i32) {
+    if let Ok(fg) = nix::unistd::tcgetpgrp(pty) {
+        let _ = nix::sys::signal::killpg(fg, nix::sys::signal::Signal::try_from(signal).ok());
+    }
+}
+
 /// Send `signal` to the process group led by `pid`.
 pub fn signal_group(pid: u32, signal: i32) {
     if pid == 0 {
