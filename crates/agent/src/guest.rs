@@ -419,12 +419,12 @@ async fn run(
                             if let Some(p) = &sp.pty { let _ = runner::resize(p, s); }
                         }
                         Some(Input::Signal(s)) => {
-                            if let Some(p) = &sp.pty { runner::signal_foreground(p, s); }
+                            if let Some(p) = &sp.pty { runner::signal_foreground(p, pid, s); }
                             runner::signal_group(pid, s);
                         }
                         // The host is gone or gave up on this session.
                         None => {
-                            if let Some(p) = &sp.pty { runner::signal_foreground(p, libc::SIGKILL); }
+                            if let Some(p) = &sp.pty { runner::signal_foreground(p, pid, libc::SIGKILL); }
                             runner::signal_group(pid, libc::SIGKILL);
                             let _ = sp.child.wait().await;
                             return GuestMsg::Failed { error: "the host went away".into() };

@@ -193,11 +193,22 @@ pub fn resize(pty: &OwnedFd, size: WinSize) -> io::Result<()> {
 }
 
 /// Send `signal` to the terminal's foreground process group: with job control, the command
-/// the shell runs has a group of its own, which a signal to the shell's group misses.
-pub fn signal_foreground(pty: &OwnedFd, signal: i32) {
-    if let Ok(fg) = nix::unistd::tcgetpgrp(pty) {
-        let _ = nix::sys::signal::killpg(fg, nix::sys::signal::Signal::try_from(signal).ok());
+/// the shell runs has a group of its own, which a signal to the shell's group misses. Only a
+/// group in the session the session's process `leader` leads: a terminal without one reports
+/// 0, and `killpg(0)` would signal the agent's own group.
+pub fn signal_foreground(pty: &OwnedFd, leader: u32, signal: i32) {
+    let Ok(fg) = nix::unistd::tcgetpgrp(pty) else {
+        return;
+    };
+    let leader = nix::unistd::Pid::from_raw(leader as i32);
+    let ours = nix::unistd::getpgrp();
+    if fg.as_raw() <= 1 || fg == ours || leader.as_raw() <= 1 {
+        return;
     }
+    if nix::unistd::getsid(Some(fg)) != Ok(leader) {
+        return;
+    }
+    let _ = nix::sys::signal::killpg(fg, nix::sys::signal::Signal::try_from(signal).ok());
 }
 
 /// Send `signal` to the process group led by `pid`.
@@ -214,6 +225,19 @@ pub fn signal_group(pid: u32, signal: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminal_without_a_foreground_group_signals_nobody() {
+        // A fresh terminal has no session: it reports group 0, and killpg(0) would kill the
+        // caller's own group (this test process, and whoever started it).
+        let pty = nix::pty::openpty(None, None).unwrap();
+        signal_foreground(&pty.master, std::process::id(), libc::SIGKILL);
+        signal_foreground(&pty.master, 0, libc::SIGKILL);
+        assert!(
+            nix::sys::signal::kill(nix::unistd::getpid(), None).is_ok(),
+            "still here"
+        );
+    }
 
     #[test]
     fn users_are_found_by_name_or_uid() {
