@@ -198,7 +198,6 @@ impl Host {
         self.check_api_port()?;
         self.volumes.startup()?;
         self.machines.readopt().await?;
-        self.machines.prepare_spares();
         let t = std::time::Instant::now();
         self.fw.rebuild()?;
         tracing::info!(

@@ -305,10 +305,6 @@ impl ImageBackend for Disks {
         Ok(ByteSize::bytes(size))
     }
 
-    fn refill_spare(&self, src: &Path) {
-        self.refill(src.to_path_buf(), Priority::Idle);
-    }
-
     fn prepare_spare(&self, src: &Path) {
         self.keep_spare(src, Priority::Normal);
     }

@@ -146,10 +146,6 @@ pub trait ImageBackend: Send + Sync {
     /// Keep a spare copy of `src` (a template's frozen disk) ready for its next clone.
     fn prepare_spare(&self, _src: &Path) {}
 
-    /// Make a spare disk of image file `src` in the background, at idle priority, unless one
-    /// exists (the daemon's start, for the images machines use).
-    fn refill_spare(&self, _src: &Path) {}
-
     /// Drop the spare of `src` and stop keeping one (its template is removed).
     fn forget_spare(&self, _src: &Path) {}
 

@@ -312,35 +312,6 @@ impl Machines {
         }
     }
 
-    /// Daemon start: spare disks, made in the background at idle priority, for what the next
-    /// deploys most likely use: each template, the images of existing machines, and `debian`
-    /// (so the first deploy after a start copies no disk either). At most one spare per image.
-    pub fn prepare_spares(&self) {
-        let Some(images) = &self.images else { return };
-        for t in self.templates() {
-            images.prepare_spare(
-                &self
-                    .templates_dir()
-                    .join(&t.key)
-                    .join(sistemo_vmm::qemu::TEMPLATE_DISK),
-            );
-        }
-        let mut refs: Vec<String> = self
-            .store
-            .lock()
-            .machines()
-            .map(|ms| ms.into_iter().map(|m| m.image).collect())
-            .unwrap_or_default();
-        refs.push("debian".into());
-        refs.sort();
-        refs.dedup();
-        for r in refs {
-            if let Some(i) = images.lookup(&r) {
-                images.refill_spare(&i.path);
-            }
-        }
-    }
-
     /// A deploy's disk from a template's frozen disk, through the spare pool.
     pub(super) async fn disk_from_template(
         &self,
