@@ -34,7 +34,7 @@ fn dd_result(out: &str) -> (f64, f64) {
     (bytes, secs)
 }
 
-/// Two whole numbers printed by a guest command: bytes moved and milliseconds taken.
+/// Two whole numbers printed by a guest command: an amount (bytes, requests) and milliseconds taken.
 fn bytes_ms(out: &str) -> (f64, f64) {
     let v: Vec<f64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     assert!(v.len() >= 2, "expected bytes and milliseconds, got {out:?}");
@@ -46,8 +46,10 @@ fn bytes_ms(out: &str) -> (f64, f64) {
 fn real_vm_throttling() {
     const DOWN_MBPS: f64 = 16.0;
     const UP_MBPS: f64 = 8.0;
-    const DISK_MIBPS: f64 = 8.0;
-    const IOPS: f64 = 200.0;
+    // Limits well under what a TCG guest reaches on a loaded host, so what bounds the rate is the
+    // limit and not the emulated CPU (at 200 IOPS a busy CI host measured 158).
+    const DISK_MIBPS: f64 = 4.0;
+    const IOPS: f64 = 60.0;
     let seed = seed();
     let mut env = Env::qemu("sparthr", &seed);
     // Sistemo's keys; the guest's test servers listen on the host's bridge address.
@@ -60,7 +62,7 @@ fn real_vm_throttling() {
     env.cli_ok(&["machine", "deploy", "debian", "--name", "thr"]);
     let st = env.cli_ok(&["machine", "status", "thr"]);
     assert!(
-        st.contains("I/O:      download 16 Mbit/s, upload 8 Mbit/s, disk 200 IOPS, disk 8 MiB/s"),
+        st.contains("I/O:      download 16 Mbit/s, upload 8 Mbit/s, disk 60 IOPS, disk 4 MiB/s"),
         "{st}"
     );
 
@@ -69,26 +71,29 @@ fn real_vm_throttling() {
         "machine",
         "exec",
         "thr",
-        "dd if=/dev/zero of=/root/bw bs=1M count=24 oflag=direct 2>&1",
+        "dd if=/dev/zero of=/root/bw bs=1M count=12 oflag=direct 2>&1",
     ]);
     let (bytes, secs) = dd_result(&out);
     near("disk_mib_per_s", bytes / secs / f64::from(1 << 20), DISK_MIBPS);
 
-    step("disk operations: dd with O_DIRECT, 4 KiB writes into a written file");
-    env.cli_ok(&[
-        "machine",
-        "exec",
-        "thr",
-        "dd if=/dev/zero of=/root/ops bs=1M count=4 oflag=direct 2>/dev/null && sync",
-    ]);
+    step("disk operations: dd with O_DIRECT, 4 KiB reads from the root device");
+    // The limit is on every request the machine makes (its journal's writes too), so the guest
+    // counts the requests its disk completed while dd ran, from the device's own statistics.
     let out = env.cli_ok(&[
         "machine",
         "exec",
         "thr",
-        "dd if=/dev/zero of=/root/ops bs=4k count=600 oflag=direct conv=notrunc 2>&1",
+        "bash -c 'd=$(findmnt -no SOURCE /); read -ra a < /sys/block/${d#/dev/}/stat; \
+         s=$(date +%s%N); dd if=$d of=/dev/null bs=4k count=180 iflag=direct 2>/dev/null; \
+         e=$(date +%s%N); read -ra b < /sys/block/${d#/dev/}/stat; \
+         echo $(( b[0] - a[0] + b[4] - a[4] )) $(( (e - s) / 1000000 ))'",
     ]);
-    let (bytes, secs) = dd_result(&out);
-    near("disk_iops", bytes / 4096.0 / secs, IOPS);
+    let (ops, ms) = bytes_ms(&out);
+    assert!(
+        ops >= 180.0,
+        "dd's reads are missing from the device's count: {out}"
+    );
+    near("disk_iops", ops * 1000.0 / ms, IOPS);
 
     step("download: the guest reads from a server in the test's namespace");
     let down_bytes = 8_000_000;
