@@ -127,6 +127,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
     let _data_lock = private_data_dir(&cfg.data_dir)?;
+    // e2fsck and resize2fs parse untrusted file systems: as the VMM user, never as root.
+    if let Some(name) = &cfg.vmm_user {
+        let u = sistemo_vmm::qemu::VmmUser::ensure(name)?;
+        sistemo_vmm::confine::confine_tools_as(u.uid, u.gid)?;
+    }
     let listener = claim_socket(&cfg.socket)?;
     // Every listener is bound before start-up: connections wait in the backlog until served.
     let mut tcp = Vec::new();

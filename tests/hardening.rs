@@ -178,3 +178,100 @@ fn console_logs_are_byte_exact_and_do_not_drive_the_terminal() {
     let raw = env.cli(&["machine", "logs", "web", "--raw"]);
     assert_eq!(raw.stdout, guest, "--raw passes the bytes exactly");
 }
+
+/// e2fsck and resize2fs parse file systems a guest wrote: they run as the VMM user, with no
+/// capability, `no_new_privs`, no network, and only the image as their standard input. The
+/// "tools" here are wrappers on the daemon's PATH that act as an exploited e2fsprogs would
+/// (read the daemon's database, reach the volume's folder) and log what they could, then run
+/// the real tool, so the resize must still work. Run as root, every probe succeeds.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn file_system_tools_run_unprivileged_and_confined() {
+    let mut env = Env::new("sfstool");
+    let probe = env.dir.join("probe");
+    std::fs::create_dir_all(&probe).unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = probe.join("log");
+    std::fs::write(&log, "").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let db = env.dir.join("data/sistemo.db");
+    let volumes = env.dir.join("data/volumes");
+    for tool in ["e2fsck", "resize2fs"] {
+        let real = String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let script = format!(
+            "#!/bin/sh\n\
+             st() {{ grep \"^$1:\" /proc/self/status | cut -f2; }}\n\
+             if head -c 16 {db} >/dev/null 2>&1; then d=read; else d=denied; fi\n\
+             if ls {volumes} >/dev/null 2>&1; then v=listed; else v=denied; fi\n\
+             echo \"{tool} uid=$(id -u) nnp=$(st NoNewPrivs) cap=$(st CapEff) net=$(readlink /proc/self/ns/net) db=$d volumes=$v last=$(eval echo \\${{$#}})\" >> {log}\n\
+             exec {real} \"$@\"\n",
+            db = db.display(),
+            volumes = volumes.display(),
+            log = log.display(),
+            real = real.trim(),
+        );
+        let p = probe.join(tool);
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        probe.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    env.daemon_env.push(("PATH".into(), path));
+    env.kill_daemon("-TERM");
+    env.start_daemon();
+    let daemon_net = std::fs::read_link(format!("/proc/{}/ns/net", env.daemon_pid().unwrap())).unwrap();
+
+    env.cli_ok(&["volume", "create", "64M", "--name", "data"]);
+    env.cli_ok(&["volume", "resize", "data", "128M"]);
+    let shown = env.cli_ok(&["volume", "show", "data", "-o", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let file = std::path::PathBuf::from(shown["path"].as_str().unwrap());
+    assert!(file.starts_with(&volumes), "{}", file.display());
+    let blocks = ok(&["dumpe2fs", "-h", file.to_str().unwrap()]);
+    assert!(
+        blocks.contains("Block count:              131072"),
+        "the real resize2fs did not run:\n{blocks}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (0, 0, 0o600),
+        "the volume was not given back"
+    );
+
+    let vmm = nix::unistd::User::from_name("sistemo-vmm")
+        .unwrap()
+        .expect("the VMM user");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    for tool in ["e2fsck", "resize2fs"] {
+        let l = lines
+            .lines()
+            .find(|l| l.starts_with(&format!("{tool} ")))
+            .unwrap_or_else(|| panic!("{tool} did not run:\n{lines}"));
+        for want in [
+            format!("uid={}", vmm.uid),
+            "nnp=1".into(),
+            "cap=0000000000000000".into(),
+            "db=denied".into(),
+            "volumes=denied".into(),
+            "last=/dev/stdin".into(),
+        ] {
+            assert!(l.contains(&want), "{tool}: want {want}: {l}");
+        }
+        assert!(
+            !l.contains(&format!("net={}", daemon_net.display())),
+            "{tool} shares the daemon's network: {l}"
+        );
+    }
+}

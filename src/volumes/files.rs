@@ -2,6 +2,8 @@
 //! and copies that are reflinks (shared extents, instant) where the file system allows.
 
 use crate::error::{Error, Result};
+use sistemo_vmm::confine::on_image;
+use sistemo_vmm::image::Priority;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -168,11 +170,12 @@ pub async fn grow(path: &Path, size: u64, ext4: bool) -> Result<()> {
         return Ok(());
     }
     // e2fsck: 0 clean, 1 errors fixed, 2 fixed (reboot wanted); anything above is a failure.
-    let o = run(Command::new("e2fsck").arg("-fp").arg(path), "e2fsck").await?;
+    // Both parse what a guest wrote: confined (see `sistemo_vmm::confine`).
+    let o = on_image("e2fsck", &["-fp"], path, Priority::Normal).await?;
     if o.status.code().is_none_or(|c| c > 2) {
         return Err(failed("e2fsck", &o));
     }
-    let o = run(Command::new("resize2fs").arg(path), "resize2fs").await?;
+    let o = on_image("resize2fs", &[], path, Priority::Normal).await?;
     if !o.status.success() {
         return Err(failed("resize2fs", &o));
     }

@@ -5,6 +5,7 @@
 //! - [`netns`]: a "machine" that is a network namespace with a veth on the bridge. No kernel of
 //!   its own; used to test the network engine quickly and on hosts without any hypervisor.
 //! - [`qemu`]: real VMs with QEMU `-M microvm`, KVM when it can run the guest, else TCG.
+//! - [`confine`]: host tools on untrusted file systems, run unprivileged in fresh namespaces.
 //! - [`image`]: kernel + initramfs for guests, the ext4 image store, Debian builds, disk clones.
 //! - `agent` (private): reaching a guest's `sistemo-agent` (exec, shell, copy, facts); the
 //!   agent binary itself ([`AGENT_BINARY`]) is packed into every guest's initramfs.
@@ -19,6 +20,7 @@
 
 mod agent;
 pub mod cgroup;
+pub mod confine;
 mod cpio;
 mod error;
 mod exec;

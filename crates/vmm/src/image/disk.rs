@@ -2,7 +2,8 @@
 //! cloned from an image (FICLONE reflink, else a hole-keeping copy) and grown with resize2fs.
 
 use crate::VmmError;
-use crate::proc::run;
+use crate::confine::on_image;
+use crate::proc::{failed, run};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use tokio::process::Command;
@@ -121,7 +122,7 @@ pub enum Priority {
 }
 
 /// `prog` run at `prio`.
-fn command(prog: &str, prio: Priority) -> Command {
+pub(crate) fn command(prog: &str, prio: Priority) -> Command {
     match prio {
         Priority::Normal => Command::new(prog),
         Priority::Idle => {
@@ -244,11 +245,14 @@ async fn grow_disk_at(disk: &Path, size_bytes: u64, prio: Priority) -> Result<()
         .open(disk)
         .and_then(|f| f.set_len(size_bytes))
         .map_err(VmmError::io(format!("growing {}", disk.display())))?;
-    let first = command("resize2fs", prio).arg(disk).output().await;
-    if !matches!(&first, Ok(o) if o.status.success()) {
+    let first = on_image("resize2fs", &[], disk, prio).await?;
+    if !first.status.success() {
         // Images that were mounted before want a check first.
-        let _ = command("e2fsck", prio).arg("-fp").arg(disk).output().await;
-        run(command("resize2fs", prio).arg(disk), "resize2fs").await?;
+        on_image("e2fsck", &["-fp"], disk, prio).await?;
+        let again = on_image("resize2fs", &[], disk, prio).await?;
+        if !again.status.success() {
+            return Err(failed("resize2fs", &again.status, &again.stderr));
+        }
     }
     Ok(())
 }

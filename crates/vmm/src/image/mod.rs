@@ -12,6 +12,7 @@ mod source;
 mod store;
 
 pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, RECIPE, apt_mirror, is_stale_build};
+pub(crate) use disk::command;
 pub use disk::{Priority, clone_disk, clone_disk_at, grow_disk, make_ext4};
 pub(crate) use initramfs::{GuestConfig, guest_volumes, write_machine_initrd};
 pub use kernel::{BootAssets, ensure_boot_assets};
