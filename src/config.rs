@@ -81,9 +81,13 @@ pub struct Config {
     pub guest_cmdline_extra: Option<String>,
     /// Report every failed readiness attempt while a guest boots.
     pub debug_boot: bool,
-    /// The unprivileged user QEMU switches to once it has opened its files (created at start
-    /// when missing), chrooted into an empty folder; `null` leaves QEMU running as root.
+    /// The unprivileged user e2fsck and resize2fs run as on untrusted file systems (created at
+    /// start when missing). Set, it also confines QEMU: once it has opened its files it switches
+    /// to a uid of its machine's own (`vmm_uid_base` + the machine's slot), chrooted into an
+    /// empty folder; `null` leaves QEMU running as root.
     pub vmm_user: Option<String>,
+    /// The first uid of the per-machine VMM uids (65,536 of them; no account is made for them).
+    pub vmm_uid_base: u32,
     /// Put each machine in its own cgroup (memory, CPU and task limits) where the host allows.
     pub vmm_cgroups: bool,
     /// Debian archive for image builds (default: the host's apt configuration, else
@@ -162,6 +166,7 @@ impl Default for Config {
             guest_cmdline_extra: None,
             debug_boot: false,
             vmm_user: Some(sistemo_vmm::qemu::DEFAULT_VMM_USER.into()),
+            vmm_uid_base: sistemo_vmm::qemu::DEFAULT_VMM_UID_BASE,
             vmm_cgroups: true,
             debian_mirror: None,
             debootstrap_cache: None,
@@ -325,6 +330,7 @@ impl Config {
             cmdline_extra: self.guest_cmdline_extra.clone(),
             debug_boot: self.debug_boot,
             vmm_user: self.vmm_user.clone(),
+            vmm_uid_base: self.vmm_uid_base,
             cgroups: self.vmm_cgroups,
         }
     }
@@ -378,6 +384,7 @@ impl Config {
                 "tls_cert and tls_key go together (allowed: both, or neither for a generated self-signed certificate)".into(),
             ));
         }
+        sistemo_vmm::qemu::check_uid_base(self.vmm_uid_base).map_err(ConfigError)?;
         if self.session_hours == 0 {
             return Err(ConfigError("session_hours 0 (allowed: 1 or more hours)".into()));
         }

@@ -241,12 +241,16 @@ impl Machines {
             match (self.vmm.link_kind(), warm) {
                 (LinkKind::Tap, Some(_)) => {
                     self.links
-                        .create_detached_tap(&spec.net.host_ifname, self.vmm.link_owner())
+                        .create_detached_tap(&spec.net.host_ifname, self.vmm.link_owner(&spec))
                         .await?
                 }
                 (LinkKind::Tap, None) => {
                     self.links
-                        .create_tap_owned(&spec.net.host_ifname, &spec.net.bridge, self.vmm.link_owner())
+                        .create_tap_owned(
+                            &spec.net.host_ifname,
+                            &spec.net.bridge,
+                            self.vmm.link_owner(&spec),
+                        )
                         .await?
                 }
                 (LinkKind::Veth, _) => {}

@@ -228,6 +228,7 @@ impl Machines {
             ssh_pubkey: None,
             volumes,
             io,
+            slot: m.vmm_slot,
         })
     }
 

@@ -154,9 +154,6 @@ impl Machines {
         let _ = std::fs::remove_dir_all(&dir);
         let tap = template_tap(&making_id);
         let res: Result<TemplateInfo> = async {
-            self.links
-                .create_detached_tap(&tap, self.vmm.link_owner())
-                .await?;
             let spec = MachineSpec {
                 id: uuid::Uuid::new_v4(),
                 name: "template".into(),
@@ -177,7 +174,11 @@ impl Machines {
                 ssh_pubkey: None,
                 volumes: Vec::new(),
                 io: Default::default(),
+                slot: sistemo_vmm::TEMPLATE_SLOT,
             };
+            self.links
+                .create_detached_tap(&tap, self.vmm.link_owner(&spec))
+                .await?;
             progress(&format!("booting the template ({vcpus} vCPU, {memory_mib} MiB)"));
             t.make_template(&spec, self.settings.ready_timeout, progress)
                 .await?;

@@ -89,9 +89,10 @@ impl Store {
             })?;
         let ip = allocate_ip(&tx, &m.network, subnet)?;
         let id = m.id.to_string();
+        let slot = free_slot(&tx)?;
         tx.execute(
-            "INSERT INTO machines(id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, restart)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO machines(id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, restart, vmm_slot)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 id,
                 m.name,
@@ -102,7 +103,8 @@ impl Store {
                 m.vcpus,
                 m.memory_mib,
                 m.storage_bytes,
-                m.restart
+                m.restart,
+                slot
             ],
         )?;
         for e in exposes {
@@ -201,6 +203,26 @@ pub(super) fn host_range(subnet: Subnet) -> std::ops::RangeInclusive<u32> {
     let base = u32::from(subnet.net().network());
     let bcast = u32::from(subnet.net().broadcast());
     (base + 2)..=(bcast.saturating_sub(1))
+}
+
+/// The lowest slot no machine holds (its VMM's uid is derived from it; see
+/// `sistemo_vmm::MachineSpec::slot`), found through the unique index.
+fn free_slot(tx: &Transaction<'_>) -> Result<u32> {
+    let slot: u32 = tx.query_row(
+        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM machines WHERE vmm_slot = 0) THEN 0
+         ELSE (SELECT MIN(a.vmm_slot) + 1 FROM machines a
+               WHERE NOT EXISTS (SELECT 1 FROM machines b WHERE b.vmm_slot = a.vmm_slot + 1)) END",
+        [],
+        |r| r.get(0),
+    )?;
+    if slot >= sistemo_vmm::MACHINE_SLOTS {
+        return Err(StoreError::Conflict(format!(
+            "this host holds {} machines already, the most it can (allowed: fewer than {})",
+            slot,
+            sistemo_vmm::MACHINE_SLOTS
+        )));
+    }
+    Ok(slot)
 }
 
 /// An address for a new machine: the lowest never-used one from .2 (neither leased nor

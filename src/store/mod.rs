@@ -153,6 +153,10 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 8: the template a machine was restored from
     warm::MIGRATION,
+    // 9: a number per machine, unique while it exists (its VMM's own uid is derived from it)
+    "ALTER TABLE machines ADD COLUMN vmm_slot INTEGER;
+     UPDATE machines SET vmm_slot = (SELECT COUNT(*) FROM machines m2 WHERE m2.rowid < machines.rowid);
+     CREATE UNIQUE INDEX machines_vmm_slot ON machines(vmm_slot);",
 ];
 
 /// A named network: a bridge and a subnet.
@@ -202,6 +206,8 @@ pub struct Machine {
     pub instance: Option<Instance>,
     /// Creation time (UTC, RFC 3339).
     pub created_at: String,
+    /// Its slot: no other machine has it while this one exists (see `MachineSpec::slot`).
+    pub vmm_slot: u32,
 }
 
 /// What a new machine row needs; the store leases its address.
@@ -274,7 +280,7 @@ sql_text!(
     RestartPolicy
 );
 
-const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart";
+const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot";
 
 fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
     let id: String = r.get(0)?;
@@ -294,6 +300,7 @@ fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
         created_at: r.get(10)?,
         error: r.get(11)?,
         restart: r.get(12)?,
+        vmm_slot: r.get(13)?,
     })
 }
 
@@ -405,6 +412,22 @@ pub(crate) mod tests {
         let m = s.machine("web").unwrap();
         assert_eq!((m.state, m.error.as_deref()), (MachineState::Running, None));
         assert_eq!(m.ip.to_string(), "10.2.0.2");
+        assert_eq!(m.vmm_slot, 0, "machines of older versions get slots");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn slots_are_unique_and_the_lowest_free_comes_back() {
+        let mut s = store();
+        let ms: Vec<Machine> = ["a", "b", "c"]
+            .iter()
+            .map(|n| s.create_machine(&machine(n), &[]).unwrap())
+            .collect();
+        assert_eq!(ms.iter().map(|m| m.vmm_slot).collect::<Vec<_>>(), [0, 1, 2]);
+        s.delete_machine(ms[1].id).unwrap();
+        assert_eq!(s.create_machine(&machine("d"), &[]).unwrap().vmm_slot, 1);
+        assert_eq!(s.create_machine(&machine("e"), &[]).unwrap().vmm_slot, 3);
+        s.delete_machine(ms[0].id).unwrap();
+        assert_eq!(s.create_machine(&machine("f"), &[]).unwrap().vmm_slot, 0);
     }
 }

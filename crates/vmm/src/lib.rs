@@ -100,7 +100,17 @@ pub struct MachineSpec {
     pub volumes: Vec<VolumeAttachment>,
     /// Rate limits of its disk and network (the backend applies the disk's).
     pub io: IoLimits,
+    /// A number no other machine has while this one exists (below [`MACHINE_SLOTS`]; template
+    /// boots use [`TEMPLATE_SLOT`]): backends derive per-machine identities from it, such as the
+    /// uid its VMM runs as, so that one VMM cannot signal or trace another.
+    pub slot: u32,
 }
+
+/// How many machines a host can hold at once: the number of per-machine slots.
+pub const MACHINE_SLOTS: u32 = 65535;
+
+/// The slot of a template's boot (see [`MachineSpec::slot`]); no machine has it.
+pub const TEMPLATE_SLOT: u32 = MACHINE_SLOTS;
 
 /// A volume given to a machine as an extra virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,9 +235,9 @@ pub trait Hypervisor: Send + Sync {
     /// Which host link the network layer prepares before [`Hypervisor::start`].
     fn link_kind(&self) -> LinkKind;
 
-    /// The (uid, gid) the network layer gives a TAP it creates for this backend (`TUNSETOWNER`);
-    /// `None`: root's.
-    fn link_owner(&self) -> Option<(u32, u32)> {
+    /// The (uid, gid) the network layer gives the TAP it creates for `spec`'s VMM
+    /// (`TUNSETOWNER`); `None`: root's.
+    fn link_owner(&self, _spec: &MachineSpec) -> Option<(u32, u32)> {
         None
     }
 

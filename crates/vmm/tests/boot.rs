@@ -98,6 +98,7 @@ fn spec(dir: &std::path::Path, disk: PathBuf) -> MachineSpec {
         ssh_pubkey: None,
         volumes: vec![],
         io: Default::default(),
+        slot: 0,
     }
 }
 
@@ -145,19 +146,15 @@ fn assert_confined(vm: &Qemu, spec: &MachineSpec, inst: &Instance) {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    let user = vm.vmm_user().expect("the backend confines QEMU by default");
+    let (vuid, vgid) = vm.vmm_ids(spec).expect("the backend confines QEMU by default");
     let uid = field("Uid:");
     assert!(
-        uid.iter().all(|u| u == &user.uid.to_string()),
-        "QEMU's uids {uid:?}, want {}",
-        user.uid
+        uid.iter().all(|u| u == &vuid.to_string()),
+        "QEMU's uids {uid:?}, want {vuid}"
     );
     assert_ne!(uid[1], "0", "QEMU's effective uid is root");
     let gid = field("Gid:");
-    assert!(
-        gid.iter().all(|g| g == &user.gid.to_string()),
-        "QEMU's gids {gid:?}"
-    );
+    assert!(gid.iter().all(|g| g == &vgid.to_string()), "QEMU's gids {gid:?}");
     assert!(field("Groups:").iter().all(|g| g != "0"), "QEMU keeps group root");
     assert_eq!(field("Seccomp:"), ["2"], "QEMU has no seccomp filter");
     assert_eq!(field("CapEff:"), ["0000000000000000"], "QEMU keeps capabilities");
@@ -199,7 +196,7 @@ fn assert_confined(vm: &Qemu, spec: &MachineSpec, inst: &Instance) {
     assert_eq!(want.cpu_quota_us, u64::from(spec.vcpus) * 100_000);
     // As QEMU's uid, no machine file opens: not this machine's disk (QEMU opened it as root
     // before switching users), and so not another machine's either (every machine folder is
-    // root's and 0700, and all VMMs share the uid). Nor can it list the folder.
+    // root's and 0700). Nor can it list the folder.
     let disk = spec.disk.as_ref().unwrap();
     for (what, cmd) in [
         ("read the disk", vec!["dd", "bs=512", "count=1", "of=/dev/null"]),
@@ -212,8 +209,8 @@ fn assert_confined(vm: &Qemu, spec: &MachineSpec, inst: &Instance) {
         };
         let out = Command::new("setpriv")
             .args([
-                &format!("--reuid={}", user.uid),
-                &format!("--regid={}", user.gid),
+                &format!("--reuid={vuid}"),
+                &format!("--regid={vgid}"),
                 "--clear-groups",
                 "--",
             ])
@@ -265,6 +262,61 @@ fn assert_confined(vm: &Qemu, spec: &MachineSpec, inst: &Instance) {
         (rss_kb - guest_rss) >> 10,
         sistemo_vmm::qemu::VMM_OVERHEAD_MIB
     );
+}
+
+/// A second machine's VMM (slot 1, on a disk of zeros: it only has to be running) has a uid of
+/// its own: as the first VMM's uid, signalling it is refused, while signalling the first VMM
+/// itself (what one uid shared by all VMMs would allow against any of them) works.
+async fn neighbour_vmm_is_out_of_reach(vm: &Qemu, a: &MachineSpec, a_inst: &Instance, ns: &str) {
+    let dir = a.dir.join("neighbour");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("zeros.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    ip(ns, &["tuntap", "add", "dev", "tap1", "mode", "tap"]);
+    ip(ns, &["link", "set", "tap1", "master", "br0"]);
+    let mut b = spec(&dir, disk);
+    b.slot = 1;
+    b.name = "neighbour".into();
+    b.net.host_ifname = "tap1".into();
+    b.net.mac[5] = 3;
+    b.net.ip = "10.250.0.3".parse().unwrap();
+    let b_inst = vm.start(&b).await.expect("start the neighbour");
+    let (a_uid, a_gid) = vm.vmm_ids(a).unwrap();
+    let (b_uid, _) = vm.vmm_ids(&b).unwrap();
+    assert_ne!(a_uid, b_uid, "two machines' VMMs share a uid");
+    let signal = |pid: i32| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={a_uid}"),
+                &format!("--regid={a_gid}"),
+                "--clear-groups",
+                "--",
+                "kill",
+                "-0",
+                &pid.to_string(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let own = signal(a_inst.pid);
+    assert!(
+        own.status.success(),
+        "control: a VMM's uid cannot signal its own VMM: {own:?}"
+    );
+    assert!(b_inst.is_alive(), "the neighbour stopped before the check");
+    let other = signal(b_inst.pid);
+    assert!(
+        !other.status.success(),
+        "one VMM's uid could signal another machine's VMM"
+    );
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let _ = Command::new("kill")
+        .args(["-KILL", &b_inst.pid.to_string()])
+        .status();
+    vm.cleanup(&b).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ip(ns, &["link", "del", "tap1"]);
 }
 
 /// Panics at once, saying what is missing, unless running as root with the prepared assets
@@ -368,6 +420,7 @@ async fn real_vm_boots_debian_and_execs() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 
     assert_confined(&vm, &spec, &inst);
+    neighbour_vmm_is_out_of_reach(&vm, &spec, &inst, &ns).await;
 
     let out = exec_collect(&vm, &spec, "echo err >&2; exit 3", Duration::from_secs(30))
         .await

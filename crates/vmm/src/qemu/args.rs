@@ -158,13 +158,13 @@ impl Qemu {
             SANDBOX.into(),
         ]);
         a.extend(volume_args(spec));
-        if let Some(u) = &self.user {
+        if let Some((uid, gid)) = self.vmm_ids(spec) {
             // Applied after every file above is open, just before the guest's first instruction.
             a.extend([
                 "-chroot".into(),
                 p(jail_dir(&spec.dir)),
                 "-runas".into(),
-                format!("{}:{}", u.uid, u.gid),
+                format!("{uid}:{gid}"),
             ]);
         }
         a
@@ -277,6 +277,7 @@ mod tests {
                 gateway: "10.200.0.1".parse().unwrap(),
                 dns: vec![],
             },
+            slot: 7,
             ssh_pubkey: None,
             volumes: vec![],
             io: crate::IoLimits::default(),
@@ -383,7 +384,7 @@ mod tests {
         for want in [
             "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
             "-chroot /m/web/jail",
-            "-runas 998:997",
+            "-runas 1879048199:1879048199",
             "-accel tcg,tb-size=128",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");

@@ -95,6 +95,7 @@ mod tests {
             ssh_pubkey: None,
             volumes: vec![],
             io: crate::IoLimits::default(),
+            slot: 0,
         };
         let d = console_diagnosis(&spec);
         assert!(d.starts_with("sistemo-init: FATAL: cannot mount"), "{d}");

@@ -4,15 +4,35 @@
 //!
 //! QEMU opens the disk, initrd, TAP, console log, QMP socket and pidfile as root and then, just
 //! before the guest's first instruction, chroots into an empty root-owned directory and drops to
-//! the VMM user. Those files stay root-owned and private (0600 in a 0700 machine folder): a
-//! VMM that escapes the emulator runs as a user that owns nothing, sees no file, and cannot open
-//! any machine's disk, its own included.
+//! a uid and gid of its machine's own (the base + the machine's slot, like the jailer's `--uid`
+//! of Firecracker). Those files stay root-owned and private (0600 in a 0700 machine folder): a
+//! VMM that escapes the emulator runs as a user that owns nothing, sees no file, cannot open any
+//! machine's disk, its own included, and shares its uid with no other process, so it can neither
+//! signal nor trace another machine's VMM.
 
 use crate::VmmError;
 use std::path::{Path, PathBuf};
 
-/// The default user QEMU runs as.
+/// The default user host tools on untrusted file systems run as (see `crate::confine`).
 pub const DEFAULT_VMM_USER: &str = "sistemo-vmm";
+
+/// The default first per-machine VMM uid: 0x70000000, at the start of the range systemd leaves
+/// unused (above the 0x00080000–0x6FFFFFFF range for containers), so no account or container
+/// of the host has these uids.
+pub const DEFAULT_VMM_UID_BASE: u32 = 0x7000_0000;
+
+/// Whether `base` can start the per-machine uid range: not root's, and the whole range below
+/// the kernel's "no uid" (-1) value.
+pub fn check_uid_base(base: u32) -> Result<(), String> {
+    let last = u64::from(base) + u64::from(crate::TEMPLATE_SLOT);
+    if base < 1000 || last >= u64::from(u32::MAX) {
+        return Err(format!(
+            "vmm_uid_base {base} is out of range (allowed: 1000 to {})",
+            u64::from(u32::MAX) - 1 - u64::from(crate::TEMPLATE_SLOT)
+        ));
+    }
+    Ok(())
+}
 
 /// QEMU's seccomp filter. `elevateprivileges` stays `allow`: QEMU 7.2 installs the filter before
 /// it applies `-runas`, so `deny` (and `children`) kill it with SIGSYS in its own `setgid`;

@@ -13,7 +13,7 @@ mod template;
 
 pub use accel::{Accel, AccelChoice, accel_reason};
 pub use console::console_tail;
-pub use jail::{DEFAULT_VMM_USER, SANDBOX, VmmUser};
+pub use jail::{DEFAULT_VMM_UID_BASE, DEFAULT_VMM_USER, SANDBOX, VmmUser, check_uid_base};
 pub use template::DISK as TEMPLATE_DISK;
 
 use crate::agent::Agents;
@@ -66,9 +66,14 @@ pub struct QemuOptions {
     pub cmdline_extra: Option<String>,
     /// Report every failed SSH readiness attempt through `progress` while waiting for a boot.
     pub debug_boot: bool,
-    /// The unprivileged user QEMU switches to after opening its files (created when missing),
-    /// inside an empty chroot; `None` leaves QEMU running as root (debugging only).
+    /// The unprivileged user host tools on untrusted file systems run as (created when
+    /// missing). `Some` also confines every QEMU: it switches, after opening its files and inside
+    /// an empty chroot, to a uid of its own, `vmm_uid_base` + the machine's slot. `None` leaves
+    /// QEMU running as root (debugging only).
     pub vmm_user: Option<String>,
+    /// The first of the [`crate::MACHINE_SLOTS`] + 1 uids (and gids) VMMs run as, one per
+    /// machine (no account is created for them).
+    pub vmm_uid_base: u32,
     /// Put each machine in its own cgroup with memory, CPU and task limits (when the host's
     /// cgroups allow; otherwise machines run unlimited and `doctor` says so).
     pub cgroups: bool,
@@ -81,6 +86,7 @@ impl Default for QemuOptions {
             cmdline_extra: None,
             debug_boot: false,
             vmm_user: Some(DEFAULT_VMM_USER.into()),
+            vmm_uid_base: DEFAULT_VMM_UID_BASE,
             cgroups: true,
         }
     }
@@ -167,9 +173,20 @@ impl Qemu {
         })
     }
 
-    /// The user QEMU runs as after its start-up (`None`: root).
+    /// The user host tools run as (`None`: root, and QEMU is not confined either).
     pub fn vmm_user(&self) -> Option<&VmmUser> {
         self.user.as_ref()
+    }
+
+    /// The uid and gid `spec`'s QEMU runs as after its start-up (`None`: root): its own,
+    /// from its slot, so that no VMM can signal another.
+    pub fn vmm_ids(&self, spec: &MachineSpec) -> Option<(u32, u32)> {
+        self.user.as_ref()?;
+        let id = self
+            .options
+            .vmm_uid_base
+            .checked_add(spec.slot.min(crate::TEMPLATE_SLOT))?;
+        Some((id, id))
     }
 
     /// The host's cgroups as this backend uses them.
@@ -475,8 +492,8 @@ impl Hypervisor for Qemu {
         LinkKind::Tap
     }
 
-    fn link_owner(&self) -> Option<(u32, u32)> {
-        self.user.as_ref().map(|u| (u.uid, u.gid))
+    fn link_owner(&self, spec: &MachineSpec) -> Option<(u32, u32)> {
+        self.vmm_ids(spec)
     }
 
     async fn start(&self, spec: &MachineSpec) -> Result<Instance, VmmError> {
