@@ -8,6 +8,8 @@ fn main() {
     let cli = sistemo::cli::Cli::parse();
     let daemon = matches!(cli.cmd, sistemo::cli::Cmd::Up(_));
     if daemon {
+        // Before any thread exists: the allocator's arenas are made as threads first allocate.
+        sistemo::sys::lean_allocator();
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -1,5 +1,6 @@
 //! The one place with `unsafe`: syscalls the standard library and crates do not wrap (the TAP
-//! ioctls), each block with why it is sound; socket options go through `nix`'s typed wrappers.
+//! ioctls, glibc's `mallopt`), each block with why it is sound; socket options go through
+//! `nix`'s typed wrappers.
 
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
@@ -13,6 +14,22 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+
+/// Keep the daemon's heap from holding on to memory after busy moments (a deploy hashes and
+/// copies with MiB buffers on blocking threads). glibc raises its mmap threshold to the size of
+/// each large block freed, so later MiB buffers come from per-thread arenas and stay resident
+/// when freed; idle RSS grew by 12 MB after one 2 GiB path-image deploy. A fixed threshold
+/// (blocks of 128 KiB and more are mapped and unmapped on free) and two arenas instead of eight
+/// per core keep an idle daemon at its fresh size.
+pub fn lean_allocator() {
+    // SAFETY: mallopt only sets allocator parameters under glibc's own lock; both parameters
+    // are documented for it and take plain integers. Its result (1 success, 0 error) changes
+    // nothing we rely on: a refused setting leaves glibc's defaults.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
 
 #[repr(C)]
 struct IfReq {
