@@ -90,6 +90,9 @@ pub struct Config {
     pub vmm_uid_base: u32,
     /// Put each machine in its own cgroup (memory, CPU and task limits) where the host allows.
     pub vmm_cgroups: bool,
+    /// Give cold-booted machines a vsock device for the guest agent where the host has
+    /// `/dev/vhost-vsock` (else, and on failure, the agent's virtio-serial port serves).
+    pub vsock: bool,
     /// Debian archive for image builds (default: the host's apt configuration, else
     /// `http://deb.debian.org/debian`).
     pub debian_mirror: Option<String>,
@@ -168,6 +171,7 @@ impl Default for Config {
             vmm_user: Some(sistemo_vmm::qemu::DEFAULT_VMM_USER.into()),
             vmm_uid_base: sistemo_vmm::qemu::DEFAULT_VMM_UID_BASE,
             vmm_cgroups: true,
+            vsock: true,
             debian_mirror: None,
             debootstrap_cache: None,
             kernel_deb: None,
@@ -332,6 +336,7 @@ impl Config {
             vmm_user: self.vmm_user.clone(),
             vmm_uid_base: self.vmm_uid_base,
             cgroups: self.vmm_cgroups,
+            vsock: self.vsock,
         }
     }
 

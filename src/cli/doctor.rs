@@ -94,6 +94,24 @@ pub fn run(c: &Client, json: bool) -> Result<i32> {
         cgroups.describe(),
         "run on a host with cgroup v2 (memory, cpu and pids controllers), or v1 hierarchies for them",
     ));
+    // Informational: either channel works.
+    let vhost = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-vsock")
+        .is_ok();
+    checks.push(check(
+        "agent channel",
+        true,
+        match (cfg.vsock, vhost) {
+            (true, true) => "vsock (/dev/vhost-vsock), virtio-serial as the fallback",
+            (true, false) => {
+                "virtio-serial (no /dev/vhost-vsock: `modprobe vhost_vsock` on a KVM host for vsock)"
+            }
+            (false, _) => "virtio-serial (vsock: false)",
+        },
+        "",
+    ));
     checks.push(check(
         "vmm user",
         cfg.vmm_user.is_some(),

@@ -1,9 +1,35 @@
 //! `sistemo-agent`: started by sistemo's initramfs before the image's own init, it serves the
 //! host on the virtio-serial port named `sistemo.agent` for as long as the guest runs
-//! (`--port`), or one connection on a socket as its stdin (`--stdio`). With `--init` it is PID 1
+//! (`--port`), and, where the VMM offers virtio-vsock, every connection to vsock port
+//! [`VSOCK_PORT`]; or one connection on a socket as its stdin (`--stdio`). With `--init` it is PID 1
 //! of an image that runs one program (an OCI image's entrypoint): see `sistemo_agent::init`.
 
 use sistemo_agent::guest::{OnEof, serve};
+use sistemo_agent::proto::VSOCK_PORT;
+
+/// Serve every connection to vsock port [`VSOCK_PORT`], each as its own channel. Without a vsock
+/// transport in the guest (the VMM offers none, or its module is not loaded) this waits forever:
+/// the virtio-serial port is then the only channel.
+async fn serve_vsock() {
+    use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
+    let Ok(listener) = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, VSOCK_PORT)) else {
+        return std::future::pending().await;
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let (rd, wr) = stream.into_split();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(rd, wr, OnEof::Return).await {
+                        eprintln!("sistemo-agent: vsock: {e}");
+                    }
+                });
+            }
+            // Out of descriptors or memory for a moment: the next connection may fare better.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -50,7 +76,10 @@ fn main() {
         // Tells sistemo's init that the agent runs, in the image's root (see init.sh).
         let _ = std::fs::write("/run/sistemo/agent.pid", format!("{}\n", std::process::id()));
         let (rd, wr) = port.split();
-        serve(rd, wr, OnEof::Wait).await
+        tokio::select! {
+            r = serve(rd, wr, OnEof::Wait) => r,
+            () = serve_vsock() => Ok(()),
+        }
     });
     if let Err(e) = res {
         eprintln!("sistemo-agent: {port}: {e}");

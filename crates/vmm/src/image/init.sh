@@ -8,9 +8,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 log() { echo "sistemo-init: $*"; }
 fail() { log "FATAL: $*"; exit 1; }
-for m in /lib/modules/*.ko; do insmod "$m" || log "insmod $m failed"; done
 [ -f /sistemo/config.env ] || fail "no machine config in the initramfs"
 . /sistemo/config.env
+# The vsock transport only where the VMM offers the device.
+for m in /lib/modules/*.ko; do
+  case "$m" in *vsock*) [ "$SISTEMO_VSOCK" = 1 ] || continue ;; esac
+  insmod "$m" || log "insmod $m failed"
+done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do usleep 10000; i=$((i+1)); done
 [ -b /dev/vda ] || fail "no root disk /dev/vda"

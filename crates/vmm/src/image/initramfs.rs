@@ -104,6 +104,9 @@ pub(crate) struct GuestConfig {
     /// Boot as a template: no address, route or network file (clones get theirs from the
     /// agent), the interface left down.
     pub(crate) template: bool,
+    /// The VMM offers virtio-vsock: the guest's init loads its transport, and the agent then
+    /// also serves vsock connections.
+    pub(crate) vsock: bool,
 }
 
 /// The `SISTEMO_VOLUMES` entries of a machine: each volume with a mount point, as
@@ -131,7 +134,7 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
         .collect::<Vec<_>>()
         .join(" ");
     let env = format!(
-        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\nSISTEMO_VOLUMES={}\nSISTEMO_TEMPLATE={}\n",
+        "SISTEMO_HOSTNAME={}\nSISTEMO_MACHINE_ID={}\nSISTEMO_MAC={}\nSISTEMO_ADDRESS={}\nSISTEMO_GATEWAY={}\nSISTEMO_DNS={}\nSISTEMO_VOLUMES={}\nSISTEMO_TEMPLATE={}\nSISTEMO_VSOCK={}\n",
         shell_quote(&cfg.hostname),
         shell_quote(&cfg.machine_id),
         shell_quote(&format_mac(&cfg.mac)),
@@ -140,6 +143,7 @@ fn machine_config_cpio(cfg: &GuestConfig) -> Vec<u8> {
         shell_quote(&dns),
         shell_quote(&cfg.volumes.join(" ")),
         u8::from(cfg.template),
+        u8::from(cfg.vsock),
     );
     let mut keys = cfg.authorized_keys.join("\n");
     keys.push('\n');
@@ -304,6 +308,7 @@ mod tests {
             volumes: vec![],
             workload: None,
             template: false,
+            vsock: false,
         }
     }
 
@@ -388,6 +393,7 @@ mod tests {
             volumes: vec!["sv-1:/data:rw".into(), "sv-2:/srv/ro:ro".into()],
             workload: Some(br#"{"argv":["/bin/app"]}"#.to_vec()),
             template: false,
+            vsock: false,
         };
         let c = String::from_utf8_lossy(&machine_config_cpio(&cfg)).into_owned();
         assert!(c.contains(r"SISTEMO_HOSTNAME='we'\''b'"));

@@ -23,8 +23,10 @@ const WANTED_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_net",
     "virtio_blk",
-    // The guest agent's virtio-serial port.
+    // The guest agent's virtio-serial port, and its vsock where the VMM offers one (loaded
+    // only then: see `init.sh`).
     "virtio_console",
+    "vmw_vsock_virtio_transport",
     // ACPI power button + input events: lets `system_powerdown` reach systemd-logind.
     "button",
     "evdev",

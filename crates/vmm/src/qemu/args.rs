@@ -158,6 +158,14 @@ impl Qemu {
             SANDBOX.into(),
         ]);
         a.extend(volume_args(spec));
+        // The agent's faster channel on hosts with vhost-vsock; only for cold boots (a template's
+        // saved device state has none, and its clones keep the serial port).
+        if self.vsock && matches!(boot, Boot::Cold) {
+            a.extend([
+                "-device".into(),
+                format!("vhost-vsock-device,id=vsock0,guest-cid={}", Qemu::vsock_cid(spec)),
+            ]);
+        }
         if let Some((uid, gid)) = self.vmm_ids(spec) {
             // Applied after every file above is open, just before the guest's first instruction.
             a.extend([
@@ -256,6 +264,7 @@ mod tests {
                 uid: 998,
                 gid: 997,
             }),
+            vsock: false,
             cgroups: crate::cgroup::Cgroups::Unavailable("test".into()),
             agents: Default::default(),
             qemu_version: "QEMU emulator version 7.2.0".into(),
@@ -373,6 +382,29 @@ mod tests {
             "-pidfile /m/web/qemu.pid",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+    }
+
+    #[test]
+    fn cold_boots_get_a_vsock_device_with_the_slots_cid_where_the_host_has_one() {
+        let (mut q, spec) = dummy(Accel::Tcg);
+        let disk = Path::new("/m/web/disk.raw");
+        assert!(!q.qemu_args(&spec, disk, Boot::Cold).join(" ").contains("vsock"));
+        q.vsock = true;
+        let a = q.qemu_args(&spec, disk, Boot::Cold).join(" ");
+        assert!(
+            a.contains(&format!(
+                "-device vhost-vsock-device,id=vsock0,guest-cid={}",
+                0x5100_0000 + 7
+            )),
+            "{a}"
+        );
+        let ram = Path::new("/t/ram");
+        for boot in [Boot::Template { ram }, Boot::Restore { ram }] {
+            assert!(
+                !q.qemu_args(&spec, disk, boot).join(" ").contains("vsock"),
+                "{boot:?}"
+            );
         }
     }
 

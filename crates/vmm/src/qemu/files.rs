@@ -23,6 +23,10 @@ pub(super) fn ctl_path(spec: &MachineSpec) -> PathBuf {
 pub(super) fn initrd_path(spec: &MachineSpec) -> PathBuf {
     spec.dir.join("initrd.img")
 }
+/// Present while the running VMM has a vsock device: the guest's CID.
+pub(super) fn vsock_path(spec: &MachineSpec) -> PathBuf {
+    spec.dir.join("vsock.cid")
+}
 
 /// Create `path` if missing and make it 0600 (root's, like its folder); the open file.
 pub(super) fn private_file(path: &Path) -> Result<std::fs::File, VmmError> {

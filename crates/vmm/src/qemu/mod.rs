@@ -29,7 +29,7 @@ use crate::{
 use accel::{detect_accel, host_tsc_khz};
 use args::Boot;
 use async_trait::async_trait;
-use files::{agent_path, console_path, ctl_path, initrd_path, pid_path, private_file, qmp_path};
+use files::{agent_path, console_path, ctl_path, initrd_path, pid_path, private_file, qmp_path, vsock_path};
 use qmp::qmp_command;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -38,6 +38,13 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 const QEMU: &str = "qemu-system-x86_64";
+
+/// The host's vhost-vsock device.
+const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+
+/// A machine's vsock CID is this plus its slot: unique among the host's machines, and clear of
+/// the reserved CIDs (0 to 2) and of the small ones other VMMs tend to pick.
+const VSOCK_CID_BASE: u32 = 0x5100_0000;
 
 /// Host memory a QEMU process uses beyond its guest's RAM, MiB, added to the guest's RAM in the
 /// machine's `memory.max`. Measured on this project's test host under TCG (QEMU 7.2, 512 MiB
@@ -77,6 +84,9 @@ pub struct QemuOptions {
     /// Put each machine in its own cgroup with memory, CPU and task limits (when the host's
     /// cgroups allow; otherwise machines run unlimited and `doctor` says so).
     pub cgroups: bool,
+    /// Give cold-booted machines a virtio-vsock device for the agent where the host has
+    /// `/dev/vhost-vsock` (the virtio-serial port stays, and is used when vsock fails).
+    pub vsock: bool,
 }
 
 impl Default for QemuOptions {
@@ -88,6 +98,7 @@ impl Default for QemuOptions {
             vmm_user: Some(DEFAULT_VMM_USER.into()),
             vmm_uid_base: DEFAULT_VMM_UID_BASE,
             cgroups: true,
+            vsock: true,
         }
     }
 }
@@ -103,6 +114,8 @@ pub struct Qemu {
     netns: Option<String>,
     options: QemuOptions,
     user: Option<VmmUser>,
+    /// Machines get a vhost-vsock device (the host has `/dev/vhost-vsock` and `vsock` is on).
+    vsock: bool,
     cgroups: Cgroups,
     agents: Arc<Agents>,
     /// `qemu-system-x86_64 --version`'s first line.
@@ -153,6 +166,13 @@ impl Qemu {
                  security boundary: run only trusted guests"
             );
         }
+        // QEMU opens it as root when it realises the device, before it drops privileges.
+        let vsock = options.vsock
+            && std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(VHOST_VSOCK)
+                .is_ok();
         Ok(Qemu {
             binary: PathBuf::from(QEMU),
             assets,
@@ -162,6 +182,7 @@ impl Qemu {
             netns: None,
             options,
             user,
+            vsock,
             cgroups,
             agents: Default::default(),
             qemu_version: String::from_utf8_lossy(&out.stdout)
@@ -187,6 +208,22 @@ impl Qemu {
             .vmm_uid_base
             .checked_add(spec.slot.min(crate::TEMPLATE_SLOT))?;
         Some((id, id))
+    }
+
+    /// `spec`'s vsock CID (whether or not it has a vsock device).
+    pub(crate) fn vsock_cid(spec: &MachineSpec) -> u32 {
+        VSOCK_CID_BASE + spec.slot.min(crate::TEMPLATE_SLOT)
+    }
+
+    /// Where `spec`'s agent is reached: its serial port, and its vsock when the running VMM
+    /// was given one.
+    fn channel(&self, spec: &MachineSpec) -> crate::agent::Channel {
+        crate::agent::Channel {
+            serial: agent_path(spec),
+            vsock: std::fs::read_to_string(vsock_path(spec))
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        }
     }
 
     /// The host's cgroups as this backend uses them.
@@ -250,6 +287,7 @@ impl Qemu {
             volumes: guest_volumes(spec),
             workload: crate::image::oci::read_workload(&spec.dir)?,
             template,
+            vsock: self.vsock && !template,
         })
     }
 
@@ -370,6 +408,11 @@ impl Qemu {
         }
         let _ = std::fs::remove_file(qmp_path(spec));
         let _ = std::fs::remove_file(agent_path(spec));
+        let _ = std::fs::remove_file(vsock_path(spec));
+        if self.vsock && matches!(boot, Boot::Cold) {
+            std::fs::write(vsock_path(spec), format!("{}\n", Self::vsock_cid(spec)))
+                .map_err(VmmError::io("writing the machine's vsock CID"))?;
+        }
         self.agents.forget(spec);
         let _ = std::fs::remove_file(pid_path(spec));
         let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
@@ -525,7 +568,7 @@ impl Hypervisor for Qemu {
             // the whole boot, unless the VMM dies meanwhile.
             // Ready once the agent answers and the image's init takes commands (`systemctl`
             // works right after deploy, as it did when readiness meant sshd).
-            let state = match self.agents.get(spec, &agent_path(spec)).await {
+            let state = match self.agents.get(spec, &self.channel(spec)).await {
                 Ok(c) => c.facts().await.map(|f| (c, f)).map_err(|e| VmmError::Exec {
                     name: spec.name.clone(),
                     reason: e.to_string(),
@@ -617,7 +660,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn session(&self, spec: &MachineSpec, start: Start) -> Result<Session, VmmError> {
-        let c = self.agents.get(spec, &agent_path(spec)).await?;
+        let c = self.agents.get(spec, &self.channel(spec)).await?;
         c.start(start).await.map_err(|e| VmmError::Exec {
             name: spec.name.clone(),
             reason: e.to_string(),
@@ -629,7 +672,7 @@ impl Hypervisor for Qemu {
             name: spec.name.clone(),
             reason,
         };
-        let c = self.agents.get(spec, &agent_path(spec)).await?;
+        let c = self.agents.get(spec, &self.channel(spec)).await?;
         match tokio::time::timeout(Duration::from_secs(3), c.facts()).await {
             Ok(Ok(f)) => Ok(f),
             Ok(Err(e)) => Err(err(format!("the guest agent: {e}"))),
@@ -649,13 +692,15 @@ impl Hypervisor for Qemu {
         } else {
             // Ask the guest agent (the images have no logind/acpid to act on the power
             // button); the ACPI power button is the fallback for a guest whose agent is gone.
-            let asked =
-                match tokio::time::timeout(Duration::from_secs(3), self.agents.get(spec, &agent_path(spec)))
-                    .await
-                {
-                    Ok(Ok(c)) => c.shutdown().await.is_ok(),
-                    _ => false,
-                };
+            let asked = match tokio::time::timeout(
+                Duration::from_secs(3),
+                self.agents.get(spec, &self.channel(spec)),
+            )
+            .await
+            {
+                Ok(Ok(c)) => c.shutdown().await.is_ok(),
+                _ => false,
+            };
             if !asked {
                 let _ = qmp_command(&qmp_path(spec), "system_powerdown").await;
             }
@@ -699,6 +744,7 @@ impl Hypervisor for Qemu {
             pid_path(spec),
             initrd_path(spec),
             ctl_path(spec),
+            vsock_path(spec),
         ] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}

@@ -9,7 +9,7 @@
 //! `sistemo_agent::identity`) while its TAP is still off the bridge.
 
 use super::args::Boot;
-use super::files::{agent_path, private_file, qmp_path};
+use super::files::{private_file, qmp_path};
 use super::qmp::Qmp;
 use super::{Qemu, kill_vmm, wait_exit};
 use crate::{Hypervisor, Instance, MachineSpec, Progress, TEMPLATE_MAC, Templates, VmmError, format_mac};
@@ -276,7 +276,7 @@ impl Templates for Qemu {
             host_key_public: cfg.host_key_public.clone(),
         };
         let fut = async {
-            let c = self.agents.get(spec, &agent_path(spec)).await?;
+            let c = self.agents.get(spec, &self.channel(spec)).await?;
             // The clock is read last, just before sending.
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
