@@ -7,11 +7,17 @@
 use sistemo_agent::guest::{OnEof, serve};
 use sistemo_agent::proto::VSOCK_PORT;
 
+/// Present when sistemo's init loaded the vsock transport (the VMM offers the device).
+const VSOCK_FLAG: &str = "/run/sistemo/vsock";
+
 /// Serve every connection to vsock port [`VSOCK_PORT`], each as its own channel. Without a vsock
-/// transport in the guest (the VMM offers none, or its module is not loaded) this waits forever:
-/// the virtio-serial port is then the only channel.
+/// transport in the guest (no [`VSOCK_FLAG`]) this waits forever: the virtio-serial port is then
+/// the only channel, and no vsock socket is ever opened (the kernel would run modprobe for one).
 async fn serve_vsock() {
     use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
+    if !std::path::Path::new(VSOCK_FLAG).exists() {
+        return std::future::pending().await;
+    }
     let Ok(listener) = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, VSOCK_PORT)) else {
         return std::future::pending().await;
     };

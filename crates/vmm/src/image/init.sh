@@ -95,6 +95,9 @@ done
 mount -t tmpfs -o mode=0755,nosuid,nodev,size=20% tmpfs $R/run || fail "cannot mount a tmpfs on /run"
 mkdir -p $R/run/sistemo
 cp /sistemo/agent $R/run/sistemo/agent || fail "cannot install the guest agent"
+# Tells the agent to serve vsock too (without the transport, its socket() would make the kernel
+# run modprobe for it in the middle of the boot).
+[ "$SISTEMO_VSOCK" = 1 ] && : > $R/run/sistemo/vsock
 PORT=""
 i=0
 while [ -z "$PORT" ] && [ $i -lt 500 ]; do
