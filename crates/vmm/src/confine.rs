@@ -65,28 +65,26 @@ pub async fn on_image(prog: &str, args: &[&str], image: &Path, prio: Priority) -
         return Err(io("checking")(std::io::Error::other("not a regular file")));
     }
     std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid)).map_err(io("lending"))?;
-    let stdin = file.try_clone().map_err(io("opening"));
-    let out = match stdin {
-        Ok(stdin) => {
-            let mut cmd = crate::image::command("unshare", prio);
-            cmd.args(["--net", "--ipc", "--uts", "--", "setpriv"])
-                .arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .args([
-                    "--clear-groups",
-                    "--no-new-privs",
-                    "--inh-caps=-all",
-                    "--bounding-set=-all",
-                ])
-                .arg("--")
-                .arg(prog)
-                .args(args)
-                .arg("/dev/stdin")
-                .stdin(Stdio::from(stdin));
-            cmd.output().await.map_err(|e| spawn_error(e, "unshare"))
-        }
-        Err(e) => Err(e),
+    let run = async {
+        let stdin = file.try_clone().map_err(io("opening"))?;
+        let mut cmd = crate::image::command("unshare", prio);
+        cmd.args(["--net", "--ipc", "--uts", "--", "setpriv"])
+            .arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .args([
+                "--clear-groups",
+                "--no-new-privs",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg("--")
+            .arg(prog)
+            .args(args)
+            .arg("/dev/stdin")
+            .stdin(Stdio::from(stdin));
+        cmd.output().await.map_err(|e| spawn_error(e, "unshare"))
     };
+    let out = run.await;
     // Given back before anything else happens, also when the tool failed.
     let back =
         std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())).map_err(io("taking back"));
