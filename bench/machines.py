@@ -23,7 +23,8 @@ Figures (targets from the issue):
   boot_to_exec_s_median  wall time from starting `sistemo machine deploy debian` until the first
                          `sistemo machine exec NAME true` succeeds; median (and min/max) over
                          --boots runs (5, 2 with --quick); the machine is deleted between runs.
-                         Ready = the guest agent answers and systemd takes commands.
+                         Ready = the guest agent answers (systemd may still be starting;
+                         `deploy --wait init` waits for it too).
                          Target <= 2.5 s. boot_to_exec_s_ssh: the same for one
                          `deploy --wait ssh` (readiness as it was: the guest's sshd answers).
   exec_ms_median         p50 of `sistemo machine exec NAME true` (CLI process included), through the

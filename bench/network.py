@@ -416,7 +416,7 @@ def measure(env, args):
     samples = args.samples or (15 if q else 50)
     lat_rounds = 3 if q else 5
     iperf_secs, iperf_reps = (1, 2) if q else (3, 4)
-    conn_secs, conn_reps = (0.5, 2) if q else (0.75, 8)
+    conn_secs, conn_reps = (0.5, 4) if q else (0.75, 8)
     restore_reps = 2 if q else 5
 
     if not os.path.exists(env.bin):

@@ -254,8 +254,8 @@ pub struct DeployRequest {
     /// Restart policy: `no` (default), `on-failure` or `always`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
-    /// What the deploy waits for: `agent` (default: the guest agent answers and the image's init
-    /// takes commands) or `ssh` (its sshd also answers).
+    /// What the deploy waits for: `agent` (default: the guest agent answers), `init` (the
+    /// image's init takes commands too) or `ssh` (its sshd also answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<String>,
     /// Seconds `wait` may take (default 180).
@@ -407,6 +407,9 @@ pub struct GuestInfo {
     pub addresses: Vec<String>,
     /// The guest's PID 1.
     pub init: String,
+    /// Whether the image's init takes commands yet (false while systemd starts).
+    #[serde(default)]
+    pub init_ready: bool,
 }
 
 /// Result of exec.

@@ -33,13 +33,11 @@ pub async fn build(cfg: &Config) -> Result<Backend> {
                 .context("preparing the guest kernel and initramfs")?;
             let q = sistemo_vmm::qemu::Qemu::new(&cfg.data_dir, assets, cfg.qemu_options()).await?;
             tracing::info!(accel = ?q.accel(), "QEMU backend ready");
+            let disks = Arc::new(Disks::new(&cfg.data_dir, cfg.build_options(), cfg.image_policy()));
+            disks.refill_all();
             Ok(Backend {
                 vmm: Arc::new(q),
-                images: Some(Arc::new(Disks::new(
-                    &cfg.data_dir,
-                    cfg.build_options(),
-                    cfg.image_policy(),
-                ))),
+                images: Some(disks),
             })
         }
     }

@@ -117,6 +117,33 @@ impl FromStr for RestartPolicy {
     }
 }
 
+/// How far `machine deploy` waits for its guest (`--wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WaitFor {
+    /// The guest agent answers: `exec`, `shell` and `cp` work (the image's init may still be
+    /// starting its services).
+    #[default]
+    Agent,
+    /// The image's init takes commands too (`systemctl` works).
+    Init,
+    /// The guest's own sshd answers too, for tools that need it.
+    Ssh,
+}
+
+impl FromStr for WaitFor {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        match s {
+            "agent" => Ok(WaitFor::Agent),
+            "init" => Ok(WaitFor::Init),
+            "ssh" => Ok(WaitFor::Ssh),
+            _ => Err(Invalid(format!(
+                "wait {s:?} is not valid (allowed: agent, init, ssh)"
+            ))),
+        }
+    }
+}
+
 /// Which hypervisor backend runs the machines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

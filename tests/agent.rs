@@ -86,9 +86,18 @@ fn real_vm_agent_exec_shell_cp_without_sshd() {
     );
     let st = env.cli_ok(&["machine", "status", "web"]);
     assert!(
-        st.contains("Status:   running\n") && st.contains("init systemd, agent "),
+        st.contains("Status:   running\n") && st.contains("init systemd"),
         "{st}"
     );
+    // Exec works while systemd is still starting; a systemctl then waits for it (sistemo's
+    // stand-in comes first on PATH until systemd takes commands); status says when it does.
+    let v = env.cli_ok(&["machine", "exec", "web", "systemctl show -p Version --value"]);
+    assert!(v.trim().starts_with("25"), "systemd's version: {v:?}");
+    poll("systemd to take commands", Duration::from_secs(60), || {
+        env.cli_ok(&["machine", "status", "web"])
+            .contains("init systemd, agent ")
+            .then_some(())
+    });
     // --wait ssh cannot succeed without sshd: it fails clearly, and rolls back.
     let e = env.cli_err(&[
         "machine",

@@ -193,8 +193,14 @@ fn real_vm_page_examples() {
         "{images}"
     );
 
-    // two machines at once
-    env.cli_ok(&["machine", "deploy", "debian", "--name", "api"]);
+    // two machines at once; --wait init: systemctl works as soon as the deploy returns
+    let out = env.cli_ok(&["machine", "deploy", "debian", "--name", "api", "--wait", "init"]);
+    assert!(out.contains("Status:   running"), "{out}");
+    assert!(
+        env.cli_ok(&["machine", "status", "api"])
+            .contains("init systemd, agent "),
+        "systemd takes commands after deploy --wait init"
+    );
     let ls = env.cli_ok(&["machine", "ls"]);
     assert_eq!(ls.matches("running").count(), 2, "{ls}");
     assert_eq!(qemu_pids(&env).len(), 2);

@@ -77,9 +77,9 @@ pub enum MachineCmd {
         /// Restart when its VMM ends by itself: no, on-failure or always (with back-off).
         #[arg(long, value_parser = ["no", "on-failure", "always"])]
         restart: Option<String>,
-        /// Ready when: agent (the guest agent answers and the image's init takes commands), or
-        /// ssh (its sshd answers too, for tools that need it).
-        #[arg(long, value_parser = ["agent", "ssh"], default_value = "agent")]
+        /// Ready when: agent (the guest agent answers: exec, shell and cp work), init (the
+        /// image's init takes commands too: systemctl works), or ssh (its sshd answers too).
+        #[arg(long, value_parser = ["agent", "init", "ssh"], default_value = "agent")]
         wait: String,
         /// Seconds the wait may take.
         #[arg(long, value_name = "SECONDS")]

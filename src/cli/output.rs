@@ -122,13 +122,14 @@ pub fn format_status(m: &MachineInfo) -> String {
     if let Some(g) = &m.guest {
         let b = crate::domain::ByteSize::bytes;
         s.push_str(&format!(
-            "Guest:    up {}s, memory {} of {}, disk {} of {}, init {}, agent {}\n",
+            "Guest:    up {}s, memory {} of {}, disk {} of {}, init {}{}, agent {}\n",
             g.uptime_s,
             b(g.mem_used_kib * 1024),
             b(g.mem_total_kib * 1024),
             b(g.disk_used),
             b(g.disk_total),
             g.init,
+            if g.init_ready { "" } else { " (starting)" },
             g.agent
         ));
         for a in &g.addresses {

@@ -112,33 +112,40 @@ impl Disks {
     /// Make a new spare for `src` in the background, unless one exists or is being made: at
     /// `prio`, [`Priority::Idle`] after a deploy (which then boots undisturbed).
     fn refill(&self, src: PathBuf, prio: Priority) {
+        if let Some(fill) = self.begin_refill(src) {
+            tokio::spawn(fill.run(prio));
+        }
+    }
+
+    /// Claim the making of `src`'s spare, unless it exists or is being made.
+    fn begin_refill(&self, src: PathBuf) -> Option<Refill> {
         let spare = self.spare(&src);
         let done = Arc::new(tokio::sync::Notify::new());
-        {
-            let mut r = self.refilling.lock().unwrap_or_else(|p| p.into_inner());
-            if spare.exists() || r.contains_key(&src) {
-                return;
-            }
-            r.insert(src.clone(), done.clone());
+        let mut r = self.refilling.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.exists() || r.contains_key(&src) {
+            return None;
         }
-        let (pool, refilling) = (self.pool.clone(), self.refilling.clone());
+        r.insert(src.clone(), done.clone());
+        Some(Refill {
+            src,
+            spare,
+            pool: self.pool.clone(),
+            refilling: self.refilling.clone(),
+            done,
+        })
+    }
+
+    /// Make the spares the store's images lack (after a crash, or for images placed in the
+    /// store by hand), one after the other at idle priority: a deploy right after the daemon
+    /// starts copies no disk either.
+    pub fn refill_all(self: &Arc<Self>) {
+        let disks = self.clone();
         tokio::spawn(async move {
-            let tmp = spare.with_extension("filling");
-            let size = std::fs::metadata(&src)
-                .map(|m| m.len().max(DEFAULT_STORAGE.as_bytes()))
-                .unwrap_or(DEFAULT_STORAGE.as_bytes());
-            let r: Result<(), ImageError> = async {
-                std::fs::create_dir_all(&pool).map_err(io("creating the disk pool"))?;
-                clone_disk_at(&src, &tmp, size, prio).await?;
-                std::fs::rename(&tmp, &spare).map_err(io("placing a spare disk"))
+            for image in disks.images.list() {
+                if let Some(fill) = disks.begin_refill(image.path) {
+                    fill.run(Priority::Idle).await;
+                }
             }
-            .await;
-            if let Err(e) = r {
-                let _ = std::fs::remove_file(&tmp);
-                tracing::warn!(error = %crate::error::chain(&e), "making a spare disk failed");
-            }
-            refilling.lock().unwrap_or_else(|p| p.into_inner()).remove(&src);
-            done.notify_waiters();
         });
     }
 
@@ -168,6 +175,42 @@ impl Disks {
                 }
             }
         }
+    }
+}
+
+/// The making of one spare disk, claimed in [`Disks::begin_refill`]: deploys of its image wait
+/// for it meanwhile.
+struct Refill {
+    src: PathBuf,
+    spare: PathBuf,
+    pool: PathBuf,
+    refilling: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Notify>>>>,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Refill {
+    /// Copy the image into the pool (as `.filling`, renamed when complete), then wake the
+    /// deploys waiting for it.
+    async fn run(self, prio: Priority) {
+        let tmp = self.spare.with_extension("filling");
+        let size = std::fs::metadata(&self.src)
+            .map(|m| m.len().max(DEFAULT_STORAGE.as_bytes()))
+            .unwrap_or(DEFAULT_STORAGE.as_bytes());
+        let r: Result<(), ImageError> = async {
+            std::fs::create_dir_all(&self.pool).map_err(io("creating the disk pool"))?;
+            clone_disk_at(&self.src, &tmp, size, prio).await?;
+            std::fs::rename(&tmp, &self.spare).map_err(io("placing a spare disk"))
+        }
+        .await;
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(error = %crate::error::chain(&e), "making a spare disk failed");
+        }
+        self.refilling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.src);
+        self.done.notify_waiters();
     }
 }
 
@@ -229,10 +272,12 @@ impl ImageBackend for Disks {
         include: &[PackageName],
         progress: Progress<'_>,
     ) -> Result<ImageInfo, ImageError> {
-        Ok(self
+        let info = self
             .images
             .build_debian(tag.as_str(), include, &self.build, progress)
-            .await?)
+            .await?;
+        self.refill(info.path.clone(), Priority::Normal);
+        Ok(info)
     }
 
     fn remove(&self, tag: &ImageTag) -> Result<bool, ImageError> {
@@ -330,6 +375,48 @@ mod tests {
         let d = Disks::new(&dir, BuildOptions::default(), ImagePolicy::default());
         assert_ne!(d.spare(&a), d.spare(&b));
         assert_eq!(d.spare(&a), d.spare(&a));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A daemon starting on a store whose image has no spare (a fresh data dir, or a crash)
+    /// makes one, so its first deploy copies nothing.
+    #[tokio::test]
+    async fn images_without_a_spare_get_one_at_start() {
+        let dir = std::env::temp_dir().join(format!("sistemo-spares-{}", uuid::Uuid::new_v4()));
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/hello"), "hi").unwrap();
+        // An image placed in the store by hand: its file named after a (here made up) digest.
+        let sha = "ab".repeat(32);
+        let img = dir.join(format!("images/{sha}.ext4"));
+        std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+        sistemo_vmm::image::make_ext4(&tree, &img, "t").await.unwrap();
+        let d = Arc::new(Disks::new(&dir, BuildOptions::default(), ImagePolicy::default()));
+        assert_eq!(d.list().len(), 1);
+        let spare = d.spare(&img);
+        assert!(!spare.exists());
+        d.refill_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !spare.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spare of {}",
+                img.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The deploy takes it: a disk at the default size, with no copy of its own.
+        let m = dir.join("m");
+        std::fs::create_dir_all(&m).unwrap();
+        let (disk, size) = d
+            .create_disk(&sha, &m, None, &|l| panic!("copied: {l}"))
+            .await
+            .unwrap();
+        assert_eq!(size, DEFAULT_STORAGE);
+        assert_eq!(
+            std::fs::metadata(&disk).unwrap().len(),
+            DEFAULT_STORAGE.as_bytes()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{Deploy, MachineView, Machines, machine_port};
 use crate::Progress;
-use crate::domain::{ByteSize, MachineName, MachineState, NetworkName, RestartPolicy};
+use crate::domain::{ByteSize, MachineName, MachineState, NetworkName, RestartPolicy, WaitFor};
 use crate::error::{Error, Result, chain};
 use crate::store::{Machine, NewMachine, StoreError};
 use sistemo_vmm::{Instance, LinkKind};
@@ -90,10 +90,17 @@ impl Machines {
                 self.make_disks(&m, &d, &dir, progress).await?;
                 self.boot(&m, progress).await?;
             }
-            if let Some(timeout) = d.wait_ssh {
-                progress("waiting for the guest's sshd (--wait ssh)");
-                let spec = self.spec_of(&m)?;
-                self.vmm.wait_ssh(&spec, timeout, progress).await?;
+            match d.wait {
+                WaitFor::Agent => {}
+                WaitFor::Init => {
+                    let spec = self.spec_of(&m)?;
+                    self.vmm.wait_init(&spec, d.wait_timeout, progress).await?;
+                }
+                WaitFor::Ssh => {
+                    progress("waiting for the guest's sshd (--wait ssh)");
+                    let spec = self.spec_of(&m)?;
+                    self.vmm.wait_ssh(&spec, d.wait_timeout, progress).await?;
+                }
             }
             Ok(())
         }

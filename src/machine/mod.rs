@@ -83,8 +83,10 @@ pub struct Deploy {
     pub network: Option<NetworkName>,
     /// What happens when its VMM ends by itself (default: nothing).
     pub restart: RestartPolicy,
-    /// Also wait for the guest's sshd (`--wait ssh`), at most this long.
-    pub wait_ssh: Option<std::time::Duration>,
+    /// How far to wait for the guest beyond its agent (`--wait`), at most `wait_timeout`.
+    pub wait: crate::domain::WaitFor,
+    /// How long `wait` may take beyond the agent's answer.
+    pub wait_timeout: std::time::Duration,
     /// Volumes to attach (`--attach`).
     pub attach: Vec<AttachSpec>,
     /// Boot from this existing volume instead of an image (`--volume`).

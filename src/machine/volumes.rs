@@ -399,7 +399,8 @@ impl Machines {
                 root_volume: None,
                 clone_of: Some(m.id),
                 cold: true,
-                wait_ssh: None,
+                wait: Default::default(),
+                wait_timeout: std::time::Duration::from_secs(180),
                 io: sistemo_vmm::IoLimits::default(),
                 workload: Default::default(),
             };

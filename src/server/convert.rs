@@ -68,15 +68,13 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
         expose: specs(&req.expose)?,
         network: req.network.map(|n| n.parse()).transpose()?,
         restart: req.restart.map(|r| r.parse()).transpose()?.unwrap_or_default(),
-        wait_ssh: match req.wait.as_deref() {
-            None | Some("agent") => None,
-            Some("ssh") => Some(std::time::Duration::from_secs(req.wait_timeout_s.unwrap_or(180))),
-            Some(w) => {
-                return Err(Error::Invalid(format!(
-                    "wait {w:?} is not valid (allowed: agent, ssh)"
-                )));
-            }
-        },
+        wait: req
+            .wait
+            .as_deref()
+            .map(str::parse)
+            .transpose()?
+            .unwrap_or_default(),
+        wait_timeout: std::time::Duration::from_secs(req.wait_timeout_s.unwrap_or(180)),
         attach: req
             .attach
             .iter()
@@ -150,6 +148,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
                 disk_total: f.disk_total,
                 addresses: f.addresses.clone(),
                 init: f.init.clone(),
+                init_ready: f.init_ready,
             }),
             _ => None,
         },

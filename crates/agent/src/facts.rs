@@ -31,7 +31,11 @@ pub fn collect() -> Facts {
         })
         .unwrap_or((0, 0));
     let uname = nix::sys::utsname::uname().ok();
-    let (init, init_ready) = init_state();
+    let InitState {
+        name: init,
+        started: init_started,
+        ready: init_ready,
+    } = init_state();
     Facts {
         agent: env!("CARGO_PKG_VERSION").into(),
         hostname: uname
@@ -49,13 +53,21 @@ pub fn collect() -> Facts {
         disk_used,
         addresses: addresses(),
         init,
+        init_started,
         init_ready,
     }
 }
 
-/// PID 1's name, and whether it takes commands. Until the image's init runs, PID 1 is
-/// sistemo's own `/init` in the initramfs: its root is not ours.
-fn init_state() -> (String, bool) {
+/// The guest's PID 1 as [`Facts`] reports it.
+pub(crate) struct InitState {
+    pub name: String,
+    pub started: bool,
+    pub ready: bool,
+}
+
+/// PID 1's name, whether it is the image's, and whether it takes commands. Until the image's
+/// init runs, PID 1 is sistemo's own `/init` in the initramfs: its root is not ours.
+pub(crate) fn init_state() -> InitState {
     use std::os::unix::fs::MetadataExt;
     // By its program, not its name: `/sbin/init` exec'd as `init` is systemd all the same.
     let comm = std::fs::read_link("/proc/1/exe")
@@ -68,10 +80,12 @@ fn init_state() -> (String, bool) {
     };
     // sistemo's own init running an image's single program: ready once the program runs.
     if same_root && comm == "agent" {
-        return (
-            "sistemo-agent".into(),
-            std::path::Path::new(crate::init::WORKLOAD_PID).exists(),
-        );
+        let running = std::path::Path::new(crate::init::WORKLOAD_PID).exists();
+        return InitState {
+            name: "sistemo-agent".into(),
+            started: running,
+            ready: running,
+        };
     }
     // PID 1's program must come from the image: between switch_root's chroot and its exec,
     // PID 1 is still the initramfs's busybox (not always shown as deleted yet).
@@ -79,15 +93,20 @@ fn init_state() -> (String, bool) {
         (Ok(e), Ok(r)) => e.dev() == r.dev(),
         _ => false,
     };
-    let ready = same_root
-        && exe_in_image
-        && match comm.as_str() {
-            "systemd" => std::fs::metadata("/run/systemd/private").is_ok(),
-            // switch_root between its chroot and its exec: its program was in the initramfs.
-            n if n.is_empty() || n.ends_with(" (deleted)") => false,
-            _ => true,
-        };
-    (comm, ready)
+    // switch_root between its chroot and its exec: its program was in the initramfs.
+    let started = same_root && exe_in_image && !comm.is_empty() && !comm.ends_with(" (deleted)");
+    let ready = started && (comm != "systemd" || systemd_listens());
+    InitState {
+        name: comm,
+        started,
+        ready,
+    }
+}
+
+/// Whether systemd as PID 1 has opened its private control socket: `systemctl` works, and
+/// it acts on the signals that ask it to power off.
+fn systemd_listens() -> bool {
+    std::fs::metadata("/run/systemd/private").is_ok()
 }
 
 fn addresses() -> Vec<String> {

@@ -9,12 +9,14 @@
 //! - [`runner`]: starting a session's process (user, environment, pipes or a PTY).
 //! - [`archive`]: tar streams for `machine cp`, used on both ends.
 //! - [`facts`]: what the guest reports about itself.
+//! - [`early`]: sessions started while the image's init is still starting.
 //! - [`identity`]: a restored clone taking its own identity (clock, RNG, addresses, keys).
 //! - [`init`]: the agent as PID 1 running an image's single program (OCI images).
 //! - `sys` (private): the crate's only `unsafe`.
 
 pub mod archive;
 pub mod client;
+pub mod early;
 pub mod facts;
 pub mod guest;
 pub mod identity;

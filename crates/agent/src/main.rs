@@ -38,6 +38,11 @@ async fn serve_vsock() {
 }
 
 fn main() {
+    if let Some(argv0) = std::env::args_os().next()
+        && sistemo_agent::early::invoked_as_stand_in(&argv0.to_string_lossy())
+    {
+        sistemo_agent::early::run_stand_in(std::env::args_os().skip(1).collect());
+    }
     let mut args = std::env::args().skip(1);
     if std::env::args().nth(1).as_deref() == Some("--init") {
         if std::process::id() != 1 {

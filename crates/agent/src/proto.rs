@@ -385,6 +385,10 @@ pub struct Facts {
     /// started.
     #[serde(default)]
     pub init: String,
+    /// True once the image's init runs as PID 1 (sistemo's initramfs has handed over to it);
+    /// for an image that runs one program, once that program runs.
+    #[serde(default)]
+    pub init_started: bool,
     /// True once the image's init takes commands: systemd has opened its control socket (so
     /// `systemctl` works), or PID 1 is another init.
     #[serde(default)]

@@ -125,7 +125,7 @@ pub fn spawn(argv: &[String], start: &Start) -> io::Result<Spawned> {
     };
     let mut cmd = std::process::Command::new(prog);
     cmd.args(args).env_clear().current_dir(&cwd);
-    cmd.env("PATH", DEFAULT_PATH)
+    cmd.env("PATH", crate::early::session_path(DEFAULT_PATH))
         .env("HOME", &acct.home)
         .env("USER", &acct.name)
         .env("LOGNAME", &acct.name)

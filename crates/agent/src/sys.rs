@@ -60,7 +60,27 @@ pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::
 /// Power the guest off: systemd's poweroff signal when systemd is PID 1 (an orderly shutdown),
 /// SIGTERM when the agent is PID 1 (it stops the workload, then powers off),
 /// else sync and power off at once (an image with no init system has nothing to stop).
+/// A request that comes while the image's init is still starting waits for it (at most
+/// [`INIT_WAIT`], on a thread of its own): a machine stopped right after its deploy shuts down
+/// in order too.
 pub(crate) fn power_off() {
+    std::thread::spawn(|| {
+        let deadline = std::time::Instant::now() + INIT_WAIT;
+        while std::time::Instant::now() < deadline {
+            let init = crate::facts::init_state();
+            if init.started && (init.name != "systemd" || init.ready) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        power_off_now();
+    });
+}
+
+/// How long a power-off request waits for the image's init to be able to act on it.
+const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn power_off_now() {
     let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
     // The agent as PID 1 (an image's single program): it stops the program, then powers off.
     if pid1.trim() == "systemd" || pid1.trim() == "agent" {

@@ -274,6 +274,17 @@ pub trait Hypervisor: Send + Sync {
         true
     }
 
+    /// Wait until the image's init takes commands (`deploy --wait init`: systemd has opened
+    /// its control socket); backends without a guest init return at once.
+    async fn wait_init(
+        &self,
+        _spec: &MachineSpec,
+        _timeout: Duration,
+        _progress: Progress<'_>,
+    ) -> Result<(), VmmError> {
+        Ok(())
+    }
+
     /// Wait until the guest's own sshd answers (`deploy --wait ssh`); backends without SSH
     /// return at once.
     async fn wait_ssh(

@@ -93,8 +93,13 @@ done
 # to the image.
 [ -f /sistemo/workload.json ] && mkdir -p $R/run $R/dev $R/proc $R/sys
 mount -t tmpfs -o mode=0755,nosuid,nodev,size=20% tmpfs $R/run || fail "cannot mount a tmpfs on /run"
-mkdir -p $R/run/sistemo
+mkdir -p $R/run/sistemo/bin
 cp /sistemo/agent $R/run/sistemo/agent || fail "cannot install the guest agent"
+# Sessions started while the image's init starts find this systemctl first: it waits for
+# systemd to take commands, then runs the image's own (see sistemo_agent::early); any user may
+# run it (the agent holds no secret and no privilege of its own).
+chmod 755 $R/run/sistemo/agent
+ln -s ../agent $R/run/sistemo/bin/systemctl
 # Tells the agent to serve vsock too (without the transport, its socket() would make the kernel
 # run modprobe for it in the middle of the boot).
 [ "$SISTEMO_VSOCK" = 1 ] && : > $R/run/sistemo/vsock

@@ -26,16 +26,20 @@ use std::path::Path;
 /// Write `data` to `path` through a temporary file and a rename, with `mode`.
 pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), VmmError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let ctx = || format!("writing {}", path.display());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(VmmError::io(ctx()))?;
-    f.write_all(data).map_err(VmmError::io(ctx()))?;
-    f.sync_all().map_err(VmmError::io(ctx()))?;
-    std::fs::rename(&tmp, path).map_err(VmmError::io(ctx()))
+    // Unique per writer: two tasks of one process may write the same file at once.
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    let r = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map_err(VmmError::io(format!("writing {}", path.display())))
 }

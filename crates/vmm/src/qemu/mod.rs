@@ -565,9 +565,10 @@ impl Hypervisor for Qemu {
                 ));
             }
             // QEMU holds the greeting until the agent opens its port: one attempt waits for
-            // the whole boot, unless the VMM dies meanwhile.
-            // Ready once the agent answers and the image's init takes commands (`systemctl`
-            // works right after deploy, as it did when readiness meant sshd).
+            // the whole boot, unless the VMM dies meanwhile. Ready once the agent answers and
+            // the initramfs has handed over to the image's init (or its one program runs):
+            // exec, shell and cp work from then on, while the init starts its services
+            // (`--wait init` waits for it to take commands too).
             let state = match self.agents.get(spec, &self.channel(spec)).await {
                 Ok(c) => c.facts().await.map(|f| (c, f)).map_err(|e| VmmError::Exec {
                     name: spec.name.clone(),
@@ -576,20 +577,21 @@ impl Hypervisor for Qemu {
                 Err(e) => Err(e),
             };
             match state {
-                Ok((c, f)) if f.init_ready => {
+                Ok((c, f)) if f.init_started => {
                     progress(&format!(
-                        "ready after {:.1}s (agent {}, init {})",
+                        "ready after {:.1}s (agent {}, init {}{})",
                         t0.elapsed().as_secs_f64(),
                         c.agent_version(),
-                        f.init
+                        f.init,
+                        if f.init_ready { "" } else { " starting" }
                     ));
                     return Ok(());
                 }
-                Ok((_, f)) => {
-                    let why = format!("the image's init ({:?}) is starting", f.init);
+                Ok(_) => {
+                    let why = "agent up, the initramfs hands over".to_string();
                     if why != last_why {
                         progress(&format!(
-                            "agent up after {:.1}s, waiting for the image's init",
+                            "agent up after {:.1}s, handing over to the image's init",
                             t0.elapsed().as_secs_f64()
                         ));
                         last_why = why;
@@ -605,6 +607,43 @@ impl Hypervisor for Qemu {
                         last_why = why;
                     }
                 }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_init(
+        &self,
+        spec: &MachineSpec,
+        timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let deadline = t0 + timeout;
+        progress("waiting for the image's init to take commands");
+        loop {
+            let c = self.agents.get(spec, &self.channel(spec)).await?;
+            let f = c.facts().await.map_err(|e| VmmError::Exec {
+                name: spec.name.clone(),
+                reason: e.to_string(),
+            })?;
+            if f.init_ready {
+                progress(&format!(
+                    "{} takes commands after {:.1}s more",
+                    f.init,
+                    t0.elapsed().as_secs_f64()
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.boot_error(
+                    spec,
+                    &format!(
+                        "the image's init ({}) did not take commands within {}s",
+                        f.init,
+                        timeout.as_secs()
+                    ),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -185,6 +185,7 @@ impl Templates for Qemu {
             .await?;
         let res = async {
             self.wait_ready(spec, &inst, timeout, progress).await?;
+            self.wait_init(spec, timeout, progress).await?;
             self.settle(spec, progress).await?;
             progress("saving the template");
             self.save(spec, &inst, &spec.dir).await
