@@ -66,11 +66,7 @@ pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::
 pub(crate) fn power_off() {
     std::thread::spawn(|| {
         let deadline = std::time::Instant::now() + INIT_WAIT;
-        while std::time::Instant::now() < deadline {
-            let init = crate::facts::init_state();
-            if init.started && (init.name != "systemd" || init.ready) {
-                break;
-            }
+        while !crate::facts::init_state().ready && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         power_off_now();
