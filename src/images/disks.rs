@@ -36,8 +36,6 @@ pub struct Disks {
     refilling: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Notify>>>>,
     /// Templates' frozen disks, whose spares are kept as well as the images'.
     extra: Mutex<HashSet<PathBuf>>,
-    /// Images whose spare a deploy took, made again once it has booted ([`ImageBackend::deployed`]).
-    taken: Mutex<HashSet<PathBuf>>,
 }
 
 impl Disks {
@@ -61,7 +59,6 @@ impl Disks {
             pool,
             refilling: Default::default(),
             extra: Default::default(),
-            taken: Default::default(),
         }
     }
 
@@ -261,8 +258,7 @@ impl ImageBackend for Disks {
         if let Some(w) = self.images.oci_meta(&src).and_then(|m| m.config.workload()) {
             oci::write_workload(dir, &w)?;
         }
-        // Its next spare is made once this machine has booted (see `deployed`).
-        self.taken.lock().unwrap_or_else(|p| p.into_inner()).insert(src);
+        self.refill(src, Priority::Idle);
         Ok((dest, ByteSize::bytes(size)))
     }
 
@@ -352,13 +348,6 @@ impl ImageBackend for Disks {
         }
         self.keep_spare(src, Priority::Idle);
         Ok(ByteSize::bytes(size))
-    }
-
-    fn deployed(&self) {
-        let taken = std::mem::take(&mut *self.taken.lock().unwrap_or_else(|p| p.into_inner()));
-        for src in taken {
-            self.refill(src, Priority::Idle);
-        }
     }
 
     fn prepare_spare(&self, src: &Path) {
