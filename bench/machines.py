@@ -562,7 +562,7 @@ def measure(env, args):
         log(describe(r))
         if i == 0:
             a = env.cli("machine", "exec", name,
-                        "systemd-analyze; systemd-analyze critical-chain ssh.service 2>&1 | tail -n +3 | head -12; "
+                        "systemctl is-system-running --wait >/dev/null; systemd-analyze; systemd-analyze critical-chain ssh.service 2>&1 | tail -n +3 | head -12; "
                         "systemd-analyze blame 2>&1 | head -8", check=False, timeout=60)
             env.analyze = (a.stdout + a.stderr).rstrip()
         if i < boots - 1:

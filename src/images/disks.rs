@@ -36,6 +36,8 @@ pub struct Disks {
     refilling: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Notify>>>>,
     /// Templates' frozen disks, whose spares are kept as well as the images'.
     extra: Mutex<HashSet<PathBuf>>,
+    /// Images whose spare a deploy took, made again once it has booted ([`ImageBackend::deployed`]).
+    taken: Mutex<HashSet<PathBuf>>,
 }
 
 impl Disks {
@@ -59,6 +61,7 @@ impl Disks {
             pool,
             refilling: Default::default(),
             extra: Default::default(),
+            taken: Default::default(),
         }
     }
 
@@ -109,8 +112,10 @@ impl Disks {
         self.take_spare(src, dest)
     }
 
-    /// Make a new spare for `src` in the background, unless one exists or is being made: at
-    /// `prio`, [`Priority::Idle`] after a deploy (which then boots undisturbed).
+    /// Make a new spare for `src` in the background, unless one exists or is being made, at
+    /// `prio`. A deploy's spare is made again once it has booted ([`ImageBackend::deployed`]),
+    /// at normal priority: a direct-I/O copy at idle priority during the boot measured 0.4 s
+    /// slower boots, and a deploy right after would wait for it (2.4 s for a 2 GiB image).
     fn refill(&self, src: PathBuf, prio: Priority) {
         if let Some(fill) = self.begin_refill(src) {
             tokio::spawn(fill.run(prio));
@@ -136,14 +141,14 @@ impl Disks {
     }
 
     /// Make the spares the store's images lack (after a crash, or for images placed in the
-    /// store by hand), one after the other at idle priority: a deploy right after the daemon
-    /// starts copies no disk either.
+    /// store by hand), one after the other: a deploy right after the daemon starts copies no
+    /// disk either.
     pub fn refill_all(self: &Arc<Self>) {
         let disks = self.clone();
         tokio::spawn(async move {
             for image in disks.images.list() {
                 if let Some(fill) = disks.begin_refill(image.path) {
-                    fill.run(Priority::Idle).await;
+                    fill.run(Priority::Normal).await;
                 }
             }
         });
@@ -199,6 +204,14 @@ impl Refill {
         let r: Result<(), ImageError> = async {
             std::fs::create_dir_all(&self.pool).map_err(io("creating the disk pool"))?;
             clone_disk_at(&self.src, &tmp, size, prio).await?;
+            // On disk before it gets its name: after a power loss, a spare is whole or absent
+            // (a `.filling` is removed at start). This also writes it back now, while nothing
+            // boots, rather than whenever the kernel gets to it.
+            let t = tmp.clone();
+            tokio::task::spawn_blocking(move || std::fs::File::open(&t)?.sync_all())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(io("writing a spare disk to disk"))?;
             std::fs::rename(&tmp, &self.spare).map_err(io("placing a spare disk"))
         }
         .await;
@@ -258,7 +271,8 @@ impl ImageBackend for Disks {
         if let Some(w) = self.images.oci_meta(&src).and_then(|m| m.config.workload()) {
             oci::write_workload(dir, &w)?;
         }
-        self.refill(src, Priority::Idle);
+        // Its next spare is made once this machine has booted (see `deployed`).
+        self.taken.lock().unwrap_or_else(|p| p.into_inner()).insert(src);
         Ok((dest, ByteSize::bytes(size)))
     }
 
@@ -348,6 +362,13 @@ impl ImageBackend for Disks {
         }
         self.keep_spare(src, Priority::Idle);
         Ok(ByteSize::bytes(size))
+    }
+
+    fn deployed(&self) {
+        let taken = std::mem::take(&mut *self.taken.lock().unwrap_or_else(|p| p.into_inner()));
+        for src in taken {
+            self.refill(src, Priority::Normal);
+        }
     }
 
     fn prepare_spare(&self, src: &Path) {

@@ -143,6 +143,10 @@ pub trait ImageBackend: Send + Sync {
         Err(ImageError::Unsupported("disks from templates"))
     }
 
+    /// A deploy has ended (its guest ready, or rolled back): make the spare disks the deploys
+    /// since the last call took, now that no copy competes with their boots.
+    fn deployed(&self) {}
+
     /// Keep a spare copy of `src` (a template's frozen disk) ready for its next clone.
     fn prepare_spare(&self, _src: &Path) {}
 

@@ -105,6 +105,9 @@ impl Machines {
             Ok(())
         }
         .await;
+        if let Some(images) = &self.images {
+            images.deployed();
+        }
         if let Err(e) = res {
             progress("deploy failed; cleaning up");
             self.teardown(&m, None).await;

@@ -101,6 +101,21 @@ impl Machines {
         memory: Option<ByteSize>,
         progress: Progress<'_>,
     ) -> Result<TemplateInfo> {
+        let r = self.make_template(image, vcpus, memory, progress).await;
+        // The template's boot took its image's spare disk: make it again now.
+        if let Some(images) = &self.images {
+            images.deployed();
+        }
+        r
+    }
+
+    async fn make_template(
+        &self,
+        image: &str,
+        vcpus: Option<u32>,
+        memory: Option<ByteSize>,
+        progress: Progress<'_>,
+    ) -> Result<TemplateInfo> {
         let t = self.vmm.templates().ok_or_else(|| {
             Error::Invalid(format!(
                 "the {} backend cannot make templates (allowed: the qemu backend)",
