@@ -116,6 +116,26 @@ fn real_vm_agent_exec_shell_cp_without_sshd() {
             .contains("does not exist")
     );
 
+    step("a stop right after the deploy, while systemd still starts, powers off in order");
+    env.cli_ok(&["machine", "deploy", img.to_str().unwrap(), "--name", "w3"]);
+    let t = Instant::now();
+    env.cli_ok(&["machine", "stop", "w3"]);
+    // systemd ignores its power-off signal until it has set up: the agent holds the request
+    // until systemd takes commands, so the guest powers itself off and nothing is killed.
+    assert!(
+        !env.log()
+            .lines()
+            .any(|l| l.contains("w3") && l.contains("did not power off in time")),
+        "w3's VMM was killed after {:?}:\n{}",
+        t.elapsed(),
+        env.log()
+    );
+    assert!(
+        env.cli_ok(&["machine", "status", "w3"])
+            .contains("Status:   stopped"),
+    );
+    env.cli_ok(&["machine", "delete", "w3", "-y"]);
+
     step("exit codes and signals");
     assert_eq!(
         env.cli(&["machine", "exec", "web", "exit 3"]).status.code(),

@@ -6,12 +6,7 @@
 mod common;
 use common::web::*;
 use common::*;
-use std::path::PathBuf;
 use std::time::Duration;
-
-fn browser_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
 
 /// Run one scenario of tests/browser/dashboard.mjs in the env's namespace; its output.
 fn scenario(env: &Env, mode: &str, user: &str, pass: &str) -> String {
@@ -20,35 +15,7 @@ fn scenario(env: &Env, mode: &str, user: &str, pass: &str) -> String {
 
 /// [`scenario`] with the dashboard at `url` (an https one is the env's self-signed listener).
 fn scenario_at(env: &Env, url: &str, mode: &str, user: &str, pass: &str) -> String {
-    let dir = browser_dir();
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "playwright-core is not installed in {}: run scripts/deps (npm ci there)",
-        dir.display()
-    );
-    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
-    let o = std::process::Command::new("ip")
-        .args(["netns", "exec", &env.ns, "node"])
-        .arg(dir.join("dashboard.mjs"))
-        .env("URL", url)
-        .env("MODE", mode)
-        .env("USER", user)
-        .env("PASS", pass)
-        .env("SHOTS", &shots)
-        .env("SISTEMO", env!("CARGO_BIN_EXE_sistemo"))
-        .env("SOCKET", &env.socket)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        o.status.success() && out.contains(&format!("PASS {mode}")),
-        "the {mode} scenario failed (screenshot {}/{mode}-failure.png): {out}{}",
-        shots.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    browser_scenario(env, "dashboard.mjs", url, mode, user, pass)
 }
 
 #[test]

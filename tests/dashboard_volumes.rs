@@ -8,39 +8,10 @@ mod common;
 use common::web::*;
 use common::*;
 use serde_json::Value;
-use std::path::PathBuf;
 
 /// Run one scenario of tests/browser/volumes.mjs in the env's namespace; its output.
 fn scenario(env: &Env, mode: &str, user: &str, pass: &str) -> String {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "playwright-core is not installed in {}: run scripts/deps (npm ci there)",
-        dir.display()
-    );
-    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
-    let o = std::process::Command::new("ip")
-        .args(["netns", "exec", &env.ns, "node"])
-        .arg(dir.join("volumes.mjs"))
-        .env("URL", "http://127.0.0.1:7777/")
-        .env("MODE", mode)
-        .env("USER", user)
-        .env("PASS", pass)
-        .env("SHOTS", &shots)
-        .env("SISTEMO", env!("CARGO_BIN_EXE_sistemo"))
-        .env("SOCKET", &env.socket)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        o.status.success() && out.contains(&format!("PASS {mode}")),
-        "the volumes {mode} scenario failed (screenshot {}/volumes-{mode}-failure.png): {out}{}",
-        shots.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    browser_scenario(env, "volumes.mjs", "http://127.0.0.1:7777/", mode, user, pass)
 }
 
 fn volumes(env: &Env) -> Vec<Value> {

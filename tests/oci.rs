@@ -46,17 +46,7 @@ fn oci_pull_import_convert_and_refusals() {
     step("build images with umoci");
     let layout = build_layout(&work);
     let _reg = Registry::start(&env.ns, &work, "reg", "127.0.0.1:5077", None);
-    let pw = sh(
-        "/usr/bin/python3 -W ignore -c \"import crypt; print(crypt.crypt('sociPW', crypt.mksalt(crypt.METHOD_BLOWFISH)))\"",
-    );
-    std::fs::write(work.join("htpasswd"), format!("soci:{}", pw.trim())).unwrap();
-    let _auth = Registry::start(
-        &env.ns,
-        &work,
-        "authreg",
-        "127.0.0.1:5078",
-        Some(&work.join("htpasswd")),
-    );
+    let _auth = Registry::with_login(&env.ns, &work, "authreg", "127.0.0.1:5078", "soci", "sociPW");
     let _lan = Registry::start(&env.ns, &work, "lanreg", &format!("{HOST_LAN}:5079"), None);
     for (tag, dest) in [
         ("web", "127.0.0.1:5077/web:1"),

@@ -203,17 +203,7 @@ fn oci_docker_config_credentials_and_concurrent_pulls() {
     std::fs::create_dir_all(&work).unwrap();
     let layout = build_layout(&work);
     let _reg = Registry::start(&env.ns, &work, "reg", "127.0.0.1:5077", None);
-    let pw = sh(
-        "/usr/bin/python3 -W ignore -c \"import crypt; print(crypt.crypt('sociPW', crypt.mksalt(crypt.METHOD_BLOWFISH)))\"",
-    );
-    std::fs::write(work.join("htpasswd"), format!("soci:{}", pw.trim())).unwrap();
-    let _auth = Registry::start(
-        &env.ns,
-        &work,
-        "authreg",
-        "127.0.0.1:5078",
-        Some(&work.join("htpasswd")),
-    );
+    let _auth = Registry::with_login(&env.ns, &work, "authreg", "127.0.0.1:5078", "soci", "sociPW");
     // `four`: three plus a layer of its own, so it is converted only in the race below.
     let tar = work.join("four.tar");
     sh(&format!(

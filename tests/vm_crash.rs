@@ -267,8 +267,9 @@ fn real_vm_crash_at_every_step_leaves_nothing_inconsistent() {
         "d1",
         &["absent"],
     );
+    // Below the default size: no spare disk fits, the image is copied and grown.
     let mut big = deploy("d2");
-    big.extend(["--storage", "2500M"]);
+    big.extend(["--storage", "1500M"]);
     round(
         &mut env,
         "deploy, killed while cloning and growing the disk",

@@ -9,29 +9,12 @@
 //               and see its output, follow a resize, exit and reconnect, leaving ends the shell.
 // Env: URL, USER, PASS, SHOTS (screenshot folder), SISTEMO (binary), SOCKET, CHROMIUM.
 // Prints "ok <check>" lines; exits 1 with "FAIL <reason>" on the first failure.
-import { chromium } from "playwright-core";
-import { execFileSync } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { env, URL, MODE, SHOTS, T, ok, fail, cli, openPage, runScenario } from "./harness.mjs";
 
-const env = (k) => { const v = process.env[k]; if (!v) throw new Error("missing env " + k); return v; };
-const URL = env("URL"), MODE = env("MODE"), SHOTS = env("SHOTS");
-mkdirSync(SHOTS, { recursive: true });
-const ok = (what) => console.log("ok " + what);
-const fail = (what) => { throw new Error(what); };
-const cli = (...args) => execFileSync(env("SISTEMO"), ["--socket", env("SOCKET"), ...args], { encoding: "utf8" });
-const T = 20000;
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-});
-// An https URL is the daemon's self-signed listener (its fingerprint is pinned by the CLI tests).
-const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, ignoreHTTPSErrors: URL.startsWith("https:") });
-const page = await ctx.newPage();
-const consoleErrors = [];
-page.on("pageerror", (e) => consoleErrors.push(String(e)));
+const browser = await openPage();
+const { page } = browser;
 // A blocked style or script (the terminal's styles need the policy's inline styles) is a failure.
-page.on("console", (m) => { if (m.type() === "error" && /Content Security Policy/.test(m.text())) consoleErrors.push(m.text()); });
+page.on("console", (m) => { if (m.type() === "error" && /Content Security Policy/.test(m.text())) browser.errors.push(m.text()); });
 const shot = async (name) => page.screenshot({ path: `${SHOTS}/${MODE}-${name}.png`, fullPage: true });
 const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
 const go = async (hash, title) => { await page.evaluate((h) => { location.hash = h; }, hash); await heading(title); };
@@ -250,16 +233,4 @@ async function logout() {
   ok("logged out");
 }
 
-try {
-  if (MODE === "admin") await admin();
-  else if (MODE === "terminal") await terminal();
-  else await viewer();
-  if (consoleErrors.length) fail("page errors: " + consoleErrors.join("; "));
-  console.log("PASS " + MODE);
-} catch (e) {
-  await shot("failure").catch(() => {});
-  console.log("FAIL " + e.message);
-  process.exitCode = 1;
-} finally {
-  await browser.close();
-}
+await runScenario(browser, { admin, terminal, viewer }, shot);

@@ -8,26 +8,10 @@
 //   MODE=viewer the page lists the volumes, no mutating control or form, the API answers 403.
 // Env: URL, USER, PASS, SHOTS, SISTEMO, SOCKET, CHROMIUM. Prints "ok <check>" lines; exits 1
 // with "FAIL <reason>" on the first failure.
-import { chromium } from "playwright-core";
-import { execFileSync } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { env, URL, MODE, SHOTS, T, ok, fail, cli, openPage, runScenario } from "./harness.mjs";
 
-const env = (k) => { const v = process.env[k]; if (!v) throw new Error("missing env " + k); return v; };
-const URL = env("URL"), MODE = env("MODE"), SHOTS = env("SHOTS");
-mkdirSync(SHOTS, { recursive: true });
-const ok = (what) => console.log("ok " + what);
-const fail = (what) => { throw new Error(what); };
-const cli = (...args) => execFileSync(env("SISTEMO"), ["--socket", env("SOCKET"), ...args], { encoding: "utf8" });
-const T = 20000;
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-});
-const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-const page = await ctx.newPage();
-const errors = [];
-page.on("pageerror", (e) => errors.push(String(e)));
+const browser = await openPage();
+const { page } = browser;
 page.on("dialog", (d) => d.accept());
 const shot = async (name) => page.screenshot({ path: `${SHOTS}/volumes-${MODE}-${name}.png`, fullPage: true });
 const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
@@ -155,15 +139,4 @@ async function viewer() {
   await shot("page");
 }
 
-try {
-  if (MODE === "admin") await admin();
-  else await viewer();
-  if (errors.length) fail("page errors: " + errors.join("; "));
-  console.log("PASS " + MODE);
-} catch (e) {
-  await shot("failure").catch(() => {});
-  console.log("FAIL " + e.message);
-  process.exitCode = 1;
-} finally {
-  await browser.close();
-}
+await runScenario(browser, { admin, viewer }, shot);

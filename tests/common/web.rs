@@ -149,3 +149,39 @@ pub fn token(env: &Env, name: &str, extra: &[&str]) -> String {
     a.extend(extra);
     env.cli_ok(&a).trim().to_string()
 }
+
+/// Run scenario `mode` of the browser script `tests/browser/SCRIPT` (playwright-core driving
+/// Debian's headless Chromium) in the env's namespace against the dashboard at `url`, logged in
+/// as `user`; its output, which must say `PASS MODE`. Screenshots land in target/screenshots.
+pub fn browser_scenario(env: &Env, script: &str, url: &str, mode: &str, user: &str, pass: &str) -> String {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed in {}: run scripts/deps (npm ci there)",
+        dir.display()
+    );
+    let shots = root.join("target/screenshots");
+    let o = Command::new("ip")
+        .args(["netns", "exec", &env.ns, "node"])
+        .arg(dir.join(script))
+        .env("URL", url)
+        .env("MODE", mode)
+        .env("USER", user)
+        .env("PASS", pass)
+        .env("SHOTS", &shots)
+        .env("SISTEMO", env!("CARGO_BIN_EXE_sistemo"))
+        .env("SOCKET", &env.socket)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{out}{err}");
+    assert!(
+        o.status.success() && out.contains(&format!("PASS {mode}")),
+        "{script}: the {mode} scenario failed (its failure screenshot is in {}): {out}{err}",
+        shots.display()
+    );
+    out
+}

@@ -55,6 +55,17 @@ impl Registry {
         });
         Registry { child }
     }
+
+    /// [`Registry::start`] asking for basic credentials: `user` with `password` (bcrypt in an
+    /// htpasswd file, as the registry wants it).
+    pub fn with_login(ns: &str, dir: &Path, name: &str, addr: &str, user: &str, password: &str) -> Registry {
+        let hash = sh(&format!(
+            "/usr/bin/python3 -W ignore -c \"import crypt; print(crypt.crypt('{password}', crypt.mksalt(crypt.METHOD_BLOWFISH)))\""
+        ));
+        let htpasswd = dir.join(format!("{name}.htpasswd"));
+        std::fs::write(&htpasswd, format!("{user}:{}", hash.trim())).unwrap();
+        Registry::start(ns, dir, name, addr, Some(&htpasswd))
+    }
 }
 
 impl Drop for Registry {

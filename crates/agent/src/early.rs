@@ -58,3 +58,14 @@ pub fn run_stand_in(args: Vec<std::ffi::OsString>) -> ! {
     eprintln!("systemctl: {}: {e}", real.display());
     std::process::exit(126);
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_stand_in_names_run_as_stand_ins() {
+        assert!(super::invoked_as_stand_in("/run/sistemo/bin/systemctl"));
+        assert!(super::invoked_as_stand_in("systemctl"));
+        assert!(!super::invoked_as_stand_in("/run/sistemo/agent"));
+        assert!(!super::invoked_as_stand_in("systemctl2"));
+    }
+}

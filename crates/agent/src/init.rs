@@ -107,8 +107,8 @@ pub fn command(w: &Workload, hostname: &str) -> Result<Command, String> {
     Ok(cmd)
 }
 
-/// Mount what programs expect and sistemo's initramfs did not bring (`/dev/pts`, `/dev/shm`,
-/// the cgroup tree), each only when it is not there yet.
+/// Mount what programs expect (`/proc`, `/sys`, `/dev` with `/dev/pts` and `/dev/shm`, the
+/// cgroup tree), each only when it is not there yet (sistemo's initramfs brings most of them).
 fn mounts() {
     use nix::mount::{MsFlags, mount};
     let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();

@@ -27,6 +27,8 @@ if [ ! -f /sistemo/workload.json ]; then
 fi
 mkdir -p $R/etc $R/root/.ssh $R/etc/ssh $R/etc/systemd/network
 echo "$SISTEMO_HOSTNAME" > $R/etc/hostname
+# The kernel's too: commands may run before the image's init sets it from /etc/hostname.
+hostname "$SISTEMO_HOSTNAME"
 printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost ip6-loopback\n' "$SISTEMO_HOSTNAME" > $R/etc/hosts
 echo "$SISTEMO_MACHINE_ID" > $R/etc/machine-id
 # A template gets no network identity: its clones get theirs from the agent.
@@ -113,6 +115,11 @@ while [ -z "$PORT" ] && [ $i -lt 500 ]; do
 done
 [ -n "$PORT" ] || fail "no virtio-serial port named sistemo.agent"
 log "switching to the root filesystem"
+# Terminals and shared memory for sessions that run before the image's init mounts them (it
+# keeps these, with the options it would have used).
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o nosuid,noexec,mode=620,gid=5,ptmxmode=666 devpts /dev/pts || log "cannot mount /dev/pts"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm || log "cannot mount /dev/shm"
 # /dev, /proc and /sys move into the image (its init keeps mounted ones, as after any initramfs).
 for m in dev proc sys; do mount --move /$m $R/$m || fail "cannot move /$m into the image"; done
 chroot $R /run/sistemo/agent --port "$PORT" &
