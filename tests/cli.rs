@@ -271,39 +271,7 @@ fn tcp_api_is_opt_in_and_needs_the_token() {
     assert_eq!(code("-H 'Authorization: Bearer wrong'"), "401");
     assert_eq!(code(&format!("-H 'Authorization: Bearer {TOKEN}'")), "200");
     // step: 2,000 idle TCP connections starve neither the daemon nor its Unix socket
-    let holder = std::process::Command::new("ip")
-        .args(["netns", "exec", &env.ns, "python3", "-c"])
-        .arg(
-            "import resource,socket,time\n\
-             resource.setrlimit(resource.RLIMIT_NOFILE,(4096,4096))\n\
-             s=[]\n\
-             for _ in range(2000):\n\
-             \x20 c=socket.socket()\n\
-             \x20 c.setblocking(False)\n\
-             \x20 c.connect_ex(('127.0.0.1',7443))\n\
-             \x20 s.append(c)\n\
-             time.sleep(1)\n\
-             print('open',flush=True)\n\
-             time.sleep(120)",
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut holder = Reap(holder);
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "open", "2,000 connections were attempted");
+    let holder = hold_connections(&env.ns, "127.0.0.1", 7443, 2000);
     let t = std::time::Instant::now();
     env.cli_ok(&["machine", "list"]);
     assert!(

@@ -404,39 +404,7 @@ fn web_api_tls_off_loopback_fingerprint_and_idle_connections() {
     assert_eq!(r.code, 200, "{}", r.body);
     assert!(r.headers.contains("; secure"), "{}", r.headers);
     step("2,000 idle connections to the TLS listener do not stop the Unix socket");
-    let holder = std::process::Command::new("ip")
-        .args(["netns", "exec", &env.client, "python3", "-c"])
-        .arg(format!(
-            "import resource,socket,time\n\
-             resource.setrlimit(resource.RLIMIT_NOFILE,(4096,4096))\n\
-             s=[]\n\
-             for _ in range(2000):\n\
-             \x20 c=socket.socket()\n\
-             \x20 c.setblocking(False)\n\
-             \x20 c.connect_ex(('{HOST_LAN}',7443))\n\
-             \x20 s.append(c)\n\
-             time.sleep(1)\n\
-             print('open',flush=True)\n\
-             time.sleep(120)"
-        ))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut holder = Reap(holder);
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "open");
+    let holder = hold_connections(&env.client, HOST_LAN, 7443, 2000);
     let t = std::time::Instant::now();
     env.cli_ok(&["machine", "list"]);
     assert!(

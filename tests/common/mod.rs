@@ -606,3 +606,47 @@ impl Env {
         Self::build_with(tag, &[], "qemu", Some(seed), extra)
     }
 }
+
+/// `n` idle TCP connections to `addr:port`, opened from namespace `ns` and held (a python3
+/// process) until the guard is dropped; returns once they were attempted.
+pub fn hold_connections(ns: &str, addr: &str, port: u16, n: usize) -> impl Drop {
+    struct Held(std::process::Child);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c"])
+        .arg(format!(
+            "import resource,socket,time\n\
+             resource.setrlimit(resource.RLIMIT_NOFILE,({fds},{fds}))\n\
+             s=[]\n\
+             for _ in range({n}):\n\
+             \x20 c=socket.socket()\n\
+             \x20 c.setblocking(False)\n\
+             \x20 c.connect_ex(('{addr}',{port}))\n\
+             \x20 s.append(c)\n\
+             time.sleep(1)\n\
+             print('open',flush=True)\n\
+             time.sleep(120)",
+            fds = n * 2 + 64
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = Held(child);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(
+        line.trim(),
+        "open",
+        "{n} connections to {addr}:{port} were attempted"
+    );
+    held
+}
