@@ -569,19 +569,12 @@ impl Hypervisor for Qemu {
             // the initramfs has handed over to the image's init (or its one program runs):
             // exec, shell and cp work from then on, while the init starts its services
             // (`--wait init` waits for it to take commands too).
-            let state = match self.agents.get(spec, &self.channel(spec)).await {
-                Ok(c) => c.facts().await.map(|f| (c, f)).map_err(|e| VmmError::Exec {
-                    name: spec.name.clone(),
-                    reason: e.to_string(),
-                }),
-                Err(e) => Err(e),
-            };
-            match state {
-                Ok((c, f)) if f.init_started => {
+            match self.facts(spec).await {
+                Ok(f) if f.init_started => {
                     progress(&format!(
                         "ready after {:.1}s (agent {}, init {}{})",
                         t0.elapsed().as_secs_f64(),
-                        c.agent_version(),
+                        f.agent,
                         f.init,
                         if f.init_ready { "" } else { " starting" }
                     ));
@@ -622,11 +615,7 @@ impl Hypervisor for Qemu {
         let deadline = t0 + timeout;
         progress("waiting for the image's init to take commands");
         loop {
-            let c = self.agents.get(spec, &self.channel(spec)).await?;
-            let f = c.facts().await.map_err(|e| VmmError::Exec {
-                name: spec.name.clone(),
-                reason: e.to_string(),
-            })?;
+            let f = self.facts(spec).await?;
             if f.init_ready {
                 progress(&format!(
                     "{} takes commands after {:.1}s more",
