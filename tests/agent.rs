@@ -33,6 +33,23 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many cores `pid` used over `window` (user and system time from `/proc`).
+fn cores_used(pid: u32, window: Duration) -> f64 {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        // utime and stime, fields 14 and 15 of the line.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let (t0, c0) = (Instant::now(), ticks());
+    std::thread::sleep(window);
+    (ticks() - c0) as f64 / hz / t0.elapsed().as_secs_f64()
+}
+
 /// A copy of the test image with sshd deleted: the machine must work without it.
 fn image_without_sshd(env: &Env, seed: &std::path::Path) -> std::path::PathBuf {
     let index = std::fs::read_to_string(seed.join("images/index.json")).unwrap();
@@ -358,6 +375,16 @@ fn real_vm_agent_exec_shell_cp_without_sshd() {
     poll("the orphaned sleep to be killed", Duration::from_secs(30), || {
         (env.cli_ok(&["machine", "exec", "web", "pgrep -x sleep || echo gone"]) == "gone\n").then_some(())
     });
+    // The port hung up while the daemon was away; an idle agent must wait, not spin on it
+    // (it did: a whole host core per machine from then on).
+    let v: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+    let vmm = v["pid"].as_u64().expect("the VMM's pid") as u32;
+    let busy = cores_used(vmm, Duration::from_secs(3));
+    assert!(
+        busy < 0.5,
+        "the idle machine's VMM used {busy:.2} of a core after the daemon's restart"
+    );
 
     step("the agent killed in the guest: a clear error, the machine shown degraded");
     let _ = env.cli(&["machine", "exec", "web", "kill -9 $(cat /run/sistemo/agent.pid)"]);

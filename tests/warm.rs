@@ -88,21 +88,38 @@ fn real_vm_templates_give_each_clone_its_own_identity() {
 
     step("three clones deployed at once");
     let names = ["c1", "c2", "c3"];
-    std::thread::scope(|s| {
-        for n in names {
-            let env = &env;
-            s.spawn(move || {
-                env.cli_ok(&["machine", "deploy", "debian", "--name", n, "--memory", "384M"]);
-            });
-        }
+    // Each deploy's progress lines, for the message of a failure.
+    let deployed: Vec<String> = std::thread::scope(|s| {
+        let runs: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let env = &env;
+                s.spawn(move || {
+                    let o = env.cli(&["machine", "deploy", "debian", "--name", n, "--memory", "384M"]);
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    assert!(o.status.success(), "deploying {n} failed: {text}");
+                    text
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
     });
+    for (n, progress) in names.iter().zip(&deployed) {
+        for l in progress.lines().filter(|l| l.contains("restored in")) {
+            println!("{n}: {l}");
+        }
+    }
     let mut seen: Vec<HashSet<String>> = vec![HashSet::new(); 7];
-    for n in names {
+    for (&n, progress) in names.iter().zip(&deployed) {
         let st = json(&env.cli_ok(&["machine", "status", n, "-o", "json"]));
         assert_eq!(
             st["template"].as_str(),
             Some(key.as_str()),
-            "{n} was not cloned: {st}"
+            "{n} was not cloned: {st}\ndeploy said:\n{progress}"
         );
         let ip = st["ip"].as_str().unwrap().to_string();
         let before = now();

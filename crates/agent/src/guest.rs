@@ -258,7 +258,7 @@ async fn handle(f: Frame, out: &mut Out, sessions: &Sessions, current: &Arc<Atom
                 HostMsg::Identity(identity) => {
                     let o = out.clone();
                     tokio::spawn(async move {
-                        let m = match crate::identity::apply(&identity).await {
+                        let m = match crate::identity::apply(*identity).await {
                             Ok(steps) => GuestMsg::Applied { steps },
                             Err(error) => GuestMsg::Failed { error },
                         };

@@ -12,21 +12,38 @@ use futures::TryStreamExt;
 use std::net::Ipv4Addr;
 
 /// Apply `id`; returns one short line per step done, or the first failure.
-pub async fn apply(id: &Identity) -> Result<Vec<String>, String> {
-    let mut steps = Vec::new();
-    set_clock(id)?;
-    steps.push("clock".to_string());
-    crate::sys::reseed_rng(&id.entropy).map_err(|e| format!("reseeding the kernel RNG: {e}"))?;
-    steps.push("rng".to_string());
-    nix::unistd::sethostname(&id.hostname).map_err(|e| format!("setting the hostname: {e}"))?;
-    write_files(id).map_err(|e| format!("writing the machine's files: {e}"))?;
-    steps.push("files".to_string());
-    network(id).await?;
+///
+/// Applying again is harmless (the host resends after a broken channel), and one apply runs
+/// at a time. The steps that block (file writes on a guest disk still busy with its boot,
+/// reading `/proc`) run off the agent's one runtime thread, which keeps answering the host.
+pub async fn apply(id: Identity) -> Result<Vec<String>, String> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
+    let id = std::sync::Arc::new(id);
+    let mut steps = {
+        let id = id.clone();
+        blocking(move || -> Result<Vec<String>, String> {
+            set_clock(&id)?;
+            crate::sys::reseed_rng(&id.entropy).map_err(|e| format!("reseeding the kernel RNG: {e}"))?;
+            nix::unistd::sethostname(&id.hostname).map_err(|e| format!("setting the hostname: {e}"))?;
+            write_files(&id).map_err(|e| format!("writing the machine's files: {e}"))?;
+            Ok(vec!["clock".into(), "rng".into(), "files".into()])
+        })
+        .await??
+    };
+    network(&id).await?;
     steps.push("network".to_string());
-    if reload_sshd() > 0 {
+    if blocking(reload_sshd).await? > 0 {
         steps.push("sshd".to_string());
     }
     Ok(steps)
+}
+
+/// `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("applying the identity: {e}"))
 }
 
 fn set_clock(id: &Identity) -> Result<(), String> {

@@ -86,7 +86,7 @@ fn main() {
         let port = sistemo_agent::port::Port::open(&port)?;
         // Tells sistemo's init that the agent runs, in the image's root (see init.sh).
         let _ = std::fs::write("/run/sistemo/agent.pid", format!("{}\n", std::process::id()));
-        let (rd, wr) = port.split();
+        let (rd, wr) = port.split()?;
         tokio::select! {
             r = serve(rd, wr, OnEof::Wait) => r,
             () = serve_vsock() => Ok(()),

@@ -95,11 +95,14 @@ fn power_off_now() {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
 }
 
-/// Register `file` with tokio's reactor (it must be non-blocking).
-pub(crate) fn async_fd(file: std::fs::File) -> std::io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
+/// Register `file` with tokio's reactor for `interest` (it must be non-blocking).
+pub(crate) fn async_fd(
+    file: std::fs::File,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
     // SAFETY: the `File` owns its descriptor, which stays open and unchanged for as long as the
     // `AsyncFd` holds the `File` (it closes it only when dropped, after deregistering).
-    unsafe { tokio::io::unix::AsyncFd::register(file) }.map_err(std::io::Error::from)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, interest) }.map_err(std::io::Error::from)
 }
 
 /// Mix `entropy` into the kernel's RNG and reseed its CRNG at once (`RNDRESEEDCRNG`), so

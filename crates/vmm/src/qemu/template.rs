@@ -15,7 +15,7 @@ use super::{Qemu, kill_vmm, wait_exit};
 use crate::{Hypervisor, Instance, MachineSpec, Progress, TEMPLATE_MAC, Templates, VmmError, format_mac};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use sistemo_agent::proto::Identity;
+use sistemo_agent::proto::{Identity, ProtoError};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -277,14 +277,23 @@ impl Templates for Qemu {
             host_key_public: cfg.host_key_public.clone(),
         };
         let fut = async {
-            let c = self.agents.get(spec, &self.channel(spec)).await?;
-            // The clock is read last, just before sending.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            c.identity(id(now))
-                .await
-                .map_err(|e| err(format!("the guest agent could not take its identity: {e}")))
+            loop {
+                let c = self.agents.get(spec, &self.channel(spec)).await?;
+                // The clock is read last, just before sending.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                match c.identity(id(now)).await {
+                    Ok(steps) => return Ok(steps),
+                    // The channel broke (the agent went quiet past the keepalive, or the stream
+                    // ended): a new connection resynchronises both ends, and applying the same
+                    // identity again is harmless.
+                    Err(ProtoError::Io(e)) => {
+                        tracing::warn!(machine = %spec.name, "the agent channel broke while the clone took its identity; sending it again: {e}");
+                    }
+                    Err(e) => return Err(err(format!("the guest agent could not take its identity: {e}"))),
+                }
+            }
         };
         tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| {
             Err(err(format!(
