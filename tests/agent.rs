@@ -33,23 +33,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// How many cores `pid` used over `window` (user and system time from `/proc`).
-fn cores_used(pid: u32, window: Duration) -> f64 {
-    let ticks = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-        // utime and stime, fields 14 and 15 of the line.
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    };
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let (t0, c0) = (Instant::now(), ticks());
-    std::thread::sleep(window);
-    (ticks() - c0) as f64 / hz / t0.elapsed().as_secs_f64()
-}
-
 /// A copy of the test image with sshd deleted: the machine must work without it.
 fn image_without_sshd(env: &Env, seed: &std::path::Path) -> std::path::PathBuf {
     let index = std::fs::read_to_string(seed.join("images/index.json")).unwrap();

@@ -149,6 +149,17 @@ fn real_vm_templates_give_each_clone_its_own_identity() {
         );
     }
 
+    step("the clones settle: no agent spins on the port its template's host had left");
+    for n in names {
+        let vmm = json(&env.cli_ok(&["machine", "status", n, "-o", "json"]))["pid"]
+            .as_u64()
+            .unwrap() as u32;
+        // A clone goes on with its template's boot for a while; then it idles.
+        poll(&format!("{n}'s VMM to go idle"), Duration::from_secs(90), || {
+            (cores_used(vmm, Duration::from_secs(2)) < 0.5).then_some(())
+        });
+    }
+
     step("each clone answers at its own address, with its own MAC");
     for n in names {
         let st = json(&env.cli_ok(&["machine", "status", n, "-o", "json"]));
