@@ -136,7 +136,7 @@ impl Rig {
 #[tokio::test]
 async fn deploy_that_works_holds_row_rule_link_and_vmm() {
     let r = rig().await;
-    let v = r.deploy(web(&["48101:80"])).await.unwrap();
+    let v = r.deploy(web(&["28101:80"])).await.unwrap();
     assert_eq!(v.machine.state, MachineState::Running);
     assert_eq!(v.machine.ip.to_string(), "10.200.0.2");
     assert_eq!(r.held.lock().unwrap().len(), 1);
@@ -156,7 +156,7 @@ async fn deploy_that_works_holds_row_rule_link_and_vmm() {
 async fn deploy_failing_at_tap_creation_leaves_nothing() {
     let r = rig().await;
     r.links.fail_tap.store(true, Ordering::SeqCst);
-    let e = r.deploy(web(&["48102:80"])).await.unwrap_err();
+    let e = r.deploy(web(&["28102:80"])).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
     r.assert_nothing_left();
 }
@@ -166,7 +166,7 @@ async fn deploy_failing_at_boot_or_ready_leaves_nothing() {
     for fail in [Fail::Start, Fail::Ready] {
         let r = rig().await;
         *r.vmm.fail.lock().unwrap() = fail;
-        let e = r.deploy(web(&["48103:80"])).await.unwrap_err();
+        let e = r.deploy(web(&["28103:80"])).await.unwrap_err();
         assert!(crate::error::chain(&e).contains("fake"), "{fail:?}: {e}");
         r.assert_nothing_left();
     }
@@ -176,7 +176,7 @@ async fn deploy_failing_at_boot_or_ready_leaves_nothing() {
 async fn deploy_whose_firewall_add_fails_leaves_nothing() {
     let r = rig().await;
     r.fail_fw.store(true, Ordering::SeqCst);
-    assert!(r.deploy(web(&["48104:80"])).await.is_err());
+    assert!(r.deploy(web(&["28104:80"])).await.is_err());
     r.assert_nothing_left();
 }
 
@@ -184,7 +184,7 @@ async fn deploy_whose_firewall_add_fails_leaves_nothing() {
 async fn deploy_on_a_full_disk_is_507_and_leaves_nothing() {
     let r = rig().await;
     r.images.full.store(true, Ordering::SeqCst);
-    let e = r.deploy(web(&["48105:80"])).await.unwrap_err();
+    let e = r.deploy(web(&["28105:80"])).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InsufficientStorage, "{e}");
     assert_eq!(e.body().status, 507);
     r.assert_nothing_left();
@@ -199,7 +199,7 @@ async fn deploy_on_a_full_disk_is_507_and_leaves_nothing() {
 #[tokio::test]
 async fn two_deploys_with_one_name_make_one_machine() {
     let r = rig().await;
-    let (a, b) = tokio::join!(r.deploy(web(&["48106:80"])), r.deploy(web(&["48107:80"])));
+    let (a, b) = tokio::join!(r.deploy(web(&["28106:80"])), r.deploy(web(&["28107:80"])));
     let (ok, err) = match (a, b) {
         (Ok(v), Err(e)) | (Err(e), Ok(v)) => (v, e),
         other => panic!("expected one success and one conflict, got {other:?}"),
@@ -216,7 +216,7 @@ async fn expose_racing_delete_leaves_no_claim_or_rule() {
     for _ in 0..20 {
         let r = Arc::new(rig().await);
         r.deploy(web(&[])).await.unwrap();
-        let specs = ["49000:90".parse().unwrap()];
+        let specs = ["29000:90".parse().unwrap()];
         let (exposed, deleted) = tokio::join!(
             r.host.machines.expose("web", &specs),
             r.host.machines.delete("web", &|_| {})
@@ -232,9 +232,9 @@ async fn expose_racing_delete_leaves_no_claim_or_rule() {
 #[tokio::test]
 async fn expose_whose_firewall_add_fails_keeps_no_claim() {
     let r = rig().await;
-    r.deploy(web(&["48108:80"])).await.unwrap();
+    r.deploy(web(&["28108:80"])).await.unwrap();
     r.fail_fw.store(true, Ordering::SeqCst);
-    let specs = ["49000:90".parse().unwrap()];
+    let specs = ["29001:90".parse().unwrap()];
     assert!(r.host.machines.expose("web", &specs).await.is_err());
     let ports = r.host.machines.ports().unwrap();
     assert_eq!(ports.len(), 1, "only the deploy's claim: {ports:?}");
@@ -244,7 +244,7 @@ async fn expose_whose_firewall_add_fails_keeps_no_claim() {
 #[tokio::test]
 async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
     let r = Arc::new(rig().await);
-    r.deploy(web(&["48109:80"])).await.unwrap();
+    r.deploy(web(&["28109:80"])).await.unwrap();
     r.vmm.hold_exec.store(true, Ordering::SeqCst);
     let (tx, mut rx) = sistemo_vmm::output_queue();
     let r2 = r.clone();
@@ -284,7 +284,7 @@ async fn stop_racing_exec_ends_stopped_and_exec_ends_too() {
 #[tokio::test]
 async fn failed_start_shows_error_with_reason_then_starts() {
     let r = rig().await;
-    r.deploy(web(&["48110:80"])).await.unwrap();
+    r.deploy(web(&["28110:80"])).await.unwrap();
     r.host.machines.stop("web", &|_| {}).await.unwrap();
     *r.vmm.fail.lock().unwrap() = Fail::Ready;
     assert!(r.host.machines.start("web", &|_| {}).await.is_err());
@@ -306,7 +306,7 @@ async fn failed_start_shows_error_with_reason_then_starts() {
 #[tokio::test]
 async fn a_vmm_that_dies_is_noticed_and_its_rules_leave() {
     let r = rig().await;
-    let v = r.deploy(web(&["48111:80"])).await.unwrap();
+    let v = r.deploy(web(&["28111:80"])).await.unwrap();
     // Pretend the VMM died: its recorded process start time no longer matches.
     let dead = Instance {
         pid: std::process::id() as i32,
@@ -349,7 +349,7 @@ async fn startup_rolls_back_an_interrupted_deploy() {
                 storage_bytes: 0,
                 restart: RestartPolicy::No,
             },
-            &["47000".parse().unwrap()],
+            &["27000".parse().unwrap()],
         )
         .unwrap();
     std::fs::create_dir_all(r.dir.join("machines").join(m.id.to_string())).unwrap();
@@ -364,7 +364,7 @@ async fn startup_rolls_back_an_interrupted_deploy() {
 #[tokio::test]
 async fn a_rebuild_during_a_slow_delete_does_not_bring_its_rules_back() {
     let r = Arc::new(rig().await);
-    r.deploy(web(&["48112:80"])).await.unwrap();
+    r.deploy(web(&["28112:80"])).await.unwrap();
     r.vmm.hold_stop.store(true, Ordering::SeqCst);
     let r2 = r.clone();
     let delete = tokio::spawn(async move { r2.host.machines.delete("web", &|_| {}).await });
@@ -443,7 +443,14 @@ async fn start_up_kills_a_vmm_no_machine_owns() {
         if orphan.try_wait().unwrap().is_some() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the orphan VMM still runs");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan VMM still runs: {:?}, found {:?} under {}",
+            std::fs::read(format!("/proc/{}/cmdline", orphan.id()))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ")),
+            super::lifecycle::vmm_processes(&r.dir.join("machines")),
+            r.dir.display()
+        );
         tokio::task::yield_now().await;
     }
     assert!(reader.try_wait().unwrap().is_none(), "only VMMs are killed");
@@ -488,7 +495,7 @@ fn kill_vmm(r: &Rig, id: uuid::Uuid) {
 #[tokio::test]
 async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     let r = rig().await;
-    let mut d = web(&["48130:80"]);
+    let mut d = web(&["28130:80"]);
     d.restart = RestartPolicy::OnFailure;
     let v = r.deploy(d).await.unwrap();
     kill_vmm(&r, v.machine.id);
