@@ -258,7 +258,7 @@ pub struct DeployRequest {
     /// image's init takes commands too) or `ssh` (its sshd also answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<String>,
-    /// Seconds `wait` may take (default 180).
+    /// Seconds `wait` may take (default: the daemon's `ready_timeout_sec`, 180).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_timeout_s: Option<u64>,
     /// Volumes to attach: `NAME[:/MOUNT][:ro]`.

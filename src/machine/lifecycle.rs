@@ -90,16 +90,17 @@ impl Machines {
                 self.make_disks(&m, &d, &dir, progress).await?;
                 self.boot(&m, progress).await?;
             }
+            let timeout = d.wait_timeout.unwrap_or(self.settings.ready_timeout);
             match d.wait {
                 WaitFor::Agent => {}
                 WaitFor::Init => {
                     let spec = self.spec_of(&m)?;
-                    self.vmm.wait_init(&spec, d.wait_timeout, progress).await?;
+                    self.vmm.wait_init(&spec, timeout, progress).await?;
                 }
                 WaitFor::Ssh => {
                     progress("waiting for the guest's sshd (--wait ssh)");
                     let spec = self.spec_of(&m)?;
-                    self.vmm.wait_ssh(&spec, d.wait_timeout, progress).await?;
+                    self.vmm.wait_ssh(&spec, timeout, progress).await?;
                 }
             }
             Ok(())

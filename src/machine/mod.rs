@@ -85,8 +85,9 @@ pub struct Deploy {
     pub restart: RestartPolicy,
     /// How far to wait for the guest beyond its agent (`--wait`), at most `wait_timeout`.
     pub wait: crate::domain::WaitFor,
-    /// How long `wait` may take beyond the agent's answer.
-    pub wait_timeout: std::time::Duration,
+    /// How long `wait` may take beyond the agent's answer (default: the daemon's
+    /// `ready_timeout`).
+    pub wait_timeout: Option<std::time::Duration>,
     /// Volumes to attach (`--attach`).
     pub attach: Vec<AttachSpec>,
     /// Boot from this existing volume instead of an image (`--volume`).

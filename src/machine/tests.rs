@@ -92,7 +92,7 @@ fn web(expose: &[&str]) -> Deploy {
         network: None,
         restart: RestartPolicy::No,
         wait: Default::default(),
-        wait_timeout: std::time::Duration::from_secs(180),
+        wait_timeout: None,
         attach: vec![],
         root_volume: None,
         clone_of: None,

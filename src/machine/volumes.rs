@@ -400,7 +400,7 @@ impl Machines {
                 clone_of: Some(m.id),
                 cold: true,
                 wait: Default::default(),
-                wait_timeout: std::time::Duration::from_secs(180),
+                wait_timeout: None,
                 io: sistemo_vmm::IoLimits::default(),
                 workload: Default::default(),
             };

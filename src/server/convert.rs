@@ -74,7 +74,7 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
             .map(str::parse)
             .transpose()?
             .unwrap_or_default(),
-        wait_timeout: std::time::Duration::from_secs(req.wait_timeout_s.unwrap_or(180)),
+        wait_timeout: req.wait_timeout_s.map(std::time::Duration::from_secs),
         attach: req
             .attach
             .iter()

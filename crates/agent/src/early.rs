@@ -3,7 +3,7 @@
 //! the image's own, so `deploy` followed at once by `exec "systemctl start nginx"` just works.
 
 use std::os::unix::process::CommandExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The folder (on the guest's `/run` tmpfs, made by sistemo's init) prepended to `PATH` while
 /// the init starts; its `systemctl` is a link to the agent.
@@ -32,15 +32,9 @@ pub fn invoked_as_stand_in(argv0: &str) -> bool {
 /// Run as the `systemctl` stand-in: wait (at most [`INIT_WAIT`]) until the init takes commands,
 /// then replace this process with the first other `systemctl` on `PATH`.
 pub fn run_stand_in(args: Vec<std::ffi::OsString>) -> ! {
-    let t0 = Instant::now();
-    let mut said = false;
-    while !crate::facts::init_state().ready && t0.elapsed() < INIT_WAIT {
-        if !said && t0.elapsed() > Duration::from_secs(1) {
-            eprintln!("systemctl: waiting for the image's init to take commands…");
-            said = true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::facts::wait_init_ready(INIT_WAIT, || {
+        eprintln!("systemctl: waiting for the image's init to take commands…")
+    });
     let path = std::env::var("PATH").unwrap_or_default();
     let real = path
         .split(':')

@@ -103,6 +103,27 @@ pub(crate) fn init_state() -> InitState {
     }
 }
 
+/// Block until the image's init takes commands, at most `limit`; `slow` runs once if that
+/// takes more than a second. Whether it does.
+pub(crate) fn wait_init_ready(limit: std::time::Duration, slow: impl FnOnce()) -> bool {
+    let t0 = std::time::Instant::now();
+    let mut slow = Some(slow);
+    loop {
+        if init_state().ready {
+            return true;
+        }
+        if t0.elapsed() >= limit {
+            return false;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(1)
+            && let Some(f) = slow.take()
+        {
+            f();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Whether systemd as PID 1 has opened its private control socket: `systemctl` works, and
 /// it acts on the signals that ask it to power off.
 fn systemd_listens() -> bool {

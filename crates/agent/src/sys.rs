@@ -65,10 +65,7 @@ pub(crate) fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::
 /// in order too.
 pub(crate) fn power_off() {
     std::thread::spawn(|| {
-        let deadline = std::time::Instant::now() + INIT_WAIT;
-        while !crate::facts::init_state().ready && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        crate::facts::wait_init_ready(INIT_WAIT, || {});
         power_off_now();
     });
 }
