@@ -82,6 +82,11 @@ fn real_vm_templates_give_each_clone_its_own_identity() {
     assert_eq!(listed, std::slice::from_ref(&key));
     let tdir = env.dir.join("data/templates").join(&key);
     let state_sum = ok(&["sha256sum", tdir.join("state").to_str().unwrap()]);
+    // The RAM and disk files are too big to hash in a test: their size and change times move
+    // with any write, truncation or chmod.
+    let stamp = |f: &str| ok(&["stat", "-c", "%s %Y %Z %i", tdir.join(f).to_str().unwrap()]);
+    let ram_stamp = stamp("ram");
+    let disk_stamp = stamp("disk.raw");
     // Warming again finds it.
     let again = json(&env.cli_ok(&["image", "warm", "debian", "--memory", "384M", "-o", "json"]));
     assert_eq!(again["key"], t["key"]);
@@ -223,7 +228,8 @@ fn real_vm_templates_give_each_clone_its_own_identity() {
         ok(&["sha256sum", tdir.join("state").to_str().unwrap()]),
         state_sum
     );
-    assert!(tdir.join("ram").exists() && tdir.join("disk.raw").exists());
+    assert_eq!(stamp("ram"), ram_stamp, "the template's RAM file was written");
+    assert_eq!(stamp("disk.raw"), disk_stamp, "the template's disk was written");
 
     step("a template whose files were removed behind the daemon's back: a cold boot");
     std::fs::remove_file(tdir.join("state")).unwrap();
@@ -242,4 +248,13 @@ fn real_vm_templates_give_each_clone_its_own_identity() {
     let p = json(&env.cli_ok(&["image", "prune", "-o", "json"]));
     assert_eq!(p["templates_removed"], serde_json::json!([key]), "{p}");
     assert!(!tdir.exists());
+
+    step("image rm takes the image's templates with it");
+    let t = json(&env.cli_ok(&["image", "warm", "debian", "--memory", "256M", "-o", "json"]));
+    let key = t["key"].as_str().unwrap().to_string();
+    let tdir = env.dir.join("data/templates").join(&key);
+    assert!(tdir.join("ram").exists());
+    let rm = json(&env.cli_ok(&["image", "rm", "debian", "-y", "-o", "json"]));
+    assert_eq!(rm["templates_removed"], serde_json::json!([key]), "{rm}");
+    assert!(!tdir.exists(), "{} left after image rm", tdir.display());
 }

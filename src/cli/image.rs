@@ -242,7 +242,10 @@ pub async fn run(c: &Client, cmd: ImageCmd, json: bool, yes: bool) -> Result<()>
             if json {
                 print_json(&v)?;
             } else {
-                println!("image {tag} removed");
+                match v["templates_removed"].as_array().map_or(0, Vec::len) {
+                    0 => println!("image {tag} removed"),
+                    n => println!("image {tag} removed, with its {n} template(s)"),
+                }
             }
         }
     }

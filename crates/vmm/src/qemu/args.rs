@@ -267,8 +267,7 @@ mod tests {
             vsock: false,
             cgroups: crate::cgroup::Cgroups::Unavailable("test".into()),
             agents: Default::default(),
-            qemu_version: "QEMU emulator version 7.2.0".into(),
-            environment: Default::default(),
+            qemu: std::sync::Arc::new(super::super::binary::QemuBinary::new("/nonexistent/qemu-7.2")),
         };
         let spec = MachineSpec {
             id: uuid::Uuid::nil(),
@@ -329,7 +328,7 @@ mod tests {
         assert_ne!(k, q.template_key("abc", 2, 512));
         assert_ne!(k, q.template_key("abc", 1, 1024));
         let (mut other, _) = dummy(Accel::Tcg);
-        other.qemu_version = "QEMU emulator version 8.2.0".into();
+        other.qemu = std::sync::Arc::new(super::super::binary::QemuBinary::new("/nonexistent/qemu-8.2"));
         assert_ne!(
             k,
             other.template_key("abc", 1, 512),

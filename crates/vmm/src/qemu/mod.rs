@@ -5,6 +5,7 @@
 
 mod accel;
 mod args;
+mod binary;
 mod console;
 mod files;
 mod jail;
@@ -118,10 +119,8 @@ pub struct Qemu {
     vsock: bool,
     cgroups: Cgroups,
     agents: Arc<Agents>,
-    /// `qemu-system-x86_64 --version`'s first line.
-    qemu_version: String,
-    /// What templates depend on besides their image and shape (see `template.rs`).
-    environment: Arc<std::sync::OnceLock<String>>,
+    /// The QEMU binary's identity (content and version), followed across upgrades.
+    qemu: Arc<binary::QemuBinary>,
 }
 
 impl Qemu {
@@ -185,12 +184,13 @@ impl Qemu {
             vsock,
             cgroups,
             agents: Default::default(),
-            qemu_version: String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-            environment: Default::default(),
+            qemu: {
+                // Hash the binary now, off the async workers, rather than in the first deploy.
+                let qemu = Arc::new(binary::QemuBinary::new(QEMU));
+                let q = Arc::clone(&qemu);
+                let _ = tokio::task::spawn_blocking(move || q.identity()).await;
+                qemu
+            },
         })
     }
 

@@ -9,6 +9,7 @@
 //! `sistemo_agent::identity`) while its TAP is still off the bridge.
 
 use super::args::Boot;
+use super::binary::fingerprint;
 use super::files::{private_file, qmp_path};
 use super::qmp::Qmp;
 use super::{Qemu, kill_vmm, wait_exit};
@@ -31,49 +32,26 @@ const SETTLE: Duration = Duration::from_secs(90);
 
 impl Qemu {
     /// What every template made by this backend depends on besides its image and shape: the
-    /// QEMU binary (path, size, modification time, inode) and version, the kernel, the
-    /// initramfs, the agent, the accelerator and the command line. Computed once.
-    fn environment(&self) -> &str {
-        self.environment.get_or_init(|| {
-            use std::os::unix::fs::MetadataExt;
-            let file = |p: &Path| {
-                std::fs::metadata(p).map_or_else(
-                    |_| format!("{} missing", p.display()),
-                    |m| {
-                        format!(
-                            "{} {} {} {}.{}",
-                            p.display(),
-                            m.len(),
-                            m.ino(),
-                            m.mtime(),
-                            m.mtime_nsec()
-                        )
-                    },
-                )
-            };
-            let binary = std::env::var_os("PATH")
-                .and_then(|path| {
-                    std::env::split_paths(&path)
-                        .map(|d| d.join(&self.binary))
-                        .find(|p| p.is_file())
-                })
-                .unwrap_or_else(|| self.binary.clone());
-            let mut h = Sha256::new();
-            for part in [
-                file(&binary),
-                self.qemu_version.clone(),
-                file(&self.assets.kernel),
-                file(&self.assets.initramfs),
-                format!("{:x}", Sha256::digest(crate::AGENT_BINARY)),
-                self.name(),
-                self.kernel_cmdline(),
-                super::TCG_TB_MIB.to_string(),
-            ] {
-                h.update(part.as_bytes());
-                h.update(b"\n");
-            }
-            format!("{:x}", h.finalize())
-        })
+    /// exact QEMU (binary content, version, firmware), the kernel, the initramfs, the agent,
+    /// the accelerator and the command line. Looked at on every call, so that an upgrade of any
+    /// of them while the daemon runs means a cold boot, never a restore by another QEMU.
+    fn environment(&self) -> String {
+        static AGENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let agent = AGENT.get_or_init(|| format!("{:x}", Sha256::digest(crate::AGENT_BINARY)));
+        let mut h = Sha256::new();
+        for part in [
+            self.qemu.identity(),
+            fingerprint(&self.assets.kernel),
+            fingerprint(&self.assets.initramfs),
+            agent.clone(),
+            self.name(),
+            self.kernel_cmdline(),
+            super::TCG_TB_MIB.to_string(),
+        ] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        format!("{:x}", h.finalize())
     }
 
     /// Save the paused-or-running guest of `spec` into `dir` (device state; the RAM is already
