@@ -487,6 +487,8 @@ fn netns_machines_run_the_same_agent() {
         env.cli(&["machine", "exec", "m", "exit 4"]).status.code(),
         Some(4)
     );
+    // Its own hostname, as in a VM (a UTS namespace per session).
+    assert_eq!(env.cli_ok(&["machine", "exec", "m", "hostname"]).trim(), "m");
     let src = env.dir.join("ns-src");
     std::fs::create_dir_all(src.join("d")).unwrap();
     std::fs::write(src.join("d/f"), b"data").unwrap();

@@ -192,6 +192,10 @@ async function terminal() {
   await typeLine("echo sistemo-$((6*7))");
   await waitScreen("echo", "sistemo-42");
   ok("ran a command in the terminal and saw its output");
+  // The machine's own name, from inside it (the typed line itself shows `host=/`, never `host=web`).
+  await typeLine("hostname | sed 's/^/host=/'");
+  await waitScreen("hostname", "host=web");
+  ok("hostname in the terminal is the machine's name");
   await typeLine("stty size | sed 's/^/size=/; s/ /x/'");
   await waitScreen("stty size", "size=\\d+x\\d+");
   const before = (await screenText()).match(/size=(\d+x\d+)/)[1];

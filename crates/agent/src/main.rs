@@ -61,8 +61,24 @@ fn main() {
         .expect("tokio runtime");
     let port = match (args.next().as_deref(), args.next()) {
         (Some("--port"), Some(p)) => p,
-        // One connection on stdin, a socket (the `netns` backend runs the agent this way).
-        (Some("--stdio"), None) => {
+        // One connection on stdin, a socket (the `netns` backend runs the agent this way, with
+        // the machine's name as the hostname of a UTS namespace of the session's own).
+        (Some("--stdio"), hostname) => {
+            if let Some(flag) = hostname {
+                let name = match (flag.as_str(), args.next()) {
+                    ("--hostname", Some(name)) => name,
+                    _ => {
+                        eprintln!("usage: sistemo-agent --stdio [--hostname NAME]");
+                        std::process::exit(2);
+                    }
+                };
+                let uts = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+                    .and_then(|()| nix::unistd::sethostname(&name));
+                if let Err(e) = uts {
+                    eprintln!("sistemo-agent: hostname {name}: {e}");
+                    std::process::exit(1);
+                }
+            }
             let res = rt.block_on(async {
                 use std::os::fd::AsFd;
                 let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
@@ -78,7 +94,9 @@ fn main() {
             return;
         }
         _ => {
-            eprintln!("usage: sistemo-agent --port /dev/vportNpM | --stdio | --init [--port /dev/vportNpM]");
+            eprintln!(
+                "usage: sistemo-agent --port /dev/vportNpM | --stdio [--hostname NAME] | --init [--port /dev/vportNpM]"
+            );
             std::process::exit(2);
         }
     };

@@ -62,7 +62,8 @@ fn sigkill(pid: i32) {
 
 impl NetnsBackend {
     /// The same agent as in a VM, one process per connection, on a socket pair inside the
-    /// machine's namespace; it ends when the connection's last user drops it.
+    /// machine's namespace (and a UTS namespace named after the machine); it ends when the
+    /// connection's last user drops it.
     async fn agent(&self, spec: &MachineSpec) -> Result<sistemo_agent::client::Client, VmmError> {
         let agent = install_agent(&spec.dir)?;
         let (ours, theirs) =
@@ -71,7 +72,7 @@ impl NetnsBackend {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns_name(spec)])
             .arg(&agent)
-            .arg("--stdio")
+            .args(["--stdio", "--hostname", &spec.name])
             .stdin(Stdio::from(
                 theirs.try_clone().map_err(VmmError::io("duplicating a socket"))?,
             ))
