@@ -5,10 +5,12 @@
 Figures:
   list_p50_ms_tls      GET /v1/machines with N machines (default 100), over TCP+TLS with
                        keep-alive and an API token (target <= 5 ms)
-  dashboard_gzip_bytes the dashboard's first load (page, scripts, stylesheet), gzip-compressed
-                       (target <= 300 KB)
-  event_latency_ms_p50 an expose made over the API until its `machine` event arrives on an open
-                       GET /v1/events stream (target <= 200 ms)
+  dashboard_gzip_bytes the dashboard's first load (the page and every script and stylesheet it
+                       references), gzip-compressed (target <= 300 KB); dashboard_bytes as served
+  event_latency_ms_p50 `sistemo machine expose` (the CLI, process start included) until its
+                       `machine` event arrives on an open GET /v1/events stream, the stream the
+                       dashboard renders from (target <= 200 ms; the browser's own rendering is
+                       measured once per run by tests/dashboard.rs: RESULT event_latency_ms)
   terminal_echo_ms_p50 a keystroke sent on the browser terminal's WebSocket until the shell's
                        echo of it comes back (machine m0's login shell, through its agent)
 
@@ -90,10 +92,19 @@ def client(args):
     out["list_p50_ms"] = statistics.median(times)
     out["list_p90_ms"] = sorted(times)[int(len(times) * 0.9) - 1]
 
-    raw = gz = 0
-    for p in ("/", "/assets/app.js", "/assets/pages.js", "/assets/app.css"):
-        c.request("GET", p)
-        body = c.getresponse().read()
+    # Everything the page loads before it can show anything: the page and what it references.
+    c.request("GET", "/")
+    index = c.getresponse().read()
+    refs = re.findall(rb'(?:src|href)="(/[^"]+)"', index)
+    if not refs:
+        raise SystemExit("the dashboard's page references no script or style")
+    raw, gz = len(index), len(gzip.compress(index, 9))
+    for p in refs:
+        c.request("GET", p.decode())
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise SystemExit(f"GET {p.decode()}: {r.status}")
         raw += len(body)
         gz += len(gzip.compress(body, 9))
     out["dashboard_bytes"], out["dashboard_gzip_bytes"] = raw, gz
@@ -135,8 +146,12 @@ def client(args):
     for i in range(args.samples):
         port = 20000 + i
         spec = f"{port}:80/tcp"
+        # Made with the CLI (its start included), seen on the stream the dashboard reads.
         t = time.perf_counter()
-        call("POST", "/v1/machines/m0/expose", {"ports": [f"{port}:80"]})
+        r = subprocess.run([*json.loads(args.cli), "machine", "expose", "m0", "--port", f"{port}:80"],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise SystemExit(f"sistemo machine expose m0 --port {port}:80: {r.stderr.strip()}")
         try:
             wait_for(lambda d: d.get("type") == "machine" and d["machine"]["name"] == "m0"
                      and any(p["spec"] == spec for p in d["machine"]["ports"]), time.monotonic() + 5)
@@ -242,7 +257,8 @@ def measure(env, args):
     log(f"deployed {n} machines in {time.monotonic() - t:.1f}s")
     token = env.cli("token", "create", "bench").stdout.strip()
     r = subprocess.run(["ip", "netns", "exec", DNS, sys.executable, "-B", os.path.abspath(__file__), "--_client",
-                        "--token", token, "--fingerprint", m.group(1), "--samples", str(samples)],
+                        "--token", token, "--fingerprint", m.group(1), "--samples", str(samples),
+                        "--cli", json.dumps([env.bin, "--socket", env.sock])],
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise BenchError(f"the client failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -255,8 +271,8 @@ def measure(env, args):
     rep.add("list_p90_ms_tls", out["list_p90_ms"], "ms", sec)
     rep.add("dashboard_bytes", out["dashboard_bytes"], "B", "dashboard first load")
     rep.add("dashboard_gzip_bytes", out["dashboard_gzip_bytes"], "B", "dashboard first load", ("<=", 300 * 1024))
-    rep.add("event_latency_ms_p50", out["event_latency_ms_p50"], "ms", "expose -> event", ("<=", 200))
-    rep.add("event_latency_ms_max", out["event_latency_ms_max"], "ms", "expose -> event")
+    rep.add("event_latency_ms_p50", out["event_latency_ms_p50"], "ms", "CLI expose -> event on the dashboard's stream", ("<=", 200))
+    rep.add("event_latency_ms_max", out["event_latency_ms_max"], "ms", "CLI expose -> event on the dashboard's stream")
     rep.add("terminal_echo_ms_p50", out["terminal_echo_ms_p50"], "ms", "browser terminal keystroke -> echo")
     rep.add("terminal_echo_ms_max", out["terminal_echo_ms_max"], "ms", "browser terminal keystroke -> echo")
     return rep
@@ -272,6 +288,7 @@ def main():
     p.add_argument("--_client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--token", help=argparse.SUPPRESS)
     p.add_argument("--fingerprint", help=argparse.SUPPRESS)
+    p.add_argument("--cli", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._client:
         return client(args)
