@@ -171,7 +171,13 @@ fn exit_codes_prompts_and_aliases() {
         ],
     );
     assert_eq!(next[0], h[1], "--offset 1 starts at the second newest");
-    assert_eq!(h[0]["uid"], 0);
+    if env.remote.is_some() {
+        // Over TLS (SISTEMO_TEST_REMOTE=1) the caller is the harness's token, from an address.
+        assert_eq!(h[0]["actor"], "token remote-cli", "{}", h[0]);
+        assert!(h[0]["remote"].as_str().is_some_and(|r| r.starts_with("127.0.0.1:")), "{}", h[0]);
+    } else {
+        assert_eq!(h[0]["uid"], 0);
+    }
     assert_eq!(h[0]["result"], "ok");
     // the daemon not running: say how to start it
     step("daemon not running");

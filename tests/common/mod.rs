@@ -220,7 +220,10 @@ impl Env {
         env.csh(&format!(
             "ip addr add {CLIENT_IP}/24 dev {c} && ip link set {c} up && ip route add default via {HOST_LAN}"
         ));
-        let over_tls = remote::wanted() && !config.contains("listen");
+        // A config with listeners of its own (`listen`, or Sistemo's `port`) keeps them.
+        let over_tls = remote::wanted()
+            && !config.contains("listen")
+            && !config.lines().any(|l| l.trim_start().starts_with("port:"));
         if over_tls {
             env.write_config(&format!("{config}{}", remote::LISTEN));
         } else {
@@ -228,7 +231,7 @@ impl Env {
         }
         env.start_daemon();
         if over_tls {
-            env.go_remote(remote::DEFAULT_COMMANDS);
+            env.go_remote(&["*"]);
         }
         env
     }

@@ -1,8 +1,9 @@
 //! The CLI helpers over TLS and an API token instead of the Unix socket: an [`Env`] with a
 //! [`RemoteCli`] runs the chosen commands (by their leading words) as `sistemo --host
 //! https://127.0.0.1:7443` inside its namespace, so a test written for the socket also proves
-//! the remote path. `SISTEMO_TEST_REMOTE=1` turns it on for every `Env` whose config does not
-//! set `listen` itself (then `cargo test --test cli --test volumes` run over TLS).
+//! the remote path. `SISTEMO_TEST_REMOTE=1` turns it on, for every command but [`HOST_ONLY`],
+//! in every `Env` whose config sets no listener itself (`scripts/test` runs the CLI suites again
+//! that way).
 
 use super::Env;
 use std::process::{Command, Stdio};
@@ -26,6 +27,21 @@ pub const DEFAULT_COMMANDS: &[&str] = &[
     "machine volume",
     "history",
     "volume",
+];
+
+/// With `SISTEMO_TEST_REMOTE=1`: every command goes over TLS except these, which work on the
+/// daemon's host only by design (they start or install the daemon, read its files, or manage
+/// the accounts that guard the remote API).
+pub const HOST_ONLY: &[&str] = &[
+    "up",
+    "service",
+    "install",
+    "config",
+    "doctor",
+    "completion",
+    "user",
+    "token",
+    "machine ssh",
 ];
 
 /// How an env's CLI reaches its daemon over TLS.
@@ -61,7 +77,8 @@ impl RemoteCli {
         }
     }
 
-    /// Whether `args` is one of the chosen commands (global flags before it are skipped).
+    /// Whether `args` is one of the chosen commands (global flags before it are skipped); the
+    /// command `*` stands for every command but [`HOST_ONLY`].
     pub fn covers(&self, args: &[&str]) -> bool {
         let words: Vec<&str> = args
             .iter()
@@ -69,10 +86,14 @@ impl RemoteCli {
             .skip_while(|a| a.starts_with('-'))
             .take(2)
             .collect();
-        self.commands.iter().any(|c| {
+        let named = |c: &str| {
             let want: Vec<&str> = c.split_whitespace().collect();
             want.len() <= words.len() && want.iter().zip(&words).all(|(a, b)| a == b)
-        })
+        };
+        if self.commands.iter().any(|c| c == "*") {
+            return !words.is_empty() && !HOST_ONLY.iter().any(|c| named(c));
+        }
+        self.commands.iter().any(|c| named(c))
     }
 
     /// The command that runs `args` against `env`'s daemon over TLS.
