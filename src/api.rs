@@ -3,71 +3,11 @@
 
 pub use crate::api_web::*;
 pub use crate::domain::{MachineState, RestartPolicy};
+pub use crate::error::ErrorKind;
 use serde::{Deserialize, Serialize};
 
 /// API version prefix of every route.
 pub const PREFIX: &str = "/v1";
-
-/// What kind of failure an error is; decides the HTTP status and the CLI's exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// Bad input: the message names the value and what is allowed.
-    Invalid,
-    /// Something named does not exist.
-    NotFound,
-    /// Taken, in use, or in the wrong state.
-    Conflict,
-    /// The host's disk is full.
-    InsufficientStorage,
-    /// The TCP API was called without valid credentials (no or an unknown token or session).
-    Unauthorized,
-    /// The caller is known but may not do this (a viewer changing something, a revoked or
-    /// expired token, a missing CSRF token).
-    Forbidden,
-    /// Too many failed log-ins: wait before trying again.
-    TooManyRequests,
-    /// The host failed us (I/O, netlink, a VMM that did not boot).
-    Internal,
-}
-
-impl ErrorKind {
-    /// The HTTP status of this kind.
-    pub fn status(self) -> u16 {
-        match self {
-            ErrorKind::Invalid => 400,
-            ErrorKind::NotFound => 404,
-            ErrorKind::Conflict => 409,
-            ErrorKind::InsufficientStorage => 507,
-            ErrorKind::Unauthorized => 401,
-            ErrorKind::Forbidden => 403,
-            ErrorKind::TooManyRequests => 429,
-            ErrorKind::Internal => 500,
-        }
-    }
-
-    /// The kind of an HTTP status (for bodies from older daemons without a `kind`).
-    pub fn from_status(status: u16) -> ErrorKind {
-        match status {
-            400 | 422 => ErrorKind::Invalid,
-            401 => ErrorKind::Unauthorized,
-            403 => ErrorKind::Forbidden,
-            429 => ErrorKind::TooManyRequests,
-            404 => ErrorKind::NotFound,
-            409 => ErrorKind::Conflict,
-            507 => ErrorKind::InsufficientStorage,
-            _ => ErrorKind::Internal,
-        }
-    }
-
-    /// The CLI's exit code: 2 for bad input (like a usage error), 1 for everything else.
-    pub fn exit_code(self) -> i32 {
-        match self {
-            ErrorKind::Invalid => 2,
-            _ => 1,
-        }
-    }
-}
 
 /// An error, as an HTTP body and inside streamed NDJSON events.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

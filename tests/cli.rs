@@ -174,7 +174,13 @@ fn exit_codes_prompts_and_aliases() {
     if env.remote.is_some() {
         // Over TLS (SISTEMO_TEST_REMOTE=1) the caller is the harness's token, from an address.
         assert_eq!(h[0]["actor"], "token remote-cli", "{}", h[0]);
-        assert!(h[0]["remote"].as_str().is_some_and(|r| r.starts_with("127.0.0.1:")), "{}", h[0]);
+        assert!(
+            h[0]["remote"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("127.0.0.1:")),
+            "{}",
+            h[0]
+        );
     } else {
         assert_eq!(h[0]["uid"], 0);
     }

@@ -36,8 +36,8 @@ pub enum AuthError {
 
 impl AuthError {
     /// The kind of failure.
-    pub fn kind(&self) -> Option<crate::api::ErrorKind> {
-        use crate::api::ErrorKind as K;
+    pub fn kind(&self) -> Option<crate::error::ErrorKind> {
+        use crate::error::ErrorKind as K;
         Some(match self {
             AuthError::Unauthorized(_) => K::Unauthorized,
             AuthError::Forbidden(_) => K::Forbidden,

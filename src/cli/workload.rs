@@ -86,23 +86,15 @@ impl WorkloadFlags {
     }
 }
 
-/// A word as a shell would need it quoted.
-fn quote(w: &str) -> String {
-    if !w.is_empty()
-        && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c))
-    {
-        w.to_string()
-    } else {
-        format!("'{}'", w.replace('\'', r"'\''"))
-    }
-}
-
 /// `machine status` lines of a workload.
 pub fn status_lines(w: &WorkloadInfo) -> String {
     let mut s = format!(
         "Command:  {}\n",
-        w.command.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
+        w.command
+            .iter()
+            .map(|a| sistemo_vmm::shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     if let Some(d) = &w.workdir {
         s.push_str(&format!("Workdir:  {d}\n"));

@@ -8,8 +8,8 @@ mod oci;
 pub use disks::{DEFAULT_STORAGE, Disks};
 
 use crate::Progress;
-use crate::api::ErrorKind;
 use crate::domain::{ByteSize, ImageTag};
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::store::SharedStore;
 use sistemo_vmm::VmmError;

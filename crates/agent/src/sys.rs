@@ -82,6 +82,8 @@ fn power_off_now() {
         } else {
             libc::SIGRTMIN() + 4
         };
+        // libc rather than nix: nix's `Signal` cannot name a real-time signal (systemd's
+        // SIGRTMIN+4 means power off).
         // SAFETY: kill(2) with a valid signal number; it touches no memory.
         unsafe {
             libc::kill(1, sig);
