@@ -72,7 +72,7 @@ pub struct PortInfo {
 /// A machine.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineInfo {
-    /// UUID.
+    /// The machine's UUID (it names the machine too).
     pub id: String,
     /// Unique name (`a-z`, `0-9`, `-`; never a UUID).
     pub name: String,
@@ -91,7 +91,7 @@ pub struct MachineInfo {
     pub network: String,
     /// Image it was deployed from.
     pub image: String,
-    /// vCPUs.
+    /// Virtual CPUs the guest sees.
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
@@ -322,9 +322,9 @@ pub enum SessionJob {
 /// A terminal's size.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct TermSize {
-    /// Rows.
+    /// Terminal height in character rows.
     pub rows: u16,
-    /// Columns.
+    /// Terminal width in character columns.
     pub cols: u16,
 }
 
@@ -533,7 +533,7 @@ pub struct ImagePullRequest {
 /// A registry's username and password (the password is never shown by `Debug`).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct RegistryCredentials {
-    /// Username.
+    /// The registry account's user name.
     pub username: String,
     /// Password or token.
     pub password: String,
@@ -611,7 +611,7 @@ pub struct VolumeAttachmentInfo {
     /// Where the guest mounts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<String>,
-    /// Read-only.
+    /// Attached read-only (then it may be shared with other machines).
     pub readonly: bool,
     /// The machine boots from it.
     pub root: bool,
@@ -654,7 +654,7 @@ pub struct AttachRequest {
     /// Where the guest mounts it (ext4 volumes).
     #[serde(default)]
     pub mount: Option<String>,
-    /// Read-only.
+    /// Attach read-only (several machines may share a read-only volume).
     #[serde(default)]
     pub readonly: bool,
 }

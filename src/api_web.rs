@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub struct LoginRequest {
     /// User name.
     pub username: String,
-    /// Password.
+    /// The password in clear (over TLS, or loopback); it is only ever stored hashed.
     pub password: String,
 }
 
@@ -30,7 +30,7 @@ pub struct SessionInfo {
 /// A user, as listed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserInfo {
-    /// Name.
+    /// Login name: 1-32 characters of `a-z`, `0-9`, `.`, `_`, `-`.
     pub name: String,
     /// `admin` or `viewer`.
     pub role: String,
@@ -73,7 +73,7 @@ pub struct TokenCreateRequest {
 /// An API token, as listed (never its secret).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenInfo {
-    /// Name.
+    /// The token's name, unique (`token revoke NAME`).
     pub name: String,
     /// `admin` or `viewer`.
     pub role: String,

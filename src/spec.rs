@@ -110,7 +110,7 @@ pub enum Protocol {
     /// TCP, the default.
     #[default]
     Tcp,
-    /// UDP.
+    /// UDP, written `/udp` after the port.
     Udp,
 }
 

@@ -64,7 +64,7 @@ pub enum Principal {
     User {
         /// User name.
         name: String,
-        /// Role.
+        /// What the user may do: `admin` changes, `viewer` reads.
         role: Role,
         /// The session's CSRF token.
         csrf: String,
@@ -75,7 +75,7 @@ pub enum Principal {
     Token {
         /// Token name.
         name: String,
-        /// Role.
+        /// What the token may do: `admin` changes, `viewer` reads.
         role: Role,
     },
     /// The shared `token` of the configuration file (an admin).

@@ -47,7 +47,7 @@ pub enum UserCmd {
 pub enum TokenCmd {
     /// Create an API token (shown once; only its hash is kept).
     Create {
-        /// Name.
+        /// The token's name (unique; `token revoke NAME` uses it).
         name: String,
         /// `admin` changes anything, `viewer` only reads.
         #[arg(long, default_value = "admin", value_parser = ["admin", "viewer"])]

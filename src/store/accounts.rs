@@ -81,7 +81,7 @@ impl rusqlite::types::FromSql for Role {
 pub struct Account {
     /// Login name.
     pub name: String,
-    /// Role.
+    /// What the user may do.
     pub role: Role,
     /// argon2id PHC string.
     pub hash: String,
@@ -96,7 +96,7 @@ pub struct TokenRow {
     pub name: String,
     /// Public identifier, part of the token text, to find its row.
     pub id: String,
-    /// Role.
+    /// What the token may do.
     pub role: Role,
     /// SHA-256 (hex) of the secret part.
     pub hash: String,

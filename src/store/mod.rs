@@ -196,7 +196,7 @@ pub struct Machine {
     pub network: NetworkName,
     /// Leased address (kept across stop/start/restart, released on delete).
     pub ip: Ipv4Addr,
-    /// vCPUs.
+    /// Virtual CPUs the guest sees.
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
@@ -221,7 +221,7 @@ pub struct NewMachine {
     pub image: String,
     /// Network to lease an address on.
     pub network: NetworkName,
-    /// vCPUs.
+    /// Virtual CPUs the guest sees.
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,

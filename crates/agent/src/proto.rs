@@ -180,9 +180,9 @@ impl tokio_util::codec::Encoder<Frame> for Codec {
 /// A terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WinSize {
-    /// Rows.
+    /// Terminal height in character rows.
     pub rows: u16,
-    /// Columns.
+    /// Terminal width in character columns.
     pub cols: u16,
 }
 
@@ -270,7 +270,7 @@ pub enum HostMsg {
     /// Are you there? (session 0; answered by [`GuestMsg::Pong`]). A guest whose agent died
     /// keeps its port's socket open on the host: only silence tells.
     Ping {
-        /// Echoed.
+        /// A sequence number the agent echoes in its `Pong`.
         n: u64,
     },
 }
@@ -348,7 +348,7 @@ pub struct Identity {
     pub gateway: String,
     /// DNS servers for `/etc/resolv.conf`.
     pub dns: Vec<String>,
-    /// Hostname.
+    /// The guest's hostname (the machine's name).
     pub hostname: String,
     /// `/etc/machine-id` (32 hex digits).
     pub machine_id: String,
