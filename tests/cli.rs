@@ -305,6 +305,25 @@ fn tcp_api_is_opt_in_and_needs_the_token() {
         "the half-sent request was cut after {:?}",
         t.elapsed()
     );
+    // step: a client that stops in the middle of its body is answered and cut off too
+    let t = std::time::Instant::now();
+    let o = env.sh(&format!(
+        "python3 -c \"import socket; s=socket.create_connection(('127.0.0.1',7443)); \
+         s.sendall(b'POST /v1/networks HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer {TOKEN}\\r\\n\
+         Content-Type: application/json\\r\\nContent-Length: 100\\r\\n\\r\\n{{\\\"name\\\"'); \
+         s.settimeout(30); print(s.recv(100).decode().split(chr(13))[0])\""
+    ));
+    let reply = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && reply.starts_with("HTTP/1.1 4"),
+        "{reply} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(25),
+        "the half-sent body was cut after {:?}",
+        t.elapsed()
+    );
     // the history names the TCP caller's address
     let o = env.sh(&format!(
         "curl -s -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {TOKEN}' \

@@ -1,8 +1,8 @@
 //! The TCP listeners (API and dashboard): TLS where configured, the authorisation check of
 //! `auth.rs` on every API request, one cap on open connections across all listeners (so idle
 //! ones can never starve the daemon of file descriptors or the Unix socket of service), a
-//! deadline for the TLS handshake and a request's headers (no slow-loris), and the caller's
-//! address in the audit log.
+//! deadline for the TLS handshake and a request's headers, and for each piece of a request's
+//! body (no slow-loris), and the caller's address in the audit log.
 
 use super::auth::{Secure, login, require};
 use super::{AppState, Peer, probes, router, web};
@@ -20,6 +20,8 @@ pub const MAX_CONNECTIONS: usize = 256;
 
 /// How long a client may take to finish the TLS handshake, and to send a request's headers.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request's body may stay silent (between two pieces; an upload may take long).
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a connection may last at most (its requests and their responses).
 pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -98,6 +100,9 @@ async fn accept_loop(
         });
         let svc = app
             .clone()
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                BODY_IDLE_TIMEOUT,
+            ))
             .layer(axum::Extension(ConnectInfo(peer)))
             .layer(axum::Extension(Secure(tls.is_some())));
         let (http, tls) = (http.clone(), tls.clone());
