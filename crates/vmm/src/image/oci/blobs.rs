@@ -78,8 +78,9 @@ impl Blobs {
     }
 
     /// Digest `digest` (a manifest's or a layer's) to this caller until dropped: whoever comes
-    /// next finds the work done. Take it while holding [`Blobs::hold_cache`], after any manifest
-    /// lock and before one layer's at a time, so that no two callers wait on each other.
+    /// next finds the work done. Take it while holding [`Blobs::hold_cache`]; layers' locks
+    /// through [`Blobs::hold_layers`], after the manifest's, so that no two callers wait on
+    /// each other.
     pub async fn hold_digest(&self, digest: &str) -> Result<Held, VmmError> {
         let hex = check_digest(digest)?;
         lock(
@@ -87,6 +88,26 @@ impl Blobs {
             nix::fcntl::FlockArg::LockExclusive,
         )
         .await
+    }
+
+    /// The locks of layer blobs `digests` (any order, repeats allowed) to this caller until the
+    /// returned [`Layers`] is dropped, taken in digest order so that two callers needing some of
+    /// the same layers never wait on each other. Take it after the manifest's lock. Every
+    /// caller that uses a layer holds its lock, so a blob added under it is used by no one
+    /// else until the image that needs it is stored, and can be removed if that fails.
+    pub async fn hold_layers(&self, digests: &[String]) -> Result<Layers, VmmError> {
+        let mut sorted: Vec<&String> = digests.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        let mut held = Vec::with_capacity(sorted.len());
+        for d in sorted {
+            held.push(self.hold_digest(d).await?);
+        }
+        Ok(Layers {
+            blobs: self.clone(),
+            added: Vec::new(),
+            _held: held,
+        })
     }
 
     /// The cache under the image store's folder.
@@ -180,6 +201,51 @@ impl Blobs {
             }
         }
         freed
+    }
+}
+
+/// The layer blobs of one pull or import, locked ([`Blobs::hold_layers`]): the blobs it adds
+/// to the cache are removed again when it is dropped before [`Layers::keep`], so a pull or
+/// import that fails half-way leaves the cache as it found it.
+#[derive(Debug)]
+pub struct Layers {
+    blobs: Blobs,
+    added: Vec<String>,
+    _held: Vec<Held>,
+}
+
+impl Layers {
+    /// Store verified file `tmp` as layer `digest`, remembered as added by this attempt.
+    pub fn commit(&mut self, tmp: &Path, digest: &str) -> Result<PathBuf, VmmError> {
+        let p = self.blobs.commit(tmp, digest)?;
+        self.added.push(digest.to_string());
+        Ok(p)
+    }
+
+    /// Copy `r` into the cache as layer `digest` (verified) unless it is there already.
+    pub fn insert(&mut self, r: impl Read, digest: &str) -> Result<PathBuf, VmmError> {
+        if self.blobs.has(digest) {
+            return self.blobs.path(digest);
+        }
+        let p = self.blobs.insert(r, digest)?;
+        self.added.push(digest.to_string());
+        Ok(p)
+    }
+
+    /// The image is stored: the blobs added stay (and the locks go).
+    pub fn keep(mut self) {
+        self.added.clear();
+    }
+}
+
+impl Drop for Layers {
+    fn drop(&mut self) {
+        // Before the locks go (fields drop after this): no one else has used these blobs.
+        for d in &self.added {
+            if let Ok(p) = self.blobs.path(d) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }
 
