@@ -317,6 +317,12 @@ fn oci_prune_frees_the_layers_no_image_uses_and_oci_archives_import() {
         let hex = d.strip_prefix("sha256:").unwrap();
         assert!(!env.dir.join("data/images/blobs/sha256").join(hex).exists());
     }
+    let locks: Vec<String> = std::fs::read_dir(env.dir.join("data/images/blobs/locks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(locks, ["cache.lock"], "prune leaves no digest lock file");
     let text = env.cli_ok(&["image", "prune"]);
     assert!(text.contains("0 MiB of unused layers removed"), "{text}");
 

@@ -186,9 +186,16 @@ impl Blobs {
             .unwrap_or_default()
     }
 
-    /// Remove blobs not in `keep` (and stale temporary files); returns the bytes freed. The
-    /// caller holds the cache alone ([`Blobs::try_hold_cache_alone`]).
+    /// Remove blobs not in `keep` (and stale temporary files, and the digests' lock files);
+    /// returns the bytes freed. The caller holds the cache alone
+    /// ([`Blobs::try_hold_cache_alone`]).
     pub fn prune(&self, keep: &[String]) -> u64 {
+        // Digest locks are taken only under the cache's shared lock: none is held or about to be.
+        if let Ok(rd) = std::fs::read_dir(self.dir.with_file_name("locks")) {
+            for e in rd.flatten().filter(|e| e.file_name() != "cache.lock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let mut freed = 0;
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return 0;
@@ -269,8 +276,23 @@ mod tests {
         assert!(b.path("sha512:abc").is_err());
         assert!(b.path("sha256:../../etc").is_err());
         assert_eq!(b.list(), [good]);
+        let locks = d.join("blobs/locks");
+        std::fs::create_dir_all(&locks).unwrap();
+        for f in ["cache.lock", "2cf2.lock"] {
+            std::fs::write(locks.join(f), "").unwrap();
+        }
         assert_eq!(b.prune(&[]), 5);
         assert!(b.list().is_empty());
+        let left: Vec<_> = std::fs::read_dir(&locks)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            ["cache.lock"],
+            "the digests' lock files go, the cache's stays"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
