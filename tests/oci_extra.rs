@@ -126,6 +126,75 @@ fn real_vm_oci_overrides_exit_codes_and_on_failure_restarts() {
     });
     env.cli_ok(&["-y", "machine", "delete", "ov"]);
 
+    step("signals reach the workload as themselves; orphans are reaped; sistemo's hosts and DNS");
+    // What the workload prints is spelled differently in its argv, which the init logs too.
+    let script = "for s in HUP USR1 QUIT USR2; do trap \"echo got:\"$s $s; done; \
+                  for i in 1 2 3; do (/bin/busybox sleep 30 &); done; \
+                  echo \"trap\"ping; while :; do /bin/busybox sleep 1 & wait $!; done";
+    let o = env.cli(&[
+        "machine",
+        "deploy",
+        "127.0.0.1:5077/web:1",
+        "--name",
+        "sg",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    poll("the trapping workload", Duration::from_secs(30), || {
+        env.cli_ok(&["machine", "logs", "sg"])
+            .contains("trapping")
+            .then_some(())
+    });
+    // Each process of the guest: its parent, state and command line.
+    let procs = || {
+        env.cli_ok(&[
+            "machine",
+            "exec",
+            "sg",
+            r#"for d in /proc/[0-9]*; do echo "${d#/proc/} $(grep -h -e ^PPid -e ^State $d/status | tr '\n\t' '  ')$(tr '\0' ' ' < $d/cmdline)"; done"#,
+        ])
+    };
+    let orphans = |ps: &str| {
+        ps.lines()
+            .filter(|l| l.ends_with("PPid: 1 /bin/busybox sleep 30 "))
+            .count()
+    };
+    let ps = procs();
+    assert_eq!(orphans(&ps), 3, "three sleeps left to PID 1: {ps}");
+    for sig in ["HUP", "USR1", "QUIT", "USR2"] {
+        env.cli_ok(&["machine", "exec", "sg", "sh", "-c", &format!("kill -{sig} 1")]);
+        let want = format!("got:{sig}");
+        poll(&want, Duration::from_secs(20), || {
+            env.cli_ok(&["machine", "logs", "sg"])
+                .contains(&want)
+                .then_some(())
+        });
+    }
+    assert_eq!(status(&env, "sg")["status"], "running", "no signal stopped it");
+    poll("the orphans reaped by PID 1", Duration::from_secs(30), || {
+        let ps = procs();
+        (orphans(&ps) == 0).then_some(ps)
+    });
+    let ps = procs();
+    assert!(!ps.contains("zombie"), "no zombie in the guest: {ps}");
+    let hosts = env.cli_ok(&[
+        "machine",
+        "exec",
+        "sg",
+        "sh",
+        "-c",
+        "cat /etc/hosts /etc/resolv.conf",
+    ]);
+    assert!(
+        !hosts.contains("10.9.9.9") && hosts.contains("localhost") && hosts.contains("nameserver"),
+        "sistemo's /etc/hosts and /etc/resolv.conf, not the image's: {hosts}"
+    );
+    assert!(hosts.contains(" sg"), "the machine's name in /etc/hosts: {hosts}");
+    env.cli_ok(&["-y", "machine", "delete", "sg"]);
+
     step("a workload exiting with 3 stops the machine with its code");
     let o = env.cli(&[
         "machine",

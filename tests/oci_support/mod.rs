@@ -86,7 +86,8 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// An OCI layout at `dir/layout` with `web` (one layer: busybox serving /www on 8080) and
+/// An OCI layout at `dir/layout` with `web` (one layer: busybox serving /www on 8080, with an
+/// `/etc/hosts` and `/etc/resolv.conf` of its own that sistemo's must replace) and
 /// `three` (web plus three layers: a whiteout, an opaque directory, a hard link, a file
 /// capability, owners and modes).
 pub fn build_layout(dir: &Path) -> PathBuf {
@@ -98,6 +99,8 @@ pub fn build_layout(dir: &Path) -> PathBuf {
          mkdir -p {b}/rootfs/bin {b}/rootfs/www {b}/rootfs/etc && cp /bin/busybox {b}/rootfs/bin/ && \
          ln -s busybox {b}/rootfs/bin/sh && echo 'hello from an OCI image' > {b}/rootfs/www/index.html && \
          echo 'root:x:0:0:root:/root:/bin/sh' > {b}/rootfs/etc/passwd && \
+         echo '10.9.9.9 image-hosts' > {b}/rootfs/etc/hosts && \
+         echo 'nameserver 10.9.9.9' > {b}/rootfs/etc/resolv.conf && \
          umoci repack --image {l}:web {b} && rm -rf {b} && \
          umoci config --image {l}:web --config.entrypoint /bin/busybox --config.cmd httpd \
            --config.cmd -f --config.cmd -vv --config.cmd -p --config.cmd 8080 --config.cmd -h --config.cmd /www \

@@ -1,6 +1,6 @@
 //! The agent as PID 1 (`sistemo-agent --init`) for images that run one program, as OCI images
 //! do: it mounts what a program expects, starts the [`Workload`] with its argv, environment,
-//! working directory and user, reaps every orphan, forwards SIGTERM to the workload, restarts
+//! working directory and user, reaps every orphan, passes signals on to the workload, restarts
 //! the agent serving the host if it dies, and powers the guest off when the workload exits.
 //! The workload's output goes to the console, which the host keeps as the machine's log.
 
@@ -148,6 +148,28 @@ fn mounts() {
     }
 }
 
+/// Signals PID 1 waits for: children exiting, and those it passes on ([`forwarded`]).
+const WAITED: &[nix::sys::signal::Signal] = {
+    use nix::sys::signal::Signal::*;
+    &[
+        SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, SIGPWR,
+    ]
+};
+
+/// What PID 1 does with signal `sig`: the signal sent to the workload's process group, and
+/// whether it is a stop (the workload is killed if still there after [`STOP_GRACE`]). HUP, INT,
+/// QUIT, USR1, USR2 and TERM go on as themselves, as `docker kill -s` would deliver them; TERM
+/// (how the agent asks PID 1 to stop the machine) and PWR (a power-off request) stop it, PWR
+/// reaching the workload as TERM. `None` for anything else.
+pub fn forwarded(sig: nix::sys::signal::Signal) -> Option<(nix::sys::signal::Signal, bool)> {
+    use nix::sys::signal::Signal::*;
+    match sig {
+        SIGHUP | SIGINT | SIGQUIT | SIGUSR1 | SIGUSR2 => Some((sig, false)),
+        SIGTERM | SIGPWR => Some((SIGTERM, true)),
+        _ => None,
+    }
+}
+
 fn power_off(code: i32) -> ! {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
@@ -178,14 +200,8 @@ pub fn run(port: Option<String>) -> ! {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     use nix::unistd::Pid;
     let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGPWR,
-        Signal::SIGHUP,
-    ] {
-        set.add(s);
+    for s in WAITED {
+        set.add(*s);
     }
     // Blocked, the signals wait for `sigwait` (the kernel does not drop blocked signals sent
     // to PID 1); children are given an empty mask (`sys::unblock_signals`).
@@ -231,12 +247,19 @@ pub fn run(port: Option<String>) -> ! {
             Err(_) => continue,
         };
         if sig != Signal::SIGCHLD {
-            log(&format!("{sig}: stopping the workload"));
-            let _ = killpg(Pid::from_raw(main), Signal::SIGTERM);
-            std::thread::spawn(move || {
-                std::thread::sleep(STOP_GRACE);
-                let _ = killpg(Pid::from_raw(main), Signal::SIGKILL);
-            });
+            let Some((to, stop)) = forwarded(sig) else {
+                continue;
+            };
+            let _ = killpg(Pid::from_raw(main), to);
+            if stop {
+                log(&format!("{sig}: stopping the workload"));
+                std::thread::spawn(move || {
+                    std::thread::sleep(STOP_GRACE);
+                    let _ = killpg(Pid::from_raw(main), Signal::SIGKILL);
+                });
+            } else {
+                log(&format!("{sig}: passed on to the workload"));
+            }
             continue;
         }
         loop {
@@ -269,6 +292,22 @@ pub fn run(port: Option<String>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_reach_the_workload_as_themselves_and_a_power_off_as_term() {
+        use nix::sys::signal::Signal::*;
+        for s in [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2] {
+            assert_eq!(forwarded(s), Some((s, false)), "{s}");
+        }
+        assert_eq!(forwarded(SIGTERM), Some((SIGTERM, true)));
+        assert_eq!(forwarded(SIGPWR), Some((SIGTERM, true)));
+        assert_eq!(forwarded(SIGWINCH), None);
+        // PID 1 waits for every signal it forwards (the kernel drops the others for PID 1).
+        for s in nix::sys::signal::Signal::iterator().filter(|s| forwarded(*s).is_some()) {
+            assert!(WAITED.contains(&s), "{s} is not waited for");
+        }
+        assert!(WAITED.contains(&SIGCHLD));
+    }
 
     #[test]
     fn users_resolve_like_docker() {

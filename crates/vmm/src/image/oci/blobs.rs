@@ -78,8 +78,9 @@ impl Blobs {
     }
 
     /// Digest `digest` (a manifest's or a layer's) to this caller until dropped: whoever comes
-    /// next finds the work done. Take it while holding [`Blobs::hold_cache`], after any manifest
-    /// lock and before one layer's at a time, so that no two callers wait on each other.
+    /// next finds the work done. Take it while holding [`Blobs::hold_cache`]; layers' locks
+    /// through [`Blobs::hold_layers`], after the manifest's, so that no two callers wait on
+    /// each other.
     pub async fn hold_digest(&self, digest: &str) -> Result<Held, VmmError> {
         let hex = check_digest(digest)?;
         lock(
@@ -87,6 +88,26 @@ impl Blobs {
             nix::fcntl::FlockArg::LockExclusive,
         )
         .await
+    }
+
+    /// The locks of layer blobs `digests` (any order, repeats allowed) to this caller until the
+    /// returned [`Layers`] is dropped, taken in digest order so that two callers needing some of
+    /// the same layers never wait on each other. Take it after the manifest's lock. Every
+    /// caller that uses a layer holds its lock, so a blob added under it is used by no one
+    /// else until the image that needs it is stored, and can be removed if that fails.
+    pub async fn hold_layers(&self, digests: &[String]) -> Result<Layers, VmmError> {
+        let mut sorted: Vec<&String> = digests.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        let mut held = Vec::with_capacity(sorted.len());
+        for d in sorted {
+            held.push(self.hold_digest(d).await?);
+        }
+        Ok(Layers {
+            blobs: self.clone(),
+            added: Vec::new(),
+            _held: held,
+        })
     }
 
     /// The cache under the image store's folder.
@@ -165,9 +186,16 @@ impl Blobs {
             .unwrap_or_default()
     }
 
-    /// Remove blobs not in `keep` (and stale temporary files); returns the bytes freed. The
-    /// caller holds the cache alone ([`Blobs::try_hold_cache_alone`]).
+    /// Remove blobs not in `keep` (and stale temporary files, and the digests' lock files);
+    /// returns the bytes freed. The caller holds the cache alone
+    /// ([`Blobs::try_hold_cache_alone`]).
     pub fn prune(&self, keep: &[String]) -> u64 {
+        // Digest locks are taken only under the cache's shared lock: none is held or about to be.
+        if let Ok(rd) = std::fs::read_dir(self.dir.with_file_name("locks")) {
+            for e in rd.flatten().filter(|e| e.file_name() != "cache.lock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let mut freed = 0;
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return 0;
@@ -180,6 +208,51 @@ impl Blobs {
             }
         }
         freed
+    }
+}
+
+/// The layer blobs of one pull or import, locked ([`Blobs::hold_layers`]): the blobs it adds
+/// to the cache are removed again when it is dropped before [`Layers::keep`], so a pull or
+/// import that fails half-way leaves the cache as it found it.
+#[derive(Debug)]
+pub struct Layers {
+    blobs: Blobs,
+    added: Vec<String>,
+    _held: Vec<Held>,
+}
+
+impl Layers {
+    /// Store verified file `tmp` as layer `digest`, remembered as added by this attempt.
+    pub fn commit(&mut self, tmp: &Path, digest: &str) -> Result<PathBuf, VmmError> {
+        let p = self.blobs.commit(tmp, digest)?;
+        self.added.push(digest.to_string());
+        Ok(p)
+    }
+
+    /// Copy `r` into the cache as layer `digest` (verified) unless it is there already.
+    pub fn insert(&mut self, r: impl Read, digest: &str) -> Result<PathBuf, VmmError> {
+        if self.blobs.has(digest) {
+            return self.blobs.path(digest);
+        }
+        let p = self.blobs.insert(r, digest)?;
+        self.added.push(digest.to_string());
+        Ok(p)
+    }
+
+    /// The image is stored: the blobs added stay (and the locks go).
+    pub fn keep(mut self) {
+        self.added.clear();
+    }
+}
+
+impl Drop for Layers {
+    fn drop(&mut self) {
+        // Before the locks go (fields drop after this): no one else has used these blobs.
+        for d in &self.added {
+            if let Ok(p) = self.blobs.path(d) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }
 
@@ -203,8 +276,23 @@ mod tests {
         assert!(b.path("sha512:abc").is_err());
         assert!(b.path("sha256:../../etc").is_err());
         assert_eq!(b.list(), [good]);
+        let locks = d.join("blobs/locks");
+        std::fs::create_dir_all(&locks).unwrap();
+        for f in ["cache.lock", "2cf2.lock"] {
+            std::fs::write(locks.join(f), "").unwrap();
+        }
         assert_eq!(b.prune(&[]), 5);
         assert!(b.list().is_empty());
+        let left: Vec<_> = std::fs::read_dir(&locks)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            ["cache.lock"],
+            "the digests' lock files go, the cache's stays"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -268,11 +268,14 @@ pub async fn import(
             reference: path.display().to_string(),
             reason,
         })?;
+        let digests: Vec<String> = found.layers.iter().map(|(d, _)| d.clone()).collect();
+        // Held until the image is stored; dropped on an error, taking back the blobs it added.
+        let mut held = blobs.hold_layers(&digests).await?;
         let mut layers = Vec::new();
         for (i, (digest, file)) in found.layers.iter().enumerate() {
             progress(&format!("layer {}/{} {digest}", i + 1, found.layers.len()));
             let f = std::fs::File::open(file).map_err(VmmError::io(format!("reading {}", file.display())))?;
-            layers.push((digest.clone(), blobs.insert(f, digest)?));
+            layers.push((digest.clone(), held.insert(f, digest)?));
         }
         let meta = OciMeta {
             reference: names[0].clone(),
@@ -281,7 +284,9 @@ pub async fn import(
             layers: layers.iter().map(|(d, _)| d.clone()).collect(),
             config: cfg,
         };
-        super::convert::convert(store, &layers, meta, &names, policy.max_size, progress).await
+        let info = super::convert::convert(store, &layers, meta, &names, policy.max_size, progress).await?;
+        held.keep();
+        Ok(info)
     }
     .await;
     let _ = std::fs::remove_dir_all(&scratch);
@@ -389,6 +394,65 @@ mod tests {
             .to_string();
         assert!(e.contains("corrupt"), "{e}");
         assert_eq!(store.list().len(), 1, "nothing stored by failed imports");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_import_takes_back_the_layer_blobs_it_added() {
+        if std::process::Command::new("mkfs.ext4")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            return;
+        }
+        let d = std::env::temp_dir().join(format!("sistemo-import-{}", uuid::Uuid::new_v4().simple()));
+        let store = ImageStore::new(&d.join("data"));
+        // One layer already cached (by a stored image), two new, the last not a tar.
+        let good = d.join("good");
+        layout(&good, &["amd64"], "");
+        import(&store, &good, &["good".into()], &ImagePolicy::default(), &|_| {})
+            .await
+            .unwrap();
+        let before = store.blobs().list();
+        assert_eq!(before.len(), 1);
+        let dir = d.join("three");
+        let shared = blob(
+            &dir,
+            &std::fs::read(store.blobs().path(&before[0]).unwrap()).unwrap(),
+        );
+        let mut t = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("second").unwrap();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append(&h, &b"2\n"[..]).unwrap();
+        let second = blob(&dir, &t.into_inner().unwrap());
+        let broken = blob(&dir, &[0xab; 4096]);
+        let config = blob(&dir, br#"{"architecture":"amd64","os":"linux"}"#);
+        let layer = |d: &str| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": 1});
+        let m = serde_json::json!({"schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 1},
+            "layers": [layer(&shared), layer(&second), layer(&broken)]});
+        let md = blob(&dir, m.to_string().as_bytes());
+        let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": 1,
+            "annotations": {"org.opencontainers.image.ref.name": "three:1"}}]});
+        std::fs::write(dir.join("index.json"), top.to_string()).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let e = import(&store, &dir, &[], &ImagePolicy::default(), &|_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&broken), "{e}");
+        assert_eq!(
+            store.blobs().list(),
+            before,
+            "the new layers are taken back, the shared one stays"
+        );
+        assert_eq!(store.list().len(), 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -54,6 +54,21 @@ impl Layer {
     fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
         self.raw(path, EntryType::Link, 0o644, target, b"")
     }
+    /// A device node (or FIFO) `major:minor`.
+    fn device(&mut self, path: &str, kind: EntryType, mode: u32, major: u32, minor: u32) -> &mut Self {
+        let mut h = Header::new_gnu();
+        h.set_path(path).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_uid(1234);
+        h.set_gid(5678);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_cksum();
+        self.0.append(&h, &b""[..]).unwrap();
+        self
+    }
     /// A PAX header carrying `key=value` for the next entry.
     fn pax(&mut self, key: &str, value: &[u8]) -> &mut Self {
         let body_len = key.len() + value.len() + 3;
@@ -283,5 +298,55 @@ fn a_layer_over_the_size_limit_is_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("layer sha256:big") && e.contains("limit"), "{e}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn device_nodes_keep_their_kind_numbers_mode_and_owner() {
+    use std::os::unix::fs::FileTypeExt;
+    let root = tmp("dev");
+    Layer::new()
+        .dir("dev")
+        .file("dev/null", 0o644, "a file below")
+        .apply(&root)
+        .unwrap();
+    Layer::new()
+        .device("dev/null", EntryType::Char, 0o666, 1, 3)
+        .device("dev/sda1", EntryType::Block, 0o660, 8, 1)
+        .device("run/fifo", EntryType::Fifo, 0o620, 0, 0)
+        .apply(&root)
+        .unwrap();
+    let fifo = std::fs::symlink_metadata(root.join("run/fifo")).unwrap();
+    assert!(fifo.file_type().is_fifo());
+    assert_eq!(fifo.mode() & 0o7777, 0o620);
+    if !opts().privileged {
+        // Not root: device nodes cannot be made, and are skipped (the lower file stays).
+        assert!(
+            std::fs::symlink_metadata(root.join("dev/null"))
+                .unwrap()
+                .is_file()
+        );
+        assert!(!root.join("dev/sda1").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+        return;
+    }
+    for (path, char_dev, mode, major, minor) in
+        [("dev/null", true, 0o666, 1, 3), ("dev/sda1", false, 0o660, 8, 1)]
+    {
+        let m = std::fs::symlink_metadata(root.join(path)).unwrap();
+        let t = m.file_type();
+        assert_eq!(
+            (t.is_char_device(), t.is_block_device()),
+            (char_dev, !char_dev),
+            "{path}"
+        );
+        assert_eq!(m.mode() & 0o7777, mode, "{path}");
+        assert_eq!((m.uid(), m.gid()), (1234, 5678), "{path}");
+        assert_eq!(
+            (nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev())),
+            (major, minor),
+            "{path}"
+        );
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -84,8 +84,14 @@ impl Credentials {
     }
 }
 
+/// The platforms of the image index a pull met (`os/arch[/variant]` each), if it met one: set
+/// by the client's platform resolver, read when no linux/amd64 entry was found.
+type SeenPlatforms = std::sync::Arc<std::sync::Mutex<Option<Vec<String>>>>;
+
 /// A client for `r`'s registry: https, or plain http when [`ImageRef::plain_http`] allows it.
-fn client(r: &ImageRef, policy: &ImagePolicy) -> Client {
+/// Indexes resolve to their linux/amd64 image; the platforms of an index go to the returned
+/// [`SeenPlatforms`].
+fn client(r: &ImageRef, policy: &ImagePolicy) -> (Client, SeenPlatforms) {
     let protocol = if r.plain_http(&policy.insecure_registries) {
         ClientProtocol::HttpsExcept(vec![r.registry_host().to_string()])
     } else {
@@ -94,13 +100,64 @@ fn client(r: &ImageRef, policy: &ImagePolicy) -> Client {
     // Registry TLS is rustls (no OpenSSL in the daemon: 1.7 MB of its memory) with the
     // process's crypto provider, ring as for the API's TLS; one installed before is kept.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    Client::new(ClientConfig {
+    let seen = SeenPlatforms::default();
+    let record = seen.clone();
+    let resolver = move |entries: &[oci_client::manifest::ImageIndexEntry]| {
+        let platforms = entries
+            .iter()
+            .map(|e| match &e.platform {
+                Some(p) => match &p.variant {
+                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                    None => format!("{}/{}", p.os, p.architecture),
+                },
+                None => "no platform".to_string(),
+            })
+            .collect();
+        *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(platforms);
+        linux_amd64_resolver(entries)
+    };
+    let c = Client::new(ClientConfig {
         protocol,
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        platform_resolver: Some(Box::new(resolver)),
         connect_timeout: Some(policy.connect_timeout),
         read_timeout: Some(std::time::Duration::from_secs(60)),
         ..Default::default()
-    })
+    });
+    (c, seen)
+}
+
+/// The error of a manifest pull: an index without a linux/amd64 image (or whose linux/amd64
+/// entry is another index) is refused as such, not reported as a missing image.
+fn manifest_error(
+    r: &ImageRef,
+    insecure: &[String],
+    seen: &SeenPlatforms,
+    e: OciDistributionError,
+) -> VmmError {
+    let platforms = seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match (&e, platforms) {
+        (OciDistributionError::ImageManifestNotFoundError(why), Some(mut p)) => {
+            p.sort();
+            p.dedup();
+            let reason = if why.contains("instead") {
+                "its linux/amd64 entry is another index (allowed: an index of image manifests)".to_string()
+            } else {
+                format!(
+                    "its index has no linux/amd64 image, only {} (allowed: images for linux/amd64)",
+                    if p.is_empty() {
+                        "no entries".to_string()
+                    } else {
+                        p.join(", ")
+                    }
+                )
+            };
+            VmmError::ImageRefused {
+                reference: r.normalized(),
+                reason,
+            }
+        }
+        _ => registry_error(r, insecure, e),
+    }
 }
 
 /// A registry error as one line, telling a missing image from an unreachable registry.
@@ -133,10 +190,6 @@ fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) ->
                 ),
             }
         }
-        _ if text.contains("no entry found") || text.contains("platform") => VmmError::ImageRefused {
-            reference: r.normalized(),
-            reason: "its index has no linux/amd64 image (allowed: images for linux/amd64)".into(),
-        },
         _ if !r.plain_http(insecure) => VmmError::Registry {
             registry,
             reason: format!(
@@ -206,7 +259,8 @@ fn short(digest: &str) -> &str {
 /// Pull `r` and store it under `tags`, with `login` (user, password) for this pull only, else
 /// the stored credentials of `registry login`, else anonymously. A manifest digest the store
 /// already converted is only tagged; layers already in the blob cache are not downloaded again.
-/// Nothing partial stays in the store on failure.
+/// Nothing partial stays in the store on failure: no image, no temporary file, and none of the
+/// layer blobs this pull downloaded.
 pub async fn pull(
     store: &ImageStore,
     r: &ImageRef,
@@ -219,7 +273,7 @@ pub async fn pull(
     if !r.plain_http(&policy.insecure_registries) {
         tracing::debug!(registry = r.registry(), "pulling over https");
     }
-    let c = client(r, policy);
+    let (c, seen) = client(r, policy);
     let auth = match login {
         Some((u, p)) => RegistryAuth::Basic(u.to_string(), p.to_string()),
         None => Credentials::load(store.data_dir()).auth_for(r.registry()),
@@ -229,7 +283,7 @@ pub async fn pull(
     let (manifest, digest, config) = c
         .pull_manifest_and_config(reference, &auth)
         .await
-        .map_err(|e| registry_error(r, &policy.insecure_registries, e))?;
+        .map_err(|e| manifest_error(r, &policy.insecure_registries, &seen, e))?;
     if let Some(pinned) = r.digest()
         && pinned != digest
     {
@@ -254,8 +308,7 @@ pub async fn pull(
         reason,
     })?;
     let n = manifest.layers.len();
-    let mut layers = Vec::with_capacity(n);
-    for (i, l) in manifest.layers.iter().enumerate() {
+    for l in &manifest.layers {
         if !LAYER_TYPES.contains(&l.media_type.as_str()) {
             return Err(VmmError::ImageRefused {
                 reference: r.normalized(),
@@ -265,6 +318,12 @@ pub async fn pull(
                 ),
             });
         }
+    }
+    let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    // Held until the image is stored; dropped on an error, taking back the blobs it added.
+    let mut held = blobs.hold_layers(&digests).await?;
+    let mut layers = Vec::with_capacity(n);
+    for (i, l) in manifest.layers.iter().enumerate() {
         let label = format!(
             "layer {}/{n} {} ({} MiB)",
             i + 1,
@@ -272,11 +331,6 @@ pub async fn pull(
             l.size.max(0) >> 20
         );
         let dest = blobs.path(&l.digest)?;
-        let _downloading = if blobs.has(&l.digest) {
-            None
-        } else {
-            Some(blobs.hold_digest(&l.digest).await?)
-        };
         if blobs.has(&l.digest) {
             progress(&format!("{label}: cached"));
         } else {
@@ -304,7 +358,7 @@ pub async fn pull(
                     e => registry_error(r, &policy.insecure_registries, e),
                 });
             }
-            blobs.commit(&tmp, &l.digest)?;
+            held.commit(&tmp, &l.digest)?;
             progress(&format!(
                 "{label}: downloaded in {:.1}s",
                 t.elapsed().as_secs_f64()
@@ -320,6 +374,7 @@ pub async fn pull(
         config: cfg,
     };
     let info = super::convert::convert(store, &layers, meta, tags, policy.max_size, progress).await?;
+    held.keep();
     progress(&format!(
         "pulled {r} in {:.1}s: {} MiB",
         started.elapsed().as_secs_f64(),
