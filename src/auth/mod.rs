@@ -1,8 +1,7 @@
 //! Accounts: users with argon2id passwords, API tokens (random secrets stored as SHA-256),
 //! browser sessions with a CSRF token, failed log-ins slowed down per user and per address.
 
-use crate::api::{SessionInfo, TokenCreated, TokenInfo, UserInfo};
-use crate::store::{Role, SharedStore, StoreError, TokenRow};
+use crate::store::{Account, Role, SharedStore, StoreError, TokenRow};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -106,20 +105,15 @@ impl Principal {
             Principal::ConfigToken => "config token".into(),
         }
     }
+}
 
-    /// As `GET /v1/session` shows it.
-    pub fn info(&self) -> SessionInfo {
-        let (csrf, expires_at) = match self {
-            Principal::User { csrf, expires_at, .. } => (Some(csrf.clone()), Some(*expires_at)),
-            _ => (None, None),
-        };
-        SessionInfo {
-            actor: self.actor(),
-            role: self.role().to_string(),
-            csrf,
-            expires_at,
-        }
-    }
+/// A token just created: its row, and the whole token text (shown once, stored nowhere).
+#[derive(Debug)]
+pub struct NewToken {
+    /// The token as stored.
+    pub row: TokenRow,
+    /// `Authorization: Bearer …` or `SISTEMO_TOKEN`.
+    pub token: String,
 }
 
 /// Failed log-ins a user or an address may make before each further attempt waits.
@@ -272,24 +266,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("hashing task")
 }
 
-fn token_info(t: &TokenRow, now: i64) -> TokenInfo {
-    let state = if t.revoked {
-        "revoked"
-    } else if t.expires_at.is_some_and(|e| e <= now) {
-        "expired"
-    } else {
-        "active"
-    };
-    TokenInfo {
-        name: t.name.clone(),
-        role: t.role.to_string(),
-        expires_at: t.expires_at,
-        state: state.into(),
-        last_used_at: t.last_used_at,
-        created_at: t.created_at.clone(),
-    }
-}
-
 impl Auth {
     /// The service over `store`; sessions last `session_ttl`; `config_token` is the shared
     /// token of the configuration file, still accepted as an admin.
@@ -303,19 +279,14 @@ impl Auth {
         }
     }
 
-    /// Add a user.
-    pub async fn add_user(&self, name: &str, role: Option<&str>, password: String) -> Result<UserInfo> {
+    /// Add a user; its row as stored.
+    pub async fn add_user(&self, name: &str, role: Option<&str>, password: String) -> Result<Account> {
         check_name("user", name)?;
         let role = role_of(role)?;
         check_password(&password)?;
         let hash = blocking(move || hash_password(&password)).await?;
         self.store.lock().create_user(name, role, &hash)?;
-        let u = self.store.lock().user(name)?.expect("just created");
-        Ok(UserInfo {
-            name: u.name,
-            role: u.role.to_string(),
-            created_at: u.created_at,
-        })
+        Ok(self.store.lock().user(name)?.expect("just created"))
     }
 
     /// Change a user's password (its sessions end).
@@ -331,18 +302,8 @@ impl Auth {
     }
 
     /// Every user.
-    pub fn users(&self) -> Result<Vec<UserInfo>> {
-        Ok(self
-            .store
-            .lock()
-            .users()?
-            .into_iter()
-            .map(|u| UserInfo {
-                name: u.name,
-                role: u.role.to_string(),
-                created_at: u.created_at,
-            })
-            .collect())
+    pub fn users(&self) -> Result<Vec<Account>> {
+        Ok(self.store.lock().users()?)
     }
 
     /// Check a password and open a session: the cookie's secret and the principal. Failures
@@ -429,12 +390,7 @@ impl Auth {
     }
 
     /// Create an API token; the secret is in the answer and nowhere else.
-    pub fn create_token(
-        &self,
-        name: &str,
-        role: Option<&str>,
-        expires: Option<&str>,
-    ) -> Result<TokenCreated> {
+    pub fn create_token(&self, name: &str, role: Option<&str>, expires: Option<&str>) -> Result<NewToken> {
         check_name("token", name)?;
         let role = role_of(role)?;
         let now = now();
@@ -454,23 +410,15 @@ impl Auth {
             created_at: String::new(),
         };
         self.store.lock().create_token(&row)?;
-        let stored = self.store.lock().token_by_id(&id)?.expect("just created");
-        Ok(TokenCreated {
-            info: token_info(&stored, now),
+        Ok(NewToken {
+            row: self.store.lock().token_by_id(&id)?.expect("just created"),
             token: format!("{TOKEN_PREFIX}{id}_{secret}"),
         })
     }
 
     /// Every token.
-    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
-        let now = now();
-        Ok(self
-            .store
-            .lock()
-            .tokens()?
-            .iter()
-            .map(|t| token_info(t, now))
-            .collect())
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        Ok(self.store.lock().tokens()?)
     }
 
     /// Revoke a token.

@@ -3,13 +3,43 @@
 
 use super::{AppState, Peer, audited};
 use crate::api::{PasswordRequest, TokenCreateRequest, TokenCreated, TokenInfo, UserAddRequest, UserInfo};
+use crate::auth::{NewToken, now};
 use crate::error::Error;
+use crate::store::{Account, TokenRow};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
+/// A user as the API shows it (never its hash).
+fn user_info(u: Account) -> UserInfo {
+    UserInfo {
+        name: u.name,
+        role: u.role.to_string(),
+        created_at: u.created_at,
+    }
+}
+
+/// A token as the API shows it, with its state at `now` (never its hash).
+fn token_info(t: &TokenRow, now: i64) -> TokenInfo {
+    let state = if t.revoked {
+        "revoked"
+    } else if t.expires_at.is_some_and(|e| e <= now) {
+        "expired"
+    } else {
+        "active"
+    };
+    TokenInfo {
+        name: t.name.clone(),
+        role: t.role.to_string(),
+        expires_at: t.expires_at,
+        state: state.into(),
+        last_used_at: t.last_used_at,
+        created_at: t.created_at.clone(),
+    }
+}
+
 async fn users(State(h): State<AppState>) -> Result<Json<Vec<UserInfo>>, Error> {
-    Ok(Json(h.auth.users()?))
+    Ok(Json(h.auth.users()?.into_iter().map(user_info).collect()))
 }
 
 async fn user_add(
@@ -20,7 +50,8 @@ async fn user_add(
     let r = h
         .auth
         .add_user(&req.name, req.role.as_deref(), req.password)
-        .await;
+        .await
+        .map(user_info);
     let target = format!("{} {}", req.name, req.role.as_deref().unwrap_or("admin"));
     Ok(Json(audited(
         &h,
@@ -58,7 +89,10 @@ async fn user_rm(
 }
 
 async fn tokens(State(h): State<AppState>) -> Result<Json<Vec<TokenInfo>>, Error> {
-    Ok(Json(h.auth.tokens()?))
+    let now = now();
+    Ok(Json(
+        h.auth.tokens()?.iter().map(|t| token_info(t, now)).collect(),
+    ))
 }
 
 async fn token_create(
@@ -68,7 +102,11 @@ async fn token_create(
 ) -> Result<Json<TokenCreated>, Error> {
     let r = h
         .auth
-        .create_token(&req.name, req.role.as_deref(), req.expires.as_deref());
+        .create_token(&req.name, req.role.as_deref(), req.expires.as_deref())
+        .map(|NewToken { row, token }| TokenCreated {
+            info: token_info(&row, now()),
+            token,
+        });
     let target = format!("{} {}", req.name, req.role.as_deref().unwrap_or("admin"));
     Ok(Json(audited(
         &h,

@@ -164,7 +164,7 @@ pub async fn login(
                 Principal::User { expires_at, .. } => expires_at - crate::auth::now(),
                 _ => 0,
             };
-            let mut resp = Json(p.info()).into_response();
+            let mut resp = Json(session_info(&p)).into_response();
             resp.headers_mut()
                 .insert(header::SET_COOKIE, session_cookie(&secret, max_age, secure));
             resp
@@ -192,7 +192,21 @@ pub async fn logout(
 
 /// `GET /v1/session`: who is calling, and a session's CSRF token.
 pub async fn session(axum::Extension(p): axum::Extension<Principal>) -> Json<SessionInfo> {
-    Json(p.info())
+    Json(session_info(&p))
+}
+
+/// A caller as `GET /v1/session` and a log-in's answer show it.
+fn session_info(p: &Principal) -> SessionInfo {
+    let (csrf, expires_at) = match p {
+        Principal::User { csrf, expires_at, .. } => (Some(csrf.clone()), Some(*expires_at)),
+        _ => (None, None),
+    };
+    SessionInfo {
+        actor: p.actor(),
+        role: p.role().to_string(),
+        csrf,
+        expires_at,
+    }
 }
 
 #[cfg(test)]
