@@ -18,6 +18,8 @@
 //! - [`sys`]: the only `unsafe` (TAP ioctls), each block justified.
 
 pub mod api;
+pub mod api_images;
+pub mod api_volumes;
 pub mod api_web;
 pub mod auth;
 pub mod backend;
