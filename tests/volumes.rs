@@ -193,6 +193,20 @@ fn volumes_through_the_cli() {
         "stop them first",
         1,
     );
+    // A copy of a file its machine writes to would be torn.
+    refused(
+        &env,
+        &["volume", "snapshot", "pgdata", "hot"],
+        "cannot be snapshotted while machine a (running) may write to it",
+        1,
+    );
+    refused(
+        &env,
+        &["volume", "clone", "pgdata", "hot"],
+        "cannot be cloned while machine a (running) may write to it",
+        1,
+    );
+    assert!(!names(&env).contains("hot"));
     refused(
         &env,
         &["machine", "volume", "attach", "a", "nope"],
@@ -240,6 +254,9 @@ fn volumes_through_the_cli() {
         "does not exist",
         1,
     );
+    // Read-only users do not change it: it can be copied while they run.
+    env.cli_ok(&["volume", "snapshot", &gen_name, "ro-snap"]);
+    env.cli_ok(&["-y", "volume", "delete", "ro-snap"]);
     env.cli_ok(&["machine", "volume", "detach", "a", &gen_name]);
     env.cli_ok(&["machine", "start", "a"]);
 

@@ -342,10 +342,50 @@ impl Volumes {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
+    /// Refuse while a machine that may write to `v` (a read-write attachment) is not stopped:
+    /// a copy of a file that changes under it is torn (a reflink is not, but a sparse copy is).
+    /// Called under the op lock, which a VMM's start takes too.
+    fn refuse_if_written(&self, v: &Volume, what: &str) -> Result<()> {
+        let writer = self
+            .store
+            .lock()
+            .attachments_of_volume(v.id)?
+            .into_iter()
+            .find(|a| {
+                !a.readonly
+                    && a.machine_state != crate::domain::MachineState::Stopped
+                    && a.machine_state != crate::domain::MachineState::Error
+            });
+        match writer {
+            Some(a) => Err(Error::Conflict(format!(
+                "volume {} cannot be {what} while machine {} ({}) may write to it; stop it first (sistemo machine stop {})",
+                v.name, a.machine, a.machine_state, a.machine
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Make a new volume (or snapshot) `name` from file `src`: a reflink or sparse copy.
     pub async fn copy_in(
         &self,
         src: &Path,
+        name: VolumeName,
+        kind: VolumeKind,
+        format: VolumeFormat,
+        source: String,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
+        self.copy_from(src, None, name, kind, format, source, progress)
+            .await
+    }
+
+    /// [`Volumes::copy_in`]; when the file is volume `of`'s, refused (under the op lock) while
+    /// a machine may write to it.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_from(
+        &self,
+        src: &Path,
+        of: Option<(&Volume, &str)>,
         name: VolumeName,
         kind: VolumeKind,
         format: VolumeFormat,
@@ -357,6 +397,9 @@ impl Volumes {
             .len();
         self.check_room("size", ByteSize::bytes(size), size)?;
         let _g = self.op.lock().await;
+        if let Some((v, what)) = of {
+            self.refuse_if_written(v, what)?;
+        }
         self.free_name(&name)?;
         let id = Uuid::new_v4();
         let part = self.part(id);
@@ -391,8 +434,9 @@ impl Volumes {
             )));
         }
         let src = format!("volume {}", v.name);
-        self.copy_in(
+        self.copy_from(
             &self.path(v.id),
+            Some((&v, "snapshotted")),
             snap,
             VolumeKind::Snapshot,
             v.format,
@@ -411,8 +455,16 @@ impl Volumes {
     ) -> Result<VolumeView> {
         let v = self.store.lock().volume(from)?;
         let src = format!("{} {}", v.kind, v.name);
-        self.copy_in(&self.path(v.id), new, VolumeKind::Volume, v.format, src, progress)
-            .await
+        self.copy_from(
+            &self.path(v.id),
+            Some((&v, "cloned")),
+            new,
+            VolumeKind::Volume,
+            v.format,
+            src,
+            progress,
+        )
+        .await
     }
 
     /// Give an existing file (a deleted machine's root disk) a volume's row: it is hard-linked
