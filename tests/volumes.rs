@@ -378,3 +378,109 @@ fn killed_daemon_mid_volume_operation_loses_nothing() {
             .contains("removing a volume file a crash left half-made")
     );
 }
+
+/// Start `args` through the CLI, wait until the daemon pauses at `stage`, kill it with SIGKILL
+/// there and start it again.
+fn kill_at(env: &mut Env, args: &[&str], stage: &str) {
+    let n = pauses(env, stage);
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    poll(
+        &format!("{args:?} pausing at {stage}"),
+        Duration::from_secs(60),
+        || (pauses(env, stage) > n).then_some(()),
+    );
+    env.kill_daemon("-KILL");
+    let _ = cli.wait();
+    env.start_daemon();
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn killed_daemon_mid_create_or_machine_clone_lists_nothing_half_made() {
+    let mut env = Env::new("svolc");
+    let data = json(&env, &["volume", "create", "64M", "--name", "data"]);
+    let path = data["path"].as_str().unwrap().to_string();
+    env.machine("a", &["--attach", "data:/data"]);
+    env.cli_ok(&["machine", "stop", "a"]);
+    let sum = sha(&path);
+    env.kill_daemon("-KILL");
+    env.daemon_env = vec![("SISTEMO_TEST_VOLUME_PAUSE_MS".into(), "3000".into())];
+    env.start_daemon();
+    let before = BTreeSet::from(["data".to_string()]);
+
+    for stage in ["file made", "file placed"] {
+        step(&format!("volume create: killed at {stage}"));
+        kill_at(&mut env, &["volume", "create", "32M", "--name", "new"], stage);
+        assert_eq!(names(&env), before, "nothing half-made listed");
+        files_match_rows(&env);
+    }
+
+    // The clone's volume is a copy of `data`, then the machine is deployed with it attached:
+    // until that is done the copy is pending, and a restart removes it.
+    for stage in ["file made", "file placed", "copies made"] {
+        step(&format!("machine clone: killed at {stage}"));
+        kill_at(&mut env, &["machine", "clone", "a", "a2"], stage);
+        assert_eq!(names(&env), before, "nothing half-made listed");
+        files_match_rows(&env);
+        assert!(
+            env.cli_err(&["machine", "status", "a2"])
+                .contains("does not exist")
+        );
+        assert_eq!(sha(&path), sum, "the source is intact");
+        let a = json(&env, &["machine", "status", "a"]);
+        assert_eq!(a["volumes"][0]["volume"], "data", "{a}");
+    }
+
+    assert!(
+        env.log()
+            .contains("removing a volume a crash left half-made (a machine clone or snapshot)"),
+        "the pending copy was swept at start"
+    );
+
+    step("machine clone: killed once deployed, before its copy is committed");
+    kill_at(&mut env, &["machine", "clone", "a", "a2"], "machine made");
+    assert_eq!(
+        names(&env),
+        BTreeSet::from(["data".to_string(), "a2-data".to_string()]),
+        "the finished clone keeps its volume"
+    );
+    files_match_rows(&env);
+    let a2 = json(&env, &["machine", "status", "a2"]);
+    assert_eq!(a2["volumes"][0]["volume"], "a2-data", "{a2}");
+    assert!(
+        env.log()
+            .contains("a machine clone finished without its volume committed")
+    );
+    assert_eq!(sha(&path), sum, "the source is intact");
+
+    step("a clone that fails removes only what it made");
+    env.kill_daemon("-KILL");
+    env.daemon_env.clear();
+    env.start_daemon();
+    let e = env.cli_err(&["machine", "clone", "a", "a2"]);
+    assert!(e.contains("already taken"), "{e}");
+    env.cli_ok(&["-y", "machine", "delete", "a2"]);
+    // a's second volume cannot be cloned (its name is taken) once its first one has been.
+    env.cli_ok(&["volume", "create", "16M", "--name", "logs"]);
+    env.cli_ok(&["machine", "volume", "attach", "a", "logs"]);
+    env.cli_ok(&["volume", "create", "16M", "--name", "a3-logs"]);
+    let e = env.cli_err(&["machine", "clone", "a", "a3"]);
+    assert!(e.contains("a3-logs") && e.contains("already taken"), "{e}");
+    assert_eq!(
+        names(&env),
+        ["data", "a2-data", "logs", "a3-logs"].map(String::from).into(),
+        "the clone's own copy (a3-data) is gone, the volume in its way stays"
+    );
+    files_match_rows(&env);
+    assert!(
+        env.cli_err(&["machine", "status", "a3"])
+            .contains("does not exist")
+    );
+}

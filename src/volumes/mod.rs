@@ -1,8 +1,10 @@
 //! Volumes: [`Volumes`] owns the volume and snapshot files in `data_dir/volumes` (create,
 //! resize, snapshot, clone, delete) and their rows. Crash-safe: a file is made under a `.part`
-//! name, renamed into place, and only then given its row; start-up removes what a crash left.
+//! name, renamed into place, and only then given its row (a pending one while a machine clone or
+//! snapshot is not done); start-up removes what a crash left.
 
 mod files;
+mod pending;
 
 pub use files::CopyMethod;
 
@@ -92,11 +94,13 @@ impl Volumes {
             .map_err(Error::io(format!("setting the mode of {}", d.display())))
     }
 
-    /// Daemon start: the directory exists (0700); files a crash left half-made (`.part`, or a
-    /// file whose row was never written) are removed; a size a crash left unrecorded is taken
-    /// from the file.
+    /// Daemon start: the directory exists (0700); pending volumes are committed when the
+    /// machine deploy that made them finished, and removed otherwise; files a crash left
+    /// half-made (`.part`, or a file whose row was never written) are removed; a size a crash
+    /// left unrecorded is taken from the file.
     pub fn startup(&self) -> Result<()> {
         self.ensure_dir()?;
+        self.settle_pending()?;
         let vols = self.store.lock().volumes()?;
         let rd = std::fs::read_dir(&self.settings.dir)
             .map_err(Error::io(format!("listing {}", self.settings.dir.display())))?;
@@ -129,7 +133,7 @@ impl Volumes {
     }
 
     /// Tests only: pause at a crash-relevant point, saying so in the log.
-    async fn test_pause(&self, stage: &str) {
+    pub(crate) async fn test_pause(&self, stage: &str) {
         if let Some(d) = self.settings.test_pause {
             tracing::warn!(stage, "volume operation paused for a test");
             tokio::time::sleep(d).await;
@@ -185,7 +189,7 @@ impl Volumes {
     }
 
     fn free_name(&self, name: &VolumeName) -> Result<()> {
-        match self.store.lock().volume(name.as_str()) {
+        match self.store.lock().volume_or_pending(name.as_str()) {
             Ok(_) => Err(Error::Conflict(format!(
                 "volume name {:?} is already taken",
                 name.as_str()
@@ -194,14 +198,14 @@ impl Volumes {
         }
     }
 
-    /// Put a finished `.part` file in place and give it its row; the file goes if the row
-    /// cannot be written.
-    async fn place(&self, v: Volume) -> Result<VolumeView> {
+    /// Put a finished `.part` file in place and give it its row (`pending`: hidden until
+    /// [`Volumes::commit`]); the file goes if the row cannot be written.
+    async fn place(&self, v: Volume, pending: bool) -> Result<VolumeView> {
         let (part, path) = (self.part(v.id), self.path(v.id));
         self.test_pause("file made").await;
         std::fs::rename(&part, &path).map_err(Error::io(format!("placing {}", path.display())))?;
         self.test_pause("file placed").await;
-        let inserted = self.store.lock().insert_volume(&v);
+        let inserted = self.store.lock().insert_volume_as(&v, pending);
         match inserted {
             Ok(v) => self.view(v),
             Err(e) => {
@@ -245,15 +249,18 @@ impl Volumes {
             let _ = std::fs::remove_file(&part);
             return Err(e);
         }
-        self.place(Volume {
-            id,
-            name,
-            kind: VolumeKind::Volume,
-            format,
-            size_bytes: size.as_bytes(),
-            source: None,
-            created_at: String::new(),
-        })
+        self.place(
+            Volume {
+                id,
+                name,
+                kind: VolumeKind::Volume,
+                format,
+                size_bytes: size.as_bytes(),
+                source: None,
+                created_at: String::new(),
+            },
+            false,
+        )
         .await
     }
 
@@ -365,8 +372,9 @@ impl Volumes {
         }
     }
 
-    /// Make a new volume (or snapshot) `name` from file `src`: a reflink or sparse copy.
-    pub async fn copy_in(
+    /// Make a new pending volume (or snapshot) `name` from file `src`: a reflink or sparse
+    /// copy. For an operation of several copies: see [`Volumes::commit`].
+    pub async fn copy_in_pending(
         &self,
         src: &Path,
         name: VolumeName,
@@ -375,11 +383,11 @@ impl Volumes {
         source: String,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
-        self.copy_from(src, None, name, kind, format, source, progress)
+        self.copy_from(src, None, name, kind, format, source, true, progress)
             .await
     }
 
-    /// [`Volumes::copy_in`]; when the file is volume `of`'s, refused (under the op lock) while
+    /// [`Volumes::copy_in_pending`], pending or not; when the file is volume `of`'s, refused (under the op lock) while
     /// a machine may write to it.
     #[allow(clippy::too_many_arguments)]
     async fn copy_from(
@@ -390,6 +398,7 @@ impl Volumes {
         kind: VolumeKind,
         format: VolumeFormat,
         source: String,
+        pending: bool,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
         let size = std::fs::metadata(src)
@@ -407,15 +416,18 @@ impl Volumes {
             let _ = std::fs::remove_file(&part);
             return Err(e);
         }
-        self.place(Volume {
-            id,
-            name,
-            kind,
-            format,
-            size_bytes: size,
-            source: Some(source),
-            created_at: String::new(),
-        })
+        self.place(
+            Volume {
+                id,
+                name,
+                kind,
+                format,
+                size_bytes: size,
+                source: Some(source),
+                created_at: String::new(),
+            },
+            pending,
+        )
         .await
     }
 
@@ -424,6 +436,26 @@ impl Volumes {
         &self,
         volume: &str,
         snap: VolumeName,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
+        self.snapshot_as(volume, snap, false, progress).await
+    }
+
+    /// [`Volumes::snapshot`], pending (see [`Volumes::commit`]).
+    pub async fn snapshot_pending(
+        &self,
+        volume: &str,
+        snap: VolumeName,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
+        self.snapshot_as(volume, snap, true, progress).await
+    }
+
+    async fn snapshot_as(
+        &self,
+        volume: &str,
+        snap: VolumeName,
+        pending: bool,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
         let v = self.store.lock().volume(volume)?;
@@ -441,6 +473,7 @@ impl Volumes {
             VolumeKind::Snapshot,
             v.format,
             src,
+            pending,
             progress,
         )
         .await
@@ -453,6 +486,26 @@ impl Volumes {
         new: VolumeName,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
+        self.clone_as(from, new, false, progress).await
+    }
+
+    /// [`Volumes::clone_volume`], pending (see [`Volumes::commit`]).
+    pub async fn clone_pending(
+        &self,
+        from: &str,
+        new: VolumeName,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
+        self.clone_as(from, new, true, progress).await
+    }
+
+    async fn clone_as(
+        &self,
+        from: &str,
+        new: VolumeName,
+        pending: bool,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
         let v = self.store.lock().volume(from)?;
         let src = format!("{} {}", v.kind, v.name);
         self.copy_from(
@@ -462,6 +515,7 @@ impl Volumes {
             VolumeKind::Volume,
             v.format,
             src,
+            pending,
             progress,
         )
         .await
@@ -481,20 +535,24 @@ impl Volumes {
             file.display(),
             self.settings.dir.display()
         )))?;
-        self.place(Volume {
-            id,
-            name,
-            kind: VolumeKind::Volume,
-            format: VolumeFormat::Ext4,
-            size_bytes: size,
-            source: Some(source),
-            created_at: String::new(),
-        })
+        self.place(
+            Volume {
+                id,
+                name,
+                kind: VolumeKind::Volume,
+                format: VolumeFormat::Ext4,
+                size_bytes: size,
+                source: Some(source),
+                created_at: String::new(),
+            },
+            false,
+        )
         .await
     }
 
     /// Delete a volume or snapshot and its file; refused while it is attached. The only code
-    /// that removes a volume.
+    /// that removes a volume (besides those of an operation that failed or never finished,
+    /// still pending: fresh copies, never anyone's data).
     pub async fn delete(&self, name: &str) -> Result<()> {
         let _g = self.op.lock().await;
         let v = self.store.lock().volume(name)?;
