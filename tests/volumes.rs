@@ -484,3 +484,95 @@ fn killed_daemon_mid_create_or_machine_clone_lists_nothing_half_made() {
             .contains("does not exist")
     );
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let at = self.0.to_str().unwrap();
+        if !run(&["umount", at]).status.success() {
+            let _ = run(&["umount", "-l", at]);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn resize_counts_its_copy_against_min_disk_free() {
+    let mut env = Env::new("svolr");
+    // The volumes on a file system of their own: 256M, no reflinks (a resize copies the file),
+    // and nobody else's writes moving its free space.
+    env.kill_daemon("-TERM");
+    let dir = env.dir.join("data/volumes");
+    std::fs::create_dir_all(&dir).unwrap();
+    ok(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=256m,mode=0700",
+        "tmpfs",
+        dir.to_str().unwrap(),
+    ]);
+    let _fs = Tmpfs(dir.clone());
+    env.write_config("min_disk_free: 64M\n");
+    env.start_daemon();
+    let free = || {
+        let s = nix::sys::statvfs::statvfs(&dir).unwrap();
+        s.blocks_available() * s.fragment_size()
+    };
+    assert!(
+        env.cli_ok(&["doctor"]).contains("no reflink"),
+        "{}",
+        env.cli_ok(&["doctor"])
+    );
+
+    step("a raw volume of 96M, full of data");
+    let big = json(
+        &env,
+        &["volume", "create", "96M", "--name", "big", "--format", "raw"],
+    );
+    let path = big["path"].as_str().unwrap().to_string();
+    ok(&[
+        "dd",
+        "if=/dev/urandom",
+        &format!("of={path}"),
+        "bs=1M",
+        "count=96",
+        "conv=notrunc,fsync",
+    ]);
+    let sum = sha(&path);
+
+    step("growing it by 16M copies its 96M first: refused, nothing changed");
+    // 256M - 96M = 160M free, 64M kept: 96M may be written; the resize writes 112M.
+    assert!(free() > 140 << 20 && free() < 165 << 20, "{} free", free());
+    refused(
+        &env,
+        &["volume", "resize", "big", "112M"],
+        "it writes up to 112M",
+        1,
+    );
+    assert_eq!(json(&env, &["volume", "show", "big"])["size_bytes"], 96 << 20);
+    assert_eq!(sha(&path), sum);
+    assert_eq!(names(&env), BTreeSet::from(["big".to_string()]));
+    files_match_rows(&env);
+
+    step("control: a resize whose copy fits goes through");
+    let small = json(
+        &env,
+        &["volume", "create", "16M", "--name", "small", "--format", "raw"],
+    );
+    let spath = small["path"].as_str().unwrap().to_string();
+    ok(&[
+        "dd",
+        "if=/dev/urandom",
+        &format!("of={spath}"),
+        "bs=1M",
+        "count=16",
+        "conv=notrunc,fsync",
+    ]);
+    let r = json(&env, &["volume", "resize", "small", "32M"]);
+    assert_eq!(r["size_bytes"], 32 << 20);
+    files_match_rows(&env);
+}

@@ -161,8 +161,8 @@ impl Volumes {
         self.view(v)
     }
 
-    /// Refuse a size over `max_storage`, or one that, written in full, would leave the data
-    /// dir less than `min_disk_free`.
+    /// Refuse a size over `max_storage`, or an operation that, writing `need` bytes (a new
+    /// volume counted in full), would leave the data dir less than `min_disk_free`.
     fn check_room(&self, what: &str, size: ByteSize, need: u64) -> Result<()> {
         let max = self.settings.max_storage;
         if size > max {
@@ -178,7 +178,8 @@ impl Volumes {
         let keep = self.settings.min_disk_free.as_bytes();
         if free < need.saturating_add(keep) {
             return Err(Error::NoSpace(format!(
-                "{what} {size} does not fit: {} free in {}, and {} must stay free (min_disk_free); allowed: at most {}",
+                "{what} {size} does not fit: it writes up to {}, {} is free in {}, and {} must stay free (min_disk_free); allowed: at most {} written",
+                ByteSize::mib(need.div_ceil(1 << 20)),
                 ByteSize::bytes(free / (1 << 20) * (1 << 20)),
                 dir.display(),
                 self.settings.min_disk_free,
@@ -283,7 +284,15 @@ impl Volumes {
                 ByteSize::bytes(v.size_bytes)
             )));
         }
-        self.check_room("size", size, size.as_bytes() - v.size_bytes)?;
+        // The grown file is a copy (the old one stays until the rename): without reflinks the
+        // copy's data is written too, on top of the growth.
+        let copy = match self.copy_method() {
+            CopyMethod::Reflink => 0,
+            CopyMethod::Copy => std::fs::metadata(self.path(v.id))
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .map_err(Error::io(format!("reading {}", self.path(v.id).display())))?,
+        };
+        self.check_room("size", size, size.as_bytes() - v.size_bytes + copy)?;
         self.refuse_if_running(&v, "resized")?;
         let part = self.part(v.id);
         let r = async {
