@@ -277,7 +277,20 @@ fn real_vm_readme_sequence() {
     page(&env, 8080);
 
     step("machine status web");
+    let digest = w["image_digest"].as_str().unwrap_or_default().to_string();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.dir.join("data/images/index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["tags"]["debian"].as_str(),
+        Some(digest.as_str()),
+        "the digest of the image it was deployed from: {w}"
+    );
     let st = env.cli_ok(&["machine", "status", "web"]);
+    let image_line = format!("Image:    debian (sha256:{})", &digest[..12]);
+    assert!(
+        st.lines().any(|l| l == image_line),
+        "missing {image_line:?} in\n{st}"
+    );
     for line in [
         "Name:     web",
         "Status:   running",

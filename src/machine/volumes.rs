@@ -69,6 +69,22 @@ impl AttachSpec {
     }
 }
 
+/// The file in a machine's directory recording the sha256 of the image it was deployed from.
+const IMAGE_DIGEST: &str = "image.sha256";
+
+/// The sha256 of the image the machine in `dir` was deployed from, when recorded.
+pub(super) fn image_digest(dir: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(dir.join(IMAGE_DIGEST)).ok()?;
+    let s = s.trim();
+    (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_string())
+}
+
+/// Record `digest` in the machine directory `dir`.
+fn record_image_digest(dir: &Path, digest: &str) -> Result<()> {
+    let p = dir.join(IMAGE_DIGEST);
+    std::fs::write(&p, format!("{digest}\n")).map_err(Error::io(format!("writing {}", p.display())))
+}
+
 /// The disk serial of a volume: `sv` and 18 hex digits of its ID (virtio-blk keeps 20).
 fn serial(id: Uuid) -> String {
     format!("sv{}", &id.simple().to_string()[..18])
@@ -200,9 +216,16 @@ impl Machines {
             if let Some(w) = workload::read(&self.machine_dir(src)) {
                 sistemo_vmm::image::oci::write_workload(dir, &w)?;
             }
+            if let Some(digest) = image_digest(&self.machine_dir(src)) {
+                record_image_digest(dir, &digest)?;
+            }
             return Ok(());
         }
         let (_, size) = images.create_disk(&d.image, dir, d.storage, progress).await?;
+        // What the name pointed at when the disk was made (a tag may move later).
+        if let Some(info) = images.lookup(&d.image) {
+            record_image_digest(dir, &info.sha256)?;
+        }
         self.apply_workload(d, dir)?;
         self.store.lock().set_storage(m.id, size.as_bytes())?;
         Ok(())
