@@ -576,3 +576,60 @@ fn resize_counts_its_copy_against_min_disk_free() {
     assert_eq!(r["size_bytes"], 32 << 20);
     files_match_rows(&env);
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn deploy_attaches_repeated_and_comma_separated_volumes() {
+    let env = Env::new("svolm");
+    for v in ["va", "vb", "vc", "vd"] {
+        env.cli_ok(&["volume", "create", "16M", "--name", v]);
+    }
+    let attached = |m: &str| -> Vec<(String, String, bool)> {
+        json(&env, &["machine", "volume", "list", m])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["volume"].as_str().unwrap().to_string(),
+                    a["mount"].as_str().unwrap_or("-").to_string(),
+                    a["readonly"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let t = |v: &str, m: &str, ro: bool| (v.to_string(), m.to_string(), ro);
+
+    step("--attach a --attach b");
+    env.machine("rep", &["--attach", "va:/a", "--attach", "vb"]);
+    assert_eq!(attached("rep"), [t("va", "/a", false), t("vb", "-", false)]);
+
+    step("--attach a,b (mounts and :ro in the list)");
+    env.machine("comma", &["--attach", "vc:/c,vd:/d:ro"]);
+    assert_eq!(attached("comma"), [t("vc", "/c", false), t("vd", "/d", true)]);
+    let vd = json(&env, &["volume", "show", "vd"]);
+    assert_eq!(vd["attached_to"].as_array().unwrap().len(), 1, "{vd}");
+
+    step("one bad name in the list: no machine, nothing attached");
+    let e = env.cli_err(&[
+        "machine",
+        "deploy",
+        "debian",
+        "--name",
+        "bad",
+        "--attach",
+        "vd:ro,nope",
+    ]);
+    assert!(e.contains("\"nope\" does not exist"), "{e}");
+    assert!(
+        env.cli_err(&["machine", "status", "bad"])
+            .contains("does not exist")
+    );
+    assert_eq!(
+        json(&env, &["volume", "show", "vd"])["attached_to"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
