@@ -59,10 +59,12 @@ fn real_vm_throttling() {
     const IOPS: f64 = 60.0;
     let seed = seed();
     let mut env = Env::qemu("sparthr", &seed);
-    // Sistemo's keys; the guest's test servers listen on the host's bridge address.
+    // Sistemo's keys; the guest's test servers listen on the host's bridge address. The guest
+    // writes a few MiB: a small free-space reserve lets it run on a host whose disk is nearly full.
     env.write_config(&format!(
         "default_bandwidth_mbps: {DOWN_MBPS}\ndefault_upload_mbps: {UP_MBPS}\n\
-         default_iops: {IOPS}\ndefault_disk_bw_mbps: {DISK_MIBPS}\nhost_ports_for_machines: [9000, 9001]\n"
+         default_iops: {IOPS}\ndefault_disk_bw_mbps: {DISK_MIBPS}\nhost_ports_for_machines: [9000, 9001]\n\
+         min_disk_free: 256M\n"
     ));
     env.kill_daemon("-TERM");
     env.start_daemon();
