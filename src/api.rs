@@ -93,6 +93,10 @@ pub struct MachineInfo {
     pub network: String,
     /// Image it was deployed from.
     pub image: String,
+    /// The sha256 of that image's file when it was deployed (absent: booted from a volume, or
+    /// deployed before digests were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// Virtual CPUs the guest sees.
     pub vcpus: u32,
     /// Memory in MiB.

@@ -51,6 +51,13 @@ fn sistemo_readme_config_starts_the_daemon_with_its_meaning() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert_eq!(probe("/health"), "200", "port: 9090 serves the API");
+    assert_eq!(
+        probe("/ready"),
+        "200",
+        "its readiness probe needs no credentials either"
+    );
+    let ready = env.sh("curl -s http://127.0.0.1:9090/ready");
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ready\n");
     assert_eq!(probe("/v1/machines"), "401", "and wants credentials there");
     let ip = env.machine("web", &[]);
     assert_eq!(ip, "10.50.0.2", "machines get addresses of bridge_subnet");
@@ -266,4 +273,37 @@ fn where_sistemo_is_wrong_we_are_not() {
     );
     // The address the failed deploys would have had is still the next one handed out.
     assert_eq!(env.machine("api", &[]), "10.200.0.3");
+}
+
+/// `sistemo install` makes the socket's group, as `service install` does: said by a dry run on
+/// the host (which changes nothing), and left alone under `--root`.
+#[test]
+fn install_creates_the_socket_group() {
+    let exe = env!("CARGO_BIN_EXE_sistemo");
+    let o = std::process::Command::new(exe)
+        .args(["install", "--dry-run"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        out.lines()
+            .any(|l| l == "would: create the group sistemo (its members use sistemo without sudo)"),
+        "{out}"
+    );
+    let root = std::env::temp_dir().join(format!("sistemo-hv-group-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let o = std::process::Command::new(exe)
+        .args(["install", "--dry-run", "--root", root.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        out.lines().any(|l| l == "group sistemo: not created (--root)"),
+        "{out}"
+    );
 }

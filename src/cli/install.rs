@@ -176,6 +176,19 @@ pub async fn install(o: InstallOptions, config: Option<&Path>) -> Result<()> {
         }
     }
 
+    // 4b. The group whose members use the API socket without sudo (as `service install`).
+    let group = crate::daemon::SOCKET_GROUP;
+    if !host {
+        println!("group {group}: not created (--root)");
+    } else {
+        say(&format!(
+            "create the group {group} (its members use sistemo without sudo)"
+        ));
+        if !o.dry_run {
+            systemd::ensure_socket_group()?;
+        }
+    }
+
     // 5. The systemd unit, (re)started.
     let unit = under(Path::new(systemd::UNIT_PATH));
     say(&format!("write {}", unit.display()));

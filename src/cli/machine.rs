@@ -59,13 +59,13 @@ pub enum MachineCmd {
         /// Machine name (a-z, 0-9, '-'; default: after the image, debian, then debian-2, ...).
         #[arg(long)]
         name: Option<String>,
-        /// Virtual CPUs.
+        /// Virtual CPUs (default: 1; at most the daemon's max_vcpus).
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory, e.g. 512M or 2G.
+        /// Memory, e.g. 512M or 2G (default: 512M).
         #[arg(long)]
         memory: Option<String>,
-        /// Disk size, e.g. 4G.
+        /// Disk size, e.g. 4G (default: the image's size, at least 2G).
         #[arg(long)]
         storage: Option<String>,
         /// Expose a port: [HOST_IP:]HOST_PORT[-END][:MACHINE_PORT[-END]][/tcp|/udp]. Repeatable.

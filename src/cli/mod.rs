@@ -325,9 +325,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 print_json(&h)?;
             } else {
                 table(
-                    &["TIME", "CALLER", "ACTION", "TARGET", "RESULT"],
+                    &["TIME", "CALLER", "ACTION", "TARGET", "DETAILS", "RESULT"],
                     h.into_iter()
                         .map(|e| {
+                            let (target, details) = history_details(&e.target);
                             vec![
                                 e.at,
                                 // who (a local account, a user, a token), and from where
@@ -339,7 +340,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
                                     }
                                 },
                                 e.action,
-                                e.target,
+                                target.to_string(),
+                                details.to_string(),
                                 e.result,
                             ]
                         })
@@ -438,4 +440,26 @@ fn urlencode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A history entry's target split for the table: what was acted on (a machine, a volume, …)
+/// and the details the entry holds after it (a port, a command, a volume), `-` when none.
+fn history_details(target: &str) -> (&str, &str) {
+    match target.split_once(' ') {
+        Some((t, d)) if !d.trim().is_empty() => (t, d.trim()),
+        _ => (target.trim(), "-"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::history_details;
+
+    #[test]
+    fn history_targets_split_into_target_and_details() {
+        assert_eq!(history_details("web 8080:80/tcp"), ("web", "8080:80/tcp"));
+        assert_eq!(history_details("web uname -a"), ("web", "uname -a"));
+        assert_eq!(history_details("web"), ("web", "-"));
+        assert_eq!(history_details("web "), ("web", "-"));
+    }
 }

@@ -67,9 +67,12 @@ pub fn format_status(m: &MachineInfo) -> String {
     } else {
         crate::domain::ByteSize::bytes(m.storage_bytes).to_string()
     };
+    let image = match &m.image_digest {
+        Some(d) => format!("{} (sha256:{})", m.image, &d[..d.len().min(12)]),
+        None => m.image.clone(),
+    };
     s.push_str(&format!(
-        "Image:    {}\nNetwork:  {}\nvCPUs:    {}\nMemory:   {}\nDisk:     {disk}\nCreated:  {}\n",
-        m.image,
+        "Image:    {image}\nNetwork:  {}\nvCPUs:    {}\nMemory:   {}\nDisk:     {disk}\nCreated:  {}\n",
         m.network,
         m.vcpus,
         crate::domain::ByteSize::mib(m.memory_mib),
@@ -271,5 +274,24 @@ mod tests {
         let guest = b"\x1b[2J\x1b[1;31mred\x1b[0m ok\x1b]0;title\x07 \x1b]52;c;aGk=\x1b\\done\x07\x08\n\tend";
         assert_eq!(without_escapes(guest), b"red ok done\n\tend");
         assert_eq!(without_escapes("é ✓".as_bytes()), "é ✓".as_bytes());
+    }
+
+    #[test]
+    fn status_shows_the_images_digest() {
+        let mut m: MachineInfo = serde_json::from_value(serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000000", "name": "web", "status": "running",
+            "ip": "10.200.0.2", "network": "default", "image": "debian", "vcpus": 2,
+            "memory_mib": 1024, "storage_bytes": 0, "ports": [], "created_at": "2026-01-01T00:00:00Z",
+            "image_digest": "0123456789abcdef".repeat(4),
+        }))
+        .unwrap();
+        let s = format_status(&m);
+        assert!(
+            s.lines().any(|l| l == "Image:    debian (sha256:0123456789ab)"),
+            "{s}"
+        );
+        m.image_digest = None;
+        let s = format_status(&m);
+        assert!(s.lines().any(|l| l == "Image:    debian"), "{s}");
     }
 }

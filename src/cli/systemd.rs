@@ -46,8 +46,8 @@ fn systemctl(args: &[&str]) -> Result<()> {
 }
 
 /// Create the group whose members may use the API socket without sudo (as the `docker`
-/// group's do), unless it exists.
-fn ensure_socket_group() -> Result<()> {
+/// group's do), unless it exists (`service install` and `install`).
+pub(super) fn ensure_socket_group() -> Result<()> {
     let g = crate::daemon::SOCKET_GROUP;
     if nix::unistd::Group::from_name(g).ok().flatten().is_some() {
         return Ok(());

@@ -61,6 +61,8 @@ pub struct MachineView {
     pub template: Option<String>,
     /// The one program it runs (an OCI image's workload, with the deploy's overrides).
     pub workload: Option<sistemo_vmm::image::oci::Workload>,
+    /// The sha256 of the image it was deployed from.
+    pub image_digest: Option<String>,
 }
 
 /// A deploy request, parsed: every value here has its type's shape; ranges that depend on the
@@ -281,6 +283,7 @@ impl Machines {
             vmm: self.vmm.name(),
             guest: None,
             workload: workload::read(&self.machine_dir(machine.id)),
+            image_digest: volumes::image_digest(&self.machine_dir(machine.id)),
             volumes: self
                 .store
                 .lock()

@@ -69,6 +69,22 @@ impl AttachSpec {
     }
 }
 
+/// The file in a machine's directory recording the sha256 of the image it was deployed from.
+const IMAGE_DIGEST: &str = "image.sha256";
+
+/// The sha256 of the image the machine in `dir` was deployed from, when recorded.
+pub(super) fn image_digest(dir: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(dir.join(IMAGE_DIGEST)).ok()?;
+    let s = s.trim();
+    (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_string())
+}
+
+/// Record `digest` in the machine directory `dir`.
+fn record_image_digest(dir: &Path, digest: &str) -> Result<()> {
+    let p = dir.join(IMAGE_DIGEST);
+    std::fs::write(&p, format!("{digest}\n")).map_err(Error::io(format!("writing {}", p.display())))
+}
+
 /// The disk serial of a volume: `sv` and 18 hex digits of its ID (virtio-blk keeps 20).
 fn serial(id: Uuid) -> String {
     format!("sv{}", &id.simple().to_string()[..18])
@@ -115,11 +131,19 @@ impl Machines {
     }
 
     /// Check a deploy's volumes before anything is made: they exist, are volumes, and a mount
-    /// point goes with an ext4 one.
+    /// point goes with an ext4 one. A machine clone's deploy attaches the pending volumes the
+    /// clone made; no other deploy sees them.
     pub(super) fn check_deploy_volumes(&self, d: &Deploy) -> Result<()> {
         let st = self.store.lock();
+        let find = |n: &str| {
+            if d.clone_of.is_some() {
+                st.volume_or_pending(n)
+            } else {
+                st.volume(n)
+            }
+        };
         for a in &d.attach {
-            let v = st.volume(a.volume.as_str())?;
+            let v = find(a.volume.as_str())?;
             if a.mount.is_some() && v.format != VolumeFormat::Ext4 {
                 return Err(Error::Invalid(format!(
                     "volume {} is raw and cannot be mounted at {} (allowed: a mount point for ext4 volumes; attach it without one)",
@@ -129,7 +153,7 @@ impl Machines {
             }
         }
         if let Some(r) = &d.root_volume {
-            st.volume(r.as_str())?;
+            find(r.as_str())?;
             if d.storage.is_some() {
                 return Err(Error::Invalid(
                     "--storage does not apply when booting from a volume (allowed: resize the volume)".into(),
@@ -156,6 +180,7 @@ impl Machines {
                 mount: a.mount.clone(),
                 readonly: a.readonly,
                 root: false,
+                pending_ok: d.clone_of.is_some(),
             })
             .collect();
         if let Some(r) = &d.root_volume {
@@ -166,12 +191,13 @@ impl Machines {
                     mount: None,
                     readonly: false,
                     root: true,
+                    pending_ok: d.clone_of.is_some(),
                 },
             );
         }
         self.store.lock().attach_volumes(m.id, &new)?;
         if let Some(r) = &d.root_volume {
-            let v = self.store.lock().volume(r.as_str())?;
+            let v = self.store.lock().volume_or_pending(r.as_str())?;
             self.store.lock().set_storage(m.id, v.size_bytes)?;
             return Ok(());
         }
@@ -190,9 +216,16 @@ impl Machines {
             if let Some(w) = workload::read(&self.machine_dir(src)) {
                 sistemo_vmm::image::oci::write_workload(dir, &w)?;
             }
+            if let Some(digest) = image_digest(&self.machine_dir(src)) {
+                record_image_digest(dir, &digest)?;
+            }
             return Ok(());
         }
         let (_, size) = images.create_disk(&d.image, dir, d.storage, progress).await?;
+        // What the name pointed at when the disk was made (a tag may move later).
+        if let Some(info) = images.lookup(&d.image) {
+            record_image_digest(dir, &info.sha256)?;
+        }
         self.apply_workload(d, dir)?;
         self.store.lock().set_storage(m.id, size.as_bytes())?;
         Ok(())
@@ -219,6 +252,7 @@ impl Machines {
                 mount: a.mount,
                 readonly: a.readonly,
                 root: false,
+                pending_ok: false,
             }],
         )?;
         self.get(&id.to_string())
@@ -332,29 +366,43 @@ impl Machines {
             "machine {} (image {}, {} vCPU, {}M, network {})",
             m.name, m.image, m.vcpus, m.memory_mib, m.network
         );
-        let mut out = vec![
-            self.volumes
-                .copy_in(
-                    &root,
-                    snap.clone(),
-                    VolumeKind::Snapshot,
-                    VolumeFormat::Ext4,
-                    config,
-                    progress,
-                )
-                .await?,
-        ];
-        for a in att.iter().filter(|a| !a.root && !a.readonly) {
-            let n: VolumeName = format!("{snap}-{}", a.volume.name)
-                .parse()
-                .map_err(|e: crate::domain::Invalid| Error::Invalid(e.0))?;
+        // Pending until every disk is copied: a crash half-way leaves none listed.
+        let mut out: Vec<VolumeView> = Vec::new();
+        let res: Result<()> = async {
             out.push(
                 self.volumes
-                    .snapshot(&a.volume.id.to_string(), n, progress)
+                    .copy_in_pending(
+                        &root,
+                        snap.clone(),
+                        VolumeKind::Snapshot,
+                        VolumeFormat::Ext4,
+                        config,
+                        progress,
+                    )
                     .await?,
             );
+            for a in att.iter().filter(|a| !a.root && !a.readonly) {
+                let n: VolumeName = format!("{snap}-{}", a.volume.name)
+                    .parse()
+                    .map_err(|e: crate::domain::Invalid| Error::Invalid(e.0))?;
+                out.push(
+                    self.volumes
+                        .snapshot_pending(&a.volume.id.to_string(), n, progress)
+                        .await?,
+                );
+            }
+            self.volumes.test_pause("copies made").await;
+            Ok(())
         }
-        Ok(out)
+        .await;
+        let made: Vec<Uuid> = out.iter().map(|v| v.volume.id).collect();
+        match res.and_then(|()| self.volumes.commit(&made)) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                self.volumes.discard(&made).await;
+                Err(e)
+            }
+        }
     }
 
     /// `BASE-1`, `BASE-2`, … : the first name no volume has.
@@ -368,7 +416,9 @@ impl Machines {
 
     /// Clone a stopped machine into a new one that boots: its disk copied (a reflink where
     /// the file system can), its configuration, a new ID, MAC and IP, no exposes. Read-write
-    /// volumes are cloned as `NEW-VOLUME`, read-only ones shared.
+    /// volumes are cloned as `NEW-VOLUME`, read-only ones shared. The copies stay pending
+    /// (unlisted) until the new machine is deployed: a crash before leaves none listed, and
+    /// start-up removes them.
     pub async fn clone_machine(
         &self,
         name: &str,
@@ -385,7 +435,7 @@ impl Machines {
             if self.store.lock().machine(new.as_str()).is_ok() {
                 return Err(Error::Conflict(format!("machine name {new:?} is already taken")));
             }
-            let mut made: Vec<String> = Vec::new();
+            let mut made: Vec<Uuid> = Vec::new();
             let mut d = Deploy {
                 image: m.image.clone(),
                 name: Some(new.clone()),
@@ -419,13 +469,14 @@ impl Machines {
                         format!("{new}-{}", if a.root { "root" } else { a.volume.name.as_str() })
                             .parse()
                             .map_err(|e: crate::domain::Invalid| Error::Invalid(e.0))?;
-                    self.volumes
-                        .clone_volume(&a.volume.id.to_string(), n.clone(), progress)
+                    let v = self
+                        .volumes
+                        .clone_pending(&a.volume.id.to_string(), n.clone(), progress)
                         .await?;
-                    made.push(n.to_string());
+                    made.push(v.volume.id);
                     if a.root {
+                        // `clone_of` stays: the deploy may attach the pending copies.
                         d.root_volume = Some(n);
-                        d.clone_of = None;
                     } else {
                         d.attach.push(AttachSpec {
                             volume: n,
@@ -434,29 +485,28 @@ impl Machines {
                         });
                     }
                 }
+                self.volumes.test_pause("copies made").await;
                 Ok(())
             }
             .await;
             if let Err(e) = res {
-                self.drop_clones(&made).await;
+                self.volumes.discard(&made).await;
                 return Err(e);
             }
             (d, made)
         };
-        let r = self.deploy(d, progress).await;
+        // Only the volumes this clone made, still pending, go if it fails: never a source's.
+        let r = async {
+            let view = self.deploy(d, progress).await?;
+            self.volumes.test_pause("machine made").await;
+            self.volumes.commit(&made)?;
+            Ok(view)
+        }
+        .await;
         if r.is_err() {
-            self.drop_clones(&made).await;
+            self.volumes.discard(&made).await;
         }
         r
-    }
-
-    /// Remove the volumes a failed clone made (never attached to anything that stays).
-    async fn drop_clones(&self, made: &[String]) {
-        for n in made {
-            if let Err(e) = self.volumes.delete(n).await {
-                tracing::warn!(volume = %n, error = %crate::error::chain(&e), "removing a failed clone's volume");
-            }
-        }
     }
 }
 

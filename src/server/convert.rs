@@ -126,6 +126,7 @@ pub fn machine_info(v: &MachineView) -> MachineInfo {
         ip: m.ip.to_string(),
         network: m.network.to_string(),
         image: m.image.clone(),
+        image_digest: v.image_digest.clone(),
         vcpus: m.vcpus,
         memory_mib: m.memory_mib,
         storage_bytes: m.storage_bytes,

@@ -157,6 +157,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE machines ADD COLUMN vmm_slot INTEGER;
      UPDATE machines SET vmm_slot = (SELECT COUNT(*) FROM machines m2 WHERE m2.rowid < machines.rowid);
      CREATE UNIQUE INDEX machines_vmm_slot ON machines(vmm_slot);",
+    // 10: volumes a machine clone or snapshot is still making (hidden; swept at start)
+    volumes::PENDING_MIGRATION,
 ];
 
 /// A named network: a bridge and a subnet.

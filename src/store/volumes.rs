@@ -104,7 +104,14 @@ pub struct NewAttachment {
     pub readonly: bool,
     /// The machine's root disk.
     pub root: bool,
+    /// A pending volume may be attached: the machine clone that made it deploys.
+    pub pending_ok: bool,
 }
+
+/// Migration: `pending` marks a volume a machine clone or snapshot is still making. It is not
+/// listed or found by name; the operation commits it when done, or start-up sweeps it (a fresh
+/// copy, never user data) unless a machine that finished deploying uses it.
+pub const PENDING_MIGRATION: &str = "ALTER TABLE volumes ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;";
 
 const VOLUME_COLS: &str = "v.id, v.name, v.kind, v.format, v.size_bytes, v.source, v.created_at";
 
@@ -142,28 +149,54 @@ fn not_found(name: &str) -> StoreError {
 }
 
 impl Store {
-    /// Every volume and snapshot, oldest first.
+    /// Every volume and snapshot, oldest first (not the pending ones).
     pub fn volumes(&self) -> Result<Vec<Volume>> {
         let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {VOLUME_COLS} FROM volumes v ORDER BY v.created_at, v.name"
+            "SELECT {VOLUME_COLS} FROM volumes v WHERE NOT v.pending ORDER BY v.created_at, v.name"
         ))?;
         let rows = st.query_map([], row_to_volume)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// A volume or snapshot by ID or name (an ID wins).
+    /// The pending volumes.
+    pub fn pending_volumes(&self) -> Result<Vec<Volume>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!("SELECT {VOLUME_COLS} FROM volumes v WHERE v.pending"))?;
+        let rows = st.query_map([], row_to_volume)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// A volume or snapshot by ID or name (an ID wins); not a pending one.
     pub fn volume(&self, name_or_id: &str) -> Result<Volume> {
+        self.find_volume(name_or_id, false)
+    }
+
+    /// [`Store::volume`], a pending one too (what the operation making it attaches, and the
+    /// names new volumes must not take).
+    pub fn volume_or_pending(&self, name_or_id: &str) -> Result<Volume> {
+        self.find_volume(name_or_id, true)
+    }
+
+    fn find_volume(&self, name_or_id: &str, pending: bool) -> Result<Volume> {
         self.conn
             .prepare_cached(&format!(
-                "SELECT {VOLUME_COLS} FROM volumes v WHERE v.id = ?1 OR v.name = ?1 ORDER BY v.id = ?1 DESC LIMIT 1"
+                "SELECT {VOLUME_COLS} FROM volumes v WHERE (v.id = ?1 OR v.name = ?1) AND (?2 OR NOT v.pending)
+                 ORDER BY v.id = ?1 DESC LIMIT 1"
             ))?
-            .query_row([name_or_id], row_to_volume)
+            .query_row(params![name_or_id, pending], row_to_volume)
             .optional()?
             .ok_or_else(|| not_found(name_or_id))
     }
 
-    /// Insert a volume whose file is complete; its name must be free.
+    /// Insert a volume whose file is complete; its name must be free. A `pending` one stays
+    /// hidden until [`Store::commit_volumes`].
     pub fn insert_volume(&self, v: &Volume) -> Result<Volume> {
+        self.insert_volume_as(v, false)
+    }
+
+    /// [`Store::insert_volume`], pending or not.
+    pub fn insert_volume_as(&self, v: &Volume, pending: bool) -> Result<Volume> {
         let taken = self
             .conn
             .query_row("SELECT 1 FROM volumes WHERE name = ?1", [v.name.as_str()], |_| {
@@ -177,17 +210,49 @@ impl Store {
             )));
         }
         self.conn.execute(
-            "INSERT INTO volumes(id, name, kind, format, size_bytes, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO volumes(id, name, kind, format, size_bytes, source, pending) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 v.id.to_string(),
                 v.name.as_str(),
                 v.kind.as_str(),
                 v.format.as_str(),
                 v.size_bytes,
-                v.source
+                v.source,
+                pending
             ],
         )?;
-        self.volume(&v.id.to_string())
+        self.volume_or_pending(&v.id.to_string())
+    }
+
+    /// Make pending volumes ordinary ones, all at once.
+    pub fn commit_volumes(&mut self, ids: &[Uuid]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for id in ids {
+            tx.execute("UPDATE volumes SET pending = 0 WHERE id = ?1", [id.to_string()])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Delete a pending volume's row and its attachments, which may only be to machines whose
+    /// deploy never finished (`creating`); false when there is no such pending volume, or a
+    /// machine past its deploy uses it (it is that machine's disk now: left alone).
+    pub fn delete_pending_volume(&mut self, id: Uuid) -> Result<bool> {
+        if self
+            .attachments_of_volume(id)?
+            .iter()
+            .any(|a| a.machine_state != MachineState::Creating)
+        {
+            return Ok(false);
+        }
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM volume_attachments WHERE volume_id = (SELECT id FROM volumes WHERE id = ?1 AND pending)",
+            [id.to_string()],
+        )?;
+        let gone = tx.execute("DELETE FROM volumes WHERE id = ?1 AND pending", [id.to_string()])? > 0;
+        tx.commit()?;
+        Ok(gone)
     }
 
     /// Record a volume's new size.
@@ -257,8 +322,10 @@ impl Store {
         for a in new {
             let v = tx
                 .query_row(
-                    &format!("SELECT {VOLUME_COLS} FROM volumes v WHERE v.id = ?1 OR v.name = ?1"),
-                    [&a.volume],
+                    &format!(
+                        "SELECT {VOLUME_COLS} FROM volumes v WHERE (v.id = ?1 OR v.name = ?1) AND (?2 OR NOT v.pending)"
+                    ),
+                    params![&a.volume, a.pending_ok],
                     row_to_volume,
                 )
                 .optional()?
@@ -339,6 +406,7 @@ mod tests {
             mount: Some("/data".into()),
             readonly,
             root: false,
+            pending_ok: false,
         }
     }
 
@@ -389,6 +457,71 @@ mod tests {
         assert_eq!(s.volume("pg").unwrap().id, pg.id);
         s.delete_volume(pg.id).unwrap();
         assert!(s.volume("pg").is_err());
+    }
+
+    #[test]
+    fn pending_volumes_are_hidden_until_committed() {
+        let mut s = store();
+        let a = s.create_machine(&machine("a"), &[]).unwrap();
+        let new = |name: &str| Volume {
+            id: Uuid::new_v4(),
+            name: name.parse().unwrap(),
+            kind: VolumeKind::Volume,
+            format: VolumeFormat::Ext4,
+            size_bytes: 1 << 30,
+            source: None,
+            created_at: String::new(),
+        };
+        let (p, q) = (new("p"), new("q"));
+        s.insert_volume_as(&p, true).unwrap();
+        s.insert_volume_as(&q, true).unwrap();
+        assert!(s.volumes().unwrap().is_empty(), "not listed");
+        assert!(s.volume("p").is_err(), "not found by name");
+        assert!(s.volume(&p.id.to_string()).is_err(), "nor by ID");
+        assert_eq!(s.volume_or_pending("p").unwrap().id, p.id);
+        let e = s.insert_volume(&new("p")).unwrap_err().to_string();
+        assert!(e.contains("already taken"), "its name is held: {e}");
+        assert!(
+            s.attach_volumes(a.id, &[att("p", false)]).is_err(),
+            "only its maker attaches it"
+        );
+        // what the operation making it does: attach it to the machine it deploys
+        let mine = NewAttachment {
+            pending_ok: true,
+            ..att("p", false)
+        };
+        s.attach_volumes(a.id, &[mine]).unwrap();
+        assert_eq!(s.pending_volumes().unwrap().len(), 2);
+        s.commit_volumes(&[p.id]).unwrap();
+        assert_eq!(s.volume("p").unwrap().id, p.id);
+        assert!(
+            !s.delete_pending_volume(p.id).unwrap(),
+            "a committed volume is not pending"
+        );
+        let r = s.insert_volume_as(&new("r"), true).unwrap();
+        s.attach_volumes(
+            a.id,
+            &[NewAttachment {
+                pending_ok: true,
+                ..att("r", false)
+            }],
+        )
+        .unwrap();
+        s.set_state(a.id, MachineState::Running, None).unwrap();
+        assert!(
+            !s.delete_pending_volume(r.id).unwrap(),
+            "a deployed machine's disk stays"
+        );
+        s.set_state(a.id, MachineState::Creating, None).unwrap();
+        assert!(
+            s.delete_pending_volume(r.id).unwrap(),
+            "an interrupted deploy's goes"
+        );
+        assert!(s.delete_pending_volume(q.id).unwrap());
+        assert!(s.volume_or_pending("q").is_err());
+        let listed: Vec<_> = s.volumes().unwrap().into_iter().map(|v| v.id).collect();
+        assert_eq!(listed, [p.id]);
+        assert_eq!(s.attachments_of_machine(a.id).unwrap().len(), 1);
     }
 
     #[test]

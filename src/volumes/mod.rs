@@ -1,8 +1,10 @@
 //! Volumes: [`Volumes`] owns the volume and snapshot files in `data_dir/volumes` (create,
 //! resize, snapshot, clone, delete) and their rows. Crash-safe: a file is made under a `.part`
-//! name, renamed into place, and only then given its row; start-up removes what a crash left.
+//! name, renamed into place, and only then given its row (a pending one while a machine clone or
+//! snapshot is not done); start-up removes what a crash left.
 
 mod files;
+mod pending;
 
 pub use files::CopyMethod;
 
@@ -92,11 +94,13 @@ impl Volumes {
             .map_err(Error::io(format!("setting the mode of {}", d.display())))
     }
 
-    /// Daemon start: the directory exists (0700); files a crash left half-made (`.part`, or a
-    /// file whose row was never written) are removed; a size a crash left unrecorded is taken
-    /// from the file.
+    /// Daemon start: the directory exists (0700); pending volumes are committed when the
+    /// machine deploy that made them finished, and removed otherwise; files a crash left
+    /// half-made (`.part`, or a file whose row was never written) are removed; a size a crash
+    /// left unrecorded is taken from the file.
     pub fn startup(&self) -> Result<()> {
         self.ensure_dir()?;
+        self.settle_pending()?;
         let vols = self.store.lock().volumes()?;
         let rd = std::fs::read_dir(&self.settings.dir)
             .map_err(Error::io(format!("listing {}", self.settings.dir.display())))?;
@@ -129,7 +133,7 @@ impl Volumes {
     }
 
     /// Tests only: pause at a crash-relevant point, saying so in the log.
-    async fn test_pause(&self, stage: &str) {
+    pub(crate) async fn test_pause(&self, stage: &str) {
         if let Some(d) = self.settings.test_pause {
             tracing::warn!(stage, "volume operation paused for a test");
             tokio::time::sleep(d).await;
@@ -157,8 +161,8 @@ impl Volumes {
         self.view(v)
     }
 
-    /// Refuse a size over `max_storage`, or one that, written in full, would leave the data
-    /// dir less than `min_disk_free`.
+    /// Refuse a size over `max_storage`, or an operation that, writing `need` bytes (a new
+    /// volume counted in full), would leave the data dir less than `min_disk_free`.
     fn check_room(&self, what: &str, size: ByteSize, need: u64) -> Result<()> {
         let max = self.settings.max_storage;
         if size > max {
@@ -174,7 +178,8 @@ impl Volumes {
         let keep = self.settings.min_disk_free.as_bytes();
         if free < need.saturating_add(keep) {
             return Err(Error::NoSpace(format!(
-                "{what} {size} does not fit: {} free in {}, and {} must stay free (min_disk_free); allowed: at most {}",
+                "{what} {size} does not fit: it writes up to {}, {} is free in {}, and {} must stay free (min_disk_free); allowed: at most {} written",
+                ByteSize::mib(need.div_ceil(1 << 20)),
                 ByteSize::bytes(free / (1 << 20) * (1 << 20)),
                 dir.display(),
                 self.settings.min_disk_free,
@@ -185,7 +190,7 @@ impl Volumes {
     }
 
     fn free_name(&self, name: &VolumeName) -> Result<()> {
-        match self.store.lock().volume(name.as_str()) {
+        match self.store.lock().volume_or_pending(name.as_str()) {
             Ok(_) => Err(Error::Conflict(format!(
                 "volume name {:?} is already taken",
                 name.as_str()
@@ -194,14 +199,14 @@ impl Volumes {
         }
     }
 
-    /// Put a finished `.part` file in place and give it its row; the file goes if the row
-    /// cannot be written.
-    async fn place(&self, v: Volume) -> Result<VolumeView> {
+    /// Put a finished `.part` file in place and give it its row (`pending`: hidden until
+    /// [`Volumes::commit`]); the file goes if the row cannot be written.
+    async fn place(&self, v: Volume, pending: bool) -> Result<VolumeView> {
         let (part, path) = (self.part(v.id), self.path(v.id));
         self.test_pause("file made").await;
         std::fs::rename(&part, &path).map_err(Error::io(format!("placing {}", path.display())))?;
         self.test_pause("file placed").await;
-        let inserted = self.store.lock().insert_volume(&v);
+        let inserted = self.store.lock().insert_volume_as(&v, pending);
         match inserted {
             Ok(v) => self.view(v),
             Err(e) => {
@@ -245,15 +250,18 @@ impl Volumes {
             let _ = std::fs::remove_file(&part);
             return Err(e);
         }
-        self.place(Volume {
-            id,
-            name,
-            kind: VolumeKind::Volume,
-            format,
-            size_bytes: size.as_bytes(),
-            source: None,
-            created_at: String::new(),
-        })
+        self.place(
+            Volume {
+                id,
+                name,
+                kind: VolumeKind::Volume,
+                format,
+                size_bytes: size.as_bytes(),
+                source: None,
+                created_at: String::new(),
+            },
+            false,
+        )
         .await
     }
 
@@ -276,7 +284,15 @@ impl Volumes {
                 ByteSize::bytes(v.size_bytes)
             )));
         }
-        self.check_room("size", size, size.as_bytes() - v.size_bytes)?;
+        // The grown file is a copy (the old one stays until the rename): without reflinks the
+        // copy's data is written too, on top of the growth.
+        let copy = match self.copy_method() {
+            CopyMethod::Reflink => 0,
+            CopyMethod::Copy => std::fs::metadata(self.path(v.id))
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .map_err(Error::io(format!("reading {}", self.path(v.id).display())))?,
+        };
+        self.check_room("size", size, size.as_bytes() - v.size_bytes + copy)?;
         self.refuse_if_running(&v, "resized")?;
         let part = self.part(v.id);
         let r = async {
@@ -342,8 +358,32 @@ impl Volumes {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
-    /// Make a new volume (or snapshot) `name` from file `src`: a reflink or sparse copy.
-    pub async fn copy_in(
+    /// Refuse while a machine that may write to `v` (a read-write attachment) is not stopped:
+    /// a copy of a file that changes under it is torn (a reflink is not, but a sparse copy is).
+    /// Called under the op lock, which a VMM's start takes too.
+    fn refuse_if_written(&self, v: &Volume, what: &str) -> Result<()> {
+        let writer = self
+            .store
+            .lock()
+            .attachments_of_volume(v.id)?
+            .into_iter()
+            .find(|a| {
+                !a.readonly
+                    && a.machine_state != crate::domain::MachineState::Stopped
+                    && a.machine_state != crate::domain::MachineState::Error
+            });
+        match writer {
+            Some(a) => Err(Error::Conflict(format!(
+                "volume {} cannot be {what} while machine {} ({}) may write to it; stop it first (sistemo machine stop {})",
+                v.name, a.machine, a.machine_state, a.machine
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Make a new pending volume (or snapshot) `name` from file `src`: a reflink or sparse
+    /// copy. For an operation of several copies: see [`Volumes::commit`].
+    pub async fn copy_in_pending(
         &self,
         src: &Path,
         name: VolumeName,
@@ -352,11 +392,32 @@ impl Volumes {
         source: String,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
+        self.copy_from(src, None, name, kind, format, source, true, progress)
+            .await
+    }
+
+    /// [`Volumes::copy_in_pending`], pending or not; when the file is volume `of`'s, refused (under the op lock) while
+    /// a machine may write to it.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_from(
+        &self,
+        src: &Path,
+        of: Option<(&Volume, &str)>,
+        name: VolumeName,
+        kind: VolumeKind,
+        format: VolumeFormat,
+        source: String,
+        pending: bool,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
         let size = std::fs::metadata(src)
             .map_err(Error::io(format!("reading {}", src.display())))?
             .len();
         self.check_room("size", ByteSize::bytes(size), size)?;
         let _g = self.op.lock().await;
+        if let Some((v, what)) = of {
+            self.refuse_if_written(v, what)?;
+        }
         self.free_name(&name)?;
         let id = Uuid::new_v4();
         let part = self.part(id);
@@ -364,15 +425,18 @@ impl Volumes {
             let _ = std::fs::remove_file(&part);
             return Err(e);
         }
-        self.place(Volume {
-            id,
-            name,
-            kind,
-            format,
-            size_bytes: size,
-            source: Some(source),
-            created_at: String::new(),
-        })
+        self.place(
+            Volume {
+                id,
+                name,
+                kind,
+                format,
+                size_bytes: size,
+                source: Some(source),
+                created_at: String::new(),
+            },
+            pending,
+        )
         .await
     }
 
@@ -383,6 +447,26 @@ impl Volumes {
         snap: VolumeName,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
+        self.snapshot_as(volume, snap, false, progress).await
+    }
+
+    /// [`Volumes::snapshot`], pending (see [`Volumes::commit`]).
+    pub async fn snapshot_pending(
+        &self,
+        volume: &str,
+        snap: VolumeName,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
+        self.snapshot_as(volume, snap, true, progress).await
+    }
+
+    async fn snapshot_as(
+        &self,
+        volume: &str,
+        snap: VolumeName,
+        pending: bool,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
         let v = self.store.lock().volume(volume)?;
         if v.kind == VolumeKind::Snapshot {
             return Err(Error::Invalid(format!(
@@ -391,12 +475,14 @@ impl Volumes {
             )));
         }
         let src = format!("volume {}", v.name);
-        self.copy_in(
+        self.copy_from(
             &self.path(v.id),
+            Some((&v, "snapshotted")),
             snap,
             VolumeKind::Snapshot,
             v.format,
             src,
+            pending,
             progress,
         )
         .await
@@ -409,10 +495,39 @@ impl Volumes {
         new: VolumeName,
         progress: Progress<'_>,
     ) -> Result<VolumeView> {
+        self.clone_as(from, new, false, progress).await
+    }
+
+    /// [`Volumes::clone_volume`], pending (see [`Volumes::commit`]).
+    pub async fn clone_pending(
+        &self,
+        from: &str,
+        new: VolumeName,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
+        self.clone_as(from, new, true, progress).await
+    }
+
+    async fn clone_as(
+        &self,
+        from: &str,
+        new: VolumeName,
+        pending: bool,
+        progress: Progress<'_>,
+    ) -> Result<VolumeView> {
         let v = self.store.lock().volume(from)?;
         let src = format!("{} {}", v.kind, v.name);
-        self.copy_in(&self.path(v.id), new, VolumeKind::Volume, v.format, src, progress)
-            .await
+        self.copy_from(
+            &self.path(v.id),
+            Some((&v, "cloned")),
+            new,
+            VolumeKind::Volume,
+            v.format,
+            src,
+            pending,
+            progress,
+        )
+        .await
     }
 
     /// Give an existing file (a deleted machine's root disk) a volume's row: it is hard-linked
@@ -429,20 +544,24 @@ impl Volumes {
             file.display(),
             self.settings.dir.display()
         )))?;
-        self.place(Volume {
-            id,
-            name,
-            kind: VolumeKind::Volume,
-            format: VolumeFormat::Ext4,
-            size_bytes: size,
-            source: Some(source),
-            created_at: String::new(),
-        })
+        self.place(
+            Volume {
+                id,
+                name,
+                kind: VolumeKind::Volume,
+                format: VolumeFormat::Ext4,
+                size_bytes: size,
+                source: Some(source),
+                created_at: String::new(),
+            },
+            false,
+        )
         .await
     }
 
     /// Delete a volume or snapshot and its file; refused while it is attached. The only code
-    /// that removes a volume.
+    /// that removes a volume (besides those of an operation that failed or never finished,
+    /// still pending: fresh copies, never anyone's data).
     pub async fn delete(&self, name: &str) -> Result<()> {
         let _g = self.op.lock().await;
         let v = self.store.lock().volume(name)?;

@@ -197,7 +197,8 @@ pub(crate) enum Boot<'a> {
 }
 
 /// One `-drive` and `virtio-blk-device` per volume, after the root disk (so the guest sees them
-/// as vdb, vdc, … in order), each with its serial for the guest to find it by.
+/// as vdb, vdc, … in order), each with its serial for the guest to find it by, and in the root
+/// disk's throttle group: the machine's disk limits cover its volumes too.
 fn volume_args(spec: &MachineSpec) -> Vec<String> {
     let mut a = Vec::new();
     for (i, v) in spec.volumes.iter().enumerate() {
@@ -205,8 +206,9 @@ fn volume_args(spec: &MachineSpec) -> Vec<String> {
         a.extend([
             "-drive".into(),
             format!(
-                "file={},format=raw,if=none,id=v{i},cache=writeback{ro}",
-                escape_opt(&v.path.display().to_string())
+                "file={},format=raw,if=none,id=v{i},cache=writeback{ro}{}",
+                escape_opt(&v.path.display().to_string()),
+                drive_throttling(&spec.io)
             ),
             "-device".into(),
             format!("virtio-blk-device,drive=v{i},serial={}", escape_opt(&v.serial)),
@@ -216,9 +218,14 @@ fn volume_args(spec: &MachineSpec) -> Vec<String> {
 }
 
 /// The `-drive` options that throttle a disk to `io`'s limits (QEMU's leaky bucket, which lets
-/// a tenth of a second's worth through at once): empty when it is unlimited.
+/// a tenth of a second's worth through at once): empty when it is unlimited. Every drive of a
+/// machine joins one throttle group, so the limits are the machine's, whatever disk the guest
+/// uses: a volume is no way around them (and two disks do not double them).
 fn drive_throttling(io: &crate::IoLimits) -> String {
-    let mut o = String::new();
+    if io.iops == 0 && io.disk_bw_mbps == 0 {
+        return String::new();
+    }
+    let mut o = format!(",throttling.group={THROTTLE_GROUP}");
     if io.iops > 0 {
         o.push_str(&format!(",throttling.iops-total={}", io.iops));
     }
@@ -230,6 +237,9 @@ fn drive_throttling(io: &crate::IoLimits) -> String {
     }
     o
 }
+
+/// The throttle group of a machine's drives (one QEMU process runs one machine).
+const THROTTLE_GROUP: &str = "disks";
 
 /// Escape a value for a QEMU option list (commas are doubled).
 fn escape_opt(s: &str) -> String {
@@ -482,7 +492,51 @@ mod tests {
         };
         let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
         assert!(
-            a.contains("id=d0,cache=writeback,auto-read-only=off,throttling.iops-total=300,throttling.bps-total=8388608 "),
+            a.contains("id=d0,cache=writeback,auto-read-only=off,throttling.group=disks,throttling.iops-total=300,throttling.bps-total=8388608 "),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn volumes_share_the_root_disks_throttle_group() {
+        let (q, mut spec) = dummy(Accel::Tcg);
+        spec.volumes = vec![
+            crate::VolumeAttachment {
+                path: "/v/a.raw".into(),
+                read_only: false,
+                serial: "sv-a".into(),
+                mount: Some("/data".into()),
+            },
+            crate::VolumeAttachment {
+                path: "/v/b.raw".into(),
+                read_only: true,
+                serial: "sv-b".into(),
+                mount: None,
+            },
+        ];
+        let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
+        assert!(!a.contains("throttling"), "unlimited: {a}");
+        spec.io = crate::IoLimits {
+            iops: 60,
+            disk_bw_mbps: 4,
+            ..Default::default()
+        };
+        let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
+        let limits = "throttling.group=disks,throttling.iops-total=60,throttling.bps-total=4194304";
+        for want in [
+            format!("id=d0,cache=writeback,auto-read-only=off,{limits} "),
+            format!("id=v0,cache=writeback,{limits} "),
+            format!("id=v1,cache=writeback,readonly=on,{limits} "),
+        ] {
+            assert!(a.contains(&want), "missing {want:?} in {a}");
+        }
+        // Only the IOPS limit: the group still binds every drive.
+        spec.io.disk_bw_mbps = 0;
+        let a = q.qemu_args(&spec, Path::new("/d"), Boot::Cold).join(" ");
+        assert_eq!(
+            a.matches("throttling.group=disks,throttling.iops-total=60 ")
+                .count(),
+            3,
             "{a}"
         );
     }
