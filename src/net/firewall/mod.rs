@@ -171,6 +171,10 @@ pub trait FirewallDriver: Send + Sync {
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;
     /// Remove whatever `ensure_forward_compat` added (daemon shutdown).
     fn remove_forward_compat(&self) -> Result<(), FirewallError>;
+    /// Set `route_localnet` on `bridge` (only while the driver's tables guard 127/8 on it).
+    fn set_route_localnet(&self, _bridge: &str, _on: bool) -> Result<(), FirewallError> {
+        Ok(())
+    }
     /// The tables as text (for `doctor` and the README).
     fn render(&self, desired: &Desired) -> String;
 }

@@ -2,14 +2,13 @@
 //! applies one machine's exposes and port binding, and rebuilds from the database whenever an
 //! element change fails or the kernel drifted.
 
-#[cfg(test)]
-use super::Desired;
 use super::{
-    BridgeNet, DesiredSource, FirewallDriver, FirewallError, Health, Held, MachinePort, PortMapping,
+    BridgeNet, Desired, DesiredSource, FirewallDriver, FirewallError, Health, Held, MachinePort, PortMapping,
 };
 use crate::spec::ExposeSpec;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// The firewall as the services see it. Every change goes through one lock, and a rebuild
@@ -20,6 +19,9 @@ pub struct Firewall {
     desired: DesiredSource,
     lock: Mutex<()>,
     forward_compat: bool,
+    /// Set by [`Firewall::remove_forward_compat`] (clean stop): no pass after it puts rules
+    /// back into foreign chains.
+    stopping: AtomicBool,
 }
 
 impl Firewall {
@@ -31,6 +33,7 @@ impl Firewall {
             desired,
             lock: Mutex::new(()),
             forward_compat,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -86,12 +89,34 @@ impl Firewall {
 
     fn rebuild_locked(&self) -> Result<(), FirewallError> {
         let desired = (self.desired)().map_err(FirewallError::State)?;
-        self.driver.rebuild(&desired)?;
+        self.rebuild_from(&desired, false)
+    }
+
+    /// Rebuild from `desired`. `route_localnet` is on on sistemo's bridges only while the
+    /// guard dropping 127/8 from them is in place (CVE-2020-8558): turned on once the rebuild
+    /// committed, turned off first when the guard may be gone (`guard_lost`), and left off
+    /// when the rebuild fails.
+    fn rebuild_from(&self, desired: &Desired, guard_lost: bool) -> Result<(), FirewallError> {
+        let localnet = |on| {
+            for b in &desired.bridges {
+                if let Err(e) = self.driver.set_route_localnet(&b.bridge, on) {
+                    tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
+                }
+            }
+        };
+        if guard_lost {
+            localnet(false);
+        }
+        if let Err(e) = self.driver.rebuild(desired) {
+            localnet(false);
+            return Err(e);
+        }
+        localnet(true);
         self.patch_foreign_chains(&desired.bridges)
     }
 
     fn patch_foreign_chains(&self, bridges: &[BridgeNet]) -> Result<(), FirewallError> {
-        if self.forward_compat {
+        if self.forward_compat && !self.stopping.load(Ordering::SeqCst) {
             for c in self.driver.ensure_forward_compat(bridges)? {
                 tracing::info!(chain = %c, "foreign forward chain has policy drop: inserted sistemo's accept rules");
             }
@@ -148,21 +173,7 @@ impl Firewall {
         tracing::warn!(reason = %why, "nftables drifted from the database; restoring");
         // Without the guard, route_localnet would expose the host's loopback services to
         // machines: off until the tables are back (only a structural drift can lose the guard).
-        let localnet = |on| {
-            for b in &desired.bridges {
-                if let Err(e) = crate::net::link::set_route_localnet(&b.bridge, on) {
-                    tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
-                }
-            }
-        };
-        if structural {
-            localnet(false);
-        }
-        self.driver.rebuild(&desired)?;
-        self.patch_foreign_chains(&desired.bridges)?;
-        if structural {
-            localnet(true);
-        }
+        self.rebuild_from(&desired, structural)?;
         tracing::info!("nftables restored from the database");
         Ok(true)
     }
@@ -184,8 +195,10 @@ impl Firewall {
 
     /// Remove sistemo's rules from foreign chains (clean daemon stop): exposes stay in
     /// sistemo's own table, but nothing of sistemo is left in other tools' chains.
+    /// From then on no pass (the repair loop may still run) puts them back.
     pub fn remove_forward_compat(&self) {
         let _g = self.locked();
+        self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.driver.remove_forward_compat() {
             tracing::warn!(error = %crate::error::chain(&e), "removing sistemo's rules from foreign chains failed");
         }

@@ -399,6 +399,11 @@ impl FirewallDriver for Nftables {
     fn render(&self, desired: &Desired) -> String {
         self.table_text(desired) + &self.bridge_table_text()
     }
+
+    fn set_route_localnet(&self, bridge: &str, on: bool) -> Result<(), FirewallError> {
+        crate::net::link::set_route_localnet(bridge, on)
+            .map_err(|e| FirewallError::Io(std::io::Error::other(e)))
+    }
 }
 
 /// Rules per chain (`family chain`) of tables as [`Nftables::table_text`] and
