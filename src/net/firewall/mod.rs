@@ -166,6 +166,11 @@ pub trait FirewallDriver: Send + Sync {
     fn held(&self) -> Result<Option<Held>, FirewallError> {
         Ok(None)
     }
+    /// How the kernel's sets (bridges, subnets, host ports, machine ports and their MAC and IP
+    /// bindings) differ from `desired`; None when they are equal or cannot be read.
+    fn sets_drift(&self, _desired: &Desired) -> Result<Option<String>, FirewallError> {
+        Ok(None)
+    }
     /// Keep exposed ports reachable when another table's forward chain drops by policy.
     /// Returns the chains it had to (re)patch, for the log.
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;

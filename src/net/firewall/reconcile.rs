@@ -153,12 +153,16 @@ impl Firewall {
                 // A dump racing the kernel's resize of a hash set (deferred, after a bulk
                 // insert) can skip or repeat elements: a difference counts when a second read
                 // shows it too.
-                Some(held) => mapping_drift(&held, &desired.mappings)
-                    .and_then(|_| {
-                        let again = self.driver.held().ok().flatten()?;
-                        mapping_drift(&again, &desired.mappings)
-                    })
-                    .map(|why| (why, false)),
+                Some(held) => match mapping_drift(&held, &desired.mappings).and_then(|_| {
+                    let again = self.driver.held().ok().flatten()?;
+                    mapping_drift(&again, &desired.mappings)
+                }) {
+                    Some(why) => Some((why, false)),
+                    // A set's element gone turns a guard off for a machine or a bridge (its
+                    // anti-spoofing, its isolation): the sets are compared too.
+                    // A bridge missing from `bridges` loses its guard: structural.
+                    None => self.driver.sets_drift(&desired)?.map(|why| (why, true)),
+                },
                 None => None,
             },
             Health::InSync => None,
@@ -315,16 +319,25 @@ mod tests {
                     bridge: "br0".into(),
                     subnet: "10.200.0.0/16".parse().unwrap(),
                 }],
-                ports: vec![],
+                ports: vec![MachinePort {
+                    ifname: "smaaaa".into(),
+                    mac: [0x52, 0x54, 1, 2, 3, 4],
+                    ip: "10.200.0.2".parse().unwrap(),
+                }],
                 mappings: vec![m(8080, "10.200.0.2"), m(8081, "10.200.0.3")],
             };
             let d = desired.clone();
+            let policy = crate::net::firewall::Policy {
+                host_ports: vec![5432],
+                ..Default::default()
+            };
             let fw = Firewall::new(
-                Box::new(Nftables::new("t", Default::default())),
+                Box::new(Nftables::new("t", policy)),
                 Box::new(move || Ok(d.clone())),
                 false,
             );
             fw.rebuild().unwrap();
+            assert_eq!(fw.driver.sets_drift(&desired).unwrap(), None, "sets as built");
             assert!(!fw.repair_once(false).unwrap(), "own rebuild is no drift");
             assert_eq!(fw.driver.changed().unwrap(), None, "own rebuild is seen");
             fw.add("10.200.0.4".parse().unwrap(), &[]).unwrap();
@@ -346,6 +359,31 @@ mod tests {
                 let held = fw.driver.held().unwrap().unwrap();
                 assert_eq!(mapping_drift(&held, &desired.mappings), None, "{what}: restored");
                 assert_eq!(fw.driver.changed().unwrap(), None, "{what}: repair is seen");
+            }
+            // a set element deleted, or added, behind the daemon's back (anti-spoofing of a
+            // machine port, the guards of a bridge, the host ports)
+            for script in [
+                "delete element bridge t ports { \"smaaaa\" }",
+                "delete element bridge t port_mac { \"smaaaa\" . 52:54:01:02:03:04 }",
+                "delete element bridge t port_ip { \"smaaaa\" . 10.200.0.2 }",
+                "add element bridge t port_ip { \"smaaaa\" . 10.200.0.9 }",
+                "delete element ip t bridges { \"br0\" }",
+                "delete element ip t subnets { 10.200.0.0/16 }",
+                "add element ip t subnets { 10.99.0.0/16 }",
+                "delete element ip t host_ports { 5432 }",
+                "add element ip t host_ports { 22 }",
+            ] {
+                nft(script);
+                assert!(
+                    fw.driver.sets_drift(&desired).unwrap().is_some(),
+                    "{script}: drift seen"
+                );
+                assert!(fw.repair_once(false).unwrap(), "{script}: repaired");
+                assert_eq!(
+                    fw.driver.sets_drift(&desired).unwrap(),
+                    None,
+                    "{script}: restored"
+                );
             }
             // a foreign table: one comparison, no repair, then quiet
             nft("table ip other { chain c { type filter hook input priority 0; policy accept; }; }");
