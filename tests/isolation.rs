@@ -362,6 +362,43 @@ fn compat_rules_admit_only_exposed_traffic_and_leave_on_stop() {
     expect_tcp(&env.client, HOST_LAN, 8080, "web");
 }
 
+// 7, under churn: the repair loop keeps running while the daemon stops; none of its passes
+// may put the compat rules back after the stop removed them.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn compat_rules_stay_removed_after_stop_under_repair_churn() {
+    let mut env = Env::with_config("compch", "repair_interval_ms: 50\n");
+    env.machine("web", &["--expose", "8080:80"]);
+    env.sh("nft -f - <<'X'\ntable ip filter {\n chain FORWARD { type filter hook forward priority 0; policy drop;\n  iifname \"docker0\" accept\n }\n}\nX");
+    let tag = format!("sistemo:{}", env.table);
+    let chain =
+        |env: &Env| String::from_utf8_lossy(&env.sh("nft list chain ip filter FORWARD").stdout).into_owned();
+    // Every commit elsewhere moves the ruleset generation: each repair pass then checks the
+    // tables and patches the foreign chain, so passes overlap the stop.
+    env.sh("(while :; do nft add table ip hnchurn; nft delete table ip hnchurn; done) >/dev/null 2>&1 &");
+    for round in 0..6 {
+        poll(
+            "compat rules in the foreign chain",
+            Duration::from_secs(5),
+            || chain(&env).contains(&tag).then_some(()),
+        );
+        env.kill_daemon("-TERM");
+        let after = chain(&env);
+        assert!(
+            !after.contains(&tag),
+            "round {round}: sistemo's rules are back in the foreign chain after a clean stop:\n{after}"
+        );
+        assert!(
+            after.contains("iifname \"docker0\" accept"),
+            "foreign rule kept: {after}"
+        );
+        env.start_daemon();
+    }
+    step("control: exposed traffic passes the foreign chain with the daemon up");
+    env.serve_tcp("web", 80, "web");
+    expect_tcp(&env.client, HOST_LAN, 8080, "web");
+}
+
 // 8. Bind addresses: 0.0.0.0 is the wildcard; an expose on the API's port blocks the start.
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]

@@ -262,6 +262,25 @@ fn flushed_loopback_guard_is_repaired() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert!(guard().contains("127.0.0.0/8 drop"), "{}", guard());
+    let localnet = || {
+        let o = env.sh(&format!("cat /proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet"));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(localnet(), "1", "route_localnet on once the guard is in place");
+
+    step("delete the table: rebuilt within 2 s, route_localnet on again after it");
+    ok(&[
+        "ip", "netns", "exec", &env.ns, "nft", "delete", "table", "ip", &env.table,
+    ]);
+    poll("the guard rule back", Duration::from_secs(2), || {
+        guard().contains("127.0.0.0/8 drop").then_some(())
+    });
+    poll(
+        "route_localnet on after the rebuild",
+        Duration::from_secs(2),
+        || (localnet() == "1").then_some(()),
+    );
+    expect_tcp(&env.ns, "127.0.0.1", 8080, "m");
 
     step("flush the guard: repaired within 2 s");
     ok(&[

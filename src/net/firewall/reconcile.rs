@@ -307,6 +307,106 @@ mod tests {
         assert_eq!(mapping_drift(&Held::default(), &[]), None);
     }
 
+    /// Records what the firewall asks of it; its rebuild fails while `fail` is set.
+    #[derive(Default)]
+    struct Recorder {
+        log: Mutex<Vec<String>>,
+        fail: AtomicBool,
+    }
+
+    impl FirewallDriver for std::sync::Arc<Recorder> {
+        fn rebuild(&self, _: &Desired) -> Result<(), FirewallError> {
+            self.log.lock().unwrap().push("rebuild".into());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(FirewallError::Rejected("refused".into()));
+            }
+            Ok(())
+        }
+        fn add(&self, _: &[PortMapping]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn remove(&self, _: &[PortMapping]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn bind(&self, _: &[MachinePort]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn unbind(&self, _: &[MachinePort]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn check(&self, _: bool) -> Result<Health, FirewallError> {
+            Ok(Health::Drifted("table missing".into()))
+        }
+        fn ensure_forward_compat(&self, _: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
+            self.log.lock().unwrap().push("compat".into());
+            Ok(vec![])
+        }
+        fn remove_forward_compat(&self) -> Result<(), FirewallError> {
+            self.log.lock().unwrap().push("uncompat".into());
+            Ok(())
+        }
+        fn render(&self, _: &Desired) -> String {
+            String::new()
+        }
+        fn set_route_localnet(&self, bridge: &str, on: bool) -> Result<(), FirewallError> {
+            self.log.lock().unwrap().push(format!("localnet {bridge} {on}"));
+            Ok(())
+        }
+    }
+
+    fn recorded() -> (Firewall, std::sync::Arc<Recorder>) {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let desired = Desired {
+            bridges: vec![BridgeNet {
+                bridge: "br0".into(),
+                subnet: "10.200.0.0/16".parse().unwrap(),
+            }],
+            ..Default::default()
+        };
+        let fw = Firewall::new(Box::new(rec.clone()), Box::new(move || Ok(desired.clone())), true);
+        (fw, rec)
+    }
+
+    fn take(rec: &Recorder) -> Vec<String> {
+        std::mem::take(&mut *rec.log.lock().unwrap())
+    }
+
+    #[test]
+    fn route_localnet_only_after_the_guard_is_in_place() {
+        let (fw, rec) = recorded();
+        fw.rebuild().unwrap();
+        assert_eq!(take(&rec), ["rebuild", "localnet br0 true", "compat"]);
+        // a structural drift: off before the rebuild, on after it
+        assert!(fw.repair_once(false).unwrap());
+        assert_eq!(
+            take(&rec),
+            ["localnet br0 false", "rebuild", "localnet br0 true", "compat"]
+        );
+        // a failed rebuild leaves it off
+        rec.fail.store(true, Ordering::SeqCst);
+        assert!(fw.rebuild().is_err());
+        assert_eq!(take(&rec), ["rebuild", "localnet br0 false"]);
+        assert!(fw.repair_once(false).is_err());
+        assert_eq!(
+            take(&rec),
+            ["localnet br0 false", "rebuild", "localnet br0 false"]
+        );
+    }
+
+    #[test]
+    fn no_compat_rules_after_stop() {
+        let (fw, rec) = recorded();
+        fw.rebuild().unwrap();
+        fw.remove_forward_compat();
+        take(&rec);
+        // the repair loop still running after the stop rebuilds its own table, nothing more
+        assert!(fw.repair_once(false).unwrap());
+        fw.rebuild().unwrap();
+        let log = take(&rec);
+        assert!(!log.iter().any(|l| l == "compat"), "{log:?}");
+        assert!(log.iter().any(|l| l == "rebuild"), "{log:?}");
+    }
+
     /// The repair loop against a real kernel table, in a private network namespace.
     #[test]
     #[ignore = "needs root and network namespaces: run sudo scripts/test"]
