@@ -98,6 +98,31 @@ pub fn remove_foreign_rules(table: &str) -> Result<()> {
         .with_context(|| format!("removing sistemo's rules (sistemo:{table}) from foreign forward chains"))
 }
 
+/// Print the unit's status; exit code as `systemctl status`.
+pub fn status() -> Result<i32> {
+    if !Path::new(UNIT_PATH).exists() {
+        println!("sistemo.service is not installed (sistemo service install)");
+        return Ok(3);
+    }
+    let st = std::process::Command::new("systemctl")
+        .args(["status", "--no-pager", "sistemo.service"])
+        .status()?;
+    Ok(st.code().unwrap_or(1))
+}
+
+/// The daemon's log from the journal (`journalctl -u sistemo.service`); its exit code.
+pub fn logs(follow: bool) -> Result<i32> {
+    let mut cmd = std::process::Command::new("journalctl");
+    cmd.args(["--no-pager", "-u", "sistemo.service"]);
+    if follow {
+        cmd.arg("--follow");
+    }
+    let st = cmd
+        .status()
+        .context("running journalctl (is systemd's journal on this host?)")?;
+    Ok(st.code().unwrap_or(1))
+}
+
 #[cfg(test)]
 mod tests {
     /// What `service uninstall` leaves of sistemo's compat rules in a foreign chain: nothing,
@@ -141,29 +166,4 @@ mod tests {
             );
         });
     }
-}
-
-/// Print the unit's status; exit code as `systemctl status`.
-pub fn status() -> Result<i32> {
-    if !Path::new(UNIT_PATH).exists() {
-        println!("sistemo.service is not installed (sistemo service install)");
-        return Ok(3);
-    }
-    let st = std::process::Command::new("systemctl")
-        .args(["status", "--no-pager", "sistemo.service"])
-        .status()?;
-    Ok(st.code().unwrap_or(1))
-}
-
-/// The daemon's log from the journal (`journalctl -u sistemo.service`); its exit code.
-pub fn logs(follow: bool) -> Result<i32> {
-    let mut cmd = std::process::Command::new("journalctl");
-    cmd.args(["--no-pager", "-u", "sistemo.service"]);
-    if follow {
-        cmd.arg("--follow");
-    }
-    let st = cmd
-        .status()
-        .context("running journalctl (is systemd's journal on this host?)")?;
-    Ok(st.code().unwrap_or(1))
 }

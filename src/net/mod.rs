@@ -26,6 +26,11 @@ pub fn legacy_mac_for(id: &uuid::Uuid) -> [u8; 6] {
     [0x52, 0x54, b[0], b[1], b[2], b[3]]
 }
 
+/// Host-side interface name for a machine: `sm` + 10 hex digits of its ID (fits IFNAMSIZ).
+pub fn host_ifname(id: &uuid::Uuid) -> String {
+    format!("sm{}", &id.simple().to_string()[..10])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,9 +48,4 @@ mod tests {
         // never the bridges' prefix (02:5e) nor the template's MAC
         assert_ne!(&m[..2], &[0x02, 0x5e]);
     }
-}
-
-/// Host-side interface name for a machine: `sm` + 10 hex digits of its ID (fits IFNAMSIZ).
-pub fn host_ifname(id: &uuid::Uuid) -> String {
-    format!("sm{}", &id.simple().to_string()[..10])
 }
