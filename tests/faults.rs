@@ -87,12 +87,86 @@ fn consistent(env: &Env, why: &mut String) -> Option<()> {
         *why = format!("host veths {veths:?}, running machines' {want_veths:?}");
         return None;
     }
+    if let Err(w) = bindings_match(env, &machines) {
+        *why = w;
+        return None;
+    }
     let d = env.cli(&["doctor"]);
     if !d.status.success() {
         *why = format!("doctor failed:\n{}", String::from_utf8_lossy(&d.stdout));
         return None;
     }
     Some(())
+}
+
+/// The elements of set `name` of sistemo's bridge table, as strings (`a . b` for concatenations).
+fn bridge_set(env: &Env, name: &str) -> BTreeSet<String> {
+    let o = env.sh(&format!("nft -j list set bridge {} {name}", env.table));
+    assert!(
+        o.status.success(),
+        "nft list set {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = |e: &Value| e.as_str().map(String::from).unwrap_or_else(|| e.to_string());
+    v["nftables"][1]["set"]["elem"]
+        .as_array()
+        .map(|els| {
+            els.iter()
+                .map(|e| match e["concat"].as_array() {
+                    Some(c) => c.iter().map(text).collect::<Vec<_>>().join(" . "),
+                    None => text(e),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The bridge table's port bindings against the database: one port per machine, bound to the
+/// machine's IP, and to the MAC its link really has (running machines).
+fn bindings_match(env: &Env, machines: &[Value]) -> Result<(), String> {
+    let port = |m: &Value| format!("sm{}", &m["id"].as_str().unwrap().replace('-', "")[..10]);
+    let want_ports: BTreeSet<String> = machines.iter().map(port).collect();
+    let want_ips: BTreeSet<String> = machines
+        .iter()
+        .map(|m| format!("{} . {}", port(m), m["ip"].as_str().unwrap()))
+        .collect();
+    let (ports, ips, macs) = (
+        bridge_set(env, "ports"),
+        bridge_set(env, "port_ip"),
+        bridge_set(env, "port_mac"),
+    );
+    if ports != want_ports {
+        return Err(format!("bridge ports {ports:?}, machines' {want_ports:?}"));
+    }
+    if ips != want_ips {
+        return Err(format!("port IPs {ips:?}, machines' {want_ips:?}"));
+    }
+    let mac_ports: BTreeSet<String> = macs
+        .iter()
+        .map(|e| e.split(" . ").next().unwrap().to_string())
+        .collect();
+    if mac_ports != want_ports || macs.len() != want_ports.len() {
+        return Err(format!("port MACs {macs:?}, machines' ports {want_ports:?}"));
+    }
+    for m in machines.iter().filter(|m| m["status"] == "running") {
+        let ns = format!(
+            "{}{}",
+            env.prefix,
+            &m["id"].as_str().unwrap().replace('-', "")[..12]
+        );
+        let link = String::from_utf8_lossy(&run(&["ip", "-n", &ns, "-o", "link", "show", "eth0"]).stdout)
+            .into_owned();
+        let mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1);
+        let want = mac.map(|mac| format!("{} . {mac}", port(m)));
+        if want.as_ref().is_none_or(|w| !macs.contains(w)) {
+            return Err(format!(
+                "machine {} has MAC {mac:?}, its port's binding is not it: {macs:?}",
+                m["name"]
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn assert_consistent(env: &Env, round: usize) {
@@ -174,7 +248,7 @@ fn killed_daemon_leaves_a_consistent_host() {
                     "expose".into(),
                     m,
                     "--port".into(),
-                    format!("{next_port}-{}:80", next_port + 3),
+                    format!("{next_port}-{}:80-83", next_port + 3),
                 ]
             }
             2 if !exposed.is_empty() => {
@@ -231,6 +305,10 @@ fn killed_daemon_leaves_a_consistent_host() {
         assert_consistent(&env, round);
     }
     eprintln!("{interrupted} of {rounds} operations were killed before they answered");
+    assert!(
+        interrupted > 0,
+        "no operation was interrupted: the rounds tested nothing (seed {seed})"
+    );
     // The daemon that survived all that still publishes a port.
     env.cli_ok(&["machine", "expose", "base", "--port", "7500:70"]);
     env.serve_tcp("base", 70, "base");
@@ -346,4 +424,126 @@ fn unexpose_and_delete_forget_tracked_flows() {
         "delete forgot the address's flows"
     );
     assert_eq!(flows(&format!("--orig-src {ip}")), 0);
+}
+
+/// The sistemo CLI against `env`'s daemon, started and not waited for.
+fn spawn_cli(env: &Env, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finished_ok(child: std::process::Child, what: &str) {
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+// Hole 6's trigger: `machine delete a -y` racing `network create` (a rebuild of the whole
+// table from the database): none of a's rules may come back, and a's address is handed out
+// again only after every never-used one.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn delete_racing_network_create_leaves_no_rules_and_reuses_the_address_last() {
+    let env = Env::new("delrace");
+    let mut released = vec![];
+    for round in 0..6u16 {
+        let name = format!("a{round}");
+        let ip = env.machine(&name, &["--expose", &format!("{}:80", 8100 + round)]);
+        let points_to_a = |env: &Env| {
+            kernel_elements(env)
+                .into_iter()
+                .filter(|e| e.contains(&format!("-> {ip}:")))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(points_to_a(&env).len(), 1, "control: a's expose is in the kernel");
+        step(&format!(
+            "round {round}: delete {name} while a network is created"
+        ));
+        let del = spawn_cli(&env, &["machine", "delete", &name, "-y"]);
+        // The race's offset (not a wait for anything): the rebuild starts at a different moment
+        // of the delete each round.
+        std::thread::sleep(Duration::from_millis(u64::from(round) * 3));
+        let net = spawn_cli(
+            &env,
+            &[
+                "network",
+                "create",
+                &format!("n{round}"),
+                "--subnet",
+                &format!("10.220.{round}.0/24"),
+            ],
+        );
+        finished_ok(del, "machine delete");
+        finished_ok(net, "network create");
+        assert_eq!(
+            points_to_a(&env),
+            Vec::<String>::new(),
+            "round {round}: {name}'s rules came back"
+        );
+        let machines = json(&env, &["machine", "list", "-o", "json"]);
+        assert_eq!(
+            kernel_elements(&env),
+            database_elements(&env, machines.as_array().unwrap()),
+            "round {round}: the kernel's elements are the database's"
+        );
+        released.push(ip);
+    }
+    step("the next deploys do not get a released address");
+    for n in 0..3 {
+        let ip = env.machine(&format!("fresh{n}"), &[]);
+        assert!(
+            !released.contains(&ip),
+            "a new machine got {ip}, released by a deleted one ({released:?})"
+        );
+    }
+}
+
+// Hole 6: a kernel batch delete aborts whole when one element is missing; the failure makes
+// the daemon rebuild from the database, so an unexposed range leaves nothing behind.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn failed_element_batch_delete_ends_with_none_of_the_range() {
+    // no repair pass: it would put the hand-deleted element back before the unexpose
+    let env = Env::with_config("batchdel", "repair_interval_ms: 600000\n");
+    env.machine("m", &["--expose", "9000-9003:80-83", "--expose", "9100:80"]);
+    let range = |env: &Env| {
+        kernel_elements(env)
+            .into_iter()
+            .filter(|e| (9000..=9003).any(|p| e.starts_with(&format!("*|tcp|{p} "))))
+            .count()
+    };
+    assert_eq!(range(&env), 4, "control: the range is in the kernel");
+    step("one element of the range deleted by hand, then the range unexposed");
+    let o = env.sh(&format!(
+        "nft delete element ip {} expose_any {{ tcp . 9001 }}",
+        env.table
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(range(&env), 3);
+    env.cli_ok(&["machine", "unexpose", "m", "--port", "9000-9003/tcp"]);
+    assert!(
+        env.log()
+            .contains("element change failed; rebuilding from the database"),
+        "control: the batch delete failed in the kernel: {}",
+        env.log()
+    );
+    assert_eq!(range(&env), 0, "elements of the unexposed range stayed");
+    let machines = json(&env, &["machine", "list", "-o", "json"]);
+    let db = database_elements(&env, machines.as_array().unwrap());
+    assert_eq!(
+        kernel_elements(&env),
+        db,
+        "the kernel's elements are the database's"
+    );
+    assert_eq!(db.len(), 1, "the other expose stays: {db:?}");
 }

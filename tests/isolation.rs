@@ -168,6 +168,111 @@ fn machines_reach_neither_host_services_nor_metadata_unless_configured() {
     expect_tcp(&nm, CLIENT_IP, 9000, "lan");
 }
 
+// 4, over IPv6. sistemo offers machines no IPv6, and a host service listening on `::` must stay
+// out of their reach through the bridge's link-local address (the `ip` table cannot see IPv6).
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn machines_reach_no_host_service_over_ipv6_link_local() {
+    // no repair pass: the controls delete the bridge table
+    let mut env = Env::with_config("hostv6", "repair_interval_ms: 600000\n");
+    let m = env.machine("m", &[]);
+    let nm = ns_of(&env, &m);
+    env.sh("socat TCP6-LISTEN:7002,fork,reuseaddr SYSTEM:'echo host6' >/dev/null 2>&1 &");
+    // The attacker is root in its machine: IPv6 on, its link-local address ready.
+    ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &nm,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.eth0.disable_ipv6=0",
+    ]);
+    poll(
+        "the machine's IPv6 link-local address",
+        Duration::from_secs(5),
+        || {
+            let o = ok(&["ip", "-n", &nm, "-6", "addr", "show", "dev", "eth0"]);
+            (o.contains("fe80") && !o.contains("tentative")).then_some(())
+        },
+    );
+    // The bridge's link-local address, as IPv6 derives it from its MAC (EUI-64).
+    let mac: Vec<u8> = ok(&["ip", "-n", &env.ns, "-o", "link", "show", BRIDGE])
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    let word = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+    let target = format!(
+        "[fe80::{:x}:{:x}:{:x}:{:x}%eth0]",
+        word(mac[0] ^ 2, mac[1]),
+        word(mac[2], 0xff),
+        word(0xfe, mac[3]),
+        word(mac[4], mac[5])
+    );
+    let disable_ipv6 = |env: &Env| {
+        let o = env.sh(&format!("cat /proc/sys/net/ipv6/conf/{BRIDGE}/disable_ipv6"));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let enable_bridge_ipv6 = |env: &Env| {
+        env.sh(&format!("sysctl -qw net.ipv6.conf.{BRIDGE}.disable_ipv6=0"));
+        poll("the bridge's link-local address", Duration::from_secs(5), || {
+            let o = env.sh(&format!("ip -6 addr show dev {BRIDGE}"));
+            let o = String::from_utf8_lossy(&o.stdout).into_owned();
+            (o.contains("fe80") && !o.contains("tentative")).then_some(())
+        });
+    };
+
+    step("control: the host service answers on ::");
+    expect_tcp(&env.ns, "[::1]", 7002, "host6");
+    assert_eq!(disable_ipv6(&env), "1", "sistemo's bridge keeps IPv6");
+
+    step("attack: the machine connects to the bridge's link-local address");
+    assert_eq!(
+        tcp_from(&nm, &target, 7002),
+        None,
+        "a machine reached a host service on :: through {target}"
+    );
+
+    step("attack without the bridge table: the bridge has no IPv6 address");
+    let del = env.sh(&format!("nft delete table bridge {}", env.table));
+    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
+    assert_eq!(
+        tcp_from(&nm, &target, 7002),
+        None,
+        "reached {target} without the bridge table"
+    );
+
+    step("control: without either protection the attack works");
+    enable_bridge_ipv6(&env);
+    expect_tcp(&nm, &target, 7002, "host6");
+
+    step("a restart restores both; the bridge table alone stops the attack");
+    env.kill_daemon("-TERM");
+    env.start_daemon();
+    assert_eq!(
+        disable_ipv6(&env),
+        "1",
+        "a restart turns the bridge's IPv6 off again"
+    );
+    assert_eq!(
+        tcp_from(&nm, &target, 7002),
+        None,
+        "reached {target} after a restart"
+    );
+    enable_bridge_ipv6(&env);
+    assert_eq!(
+        tcp_from(&nm, &target, 7002),
+        None,
+        "reached {target} through a bridge with IPv6 on (the bridge table must drop it)"
+    );
+    step("control: IPv4 still flows");
+    assert!(pings(&env, &nm, GW, "3"), "a machine cannot ping its gateway");
+}
+
 // 5. Outbound SMTP.
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
@@ -254,6 +359,43 @@ fn compat_rules_admit_only_exposed_traffic_and_leave_on_stop() {
     poll("compat rules back", Duration::from_secs(3), || {
         chain(&env).contains(&tag).then_some(())
     });
+    expect_tcp(&env.client, HOST_LAN, 8080, "web");
+}
+
+// 7, under churn: the repair loop keeps running while the daemon stops; none of its passes
+// may put the compat rules back after the stop removed them.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn compat_rules_stay_removed_after_stop_under_repair_churn() {
+    let mut env = Env::with_config("compch", "repair_interval_ms: 50\n");
+    env.machine("web", &["--expose", "8080:80"]);
+    env.sh("nft -f - <<'X'\ntable ip filter {\n chain FORWARD { type filter hook forward priority 0; policy drop;\n  iifname \"docker0\" accept\n }\n}\nX");
+    let tag = format!("sistemo:{}", env.table);
+    let chain =
+        |env: &Env| String::from_utf8_lossy(&env.sh("nft list chain ip filter FORWARD").stdout).into_owned();
+    // Every commit elsewhere moves the ruleset generation: each repair pass then checks the
+    // tables and patches the foreign chain, so passes overlap the stop.
+    env.sh("(while :; do nft add table ip hnchurn; nft delete table ip hnchurn; done) >/dev/null 2>&1 &");
+    for round in 0..6 {
+        poll(
+            "compat rules in the foreign chain",
+            Duration::from_secs(5),
+            || chain(&env).contains(&tag).then_some(()),
+        );
+        env.kill_daemon("-TERM");
+        let after = chain(&env);
+        assert!(
+            !after.contains(&tag),
+            "round {round}: sistemo's rules are back in the foreign chain after a clean stop:\n{after}"
+        );
+        assert!(
+            after.contains("iifname \"docker0\" accept"),
+            "foreign rule kept: {after}"
+        );
+        env.start_daemon();
+    }
+    step("control: exposed traffic passes the foreign chain with the daemon up");
+    env.serve_tcp("web", 80, "web");
     expect_tcp(&env.client, HOST_LAN, 8080, "web");
 }
 

@@ -262,6 +262,25 @@ fn flushed_loopback_guard_is_repaired() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert!(guard().contains("127.0.0.0/8 drop"), "{}", guard());
+    let localnet = || {
+        let o = env.sh(&format!("cat /proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet"));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(localnet(), "1", "route_localnet on once the guard is in place");
+
+    step("delete the table: rebuilt within 2 s, route_localnet on again after it");
+    ok(&[
+        "ip", "netns", "exec", &env.ns, "nft", "delete", "table", "ip", &env.table,
+    ]);
+    poll("the guard rule back", Duration::from_secs(2), || {
+        guard().contains("127.0.0.0/8 drop").then_some(())
+    });
+    poll(
+        "route_localnet on after the rebuild",
+        Duration::from_secs(2),
+        || (localnet() == "1").then_some(()),
+    );
+    expect_tcp(&env.ns, "127.0.0.1", 8080, "m");
 
     step("flush the guard: repaired within 2 s");
     ok(&[
@@ -333,4 +352,83 @@ fn deleted_or_flushed_anti_spoofing_table_is_repaired() {
             "x's gratuitous ARP for y's address moved the host's entry after the repair"
         );
     }
+}
+
+// 2 and 6. A set element deleted behind the daemon's back (a machine port's membership of the
+// anti-spoofing `ports` set) turns the filter off for that machine: repaired within 2 s.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn deleted_port_set_element_is_repaired_and_spoofing_blocked_again() {
+    let mut env = Env::with_config("setrep", "repair_interval_ms: 500\n");
+    let x = env.machine("x", &[]);
+    env.machine("y", &[]);
+    let nx = ns_of(&env, &x);
+    let sink = env.dir.join("udp-sink");
+    env.csh(&format!(
+        "socat -u UDP-RECV:9999 OPEN:{},creat,append >/dev/null 2>&1 &",
+        sink.display()
+    ));
+    let received = |sink: &std::path::Path| std::fs::read_to_string(sink).unwrap_or_default();
+    // sends `payload` from x with source `src` until the sink has it
+    let arrives = |env: &Env, src: &str, payload: &str| {
+        poll(
+            &format!("datagram {payload} at the LAN"),
+            Duration::from_secs(5),
+            || {
+                pkt_ok(env, &nx, &["udp", src, CLIENT_IP, "9999", payload]);
+                received(&sink).contains(payload).then_some(())
+            },
+        )
+    };
+    // spoofed datagrams, then an own one on the same path: once it arrived, they were filtered
+    let spoof_blocked = |env: &Env, tag: &str| {
+        pkt_ok(
+            env,
+            &nx,
+            &["udp", "10.200.0.77", CLIENT_IP, "9999", &format!("spoof-{tag}")],
+        );
+        arrives(env, &x, &format!("own-{tag}"));
+        assert!(
+            !received(&sink).contains(&format!("spoof-{tag}")),
+            "x's spoofed datagram left the bridge ({tag})"
+        );
+    };
+    let set = |env: &Env, name: &str| {
+        let o = env.sh(&format!("nft list set bridge {} {name}", env.table));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // x's port: the interface bound to x's address
+    let port_ip = set(&env, "port_ip");
+    let port = port_ip
+        .split(&format!("\" . {x}"))
+        .next()
+        .and_then(|s| s.rsplit('"').next())
+        .filter(|p| p.starts_with("sm"))
+        .unwrap_or_else(|| panic!("x's port in {port_ip}"))
+        .to_string();
+    let delete = |env: &Env| {
+        let o = env.sh(&format!(
+            "nft delete element bridge {} ports {{ \"{port}\" }}",
+            env.table
+        ));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!set(env, "ports").contains(&port), "the element is gone");
+    };
+
+    step("control: x's own datagrams leave, spoofed ones do not");
+    spoof_blocked(&env, "1");
+
+    step("attack: x's port leaves the ports set behind the daemon's back; repaired within 2 s");
+    delete(&env);
+    let t0 = Instant::now();
+    poll("x's port back in the ports set", Duration::from_secs(2), || {
+        set(&env, "ports").contains(&port).then_some(())
+    });
+    eprintln!("set element restored after {:?}", t0.elapsed());
+    spoof_blocked(&env, "2");
+
+    step("control: without the repair (daemon killed) the same deletion lets spoofing through");
+    env.kill_daemon("-KILL");
+    delete(&env);
+    arrives(&env, "10.200.0.77", "spoof-3");
 }

@@ -74,7 +74,8 @@ pub fn install() -> Result<()> {
     Ok(())
 }
 
-/// Stop and remove the unit (machines keep running).
+/// Stop and remove the unit (machines keep running), then take sistemo's rules out of other
+/// tools' chains itself: a daemon that did not stop cleanly (killed, failed, timed out) left them.
 pub fn uninstall() -> Result<()> {
     if !Path::new(UNIT_PATH).exists() {
         bail!("{UNIT_PATH} does not exist: the service is not installed");
@@ -83,7 +84,18 @@ pub fn uninstall() -> Result<()> {
     std::fs::remove_file(UNIT_PATH)?;
     systemctl(&["daemon-reload"])?;
     println!("removed {UNIT_PATH}");
+    let cfg = crate::config::Config::load(None)?;
+    remove_foreign_rules(cfg.nft_table.as_str())?;
     Ok(())
+}
+
+/// Remove the rules tagged `sistemo:<table>` from foreign `policy drop` forward chains (the
+/// forward-compat rules); sistemo's own tables stay.
+pub fn remove_foreign_rules(table: &str) -> Result<()> {
+    use crate::net::firewall::FirewallDriver as _;
+    crate::net::firewall::nftables::Nftables::new(table, Default::default())
+        .remove_forward_compat()
+        .with_context(|| format!("removing sistemo's rules (sistemo:{table}) from foreign forward chains"))
 }
 
 /// Print the unit's status; exit code as `systemctl status`.
@@ -109,4 +121,49 @@ pub fn logs(follow: bool) -> Result<i32> {
         .status()
         .context("running journalctl (is systemd's journal on this host?)")?;
     Ok(st.code().unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    /// What `service uninstall` leaves of sistemo's compat rules in a foreign chain: nothing,
+    /// and the foreign chain's own rules stay (in a private network namespace).
+    #[test]
+    #[ignore = "needs root and network namespaces: run sudo scripts/test"]
+    fn uninstall_removes_compat_rules_from_foreign_chains() {
+        use crate::net::firewall::netlink::tests::{in_private_netns, nft};
+        use crate::net::firewall::{BridgeNet, FirewallDriver as _, nftables::Nftables};
+        in_private_netns(|| {
+            nft(
+                "table ip filter { chain FORWARD { type filter hook forward priority 0; policy drop; iifname \"docker0\" accept; }; }",
+            );
+            let list = || {
+                let o = std::process::Command::new("nft")
+                    .args(["list", "chain", "ip", "filter", "FORWARD"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            };
+            let bridges = [BridgeNet {
+                bridge: "br0".into(),
+                subnet: "10.200.0.0/16".parse().unwrap(),
+            }];
+            let fw = Nftables::new("t", Default::default());
+            assert_eq!(fw.ensure_forward_compat(&bridges).unwrap().len(), 1);
+            // control: the rules are there, and another table's are not ours
+            assert_eq!(list().matches("sistemo:t ").count(), 3, "{}", list());
+            super::remove_foreign_rules("u").unwrap();
+            assert_eq!(
+                list().matches("sistemo:t ").count(),
+                3,
+                "another table's rules removed"
+            );
+            super::remove_foreign_rules("t").unwrap();
+            let after = list();
+            assert!(!after.contains("sistemo:"), "compat rules left: {after}");
+            assert!(
+                after.contains("iifname \"docker0\" accept"),
+                "foreign rule kept: {after}"
+            );
+        });
+    }
 }

@@ -119,11 +119,20 @@ fn probe_host_port(bind: Option<Ipv4Addr>, proto: Protocol, port: u16) -> Result
     }
 }
 
+/// A machine's MAC: derived from its lease (from its ID for machines made before that).
+pub fn machine_mac(m: &crate::store::Machine) -> [u8; 6] {
+    if m.legacy_mac {
+        crate::net::legacy_mac_for(&m.id)
+    } else {
+        crate::net::mac_for(m.network.as_str(), m.ip)
+    }
+}
+
 /// A machine's port binding: its link on the bridge, its MAC and its leased address.
 pub fn machine_port(m: &crate::store::Machine) -> MachinePort {
     MachinePort {
         ifname: crate::net::host_ifname(&m.id),
-        mac: crate::net::mac_for(&m.id),
+        mac: machine_mac(m),
         ip: m.ip,
     }
 }

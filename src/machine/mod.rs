@@ -224,7 +224,7 @@ impl Machines {
             net: NetAttachment {
                 host_ifname: crate::net::host_ifname(&m.id),
                 bridge: net.bridge.to_string(),
-                mac: crate::net::mac_for(&m.id),
+                mac: expose::machine_mac(m),
                 ip: m.ip,
                 prefix: net.subnet.net().prefix_len(),
                 gateway: net.gateway(),

@@ -127,7 +127,8 @@ impl Links {
     }
 
     /// Create the bridge, or adopt it if it already exists as a bridge; give it the gateway
-    /// address of `subnet`, bring it up, and enable forwarding and `route_localnet` on it.
+    /// address of `subnet`, bring it up, enable forwarding and turn IPv6 off on it (`route_localnet`
+    /// is the firewall's: see [`crate::net::firewall::Firewall::rebuild`]).
     pub async fn ensure_bridge(&self, name: &str, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<u32> {
         let index = match self.lookup(name).await? {
             Some((i, Some(InfoKind::Bridge))) => i,
@@ -189,12 +190,14 @@ impl Links {
         // routes. The firewall's forward chain admits into machines only exposed traffic and
         // replies (`doctor` and the README say that the global knob is on).
         sysctl_ipv4("ip_forward", "1")?;
-        // No IPv6 autoconfiguration from what machines send (CVE-2020-13401): the bridge never
-        // takes a router advertisement. Absent when IPv6 is off, which is fine.
-        for key in ["accept_ra", "autoconf"] {
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/{key}"), "0");
+        // sistemo offers machines no IPv6: the bridge has no IPv6 address at all (else its
+        // link-local address reaches every host service listening on `::`, around the `ip`
+        // table's input chain), and takes no router advertisement (CVE-2020-13401). The bridge
+        // table drops machines' IPv6 frames too. Absent when IPv6 is off, which is fine.
+        for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("disable_ipv6", "1")] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/{key}"), value);
         }
-        set_route_localnet(name, true)?;
+        // `route_localnet` is the firewall's to set, once its guard is in place.
         Ok(index)
     }
 

@@ -159,6 +159,10 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX machines_vmm_slot ON machines(vmm_slot);",
     // 10: volumes a machine clone or snapshot is still making (hidden; swept at start)
     volumes::PENDING_MIGRATION,
+    // 11: machines made before MACs were derived from the IP lease keep their ID-derived MAC
+    // (a running one keeps its link's address across the upgrade)
+    "ALTER TABLE machines ADD COLUMN legacy_mac INTEGER NOT NULL DEFAULT 0;
+     UPDATE machines SET legacy_mac = 1;",
 ];
 
 /// A named network: a bridge and a subnet.
@@ -210,6 +214,8 @@ pub struct Machine {
     pub created_at: String,
     /// Its slot: no other machine has it while this one exists (see `MachineSpec::slot`).
     pub vmm_slot: u32,
+    /// Made before MACs were derived from the IP lease: its MAC is derived from its ID.
+    pub legacy_mac: bool,
 }
 
 /// What a new machine row needs; the store leases its address.
@@ -282,7 +288,7 @@ sql_text!(
     RestartPolicy
 );
 
-const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot";
+const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot, legacy_mac";
 
 fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
     let id: String = r.get(0)?;
@@ -303,6 +309,7 @@ fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
         error: r.get(11)?,
         restart: r.get(12)?,
         vmm_slot: r.get(13)?,
+        legacy_mac: r.get(14)?,
     })
 }
 
@@ -415,6 +422,13 @@ pub(crate) mod tests {
         assert_eq!((m.state, m.error.as_deref()), (MachineState::Running, None));
         assert_eq!(m.ip.to_string(), "10.2.0.2");
         assert_eq!(m.vmm_slot, 0, "machines of older versions get slots");
+        assert!(
+            m.legacy_mac,
+            "machines of older versions keep their ID-derived MAC"
+        );
+        let mut s = s;
+        let new = s.create_machine(&machine("new"), &[]).unwrap();
+        assert!(!new.legacy_mac, "new machines' MACs come from their lease");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -166,11 +166,20 @@ pub trait FirewallDriver: Send + Sync {
     fn held(&self) -> Result<Option<Held>, FirewallError> {
         Ok(None)
     }
+    /// How the kernel's sets (bridges, subnets, host ports, machine ports and their MAC and IP
+    /// bindings) differ from `desired`; None when they are equal or cannot be read.
+    fn sets_drift(&self, _desired: &Desired) -> Result<Option<String>, FirewallError> {
+        Ok(None)
+    }
     /// Keep exposed ports reachable when another table's forward chain drops by policy.
     /// Returns the chains it had to (re)patch, for the log.
     fn ensure_forward_compat(&self, bridges: &[BridgeNet]) -> Result<Vec<String>, FirewallError>;
     /// Remove whatever `ensure_forward_compat` added (daemon shutdown).
     fn remove_forward_compat(&self) -> Result<(), FirewallError>;
+    /// Set `route_localnet` on `bridge` (only while the driver's tables guard 127/8 on it).
+    fn set_route_localnet(&self, _bridge: &str, _on: bool) -> Result<(), FirewallError> {
+        Ok(())
+    }
     /// The tables as text (for `doctor` and the README).
     fn render(&self, desired: &Desired) -> String;
 }

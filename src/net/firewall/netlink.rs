@@ -393,22 +393,94 @@ pub struct Elements {
 
 /// The elements of map `map` of table `ip <table>`; `Ok(None)` when the table or map is missing.
 pub fn elements(table: &str, map: &str) -> Result<Option<Elements>, FirewallError> {
+    let mut out = Elements::default();
+    let Some(interrupted) = dump(NFPROTO_IPV4, table, map, |body| {
+        for m in parse_elements(body) {
+            match m {
+                Some(m) => out.mappings.push(m),
+                None => out.foreign += 1,
+            }
+        }
+    })?
+    else {
+        return Ok(None);
+    };
+    out.interrupted = interrupted;
+    // A map's keys are unique, but a dump resumed across datagrams may repeat the element it
+    // stopped at (seen under load): count each element once.
+    let mut seen = std::collections::HashSet::with_capacity(out.mappings.len());
+    out.mappings.retain(|m| seen.insert(*m));
+    Ok(Some(out))
+}
+
+/// The `nfproto` of a `bridge` table.
+pub const NFPROTO_BRIDGE: u8 = 7;
+/// The `nfproto` of an `ip` table.
+pub const NFPROTO_IP: u8 = NFPROTO_IPV4;
+
+/// What a set holds: each element's key bytes, and whether it ends an interval
+/// (`NFT_SET_ELEM_INTERVAL_END`, in sets with `flags interval`).
+#[derive(Debug, Default)]
+pub struct SetKeys {
+    /// Keys, each once, with the interval-end flag.
+    pub keys: std::collections::BTreeSet<(Vec<u8>, bool)>,
+    /// The set changed while it was dumped: read it again.
+    pub interrupted: bool,
+}
+
+/// The keys of set `set` of table `<family> <table>`; `Ok(None)` when the table or set is missing.
+pub fn set_keys(family: u8, table: &str, set: &str) -> Result<Option<SetKeys>, FirewallError> {
+    const NFTA_SET_ELEM_FLAGS: u16 = 3;
+    const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+    let mut out = SetKeys::default();
+    let Some(interrupted) = dump(family, table, set, |body| {
+        let Some(list) = attr_of(body, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+            return;
+        };
+        for (_, e) in attrs(list).filter(|(t, _)| *t == NFTA_LIST_ELEM) {
+            let key = attr_of(e, NFTA_SET_ELEM_KEY)
+                .and_then(|k| attr_of(k, NFTA_DATA_VALUE))
+                .unwrap_or_default();
+            let end = attr_of(e, NFTA_SET_ELEM_FLAGS)
+                .and_then(|f| f.get(..4))
+                .is_some_and(|f| {
+                    u32::from_be_bytes(f.try_into().expect("4 bytes")) & NFT_SET_ELEM_INTERVAL_END != 0
+                });
+            out.keys.insert((key.to_vec(), end));
+        }
+    })?
+    else {
+        return Ok(None);
+    };
+    out.interrupted = interrupted;
+    Ok(Some(out))
+}
+
+/// One `NFT_MSG_GETSETELEM` dump of set `set` of table `<family> <table>`: `each` gets every
+/// element-list message's body (after `nfgenmsg`). `Ok(None)` when the table or set is
+/// missing, else whether the set changed during the dump (`NLM_F_DUMP_INTR`).
+fn dump(
+    family: u8,
+    table: &str,
+    set: &str,
+    mut each: impl FnMut(&[u8]),
+) -> Result<Option<bool>, FirewallError> {
     let sock = socket()?;
     let mut body = Vec::new();
     attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-    attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(map));
+    attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
     let mut req = Vec::new();
     message(
         &mut req,
         (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
         NLM_F_REQUEST | NLM_F_DUMP,
         1,
-        NFPROTO_IPV4,
+        family,
         0,
         &body,
     );
     sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
-    let mut out = Elements::default();
+    let mut interrupted = false;
     // The kernel sizes each dump datagram by the largest read buffer seen (up to 32 KiB).
     let mut rx = vec![0u8; 64 << 10];
     loop {
@@ -418,16 +490,10 @@ pub fn elements(table: &str, map: &str) -> Result<Option<Elements>, FirewallErro
                 continue;
             }
             if r.flags & NLM_F_DUMP_INTR != 0 {
-                out.interrupted = true;
+                interrupted = true;
             }
             match r.ty {
-                NLMSG_DONE => {
-                    // A map's keys are unique, but a dump resumed across datagrams may repeat
-                    // the element it stopped at (seen under load): count each element once.
-                    let mut seen = std::collections::HashSet::with_capacity(out.mappings.len());
-                    out.mappings.retain(|m| seen.insert(*m));
-                    return Ok(Some(out));
-                }
+                NLMSG_DONE => return Ok(Some(interrupted)),
                 NLMSG_ERROR => {
                     let code = error_code(r.body);
                     if code == -libc::ENOENT {
@@ -438,12 +504,7 @@ pub fn elements(table: &str, map: &str) -> Result<Option<Elements>, FirewallErro
                     }
                 }
                 t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM => {
-                    for m in parse_elements(r.body.get(4..).unwrap_or_default()) {
-                        match m {
-                            Some(m) => out.mappings.push(m),
-                            None => out.foreign += 1,
-                        }
-                    }
+                    each(r.body.get(4..).unwrap_or_default());
                 }
                 _ => {}
             }
@@ -452,133 +513,5 @@ pub fn elements(table: &str, map: &str) -> Result<Option<Elements>, FirewallErro
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::spec::Protocol;
-
-    #[test]
-    fn keys_and_values_are_register_aligned() {
-        let m = PortMapping {
-            bind: None,
-            proto: Protocol::Tcp,
-            host_port: 8080,
-            ip: "10.200.0.2".parse().unwrap(),
-            machine_port: 80,
-        };
-        assert_eq!(key(&m), vec![6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
-        assert_eq!(value(&m), vec![10, 200, 0, 2, 0, 80, 0, 0]);
-        let b = PortMapping {
-            bind: Some("127.0.0.1".parse().unwrap()),
-            proto: Protocol::Udp,
-            ..m
-        };
-        assert_eq!(key(&b), vec![127, 0, 0, 1, 17, 0, 0, 0, 0x1f, 0x90, 0, 0]);
-    }
-
-    #[test]
-    fn parse_generation_and_elements() {
-        // NFTA_GEN_ID (be32 7), then NFTA_GEN_PROC_PID
-        let mut body = Vec::new();
-        attr(&mut body, NFTA_GEN_ID, &7u32.to_be_bytes());
-        attr(&mut body, 2, &1234u32.to_be_bytes());
-        assert_eq!(parse_genid(&body), Some(7));
-        assert_eq!(parse_genid(&[]), None);
-
-        let m = PortMapping {
-            bind: Some("10.0.0.1".parse().unwrap()),
-            proto: Protocol::Udp,
-            host_port: 5353,
-            ip: "10.200.0.9".parse().unwrap(),
-            machine_port: 53,
-        };
-        let (buf, _) = batch("t", Op::Add, &[("expose_bound", vec![&m])], 1);
-        // the element-list message sits after the 20-byte batch-begin message
-        let msg = &replies(&buf)[1];
-        assert_eq!(parse_elements(&msg.body[4..]), vec![Some(m)]);
-        let any = PortMapping { bind: None, ..m };
-        assert_eq!(mapping_of(&key(&any), &value(&any)), Some(any));
-        assert_eq!(mapping_of(&[1, 2, 3], &value(&any)), None);
-        assert_eq!(mapping_of(&key(&any), &[0; 4]), None);
-    }
-
-    /// Runs `f` on a thread in a network namespace of its own (gone when the thread ends);
-    /// `nft` started from it runs there too.
-    pub(crate) fn in_private_netns(f: impl FnOnce() + Send + 'static) {
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-            f()
-        })
-        .join()
-        .expect("test thread");
-    }
-
-    pub(crate) fn nft(script: &str) {
-        use std::io::Write as _;
-        let mut c = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        assert!(c.wait().unwrap().success(), "nft -f failed: {script}");
-    }
-
-    #[test]
-    #[ignore = "needs root and network namespaces: run sudo scripts/test"]
-    fn generation_moves_once_per_commit_and_elements_read_back() {
-        in_private_netns(|| {
-            assert!(elements("t", "expose_any").unwrap().is_none(), "no table yet");
-            nft(
-                "table ip t { map expose_any { type inet_proto . inet_service : ipv4_addr . inet_service; }; }",
-            );
-            let g0 = generation().unwrap();
-            let ms: Vec<PortMapping> = (0..2500)
-                .map(|i| PortMapping {
-                    bind: None,
-                    proto: Protocol::Tcp,
-                    host_port: 10000 + i,
-                    ip: "10.200.0.2".parse().unwrap(),
-                    machine_port: 80,
-                })
-                .collect();
-            apply("t", Op::Add, &[("expose_any", ms.iter().collect())]).unwrap();
-            assert_eq!(
-                generation().unwrap(),
-                g0.wrapping_add(1),
-                "one batch, one generation"
-            );
-            // The set's hash table may still be resizing after the bulk insert (the kernel does
-            // it later, in a worker); a dump racing it can skip or repeat elements, which the
-            // reconciler answers with a second read. Here: read until it settles.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            let have = loop {
-                let got = elements("t", "expose_any").unwrap().unwrap();
-                assert!(!got.interrupted);
-                assert_eq!(got.foreign, 0);
-                let mut have = got.mappings.clone();
-                have.sort_by_key(|m| m.host_port);
-                if have == ms || std::time::Instant::now() >= deadline {
-                    break have;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            };
-            assert!(
-                have == ms,
-                "2,500 elements over several dump datagrams: read {}",
-                have.len()
-            );
-            // deleting one present and one absent element aborts the whole batch
-            let absent = PortMapping {
-                host_port: 9,
-                ..ms[0]
-            };
-            assert!(apply("t", Op::Delete, &[("expose_any", vec![&ms[0], &absent])]).is_err());
-            assert_eq!(
-                generation().unwrap(),
-                g0.wrapping_add(1),
-                "an aborted batch commits nothing"
-            );
-            assert_eq!(elements("t", "expose_any").unwrap().unwrap().mappings.len(), 2500);
-        });
-    }
-}
+#[path = "netlink_tests.rs"]
+pub(crate) mod tests;

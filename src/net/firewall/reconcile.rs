@@ -2,14 +2,13 @@
 //! applies one machine's exposes and port binding, and rebuilds from the database whenever an
 //! element change fails or the kernel drifted.
 
-#[cfg(test)]
-use super::Desired;
 use super::{
-    BridgeNet, DesiredSource, FirewallDriver, FirewallError, Health, Held, MachinePort, PortMapping,
+    BridgeNet, Desired, DesiredSource, FirewallDriver, FirewallError, Health, Held, MachinePort, PortMapping,
 };
 use crate::spec::ExposeSpec;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// The firewall as the services see it. Every change goes through one lock, and a rebuild
@@ -20,6 +19,9 @@ pub struct Firewall {
     desired: DesiredSource,
     lock: Mutex<()>,
     forward_compat: bool,
+    /// Set by [`Firewall::remove_forward_compat`] (clean stop): no pass after it puts rules
+    /// back into foreign chains.
+    stopping: AtomicBool,
 }
 
 impl Firewall {
@@ -31,6 +33,7 @@ impl Firewall {
             desired,
             lock: Mutex::new(()),
             forward_compat,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -86,12 +89,34 @@ impl Firewall {
 
     fn rebuild_locked(&self) -> Result<(), FirewallError> {
         let desired = (self.desired)().map_err(FirewallError::State)?;
-        self.driver.rebuild(&desired)?;
+        self.rebuild_from(&desired, false)
+    }
+
+    /// Rebuild from `desired`. `route_localnet` is on on sistemo's bridges only while the
+    /// guard dropping 127/8 from them is in place (CVE-2020-8558): turned on once the rebuild
+    /// committed, turned off first when the guard may be gone (`guard_lost`), and left off
+    /// when the rebuild fails.
+    fn rebuild_from(&self, desired: &Desired, guard_lost: bool) -> Result<(), FirewallError> {
+        let localnet = |on| {
+            for b in &desired.bridges {
+                if let Err(e) = self.driver.set_route_localnet(&b.bridge, on) {
+                    tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
+                }
+            }
+        };
+        if guard_lost {
+            localnet(false);
+        }
+        if let Err(e) = self.driver.rebuild(desired) {
+            localnet(false);
+            return Err(e);
+        }
+        localnet(true);
         self.patch_foreign_chains(&desired.bridges)
     }
 
     fn patch_foreign_chains(&self, bridges: &[BridgeNet]) -> Result<(), FirewallError> {
-        if self.forward_compat {
+        if self.forward_compat && !self.stopping.load(Ordering::SeqCst) {
             for c in self.driver.ensure_forward_compat(bridges)? {
                 tracing::info!(chain = %c, "foreign forward chain has policy drop: inserted sistemo's accept rules");
             }
@@ -128,12 +153,16 @@ impl Firewall {
                 // A dump racing the kernel's resize of a hash set (deferred, after a bulk
                 // insert) can skip or repeat elements: a difference counts when a second read
                 // shows it too.
-                Some(held) => mapping_drift(&held, &desired.mappings)
-                    .and_then(|_| {
-                        let again = self.driver.held().ok().flatten()?;
-                        mapping_drift(&again, &desired.mappings)
-                    })
-                    .map(|why| (why, false)),
+                Some(held) => match mapping_drift(&held, &desired.mappings).and_then(|_| {
+                    let again = self.driver.held().ok().flatten()?;
+                    mapping_drift(&again, &desired.mappings)
+                }) {
+                    Some(why) => Some((why, false)),
+                    // A set's element gone turns a guard off for a machine or a bridge (its
+                    // anti-spoofing, its isolation): the sets are compared too.
+                    // A bridge missing from `bridges` loses its guard: structural.
+                    None => self.driver.sets_drift(&desired)?.map(|why| (why, true)),
+                },
                 None => None,
             },
             Health::InSync => None,
@@ -148,21 +177,7 @@ impl Firewall {
         tracing::warn!(reason = %why, "nftables drifted from the database; restoring");
         // Without the guard, route_localnet would expose the host's loopback services to
         // machines: off until the tables are back (only a structural drift can lose the guard).
-        let localnet = |on| {
-            for b in &desired.bridges {
-                if let Err(e) = crate::net::link::set_route_localnet(&b.bridge, on) {
-                    tracing::warn!(bridge = %b.bridge, error = %crate::error::chain(&e), "setting route_localnet failed");
-                }
-            }
-        };
-        if structural {
-            localnet(false);
-        }
-        self.driver.rebuild(&desired)?;
-        self.patch_foreign_chains(&desired.bridges)?;
-        if structural {
-            localnet(true);
-        }
+        self.rebuild_from(&desired, structural)?;
         tracing::info!("nftables restored from the database");
         Ok(true)
     }
@@ -184,8 +199,10 @@ impl Firewall {
 
     /// Remove sistemo's rules from foreign chains (clean daemon stop): exposes stay in
     /// sistemo's own table, but nothing of sistemo is left in other tools' chains.
+    /// From then on no pass (the repair loop may still run) puts them back.
     pub fn remove_forward_compat(&self) {
         let _g = self.locked();
+        self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.driver.remove_forward_compat() {
             tracing::warn!(error = %crate::error::chain(&e), "removing sistemo's rules from foreign chains failed");
         }
@@ -290,6 +307,106 @@ mod tests {
         assert_eq!(mapping_drift(&Held::default(), &[]), None);
     }
 
+    /// Records what the firewall asks of it; its rebuild fails while `fail` is set.
+    #[derive(Default)]
+    struct Recorder {
+        log: Mutex<Vec<String>>,
+        fail: AtomicBool,
+    }
+
+    impl FirewallDriver for std::sync::Arc<Recorder> {
+        fn rebuild(&self, _: &Desired) -> Result<(), FirewallError> {
+            self.log.lock().unwrap().push("rebuild".into());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(FirewallError::Rejected("refused".into()));
+            }
+            Ok(())
+        }
+        fn add(&self, _: &[PortMapping]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn remove(&self, _: &[PortMapping]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn bind(&self, _: &[MachinePort]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn unbind(&self, _: &[MachinePort]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn check(&self, _: bool) -> Result<Health, FirewallError> {
+            Ok(Health::Drifted("table missing".into()))
+        }
+        fn ensure_forward_compat(&self, _: &[BridgeNet]) -> Result<Vec<String>, FirewallError> {
+            self.log.lock().unwrap().push("compat".into());
+            Ok(vec![])
+        }
+        fn remove_forward_compat(&self) -> Result<(), FirewallError> {
+            self.log.lock().unwrap().push("uncompat".into());
+            Ok(())
+        }
+        fn render(&self, _: &Desired) -> String {
+            String::new()
+        }
+        fn set_route_localnet(&self, bridge: &str, on: bool) -> Result<(), FirewallError> {
+            self.log.lock().unwrap().push(format!("localnet {bridge} {on}"));
+            Ok(())
+        }
+    }
+
+    fn recorded() -> (Firewall, std::sync::Arc<Recorder>) {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let desired = Desired {
+            bridges: vec![BridgeNet {
+                bridge: "br0".into(),
+                subnet: "10.200.0.0/16".parse().unwrap(),
+            }],
+            ..Default::default()
+        };
+        let fw = Firewall::new(Box::new(rec.clone()), Box::new(move || Ok(desired.clone())), true);
+        (fw, rec)
+    }
+
+    fn take(rec: &Recorder) -> Vec<String> {
+        std::mem::take(&mut *rec.log.lock().unwrap())
+    }
+
+    #[test]
+    fn route_localnet_only_after_the_guard_is_in_place() {
+        let (fw, rec) = recorded();
+        fw.rebuild().unwrap();
+        assert_eq!(take(&rec), ["rebuild", "localnet br0 true", "compat"]);
+        // a structural drift: off before the rebuild, on after it
+        assert!(fw.repair_once(false).unwrap());
+        assert_eq!(
+            take(&rec),
+            ["localnet br0 false", "rebuild", "localnet br0 true", "compat"]
+        );
+        // a failed rebuild leaves it off
+        rec.fail.store(true, Ordering::SeqCst);
+        assert!(fw.rebuild().is_err());
+        assert_eq!(take(&rec), ["rebuild", "localnet br0 false"]);
+        assert!(fw.repair_once(false).is_err());
+        assert_eq!(
+            take(&rec),
+            ["localnet br0 false", "rebuild", "localnet br0 false"]
+        );
+    }
+
+    #[test]
+    fn no_compat_rules_after_stop() {
+        let (fw, rec) = recorded();
+        fw.rebuild().unwrap();
+        fw.remove_forward_compat();
+        take(&rec);
+        // the repair loop still running after the stop rebuilds its own table, nothing more
+        assert!(fw.repair_once(false).unwrap());
+        fw.rebuild().unwrap();
+        let log = take(&rec);
+        assert!(!log.iter().any(|l| l == "compat"), "{log:?}");
+        assert!(log.iter().any(|l| l == "rebuild"), "{log:?}");
+    }
+
     /// The repair loop against a real kernel table, in a private network namespace.
     #[test]
     #[ignore = "needs root and network namespaces: run sudo scripts/test"]
@@ -302,16 +419,25 @@ mod tests {
                     bridge: "br0".into(),
                     subnet: "10.200.0.0/16".parse().unwrap(),
                 }],
-                ports: vec![],
+                ports: vec![MachinePort {
+                    ifname: "smaaaa".into(),
+                    mac: [0x52, 0x54, 1, 2, 3, 4],
+                    ip: "10.200.0.2".parse().unwrap(),
+                }],
                 mappings: vec![m(8080, "10.200.0.2"), m(8081, "10.200.0.3")],
             };
             let d = desired.clone();
+            let policy = crate::net::firewall::Policy {
+                host_ports: vec![5432],
+                ..Default::default()
+            };
             let fw = Firewall::new(
-                Box::new(Nftables::new("t", Default::default())),
+                Box::new(Nftables::new("t", policy)),
                 Box::new(move || Ok(d.clone())),
                 false,
             );
             fw.rebuild().unwrap();
+            assert_eq!(fw.driver.sets_drift(&desired).unwrap(), None, "sets as built");
             assert!(!fw.repair_once(false).unwrap(), "own rebuild is no drift");
             assert_eq!(fw.driver.changed().unwrap(), None, "own rebuild is seen");
             fw.add("10.200.0.4".parse().unwrap(), &[]).unwrap();
@@ -333,6 +459,31 @@ mod tests {
                 let held = fw.driver.held().unwrap().unwrap();
                 assert_eq!(mapping_drift(&held, &desired.mappings), None, "{what}: restored");
                 assert_eq!(fw.driver.changed().unwrap(), None, "{what}: repair is seen");
+            }
+            // a set element deleted, or added, behind the daemon's back (anti-spoofing of a
+            // machine port, the guards of a bridge, the host ports)
+            for script in [
+                "delete element bridge t ports { \"smaaaa\" }",
+                "delete element bridge t port_mac { \"smaaaa\" . 52:54:01:02:03:04 }",
+                "delete element bridge t port_ip { \"smaaaa\" . 10.200.0.2 }",
+                "add element bridge t port_ip { \"smaaaa\" . 10.200.0.9 }",
+                "delete element ip t bridges { \"br0\" }",
+                "delete element ip t subnets { 10.200.0.0/16 }",
+                "add element ip t subnets { 10.99.0.0/16 }",
+                "delete element ip t host_ports { 5432 }",
+                "add element ip t host_ports { 22 }",
+            ] {
+                nft(script);
+                assert!(
+                    fw.driver.sets_drift(&desired).unwrap().is_some(),
+                    "{script}: drift seen"
+                );
+                assert!(fw.repair_once(false).unwrap(), "{script}: repaired");
+                assert_eq!(
+                    fw.driver.sets_drift(&desired).unwrap(),
+                    None,
+                    "{script}: restored"
+                );
             }
             // a foreign table: one comparison, no repair, then quiet
             nft("table ip other { chain c { type filter hook input priority 0; policy accept; }; }");

@@ -29,6 +29,7 @@
 
 mod json;
 mod rules;
+mod sets;
 
 use super::{
     BridgeNet, Desired, FirewallDriver, FirewallError, Health, Held, MachinePort, Policy, PortMapping,
@@ -398,6 +399,15 @@ impl FirewallDriver for Nftables {
 
     fn render(&self, desired: &Desired) -> String {
         self.table_text(desired) + &self.bridge_table_text()
+    }
+
+    fn sets_drift(&self, desired: &Desired) -> Result<Option<String>, FirewallError> {
+        Nftables::sets_drift(self, desired)
+    }
+
+    fn set_route_localnet(&self, bridge: &str, on: bool) -> Result<(), FirewallError> {
+        crate::net::link::set_route_localnet(bridge, on)
+            .map_err(|e| FirewallError::Io(std::io::Error::other(e)))
     }
 }
 

@@ -138,7 +138,9 @@ impl Nftables {
 
     /// The bridge-family table: each machine port may send only from its own MAC and IP
     /// (Ethernet, ARP and IPv4), so no machine can take another's address or answer for the
-    /// gateway; router advertisements and DHCP-server replies from machines are dropped.
+    /// gateway; nothing but IPv4 and ARP leaves a machine (sistemo offers no IPv6: no path to
+    /// the host's `::` listeners, no router advertisement, no DHCPv6, no VLAN-tagged frame
+    /// around these checks), and DHCP-server replies are dropped.
     /// Ports that are not machines' (another daemon's, the bridge's own) pass untouched.
     pub(super) fn bridge_table_text(&self) -> String {
         let t = &self.table;
@@ -153,9 +155,8 @@ impl Nftables {
              \t\tether type arp iifname . arp saddr ether != @{SET_PORT_MAC} drop\n\
              \t\tether type arp iifname . arp saddr ip != @{SET_PORT_IP} drop\n\
              \t\tether type ip iifname . ip saddr != @{SET_PORT_IP} drop\n\
-             \t\tether type ip udp sport 67 drop\n\
-             \t\tether type ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} drop\n\
-             \t\tether type ip6 udp sport 547 drop\n\t}}\n}}\n"
+             \t\tether type != {{ ip, arp }} drop\n\
+             \t\tether type ip udp sport 67 drop\n\t}}\n}}\n"
         )
     }
 
