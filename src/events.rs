@@ -2,7 +2,7 @@
 //! polling), progress of long operations, audit-log entries and firewall repairs, broadcast to
 //! every `GET /v1/events` subscriber.
 
-use crate::api::HistoryEntry;
+use crate::store::HistoryRow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{Notify, broadcast};
@@ -33,7 +33,7 @@ pub enum HostEvent {
         message: String,
     },
     /// An audit-log entry was written.
-    Change(HistoryEntry),
+    Change(HistoryRow),
     /// The firewall drifted and was repaired.
     Firewall {
         /// What happened.

@@ -2,7 +2,6 @@
 //! firewall), plus what spans them: start-up, self-repair, the audit log, accounts, the event bus
 //! and daemon facts.
 
-use crate::api::HistoryEntry;
 use crate::auth::Auth;
 use crate::backend::Backend;
 use crate::config::Config;
@@ -300,7 +299,7 @@ impl Host {
         offset: u32,
         action: Option<&str>,
         target: Option<&str>,
-    ) -> Result<Vec<HistoryEntry>> {
+    ) -> Result<Vec<crate::store::HistoryRow>> {
         Ok(self.store.lock().history(limit, offset, action, target)?)
     }
 

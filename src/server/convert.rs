@@ -355,6 +355,33 @@ pub fn info(f: Facts, cfg: &crate::config::Config) -> InfoResponse {
     }
 }
 
+/// A template as the API shows it.
+pub fn template_row(t: &crate::machine::TemplateInfo) -> crate::api::TemplateRow {
+    crate::api::TemplateRow {
+        key: t.key.clone(),
+        image_sha256: t.image_sha256.clone(),
+        image: t.image.clone(),
+        vcpus: t.vcpus,
+        memory_mib: t.memory_mib,
+        storage_bytes: t.storage_bytes,
+        created_at: t.created_at.clone(),
+        bytes: t.bytes,
+    }
+}
+
+/// An audit-log entry as the API and the event stream show it.
+pub(super) fn history_entry(r: crate::store::HistoryRow) -> crate::api::HistoryEntry {
+    crate::api::HistoryEntry {
+        at: r.at,
+        uid: r.uid,
+        remote: r.remote,
+        actor: r.actor,
+        action: r.action,
+        target: r.target,
+        result: r.result,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,19 +436,5 @@ mod session_tests {
         ] {
             assert!(!is_plain_words(shell), "{shell}");
         }
-    }
-}
-
-/// A template as the API shows it.
-pub fn template_row(t: &crate::machine::TemplateInfo) -> crate::api::TemplateRow {
-    crate::api::TemplateRow {
-        key: t.key.clone(),
-        image_sha256: t.image_sha256.clone(),
-        image: t.image.clone(),
-        vcpus: t.vcpus,
-        memory_mib: t.memory_mib,
-        storage_bytes: t.storage_bytes,
-        created_at: t.created_at.clone(),
-        bytes: t.bytes,
     }
 }

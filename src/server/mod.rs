@@ -365,12 +365,13 @@ async fn history(
     State(h): State<AppState>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<HistoryEntry>>, Error> {
-    Ok(Json(h.history(
+    let rows = h.history(
         q.limit.unwrap_or(50).min(MAX_HISTORY_PAGE),
         q.offset.unwrap_or(0),
         q.action.as_deref(),
         q.target.as_deref(),
-    )?))
+    )?;
+    Ok(Json(rows.into_iter().map(convert::history_entry).collect()))
 }
 
 async fn info(State(h): State<AppState>) -> Result<Json<InfoResponse>, Error> {

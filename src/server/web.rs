@@ -38,7 +38,9 @@ fn wire(h: &AppState, ev: HostEvent) -> Option<DaemonEvent> {
             target,
             message,
         },
-        HostEvent::Change(entry) => DaemonEvent::Change { entry },
+        HostEvent::Change(row) => DaemonEvent::Change {
+            entry: super::convert::history_entry(row),
+        },
         HostEvent::Firewall { detail } => DaemonEvent::Firewall { detail },
     })
 }

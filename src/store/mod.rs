@@ -11,7 +11,7 @@ mod volumes;
 mod warm;
 
 pub use accounts::{Account, Role, SessionRow, TokenRow};
-pub use networks::Caller;
+pub use networks::{Caller, HistoryRow};
 pub use volumes::{Attachment, NewAttachment, Volume, VolumeFormat, VolumeKind};
 
 use crate::domain::{IfName, MachineName, MachineState, NetworkName, RestartPolicy, Subnet};

@@ -2,7 +2,6 @@
 //! Part of the store: the only code that speaks SQL.
 
 use super::{Network, Result, Store, StoreError};
-use crate::api::HistoryEntry;
 
 /// Who made a change: the uid of a Unix-socket caller, or the address of a TCP API caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -138,14 +137,14 @@ impl Store {
         offset: u32,
         action: Option<&str>,
         target: Option<&str>,
-    ) -> Result<Vec<HistoryEntry>> {
+    ) -> Result<Vec<HistoryRow>> {
         let mut st = self.conn.prepare_cached(
             "SELECT at, uid, action, target, result, remote, actor FROM history
              WHERE (?1 IS NULL OR action = ?1 OR action LIKE ?1 || '.%') AND (?2 IS NULL OR target = ?2)
              ORDER BY id DESC LIMIT ?3 OFFSET ?4",
         )?;
         let rows = st.query_map(params![action, target, limit, offset], |r| {
-            Ok(HistoryEntry {
+            Ok(HistoryRow {
                 at: r.get(0)?,
                 uid: r.get(1)?,
                 action: r.get(2)?,
@@ -157,6 +156,25 @@ impl Store {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// One audit-log entry as stored.
+#[derive(Debug, Clone)]
+pub struct HistoryRow {
+    /// Time (UTC, RFC 3339).
+    pub at: String,
+    /// The caller's uid (the Unix socket's peer credentials), if known.
+    pub uid: Option<u32>,
+    /// A TCP API caller's address.
+    pub remote: Option<String>,
+    /// Who: `user alice`, `token ci`, or the local account behind the uid.
+    pub actor: Option<String>,
+    /// Action, e.g. `machine.expose`.
+    pub action: String,
+    /// What it acted on.
+    pub target: String,
+    /// `ok` or the error.
+    pub result: String,
 }
 
 #[cfg(test)]
