@@ -90,8 +90,9 @@ impl Networks {
             )));
         }
         let routes = self.links.routed_v4().await?;
+        let taken: Vec<_> = existing.iter().map(|n| (n.name.clone(), n.subnet)).collect();
         let subnet = match subnet {
-            Some(s) => match ipam::overlap(s, &existing, &routes) {
+            Some(s) => match ipam::overlap(s, &taken, &routes) {
                 Some(o) => {
                     return Err(Error::Conflict(format!(
                         "subnet {s} overlaps {o}; choose a subnet that does not"
@@ -99,7 +100,7 @@ impl Networks {
                 }
                 None => s,
             },
-            None => ipam::choose(&existing, &routes)
+            None => ipam::choose(&taken, &routes)
                 .ok_or_else(|| Error::Conflict("no free 10.x.0.0/24 subnet left; pass --subnet".into()))?,
         };
         let net = Network {

@@ -536,7 +536,7 @@ mod tests {
             "pg:/a//b",
         ] {
             let e = AttachSpec::parse(bad).unwrap_err();
-            assert_eq!(e.kind(), crate::api::ErrorKind::Invalid, "{bad}: {e}");
+            assert_eq!(e.kind(), crate::error::ErrorKind::Invalid, "{bad}: {e}");
         }
         assert_eq!(serial(Uuid::nil()).len(), 20);
     }

@@ -1,15 +1,15 @@
 //! Address planning for networks: whether a subnet is free of sistemo's other networks and of
 //! the host's routes, and which subnet a new network gets. Machine addresses are leased by the store.
 
-use crate::domain::Subnet;
-use crate::store::Network;
+use crate::domain::{NetworkName, Subnet};
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 
-/// What `candidate` overlaps, named for an error message, or `None` when it is free.
-pub fn overlap(candidate: Subnet, networks: &[Network], routes: &[Ipv4Net]) -> Option<String> {
-    if let Some(n) = networks.iter().find(|n| n.subnet.overlaps(candidate.net())) {
-        return Some(format!("network {} ({})", n.name, n.subnet));
+/// What `candidate` overlaps among the `taken` networks and the host's `routes`, named for an
+/// error message, or `None` when it is free.
+pub fn overlap(candidate: Subnet, taken: &[(NetworkName, Subnet)], routes: &[Ipv4Net]) -> Option<String> {
+    if let Some((name, subnet)) = taken.iter().find(|(_, s)| s.overlaps(candidate.net())) {
+        return Some(format!("network {name} ({subnet})"));
     }
     routes
         .iter()
@@ -18,23 +18,19 @@ pub fn overlap(candidate: Subnet, networks: &[Network], routes: &[Ipv4Net]) -> O
 }
 
 /// The first free `10.X.0.0/24` after the default `10.200.0.0/16`, X from 201 on.
-pub fn choose(networks: &[Network], routes: &[Ipv4Net]) -> Option<Subnet> {
+pub fn choose(taken: &[(NetworkName, Subnet)], routes: &[Ipv4Net]) -> Option<Subnet> {
     (201..=255u8)
         .chain(1..200)
         .filter_map(|x| Subnet::check("subnet", Ipv4Net::new(Ipv4Addr::new(10, x, 0, 0), 24).ok()?).ok())
-        .find(|s| overlap(*s, networks, routes).is_none())
+        .find(|s| overlap(*s, taken, routes).is_none())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn net(name: &str, subnet: &str) -> Network {
-        Network {
-            name: name.parse().unwrap(),
-            bridge: format!("br-{name}").parse().unwrap(),
-            subnet: subnet.parse().unwrap(),
-        }
+    fn net(name: &str, subnet: &str) -> (NetworkName, Subnet) {
+        (name.parse().unwrap(), subnet.parse().unwrap())
     }
 
     #[test]
