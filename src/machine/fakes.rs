@@ -122,6 +122,8 @@ pub(super) enum Fail {
     Nothing,
     Start,
     Ready,
+    /// `--wait init` fails after the machine booted and its rules went in.
+    Init,
 }
 
 /// VMMs are this test process (alive by pid and start time); `running` holds machines whose
@@ -165,6 +167,15 @@ impl Hypervisor for FakeVmm {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),
                 reason: "kernel panic (fake)".into(),
+            });
+        }
+        Ok(())
+    }
+    async fn wait_init(&self, spec: &MachineSpec, _: Duration, _: Progress<'_>) -> Result<(), VmmError> {
+        if *self.fail.lock().unwrap() == Fail::Init {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: "init never answered (fake)".into(),
             });
         }
         Ok(())

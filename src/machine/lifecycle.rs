@@ -111,7 +111,16 @@ impl Machines {
         }
         if let Err(e) = res {
             progress("deploy failed; cleaning up");
-            self.teardown(&m, None).await;
+            // A failure after boot (e.g. `--wait init`) leaves a running VMM and live rules:
+            // both go, through the instance the store now holds.
+            let now = self.store.lock().machine_by_id(m.id).ok();
+            let inst = now.as_ref().and_then(|n| n.instance.clone());
+            if now.is_some_and(|n| n.state == MachineState::Running) {
+                let _ = self.store.lock().set_state(m.id, MachineState::Creating, None);
+                let (ip, ports) = (m.ip, self.store.lock().exposes_of(m.id).unwrap_or_default());
+                let _ = self.firewall(move |fw| fw.remove(ip, &ports)).await;
+            }
+            self.teardown(&m, inst.as_ref()).await;
             let _ = self.firewall(move |fw| fw.unbind(&port)).await;
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);

@@ -173,6 +173,17 @@ async fn deploy_failing_at_boot_or_ready_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn deploy_failing_in_the_wait_after_boot_stops_its_vmm_and_removes_its_rules() {
+    let r = rig().await;
+    *r.vmm.fail.lock().unwrap() = Fail::Init;
+    let mut d = web(&["28106:80"]);
+    d.wait = crate::domain::WaitFor::Init;
+    let e = r.deploy(d).await.unwrap_err();
+    assert!(crate::error::chain(&e).contains("fake"), "{e}");
+    r.assert_nothing_left();
+}
+
+#[tokio::test]
 async fn deploy_whose_firewall_add_fails_leaves_nothing() {
     let r = rig().await;
     r.fail_fw.store(true, Ordering::SeqCst);
