@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 /// API version prefix of every route.
 pub const PREFIX: &str = "/v1";
 
+/// Header of `GET /v1/machines/NAME/logs[?offset=N]`: the console stream offset of the body's
+/// first byte (offsets count dropped bytes too; without `offset` the body is the log's tail).
+pub const LOG_OFFSET_HEADER: &str = "x-log-offset";
+
 /// What kind of failure an error is; decides the HTTP status and the CLI's exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

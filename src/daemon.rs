@@ -203,6 +203,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             if let Err(e) = rm.machines.reap_dead().await {
                 tracing::error!(error = %chain(&e), "checking machines' VMMs failed");
             }
+            // Logs are capped on the same beat (a guest may write its console full fast).
+            let lm = rm.clone();
+            match tokio::task::spawn_blocking(move || lm.machines.cap_logs()).await {
+                Ok(Err(e)) => tracing::error!(error = %chain(&e), "capping machines' logs failed"),
+                Err(e) => tracing::error!(error = %e, "capping machines' logs failed"),
+                Ok(Ok(())) => {}
+            }
         }
     });
 

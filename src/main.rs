@@ -26,7 +26,9 @@ fn main() {
     let code = match rt.block_on(sistemo::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let msg = sistemo::error::chain(e.as_ref());
+            // A boot error quotes the guest's console: its escapes must not drive the terminal
+            // (`machine logs --raw` shows them as written).
+            let msg = sistemo_vmm::qemu::printable(&sistemo::error::chain(e.as_ref()));
             if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
             {
                 eprintln!("\x1b[31merror:\x1b[0m {msg}");

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p)
@@ -274,4 +275,106 @@ fn file_system_tools_run_unprivileged_and_confined() {
             "{tool} shares the daemon's network: {l}"
         );
     }
+}
+
+/// The console file of machine `name`.
+fn console_of(env: &Env, name: &str) -> std::path::PathBuf {
+    let v: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", name, "-o", "json"])).unwrap();
+    env.dir
+        .join("data/machines")
+        .join(v["id"].as_str().unwrap())
+        .join("console.log")
+}
+
+fn len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// The console's two parts, `console.log` and `console.log.1`, together.
+fn kept(log: &std::path::Path) -> u64 {
+    len(log) + len(&log.with_extension("log.1"))
+}
+
+/// `hh-NNNNNNNN` line numbers in `text`, in order.
+fn numbers(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("hh-")?.get(..8)?.parse().ok())
+        .collect()
+}
+
+/// A guest writing far more than `log_max_bytes` to its console (here: a writer holding the
+/// file open in append mode, as QEMU's console does) leaves at most the cap on disk; `logs`
+/// shows the newest lines; a `logs -f` reader started before sees each line at most once, in
+/// order, up to the last (its stream offsets survive the daemon dropping old bytes).
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn console_logs_are_capped_and_followed_across_the_cap() {
+    use std::io::{BufRead, Write};
+    let env = Env::with_config("hhlogs", "log_max_bytes: 16K\n");
+    env.machine("web", &[]);
+    let log = console_of(&env, "web");
+    let mut w = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .unwrap();
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["machine", "logs", "-f", "web"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    step("writing 60 times the cap, in rounds the daemon rotates between");
+    let mut n = 0u64;
+    for round in 0..60 {
+        let start = std::fs::read_to_string(log.with_extension("log.start")).unwrap_or_default();
+        let mut chunk = String::new();
+        while chunk.len() < 16 << 10 {
+            n += 1;
+            chunk.push_str(&format!("hh-{n:08} console line\n"));
+        }
+        w.write_all(chunk.as_bytes()).unwrap();
+        // the daemon's pass moves the live file aside at half the cap (the offset file is
+        // written last)
+        poll("a rotation", Duration::from_secs(10), || {
+            (std::fs::read_to_string(log.with_extension("log.start")).unwrap_or_default() != start)
+                .then_some(())
+        });
+        assert!(len(&log) < 16 << 10, "round {round}: the live file was truncated");
+    }
+    poll("the console within the cap", Duration::from_secs(10), || {
+        (kept(&log) <= 16 << 10).then_some(())
+    });
+    let shown = env.cli_ok(&["machine", "logs", "web"]);
+    let nums = numbers(&shown);
+    assert_eq!(nums.last(), Some(&n), "logs shows the newest line");
+    assert!(
+        shown.len() <= 16 << 10 && nums.first() > Some(&1),
+        "only the tail is kept"
+    );
+    assert!(shown.starts_with("hh-"), "the tail starts at a whole line");
+    step("the follower saw the last line, each line at most once and in order");
+    let mut seen = Vec::new();
+    poll("the follower at the last line", Duration::from_secs(20), || {
+        while let Ok(l) = rx.try_recv() {
+            seen.extend(numbers(&l));
+        }
+        (seen.last() == Some(&n)).then_some(())
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen.windows(2).all(|p| p[0] < p[1]),
+        "a line seen twice or out of order"
+    );
 }

@@ -645,10 +645,13 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             raw,
         } => {
             use std::io::Write;
-            let mut offset = 0usize;
+            // The first read is the tail; then each continues where the last ended (stream
+            // offsets, valid across the daemon's cap on the log).
+            let mut offset: Option<u64> = None;
             loop {
-                let chunk = c.bytes(&format!("{}/logs?offset={offset}", path(&name)))?;
-                offset += chunk.len();
+                let q = offset.map_or(String::new(), |o| format!("?offset={o}"));
+                let (at, chunk) = c.log_bytes(&format!("{}/logs{q}", path(&name)), offset)?;
+                offset = Some(at + chunk.len() as u64);
                 let shown = if raw {
                     chunk
                 } else {

@@ -660,17 +660,9 @@ impl Machines {
 
     /// The last few KiB of the machine's console, without terminal escapes.
     pub(super) fn console_tail(&self, id: Uuid) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
-            return String::new();
-        };
-        let _ = f.seek(SeekFrom::End(-(CONSOLE_TAIL as i64)));
-        let mut buf = Vec::new();
-        let _ = f.take(CONSOLE_TAIL).read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf)
-            .chars()
-            .filter(|c| !c.is_control() || *c == '\n')
-            .collect()
+        // Across the log's two parts: a rotation may just have emptied the live file.
+        let buf = sistemo_vmm::logring::tail(&self.machine_dir(id).join("console.log"), CONSOLE_TAIL);
+        sistemo_vmm::qemu::printable(&String::from_utf8_lossy(&buf))
     }
 
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {

@@ -125,6 +125,8 @@ pub struct Settings {
     pub io: IoLimits,
     /// Where templates live (`data_dir/templates/KEY`).
     pub templates_dir: PathBuf,
+    /// Most bytes each of a machine's logs (console, QEMU's) keeps (`log_max_bytes`).
+    pub log_max_bytes: ByteSize,
 }
 
 /// What machines are made with: the store, the host's links, the firewall, the hypervisor and

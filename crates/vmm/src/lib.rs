@@ -25,6 +25,7 @@ mod cpio;
 mod error;
 mod exec;
 pub mod image;
+pub mod logring;
 pub mod netns;
 mod proc;
 pub mod qemu;
