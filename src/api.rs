@@ -247,6 +247,9 @@ pub struct DeployRequest {
     pub name: Option<String>,
     /// vCPUs (default 1).
     pub vcpus: Option<u32>,
+    /// A CPU cap in CPUs, above 0 and up to `vcpus` (e.g. `0.5`: half a core; default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<String>,
     /// Memory, e.g. `512M`, `2G` (default 512M).
     pub memory: Option<String>,
     /// Disk size, e.g. `4G` (default: the image's size, at least 2G).

@@ -378,3 +378,105 @@ fn console_logs_are_capped_and_followed_across_the_cap() {
         "a line seen twice or out of order"
     );
 }
+
+/// A real VM: `--cpu-limit` lands in its cgroup's `cpu.max` and in `machine status`, a bad one
+/// is one line and changes nothing; a guest writing 10 times `log_max_bytes` to its serial
+/// console leaves at most the cap on disk (QEMU appends, so truncation leaves no hole) and
+/// `machine logs` shows its newest lines.
+#[test]
+#[ignore = "boots real VMs: run sudo scripts/test"]
+fn real_vm_cpu_limit_and_capped_console() {
+    let seed = common::vm_state::seed();
+    let env = Env::qemu_with_config("hhvm", &seed, "log_max_bytes: 64K\n");
+    step("bad --cpu-limit: one line, nothing made");
+    for (bad, says) in [
+        ("0", "allowed: above 0"),
+        ("abc", "allowed: above 0"),
+        ("2.5", "up to 2"),
+    ] {
+        let o = env.cli(&[
+            "machine",
+            "deploy",
+            "debian",
+            "--name",
+            "hh",
+            "--vcpus",
+            "2",
+            "--cpu-limit",
+            bad,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says) && err.trim().lines().count() == 1,
+            "{bad}: {err}"
+        );
+    }
+    assert_eq!(env.cli_ok(&["machine", "ls", "-o", "json"]).trim(), "[]");
+
+    step("--cpu-limit 1.5 on 2 vCPUs");
+    env.cli_ok(&[
+        "machine",
+        "deploy",
+        "debian",
+        "--name",
+        "hh",
+        "--vcpus",
+        "2",
+        "--cpu-limit",
+        "1.5",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "hh", "-o", "json"])).unwrap();
+    if info["limits"].is_null() {
+        eprintln!("this host gives machines no cgroups: cpu.max not checked");
+    } else {
+        assert_eq!(info["limits"]["cpus"], 1.5);
+        let st = env.cli_ok(&["machine", "status", "hh"]);
+        assert!(st.contains(", 1.5 CPU, "), "{st}");
+        let pid = info["pid"].as_i64().unwrap();
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        // cgroup v2 (`cpu.max`), else the v1 cpu controller (`cpu.cfs_quota_us`)
+        let v2 = cg
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| format!("/sys/fs/cgroup{p}/cpu.max"))
+            .filter(|p| std::path::Path::new(p).exists());
+        let quota = match v2 {
+            Some(p) => std::fs::read_to_string(p).unwrap(),
+            None => {
+                let p = cg
+                    .lines()
+                    .find_map(|l| {
+                        let (ctl, path) = l.split_once(':')?.1.split_once(':')?;
+                        ctl.split(',').any(|c| c == "cpu").then_some(path)
+                    })
+                    .unwrap_or_else(|| panic!("{cg}"));
+                let q = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{p}/cpu.cfs_quota_us")).unwrap();
+                format!("{} 100000", q.trim())
+            }
+        };
+        assert_eq!(quota.trim(), "150000 100000", "the VMM's cgroup: {cg}");
+    }
+
+    step("a guest writes 10 times the cap to its console");
+    let log = console_of(&env, "hh");
+    env.cli_ok(&[
+        "machine",
+        "exec",
+        "hh",
+        "seq -f 'hh-%08g console line' 1 30000 > /dev/ttyS0",
+    ]);
+    poll("the console within the cap", Duration::from_secs(30), || {
+        (kept(&log) <= 64 << 10).then_some(())
+    });
+    let shown = env.cli_ok(&["machine", "logs", "hh"]);
+    assert_eq!(numbers(&shown).last(), Some(&30000), "logs shows the newest line");
+    assert!(numbers(&shown).first() > Some(&1), "the oldest lines are gone");
+    let bytes = std::fs::read(&log).unwrap();
+    assert!(
+        !bytes.contains(&0),
+        "no hole: QEMU writes at the file's end after a truncation"
+    );
+    assert!(len(&log.with_file_name("qemu.log")) <= 64 << 10);
+    env.cli_ok(&["machine", "delete", "hh", "-y"]);
+}

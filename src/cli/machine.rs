@@ -62,6 +62,9 @@ pub enum MachineCmd {
         /// Virtual CPUs.
         #[arg(long)]
         vcpus: Option<u32>,
+        /// Cap the machine's CPU time, in CPUs: above 0, up to its vCPUs (e.g. 0.5: half a core).
+        #[arg(long)]
+        cpu_limit: Option<String>,
         /// Memory, e.g. 512M or 2G.
         #[arg(long)]
         memory: Option<String>,
@@ -329,6 +332,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             insecure_http,
             name,
             vcpus,
+            cpu_limit,
             memory,
             storage,
             expose,
@@ -344,6 +348,9 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
+            if let Some(c) = &cpu_limit {
+                c.parse::<crate::domain::CpuLimit>().map_err(Usage::new)?;
+            }
             // A remote daemon never reads the caller's paths: a local image file is uploaded.
             let (image, name) = match image {
                 Some(i) if c.is_remote() && super::upload::is_local_path(&i) => {
@@ -360,6 +367,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
                 insecure_http,
                 name,
                 vcpus,
+                cpu_limit,
                 memory,
                 storage,
                 expose,

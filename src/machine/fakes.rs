@@ -136,6 +136,8 @@ pub(super) struct FakeVmm {
     /// When set, a stop waits for `release_stop` (a guest slow to power down).
     pub(super) hold_stop: AtomicBool,
     pub(super) release_stop: Notify,
+    /// The CPU cap (thousandths) of the last VMM started.
+    pub(super) started_cpu_limit: Mutex<u32>,
 }
 
 #[async_trait::async_trait]
@@ -154,6 +156,7 @@ impl Hypervisor for FakeVmm {
             });
         }
         self.running.lock().unwrap().insert(spec.id);
+        *self.started_cpu_limit.lock().unwrap() = spec.cpu_limit_milli;
         Ok(Instance::of_pid(std::process::id() as i32).expect("own process"))
     }
     async fn wait_ready(

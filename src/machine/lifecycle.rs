@@ -27,6 +27,13 @@ impl Machines {
             ));
         }
         let (vcpus, memory_mib) = self.check_shape(d.vcpus, d.memory)?;
+        if let Some(c) = d.cpu_limit
+            && c.milli() > vcpus * 1000
+        {
+            return Err(Error::Invalid(format!(
+                "cpu limit {c} is over the machine's {vcpus} vCPU(s) (allowed: above 0, up to {vcpus})"
+            )));
+        }
         if d.root_volume.is_none() {
             self.check_storage(d.storage)?;
         }
@@ -60,6 +67,11 @@ impl Machines {
                 return Err(e.into());
             }
         };
+        // Its CPU cap is stored with its rate limits below; its boot sees it now.
+        let m = Machine {
+            cpu_limit: d.cpu_limit,
+            ..m
+        };
         let dir = self.machine_dir(m.id);
         let port = machine_port(&m);
         let res: Result<()> = async {
@@ -68,6 +80,7 @@ impl Machines {
             self.firewall(move |fw| fw.bind(&p)).await?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
             self.store.lock().set_io(m.id, &self.io_for(&d.io))?;
+            self.store.lock().set_cpu_limit(m.id, d.cpu_limit)?;
             let mut warm = false;
             if let Some((tdir, t)) = self.template_for(&d, vcpus, memory_mib) {
                 progress(&format!("starting from template {} (warm)", &t.key[..12]));

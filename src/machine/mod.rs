@@ -73,6 +73,8 @@ pub struct Deploy {
     pub name: Option<MachineName>,
     /// vCPUs (default 1).
     pub vcpus: Option<u32>,
+    /// A CPU cap below its vCPUs (`--cpu-limit 0.5`: half a core).
+    pub cpu_limit: Option<crate::domain::CpuLimit>,
     /// Memory (default 512M).
     pub memory: Option<ByteSize>,
     /// Disk size (default: the image's size, at least 2G).
@@ -234,6 +236,7 @@ impl Machines {
             volumes,
             io,
             slot: m.vmm_slot,
+            cpu_limit_milli: m.cpu_limit.map_or(0, |c| c.milli()),
         })
     }
 

@@ -49,6 +49,7 @@ async fn rig() -> Rig {
         hold_exec: AtomicBool::new(false),
         hold_stop: AtomicBool::new(false),
         release_stop: Notify::new(),
+        started_cpu_limit: Mutex::new(0),
     });
     let images = Arc::new(FakeImages::default());
     let cfg = Config {
@@ -86,6 +87,7 @@ fn web(expose: &[&str]) -> Deploy {
         image: "debian".into(),
         name: Some("web".parse().unwrap()),
         vcpus: None,
+        cpu_limit: None,
         memory: None,
         storage: None,
         expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
@@ -584,4 +586,31 @@ async fn oci_overrides_on_an_image_with_an_init_system_are_refused_and_leave_not
         "{e}"
     );
     r.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_cpu_limit_is_stored_and_one_over_the_vcpus_is_refused_leaving_nothing() {
+    let r = rig().await;
+    let mut d = web(&["28107:80"]);
+    d.vcpus = Some(1);
+    d.cpu_limit = Some("1.5".parse().unwrap());
+    let e = r.deploy(d).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(
+        e.to_string().contains("cpu limit 1.5") && e.to_string().contains("up to 1"),
+        "{e}"
+    );
+    r.assert_nothing_left();
+    let mut d = web(&[]);
+    d.vcpus = Some(2);
+    d.cpu_limit = Some("0.5".parse().unwrap());
+    let v = r.deploy(d).await.unwrap();
+    assert_eq!(v.machine.cpu_limit.map(|c| c.milli()), Some(500));
+    assert_eq!(
+        *r.vmm.started_cpu_limit.lock().unwrap(),
+        500,
+        "the VMM started with the cap"
+    );
+    let spec = r.host.machines.spec_of(&v.machine).unwrap();
+    assert_eq!(spec.cpu_limit_milli, 500, "and starts with it again");
 }

@@ -157,6 +157,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE machines ADD COLUMN vmm_slot INTEGER;
      UPDATE machines SET vmm_slot = (SELECT COUNT(*) FROM machines m2 WHERE m2.rowid < machines.rowid);
      CREATE UNIQUE INDEX machines_vmm_slot ON machines(vmm_slot);",
+    // 10: a machine's CPU cap (`--cpu-limit`), thousandths of a CPU; 0: none
+    "ALTER TABLE machines ADD COLUMN cpu_limit_milli INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A named network: a bridge and a subnet.
@@ -208,6 +210,8 @@ pub struct Machine {
     pub created_at: String,
     /// Its slot: no other machine has it while this one exists (see `MachineSpec::slot`).
     pub vmm_slot: u32,
+    /// Its CPU cap (`--cpu-limit`), if any.
+    pub cpu_limit: Option<crate::domain::CpuLimit>,
 }
 
 /// What a new machine row needs; the store leases its address.
@@ -280,7 +284,7 @@ sql_text!(
     RestartPolicy
 );
 
-const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot";
+const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot, cpu_limit_milli";
 
 fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
     let id: String = r.get(0)?;
@@ -301,6 +305,7 @@ fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
         error: r.get(11)?,
         restart: r.get(12)?,
         vmm_slot: r.get(13)?,
+        cpu_limit: crate::domain::CpuLimit::from_milli(r.get(14)?),
     })
 }
 

@@ -290,6 +290,7 @@ mod tests {
                 dns: vec![],
             },
             slot: 7,
+            cpu_limit_milli: 0,
             ssh_pubkey: None,
             volumes: vec![],
             io: crate::IoLimits::default(),

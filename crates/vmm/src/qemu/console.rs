@@ -149,6 +149,7 @@ mod tests {
             volumes: vec![],
             io: crate::IoLimits::default(),
             slot: 0,
+            cpu_limit_milli: 0,
         };
         let d = console_diagnosis(&spec);
         assert!(

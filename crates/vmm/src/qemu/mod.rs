@@ -239,6 +239,7 @@ impl Qemu {
     /// The limits a machine's cgroup gets.
     pub fn limits_for(&self, spec: &MachineSpec) -> Limits {
         machine_limits(spec.memory_mib.max(128), spec.vcpus, VMM_OVERHEAD_MIB, VMM_PIDS)
+            .with_cpu_limit(spec.cpu_limit_milli)
     }
 
     /// Run QEMU and `ssh` inside network namespace `ns` (tests: the TAP and bridge live there).
