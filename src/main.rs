@@ -8,6 +8,9 @@ fn main() {
     let cli = sistemo::cli::Cli::parse();
     let daemon = matches!(cli.cmd, sistemo::cli::Cmd::Up(_));
     if daemon {
+        // Before any thread exists: as PID 1 (a container) a minimal init stays behind to reap
+        // orphans and forward signals; the daemon goes on in its child.
+        sistemo::sys::init_if_pid1();
         // Before any thread exists: the allocator's arenas are made as threads first allocate.
         sistemo::sys::lean_allocator();
         tracing_subscriber::fmt()

@@ -1,0 +1,110 @@
+//! The daemon as a container's PID 1 (it reaps orphans and stops cleanly on SIGTERM), and its
+//! start-up sweep of leftovers no row owns (TAPs, scratch folders). Real daemon in a namespace
+//! (harness: `tests/common`).
+
+mod common;
+use common::*;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The pids whose parent is `ppid`, with their state letter and command name.
+fn children(ppid: u32) -> Vec<(u32, char, String)> {
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces, so split after its last ')'
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |x| x.1).to_string();
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if f.next().and_then(|s| s.parse::<u32>().ok()) == Some(ppid) {
+            out.push((pid, state, comm));
+        }
+    }
+    out
+}
+
+/// `sistemo up` as PID 1 of a new PID namespace (`unshare --pid --fork --mount-proc`), in
+/// `env`'s network namespace, on `env`'s data dir; its log goes to `log`.
+fn daemon_as_pid1(env: &Env, log: &std::path::Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", env.ns))
+        .args(["--", "unshare", "--pid", "--fork", "--mount-proc"])
+        .arg(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["up", "--config"])
+        .arg(env.dir.join("config.yml"))
+        .arg("--data-dir")
+        .arg(env.dir.join("data"))
+        .args(["--nft-table", &env.table, "--hypervisor", "netns"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn as_pid1_the_daemon_reaps_orphans_and_stops_on_sigterm() {
+    let mut env = Env::new("hhinit");
+    env.kill_daemon("-TERM");
+    let log = env.dir.join("pid1.log");
+    let mut unshare = daemon_as_pid1(&env, &log);
+    step("PID 1 (sistemo as init) and the daemon, its child, answer");
+    let init = poll("sistemo as PID 1", Duration::from_secs(10), || {
+        children(unshare.id()).first().map(|c| c.0)
+    });
+    poll("the daemon's socket", Duration::from_secs(30), || {
+        answers(&env.socket).then_some(())
+    });
+    let status = std::fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    assert!(
+        status.contains("NSpid:\t")
+            && status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "{status}"
+    );
+    let kids = children(init);
+    assert!(
+        kids.iter().any(|k| k.2 == "sistemo"),
+        "the daemon runs as PID 1's child: {kids:?}"
+    );
+    env.cli_ok(&["machine", "ls"]);
+
+    step("an orphan in the namespace is reparented to PID 1 and reaped when it exits");
+    let o = Command::new("nsenter")
+        .args(["--target", &init.to_string(), "--pid", "--mount", "--"])
+        .args(["sh", "-c", "sleep 1 & exit 0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The control: the orphan did land on our init (so a reaping failure would show).
+    poll("the orphan under PID 1", Duration::from_secs(5), || {
+        children(init).iter().any(|k| k.2 == "sleep").then_some(())
+    });
+    poll("no zombie under PID 1", Duration::from_secs(10), || {
+        let kids = children(init);
+        (!kids.iter().any(|k| k.2 == "sleep" || k.1 == 'Z')).then_some(())
+    });
+
+    step("SIGTERM to PID 1 stops the daemon cleanly");
+    ok(&["kill", "-TERM", &init.to_string()]);
+    let st = poll("PID 1 gone", Duration::from_secs(30), || {
+        unshare.try_wait().unwrap()
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "exit {st}: {text}");
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(!answers(&env.socket));
+}
