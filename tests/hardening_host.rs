@@ -108,3 +108,63 @@ fn as_pid1_the_daemon_reaps_orphans_and_stops_on_sigterm() {
     assert!(text.contains("shutting down"), "{text}");
     assert!(!answers(&env.socket));
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn start_up_sweeps_links_and_scratch_folders_no_row_owns() {
+    let mut env = Env::new("hhsweep");
+    let id = env.machine("web", &[]);
+    assert!(!id.is_empty());
+    let links = |env: &Env| String::from_utf8_lossy(&env.sh("ip -o link").stdout).into_owned();
+    let before = links(&env);
+    let own: Vec<&str> = before
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap())
+        .filter(|n| n.starts_with("sm"))
+        .collect();
+    assert_eq!(own.len(), 1, "{before}");
+    let own = own[0].to_string();
+    env.kill_daemon("-KILL");
+    step("a crash left a TAP on our bridge and scratch folders; another bridge has its own");
+    for cmd in [
+        "ip tuntap add sm0123456789 mode tap",
+        "ip link set sm0123456789 master sistemo0",
+        "ip link add hhother0 type bridge",
+        "ip tuntap add smabcdefabcd mode tap",
+        "ip link set smabcdefabcd master hhother0",
+    ] {
+        assert!(env.sh(cmd).status.success(), "{cmd}");
+    }
+    let images = env.dir.join("data/images");
+    for d in [".build-1-x/root/etc", ".pull-2-y", ".upload-3-z"] {
+        std::fs::create_dir_all(images.join(d)).unwrap();
+    }
+    std::fs::write(images.join("kept.ext4"), b"image").unwrap();
+    env.start_daemon();
+    let after = links(&env);
+    assert!(!after.contains("sm0123456789"), "{after}");
+    assert!(
+        after.contains("smabcdefabcd"),
+        "another bridge's link stays: {after}"
+    );
+    assert!(after.contains(&own), "the running machine's link stays: {after}");
+    let mut left: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.retain(|n| n.starts_with('.') || n == "kept.ext4");
+    assert_eq!(left, ["kept.ext4"]);
+    let log = env.log();
+    assert!(
+        log.contains("deleting a machine link no running machine owns"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("removing a scratch folder a crash left").count(),
+        3,
+        "{log}"
+    );
+    env.cli_ok(&["machine", "exec", "web", "true"]);
+}

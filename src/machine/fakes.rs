@@ -23,6 +23,8 @@ use tokio::sync::Notify;
 pub(super) struct FakeLinks {
     pub(super) links: Mutex<HashSet<String>>,
     pub(super) fail_tap: AtomicBool,
+    /// Links on another daemon's bridge in the same namespace.
+    pub(super) foreign: Mutex<HashSet<String>>,
 }
 
 #[async_trait::async_trait]
@@ -49,6 +51,7 @@ impl HostLinks for FakeLinks {
     }
     async fn delete(&self, name: &str) -> Result<(), LinkError> {
         self.links.lock().unwrap().remove(name);
+        self.foreign.lock().unwrap().remove(name);
         Ok(())
     }
     async fn flush_neighbour(&self, _: Ipv4Addr) -> Result<(), LinkError> {
@@ -56,6 +59,19 @@ impl HostLinks for FakeLinks {
     }
     async fn routed_v4(&self) -> Result<Vec<Ipv4Net>, LinkError> {
         Ok(vec![])
+    }
+    /// Links sit on the default bridge; `foreign` ones on another daemon's bridge.
+    async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>, LinkError> {
+        let on = |l: &String, b: &str| (l.clone(), Some(b.to_string()));
+        let mut all: Vec<_> = self
+            .links
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| on(l, "sistemo0"))
+            .collect();
+        all.extend(self.foreign.lock().unwrap().iter().map(|l| on(l, "other0")));
+        Ok(all)
     }
 }
 

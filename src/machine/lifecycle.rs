@@ -574,6 +574,8 @@ impl Machines {
                 MachineState::Stopped | MachineState::Error => {}
             }
         }
+        // Links and scratch folders that no row owns now (each logged).
+        self.sweep_leftovers().await;
         Ok(())
     }
 

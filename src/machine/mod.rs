@@ -7,6 +7,7 @@ mod exec;
 mod expose;
 mod lifecycle;
 mod restart;
+mod sweep;
 mod volumes;
 mod warm;
 mod workload;

@@ -614,3 +614,35 @@ async fn a_cpu_limit_is_stored_and_one_over_the_vcpus_is_refused_leaving_nothing
     let spec = r.host.machines.spec_of(&v.machine).unwrap();
     assert_eq!(spec.cpu_limit_milli, 500, "and starts with it again");
 }
+
+#[tokio::test]
+async fn start_up_sweeps_links_and_scratch_folders_no_row_owns() {
+    let r = rig().await;
+    let v = r.deploy(web(&[])).await.unwrap();
+    let own = crate::net::host_ifname(&v.machine.id);
+    // A crash left a TAP on our bridge and a build's scratch folder; another daemon in this
+    // namespace has a machine link on its own bridge.
+    r.links.links.lock().unwrap().insert("sm0123456789".into());
+    r.links.foreign.lock().unwrap().insert("smabcdefabcd".into());
+    let images = r.dir.join("images");
+    std::fs::create_dir_all(images.join(".build-1-x/root")).unwrap();
+    std::fs::create_dir_all(images.join(".upload-2-y")).unwrap();
+    std::fs::write(images.join("kept.ext4"), b"image").unwrap();
+    r.host.machines.readopt().await.unwrap();
+    let links = r.links.links.lock().unwrap().clone();
+    assert!(
+        !links.contains("sm0123456789"),
+        "the stray TAP is deleted: {links:?}"
+    );
+    assert!(links.contains(&own), "the running machine's TAP stays");
+    assert!(
+        r.links.foreign.lock().unwrap().contains("smabcdefabcd"),
+        "another daemon's link stays"
+    );
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["kept.ext4"]);
+}
