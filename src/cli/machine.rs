@@ -38,6 +38,7 @@ pub struct IoFlags {
 
 /// `machine` subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run: its size costs nothing
 pub enum MachineCmd {
     /// Create and boot a machine.
     #[command(

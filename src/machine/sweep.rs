@@ -197,7 +197,7 @@ mod tests {
             .status()
             .unwrap();
         assert!(ok.success());
-        assert_eq!(mounts_under(&dir), [proc_dir.clone()]);
+        assert_eq!(mounts_under(&dir), std::slice::from_ref(&proc_dir));
         sweep_scratch(&dir);
         assert!(mounts_under(&dir).is_empty(), "the mount is gone");
         assert!(!dir.join(".build-1-a").exists(), "and then the folder");
