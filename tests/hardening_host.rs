@@ -85,7 +85,8 @@ fn as_pid1_the_daemon_reaps_orphans_and_stops_on_sigterm() {
     step("an orphan in the namespace is reparented to PID 1 and reaped when it exits");
     let o = Command::new("nsenter")
         .args(["--target", &init.to_string(), "--pid", "--mount", "--"])
-        .args(["sh", "-c", "sleep 1 & exit 0"])
+        // its own fds: `output()` must not wait for the orphan to close our pipe
+        .args(["sh", "-c", "sleep 3 </dev/null >/dev/null 2>&1 & exit 0"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -167,4 +168,29 @@ fn start_up_sweeps_links_and_scratch_folders_no_row_owns() {
         "{log}"
     );
     env.cli_ok(&["machine", "exec", "web", "true"]);
+}
+
+/// The daemon's restart loop (on its own task, apart from the liveness pass) brings a machine
+/// whose process was killed back by its policy.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn a_killed_machine_comes_back_by_its_restart_policy() {
+    let env = Env::new("hhrestart");
+    env.machine("web", &["--restart", "always"]);
+    let pid = |env: &Env| {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+        (v["status"].as_str().unwrap_or("").to_string(), v["pid"].as_i64())
+    };
+    let (state, first) = pid(&env);
+    assert_eq!(state, "running");
+    ok(&["kill", "-9", &first.unwrap().to_string()]);
+    poll(
+        "web running again with a new process",
+        Duration::from_secs(20),
+        || {
+            let (state, now) = pid(&env);
+            (state == "running" && now.is_some() && now != first).then_some(())
+        },
+    );
 }

@@ -152,6 +152,9 @@ pub(super) struct FakeVmm {
     /// When set, a stop waits for `release_stop` (a guest slow to power down).
     pub(super) hold_stop: AtomicBool,
     pub(super) release_stop: Notify,
+    /// When set, a start waits for `release_start` (a slow boot).
+    pub(super) hold_start: AtomicBool,
+    pub(super) release_start: Notify,
     /// The CPU cap (thousandths) of the last VMM started.
     pub(super) started_cpu_limit: Mutex<u32>,
 }
@@ -165,6 +168,9 @@ impl Hypervisor for FakeVmm {
         LinkKind::Tap
     }
     async fn start(&self, spec: &MachineSpec) -> Result<Instance, VmmError> {
+        if self.hold_start.load(Ordering::SeqCst) {
+            self.release_start.notified().await;
+        }
         if *self.fail.lock().unwrap() == Fail::Start {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),

@@ -634,7 +634,8 @@ impl Machines {
             }
             n += 1;
         }
-        self.restart_due().await;
+        // Restarts that fall due run on their own task (the daemon's `restart_due` loop): a
+        // restart's boot must not delay noticing other machines.
         self.disk_full_pass().await;
         Ok(n)
     }

@@ -49,12 +49,16 @@ async fn rig() -> Rig {
         hold_exec: AtomicBool::new(false),
         hold_stop: AtomicBool::new(false),
         release_stop: Notify::new(),
+        hold_start: AtomicBool::new(false),
+        release_start: Notify::new(),
         started_cpu_limit: Mutex::new(0),
     });
     let images = Arc::new(FakeImages::default());
     let cfg = Config {
         data_dir: dir.clone(),
         max_vcpus: Some(2),
+        // The fakes' disks are a few bytes: a nearly full host must not fail these tests.
+        min_disk_free: ByteSize::mib(64),
         ..Config::default()
     };
     let backend = Backend {
@@ -89,7 +93,8 @@ fn web(expose: &[&str]) -> Deploy {
         vcpus: None,
         cpu_limit: None,
         memory: None,
-        storage: None,
+        // Small: the free-space check must pass on a nearly full host (the fakes write bytes).
+        storage: Some(ByteSize::mib(256)),
         expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
         network: None,
         restart: RestartPolicy::No,
@@ -521,6 +526,7 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         r.host.machines.reap_dead().await.unwrap();
+        r.host.machines.restart_due().await;
         if r.host.machines.get("web").unwrap().machine.state == MachineState::Running {
             break;
         }
@@ -531,7 +537,9 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     // a second death soon after waits longer (2 s): not restarted at once
     kill_vmm(&r, v.machine.id);
     r.host.machines.reap_dead().await.unwrap();
+    r.host.machines.restart_due().await;
     r.host.machines.reap_dead().await.unwrap();
+    r.host.machines.restart_due().await;
     assert_eq!(
         r.host.machines.get("web").unwrap().machine.state,
         MachineState::Error
@@ -545,6 +553,7 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     let t = std::time::Instant::now();
     while t.elapsed() < Duration::from_millis(1500) {
         r.host.machines.reap_dead().await.unwrap();
+        r.host.machines.restart_due().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
@@ -645,4 +654,60 @@ async fn start_up_sweeps_links_and_scratch_folders_no_row_owns() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, ["kept.ext4"]);
+}
+
+#[tokio::test]
+async fn a_slow_restart_does_not_delay_noticing_another_death() {
+    let r = rig().await;
+    let mut d = web(&[]);
+    d.restart = RestartPolicy::Always;
+    let a = r.deploy(d).await.unwrap();
+    let mut d = web(&[]);
+    d.name = Some("other".parse().unwrap());
+    let b = r.deploy(d).await.unwrap();
+    kill_vmm(&r, a.machine.id);
+    assert_eq!(r.host.machines.reap_dead().await.unwrap(), 1);
+    // web's restart falls due after 1 s and its boot hangs (held by the fake); the liveness
+    // pass never runs it: past the back-off it still answers at once, web still down
+    r.vmm.hold_start.store(true, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        tokio::time::timeout(Duration::from_secs(1), r.host.machines.reap_dead())
+            .await
+            .expect("the liveness pass ran a restart's boot")
+            .unwrap();
+        assert_eq!(
+            r.host.machines.get("web").unwrap().machine.state,
+            MachineState::Error
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let host = r.host.clone();
+    let restart = tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while host.machines.get("web").unwrap().machine.state != MachineState::Running {
+            assert!(std::time::Instant::now() < deadline, "never restarted");
+            host.machines.restart_due().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.host.machines.get("web").unwrap().machine.state != MachineState::Starting {
+        assert!(std::time::Instant::now() < deadline, "the restart never began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // while it boots, another machine dies: the liveness pass notices it at once
+    kill_vmm(&r, b.machine.id);
+    let n = tokio::time::timeout(Duration::from_secs(1), r.host.machines.reap_dead())
+        .await
+        .expect("the liveness pass waited for a restart's boot")
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        r.host.machines.get("other").unwrap().machine.state,
+        MachineState::Error
+    );
+    r.vmm.hold_start.store(false, Ordering::SeqCst);
+    r.vmm.release_start.notify_waiters();
+    restart.await.unwrap();
 }
