@@ -199,11 +199,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut restarting = None;
+        // A VMM's exit (pidfd) or a machine's change wakes the pass at once; the timer is the
+        // fallback.
+        let mut watch = crate::machine::VmmWatch::new(rm.events.subscribe());
         loop {
-            tick.tick().await;
+            watch.next(&mut tick).await;
             if let Err(e) = rm.machines.reap_dead().await {
                 tracing::error!(error = %chain(&e), "checking machines' VMMs failed");
             }
+            watch.update(&rm.machines);
             // Restarts by policy boot on their own task: a slow boot must not hold up this
             // loop (at most one restart pass at a time).
             if restarting

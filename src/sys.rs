@@ -1,5 +1,5 @@
 //! The one place with `unsafe`: syscalls the standard library and crates do not wrap (the TAP
-//! ioctls, glibc's `mallopt`, the `fork` of a daemon running as PID 1), each block with why it
+//! ioctls, glibc's `mallopt`, the `fork` of a daemon running as PID 1, `pidfd_open`), each block with why it
 //! is sound; socket options go through `nix`'s typed wrappers.
 
 use nix::sys::socket::{setsockopt, sockopt};
@@ -92,6 +92,31 @@ pub fn set_recv_timeout(fd: &impl AsFd, timeout: std::time::Duration) -> std::io
     let tv = TimeVal::microseconds(i64::try_from(timeout.as_micros()).map_or(max, |us| us.min(max)));
     setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
     Ok(())
+}
+
+/// A pidfd of process `pid` (Linux 5.3+): it becomes readable when the process exits.
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and a flag word by value and returns a new descriptor or
+    // -1; nothing is borrowed. A descriptor it returns is ours alone, so OwnedFd may own it.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is the fresh descriptor just returned (fits an int: the kernel's type).
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Wait until the process of pidfd `fd` has exited (its pidfd turns readable), on tokio's
+/// reactor; returns at once when the descriptor cannot be watched.
+pub async fn pidfd_exited(fd: std::os::fd::OwnedFd) {
+    // SAFETY: `fd` is an open descriptor that the OwnedFd owns and moves into the AsyncFd, so
+    // it stays open and refers to the same pidfd until the AsyncFd is dropped, and OwnedFd's
+    // `as_raw_fd` always returns that one descriptor: what `register` requires.
+    let Ok(a) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
+        return;
+    };
+    let _ = a.readable().await;
 }
 
 /// When this process is PID 1 (a container's init), split in two before any thread exists: the

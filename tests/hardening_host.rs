@@ -194,3 +194,29 @@ fn a_killed_machine_comes_back_by_its_restart_policy() {
         },
     );
 }
+
+/// A VMM's exit is noticed within a second through its pidfd, however long the liveness timer
+/// (here 20 s): the machine leaves `running` at once.
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn a_vmm_exit_is_noticed_within_a_second() {
+    let env = Env::with_config("hhpidfd", "liveness_interval_ms: 20000\n");
+    env.machine("web", &[]);
+    let status = |env: &Env| {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.cli_ok(&["machine", "status", "web", "-o", "json"])).unwrap();
+        (v["status"].as_str().unwrap_or("").to_string(), v["pid"].as_i64())
+    };
+    let (state, pid) = status(&env);
+    assert_eq!(state, "running");
+    let t = std::time::Instant::now();
+    ok(&["kill", "-9", &pid.unwrap().to_string()]);
+    poll("web out of running", Duration::from_secs(20), || {
+        (status(&env).0 != "running").then_some(())
+    });
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "noticed after {:?}",
+        t.elapsed()
+    );
+}

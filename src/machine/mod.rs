@@ -10,6 +10,8 @@ mod restart;
 mod sweep;
 mod volumes;
 mod warm;
+mod watch;
+pub use watch::VmmWatch;
 mod workload;
 
 #[cfg(test)]
