@@ -676,8 +676,10 @@ impl Machines {
 
     /// The last few KiB of the machine's console, without terminal escapes.
     pub(super) fn console_tail(&self, id: Uuid) -> String {
-        // Across the log's two parts: a rotation may just have emptied the live file.
-        let buf = sistemo_vmm::logring::tail(&self.machine_dir(id).join("console.log"), CONSOLE_TAIL);
+        // This boot's own bytes, across the log's two parts (a rotation may just have emptied
+        // the live file), never the previous boot's power-off.
+        let buf =
+            sistemo_vmm::logring::tail_since_boot(&self.machine_dir(id).join("console.log"), CONSOLE_TAIL);
         sistemo_vmm::qemu::printable(&String::from_utf8_lossy(&buf))
     }
 

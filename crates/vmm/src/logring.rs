@@ -105,6 +105,34 @@ fn whole_lines(mut kept: Vec<u8>, len: u64) -> Vec<u8> {
     kept
 }
 
+fn boot_file(path: &Path) -> PathBuf {
+    suffixed(path, ".boot")
+}
+
+/// [`rotate`] at a VMM's start: the previous boot's bytes become the older part, and the stream
+/// offset where this boot begins is kept (`FILE.boot`) for [`tail_since_boot`].
+pub fn rotate_boot(path: &Path) -> io::Result<()> {
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    rotate_locked(path, None)?;
+    let begins = start_of(path) + len_of(&old_part(path)) + len_of(path);
+    write_private(&boot_file(path), format!("{begins}\n").as_bytes())
+}
+
+/// The newest `n` bytes of the stream written since the last [`rotate_boot`] (what the running
+/// or last VMM wrote, never its predecessor's), e.g. to tell a power-off from a crash.
+pub fn tail_since_boot(path: &Path, n: u64) -> Vec<u8> {
+    let boot = std::fs::read_to_string(boot_file(path))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let end = {
+        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        start_of(path) + len_of(&old_part(path)) + len_of(path)
+    };
+    let from = end.saturating_sub(n).max(boot);
+    read(path, Some(from), n).map(|(_, b)| b).unwrap_or_default()
+}
+
 /// Keep the log at `path` (with `FILE.1`) within `cap` bytes: each part at most `cap / 2` once
 /// this returns. Returns whether anything was dropped or moved.
 pub fn enforce(path: &Path, cap: u64) -> io::Result<bool> {
@@ -179,7 +207,12 @@ pub fn tail(path: &Path, n: u64) -> Vec<u8> {
 /// Remove the log at `path` with its previous part and offset file.
 pub fn remove(path: &Path) {
     let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    for p in [path.to_path_buf(), old_part(path), start_file(path)] {
+    for p in [
+        path.to_path_buf(),
+        old_part(path),
+        start_file(path),
+        boot_file(path),
+    ] {
         let _ = std::fs::remove_file(p);
     }
 }
@@ -278,6 +311,21 @@ mod tests {
         std::fs::write(&p, b"first line\nsecond\n").unwrap();
         rotate(&p, Some(10)).unwrap();
         assert_eq!(std::fs::read(old_part(&p)).unwrap(), b"second\n");
+        // a boot's own tail never shows its predecessor's last words
+        std::fs::write(&p, b"reboot: Power down\n").unwrap();
+        rotate_boot(&p).unwrap();
+        assert_eq!(tail_since_boot(&p, 4096), b"");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"panic\n")
+            .unwrap();
+        assert_eq!(tail_since_boot(&p, 4096), b"panic\n");
+        assert!(
+            tail(&p, 4096).starts_with(b"reboot"),
+            "while the whole tail has both"
+        );
         remove(&p);
         assert_eq!(read(&p, None, 10).unwrap(), (0, vec![]));
         std::fs::remove_dir_all(dir).unwrap();

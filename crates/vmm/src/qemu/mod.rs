@@ -406,7 +406,7 @@ impl Qemu {
         // The previous boot's console becomes the log's older part (stream offsets go on);
         // QEMU appends (`append=on`), so the daemon can cap the file while it runs.
         let console = console_path(spec);
-        crate::logring::rotate(&console, None)
+        crate::logring::rotate_boot(&console)
             .map_err(VmmError::io(format!("rotating {}", console.display())))?;
         let _ = std::fs::remove_file(qmp_path(spec));
         let _ = std::fs::remove_file(agent_path(spec));
