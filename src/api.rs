@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// API version prefix of every route.
 pub const PREFIX: &str = "/v1";
 
+/// Header of `GET /v1/machines/NAME/logs[?offset=N]`: the console stream offset of the body's
+/// first byte (offsets count dropped bytes too; without `offset` the body is the log's tail).
+pub const LOG_OFFSET_HEADER: &str = "x-log-offset";
+
 /// An error, as an HTTP body and inside streamed NDJSON events.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
@@ -189,6 +193,9 @@ pub struct DeployRequest {
     pub name: Option<String>,
     /// vCPUs (default 1).
     pub vcpus: Option<u32>,
+    /// A CPU cap in CPUs, above 0 and up to `vcpus` (e.g. `0.5`: half a core; default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<String>,
     /// Memory, e.g. `512M`, `2G` (default 512M).
     pub memory: Option<String>,
     /// Disk size, e.g. `4G` (default: the image's size, at least 2G).

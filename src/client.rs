@@ -171,6 +171,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
 /// A response: its status and its body's chunks as they arrive.
 struct Resp {
     status: u16,
+    /// The `x-log-offset` header, where a response has it.
+    log_offset: Option<u64>,
     chunks: mpsc::Receiver<Result<Bytes>>,
 }
 
@@ -387,9 +389,17 @@ impl Client {
                     .map_err(|e| ClientError::Protocol(format!("upgrading: {e}")))?;
                 return Ok(Answer::Upgraded(up));
             }
+            let log_offset = resp
+                .headers()
+                .get(crate::api::LOG_OFFSET_HEADER)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
             let (tx, chunks) = mpsc::channel(16);
             tokio::spawn(pump(resp.into_body(), tx));
-            Ok(Answer::Body(Resp { status, chunks }))
+            Ok(Answer::Body(Resp {
+                status,
+                log_offset,
+                chunks,
+            }))
         })?;
         if let (Answer::Body(r), Target::Remote(rem)) = (&answer, &*self.target)
             && r.status == 401
@@ -438,6 +448,17 @@ impl Client {
             return Err(api_error(r.status, &String::from_utf8_lossy(&body)));
         }
         Ok(body)
+    }
+
+    /// A GET of a machine's console log: the stream offset of its first byte (the daemon's
+    /// `x-log-offset`; `offset`, or 0, from a daemon without it) and the bytes.
+    pub fn log_bytes(&self, path: &str, offset: Option<u64>) -> Result<(u64, Vec<u8>)> {
+        let mut r = self.respond("GET", path, None)?;
+        let body = r.read_lines(true, |_| true)?;
+        if r.status >= 400 {
+            return Err(api_error(r.status, &String::from_utf8_lossy(&body)));
+        }
+        Ok((r.log_offset.or(offset).unwrap_or(0), body))
     }
 
     /// A plain-text GET (lossy UTF-8).

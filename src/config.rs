@@ -136,6 +136,9 @@ pub struct Config {
     /// OCI registries (`host` or `host:port`) that may be pulled from over plain http
     /// (registries on loopback addresses always may).
     pub insecure_registries: Vec<String>,
+    /// Most bytes each log of a machine (its console, QEMU's messages) keeps: the oldest are
+    /// dropped (at least 16K; default 8M).
+    pub log_max_bytes: ByteSize,
 }
 
 impl Default for Config {
@@ -190,6 +193,7 @@ impl Default for Config {
             rate_limit_rps: 100,
             rate_limit_burst: 200,
             insecure_registries: vec![],
+            log_max_bytes: ByteSize::mib(8),
         }
     }
 }
@@ -414,6 +418,12 @@ impl Config {
         if let Some(m) = self.max_memory.filter(|m| *m < ByteSize::mib(64)) {
             return Err(ConfigError(format!(
                 "max_memory {m} is too small (allowed: 64M or more)"
+            )));
+        }
+        if self.log_max_bytes < ByteSize::bytes(16 << 10) {
+            return Err(ConfigError(format!(
+                "log_max_bytes {} is too small (allowed: 16K or more)",
+                self.log_max_bytes
             )));
         }
         if self.ready_timeout_sec == 0 {

@@ -198,10 +198,31 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut restarting = None;
+        // A VMM's exit (pidfd) or a machine's change wakes the pass at once; the timer is the
+        // fallback.
+        let mut watch = crate::machine::VmmWatch::new(rm.events.subscribe());
         loop {
-            tick.tick().await;
+            watch.next(&mut tick).await;
             if let Err(e) = rm.machines.reap_dead().await {
                 tracing::error!(error = %chain(&e), "checking machines' VMMs failed");
+            }
+            watch.update(&rm.machines);
+            // Restarts by policy boot on their own task: a slow boot must not hold up this
+            // loop (at most one restart pass at a time).
+            if restarting
+                .as_ref()
+                .is_none_or(|t: &tokio::task::JoinHandle<()>| t.is_finished())
+            {
+                let rs = rm.clone();
+                restarting = Some(tokio::spawn(async move { rs.machines.restart_due().await }));
+            }
+            // Logs are capped on the same beat (a guest may write its console full fast).
+            let lm = rm.clone();
+            match tokio::task::spawn_blocking(move || lm.machines.cap_logs()).await {
+                Ok(Err(e)) => tracing::error!(error = %chain(&e), "capping machines' logs failed"),
+                Err(e) => tracing::error!(error = %e, "capping machines' logs failed"),
+                Ok(Ok(())) => {}
             }
         }
     });

@@ -538,5 +538,62 @@ impl From<Subnet> for String {
     }
 }
 
+/// A machine's CPU cap in CPUs (`--cpu-limit 0.5`: half a core), kept in thousandths; above
+/// zero, at most three decimals. Whether it fits the machine's vCPUs is checked at deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CpuLimit(u32);
+
+impl CpuLimit {
+    /// The cap in thousandths of a CPU.
+    pub fn milli(self) -> u32 {
+        self.0
+    }
+
+    /// A cap of `m` thousandths of a CPU (0: none).
+    pub fn from_milli(m: u32) -> Option<CpuLimit> {
+        (m > 0).then_some(CpuLimit(m))
+    }
+}
+
+impl FromStr for CpuLimit {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        let bad = || {
+            Invalid(format!(
+                "cpu limit {s:?} is not a number of CPUs (allowed: above 0 with at most 3 decimals, up to the machine's vCPUs, like 0.5 or 1.25)"
+            ))
+        };
+        let t = s.trim();
+        let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+        let digits = |x: &str| x.chars().all(|c| c.is_ascii_digit());
+        if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) || frac.len() > 3 {
+            return Err(bad());
+        }
+        let w: u32 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
+        let f: u32 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+        let m = w
+            .checked_mul(1000)
+            .and_then(|m| m.checked_add(f))
+            .ok_or_else(bad)?;
+        CpuLimit::from_milli(m).ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for CpuLimit {
+    /// Like `0.5`, `1` or `1.25`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (w, m) = (self.0 / 1000, self.0 % 1000);
+        if m == 0 {
+            write!(f, "{w}")
+        } else {
+            write!(f, "{w}.{}", format!("{m:03}").trim_end_matches('0'))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

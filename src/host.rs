@@ -115,6 +115,7 @@ impl Host {
                 disk_bw_mbps: cfg.default_disk_bw_mbps,
             },
             templates_dir: cfg.data_dir.join("templates"),
+            log_max_bytes: cfg.log_max_bytes,
         };
         let hypervisor = backend.vmm.name();
         let volumes = Arc::new(Volumes::new(

@@ -8,6 +8,9 @@ fn main() {
     let cli = sistemo::cli::Cli::parse();
     let daemon = matches!(cli.cmd, sistemo::cli::Cmd::Up(_));
     if daemon {
+        // Before any thread exists: as PID 1 (a container) a minimal init stays behind to reap
+        // orphans and forward signals; the daemon goes on in its child.
+        sistemo::sys::init_if_pid1();
         // Before any thread exists: the allocator's arenas are made as threads first allocate.
         sistemo::sys::lean_allocator();
         tracing_subscriber::fmt()
@@ -26,7 +29,9 @@ fn main() {
     let code = match rt.block_on(sistemo::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let msg = sistemo::error::chain(e.as_ref());
+            // A boot error quotes the guest's console: its escapes must not drive the terminal
+            // (`machine logs --raw` shows them as written).
+            let msg = sistemo_vmm::qemu::printable(&sistemo::error::chain(e.as_ref()));
             if std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
             {
                 eprintln!("\x1b[31merror:\x1b[0m {msg}");

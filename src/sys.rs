@@ -1,6 +1,6 @@
 //! The one place with `unsafe`: syscalls the standard library and crates do not wrap (the TAP
-//! ioctls, glibc's `mallopt`), each block with why it is sound; socket options go through
-//! `nix`'s typed wrappers.
+//! ioctls, glibc's `mallopt`, the `fork` of a daemon running as PID 1, `pidfd_open`), each block with why it
+//! is sound; socket options go through `nix`'s typed wrappers.
 
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
@@ -92,6 +92,96 @@ pub fn set_recv_timeout(fd: &impl AsFd, timeout: std::time::Duration) -> std::io
     let tv = TimeVal::microseconds(i64::try_from(timeout.as_micros()).map_or(max, |us| us.min(max)));
     setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
     Ok(())
+}
+
+/// A pidfd of process `pid` (Linux 5.3+): it becomes readable when the process exits.
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and a flag word by value and returns a new descriptor or
+    // -1; nothing is borrowed. A descriptor it returns is ours alone, so OwnedFd may own it.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is the fresh descriptor just returned (fits an int: the kernel's type).
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Wait until the process of pidfd `fd` has exited (its pidfd turns readable), on tokio's
+/// reactor; returns at once when the descriptor cannot be watched.
+pub async fn pidfd_exited(fd: std::os::fd::OwnedFd) {
+    // SAFETY: `fd` is an open descriptor that the OwnedFd owns and moves into the AsyncFd, so
+    // it stays open and refers to the same pidfd until the AsyncFd is dropped, and OwnedFd's
+    // `as_raw_fd` always returns that one descriptor: what `register` requires.
+    let Ok(a) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
+        return;
+    };
+    let _ = a.readable().await;
+}
+
+/// When this process is PID 1 (a container's init), split in two before any thread exists: the
+/// child returns and runs the daemon; the parent stays as a minimal init that reaps every
+/// process the namespace reparents to it (orphans of the daemon's tools, of `ip netns exec`…),
+/// forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the daemon, and exits with the daemon's
+/// status (128 + the signal when a signal ended it), which ends the namespace. Elsewhere,
+/// returns at once.
+pub fn init_if_pid1() {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork, getpid};
+    if getpid().as_raw() != 1 {
+        return;
+    }
+    // Blocked, the signals queue for `sigwait` (PID 1 would otherwise drop those it has no
+    // handler for); the daemon gets the mask it had.
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    let mut old = SigSet::empty();
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)) {
+        eprintln!("error: blocking signals as PID 1: {e}");
+        std::process::exit(1);
+    }
+    // SAFETY: called from `main` before the runtime, the logger or any other thread exists
+    // (main.rs), so the child is a copy of a single-threaded process: no lock can be held by a
+    // thread that is not there, and the child goes on to run ordinary Rust code.
+    let child = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            return;
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            eprintln!("error: starting the daemon under PID 1 (fork): {e}");
+            std::process::exit(1);
+        }
+    };
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => loop {
+                // Every exited child, the daemon's own last.
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                        std::process::exit(128 + sig as i32)
+                    }
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            },
+            Ok(sig) => {
+                let _ = kill(child, sig);
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]

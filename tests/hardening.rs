@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p)
@@ -274,4 +275,208 @@ fn file_system_tools_run_unprivileged_and_confined() {
             "{tool} shares the daemon's network: {l}"
         );
     }
+}
+
+/// The console file of machine `name`.
+fn console_of(env: &Env, name: &str) -> std::path::PathBuf {
+    let v: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", name, "-o", "json"])).unwrap();
+    env.dir
+        .join("data/machines")
+        .join(v["id"].as_str().unwrap())
+        .join("console.log")
+}
+
+fn len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// The console's two parts, `console.log` and `console.log.1`, together.
+fn kept(log: &std::path::Path) -> u64 {
+    len(log) + len(&log.with_extension("log.1"))
+}
+
+/// `hh-NNNNNNNN` line numbers in `text`, in order.
+fn numbers(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("hh-")?.get(..8)?.parse().ok())
+        .collect()
+}
+
+/// A guest writing far more than `log_max_bytes` to its console (here: a writer holding the
+/// file open in append mode, as QEMU's console does) leaves at most the cap on disk; `logs`
+/// shows the newest lines; a `logs -f` reader started before sees each line at most once, in
+/// order, up to the last (its stream offsets survive the daemon dropping old bytes).
+#[test]
+#[ignore = "needs root and network namespaces: run sudo scripts/test"]
+fn console_logs_are_capped_and_followed_across_the_cap() {
+    use std::io::{BufRead, Write};
+    let env = Env::with_config("hhlogs", "log_max_bytes: 16K\n");
+    env.machine("web", &[]);
+    let log = console_of(&env, "web");
+    let mut w = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .unwrap();
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_sistemo"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["machine", "logs", "-f", "web"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    step("writing 60 times the cap, in rounds the daemon rotates between");
+    let mut n = 0u64;
+    for round in 0..60 {
+        let start = std::fs::read_to_string(log.with_extension("log.start")).unwrap_or_default();
+        let mut chunk = String::new();
+        while chunk.len() < 16 << 10 {
+            n += 1;
+            chunk.push_str(&format!("hh-{n:08} console line\n"));
+        }
+        w.write_all(chunk.as_bytes()).unwrap();
+        // the daemon's pass moves the live file aside at half the cap (the offset file is
+        // written last)
+        poll("a rotation", Duration::from_secs(10), || {
+            (std::fs::read_to_string(log.with_extension("log.start")).unwrap_or_default() != start)
+                .then_some(())
+        });
+        assert!(len(&log) < 16 << 10, "round {round}: the live file was truncated");
+    }
+    poll("the console within the cap", Duration::from_secs(10), || {
+        (kept(&log) <= 16 << 10).then_some(())
+    });
+    let shown = env.cli_ok(&["machine", "logs", "web"]);
+    let nums = numbers(&shown);
+    assert_eq!(nums.last(), Some(&n), "logs shows the newest line");
+    assert!(
+        shown.len() <= 16 << 10 && nums.first() > Some(&1),
+        "only the tail is kept"
+    );
+    assert!(shown.starts_with("hh-"), "the tail starts at a whole line");
+    step("the follower saw the last line, each line at most once and in order");
+    let mut seen = Vec::new();
+    poll("the follower at the last line", Duration::from_secs(20), || {
+        while let Ok(l) = rx.try_recv() {
+            seen.extend(numbers(&l));
+        }
+        (seen.last() == Some(&n)).then_some(())
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen.windows(2).all(|p| p[0] < p[1]),
+        "a line seen twice or out of order"
+    );
+}
+
+/// A real VM: `--cpu-limit` lands in its cgroup's `cpu.max` and in `machine status`, a bad one
+/// is one line and changes nothing; a guest writing 10 times `log_max_bytes` to its serial
+/// console leaves at most the cap on disk (QEMU appends, so truncation leaves no hole) and
+/// `machine logs` shows its newest lines.
+#[test]
+#[ignore = "boots real VMs: run sudo scripts/test"]
+fn real_vm_cpu_limit_and_capped_console() {
+    let seed = common::vm_state::seed();
+    let env = Env::qemu_with_config("hhvm", &seed, "log_max_bytes: 64K\n");
+    step("bad --cpu-limit: one line, nothing made");
+    for (bad, says) in [
+        ("0", "allowed: above 0"),
+        ("abc", "allowed: above 0"),
+        ("2.5", "up to 2"),
+    ] {
+        let o = env.cli(&[
+            "machine",
+            "deploy",
+            "debian",
+            "--name",
+            "hh",
+            "--vcpus",
+            "2",
+            "--cpu-limit",
+            bad,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says) && err.trim().lines().count() == 1,
+            "{bad}: {err}"
+        );
+    }
+    assert_eq!(env.cli_ok(&["machine", "ls", "-o", "json"]).trim(), "[]");
+
+    step("--cpu-limit 1.5 on 2 vCPUs");
+    env.cli_ok(&[
+        "machine",
+        "deploy",
+        "debian",
+        "--name",
+        "hh",
+        "--vcpus",
+        "2",
+        "--cpu-limit",
+        "1.5",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&env.cli_ok(&["machine", "status", "hh", "-o", "json"])).unwrap();
+    if info["limits"].is_null() {
+        eprintln!("this host gives machines no cgroups: cpu.max not checked");
+    } else {
+        assert_eq!(info["limits"]["cpus"], 1.5);
+        let st = env.cli_ok(&["machine", "status", "hh"]);
+        assert!(st.contains(", 1.5 CPU, "), "{st}");
+        let pid = info["pid"].as_i64().unwrap();
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        // cgroup v2 (`cpu.max`), else the v1 cpu controller (`cpu.cfs_quota_us`)
+        let v2 = cg
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| format!("/sys/fs/cgroup{p}/cpu.max"))
+            .filter(|p| std::path::Path::new(p).exists());
+        let quota = match v2 {
+            Some(p) => std::fs::read_to_string(p).unwrap(),
+            None => {
+                let p = cg
+                    .lines()
+                    .find_map(|l| {
+                        let (ctl, path) = l.split_once(':')?.1.split_once(':')?;
+                        ctl.split(',').any(|c| c == "cpu").then_some(path)
+                    })
+                    .unwrap_or_else(|| panic!("{cg}"));
+                let q = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{p}/cpu.cfs_quota_us")).unwrap();
+                format!("{} 100000", q.trim())
+            }
+        };
+        assert_eq!(quota.trim(), "150000 100000", "the VMM's cgroup: {cg}");
+    }
+
+    step("a guest writes 10 times the cap to its console");
+    let log = console_of(&env, "hh");
+    env.cli_ok(&[
+        "machine",
+        "exec",
+        "hh",
+        "seq -f 'hh-%08g console line' 1 30000 > /dev/ttyS0",
+    ]);
+    poll("the console within the cap", Duration::from_secs(30), || {
+        (kept(&log) <= 64 << 10).then_some(())
+    });
+    let shown = env.cli_ok(&["machine", "logs", "hh"]);
+    assert_eq!(numbers(&shown).last(), Some(&30000), "logs shows the newest line");
+    assert!(numbers(&shown).first() > Some(&1), "the oldest lines are gone");
+    let bytes = std::fs::read(&log).unwrap();
+    assert!(
+        !bytes.contains(&0),
+        "no hole: QEMU writes at the file's end after a truncation"
+    );
+    assert!(len(&log.with_file_name("qemu.log")) <= 64 << 10);
+    env.cli_ok(&["machine", "delete", "hh", "-y"]);
 }

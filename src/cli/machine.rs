@@ -38,6 +38,7 @@ pub struct IoFlags {
 
 /// `machine` subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run: its size costs nothing
 pub enum MachineCmd {
     /// Create and boot a machine.
     #[command(
@@ -62,6 +63,9 @@ pub enum MachineCmd {
         /// Virtual CPUs (default: 1; at most the daemon's max_vcpus).
         #[arg(long)]
         vcpus: Option<u32>,
+        /// Cap the machine's CPU time, in CPUs: above 0, up to its vCPUs (e.g. 0.5: half a core).
+        #[arg(long)]
+        cpu_limit: Option<String>,
         /// Memory, e.g. 512M or 2G (default: 512M).
         #[arg(long)]
         memory: Option<String>,
@@ -329,6 +333,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             insecure_http,
             name,
             vcpus,
+            cpu_limit,
             memory,
             storage,
             expose,
@@ -344,6 +349,9 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
         } => {
             // Parse at the edge: a bad spec fails here with the same message the daemon gives.
             check_specs(&expose)?;
+            if let Some(c) = &cpu_limit {
+                c.parse::<crate::domain::CpuLimit>().map_err(Usage::new)?;
+            }
             // A remote daemon never reads the caller's paths: a local image file is uploaded.
             let (image, name) = match image {
                 Some(i) if c.is_remote() && super::upload::is_local_path(&i) => {
@@ -360,6 +368,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
                 insecure_http,
                 name,
                 vcpus,
+                cpu_limit,
                 memory,
                 storage,
                 expose,
@@ -645,10 +654,13 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool, yes: bool) -> Result<i
             raw,
         } => {
             use std::io::Write;
-            let mut offset = 0usize;
+            // The first read is the tail; then each continues where the last ended (stream
+            // offsets, valid across the daemon's cap on the log).
+            let mut offset: Option<u64> = None;
             loop {
-                let chunk = c.bytes(&format!("{}/logs?offset={offset}", path(&name)))?;
-                offset += chunk.len();
+                let q = offset.map_or(String::new(), |o| format!("?offset={o}"));
+                let (at, chunk) = c.log_bytes(&format!("{}/logs{q}", path(&name)), offset)?;
+                offset = Some(at + chunk.len() as u64);
                 let shown = if raw {
                     chunk
                 } else {

@@ -111,6 +111,7 @@ pub struct Cli {
 
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run: its size costs nothing
 pub enum Cmd {
     /// Run the daemon in the foreground (root).
     Up(UpArgs),

@@ -102,7 +102,11 @@ impl Client {
             let status = resp.status().as_u16();
             let (tx, chunks) = mpsc::channel(16);
             tokio::spawn(pump(resp.into_body(), tx));
-            Ok(Resp { status, chunks })
+            Ok(Resp {
+                status,
+                log_offset: None,
+                chunks,
+            })
         })
     }
 

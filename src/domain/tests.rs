@@ -89,3 +89,23 @@ fn states_round_trip() {
     }
     assert!("runing".parse::<MachineState>().is_err());
 }
+
+#[test]
+fn cpu_limits_parse_as_thousandths_and_print_back() {
+    for (s, m, shown) in [
+        ("0.5", 500, "0.5"),
+        ("1", 1000, "1"),
+        ("1.25", 1250, "1.25"),
+        (".1", 100, "0.1"),
+        ("2.000", 2000, "2"),
+    ] {
+        let c: CpuLimit = s.parse().unwrap();
+        assert_eq!((c.milli(), c.to_string().as_str()), (m, shown), "{s}");
+    }
+    for s in [
+        "0", "0.0", "-1", "abc", "", ".", "0.0001", "1e3", "nan", "1.5.5", "99999999",
+    ] {
+        let e = s.parse::<CpuLimit>().unwrap_err().to_string();
+        assert!(e.contains("allowed: above 0"), "{s}: {e}");
+    }
+}

@@ -53,21 +53,31 @@ impl Machines {
         Ok(self.vmm.shell_command(&spec))
     }
 
-    /// The machine's console log from byte `offset` on (for `logs -f`), at most 4 MiB, as the
-    /// guest wrote it.
-    pub fn logs(&self, name: &str, offset: u64) -> Result<Vec<u8>> {
-        use std::io::{Read, Seek};
+    /// The machine's console log from stream offset `offset` on (for `logs -f`), or without
+    /// one its newest lines (the tail); at most 4 MiB, as the guest wrote it. Returns the
+    /// stream offset of the first byte with the bytes: offsets count every byte the console
+    /// ever had, the dropped ones too, so a follower's offset stays valid across the cap.
+    pub fn logs(&self, name: &str, offset: Option<u64>) -> Result<(u64, Vec<u8>)> {
         let m = self.store.lock().machine(name)?;
         let p = self.machine_dir(m.id).join("console.log");
-        let mut f = match std::fs::File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("opening {}", p.display()))(e)),
-        };
-        let mut buf = Vec::new();
-        f.seek(std::io::SeekFrom::Start(offset))
-            .and_then(|_| f.take(LOG_CHUNK).read_to_end(&mut buf))
-            .map_err(Error::io(format!("reading {}", p.display())))?;
-        Ok(buf)
+        sistemo_vmm::logring::read(&p, offset, LOG_CHUNK)
+            .map_err(Error::io(format!("reading {}", p.display())))
+    }
+
+    /// Keep every machine's console and QEMU logs within `log_max_bytes` (the oldest bytes
+    /// go). Blocking file work: run off the async workers.
+    pub fn cap_logs(&self) -> Result<()> {
+        let cap = self.settings.log_max_bytes.as_bytes();
+        let machines = self.store.lock().machines()?;
+        for m in machines {
+            let dir = self.machine_dir(m.id);
+            for log in ["console.log", "qemu.log"] {
+                let p = dir.join(log);
+                if let Err(e) = sistemo_vmm::logring::enforce(&p, cap) {
+                    tracing::warn!(machine = %m.name, log = %p.display(), error = %e, "capping a log failed");
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -23,6 +23,8 @@ use tokio::sync::Notify;
 pub(super) struct FakeLinks {
     pub(super) links: Mutex<HashSet<String>>,
     pub(super) fail_tap: AtomicBool,
+    /// Links on another daemon's bridge in the same namespace.
+    pub(super) foreign: Mutex<HashSet<String>>,
 }
 
 #[async_trait::async_trait]
@@ -49,6 +51,7 @@ impl HostLinks for FakeLinks {
     }
     async fn delete(&self, name: &str) -> Result<(), LinkError> {
         self.links.lock().unwrap().remove(name);
+        self.foreign.lock().unwrap().remove(name);
         Ok(())
     }
     async fn flush_neighbour(&self, _: Ipv4Addr) -> Result<(), LinkError> {
@@ -56,6 +59,19 @@ impl HostLinks for FakeLinks {
     }
     async fn routed_v4(&self) -> Result<Vec<Ipv4Net>, LinkError> {
         Ok(vec![])
+    }
+    /// Links sit on the default bridge; `foreign` ones on another daemon's bridge.
+    async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>, LinkError> {
+        let on = |l: &String, b: &str| (l.clone(), Some(b.to_string()));
+        let mut all: Vec<_> = self
+            .links
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| on(l, "sistemo0"))
+            .collect();
+        all.extend(self.foreign.lock().unwrap().iter().map(|l| on(l, "other0")));
+        Ok(all)
     }
 }
 
@@ -122,6 +138,8 @@ pub(super) enum Fail {
     Nothing,
     Start,
     Ready,
+    /// `--wait init` fails after the machine booted and its rules went in.
+    Init,
 }
 
 /// VMMs are this test process (alive by pid and start time); `running` holds machines whose
@@ -134,6 +152,11 @@ pub(super) struct FakeVmm {
     /// When set, a stop waits for `release_stop` (a guest slow to power down).
     pub(super) hold_stop: AtomicBool,
     pub(super) release_stop: Notify,
+    /// When set, a start waits for `release_start` (a slow boot).
+    pub(super) hold_start: AtomicBool,
+    pub(super) release_start: Notify,
+    /// The CPU cap (thousandths) of the last VMM started.
+    pub(super) started_cpu_limit: Mutex<u32>,
 }
 
 #[async_trait::async_trait]
@@ -145,6 +168,9 @@ impl Hypervisor for FakeVmm {
         LinkKind::Tap
     }
     async fn start(&self, spec: &MachineSpec) -> Result<Instance, VmmError> {
+        if self.hold_start.load(Ordering::SeqCst) {
+            self.release_start.notified().await;
+        }
         if *self.fail.lock().unwrap() == Fail::Start {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),
@@ -152,6 +178,7 @@ impl Hypervisor for FakeVmm {
             });
         }
         self.running.lock().unwrap().insert(spec.id);
+        *self.started_cpu_limit.lock().unwrap() = spec.cpu_limit_milli;
         Ok(Instance::of_pid(std::process::id() as i32).expect("own process"))
     }
     async fn wait_ready(
@@ -165,6 +192,15 @@ impl Hypervisor for FakeVmm {
             return Err(VmmError::Boot {
                 name: spec.name.clone(),
                 reason: "kernel panic (fake)".into(),
+            });
+        }
+        Ok(())
+    }
+    async fn wait_init(&self, spec: &MachineSpec, _: Duration, _: Progress<'_>) -> Result<(), VmmError> {
+        if *self.fail.lock().unwrap() == Fail::Init {
+            return Err(VmmError::Boot {
+                name: spec.name.clone(),
+                reason: "init never answered (fake)".into(),
             });
         }
         Ok(())

@@ -27,6 +27,13 @@ impl Machines {
             ));
         }
         let (vcpus, memory_mib) = self.check_shape(d.vcpus, d.memory)?;
+        if let Some(c) = d.cpu_limit
+            && c.milli() > vcpus * 1000
+        {
+            return Err(Error::Invalid(format!(
+                "cpu limit {c} is over the machine's {vcpus} vCPU(s) (allowed: above 0, up to {vcpus})"
+            )));
+        }
         if d.root_volume.is_none() {
             self.check_storage(d.storage)?;
         }
@@ -60,6 +67,11 @@ impl Machines {
                 return Err(e.into());
             }
         };
+        // Its CPU cap is stored with its rate limits below; its boot sees it now.
+        let m = Machine {
+            cpu_limit: d.cpu_limit,
+            ..m
+        };
         let dir = self.machine_dir(m.id);
         let port = machine_port(&m);
         let res: Result<()> = async {
@@ -68,6 +80,7 @@ impl Machines {
             self.firewall(move |fw| fw.bind(&p)).await?;
             std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
             self.store.lock().set_io(m.id, &self.io_for(&d.io))?;
+            self.store.lock().set_cpu_limit(m.id, d.cpu_limit)?;
             let mut warm = false;
             if let Some((tdir, t)) = self.template_for(&d, vcpus, memory_mib) {
                 progress(&format!("starting from template {} (warm)", &t.key[..12]));
@@ -111,7 +124,16 @@ impl Machines {
         }
         if let Err(e) = res {
             progress("deploy failed; cleaning up");
-            self.teardown(&m, None).await;
+            // A failure after boot (e.g. `--wait init`) leaves a running VMM and live rules:
+            // both go, through the instance the store now holds.
+            let now = self.store.lock().machine_by_id(m.id).ok();
+            let inst = now.as_ref().and_then(|n| n.instance.clone());
+            if now.is_some_and(|n| n.state == MachineState::Running) {
+                let _ = self.store.lock().set_state(m.id, MachineState::Creating, None);
+                let (ip, ports) = (m.ip, self.store.lock().exposes_of(m.id).unwrap_or_default());
+                let _ = self.firewall(move |fw| fw.remove(ip, &ports)).await;
+            }
+            self.teardown(&m, inst.as_ref()).await;
             let _ = self.firewall(move |fw| fw.unbind(&port)).await;
             let _ = std::fs::remove_dir_all(&dir);
             let _ = self.store.lock().delete_machine(m.id);
@@ -552,6 +574,8 @@ impl Machines {
                 MachineState::Stopped | MachineState::Error => {}
             }
         }
+        // Links and scratch folders that no row owns now (each logged).
+        self.sweep_leftovers().await;
         Ok(())
     }
 
@@ -610,7 +634,8 @@ impl Machines {
             }
             n += 1;
         }
-        self.restart_due().await;
+        // Restarts that fall due run on their own task (the daemon's `restart_due` loop): a
+        // restart's boot must not delay noticing other machines.
         self.disk_full_pass().await;
         Ok(n)
     }
@@ -651,17 +676,11 @@ impl Machines {
 
     /// The last few KiB of the machine's console, without terminal escapes.
     pub(super) fn console_tail(&self, id: Uuid) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut f) = std::fs::File::open(self.machine_dir(id).join("console.log")) else {
-            return String::new();
-        };
-        let _ = f.seek(SeekFrom::End(-(CONSOLE_TAIL as i64)));
-        let mut buf = Vec::new();
-        let _ = f.take(CONSOLE_TAIL).read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf)
-            .chars()
-            .filter(|c| !c.is_control() || *c == '\n')
-            .collect()
+        // This boot's own bytes, across the log's two parts (a rotation may just have emptied
+        // the live file), never the previous boot's power-off.
+        let buf =
+            sistemo_vmm::logring::tail_since_boot(&self.machine_dir(id).join("console.log"), CONSOLE_TAIL);
+        sistemo_vmm::qemu::printable(&String::from_utf8_lossy(&buf))
     }
 
     async fn mark_dead(&self, m: &Machine, why: &str) -> Result<()> {

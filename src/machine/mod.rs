@@ -7,8 +7,11 @@ mod exec;
 mod expose;
 mod lifecycle;
 mod restart;
+mod sweep;
 mod volumes;
 mod warm;
+mod watch;
+pub use watch::VmmWatch;
 mod workload;
 
 #[cfg(test)]
@@ -75,6 +78,8 @@ pub struct Deploy {
     pub name: Option<MachineName>,
     /// vCPUs (default 1).
     pub vcpus: Option<u32>,
+    /// A CPU cap below its vCPUs (`--cpu-limit 0.5`: half a core).
+    pub cpu_limit: Option<crate::domain::CpuLimit>,
     /// Memory (default 512M).
     pub memory: Option<ByteSize>,
     /// Disk size (default: the image's size, at least 2G).
@@ -127,6 +132,8 @@ pub struct Settings {
     pub io: IoLimits,
     /// Where templates live (`data_dir/templates/KEY`).
     pub templates_dir: PathBuf,
+    /// Most bytes each of a machine's logs (console, QEMU's) keeps (`log_max_bytes`).
+    pub log_max_bytes: ByteSize,
 }
 
 /// What machines are made with: the store, the host's links, the firewall, the hypervisor and
@@ -234,6 +241,7 @@ impl Machines {
             volumes,
             io,
             slot: m.vmm_slot,
+            cpu_limit_milli: m.cpu_limit.map_or(0, |c| c.milli()),
         })
     }
 

@@ -44,8 +44,9 @@ impl Machines {
     }
 
     /// Start the machines whose automatic restart is due (still `error` or `stopped`: a user's
-    /// own start, stop or delete meanwhile wins).
-    pub(super) async fn restart_due(&self) {
+    /// own start, stop or delete meanwhile wins). The daemon runs it on a task of its own, apart
+    /// from [`Machines::reap_dead`], so a restart's boot never delays noticing another death.
+    pub async fn restart_due(&self) {
         let now = std::time::Instant::now();
         let due: Vec<Uuid> = {
             let mut all = self.restarts.lock().unwrap_or_else(|p| p.into_inner());

@@ -49,11 +49,16 @@ async fn rig() -> Rig {
         hold_exec: AtomicBool::new(false),
         hold_stop: AtomicBool::new(false),
         release_stop: Notify::new(),
+        hold_start: AtomicBool::new(false),
+        release_start: Notify::new(),
+        started_cpu_limit: Mutex::new(0),
     });
     let images = Arc::new(FakeImages::default());
     let cfg = Config {
         data_dir: dir.clone(),
         max_vcpus: Some(2),
+        // The fakes' disks are a few bytes: a nearly full host must not fail these tests.
+        min_disk_free: ByteSize::mib(64),
         ..Config::default()
     };
     let backend = Backend {
@@ -86,8 +91,10 @@ fn web(expose: &[&str]) -> Deploy {
         image: "debian".into(),
         name: Some("web".parse().unwrap()),
         vcpus: None,
+        cpu_limit: None,
         memory: None,
-        storage: None,
+        // Small: the free-space check must pass on a nearly full host (the fakes write bytes).
+        storage: Some(ByteSize::mib(256)),
         expose: expose.iter().map(|s| s.parse().unwrap()).collect(),
         network: None,
         restart: RestartPolicy::No,
@@ -508,6 +515,7 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         r.host.machines.reap_dead().await.unwrap();
+        r.host.machines.restart_due().await;
         if r.host.machines.get("web").unwrap().machine.state == MachineState::Running {
             break;
         }
@@ -518,7 +526,9 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     // a second death soon after waits longer (2 s): not restarted at once
     kill_vmm(&r, v.machine.id);
     r.host.machines.reap_dead().await.unwrap();
+    r.host.machines.restart_due().await;
     r.host.machines.reap_dead().await.unwrap();
+    r.host.machines.restart_due().await;
     assert_eq!(
         r.host.machines.get("web").unwrap().machine.state,
         MachineState::Error
@@ -532,6 +542,7 @@ async fn restart_policies_bring_a_dead_machine_back_with_back_off() {
     let t = std::time::Instant::now();
     while t.elapsed() < Duration::from_millis(1500) {
         r.host.machines.reap_dead().await.unwrap();
+        r.host.machines.restart_due().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
@@ -574,3 +585,8 @@ async fn oci_overrides_on_an_image_with_an_init_system_are_refused_and_leave_not
     );
     r.assert_nothing_left();
 }
+
+/// The host-hardening cases (rollback after boot, CPU caps, the start-up sweep, restarts off
+/// the liveness pass), in a file of their own.
+#[path = "tests_hardening.rs"]
+mod hardening;

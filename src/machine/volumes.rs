@@ -440,6 +440,7 @@ impl Machines {
                 image: m.image.clone(),
                 name: Some(new.clone()),
                 vcpus: Some(m.vcpus),
+                cpu_limit: m.cpu_limit,
                 memory: Some(crate::domain::ByteSize::mib(m.memory_mib)),
                 storage: None,
                 expose: vec![],

@@ -190,6 +190,7 @@ impl Machines {
                 volumes: Vec::new(),
                 io: Default::default(),
                 slot: sistemo_vmm::TEMPLATE_SLOT,
+                cpu_limit_milli: 0,
             };
             self.links
                 .create_detached_tap(&tap, self.vmm.link_owner(&spec))

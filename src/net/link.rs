@@ -126,6 +126,38 @@ impl Links {
             .collect())
     }
 
+    /// Every link with the name of the bridge it is a port of, if any (the start-up sweep).
+    pub async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing links"))?;
+        let name = |m: &rtnetlink::packet_route::link::LinkMessage| {
+            m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+        };
+        let by_index: std::collections::HashMap<u32, String> = msgs
+            .iter()
+            .filter_map(|m| Some((m.header.index, name(m)?)))
+            .collect();
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let controller = m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Controller(i) => by_index.get(i).cloned(),
+                    _ => None,
+                });
+                Some((name(m)?, controller))
+            })
+            .collect())
+    }
+
     /// Create the bridge, or adopt it if it already exists as a bridge; give it the gateway
     /// address of `subnet`, bring it up, enable forwarding and turn IPv6 off on it (`route_localnet`
     /// is the firewall's: see [`crate::net::firewall::Firewall::rebuild`]).
@@ -373,6 +405,10 @@ pub trait HostLinks: Send + Sync {
     async fn flush_neighbour(&self, ip: Ipv4Addr) -> Result<()>;
     /// IPv4 networks the host routes.
     async fn routed_v4(&self) -> Result<Vec<Ipv4Net>>;
+    /// Every link with the bridge it is a port of (default: none known; the start-up sweep).
+    async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>> {
+        Ok(Vec::new())
+    }
     /// Put a machine's network rate limits on its host-side link `name` (idempotent).
     async fn shape(&self, _name: &str, _io: &sistemo_vmm::IoLimits) -> Result<()> {
         Ok(())
@@ -417,5 +453,8 @@ impl HostLinks for Links {
     }
     async fn routed_v4(&self) -> Result<Vec<Ipv4Net>> {
         Links::routed_v4(self).await
+    }
+    async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>> {
+        Links::with_controllers(self).await
     }
 }

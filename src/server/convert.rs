@@ -63,6 +63,7 @@ pub fn deploy(req: DeployRequest) -> Result<Deploy> {
     Ok(Deploy {
         name: req.name.map(|n| n.parse()).transpose()?,
         vcpus: req.vcpus,
+        cpu_limit: req.cpu_limit.map(|c| c.parse()).transpose()?,
         memory: size("memory", req.memory)?,
         storage: size("storage", req.storage)?,
         expose: specs(&req.expose)?,

@@ -316,8 +316,10 @@ async fn logs(
     State(h): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
-) -> Result<Vec<u8>, Error> {
-    h.machines.logs(&name, q.offset.unwrap_or(0))
+) -> Result<([(&'static str, String); 1], Vec<u8>), Error> {
+    // Without an offset: the tail. The header says where the bytes start in the stream.
+    let (at, bytes) = h.machines.logs(&name, q.offset)?;
+    Ok(([(crate::api::LOG_OFFSET_HEADER, at.to_string())], bytes))
 }
 
 async fn networks(State(h): State<AppState>) -> Result<Json<Vec<NetworkInfo>>, Error> {

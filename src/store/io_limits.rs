@@ -22,6 +22,15 @@ impl Store {
         Ok(())
     }
 
+    /// Record machine `id`'s CPU cap (`None`: none).
+    pub fn set_cpu_limit(&self, id: Uuid, cpu: Option<crate::domain::CpuLimit>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE machines SET cpu_limit_milli = ?2 WHERE id = ?1",
+            params![id.to_string(), cpu.map_or(0, |c| c.milli())],
+        )?;
+        Ok(())
+    }
+
     /// Machine `id`'s limits (none recorded: unlimited).
     pub fn io_of(&self, id: Uuid) -> Result<IoLimits> {
         Ok(self
@@ -61,6 +70,10 @@ mod tests {
         };
         s.set_io(m.id, &io).unwrap();
         assert_eq!(s.io_of(m.id).unwrap(), io);
+        assert_eq!(s.machine_by_id(m.id).unwrap().cpu_limit, None);
+        let half = crate::domain::CpuLimit::from_milli(500);
+        s.set_cpu_limit(m.id, half).unwrap();
+        assert_eq!(s.machine_by_id(m.id).unwrap().cpu_limit, half);
         s.delete_machine(m.id).unwrap();
         let left: i64 = s
             .conn

@@ -163,6 +163,8 @@ const MIGRATIONS: &[&str] = &[
     // (a running one keeps its link's address across the upgrade)
     "ALTER TABLE machines ADD COLUMN legacy_mac INTEGER NOT NULL DEFAULT 0;
      UPDATE machines SET legacy_mac = 1;",
+    // 12: a machine's CPU cap (`--cpu-limit`), thousandths of a CPU; 0: none
+    "ALTER TABLE machines ADD COLUMN cpu_limit_milli INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A named network: a bridge and a subnet.
@@ -216,6 +218,8 @@ pub struct Machine {
     pub vmm_slot: u32,
     /// Made before MACs were derived from the IP lease: its MAC is derived from its ID.
     pub legacy_mac: bool,
+    /// Its CPU cap (`--cpu-limit`), if any.
+    pub cpu_limit: Option<crate::domain::CpuLimit>,
 }
 
 /// What a new machine row needs; the store leases its address.
@@ -288,7 +292,7 @@ sql_text!(
     RestartPolicy
 );
 
-const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot, legacy_mac";
+const MACHINE_COLS: &str = "id, name, image, state, network, ip, vcpus, memory_mib, storage_bytes, instance, created_at, error, restart, vmm_slot, legacy_mac, cpu_limit_milli";
 
 fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
     let id: String = r.get(0)?;
@@ -310,6 +314,7 @@ fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
         restart: r.get(12)?,
         vmm_slot: r.get(13)?,
         legacy_mac: r.get(14)?,
+        cpu_limit: crate::domain::CpuLimit::from_milli(r.get(15)?),
     })
 }
 

@@ -21,6 +21,19 @@ pub struct Limits {
     pub pids: u64,
 }
 
+impl Limits {
+    /// These limits with the CPU capped at `milli` thousandths of a CPU (`--cpu-limit`) when
+    /// that is below what they allow; 0 changes nothing.
+    pub fn with_cpu_limit(mut self, milli: u32) -> Limits {
+        let quota = u64::from(milli) * CPU_PERIOD_US / 1000;
+        if milli > 0 && quota < self.cpu_quota_us {
+            // The kernel's smallest quota is 1 ms.
+            self.cpu_quota_us = quota.max(1000);
+        }
+        self
+    }
+}
+
 /// CPU accounting period, microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -270,6 +283,12 @@ mod tests {
         assert_eq!(l.cpu_quota_us, 200_000);
         assert_eq!(l.pids, 300);
         assert_eq!(machine_limits(512, 0, 0, 1).cpu_quota_us, 100_000);
+        // --cpu-limit: half a core of two vCPUs; none, or one over the vCPUs, changes nothing
+        assert_eq!(l.with_cpu_limit(500).cpu_quota_us, 50_000);
+        assert_eq!(l.with_cpu_limit(1250).cpu_quota_us, 125_000);
+        assert_eq!(l.with_cpu_limit(0), l);
+        assert_eq!(l.with_cpu_limit(3000), l);
+        assert_eq!(l.with_cpu_limit(1).cpu_quota_us, 1000);
     }
 
     #[test]

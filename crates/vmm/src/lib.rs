@@ -25,6 +25,7 @@ mod cpio;
 mod error;
 mod exec;
 pub mod image;
+pub mod logring;
 pub mod netns;
 mod proc;
 pub mod qemu;
@@ -104,6 +105,8 @@ pub struct MachineSpec {
     /// boots use [`TEMPLATE_SLOT`]): backends derive per-machine identities from it, such as the
     /// uid its VMM runs as, so that one VMM cannot signal or trace another.
     pub slot: u32,
+    /// A CPU cap below its vCPUs, in thousandths of a CPU (`--cpu-limit`); 0: one CPU per vCPU.
+    pub cpu_limit_milli: u32,
 }
 
 /// How many machines a host can hold at once: the number of per-machine slots.

@@ -99,6 +99,7 @@ fn spec(dir: &std::path::Path, disk: PathBuf) -> MachineSpec {
         volumes: vec![],
         io: Default::default(),
         slot: 0,
+        cpu_limit_milli: 0,
     }
 }
 

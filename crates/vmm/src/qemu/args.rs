@@ -131,7 +131,10 @@ impl Qemu {
             "-device".into(),
             format!("virtio-net-device,netdev=n0,mac={}", format_mac(&spec.net.mac)),
             "-chardev".into(),
-            format!("file,id=con0,path={}", escape_opt(&p(console_path(spec)))),
+            format!(
+                "file,id=con0,path={},append=on",
+                escape_opt(&p(console_path(spec)))
+            ),
             "-serial".into(),
             "chardev:con0".into(),
             "-qmp".into(),
@@ -296,6 +299,7 @@ mod tests {
                 dns: vec![],
             },
             slot: 7,
+            cpu_limit_milli: 0,
             ssh_pubkey: None,
             volumes: vec![],
             io: crate::IoLimits::default(),

@@ -2,17 +2,68 @@
 //! diagnosis a failed boot reports (our init's messages, the kernel's panic line).
 
 use super::{Qemu, console_path};
-use crate::{MachineSpec, VmmError};
+use crate::{MachineSpec, VmmError, logring};
 
-/// The non-empty lines of the machine's console log, carriage returns dropped.
+/// How much of a log's end a diagnosis reads (the files themselves are capped, not small).
+const DIAGNOSIS_BYTES: u64 = 64 << 10;
+
+/// `s` without terminal control sequences (CSI, OSC and other escapes) and control characters
+/// other than newline and tab (C1 ones included): what a guest wrote cannot drive the terminal
+/// an error message is printed on.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '\x1b' => match it.next() {
+                // CSI: parameters and intermediates up to a final byte in 0x40..=0x7e
+                Some('[') => {
+                    for c in it.by_ref() {
+                        if ('\x40'..='\x7e').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC, DCS, SOS, PM, APC: up to BEL or ESC \
+                Some(']' | 'P' | 'X' | '^' | '_') => {
+                    while let Some(c) = it.next() {
+                        if c == '\x07' || (c == '\x1b' && it.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The non-empty lines of this boot's console (the live file's end), made printable.
 fn console_lines(spec: &MachineSpec) -> Vec<String> {
-    let text = std::fs::read(console_path(spec)).unwrap_or_default();
-    String::from_utf8_lossy(&text)
-        .replace('\r', "")
+    let text = last_bytes(&console_path(spec), DIAGNOSIS_BYTES);
+    printable(&String::from_utf8_lossy(&text))
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// The last `n` bytes of the file at `path` (none when it cannot be read).
+fn last_bytes(path: &std::path::Path, n: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let mut buf = Vec::new();
+    let _ = f
+        .seek(SeekFrom::Start(len.saturating_sub(n)))
+        .and_then(|_| f.take(n).read_to_end(&mut buf));
+    buf
 }
 
 /// The last `n` lines of a machine's console log.
@@ -44,8 +95,8 @@ impl Qemu {
     /// `qemu.log`.
     pub(super) fn boot_error(&self, spec: &MachineSpec, reason: &str) -> VmmError {
         let mut tail = console_diagnosis(spec);
-        let qlog = std::fs::read(spec.dir.join("qemu.log")).unwrap_or_default();
-        let qlog = String::from_utf8_lossy(&qlog);
+        let qlog = logring::tail(&spec.dir.join("qemu.log"), DIAGNOSIS_BYTES);
+        let qlog = printable(&String::from_utf8_lossy(&qlog));
         let qlines: Vec<&str> = qlog.lines().filter(|l| !l.trim().is_empty()).collect();
         if !qlines.is_empty() {
             tail.push_str("\nqemu.log:\n");
@@ -70,7 +121,9 @@ mod tests {
     fn diagnosis_keeps_init_messages_ahead_of_a_long_trace() {
         let dir = std::env::temp_dir().join(format!("sistemo-console-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut log = String::from("boot\r\nsistemo-init: FATAL: cannot mount /dev/vda as ext4\r\n");
+        let mut log = String::from(
+            "boot\x1b]0;pwned\x07\r\nsistemo-init: FATAL: cannot mount \x1b[2J/dev/vda as ext4\u{9b}31m\r\n",
+        );
         log.push_str("Kernel panic - not syncing: Attempted to kill init!\n");
         for i in 0..40 {
             log.push_str(&format!("trace line {i}\n\n"));
@@ -96,9 +149,17 @@ mod tests {
             volumes: vec![],
             io: crate::IoLimits::default(),
             slot: 0,
+            cpu_limit_milli: 0,
         };
         let d = console_diagnosis(&spec);
-        assert!(d.starts_with("sistemo-init: FATAL: cannot mount"), "{d}");
+        assert!(
+            d.starts_with("sistemo-init: FATAL: cannot mount /dev/vda as ext431m\n"),
+            "{d}"
+        );
+        assert!(
+            !d.contains(['\x1b', '\x07', '\u{9b}']) && !d.contains("pwned"),
+            "{d:?}"
+        );
         assert!(d.contains("Kernel panic") && d.ends_with("trace line 39"), "{d}");
         assert_eq!(console_tail(&spec, 2), "trace line 38\ntrace line 39");
         std::fs::remove_dir_all(&dir).unwrap();

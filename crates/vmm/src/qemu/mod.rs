@@ -13,7 +13,7 @@ mod qmp;
 mod template;
 
 pub use accel::{Accel, AccelChoice, accel_reason};
-pub use console::console_tail;
+pub use console::{console_tail, printable};
 pub use jail::{DEFAULT_VMM_UID_BASE, DEFAULT_VMM_USER, SANDBOX, VmmUser, check_uid_base};
 pub use template::DISK as TEMPLATE_DISK;
 
@@ -239,6 +239,7 @@ impl Qemu {
     /// The limits a machine's cgroup gets.
     pub fn limits_for(&self, spec: &MachineSpec) -> Limits {
         machine_limits(spec.memory_mib.max(128), spec.vcpus, VMM_OVERHEAD_MIB, VMM_PIDS)
+            .with_cpu_limit(spec.cpu_limit_milli)
     }
 
     /// Run QEMU and `ssh` inside network namespace `ns` (tests: the TAP and bridge live there).
@@ -402,10 +403,11 @@ impl Qemu {
                 .await?;
             write_machine_initrd(&self.assets.initramfs, &cfg, &initrd_path(spec))?;
         }
+        // The previous boot's console becomes the log's older part (stream offsets go on);
+        // QEMU appends (`append=on`), so the daemon can cap the file while it runs.
         let console = console_path(spec);
-        if console.exists() {
-            let _ = std::fs::rename(&console, spec.dir.join("console.log.1"));
-        }
+        crate::logring::rotate_boot(&console)
+            .map_err(VmmError::io(format!("rotating {}", console.display())))?;
         let _ = std::fs::remove_file(qmp_path(spec));
         let _ = std::fs::remove_file(agent_path(spec));
         let _ = std::fs::remove_file(vsock_path(spec));
@@ -415,7 +417,7 @@ impl Qemu {
         }
         self.agents.forget(spec);
         let _ = std::fs::remove_file(pid_path(spec));
-        let _ = std::fs::remove_file(spec.dir.join("qemu.log"));
+        crate::logring::remove(&spec.dir.join("qemu.log"));
         for f in [&initrd_path(spec), &disk, &console] {
             private_file(f)?;
         }

@@ -168,6 +168,21 @@ async fn debootstrap(
         .as_deref()
         .map(|d| cache_file(d, mirror, pkgs));
     if let Some(tar) = cache.as_ref().filter(|t| t.exists()) {
+        let t = tar.clone();
+        if let Err(why) = tokio::task::spawn_blocking(move || verify_cache(&t))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+        {
+            tracing::warn!(cache = %tar.display(), reason = %why, "the debootstrap cache does not match its checksum; rebuilding it");
+            progress(&format!(
+                "the cached debootstrap tree {} is not as it was made ({why}); running debootstrap again",
+                tar.display()
+            ));
+            let _ = std::fs::remove_file(tar);
+            let _ = std::fs::remove_file(sum_file(tar));
+        }
+    }
+    if let Some(tar) = cache.as_ref().filter(|t| t.exists()) {
         progress(&format!("using the cached debootstrap tree {}", tar.display()));
         std::fs::create_dir_all(root).map_err(VmmError::io("creating the build root"))?;
         run(
@@ -212,7 +227,31 @@ async fn debootstrap(
             "caching the debootstrap tree",
         )
         .await?;
+        // Its checksum beside it, written first: a tar without one is never used.
+        let t = tmp.clone();
+        let sum = tokio::task::spawn_blocking(move || super::store::sha256_file(&t))
+            .await
+            .map_err(|e| VmmError::io("hashing the debootstrap cache")(std::io::Error::other(e)))??;
+        std::fs::write(sum_file(tar), format!("{sum}\n"))
+            .map_err(VmmError::io("writing the debootstrap cache's checksum"))?;
         std::fs::rename(&tmp, tar).map_err(VmmError::io("caching the debootstrap tree"))?;
+    }
+    Ok(())
+}
+
+/// Where the cache tar `tar`'s sha256 is kept: `TAR.sha256`.
+fn sum_file(tar: &Path) -> PathBuf {
+    let mut p = tar.as_os_str().to_owned();
+    p.push(".sha256");
+    PathBuf::from(p)
+}
+
+/// Check the cache tar `tar` against the sha256 stored when it was made; the reason if not.
+fn verify_cache(tar: &Path) -> Result<(), String> {
+    let want = std::fs::read_to_string(sum_file(tar)).map_err(|e| format!("no checksum: {e}"))?;
+    let got = super::store::sha256_file(tar).map_err(|e| e.to_string())?;
+    if got != want.trim() {
+        return Err(format!("sha256 {got}, made as {}", want.trim()));
     }
     Ok(())
 }
@@ -254,6 +293,27 @@ mod tests {
         )));
         assert!(!is_stale_build("/srv/images/root.ext4"));
         assert!(!is_stale_build("docker.io/library/alpine:3"));
+    }
+
+    #[test]
+    fn a_cache_tar_is_used_only_as_it_was_made() {
+        let dir = std::env::temp_dir().join(format!("sistemo-dbcache-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tar = dir.join("debootstrap-bookworm-x.tar");
+        std::fs::write(&tar, b"a tree").unwrap();
+        assert!(
+            verify_cache(&tar).unwrap_err().contains("no checksum"),
+            "no checksum: not used"
+        );
+        let sum = super::super::store::sha256_file(&tar).unwrap();
+        std::fs::write(sum_file(&tar), format!("{sum}\n")).unwrap();
+        assert_eq!(verify_cache(&tar), Ok(()));
+        std::fs::write(&tar, b"a tree, with a planted file").unwrap();
+        assert!(
+            verify_cache(&tar).unwrap_err().contains("made as"),
+            "changed: not used"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::SUITE;
 use crate::VmmError;
 use crate::proc::run;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
 /// Units masked in built images: not needed in a microVM and slow under emulation.
@@ -136,13 +136,22 @@ async fn chroot(root: &Path, args: &[&str]) -> Result<(), VmmError> {
     .map(|_| ())
 }
 
+/// The folder `rel` names in the tree at `root`, symlinked folders on the way resolved inside
+/// `root` (an absolute link is taken from `root`, `..` stops at it: as the OCI layer code does),
+/// so nothing is written or removed through a link outside the tree; missing ones are created.
+fn dir_in(root: &Path, rel: &str) -> Result<PathBuf, VmmError> {
+    let parts: Vec<std::ffi::OsString> = rel.split('/').map(Into::into).collect();
+    crate::image::oci::layer::resolve_dir(root, &parts)
+        .map_err(VmmError::io(format!("resolving {rel} inside {}", root.display())))
+}
+
 fn write(root: &Path, rel: &str, content: &str) -> Result<(), VmmError> {
-    let p = root.join(rel);
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).map_err(VmmError::io(format!("creating {}", d.display())))?;
+    let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let p = dir_in(root, dir)?.join(name);
+    // Remove a symlink (or any file) rather than write through it.
+    if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(&p).map_err(VmmError::io(format!("replacing {}", p.display())))?;
     }
-    // The tree was just built by debootstrap: remove a symlink rather than write through it.
-    let _ = std::fs::remove_file(&p);
     std::fs::write(&p, content).map_err(VmmError::io(format!("writing {}", p.display())))
 }
 
@@ -203,8 +212,7 @@ pub(super) async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmE
     let mut mask = vec!["systemctl", "mask"];
     mask.extend(MASKED_UNITS);
     chroot(root, &mask).await?;
-    let gens = root.join("etc/systemd/system-generators");
-    std::fs::create_dir_all(&gens).map_err(VmmError::io("creating system-generators"))?;
+    let gens = dir_in(root, "etc/systemd/system-generators")?;
     for g in MASKED_GENERATORS
         .iter()
         .copied()
@@ -215,7 +223,7 @@ pub(super) async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmE
         std::os::unix::fs::symlink("/dev/null", &link).map_err(VmmError::io(format!("masking {g}")))?;
     }
     // Host keys are per machine and arrive at boot; the build's keys must not be shared.
-    for e in std::fs::read_dir(root.join("etc/ssh")).map_err(VmmError::io("reading etc/ssh"))? {
+    for e in std::fs::read_dir(dir_in(root, "etc/ssh")?).map_err(VmmError::io("reading etc/ssh"))? {
         let e = e.map_err(VmmError::io("reading etc/ssh"))?;
         if e.file_name().to_string_lossy().starts_with("ssh_host_") {
             let _ = std::fs::remove_file(e.path());
@@ -251,7 +259,7 @@ pub(super) async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmE
         "Built by sistemo: debootstrap bookworm minbase.\n",
     )?;
     chroot(root, &["apt-get", "clean"]).await?;
-    let lists = root.join("var/lib/apt/lists");
+    let lists = dir_in(root, "var/lib/apt/lists")?;
     if let Ok(rd) = std::fs::read_dir(&lists) {
         for e in rd.flatten() {
             if e.path().is_file() {
@@ -264,7 +272,44 @@ pub(super) async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmE
 
 #[cfg(test)]
 mod tests {
-    use super::idle_compat_generators;
+    use super::{idle_compat_generators, write};
+
+    #[test]
+    fn writes_never_follow_a_symlinked_folder_out_of_the_tree() {
+        let base = std::env::temp_dir().join(format!("sistemo-tree-{}", uuid::Uuid::new_v4().simple()));
+        let (root, outside) = (base.join("root"), base.join("host-etc"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // A tree whose etc is a link to a host folder, absolute and relative, and a file link.
+        std::os::unix::fs::symlink(&outside, root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("../host-etc", root.join("usr")).unwrap();
+        write(&root, "etc/hostname", "sistemo\n").unwrap();
+        write(&root, "usr/share/sistemo/README", "x").unwrap();
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+        let inside = root.join(outside.strip_prefix("/").unwrap()).join("hostname");
+        assert_eq!(
+            std::fs::read_to_string(inside).unwrap(),
+            "sistemo\n",
+            "the link taken from the root"
+        );
+        assert!(
+            root.join("host-etc/share/sistemo/README").exists(),
+            "`..` stops at the root"
+        );
+        // A symlinked file is replaced, not written through.
+        let victim = base.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::fs::create_dir_all(root.join("srv")).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("srv/file")).unwrap();
+        write(&root, "srv/file", "new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(std::fs::read_to_string(root.join("srv/file")).unwrap(), "new");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn compat_generators_are_masked_only_when_idle() {
