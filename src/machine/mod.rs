@@ -6,6 +6,7 @@ mod disk_full;
 mod exec;
 mod expose;
 mod lifecycle;
+mod recovery;
 mod restart;
 mod sweep;
 mod volumes;

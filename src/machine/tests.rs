@@ -455,7 +455,7 @@ async fn start_up_kills_a_vmm_no_machine_owns() {
             "the orphan VMM still runs: {:?}, found {:?} under {}",
             std::fs::read(format!("/proc/{}/cmdline", orphan.id()))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " ")),
-            super::lifecycle::vmm_processes(&r.dir.join("machines")),
+            super::recovery::vmm_processes(&r.dir.join("machines")),
             r.dir.display()
         );
         tokio::task::yield_now().await;

@@ -308,7 +308,7 @@ impl Machines {
         let Ok(rd) = std::fs::read_dir(&root) else {
             return;
         };
-        let vmms = super::lifecycle::vmm_processes(&root);
+        let vmms = super::recovery::vmm_processes(&root);
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".making") else {
