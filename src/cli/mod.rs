@@ -5,6 +5,7 @@
 mod accounts;
 mod docker_config;
 mod doctor;
+mod guest;
 mod image;
 mod install;
 mod machine;
