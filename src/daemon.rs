@@ -183,7 +183,15 @@ pub async fn run(cfg: Config) -> Result<()> {
             let rm = rm.clone();
             // Every 20th pass also verifies the rules (a flush of only sistemo's chains).
             let deep = n.is_multiple_of(20);
-            match tokio::task::spawn_blocking(move || rm.repair_once(deep)).await {
+            match tokio::task::spawn_blocking(move || {
+                if deep {
+                    // An idle daemon returns what its busy moments left in the heap.
+                    crate::sys::trim_heap();
+                }
+                rm.repair_once(deep)
+            })
+            .await
+            {
                 Ok(Err(e)) => tracing::error!(error = %chain(&e), "self-repair failed"),
                 Err(e) => tracing::error!(error = %e, "self-repair task failed"),
                 Ok(Ok(_)) => {}
