@@ -4,57 +4,9 @@
 //! and storage limits: `tests/volumes_safety.rs`.
 
 mod common;
+use common::volumes::*;
 use common::*;
-use serde_json::Value;
-use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
-
-fn json(env: &Env, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    serde_json::from_str(&env.cli_ok(&a)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn names(env: &Env) -> BTreeSet<String> {
-    json(env, &["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn sha(path: &str) -> String {
-    ok(&["sha256sum", path])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// `volumes/` holds exactly one `ID.raw` per listed volume and nothing else.
-fn files_match_rows(env: &Env) {
-    let dir = env.dir.join("data/volumes");
-    let files: BTreeSet<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    let rows: BTreeSet<String> = json(env, &["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| format!("{}.raw", v["id"].as_str().unwrap()))
-        .collect();
-    assert_eq!(files, rows, "volume files and rows differ");
-}
-
-/// Run `args`, expect a one-line error containing `want` and exit code `code`.
-fn refused(env: &Env, args: &[&str], want: &str, code: i32) {
-    let e = env.cli_err(args);
-    assert!(e.contains(want), "{args:?}: {e}");
-    assert_eq!(env.cli(args).status.code(), Some(code), "{args:?}: {e}");
-}
 
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]

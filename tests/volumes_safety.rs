@@ -4,57 +4,10 @@
 //! what it made; a resize counts the copy it makes against `min_disk_free`.
 
 mod common;
+use common::volumes::*;
 use common::*;
-use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-fn json(env: &Env, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    serde_json::from_str(&env.cli_ok(&a)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn names(env: &Env) -> BTreeSet<String> {
-    json(env, &["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn sha(path: &str) -> String {
-    ok(&["sha256sum", path])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// `volumes/` holds exactly one `ID.raw` per listed volume and nothing else.
-fn files_match_rows(env: &Env) {
-    let dir = env.dir.join("data/volumes");
-    let files: BTreeSet<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    let rows: BTreeSet<String> = json(env, &["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| format!("{}.raw", v["id"].as_str().unwrap()))
-        .collect();
-    assert_eq!(files, rows, "volume files and rows differ");
-}
-
-/// Run `args`, expect a one-line error containing `want` and exit code `code`.
-fn refused(env: &Env, args: &[&str], want: &str, code: i32) {
-    let e = env.cli_err(args);
-    assert!(e.contains(want), "{args:?}: {e}");
-    assert_eq!(env.cli(args).status.code(), Some(code), "{args:?}: {e}");
-}
 
 /// How many times the daemon paused at `stage`.
 fn pauses(env: &Env, stage: &str) -> usize {

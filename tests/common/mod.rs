@@ -15,6 +15,7 @@ pub mod packets;
 pub mod remote;
 pub mod traffic;
 pub mod vm_state;
+pub mod volumes;
 pub mod web;
 
 // Each test binary uses some of them.
