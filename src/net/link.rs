@@ -105,43 +105,26 @@ impl Links {
         }
     }
 
-    /// Names of all links (for `doctor` and tests).
-    pub async fn names(&self) -> Result<Vec<String>> {
-        let msgs: Vec<_> = self
-            .handle
+    /// Every link's message.
+    async fn all(&self) -> Result<Vec<rtnetlink::packet_route::link::LinkMessage>> {
+        self.handle
             .link()
             .get()
             .execute()
             .try_collect()
             .await
-            .map_err(nl("listing links"))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| {
-                m.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n.clone()),
-                    _ => None,
-                })
-            })
-            .collect())
+            .map_err(nl("listing links"))
+    }
+
+    /// Names of all links (for `doctor` and tests).
+    pub async fn names(&self) -> Result<Vec<String>> {
+        Ok(self.all().await?.iter().filter_map(link_name).collect())
     }
 
     /// Every link with the name of the bridge it is a port of, if any (the start-up sweep).
     pub async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>> {
-        let msgs: Vec<_> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing links"))?;
-        let name = |m: &rtnetlink::packet_route::link::LinkMessage| {
-            m.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some(n.clone()),
-                _ => None,
-            })
-        };
+        let msgs = self.all().await?;
+        let name = link_name;
         let by_index: std::collections::HashMap<u32, String> = msgs
             .iter()
             .filter_map(|m| Some((m.header.index, name(m)?)))
@@ -457,4 +440,11 @@ impl HostLinks for Links {
     async fn with_controllers(&self) -> Result<Vec<(String, Option<String>)>> {
         Links::with_controllers(self).await
     }
+}
+/// A link's name, from its message.
+fn link_name(m: &rtnetlink::packet_route::link::LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
 }
