@@ -1,12 +1,13 @@
 //! What the dashboard needs beyond the API: the event stream (`GET /v1/events`, server-sent
-//! events), host figures (`GET /v1/system`) and the dashboard's own files, embedded in the binary.
+//! events), a machine's console as it grows (`GET /v1/machines/{name}/logs/stream`), host
+//! figures (`GET /v1/system`) and the dashboard's own files, embedded in the binary.
 
 use super::{AppState, convert};
 use crate::api::{DaemonEvent, SystemInfo};
 use crate::error::Error;
 use crate::events::HostEvent;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,9 @@ use axum::routing::get;
 use futures::StreamExt as _;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+
+/// How often a followed console is looked at for new output when it had none.
+const LOG_FOLLOW: Duration = Duration::from_millis(250);
 
 /// How often a quiet event stream sends a comment (keeps proxies and clients from timing out).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -78,6 +82,47 @@ async fn events(State(h): State<AppState>) -> Response {
     r
 }
 
+/// `GET /v1/machines/{name}/logs/stream`: the console's tail, then its new output as it comes,
+/// as server-sent `log` events (`{"offset": N, "text": "…"}`, terminal control sequences
+/// removed); ends when the machine is deleted, the client goes or the daemon stops. The
+/// daemon follows the file (as `tail -f` does): the browser never polls.
+async fn logs_stream(State(h): State<AppState>, Path(name): Path<String>) -> Result<Response, Error> {
+    let first = h.machines.logs(&name, None)?;
+    let closed = h.events.closed();
+    let stream = futures::stream::unfold(
+        (h, name, first.0, Some(first)),
+        |(h, name, mut next, mut pending)| async move {
+            loop {
+                let (at, bytes) = match pending.take() {
+                    Some(chunk) => chunk,
+                    // Gone (deleted): the stream ends.
+                    None => h.machines.logs(&name, Some(next)).ok()?,
+                };
+                if bytes.is_empty() {
+                    tokio::time::sleep(LOG_FOLLOW).await;
+                    continue;
+                }
+                next = at + bytes.len() as u64;
+                let data = serde_json::json!({
+                    "offset": at,
+                    "text": sistemo_vmm::qemu::printable(&String::from_utf8_lossy(&bytes)),
+                });
+                let sse = Sse::default().event("log").data(data.to_string());
+                return Some((Ok::<_, std::convert::Infallible>(sse), (h, name, next, None)));
+            }
+        },
+    )
+    .take_until(closed);
+    let mut r = axum::response::sse::Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(r)
+}
+
 fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |k: &str| {
@@ -122,6 +167,7 @@ async fn system(State(h): State<AppState>) -> Result<Json<SystemInfo>, Error> {
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/events", get(events))
+        .route("/v1/machines/{name}/logs/stream", get(logs_stream))
         .route("/v1/system", get(system))
 }
 

@@ -10,6 +10,7 @@
 // Env: URL, USER, PASS, SHOTS (screenshot folder), SISTEMO (binary), SOCKET, CHROMIUM.
 // Prints "ok <check>" lines; exits 1 with "FAIL <reason>" on the first failure.
 import { env, URL, MODE, SHOTS, T, ok, fail, cli, openPage, runScenario } from "./harness.mjs";
+import { appendFileSync } from "node:fs";
 
 const browser = await openPage();
 const { page } = browser;
@@ -83,6 +84,13 @@ async function admin() {
   await page.locator('tr[data-port="8080:80/tcp"]').waitFor({ timeout: T });
   ok("exposed 8080:80 through the form");
   await shot("machine");
+
+  // The console is live: a line the guest writes shows up without a reload or a click.
+  const id = JSON.parse(cli("machine", "status", "web", "-o", "json")).id;
+  await page.locator("[data-testid=logs][data-state=live]").waitFor({ timeout: T });
+  appendFileSync(`${env("DATA")}/machines/${id}/console.log`, "console-line-" + 6 * 7 + "\n");
+  await page.locator("[data-testid=logs]", { hasText: "console-line-42" }).waitFor({ timeout: T });
+  ok("a new console line appeared on the machine page by itself");
 
   // Changes made elsewhere (the CLI) arrive through the event stream.
   const t0 = Date.now();

@@ -172,6 +172,7 @@ pub fn browser_scenario(env: &Env, script: &str, url: &str, mode: &str, user: &s
         .env("SHOTS", &shots)
         .env("SISTEMO", env!("CARGO_BIN_EXE_sistemo"))
         .env("SOCKET", &env.socket)
+        .env("DATA", env.dir.join("data"))
         .current_dir(&dir)
         .output()
         .unwrap();

@@ -190,23 +190,29 @@ function layout(title, content) {
 
 let routeSeq = 0;
 
+// The current page goes: it closes what it keeps open (a followed console).
+function leave() {
+  if (S.page && S.page.leave) S.page.leave();
+  S.page = null;
+}
+
 async function route() {
   const root = document.getElementById("app");
   const parts = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
   if (!S.me) {
-    S.page = null;
+    leave();
     root.replaceChildren(PAGES.login());
     return;
   }
   if (parts[0] === "login") { location.hash = "#/"; return; }
   const name = parts[0] || "overview";
   const page = PAGES[name] || PAGES.notfound;
-  S.page = null;
+  leave();
   // A newer route (the hash changed while this page loaded) wins over this one.
   const seq = ++routeSeq;
   try {
     const p = await page(parts.slice(1));
-    if (seq !== routeSeq) return;
+    if (seq !== routeSeq) { if (p.leave) p.leave(); return; }
     S.page = p;
     root.replaceChildren(layout(p.title, p.el));
     const first = root.querySelector("main [autofocus]");

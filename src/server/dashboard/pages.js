@@ -142,13 +142,24 @@ PAGES.machine = async ([name]) => {
     config.textContent = JSON.stringify(m, null, 2);
   };
   draw(m0);
-  const logs = h("pre", {class: "logs", tabindex: 0, "aria-label": "Console log"});
-  const loadLogs = async () => {
-    try { logs.textContent = (await api("GET", "/v1/machines/" + encodeURIComponent(name) + "/logs")).slice(-20000); }
-    catch (e) { logs.textContent = e.message; }
-    logs.scrollTop = logs.scrollHeight;
+  // The console, live: the daemon sends its tail, then each new piece as it comes.
+  const logs = h("pre", {class: "logs", tabindex: 0, "aria-label": "Console log", "data-testid": "logs"});
+  let stream = null;
+  const follow = () => {
+    if (stream) stream.close();
+    logs.textContent = "";
+    stream = new EventSource("/v1/machines/" + encodeURIComponent(name) + "/logs/stream");
+    stream.addEventListener("log", (ev) => {
+      const atEnd = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 8;
+      logs.textContent = (logs.textContent + JSON.parse(ev.data).text).slice(-200000);
+      if (atEnd) logs.scrollTop = logs.scrollHeight;
+    });
+    // Ended (the machine was deleted, the daemon stopped): no silent reconnect that would
+    // repeat the tail; Follow starts again.
+    stream.onerror = () => { stream.close(); logs.setAttribute("data-state", "ended"); };
+    logs.setAttribute("data-state", "live");
   };
-  loadLogs();
+  follow();
   let form = null;
   if (isAdmin()) {
     const spec = field("Port", h("input", {name: "spec", placeholder: "8080:80", required: true, autocomplete: "off"}),
@@ -172,7 +183,7 @@ PAGES.machine = async ([name]) => {
     acts, h("section", {}, h("h2", {}, "Status"), status),
     h("section", {}, h("h2", {}, "Ports"), h("div", {class: "scroll"}, h("table", {},
       h("thead", {}, h("tr", {}, h("th", {}, "Rule"), h("th", {}, "Bound to"), h("th", {}, ""))), ports)), form),
-    h("section", {}, h("h2", {}, "Logs ", h("button", {class: "link", onclick: loadLogs}, "Refresh")), logs),
+    h("section", {}, h("h2", {}, "Logs ", h("button", {class: "link", onclick: follow}, "Follow again")), logs),
     h("section", {}, h("h2", {}, "Terminal"), terminalSeam(name)),
     h("section", {}, h("h2", {}, "Configuration"), config));
   return {title: name, el,
@@ -180,8 +191,8 @@ PAGES.machine = async ([name]) => {
       if (m.name !== name) return;
       if (m.removed) { toast(name + " was deleted"); location.hash = "#/machines"; return; }
       draw(m);
-      loadLogs();
-    }};
+    },
+    leave: () => { if (stream) stream.close(); }};
 };
 
 async function unexpose(name, p, btn) {
