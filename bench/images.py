@@ -94,9 +94,9 @@ def main():
         sh(f"umoci init --layout {lay} && umoci new --image {lay}:img && umoci unpack --image {lay}:img {b}"
            f" && mkdir -p {b}/rootfs/bin {b}/rootfs/www && cp /bin/busybox {b}/rootfs/bin/"
            f" && ln -s busybox {b}/rootfs/bin/sh && echo hi > {b}/rootfs/www/index.html"
-           f" && head -c {third}M /dev/urandom > {b}/rootfs/data1 && umoci repack --image {lay}:img {b}"
-           f" && head -c {third}M /dev/urandom > {b}/rootfs/data2 && umoci repack --image {lay}:img {b}"
-           f" && head -c {third}M /dev/urandom > {b}/rootfs/data3 && umoci repack --image {lay}:img {b}"
+           f" && head -c {third}M /dev/urandom > {b}/rootfs/data1 && umoci repack --refresh-bundle --image {lay}:img {b}"
+           f" && head -c {third}M /dev/urandom > {b}/rootfs/data2 && umoci repack --refresh-bundle --image {lay}:img {b}"
+           f" && head -c {third}M /dev/urandom > {b}/rootfs/data3 && umoci repack --refresh-bundle --image {lay}:img {b}"
            f" && rm -rf {b} && umoci config --image {lay}:img --config.entrypoint /bin/busybox"
            f" --config.cmd httpd --config.cmd -f --config.cmd -p --config.cmd 8080 --config.cmd -h --config.cmd /www")
         with open(f"{tmp}/reg.yml", "w") as f:
