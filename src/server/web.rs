@@ -71,15 +71,7 @@ async fn events(State(h): State<AppState>) -> Response {
         }
     })
     .take_until(closed);
-    let mut r = axum::response::sse::Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
-    // A first comment at once, so a client knows it is subscribed.
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    r
+    sse_response(stream)
 }
 
 /// `GET /v1/machines/{name}/logs/stream`: the console's tail, then its new output as it comes,
@@ -113,6 +105,13 @@ async fn logs_stream(State(h): State<AppState>, Path(name): Path<String>) -> Res
         },
     )
     .take_until(closed);
+    Ok(sse_response(stream))
+}
+
+/// A stream of server-sent events as a response: kept alive while quiet, never cached.
+fn sse_response(
+    stream: impl futures::Stream<Item = Result<Sse, std::convert::Infallible>> + Send + 'static,
+) -> Response {
     let mut r = axum::response::sse::Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response();
@@ -120,7 +119,7 @@ async fn logs_stream(State(h): State<AppState>, Path(name): Path<String>) -> Res
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
-    Ok(r)
+    r
 }
 
 fn meminfo() -> (u64, u64) {
