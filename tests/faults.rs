@@ -426,19 +426,6 @@ fn unexpose_and_delete_forget_tracked_flows() {
     assert_eq!(flows(&format!("--orig-src {ip}")), 0);
 }
 
-/// The sistemo CLI against `env`'s daemon, started and not waited for.
-fn spawn_cli(env: &Env, args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_sistemo"))
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn finished_ok(child: std::process::Child, what: &str) {
     let o = child.wait_with_output().unwrap();
     assert!(
@@ -469,20 +456,17 @@ fn delete_racing_network_create_leaves_no_rules_and_reuses_the_address_last() {
         step(&format!(
             "round {round}: delete {name} while a network is created"
         ));
-        let del = spawn_cli(&env, &["machine", "delete", &name, "-y"]);
+        let del = env.spawn_cli(&["machine", "delete", &name, "-y"]);
         // The race's offset (not a wait for anything): the rebuild starts at a different moment
         // of the delete each round.
         std::thread::sleep(Duration::from_millis(u64::from(round) * 3));
-        let net = spawn_cli(
-            &env,
-            &[
-                "network",
-                "create",
-                &format!("n{round}"),
-                "--subnet",
-                &format!("10.220.{round}.0/24"),
-            ],
-        );
+        let net = env.spawn_cli(&[
+            "network",
+            "create",
+            &format!("n{round}"),
+            "--subnet",
+            &format!("10.220.{round}.0/24"),
+        ]);
         finished_ok(del, "machine delete");
         finished_ok(net, "network create");
         assert_eq!(

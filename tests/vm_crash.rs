@@ -19,7 +19,6 @@ use common::*;
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where to kill the daemon during an operation.
@@ -41,15 +40,7 @@ fn crash_during(
     again: Option<Duration>,
     watch: &dyn Fn(&Env),
 ) -> (Vec<String>, bool) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sistemo"))
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = env.spawn_cli(args);
     let (tx, rx) = std::sync::mpsc::channel();
     let err = child.stderr.take().unwrap();
     // A line without delay is acted on by the reader itself, as the line arrives: the daemon

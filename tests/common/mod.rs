@@ -340,6 +340,20 @@ impl Env {
         self.cli_socket(args)
     }
 
+    /// Start the CLI against this daemon over its Unix socket without waiting for it (stdout
+    /// discarded, stderr piped).
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_sistemo"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Run the CLI against this daemon over its Unix socket.
     pub fn cli_socket(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_sistemo"))
