@@ -1,11 +1,12 @@
 //! Volumes with real VMs (QEMU, TCG where KVM cannot run the guest), four boots in all: data
 //! written into /data on machine A survives A's delete and reads back on machine B with the same
 //! sha256; a resize grows the file system the guest sees; a snapshot stays as it was while its
-//! source changes; a clone of a machine boots with a new identity; `--preserve-storage` and
+//! source changes; a daemon killed mid `machine snapshot` leaves no snapshot listed or on disk; a clone of a machine boots with a new identity; `--preserve-storage` and
 //! `deploy --volume` bring the old root file system back.
 
 mod common;
 use common::vm_state::{json, seed};
+use common::volumes::{files_match_rows, kill_at, names};
 use common::*;
 
 fn exec(env: &Env, m: &str, cmd: &str) -> String {
@@ -31,7 +32,7 @@ fn fs_size(env: &Env, m: &str, dir: &str) -> u64 {
 #[ignore = "boots real VMs: run sudo scripts/test"]
 fn real_vm_volumes_outlive_machines() {
     let seed = seed();
-    let env = Env::qemu("svolvm", &seed);
+    let mut env = Env::qemu("svolvm", &seed);
 
     step("A writes into its volume at /data");
     env.cli_ok(&["volume", "create", "256M", "--name", "vdata"]);
@@ -58,6 +59,20 @@ fn real_vm_volumes_outlive_machines() {
     let snap = json(&env, &["volume", "snapshot", "vdata", "snap1", "-o", "json"]);
     let snap_path = snap["path"].as_str().unwrap().to_string();
     let snap_sum = sha(&snap_path);
+    let before = names(&env);
+    env.kill_daemon("-KILL");
+    env.daemon_env
+        .push(("SISTEMO_TEST_VOLUME_PAUSE_MS".into(), "3000".into()));
+    env.start_daemon();
+    for stage in ["file made", "copies made"] {
+        step(&format!("machine snapshot: killed at {stage}"));
+        kill_at(&mut env, &["machine", "snapshot", "a"], stage);
+        assert_eq!(names(&env), before, "nothing half-made listed");
+        files_match_rows(&env);
+    }
+    env.kill_daemon("-KILL");
+    env.daemon_env.clear();
+    env.start_daemon();
     let ms = json(&env, &["machine", "snapshot", "a", "-o", "json"]);
     let names: Vec<&str> = ms
         .as_array()

@@ -7,15 +7,6 @@ mod common;
 use common::volumes::*;
 use common::*;
 use std::collections::BTreeSet;
-use std::time::Duration;
-
-/// How many times the daemon paused at `stage`.
-fn pauses(env: &Env, stage: &str) -> usize {
-    env.log()
-        .lines()
-        .filter(|l| l.contains("volume operation paused for a test") && l.contains(stage))
-        .count()
-}
 
 #[test]
 #[ignore = "needs root and network namespaces: run sudo scripts/test"]
@@ -35,23 +26,7 @@ fn killed_daemon_mid_volume_operation_loses_nothing() {
     ] {
         for stage in ["file made", "file placed"] {
             step(&format!("{op}: killed at {stage}"));
-            let n = pauses(&env, stage);
-            let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
-                .arg("--socket")
-                .arg(&env.socket)
-                .args(&args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            poll(
-                &format!("{op} pausing at {stage}"),
-                Duration::from_secs(30),
-                || (pauses(&env, stage) > n).then_some(()),
-            );
-            env.kill_daemon("-KILL");
-            let _ = cli.wait();
-            env.start_daemon();
+            kill_at(&mut env, &args, stage);
             let listed = names(&env);
             assert_eq!(
                 listed,
@@ -80,28 +55,6 @@ fn killed_daemon_mid_volume_operation_loses_nothing() {
         env.log()
             .contains("removing a volume file a crash left half-made")
     );
-}
-
-/// Start `args` through the CLI, wait until the daemon pauses at `stage`, kill it with SIGKILL
-/// there and start it again.
-fn kill_at(env: &mut Env, args: &[&str], stage: &str) {
-    let n = pauses(env, stage);
-    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sistemo"))
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    poll(
-        &format!("{args:?} pausing at {stage}"),
-        Duration::from_secs(60),
-        || (pauses(env, stage) > n).then_some(()),
-    );
-    env.kill_daemon("-KILL");
-    let _ = cli.wait();
-    env.start_daemon();
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! Volume helpers shared by the volume test files: JSON output, names and files of the
 //! volumes, content hashes, and refusals.
 
-use super::{Env, ok};
+use super::{Env, ok, poll};
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 pub fn json(env: &Env, args: &[&str]) -> Value {
     let mut a = args.to_vec();
@@ -50,4 +51,27 @@ pub fn refused(env: &Env, args: &[&str], want: &str, code: i32) {
     let e = env.cli_err(args);
     assert!(e.contains(want), "{args:?}: {e}");
     assert_eq!(env.cli(args).status.code(), Some(code), "{args:?}: {e}");
+}
+
+/// How many times the daemon paused at `stage`.
+pub fn pauses(env: &Env, stage: &str) -> usize {
+    env.log()
+        .lines()
+        .filter(|l| l.contains("volume operation paused for a test") && l.contains(stage))
+        .count()
+}
+
+/// Start `args` through the CLI, wait until the daemon pauses at `stage`, kill it with SIGKILL
+/// there and start it again.
+pub fn kill_at(env: &mut Env, args: &[&str], stage: &str) {
+    let n = pauses(env, stage);
+    let mut cli = env.spawn_cli(args);
+    poll(
+        &format!("{args:?} pausing at {stage}"),
+        Duration::from_secs(60),
+        || (pauses(env, stage) > n).then_some(()),
+    );
+    env.kill_daemon("-KILL");
+    let _ = cli.wait();
+    env.start_daemon();
 }
