@@ -6,7 +6,10 @@ mod sistemo;
 
 use crate::domain::{ByteSize, HypervisorKind, IfName, Subnet, TableName};
 use serde::{Deserialize, Serialize};
-use sistemo_vmm::image::{BuildOptions, DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MIRROR, ImagePolicy, apt_mirror};
+use sistemo_vmm::image::{
+    Archive, BuildOptions, DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MIRROR, DEFAULT_SECURITY_MIRROR, ImagePolicy,
+    apt_mirror,
+};
 use sistemo_vmm::qemu::{AccelChoice, QemuOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -345,14 +348,17 @@ impl Config {
     }
 
     /// Options of Debian image builds; the mirror is `debian_mirror`, else the host's apt
-    /// configuration, else Debian's own.
+    /// configuration, else Debian's own; the security archive is the host's, else Debian's.
     pub fn build_options(&self) -> BuildOptions {
+        let etc_apt = Path::new("/etc/apt");
         BuildOptions {
             mirror: self
                 .debian_mirror
                 .clone()
-                .or_else(|| apt_mirror(Path::new("/etc/apt")))
+                .or_else(|| apt_mirror(etc_apt, Archive::Release))
                 .unwrap_or_else(|| DEFAULT_MIRROR.into()),
+            security_mirror: apt_mirror(etc_apt, Archive::Security)
+                .unwrap_or_else(|| DEFAULT_SECURITY_MIRROR.into()),
             debootstrap_cache: self.debootstrap_cache.clone(),
         }
     }

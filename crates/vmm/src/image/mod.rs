@@ -11,7 +11,10 @@ pub mod oci;
 mod source;
 mod store;
 
-pub use debian::{BuildOptions, DEFAULT_MIRROR, PackageName, RECIPE, apt_mirror, is_stale_build};
+pub use debian::{
+    Archive, BuildOptions, DEFAULT_MIRROR, DEFAULT_SECURITY_MIRROR, PackageName, RECIPE, apt_mirror,
+    is_stale_build,
+};
 pub(crate) use disk::command;
 pub use disk::{Priority, clone_disk, clone_disk_at, grow_disk, make_ext4};
 pub(crate) use initramfs::{GuestConfig, guest_volumes, write_machine_initrd};

@@ -1,17 +1,39 @@
-//! Finding the host's Debian mirror in its apt configuration: one-line `.list` files and
-//! deb822 `.sources` stanzas, the first `deb … main` entry of a release suite wins.
+//! Finding the host's Debian mirrors in its apt configuration: one-line `.list` files and
+//! deb822 `.sources` stanzas; the first `deb … main` entry of the wanted archive wins.
 
 use std::path::Path;
 
-/// The URI of the host's main Debian archive, from `etc_apt` (normally `/etc/apt`):
+/// Which of Debian's archives an apt entry serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archive {
+    /// The release itself (`bookworm`, `stable`): what debootstrap builds from.
+    Release,
+    /// Its security updates (`bookworm-security`, or `bookworm/updates` before bullseye).
+    Security,
+}
+
+impl Archive {
+    fn serves(self, suite: &str) -> bool {
+        let suite = suite.trim_end_matches('/');
+        let release = match self {
+            Archive::Release => Some(suite),
+            Archive::Security => suite
+                .strip_suffix("-security")
+                .or_else(|| suite.strip_suffix("/updates")),
+        };
+        release.is_some_and(|r| DEBIAN_SUITES.contains(&r))
+    }
+}
+
+/// The URI of the host's `archive` of Debian, from `etc_apt` (normally `/etc/apt`):
 /// `sources.list`, then `sources.list.d/*.list` and `*.sources` in file-name order (as apt
-/// reads them). The first `deb` entry with component `main`, a suite that is not
-/// `-security`, `-updates` or `-backports`, and an `http`, `https` or `file` URI wins.
-/// Comments, `deb-src` entries and stanzas with `Enabled: no` are skipped. `None` when no
-/// entry qualifies (the caller then falls back to its default mirror).
-pub fn apt_mirror(etc_apt: &Path) -> Option<String> {
+/// reads them). The first `deb` entry with component `main`, a suite of that archive (for
+/// [`Archive::Release`] not `-security`, `-updates` or `-backports`), and an `http`, `https` or
+/// `file` URI wins. Comments, `deb-src` entries and stanzas with `Enabled: no` are skipped.
+/// `None` when no entry qualifies (the caller then falls back to its default mirror).
+pub fn apt_mirror(etc_apt: &Path, archive: Archive) -> Option<String> {
     let read = |p: &Path| std::fs::read_to_string(p).ok();
-    if let Some(uri) = read(&etc_apt.join("sources.list")).and_then(|t| from_one_line(&t)) {
+    if let Some(uri) = read(&etc_apt.join("sources.list")).and_then(|t| from_one_line(&t, archive)) {
         return Some(uri);
     }
     let mut files: Vec<_> = std::fs::read_dir(etc_apt.join("sources.list.d"))
@@ -23,9 +45,9 @@ pub fn apt_mirror(etc_apt: &Path) -> Option<String> {
     files.into_iter().find_map(|p| {
         let name = p.file_name()?.to_string_lossy().into_owned();
         if name.ends_with(".list") {
-            from_one_line(&read(&p)?)
+            from_one_line(&read(&p)?, archive)
         } else if name.ends_with(".sources") {
-            from_deb822(&read(&p)?)
+            from_deb822(&read(&p)?, archive)
         } else {
             None
         }
@@ -49,11 +71,6 @@ const DEBIAN_SUITES: &[&str] = &[
     "unstable",
 ];
 
-/// True for a Debian suite of the release itself (`bookworm`, `stable`), not of its add-ons.
-fn release_suite(suite: &str) -> bool {
-    DEBIAN_SUITES.contains(&suite.trim_end_matches('/'))
-}
-
 /// A URI debootstrap can use as a mirror, without a trailing slash.
 fn usable_uri(uri: &str) -> Option<String> {
     ["http://", "https://", "file:/"]
@@ -63,7 +80,7 @@ fn usable_uri(uri: &str) -> Option<String> {
 }
 
 /// The one-line format: `deb [ option=value ... ] URI suite component...`.
-fn from_one_line(text: &str) -> Option<String> {
+fn from_one_line(text: &str, archive: Archive) -> Option<String> {
     text.lines().find_map(|line| {
         let line = line.split('#').next().unwrap_or_default();
         let mut rest = line.trim().strip_prefix("deb")?;
@@ -76,7 +93,7 @@ fn from_one_line(text: &str) -> Option<String> {
         }
         let mut words = rest.split_whitespace();
         let (uri, suite) = (words.next()?, words.next()?);
-        if !release_suite(suite) || !words.any(|c| c == "main") {
+        if !archive.serves(suite) || !words.any(|c| c == "main") {
             return None;
         }
         usable_uri(uri)
@@ -85,14 +102,14 @@ fn from_one_line(text: &str) -> Option<String> {
 
 /// The deb822 format: stanzas of `Field: value` lines separated by blank lines; values may
 /// continue on lines starting with white space, which belong to the field before them.
-fn from_deb822(text: &str) -> Option<String> {
+fn from_deb822(text: &str, archive: Archive) -> Option<String> {
     let mut stanza: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
         }
         if line.trim().is_empty() {
-            if let Some(uri) = stanza_mirror(&stanza) {
+            if let Some(uri) = stanza_mirror(&stanza, archive) {
                 return Some(uri);
             }
             stanza.clear();
@@ -105,11 +122,11 @@ fn from_deb822(text: &str) -> Option<String> {
             stanza.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    stanza_mirror(&stanza)
+    stanza_mirror(&stanza, archive)
 }
 
 /// The mirror one deb822 stanza names, if it qualifies.
-fn stanza_mirror(stanza: &[(String, String)]) -> Option<String> {
+fn stanza_mirror(stanza: &[(String, String)], archive: Archive) -> Option<String> {
     let field = |k: &str| {
         stanza
             .iter()
@@ -125,7 +142,7 @@ fn stanza_mirror(stanza: &[(String, String)]) -> Option<String> {
     if !enabled
         || !words("types").contains(&"deb")
         || !words("components").contains(&"main")
-        || !words("suites").into_iter().any(release_suite)
+        || !words("suites").into_iter().any(|s| archive.serves(s))
     {
         return None;
     }
@@ -145,11 +162,19 @@ mod tests {
         d
     }
 
-    fn mirror(files: &[(&str, &str)]) -> Option<String> {
+    fn mirror_of(files: &[(&str, &str)], archive: Archive) -> Option<String> {
         let d = etc(files);
-        let m = apt_mirror(&d);
+        let m = apt_mirror(&d, archive);
         std::fs::remove_dir_all(&d).unwrap();
         m
+    }
+
+    fn mirror(files: &[(&str, &str)]) -> Option<String> {
+        mirror_of(files, Archive::Release)
+    }
+
+    fn security(files: &[(&str, &str)]) -> Option<String> {
+        mirror_of(files, Archive::Security)
     }
 
     #[test]
@@ -164,6 +189,19 @@ mod tests {
         assert_eq!(
             mirror(&[("sources.list", list)]).as_deref(),
             Some("http://mirror.example/debian")
+        );
+        assert_eq!(
+            security(&[("sources.list", list)]).as_deref(),
+            Some("http://security.debian.org/debian-security")
+        );
+        assert_eq!(
+            security(&[(
+                "sources.list",
+                "deb http://sec.example/debian-security buster/updates main\n"
+            )])
+            .as_deref(),
+            Some("http://sec.example/debian-security"),
+            "the security suite's name before bullseye"
         );
     }
 
@@ -211,6 +249,10 @@ mod tests {
             mirror(&[("sources.list.d/debian.sources", sources)]).as_deref(),
             Some("https://mirror.example/debian")
         );
+        assert_eq!(
+            security(&[("sources.list.d/debian.sources", sources)]).as_deref(),
+            Some("http://deb.example/debian-security")
+        );
     }
 
     #[test]
@@ -256,6 +298,19 @@ mod tests {
             )]),
             None
         );
-        assert_eq!(apt_mirror(Path::new("/nonexistent/etc/apt")), None);
+        assert_eq!(
+            security(&[(
+                "sources.list",
+                "deb http://m.example/debian bookworm main\n\
+                 deb http://m.example/debian bookworm-updates main\n\
+                 deb http://archive.ubuntu.com/ubuntu noble-security main\n"
+            )]),
+            None,
+            "neither the release, its updates nor another distribution's security archive"
+        );
+        assert_eq!(
+            apt_mirror(Path::new("/nonexistent/etc/apt"), Archive::Release),
+            None
+        );
     }
 }

@@ -4,7 +4,7 @@
 mod apt;
 mod tree;
 
-pub use apt::apt_mirror;
+pub use apt::{Archive, apt_mirror};
 
 use super::{ImageInfo, ImageStore, make_ext4};
 use crate::proc::{run, run_with_progress};
@@ -16,6 +16,9 @@ use tokio::process::Command;
 
 /// The mirror used when none is configured and the host's apt configuration names none.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The security archive written into built images when the host's apt configuration names none.
+pub const DEFAULT_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 
 /// The Debian release images are built from.
 const SUITE: &str = "bookworm";
@@ -41,12 +44,15 @@ pub fn is_stale_build(source: &str) -> bool {
     source.starts_with(&format!("debootstrap {SUITE} ")) && !source.ends_with(&format!(" (recipe {RECIPE})"))
 }
 
-/// How Debian images are built; `Default` uses [`DEFAULT_MIRROR`] and no cache.
+/// How Debian images are built; `Default` uses [`DEFAULT_MIRROR`], [`DEFAULT_SECURITY_MIRROR`]
+/// and no cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOptions {
     /// The Debian archive debootstrap downloads from, e.g. `http://deb.debian.org/debian`
     /// (see [`apt_mirror`] for the host's own). Also written into the image's sources.list.
     pub mirror: String,
+    /// The security archive written into the image's sources.list (`SUITE-security`).
+    pub security_mirror: String,
     /// A folder keeping the raw debootstrap tree as a tar keyed by suite, mirror and package
     /// list, so that a rebuild skips debootstrap (CI, repeated builds).
     pub debootstrap_cache: Option<PathBuf>,
@@ -56,6 +62,7 @@ impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
             mirror: DEFAULT_MIRROR.into(),
+            security_mirror: DEFAULT_SECURITY_MIRROR.into(),
             debootstrap_cache: None,
         }
     }
@@ -130,7 +137,7 @@ impl ImageStore {
                 "debootstrap done in {:.0}s; configuring",
                 t0.elapsed().as_secs_f64()
             ));
-            tree::configure_tree(&root, &options.mirror).await?;
+            tree::configure_tree(&root, options).await?;
             let img = scratch.join("root.ext4");
             progress("mkfs.ext4 -d (no mount)");
             make_ext4(&root, &img, "sistemo-root").await?;

@@ -1,7 +1,7 @@
 //! Turning a fresh debootstrap tree into a sistemo image: sshd per connection on a socket,
 //! per-machine host keys, the units and generators a microVM does not need masked.
 
-use super::SUITE;
+use super::{BuildOptions, SUITE};
 use crate::VmmError;
 use crate::proc::run;
 use std::path::{Path, PathBuf};
@@ -193,15 +193,17 @@ fn idle_compat_generators(root: &Path) -> Vec<&'static str> {
     idle
 }
 
-/// Turn a fresh debootstrap tree into a sistemo image: networkd + sshd on, key-only root login,
-/// no shared host keys, slow or useless units masked, caches dropped.
-pub(super) async fn configure_tree(root: &Path, mirror: &str) -> Result<(), VmmError> {
+/// Turn a fresh debootstrap tree into a sistemo image: apt sources from `options`, networkd +
+/// sshd on, key-only root login, no shared host keys, slow or useless units masked, caches
+/// dropped.
+pub(super) async fn configure_tree(root: &Path, options: &BuildOptions) -> Result<(), VmmError> {
+    let (mirror, security) = (&options.mirror, &options.security_mirror);
     write(
         root,
         "etc/apt/sources.list",
         &format!(
             "deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n\
-             deb http://deb.debian.org/debian-security {SUITE}-security main\n"
+             deb {security} {SUITE}-security main\n"
         ),
     )?;
     write(root, "etc/systemd/system/sistemo-sshd.socket", SSHD_SOCKET)?;
