@@ -6,7 +6,8 @@
 //   MODE=viewer log in, no mutating control on any page, its API calls get 403, no terminal,
 //               log out.
 //   MODE=terminal  (admin, a running machine "web") open the machine's terminal, run a command
-//               and see its output, follow a resize, exit and reconnect, leaving ends the shell.
+//               and see its output, follow a resize, exit and reconnect, a dropped connection
+//               reopened by itself (three tries, then the button), leaving ends the shell.
 // Env: URL, USER, PASS, SHOTS (screenshot folder), SISTEMO (binary), SOCKET, CHROMIUM.
 // Prints "ok <check>" lines; exits 1 with "FAIL <reason>" on the first failure.
 import { env, URL, MODE, SHOTS, T, ok, fail, cli, openPage, runScenario } from "./harness.mjs";
@@ -190,6 +191,20 @@ async function typeLine(line) {
 }
 
 async function terminal() {
+  // The terminal's sockets pass through a route in the browser (set before the page loads, as
+  // Playwright's WebSocket routes need), which can drop them (as a daemon restart or a network
+  // would) or refuse new ones (a daemon still away).
+  const sockets = [];
+  let refuse = false;
+  await page.routeWebSocket(/\/terminal\?/, (ws) => {
+    if (refuse) ws.close({ code: 4001, reason: "refused by the test" });
+    else sockets.push([ws, ws.connectToServer()]);
+  });
+  const drop = async () => {
+    const [ws, server] = sockets[sockets.length - 1];
+    await server.close({ code: 4000, reason: "dropped by the test" });
+    await ws.close({ code: 4000, reason: "dropped by the test" });
+  };
   await login();
   const secure = await page.evaluate(() => location.protocol === "https:");
   await go("#/machine/web", "web");
@@ -223,6 +238,25 @@ async function terminal() {
   await typeLine("echo again-$((6*7))");
   await waitScreen("echo after reconnecting", "again-42");
   ok("exit, then Reconnect opened a new shell");
+  await drop();
+  await page.locator("[data-testid=terminal][data-state=connecting]").waitFor({ timeout: T });
+  const retrying = await page.locator(".term-status").innerText();
+  if (!retrying.includes("reconnecting (1/3)")) fail("after a drop the terminal says " + retrying);
+  await page.locator("[data-testid=terminal][data-state=open]").waitFor({ timeout: T });
+  if (sockets.length !== 3) fail(`${sockets.length} sockets after one drop, not 3`);
+  await typeLine("echo back-$((6*7))");
+  await waitScreen("echo after a drop", "\\[connection lost\\][^]*\\[reconnected: a new shell\\][^]*back-42");
+  ok("a dropped connection reconnected by itself, the screen says so");
+  refuse = true;
+  await drop();
+  await page.locator("[data-testid=terminal][data-state=closed]").waitFor({ timeout: T });
+  const gaveUp = await page.locator(".term-status").innerText();
+  if (!gaveUp.includes("3 reconnects failed")) fail("after refused reconnects the terminal says " + gaveUp);
+  refuse = false;
+  await page.getByRole("button", { name: "Reconnect" }).click();
+  await page.locator("[data-testid=terminal][data-state=open]").waitFor({ timeout: T });
+  if (sockets.length !== 4) fail(`${sockets.length} sockets after three refused tries, not 4`);
+  ok("a daemon that stays away: three tries, then the Reconnect button");
   await typeLine("sleep 4242");
   await waitScreen("sleep", "sleep 4242");
   const sleeping = () => cli("machine", "exec", "web", "pgrep -f '^sleep 4242$' || true").trim();
