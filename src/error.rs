@@ -150,7 +150,9 @@ impl Error {
                 }
                 _ => None,
             },
-            Error::Vmm(VmmError::ImageNotFound { .. }) => Some(ErrorKind::NotFound),
+            Error::Vmm(VmmError::ImageNotFound { .. } | VmmError::NotInRegistry { .. }) => {
+                Some(ErrorKind::NotFound)
+            }
             Error::Vmm(VmmError::ImageRefused { .. }) => Some(ErrorKind::Invalid),
             Error::Image(e) => e.kind(),
             Error::Auth(e) => e.kind(),

@@ -54,7 +54,9 @@ impl ImageError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             ImageError::TooSmall { .. } => Some(ErrorKind::Invalid),
-            ImageError::Vmm(VmmError::ImageNotFound { .. }) => Some(ErrorKind::NotFound),
+            ImageError::Vmm(VmmError::ImageNotFound { .. } | VmmError::NotInRegistry { .. }) => {
+                Some(ErrorKind::NotFound)
+            }
             ImageError::Vmm(VmmError::ImageRefused { .. }) => Some(ErrorKind::Invalid),
             ImageError::Vmm(VmmError::Invalid { .. }) => Some(ErrorKind::Invalid),
             ImageError::Unsupported(_) => Some(ErrorKind::Invalid),

@@ -59,6 +59,12 @@ pub enum VmmError {
         /// The tag, hash, path or URL asked for.
         reference: String,
     },
+    /// A registry has no manifest for a reference (no such repository, tag or digest).
+    #[error("image {reference:?} not found in its registry (no such repository, tag or digest there)")]
+    NotInRegistry {
+        /// The reference, normalised (`docker.io/library/nginx:latest`).
+        reference: String,
+    },
     /// An image reference or its content was refused: a path outside the allowed folders, a
     /// device, plain http without the opt-in, a digest mismatch, a download over the size cap,
     /// a file that is not ext4.

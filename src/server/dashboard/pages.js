@@ -300,9 +300,32 @@ PAGES.images = async () => {
     if (!is.length) body.append(h("tr", {}, h("td", {colspan: 6, class: "empty"}, "No images yet.")));
   };
   await draw();
-  let form = null;
+  let form = null, pull = null;
   const progress = h("ol", {class: "progress", "aria-live": "polite"});
   if (isAdmin()) {
+    // A registry image (OCI or Docker), converted to a bootable disk; progress per layer.
+    const p = {reference: field("Reference", h("input", {name: "reference", required: true,
+      placeholder: "docker.io/library/nginx:1.27"}), "REGISTRY/REPOSITORY:TAG or @sha256:…"),
+    name: field("Extra tag", h("input", {name: "tag", placeholder: "web"}), "optional: another name for it")};
+    p.reference.match = ["reference", "registry", "manifest", "repository"];
+    p.name.match = ["tag"];
+    const perr = h("p", {class: "form-error", role: "alert"});
+    pull = h("form", {class: "card inline", "aria-label": "Pull an image"}, p.reference, p.name,
+      h("button", {type: "submit", class: "primary"}, "Pull"), perr);
+    pull.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      clearErrors(p, perr);
+      progress.replaceChildren();
+      const button = pull.querySelector("button");
+      button.disabled = true;
+      try {
+        const i = await stream("POST", "/v1/images/pull", {reference: p.reference.input.value.trim(),
+          name: p.name.input.value.trim() || null}, (l) => progress.append(h("li", {}, l)));
+        toast("Pulled " + (i.tags[0] || i.sha256.slice(0, 12)));
+        draw();
+      } catch (e) { showError(e, p, perr); }
+      button.disabled = false;
+    });
     const f = {name: field("Tag", h("input", {name: "name", placeholder: "debian"})),
       include: field("Extra packages", h("input", {name: "include", placeholder: "nginx,nodejs"}), "comma-separated")};
     f.include.match = ["package", "include"];
@@ -322,7 +345,7 @@ PAGES.images = async () => {
     });
   }
   const el = h("div", {}, h("div", {class: "scroll"}, h("table", {}, h("thead", {}, h("tr", {},
-    ["Tags", "sha256", "Size", "Source", "Used by", ""].map((c) => h("th", {}, c)))), body)), form, progress);
+    ["Tags", "sha256", "Size", "Source", "Used by", ""].map((c) => h("th", {}, c)))), body)), pull, form, progress);
   return {title: "Images", el, onChange: (e) => { if (e.action.startsWith("image.")) draw(); }};
 };
 

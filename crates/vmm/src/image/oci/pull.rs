@@ -165,7 +165,7 @@ fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) ->
     let text = chain(&e);
     let registry = r.registry().to_string();
     match &e {
-        OciDistributionError::ImageManifestNotFoundError(_) => VmmError::ImageNotFound {
+        OciDistributionError::ImageManifestNotFoundError(_) => VmmError::NotInRegistry {
             reference: r.normalized(),
         },
         OciDistributionError::RegistryError { envelope, .. }
@@ -177,7 +177,7 @@ fn registry_error(r: &ImageRef, insecure: &[String], e: OciDistributionError) ->
                 )
             }) =>
         {
-            VmmError::ImageNotFound {
+            VmmError::NotInRegistry {
                 reference: r.normalized(),
             }
         }
