@@ -1,8 +1,9 @@
 //! The dashboard's images page in a real headless Chromium (Debian's, driven by playwright-core
-//! from tests/browser/images.mjs), browser, daemon and a real registry (Debian's
+//! from tests/browser/images.mjs), browser, daemon and real registries (Debian's
 //! `docker-registry`) inside the test's network namespace: an admin pulls an OCI image through
-//! the page and sees its progress live; a refused pull lists nothing; a viewer gets no form and
-//! a 403. Screenshots land in target/screenshots (images-*.png).
+//! the page and sees its progress live, and pulls from a registry with a login with a user and
+//! password given for that pull; a refused pull lists nothing; a viewer gets no form and a 403.
+//! Screenshots land in target/screenshots (images-*.png).
 
 mod common;
 mod oci_support;
@@ -22,10 +23,12 @@ fn images_page_pulls_from_a_registry_in_headless_chromium() {
     std::fs::create_dir_all(&work).unwrap();
     let layout = build_layout(&work);
     let _reg = Registry::start(&env.ns, &work, "reg", "127.0.0.1:5077", None);
+    let _auth = Registry::with_login(&env.ns, &work, "authreg", "127.0.0.1:5078", "soci", "sociPW");
     push(&env, &layout, "web", "127.0.0.1:5077/web:1");
+    push(&env, &layout, "web", "127.0.0.1:5078/private:1");
 
     let before = images(&env).len();
-    step("admin: a refused pull, then a pull with progress and an extra tag");
+    step("admin: a refused pull, a pull with progress and an extra tag, a private registry");
     scenario(&env, "admin", "ada", "ada-password");
     let listed = images(&env);
     let web = listed
@@ -42,10 +45,19 @@ fn images_page_pulls_from_a_registry_in_headless_chromium() {
         web["tags"].as_array().unwrap().iter().any(|t| t == "webby"),
         "{web}"
     );
+    assert!(
+        web["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "127.0.0.1:5078/private:1"),
+        "{web}"
+    );
+    // One image, three tags: the same manifest pulled from both registries.
     assert_eq!(
         listed.len(),
         before + 1,
-        "one image more: the refused pull stored nothing: {listed:?}"
+        "the refused pulls stored nothing: {listed:?}"
     );
     let h: serde_json::Value =
         serde_json::from_str(&env.cli_ok(&["history", "--action", "image.pull", "-o", "json"])).unwrap();
@@ -56,8 +68,8 @@ fn images_page_pulls_from_a_registry_in_headless_chromium() {
         .filter(|e| e["actor"] == "user ada")
         .map(|e| e["result"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(by_ada.len(), 2, "{h}");
-    assert!(by_ada.contains(&"ok"), "{h}");
+    assert_eq!(by_ada.len(), 4, "{h}");
+    assert_eq!(by_ada.iter().filter(|r| **r == "ok").count(), 2, "{h}");
 
     step("viewer: read-only, the pull API refused");
     scenario(&env, "viewer", "val", "val-password");

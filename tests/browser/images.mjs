@@ -1,8 +1,10 @@
 // Drives Debian's chromium (headless, through playwright-core) through the dashboard's images
 // page, inside the test's network namespace. Run by tests/dashboard_images.rs; one scenario per
-// run (a registry in the namespace serves 127.0.0.1:5077/web:1):
+// run (registries in the namespace serve 127.0.0.1:5077/web:1 and 127.0.0.1:5078/private:1):
 //   MODE=admin  pull a tag the registry lacks (the error shown, nothing listed), then pull
-//               web:1 with an extra tag: its progress lines shown live, the image listed.
+//               web:1 with an extra tag: its progress lines shown live, the image listed; from
+//               a registry with a login (127.0.0.1:5078, soci/sociPW): a wrong password
+//               refused, the right one pulls.
 //   MODE=viewer no pull or build form, and the pull API answers 403.
 // Env: URL, USER, PASS, SHOTS, SISTEMO, SOCKET, CHROMIUM. Prints "ok <check>" lines; exits 1
 // with "FAIL <reason>" on the first failure.
@@ -13,7 +15,7 @@ const { page } = browser;
 const shot = async (name) => page.screenshot({ path: `${SHOTS}/images-${MODE}-${name}.png`, fullPage: true });
 const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
 const row = (tag) => page.locator("main tbody tr", { hasText: tag });
-const REF = "127.0.0.1:5077/web:1";
+const REF = "127.0.0.1:5077/web:1", PRIVATE = "127.0.0.1:5078/private:1";
 
 async function login() {
   await page.goto(URL);
@@ -50,6 +52,22 @@ async function admin() {
   if (lines.length < 2) fail("the pull showed " + lines.length + " progress lines");
   if (await pull.locator(".field-error:not(:empty), .form-error:not(:empty)").count()) fail("the earlier error is still shown");
   ok(`pulled ${REF} as ${tags} (${lines.length} progress lines), listed without reloading`);
+
+  // A private registry: a wrong password is shown next to the user, the right one pulls.
+  await pull.getByLabel("Reference").fill(PRIVATE);
+  await pull.getByLabel("Extra tag").fill("");
+  await pull.getByText("Private registry").click();
+  await pull.getByLabel("Registry user").fill("soci");
+  await pull.getByLabel("Registry password").fill("wrong");
+  await pull.getByRole("button", { name: "Pull" }).click();
+  const denied = pull.locator(".field-error:not(:empty)", { hasText: "authentication" });
+  await denied.waitFor({ timeout: T });
+  ok("a wrong registry password is refused next to the user: " + (await denied.innerText()));
+  await pull.getByLabel("Registry password").fill("sociPW");
+  await pull.getByRole("button", { name: "Pull" }).click();
+  await row(PRIVATE).waitFor({ timeout: 60000 });
+  if ((await pull.getByLabel("Registry password").inputValue()) !== "") fail("the password stays in the form after the pull");
+  ok("pulled " + PRIVATE + " with the registry's user and password, not kept in the form");
   await shot("pulled");
 }
 

@@ -307,10 +307,16 @@ PAGES.images = async () => {
     const p = {reference: field("Reference", h("input", {name: "reference", required: true,
       placeholder: "docker.io/library/nginx:1.27"}), "REGISTRY/REPOSITORY:TAG or @sha256:…"),
     name: field("Extra tag", h("input", {name: "tag", placeholder: "web"}), "optional: another name for it")};
+    // A private registry's account, sent with this pull only (the daemon stores nothing).
+    p.username = field("Registry user", h("input", {name: "username", autocomplete: "off"}), "for this pull only");
+    p.password = field("Registry password", h("input", {name: "password", type: "password", autocomplete: "off"}));
+    p.username.match = ["authentication"];
+    p.password.match = [];
     p.reference.match = ["reference", "registry", "manifest", "repository"];
     p.name.match = ["tag"];
     const perr = h("p", {class: "form-error", role: "alert"});
     pull = h("form", {class: "card inline", "aria-label": "Pull an image"}, p.reference, p.name,
+      h("details", {class: "login"}, h("summary", {}, "Private registry"), p.username, p.password),
       h("button", {type: "submit", class: "primary"}, "Pull"), perr);
     pull.addEventListener("submit", async (ev) => {
       ev.preventDefault();
@@ -318,10 +324,13 @@ PAGES.images = async () => {
       progress.replaceChildren();
       const button = pull.querySelector("button");
       button.disabled = true;
+      const reference = p.reference.input.value.trim(), username = p.username.input.value.trim();
+      const credentials = username ? {username, password: p.password.input.value} : null;
       try {
-        const i = await stream("POST", "/v1/images/pull", {reference: p.reference.input.value.trim(),
-          name: p.name.input.value.trim() || null}, (l) => progress.append(h("li", {}, l)));
-        toast("Pulled " + (i.tags[0] || i.sha256.slice(0, 12)));
+        const i = await stream("POST", "/v1/images/pull", {reference,
+          name: p.name.input.value.trim() || null, credentials}, (l) => progress.append(h("li", {}, l)));
+        toast("Pulled " + reference + " (" + i.sha256.slice(0, 12) + ")");
+        p.password.input.value = "";
         draw();
       } catch (e) { showError(e, p, perr); }
       button.disabled = false;
