@@ -1,6 +1,6 @@
-// What the browser scenarios (dashboard.mjs, volumes.mjs) share: their environment (URL, MODE,
-// USER, PASS, SHOTS, SISTEMO, SOCKET, CHROMIUM), their output ("ok <check>" lines, then
-// "PASS <mode>" or "FAIL <reason>"), the CLI, and a headless Chromium page.
+// What the browser scenarios (dashboard.mjs, volumes.mjs, images.mjs) share: their environment
+// (URL, MODE, USER, PASS, SHOTS, SISTEMO, SOCKET, CHROMIUM), their output ("ok <check>" lines,
+// then "PASS <mode>" or "FAIL <reason>"), the CLI, a headless Chromium page, and logging in.
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
@@ -43,4 +43,17 @@ export async function runScenario({ browser, errors }, scenarios, shot) {
   } finally {
     await browser.close();
   }
+}
+
+// Log in as USER with PASS on the dashboard at URL, then open the page its menu calls `title`.
+export async function logInTo(page, title) {
+  const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
+  await page.goto(URL);
+  await page.getByLabel("User name").fill(env("USER"));
+  await page.getByLabel("Password").fill(env("PASS"));
+  await page.keyboard.press("Enter");
+  await heading("Overview");
+  await page.getByRole("link", { name: title }).click();
+  await heading(title);
+  ok(`logged in as ${env("USER")}, on the ${title.toLowerCase()} page`);
 }

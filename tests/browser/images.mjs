@@ -8,25 +8,15 @@
 //   MODE=viewer no pull or build form, and the pull API answers 403.
 // Env: URL, USER, PASS, SHOTS, SISTEMO, SOCKET, CHROMIUM. Prints "ok <check>" lines; exits 1
 // with "FAIL <reason>" on the first failure.
-import { env, URL, MODE, SHOTS, T, ok, fail, openPage, runScenario } from "./harness.mjs";
+import { MODE, SHOTS, T, ok, fail, openPage, runScenario, logInTo } from "./harness.mjs";
 
 const browser = await openPage();
 const { page } = browser;
 const shot = async (name) => page.screenshot({ path: `${SHOTS}/images-${MODE}-${name}.png`, fullPage: true });
-const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
 const row = (tag) => page.locator("main tbody tr", { hasText: tag });
 const REF = "127.0.0.1:5077/web:1", PRIVATE = "127.0.0.1:5078/private:1";
 
-async function login() {
-  await page.goto(URL);
-  await page.getByLabel("User name").fill(env("USER"));
-  await page.getByLabel("Password").fill(env("PASS"));
-  await page.keyboard.press("Enter");
-  await heading("Overview");
-  await page.getByRole("link", { name: "Images" }).click();
-  await heading("Images");
-  ok("logged in as " + env("USER") + ", on the images page");
-}
+const login = () => logInTo(page, "Images");
 
 async function admin() {
   await login();

@@ -8,13 +8,12 @@
 //   MODE=viewer the page lists the volumes, no mutating control or form, the API answers 403.
 // Env: URL, USER, PASS, SHOTS, SISTEMO, SOCKET, CHROMIUM. Prints "ok <check>" lines; exits 1
 // with "FAIL <reason>" on the first failure.
-import { env, URL, MODE, SHOTS, T, ok, fail, cli, openPage, runScenario } from "./harness.mjs";
+import { MODE, SHOTS, T, ok, fail, cli, openPage, runScenario, logInTo } from "./harness.mjs";
 
 const browser = await openPage();
 const { page } = browser;
 page.on("dialog", (d) => d.accept());
 const shot = async (name) => page.screenshot({ path: `${SHOTS}/volumes-${MODE}-${name}.png`, fullPage: true });
-const heading = (text) => page.locator("main h1", { hasText: text }).waitFor({ timeout: T });
 const row = (name) => page.locator(`tr[data-volume="${name}"]`);
 const cell = (name, f) => row(name).locator(`[data-field="${f}"]`);
 const form = (label) => page.getByRole("form", { name: label });
@@ -27,15 +26,8 @@ async function waitText(locator, re, what) {
 }
 
 async function login() {
-  await page.goto(URL);
-  await page.getByLabel("User name").fill(env("USER"));
-  await page.getByLabel("Password").fill(env("PASS"));
-  await page.keyboard.press("Enter");
-  await heading("Overview");
-  await page.getByRole("link", { name: "Volumes" }).click();
-  await heading("Volumes");
+  await logInTo(page, "Volumes");
   await page.evaluate(() => { window.__noReload = 1; });
-  ok("logged in as " + env("USER") + ", on the volumes page");
 }
 
 async function notReloaded(what) {

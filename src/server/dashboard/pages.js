@@ -209,7 +209,7 @@ PAGES.deploy = async () => {
   const list = h("datalist", {id: "image-tags"}, images.flatMap((i) => i.tags).map((t) => h("option", {value: t})));
   const f = {
     image: field("Image", h("input", {name: "image", list: "image-tags", required: true, autofocus: true, placeholder: "debian"}),
-      "A tag, a file under image_dirs, or an https URL"),
+      "A tag, a registry reference (pulled when missing), a file under image_dirs, or an https URL"),
     name: field("Name", h("input", {name: "name", placeholder: "after the image", pattern: "[a-z0-9-]+"}), "a-z, 0-9, '-'"),
     vcpus: field("vCPUs", h("input", {name: "vcpus", type: "number", min: 1, value: 1})),
     memory: field("Memory", h("input", {name: "memory", value: "512M"}), "e.g. 512M, 2G"),
