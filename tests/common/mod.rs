@@ -340,13 +340,17 @@ impl Env {
         self.cli_socket(args)
     }
 
+    /// `sistemo --socket SOCKET ARGS…`: the CLI against this daemon over its Unix socket.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sistemo"));
+        c.arg("--socket").arg(&self.socket).args(args);
+        c
+    }
+
     /// Start the CLI against this daemon over its Unix socket without waiting for it (stdout
     /// discarded, stderr piped).
     pub fn spawn_cli(&self, args: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_sistemo"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
+        self.cli_command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -356,13 +360,7 @@ impl Env {
 
     /// Run the CLI against this daemon over its Unix socket.
     pub fn cli_socket(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_sistemo"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        self.cli_command(args).stdin(Stdio::null()).output().unwrap()
     }
 
     /// Run the CLI and require success; return stdout.

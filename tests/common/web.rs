@@ -98,10 +98,8 @@ pub fn http(env: &Env, method: &str, path: &str, headers: &[String], body: Optio
 
 /// Run the CLI with `input` on its standard input.
 pub fn cli_stdin(env: &Env, args: &[&str], input: &str) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sistemo"))
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(args)
+    let mut c = env
+        .cli_command(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
